@@ -1,0 +1,187 @@
+//! A disk image file on the host (offline mode, benchmarks, tool interoperability).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::string::String;
+
+use alloc::collections::VecDeque;
+
+use crate::{BlockDevice, Busy, Command, Completion, DeviceInfo, IoError, Request, SECTOR_SIZE};
+
+/// A file used as a disk. Requests run when submitted; completions are queued so the
+/// file behaves like any other [`BlockDevice`].
+pub struct FileDisk {
+    file: File,
+    info: DeviceInfo,
+    done: VecDeque<Completion>,
+}
+
+impl FileDisk {
+    /// Opens an existing image; its size (rounded down to whole sectors) is the disk's.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let sectors = file.metadata()?.len() / SECTOR_SIZE as u64;
+        let model = String::from("disk image file");
+        let serial = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let info = DeviceInfo {
+            sectors,
+            read_only,
+            discard: !read_only,
+            max_transfer_sectors: 1 << 16,
+            queue_depth: 128,
+            model,
+            serial,
+        };
+        Ok(FileDisk {
+            file,
+            info,
+            done: VecDeque::new(),
+        })
+    }
+
+    /// Creates (or truncates) a sparse image of `bytes` bytes.
+    pub fn create(path: &Path, bytes: u64) -> io::Result<Self> {
+        let file = File::create(path)?;
+        file.set_len(bytes)?;
+        drop(file);
+        Self::open(path, false)
+    }
+
+    fn execute(&self, command: &mut Command) -> Result<(), IoError> {
+        command.validate(&self.info)?;
+        let result = match command {
+            Command::Read { sector, buf } => {
+                self.file.read_exact_at(buf, *sector * SECTOR_SIZE as u64)
+            }
+            Command::Write { sector, buf, fua } => self
+                .file
+                .write_all_at(buf, *sector * SECTOR_SIZE as u64)
+                .and_then(|()| if *fua { self.file.sync_data() } else { Ok(()) }),
+            Command::Flush => self.file.sync_data(),
+            Command::Discard { sector, sectors } => punch_hole(
+                &self.file,
+                *sector * SECTOR_SIZE as u64,
+                *sectors * SECTOR_SIZE as u64,
+            ),
+        };
+        result.map_err(|_| IoError::Device("host file I/O failed"))
+    }
+}
+
+/// Deallocates a byte range of the file, keeping its size; it then reads as zeros.
+fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by
+    // `file`, which outlives the call.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl BlockDevice for FileDisk {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn submit(&mut self, request: Request) -> Result<(), Busy> {
+        if self.done.len() >= usize::from(self.info.queue_depth) {
+            return Err(Busy(request));
+        }
+        let Request { tag, mut command } = request;
+        let result = self.execute(&mut command);
+        self.done.push_back(Completion {
+            tag,
+            result,
+            buf: command.into_buf(),
+        });
+        Ok(())
+    }
+
+    fn poll(&mut self) -> Option<Completion> {
+        self.done.pop_front()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{IoBuf, run_sync};
+    use std::format;
+
+    #[test]
+    fn file_round_trip_and_hole_punch() {
+        let dir = std::env::temp_dir().join(format!("blockdev-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk.img");
+        let mut disk = FileDisk::create(&path, 1 << 20).unwrap();
+        assert_eq!(disk.info().sectors, 2048);
+        let buf = IoBuf::from_slice(&[0x5a; 4096]);
+        run_sync(
+            &mut disk,
+            Command::Write {
+                sector: 8,
+                buf,
+                fua: true,
+            },
+        )
+        .unwrap();
+        run_sync(&mut disk, Command::Flush).unwrap();
+        let back = run_sync(
+            &mut disk,
+            Command::Read {
+                sector: 8,
+                buf: IoBuf::with_sectors(8),
+            },
+        )
+        .unwrap();
+        assert!(back.iter().all(|&b| b == 0x5a));
+        run_sync(
+            &mut disk,
+            Command::Discard {
+                sector: 8,
+                sectors: 8,
+            },
+        )
+        .unwrap();
+        let back = run_sync(
+            &mut disk,
+            Command::Read {
+                sector: 8,
+                buf: IoBuf::with_sectors(8),
+            },
+        )
+        .unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+        let past_end = Command::Read {
+            sector: 2047,
+            buf: IoBuf::with_sectors(2),
+        };
+        assert_eq!(
+            run_sync(&mut disk, past_end).unwrap_err(),
+            IoError::OutOfRange
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

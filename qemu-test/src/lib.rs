@@ -1,0 +1,3 @@
+//! Boots the thinbox appliance under QEMU and drives its serial console.
+
+pub use thinbox_boot::{BIOS_IMAGE, UEFI_IMAGE};

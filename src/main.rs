@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", thinbox_boot::BIOS_IMAGE);
+}
