@@ -288,6 +288,7 @@ impl fmt::Display for TableError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
 
     #[test]
     fn pool_table_with_features() {

@@ -208,6 +208,7 @@ impl fmt::Display for PoolEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
 
     #[test]
     fn pool_status_format() {
