@@ -46,6 +46,9 @@ const SEGMENT_SECTORS: u64 = 2048;
 const PREP_WINDOW: u32 = 4;
 /// Virtual blocks unmapped per metadata call while discarding.
 const DISCARD_CHUNK_BLOCKS: u64 = 1 << 16;
+/// Free metadata blocks kept back besides dm's reserve: the metadata layer needs some
+/// for every commit (its bitmaps and index), more than dm's 10 % on tiny devices.
+const COMMIT_HEADROOM: u64 = 32;
 /// Runs fetched per metadata range lookup.
 const LOOKUP_RUNS: usize = 64;
 
@@ -1101,7 +1104,7 @@ impl Core {
             PoolMode::OutOfMetadataSpace => return self.fail_span(part, EIO_NO_METADATA),
             PoolMode::Write | PoolMode::OutOfDataSpace => {}
         }
-        if self.md.metadata_free_blocks_reported() == 0 {
+        if self.metadata_exhausted() {
             // Commit before using up the reserve; if that frees nothing the pool
             // goes out-of-metadata-space and this write fails.
             self.commit.requested = true;
@@ -1191,9 +1194,14 @@ impl Core {
         } else {
             self.metadata_low_water_armed = true;
         }
-        if free == 0 {
+        if self.metadata_exhausted() {
             self.commit.requested = true;
         }
+    }
+
+    /// Free metadata is down to what commits need: stop making new mappings.
+    fn metadata_exhausted(&self) -> bool {
+        self.md.metadata_free_blocks() <= self.md.metadata_reserve().max(COMMIT_HEADROOM)
     }
 
     fn park(&mut self, part: Span) {
@@ -1702,7 +1710,7 @@ impl Core {
                 return;
             }
         }
-        if self.md.metadata_free_blocks_reported() == 0 {
+        if self.metadata_exhausted() {
             self.set_mode(
                 PoolMode::OutOfMetadataSpace,
                 String::from(
@@ -1886,7 +1894,7 @@ impl Core {
         );
         if !refused {
             match self.md.abort() {
-                Ok(()) if *error == MdError::NoMetadataSpace => {}
+                Ok(()) if *error == MdError::NoMetadataSpace => self.after_commit(),
                 _ => self.metadata_failed(error),
             }
         }

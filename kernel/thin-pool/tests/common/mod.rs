@@ -52,8 +52,12 @@ enum Logged {
 pub struct DiskState {
     live: MemDisk,
     durable: MemDisk,
-    /// Writes and discards executed since the last flush, in order.
-    log: Vec<Logged>,
+    /// Writes and discards executed and not yet made durable, in order, with their
+    /// execution sequence numbers.
+    log: Vec<(u64, Logged)>,
+    executed: u64,
+    /// While set, nothing completes (requests stay queued).
+    pub held: bool,
     pub flushes: u64,
     pub discards: u64,
     pub writes: u64,
@@ -69,6 +73,8 @@ impl DiskControl {
             live: MemDisk::new(sectors),
             durable: MemDisk::new(sectors),
             log: Vec::new(),
+            executed: 0,
+            held: false,
             flushes: 0,
             discards: 0,
             writes: 0,
@@ -107,21 +113,13 @@ impl DiskControl {
         let mut rng = Rng::new(seed);
         let mut state = self.0.borrow_mut();
         let log = std::mem::take(&mut state.log);
-        for entry in &log {
-            match entry {
-                Logged::Write { offset, data, keep } => {
-                    if *keep || rng.chance(50) {
-                        state.durable.write_at(*offset, data);
-                    }
-                }
-                Logged::Discard { offset, len } => {
-                    if rng.chance(50) {
-                        state.durable.write_at(*offset, &vec![0u8; *len as usize]);
-                    }
-                }
+        for (_, entry) in &log {
+            let keep = matches!(entry, Logged::Write { keep: true, .. });
+            if keep || rng.chance(50) {
+                entry.apply(&state.durable);
             }
         }
-        for entry in &log {
+        for (_, entry) in &log {
             let (offset, len) = match entry {
                 Logged::Write { offset, data, .. } => (*offset, data.len() as u64),
                 Logged::Discard { offset, len } => (*offset, *len),
@@ -130,6 +128,10 @@ impl DiskControl {
             state.durable.read_at(offset, &mut copy);
             state.live.write_at(offset, &copy);
         }
+    }
+
+    pub fn hold(&self, held: bool) {
+        self.0.borrow_mut().held = held;
     }
 
     pub fn read_at(&self, offset: u64, out: &mut [u8]) {
@@ -151,11 +153,23 @@ impl DiskControl {
     }
 }
 
+impl Logged {
+    fn apply(&self, disk: &MemDisk) {
+        match self {
+            Logged::Write { offset, data, .. } => disk.write_at(*offset, data),
+            Logged::Discard { offset, len } => disk.write_at(*offset, &vec![0u8; *len as usize]),
+        }
+    }
+}
+
 /// A [`BlockDevice`] over a [`DiskControl`].
 pub struct TestDisk {
     state: DiskControl,
     info: DeviceInfo,
-    pending: Vec<Request>,
+    /// Requests not executed yet; a flush carries the sequence number of the first
+    /// write it does not cover (it covers only writes completed before its
+    /// submission).
+    pending: Vec<(Request, u64)>,
     failed: Vec<Completion>,
     rng: Rng,
     reorder: bool,
@@ -166,28 +180,30 @@ impl TestDisk {
         change(&mut self.info);
     }
 
-    fn execute(&mut self, command: &mut Command) {
+    fn execute(&mut self, command: &mut Command, covered: u64) {
         let mut state = self.state.0.borrow_mut();
+        let seq = state.executed;
+        state.executed += 1;
         match command {
             Command::Read { sector, buf } => state.live.read_at(*sector * 512, buf),
             Command::Write { sector, buf, fua } => {
                 state.writes += 1;
                 state.live.write_at(*sector * 512, buf);
-                state.log.push(Logged::Write {
+                let entry = Logged::Write {
                     offset: *sector * 512,
                     data: buf.to_vec(),
                     keep: *fua,
-                });
+                };
+                state.log.push((seq, entry));
             }
             Command::Flush => {
                 state.flushes += 1;
                 let log = std::mem::take(&mut state.log);
-                for entry in log {
-                    match entry {
-                        Logged::Write { offset, data, .. } => state.durable.write_at(offset, &data),
-                        Logged::Discard { offset, len } => {
-                            state.durable.write_at(offset, &vec![0u8; len as usize])
-                        }
+                for (seq, entry) in log {
+                    if seq < covered {
+                        entry.apply(&state.durable);
+                    } else {
+                        state.log.push((seq, entry));
                     }
                 }
             }
@@ -195,7 +211,7 @@ impl TestDisk {
                 state.discards += 1;
                 let (offset, len) = (*sector * 512, *sectors * 512);
                 state.live.write_at(offset, &vec![0u8; len as usize]);
-                state.log.push(Logged::Discard { offset, len });
+                state.log.push((seq, Logged::Discard { offset, len }));
             }
         }
     }
@@ -218,7 +234,8 @@ impl BlockDevice for TestDisk {
             });
             return Ok(());
         }
-        self.pending.push(request);
+        let covered = self.state.0.borrow().executed;
+        self.pending.push((request, covered));
         Ok(())
     }
 
@@ -226,7 +243,7 @@ impl BlockDevice for TestDisk {
         if let Some(done) = self.failed.pop() {
             return Some(done);
         }
-        if self.pending.is_empty() {
+        if self.pending.is_empty() || self.state.0.borrow().held {
             return None;
         }
         let pick = if self.reorder {
@@ -234,8 +251,8 @@ impl BlockDevice for TestDisk {
         } else {
             0
         };
-        let Request { tag, mut command } = self.pending.remove(pick);
-        self.execute(&mut command);
+        let (Request { tag, mut command }, covered) = self.pending.remove(pick);
+        self.execute(&mut command, covered);
         Some(Completion {
             tag,
             result: Ok(()),
