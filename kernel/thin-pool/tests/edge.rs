@@ -24,47 +24,54 @@ fn events(pool: &Pool) -> Vec<PoolEvent> {
 /// or holds the write, never stale data.
 #[test]
 fn mapping_is_not_committed_before_its_data_is_flushed() {
-    let mut rig = Rig::new(16, 4096);
-    rig.reorder = false;
-    fill_garbage(&rig.data);
-    let pool = rig.open();
-    pool.message("create_thin 0").unwrap();
-    let mut vol = pool.activate(0, 4 * BS, None).unwrap();
-    rig.data.hold(true);
-    let data = pattern(7, 8 * 512);
-    vol.submit_op(ThinRequest {
-        tag: 1,
-        op: ThinOp::Write {
-            sector: 0,
-            buf: IoBuf::from_slice(&data),
-            fua: false,
-        },
-    })
-    .unwrap();
-    vol.submit_op(ThinRequest {
-        tag: 2,
-        op: ThinOp::Flush,
-    })
-    .unwrap();
-    pool.poll();
-    rig.data.hold(false);
-    let mut done = 0;
-    while done < 2 {
-        if let Some(completion) = vol.poll_op() {
-            completion.result.unwrap();
-            done += 1;
+    for seed in 0..8 {
+        let mut rig = Rig::new(16, 4096);
+        rig.reorder = false;
+        fill_garbage(&rig.data);
+        let pool = rig.open();
+        pool.message("create_thin 0").unwrap();
+        let mut vol = pool.activate(0, 4 * BS, None).unwrap();
+        // The write's data goes to the device before the commit's flush is sent,
+        // but completes after it: the flush does not cover it.
+        rig.data.hold(true);
+        let data = pattern(7, 8 * 512);
+        vol.submit_op(ThinRequest {
+            tag: 1,
+            op: ThinOp::Write {
+                sector: 0,
+                buf: IoBuf::from_slice(&data),
+                fua: false,
+            },
+        })
+        .unwrap();
+        vol.submit_op(ThinRequest {
+            tag: 2,
+            op: ThinOp::Flush,
+        })
+        .unwrap();
+        pool.poll();
+        rig.data.hold(false);
+        let mut done = 0;
+        while done < 2 {
+            if let Some(completion) = vol.poll_op() {
+                completion.result.unwrap();
+                done += 1;
+            }
         }
+        drop(vol);
+        drop(pool);
+        rig.meta.crash(seed);
+        rig.data.crash(seed + 100);
+        let pool = rig.open();
+        let mut vol = pool.activate(0, 4 * BS, None).unwrap();
+        let block = read(&mut vol, 0, BS);
+        let zeros = block.iter().all(|&b| b == 0);
+        let written = block[..8 * 512] == data[..] && block[8 * 512..].iter().all(|&b| b == 0);
+        assert!(
+            zeros || written,
+            "stale data exposed after a power cut (seed {seed})"
+        );
     }
-    drop(vol);
-    drop(pool);
-    rig.meta.crash(1);
-    rig.data.crash(2);
-    let pool = rig.open();
-    let mut vol = pool.activate(0, 4 * BS, None).unwrap();
-    let block = read(&mut vol, 0, BS);
-    let zeros = block.iter().all(|&b| b == 0);
-    let written = block[..8 * 512] == data[..] && block[8 * 512..].iter().all(|&b| b == 0);
-    assert!(zeros || written, "stale data exposed after a power cut");
 }
 
 #[test]
