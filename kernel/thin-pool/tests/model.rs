@@ -579,8 +579,8 @@ impl Harness {
     /// Takes the mapping from a dump (tokens become data block numbers).
     fn adopt(&mut self, dump: &BTreeMap<u64, Mappings>) {
         for (dev, d) in self.model.devs.iter_mut() {
-            for block in 0..BLOCKS {
-                d.map[block] = dump[dev].get(&(block as u64)).copied();
+            for (block, slot) in d.map.iter_mut().enumerate() {
+                *slot = dump[dev].get(&(block as u64)).copied();
             }
             d.committed = d.map.clone();
         }
@@ -698,13 +698,13 @@ impl Harness {
             self.create();
         }
         // Check the volumes the step could have changed (all of them now and then).
-        let all = step % 10 == 0;
+        let all = step.is_multiple_of(10);
         for dev in self.volumes.keys().copied().collect::<Vec<_>>() {
             if all || touched_before.contains(&dev) {
                 self.verify(dev);
             }
         }
-        while let Some(event) = self.pool().next_event() {
+        if let Some(event) = self.pool().next_event() {
             panic!("unexpected event with an ample pool: {event}");
         }
     }
