@@ -120,7 +120,8 @@ pub fn parse_block_size(text: &str) -> Result<u32, TableError> {
 
 /// 128..=2097152 sectors and a multiple of 128.
 pub fn valid_block_size(size: u32) -> bool {
-    (MIN_DATA_BLOCK_SIZE..=MAX_DATA_BLOCK_SIZE).contains(&size) && size.is_multiple_of(MIN_DATA_BLOCK_SIZE)
+    (MIN_DATA_BLOCK_SIZE..=MAX_DATA_BLOCK_SIZE).contains(&size)
+        && size.is_multiple_of(MIN_DATA_BLOCK_SIZE)
 }
 
 /// A parsed `thin-pool` table line.
