@@ -505,3 +505,88 @@ pub(crate) fn descriptors(len: u32, extents: &[Extent], limit: usize) -> Vec<(u3
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(start: u64, sectors: u64) -> SectorRun {
+        SectorRun { start, sectors }
+    }
+
+    fn piece(start: usize, end: usize, hole: bool) -> Piece {
+        Piece { start, end, hole }
+    }
+
+    #[test]
+    fn read_pieces_cover_the_read_in_order() {
+        let holes = [run(4, 2), run(0, 1)];
+        assert_eq!(
+            read_pieces(4096, &holes, false),
+            [
+                piece(0, 512, true),
+                piece(512, 2048, false),
+                piece(2048, 3072, true),
+                piece(3072, 4096, false),
+            ]
+        );
+        assert_eq!(read_pieces(4096, &holes, true), [piece(0, 4096, false)]);
+        assert_eq!(
+            read_pieces(4096, &[run(0, 8)], true),
+            [piece(0, 4096, true)]
+        );
+        assert_eq!(read_pieces(1024, &[], false), [piece(0, 1024, false)]);
+    }
+
+    #[test]
+    fn read_pieces_survive_nonsense_from_the_backend() {
+        let holes = [
+            run(1, 4),
+            run(2, 1),
+            run(7, 100),
+            run(u64::MAX, u64::MAX),
+            run(3, 0),
+        ];
+        assert_eq!(
+            read_pieces(4096, &holes, false),
+            [
+                piece(0, 512, false),
+                piece(512, 2560, true),
+                piece(2560, 3584, false),
+                piece(3584, 4096, true)
+            ]
+        );
+    }
+
+    fn extent(sectors: u64, hole: bool, zero: bool) -> Extent {
+        Extent {
+            sectors,
+            hole,
+            zero,
+        }
+    }
+
+    #[test]
+    fn descriptors_are_clipped_merged_and_limited() {
+        let extents = [
+            extent(2, true, true),
+            extent(0, false, false),
+            extent(2, true, true),
+            extent(4, false, false),
+            extent(u64::MAX, true, false),
+        ];
+        let all = STATE_HOLE | STATE_ZERO;
+        assert_eq!(
+            descriptors(8192, &extents, 1024),
+            [(2048, all), (2048, 0), (4096, STATE_HOLE)]
+        );
+        assert_eq!(descriptors(8192, &extents, 2), [(2048, all), (2048, 0)]);
+        assert_eq!(descriptors(1024, &extents, 1), [(1024, all)]);
+        // The largest request a 32-bit length allows.
+        let max = u32::MAX - 511;
+        assert_eq!(descriptors(max, &extents[4..], 1), [(max, STATE_HOLE)]);
+        // Nothing usable: one safe "allocated" descriptor.
+        assert_eq!(descriptors(4096, &[], 8), [(4096, 0)]);
+        assert_eq!(descriptors(4096, &[extent(0, true, true)], 8), [(4096, 0)]);
+    }
+}

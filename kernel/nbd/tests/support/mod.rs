@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each test file uses a different part.
 
+pub mod feed;
+
 use std::collections::VecDeque;
 
 use nbd::wire::*;
@@ -150,17 +152,24 @@ impl Peer {
     /// The next reply; `read_len` is the data length expected after a successful
     /// simple reply (0 for anything but reads).
     pub fn reply(&mut self, read_len: usize) -> Reply {
+        self.reply_for(|_| read_len)
+    }
+
+    /// The next reply; `read_len` gives, by cookie, the data length expected after a
+    /// successful simple reply.
+    pub fn reply_for(&mut self, read_len: impl FnOnce(u64) -> usize) -> Reply {
         let magic = be_u32(&self.take_peek(4));
         if magic == SIMPLE_REPLY_MAGIC {
             let header = self.take(SIMPLE_REPLY_LEN);
             let error = be_u32(&header[4..]);
+            let cookie = be_u64(&header[8..]);
             let data = if error == 0 {
-                self.take(read_len)
+                self.take(read_len(cookie))
             } else {
                 Vec::new()
             };
             return Reply {
-                cookie: be_u64(&header[8..]),
+                cookie,
                 error,
                 data,
                 chunks: Vec::new(),
