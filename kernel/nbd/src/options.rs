@@ -303,7 +303,12 @@ fn parse_info_request(data: &[u8]) -> Result<(String, Vec<u16>), &'static str> {
         return Err(MALFORMED);
     }
     let name = core::str::from_utf8(name).map_err(|_| "export name is not valid UTF-8")?;
-    let requests = rest[2..].chunks_exact(2).map(be_u16).collect();
+    let requests = rest[2..]
+        .as_chunks::<2>()
+        .0
+        .iter()
+        .map(|code| u16::from_be_bytes(*code))
+        .collect();
     Ok((String::from(name), requests))
 }
 

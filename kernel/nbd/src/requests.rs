@@ -490,7 +490,8 @@ pub(crate) fn descriptors(len: u32, extents: &[Extent], limit: usize) -> Vec<(u3
         if piece == 0 {
             continue;
         }
-        let status = u32::from(extent.hole) * STATE_HOLE | u32::from(extent.zero) * STATE_ZERO;
+        let hole = if extent.hole { STATE_HOLE } else { 0 };
+        let status = hole | if extent.zero { STATE_ZERO } else { 0 };
         let count = out.len();
         match out.last_mut() {
             Some(last) if last.1 == status => last.0 += piece,

@@ -57,7 +57,7 @@ fn export_name_sends_zero_padding_unless_the_client_declines_it() {
         assert!(reply[10..].iter().all(|&b| b == 0));
         assert_eq!(peer.available(), 0);
         // Transmission has started: a read works.
-        peer.request(&mut server, 0, CMD_READ, 9, 0, 512, &[]);
+        peer.send_request(&mut server, &request(0, CMD_READ, 9, 0, 512), &[]);
         assert_eq!(peer.reply(512).error, 0);
     }
 }
@@ -173,7 +173,7 @@ fn info_reports_size_flags_name_description_and_block_sizes() {
     // GO with the same parameters gives the same information, then transmission.
     peer.send(&mut server, &option(OPT_GO, &info_data("", &asked)));
     assert_eq!(info_items(&mut peer), items);
-    peer.request(&mut server, 0, CMD_FLUSH, 1, 0, 0, &[]);
+    peer.send_request(&mut server, &request(0, CMD_FLUSH, 1, 0, 0), &[]);
     assert_eq!(peer.reply(0).error, 0);
 }
 
@@ -391,7 +391,7 @@ fn block_status_after_set(set_export: &str, queries: &[&str], export: &str) -> u
     peer.option_replies();
     peer.send(&mut server, &option(OPT_GO, &info_data(export, &[])));
     peer.option_replies();
-    peer.request(&mut server, 0, CMD_BLOCK_STATUS, 5, 0, 4096, &[]);
+    peer.send_request(&mut server, &request(0, CMD_BLOCK_STATUS, 5, 0, 4096), &[]);
     peer.reply(0).error
 }
 
@@ -446,7 +446,7 @@ fn a_failing_set_meta_context_still_replaces_the_selection() {
     assert_eq!(peer.option_reply().kind, REP_ERR_UNKNOWN);
     peer.send(&mut server, &option(OPT_GO, &info_data("vol0", &[])));
     peer.option_replies();
-    peer.request(&mut server, 0, CMD_BLOCK_STATUS, 5, 0, 4096, &[]);
+    peer.send_request(&mut server, &request(0, CMD_BLOCK_STATUS, 5, 0, 4096), &[]);
     assert_eq!(peer.reply(0).error, EINVAL);
 }
 

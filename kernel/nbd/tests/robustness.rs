@@ -174,19 +174,19 @@ proptest! {
                         model[at..at + len].copy_from_slice(&data);
                         known[at..at + len].fill(true);
                         let flags = if fua { CMD_FLAG_FUA } else { 0 };
-                        peer.request(&mut server, flags, CMD_WRITE, cookie, at as u64, len as u32, &data);
+                        peer.send_request(&mut server, &request(flags, CMD_WRITE, cookie, at as u64, len as u32), &data);
                         expected.insert(cookie, None);
                     }
                     Op::Read { sector, sectors, df } => {
                         let (at, len) = span(sector, sectors);
                         let flags = if df && structured { CMD_FLAG_DF } else { 0 };
-                        peer.request(&mut server, flags, CMD_READ, cookie, at as u64, len as u32, &[]);
+                        peer.send_request(&mut server, &request(flags, CMD_READ, cookie, at as u64, len as u32), &[]);
                         expected.insert(cookie, Some((at, model[at..at + len].to_vec(), known[at..at + len].to_vec())));
                     }
                     Op::Trim { sector, sectors } => {
                         let (at, len) = span(sector, sectors);
                         known[at..at + len].fill(false);
-                        peer.request(&mut server, 0, CMD_TRIM, cookie, at as u64, len as u32, &[]);
+                        peer.send_request(&mut server, &request(0, CMD_TRIM, cookie, at as u64, len as u32), &[]);
                         expected.insert(cookie, None);
                     }
                     Op::Zero { sector, sectors, no_hole } => {
@@ -194,11 +194,11 @@ proptest! {
                         model[at..at + len].fill(0);
                         known[at..at + len].fill(true);
                         let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
-                        peer.request(&mut server, flags, CMD_WRITE_ZEROES, cookie, at as u64, len as u32, &[]);
+                        peer.send_request(&mut server, &request(flags, CMD_WRITE_ZEROES, cookie, at as u64, len as u32), &[]);
                         expected.insert(cookie, None);
                     }
                     Op::Flush => {
-                        peer.request(&mut server, 0, CMD_FLUSH, cookie, 0, 0, &[]);
+                        peer.send_request(&mut server, &request(0, CMD_FLUSH, cookie, 0, 0), &[]);
                         expected.insert(cookie, None);
                     }
                 }

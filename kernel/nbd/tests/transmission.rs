@@ -59,7 +59,11 @@ fn call(
     payload: &[u8],
 ) -> support::Reply {
     let cookie = 0x1234_5678_9abc_def0 ^ offset ^ u64::from(command);
-    peer.request(server, flags, command, cookie, offset, len, payload);
+    peer.send_request(
+        server,
+        &request(flags, command, cookie, offset, len),
+        payload,
+    );
     let read_len = if command == CMD_READ { len as usize } else { 0 };
     let reply = peer.reply(read_len);
     assert_eq!(reply.cookie, cookie);
@@ -116,7 +120,7 @@ fn structured_reads_send_holes_as_holes_and_data_as_data() {
         &mut peer,
         0,
         CMD_READ,
-        64 * KIB as u64,
+        64 * KIB,
         192 * 1024,
         &[],
     );
@@ -666,13 +670,9 @@ fn replies_follow_completion_order_not_request_order() {
         .backend_mut()
         .set_completion_order(CompletionOrder::Held);
     for index in 0..8u64 {
-        peer.request(
+        peer.send_request(
             &mut server,
-            0,
-            CMD_READ,
-            100 + index,
-            index * 4096,
-            4096,
+            &request(0, CMD_READ, 100 + index, index * 4096, 4096),
             &[],
         );
     }
@@ -700,13 +700,9 @@ fn a_full_backend_queue_delays_requests_without_losing_them() {
         .backend_mut()
         .set_completion_order(CompletionOrder::Held);
     for cookie in 0..20u64 {
-        peer.request(
+        peer.send_request(
             &mut server,
-            0,
-            CMD_WRITE,
-            cookie,
-            cookie * 512,
-            512,
+            &request(0, CMD_WRITE, cookie, cookie * 512, 512),
             &[cookie as u8; 512],
         );
     }
@@ -855,8 +851,8 @@ fn a_client_vanishing_mid_request_disturbs_nobody_else() {
     server
         .backend_mut()
         .set_completion_order(CompletionOrder::Held);
-    third.request(&mut server, 0, CMD_READ, 1, 0, 4096, &[]);
-    third.request(&mut server, 0, CMD_FLUSH, 2, 0, 0, &[]);
+    third.send_request(&mut server, &request(0, CMD_READ, 1, 0, 4096), &[]);
+    third.send_request(&mut server, &request(0, CMD_FLUSH, 2, 0, 0), &[]);
     server.release(third.id);
     assert_eq!(server.backend().open_count(), 2);
     server
@@ -899,7 +895,7 @@ fn removing_an_export_fails_its_clients_with_eshutdown_only() {
     server
         .backend_mut()
         .set_completion_order(CompletionOrder::Held);
-    victim.request(&mut server, 0, CMD_READ, 1, 0, 4096, &[]);
+    victim.send_request(&mut server, &request(0, CMD_READ, 1, 0, 4096), &[]);
     assert!(server.backend_mut().remove_export("vol0"));
     server
         .backend_mut()
@@ -928,7 +924,7 @@ fn shutting_down_drains_every_connection() {
     server
         .backend_mut()
         .set_completion_order(CompletionOrder::Held);
-    peer.request(&mut server, 0, CMD_WRITE, 1, 0, 512, &[1; 512]);
+    peer.send_request(&mut server, &request(0, CMD_WRITE, 1, 0, 512), &[1; 512]);
     let mut waiting = Peer::handshake(&mut server, FIXED_NO_ZEROES);
     server.shut_down();
     assert!(!server.wants_input(peer.id));

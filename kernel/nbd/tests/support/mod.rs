@@ -220,18 +220,14 @@ impl Peer {
         self.inbox.iter().take(count).copied().collect()
     }
 
-    /// Sends a request (with its payload, for writes).
-    pub fn request<B: Backend>(
+    /// Sends a request header (see [`request`]) and its payload, if any.
+    pub fn send_request<B: Backend>(
         &mut self,
         server: &mut Server<B>,
-        flags: u16,
-        command: u16,
-        cookie: u64,
-        offset: u64,
-        len: u32,
+        header: &[u8],
         payload: &[u8],
     ) {
-        let mut bytes = request(flags, command, cookie, offset, len);
+        let mut bytes = header.to_vec();
         bytes.extend_from_slice(payload);
         let taken = self.send(server, &bytes);
         assert_eq!(taken, bytes.len(), "server stopped taking the request");
@@ -319,7 +315,9 @@ impl Reply {
         let chunk = &self.chunks[0];
         assert_eq!(chunk.kind, REPLY_TYPE_BLOCK_STATUS);
         chunk.payload[4..]
-            .chunks_exact(8)
+            .as_chunks::<8>()
+            .0
+            .iter()
             .map(|d| (be_u32(d), be_u32(&d[4..])))
             .collect()
     }
