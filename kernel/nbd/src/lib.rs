@@ -38,7 +38,7 @@ pub use backend::{
     IoRequest, OpenError, QueueFull, SectorRun,
 };
 pub use connection::Limits;
-pub use memory::{CompletionOrder, MemoryBackend, MemoryExport};
+pub use memory::{CompletionOrder, MemoryBackend, MemoryExport, MemoryStats};
 pub use options::{MAX_OPTION_DATA, MAX_PAYLOAD, MIN_BLOCK_SIZE};
 pub use requests::MAX_EXTENTS;
 pub use server::{ConnectionId, Server};

@@ -26,6 +26,8 @@ pub struct Server<B> {
     routes: BTreeMap<u64, ConnectionId>,
     next_connection: u64,
     next_tag: u64,
+    /// The connection whose request the backend last refused goes first next time.
+    submit_first: ConnectionId,
     shutting_down: bool,
 }
 
@@ -38,6 +40,7 @@ impl<B: Backend> Server<B> {
             routes: BTreeMap::new(),
             next_connection: 0,
             next_tag: 0,
+            submit_first: ConnectionId(0),
             shutting_down: false,
         }
     }
@@ -169,12 +172,14 @@ impl<B: Backend> Server<B> {
 
     /// Submits queued requests, one per connection in turn, until the backend is full.
     fn submit(&mut self) -> bool {
-        let ids: Vec<ConnectionId> = self
+        let mut ids: Vec<ConnectionId> = self
             .connections
             .iter()
             .filter(|(_, connection)| !connection.queued.is_empty())
             .map(|(id, _)| *id)
             .collect();
+        let first = ids.iter().position(|id| *id >= self.submit_first);
+        ids.rotate_left(first.unwrap_or(0));
         let mut progress = false;
         let mut more = true;
         while more {
@@ -195,6 +200,7 @@ impl<B: Backend> Server<B> {
                     }
                     Err(QueueFull(request)) => {
                         connection.queued.push_front(request);
+                        self.submit_first = *id;
                         return progress;
                     }
                 }
