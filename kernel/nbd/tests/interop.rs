@@ -7,7 +7,7 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -142,40 +142,74 @@ struct Ran {
     stderr: String,
 }
 
-/// Runs a client with a deadline, `input` on its stdin; output is collected in files
-/// so large outputs cannot block it.
-fn run_with_input(command: &mut Command, input: &str) -> Ran {
-    let scratch = Scratch::new();
-    let (out, err) = (scratch.path("stdout"), scratch.path("stderr"));
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(File::create(&out).unwrap())
-        .stderr(File::create(&err).unwrap())
-        .spawn()
-        .unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input.as_bytes()).unwrap();
-    drop(stdin);
-    let deadline = Instant::now() + TOOL_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
+/// A client process whose output goes to files (so large outputs cannot block it).
+struct Running {
+    child: Child,
+    scratch: Scratch,
+    deadline: Instant,
+}
+
+impl Running {
+    fn start(command: &mut Command) -> Running {
+        let scratch = Scratch::new();
+        let child = command
+            .stdin(Stdio::piped())
+            .stdout(File::create(scratch.path("stdout")).unwrap())
+            .stderr(File::create(scratch.path("stderr")).unwrap())
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
+        Running {
+            child,
+            scratch,
+            deadline: Instant::now() + TOOL_TIMEOUT,
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{command:?} timed out");
+    }
+
+    fn output(&self, name: &str) -> String {
+        fs::read_to_string(self.scratch.path(name)).unwrap()
+    }
+
+    /// Waits until the client has printed `text`.
+    fn wait_for(&mut self, text: &str) {
+        while !self.output("stdout").contains(text) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("client ended ({status}):\n{}", self.output("stderr"));
+            }
+            assert!(
+                Instant::now() < self.deadline,
+                "client did not print {text}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Ran {
-        success: status.success(),
-        stdout: fs::read_to_string(out).unwrap(),
-        stderr: fs::read_to_string(err).unwrap(),
+    }
+
+    fn send(&mut self, input: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(input.as_bytes()).unwrap();
+    }
+
+    fn finish(mut self) -> Ran {
+        drop(self.child.stdin.take());
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > self.deadline {
+                let _ = self.child.kill();
+                panic!("client timed out:\n{}", self.output("stderr"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Ran {
+            success: status.success(),
+            stdout: self.output("stdout"),
+            stderr: self.output("stderr"),
+        }
     }
 }
 
 fn run_unchecked(command: &mut Command) -> Ran {
-    run_with_input(command, "")
+    Running::start(command).finish()
 }
 
 /// Runs a client that must succeed; returns its stdout.
@@ -719,35 +753,13 @@ h.shutdown()
 print("done")
 "#
     );
-    let mut command = nbdsh(&script);
-    let child_output = {
-        let scratch = Scratch::new();
-        let out_path = scratch.path("stdout");
-        let err_path = scratch.path("stderr");
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(File::create(&out_path).unwrap())
-            .stderr(File::create(&err_path).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + TOOL_TIMEOUT;
-        while !fs::read_to_string(&out_path).unwrap().contains("ready") {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "nbdsh ended early ({status}):\n{}",
-                    fs::read_to_string(&err_path).unwrap()
-                );
-            }
-            assert!(Instant::now() < deadline, "nbdsh did not get ready");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(served.backend(|backend| backend.remove_export("vol0")));
-        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-        let status = child.wait().unwrap();
-        let stderr = fs::read_to_string(&err_path).unwrap();
-        assert!(status.success(), "nbdsh failed:\n{stderr}");
-        fs::read_to_string(&out_path).unwrap()
-    };
+    let mut client = Running::start(&mut nbdsh(&script));
+    client.wait_for("ready");
+    assert!(served.backend(|backend| backend.remove_export("vol0")));
+    client.send("go\n");
+    let ran = client.finish();
+    assert!(ran.success, "nbdsh failed:\n{}", ran.stderr);
+    let child_output = ran.stdout;
     assert!(child_output.contains("done"), "{child_output}");
 
     // The other export was never disturbed.
