@@ -366,6 +366,9 @@ fn allocation_maps_show_data_holes_and_origin() {
         child.origin = Some(origin);
         backend.add_export(child);
         backend.write_at("child", 0, &[1; 512]).unwrap();
+        backend.add_export(volume("huge", 16 << 30));
+        backend.write_at("huge", 5 << 21, &[2; 512]).unwrap();
+        backend.write_at("huge", (16 << 21) - 1, &[3; 512]).unwrap();
     });
     let expected = [
         (0, MIB, HOLE_ZERO),
@@ -380,6 +383,22 @@ fn allocation_maps_show_data_holes_and_origin() {
         .map(|&(start, len, kind)| (start, len, kind == HOLE_ZERO, kind == 0))
         .collect();
     assert_eq!(qemu_img_map(&served.uri("vol0")), qemu);
+
+    // Larger than one block-status request can cover (4 GiB): every extent stays
+    // aligned, so the clients continue at aligned offsets.
+    let gib = 1024 * MIB;
+    let huge = [
+        (0, 5 * gib, HOLE_ZERO),
+        (5 * gib, 65536, 0),
+        (5 * gib + 65536, 11 * gib - 2 * 65536, HOLE_ZERO),
+        (16 * gib - 65536, 65536, 0),
+    ];
+    assert_eq!(nbdinfo_map(&served.uri("huge")), huge);
+    let qemu: Vec<(u64, u64, bool, bool)> = huge
+        .iter()
+        .map(|&(start, len, kind)| (start, len, kind == HOLE_ZERO, kind == 0))
+        .collect();
+    assert_eq!(qemu_img_map(&served.uri("huge")), qemu);
 
     // Holes over an external origin are holes that do not read as zero.
     assert_eq!(
