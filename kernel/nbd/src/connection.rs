@@ -10,6 +10,7 @@
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
+use alloc::vec::Vec;
 use blockdev::IoBuf;
 
 use crate::backend::{Backend, ExportHandle, ExportInfo, IoRequest};
@@ -125,7 +126,7 @@ pub(crate) struct Connection {
     /// Bytes of a fixed-size header (or of option data) gathered so far.
     pub header: [u8; REQUEST_HEADER_LEN],
     pub header_len: usize,
-    pub option_data: alloc::vec::Vec<u8>,
+    pub option_data: Vec<u8>,
     pub out: OutQueue,
     pub ending: Ending,
     /// The transport has let go: replies are discarded, the record stays until the
@@ -161,7 +162,7 @@ impl Connection {
             phase: Phase::ClientFlags,
             header: [0; REQUEST_HEADER_LEN],
             header_len: 0,
-            option_data: alloc::vec::Vec::new(),
+            option_data: Vec::new(),
             out,
             ending: Ending::No,
             detached: false,
