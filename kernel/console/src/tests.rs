@@ -87,7 +87,7 @@ impl BlockDevice for FaultyDisk {
         let mut done = self.inner.poll()?;
         if let Fault::CorruptRead(sector) = self.fault {
             let start = done.tag;
-            if done.buf.len() > 0 && (start..start + done.buf.sectors()).contains(&sector) {
+            if !done.buf.is_empty() && (start..start + done.buf.sectors()).contains(&sector) {
                 done.buf[(sector - start) as usize * SECTOR_SIZE + 7] ^= 0x40;
             }
         }
@@ -110,6 +110,7 @@ fn mem_disk(mib: u64, model: &str, serial: &str) -> MemDisk {
     info.model = model.to_string();
     info.serial = serial.to_string();
     info.queue_depth = 8;
+    info.discard = false;
     MemDisk::with_info(info)
 }
 
@@ -117,7 +118,7 @@ fn mem_disk(mib: u64, model: &str, serial: &str) -> MemDisk {
 /// printed after the echoed line, without the final prompt.
 fn run(console: &mut Console<FakePlatform>, line: &str) -> String {
     let mut out = String::new();
-    for byte in line.bytes().chain([b'\r']) {
+    for byte in line.bytes().chain(*b"\r") {
         console.input(byte, &mut out);
     }
     let mut polls = 0;
@@ -318,6 +319,18 @@ fn disk_test_passes_on_an_empty_disk_and_leaves_the_pattern() {
     assert!(probe.iter().any(|&b| b != 0));
     view.read_at(4 << 20, &mut probe);
     assert!(probe.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn disk_test_discards_the_range_when_the_disk_can() {
+    let backing = MemDisk::new(64 << 11);
+    let view = backing.handle();
+    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
+    let out = run(&mut console, "disk-test vda 8");
+    let last = *lines(&out).last().unwrap();
+    assert!(last.starts_with("disk-test vda: OK"), "{out}");
+    assert!(last.ends_with(", range discarded"), "{out}");
+    assert_eq!(view.resident_bytes(), 0);
 }
 
 #[test]
