@@ -149,10 +149,11 @@ impl DiskTest {
             Phase::Write => {
                 let mut buf = IoBuf::with_sectors(sectors as usize);
                 fill_pattern(&mut buf, sector, self.options.seed);
+                // The last write goes out with FUA so drivers' FUA paths get tested too.
                 Command::Write {
                     sector,
                     buf,
-                    fua: false,
+                    fua: sector + sectors == self.options.sectors,
                 }
             }
             Phase::Flush => Command::Flush,

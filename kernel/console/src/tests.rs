@@ -98,6 +98,35 @@ impl BlockDevice for FaultyDisk {
     }
 }
 
+/// A memory disk that records every command it is given as (kind, sector, fua).
+struct RecordingDisk {
+    inner: MemDisk,
+    log: alloc::rc::Rc<core::cell::RefCell<Vec<(&'static str, u64, bool)>>>,
+}
+
+impl BlockDevice for RecordingDisk {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn submit(&mut self, request: Request) -> Result<(), Busy> {
+        let entry = match &request.command {
+            Command::Read { sector, .. } => ("read", *sector, false),
+            Command::Write { sector, fua, .. } => ("write", *sector, *fua),
+            Command::Flush => ("flush", 0, false),
+            Command::Discard { sector, .. } => ("discard", *sector, false),
+        };
+        self.inner.submit(request)?;
+        self.log.borrow_mut().push(entry);
+        Ok(())
+    }
+    fn poll(&mut self) -> Option<Completion> {
+        self.inner.poll()
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+}
+
 fn disk(name: &str, device: impl BlockDevice + 'static) -> Disk {
     Disk {
         name: name.to_string(),
@@ -331,6 +360,34 @@ fn disk_test_discards_the_range_when_the_disk_can() {
     assert!(last.starts_with("disk-test vda: OK"), "{out}");
     assert!(last.ends_with(", range discarded"), "{out}");
     assert_eq!(view.resident_bytes(), 0);
+}
+
+#[test]
+fn disk_test_order_check_write_fua_flush_verify_discard() {
+    let log = alloc::rc::Rc::default();
+    let recorder = RecordingDisk {
+        inner: MemDisk::new(16 << 11),
+        log: alloc::rc::Rc::clone(&log),
+    };
+    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vda", recorder)]);
+    assert!(run(&mut console, "disk-test vda 2").contains("OK"));
+    let log = log.borrow();
+    let kinds: Vec<&str> = log.iter().map(|(kind, ..)| *kind).collect();
+    // Check: the first MiB in four requests plus one sample of the second MiB.
+    assert_eq!(kinds[..5], ["read"; 5]);
+    assert_eq!(kinds[5..13], ["write"; 8]);
+    assert_eq!(
+        kinds[13..],
+        [
+            "flush", "read", "read", "read", "read", "read", "read", "read", "read", "discard"
+        ]
+    );
+    let fua: Vec<u64> = log
+        .iter()
+        .filter(|(.., fua)| *fua)
+        .map(|(_, sector, _)| *sector)
+        .collect();
+    assert_eq!(fua, [3584], "only the last write is FUA");
 }
 
 #[test]
