@@ -98,10 +98,13 @@ impl BlockDevice for FaultyDisk {
     }
 }
 
-/// A memory disk that records every command it is given as (kind, sector, fua).
+/// Commands a [`RecordingDisk`] was given, as (kind, sector, fua).
+type CommandLog = alloc::rc::Rc<core::cell::RefCell<Vec<(&'static str, u64, bool)>>>;
+
+/// A memory disk that records every command it is given.
 struct RecordingDisk {
     inner: MemDisk,
-    log: alloc::rc::Rc<core::cell::RefCell<Vec<(&'static str, u64, bool)>>>,
+    log: CommandLog,
 }
 
 impl BlockDevice for RecordingDisk {
@@ -364,7 +367,7 @@ fn disk_test_discards_the_range_when_the_disk_can() {
 
 #[test]
 fn disk_test_order_check_write_fua_flush_verify_discard() {
-    let log = alloc::rc::Rc::default();
+    let log = CommandLog::default();
     let recorder = RecordingDisk {
         inner: MemDisk::new(16 << 11),
         log: alloc::rc::Rc::clone(&log),
