@@ -146,7 +146,7 @@ fn status_result(status: u16) -> Result<(), IoError> {
     let code = status & 0xff;
     let code_type = (status >> 8) & 0x7;
     match (code_type, code) {
-        (_, 0) if code_type == 0 => Ok(()),
+        (0, 0) => Ok(()),
         (0, 0x01) => Err(IoError::Unsupported),
         (0, 0x20) => Err(IoError::ReadOnly),
         (0, 0x80) => Err(IoError::OutOfRange),
