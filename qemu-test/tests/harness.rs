@@ -322,7 +322,11 @@ fn boot_and_shut_down(options: Options, what: &str) {
     );
     let banner = appliance.banner().expect("a banner").to_string();
     assert!(banner.starts_with("thinbox "), "{banner}");
-    assert!(appliance.nbd_port().is_some());
+    let port = appliance.nbd_port().expect("an NBD port");
+    assert!(
+        TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err(),
+        "QEMU does not listen on the forwarded port {port}"
+    );
     let help = appliance.console_ok("help").unwrap();
     assert!(!help.is_empty());
     let powered_off = appliance.shutdown().unwrap();
@@ -337,6 +341,22 @@ fn bios_image_boots_to_the_prompt() {
 #[test]
 fn uefi_image_boots_to_the_prompt() {
     boot_and_shut_down(Options::uefi(), "UEFI");
+}
+
+#[test]
+fn a_real_kernel_panic_ends_the_wait_with_its_report() {
+    qemu();
+    let mut appliance = Appliance::boot(Options::bios()).unwrap();
+    let error = appliance.console("debug panic").unwrap_err();
+    let Error::Panic {
+        message, status, ..
+    } = &error
+    else {
+        panic!("not a panic: {error:?}");
+    };
+    assert!(message.starts_with("KERNEL PANIC: "), "{message}");
+    assert!(message.contains("deliberate panic"), "{message}");
+    assert_eq!(*status, Some(qemu_test::EXIT_PANIC));
 }
 
 fn runner(args: &[&str]) -> Output {
