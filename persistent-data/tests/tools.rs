@@ -46,3 +46,19 @@ fn our_checker_agrees_on_simple_pool() {
     let report = persistent_data::check::check(&mut md).unwrap();
     assert!(report.is_clean(), "{:#?}", report.problems);
 }
+
+#[test]
+fn metadata_snapshot_counts() {
+    let disk = MemDisk::new(8 << 11);
+    let mut md = open(&disk, 256);
+    md.resize_data(1000).unwrap();
+    md.create_thin(1).unwrap();
+    md.commit().unwrap();
+    eprintln!("live before {:?}", md.live_roots().unwrap());
+    let s = md.reserve_metadata_snap().unwrap();
+    eprintln!("snap block {s} live {:?}", md.live_roots().unwrap());
+    md.commit().unwrap();
+    eprintln!("snap {:?}", md.snapshot_roots().unwrap());
+    let report = persistent_data::check::check(&mut md).unwrap();
+    assert!(report.is_clean(), "{:#?}", report.problems);
+}
