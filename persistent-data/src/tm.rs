@@ -116,7 +116,21 @@ impl Tm {
                 reason: "metadata index entry points outside the metadata area",
             });
         }
-        self.msm = MetadataSm::new(root, entries);
+        // Count allocated blocks from the bitmaps (tail entries are zero) rather than
+        // trusting the root:
+        // thin_restore 0.9.0 writes a value one too high, and status wants it exact.
+        let mut allocated = 0;
+        for entry in &entries {
+            let bitmap = self.cache.read(entry.blocknr, Expect::Bitmap)?;
+            allocated += ENTRIES_PER_BITMAP - u64::from(bitmap_free_stats(&bitmap).0);
+        }
+        self.msm = MetadataSm::new(
+            SmRoot {
+                nr_allocated: allocated,
+                ..root
+            },
+            entries,
+        );
         Ok(())
     }
 

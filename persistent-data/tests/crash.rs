@@ -98,11 +98,17 @@ fn crash_case(base: &MemDisk, seed: u64, fail_at: Option<u64>, modes: &[Unflushe
     options.cache_blocks = 64;
     options.format = FormatPolicy::Never;
     let mut outcome = Outcome::default();
-    let mut md = ThinMetadata::open(Box::new(crash.handle()), &options).unwrap().0;
+    let mut md = ThinMetadata::open(Box::new(crash.handle()), &options)
+        .unwrap()
+        .0;
     let initial = our_dump(&mut md);
     crash.fail_at(fail_at);
     let result = workload(&mut md, seed, &mut outcome);
-    assert_eq!(result.is_err(), crash.power_lost(), "errors only from the power loss");
+    assert_eq!(
+        result.is_err(),
+        crash.power_lost(),
+        "errors only from the power loss"
+    );
     let operations = crash.operations();
     for &mode in modes {
         let mut back = reopen(crash.after_power_loss(mode));
@@ -113,7 +119,11 @@ fn crash_case(base: &MemDisk, seed: u64, fail_at: Option<u64>, modes: &[Unflushe
             "seed {seed}, power lost at operation {fail_at:?}, {mode:?}: reopened metadata is neither the last commit nor the one in flight"
         );
         let report = persistent_data::check::check(&mut back).unwrap();
-        assert!(report.is_clean(), "seed {seed} at {fail_at:?} {mode:?}: {:#?}", report.problems);
+        assert!(
+            report.is_clean(),
+            "seed {seed} at {fail_at:?} {mode:?}: {:#?}",
+            report.problems
+        );
     }
     operations
 }
@@ -147,7 +157,9 @@ fn abort_after_failed_commit_returns_to_the_last_commit() {
         let mut options = OpenOptions::new(DATA_BLOCK_SIZE);
         options.cache_blocks = 64;
         options.format = FormatPolicy::Never;
-        let mut md = ThinMetadata::open(Box::new(crash.handle()), &options).unwrap().0;
+        let mut md = ThinMetadata::open(Box::new(crash.handle()), &options)
+            .unwrap()
+            .0;
         crash.fail_at(Some(fail_at));
         let mut outcome = Outcome::default();
         if workload(&mut md, 5, &mut outcome).is_ok() {
