@@ -706,7 +706,9 @@ impl ThinMetadata {
             Ok(root)
         })?;
         if removed.is_some() {
-            self.update_details(dev, |details| details.mapped_blocks -= 1)?;
+            self.update_details(dev, |details| {
+                details.mapped_blocks = details.mapped_blocks.saturating_sub(1)
+            })?;
         }
         Ok(removed)
     }
@@ -747,7 +749,9 @@ impl ThinMetadata {
             )
         })?;
         if count > 0 {
-            self.update_details(dev, |details| details.mapped_blocks -= count)?;
+            self.update_details(dev, |details| {
+                details.mapped_blocks = details.mapped_blocks.saturating_sub(count)
+            })?;
         }
         Ok(runs)
     }
@@ -818,7 +822,7 @@ impl ThinMetadata {
 
     /// Data blocks not in use.
     pub fn data_free_blocks(&self) -> u64 {
-        self.dsm.nr_blocks() - self.dsm.nr_allocated()
+        self.dsm.nr_blocks().saturating_sub(self.dsm.nr_allocated())
     }
 
     /// Grows the data space map to `nr_blocks` data blocks.
@@ -839,7 +843,7 @@ impl ThinMetadata {
 
     /// Metadata blocks not in use.
     pub fn metadata_free_blocks(&self) -> u64 {
-        self.tm.nr_blocks() - self.tm.nr_allocated()
+        self.tm.nr_blocks().saturating_sub(self.tm.nr_allocated())
     }
 
     /// The metadata reserve dm-thin keeps out of the free count: min(4096 blocks,
