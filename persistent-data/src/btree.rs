@@ -344,7 +344,7 @@ pub fn insert(
             writer.set_value(i, &new_child.to_le_bytes());
         }
         block = if is_full(&*tm.read(new_child, expect)?) {
-            let (sibling, sibling_key) = split_off_sibling(tm, new_child, value_size)?;
+            let (sibling, sibling_key) = split_off_sibling(tm, new_child, value_size, key)?;
             NodeMut(tm.write(block, expect)?).insert_at(i + 1, sibling_key, &sibling.to_le_bytes());
             if key >= sibling_key {
                 sibling
@@ -363,12 +363,21 @@ fn is_full(data: &Block) -> bool {
     node.nr_entries() >= node.max_entries()
 }
 
-/// Moves the upper half of a full node into a new sibling; returns it and its first key.
-fn split_off_sibling(tm: &mut Tm, block: u64, value_size: u32) -> Result<(u64, u64)> {
+/// Moves the upper part of a full node into a new sibling; returns it and its first
+/// key. Normally half moves; when `key` goes past the node's last key (appending, as
+/// provisioning in order does) only a third moves, so appended trees end up two
+/// thirds full instead of half.
+fn split_off_sibling(tm: &mut Tm, block: u64, value_size: u32, key: u64) -> Result<(u64, u64)> {
     let expect = node_expect(value_size);
     let data = tm.read(block, expect)?;
     let node = Node(&data);
-    let (nr, mid) = (node.nr_entries(), node.nr_entries() / 2);
+    let nr = node.nr_entries();
+    let appending = nr > 0 && key > node.key(nr - 1);
+    let mid = if appending {
+        nr - min_entries(node.max_entries()).max(1)
+    } else {
+        nr / 2
+    };
     let (sibling, sibling_data) = tm.new_block(expect)?;
     let mut writer = NodeMut(sibling_data);
     writer.init(node.flags(), node.value_size() as u32);
