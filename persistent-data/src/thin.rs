@@ -995,3 +995,33 @@ fn check_superblock(sb: &Superblock, data_block_size: u32, device_blocks: u64) -
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Format spec §17.1 item 5 and §18.2: value packing and the details record.
+    #[test]
+    fn worked_example_values() {
+        assert_eq!(pack_block_time(20, 1), 0x0000_0000_1400_0001);
+        assert_eq!(pack_block_time(39_999, 16_777_215), 0x0000_009C_3FFF_FFFF);
+        assert_eq!(
+            unpack_block_time(0x0000_009C_3FFF_FFFF),
+            (39_999, 16_777_215)
+        );
+        let details = DeviceDetails {
+            mapped_blocks: 5,
+            transaction_id: 2,
+            creation_time: 0,
+            snapshotted_time: 1,
+        };
+        let bytes = details.encode();
+        assert_eq!(
+            &bytes[..],
+            &[
+                5, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0
+            ]
+        );
+        assert_eq!(DeviceDetails::decode(&bytes), details);
+    }
+}
