@@ -196,7 +196,7 @@ fn build_versus_thin_restore(mappings: u64) {
         .unwrap();
     row(
         "  thin_check of our image",
-        format!("{}", if check.success() { "pass" } else { "FAIL" }),
+        (if check.success() { "pass" } else { "FAIL" }).to_string(),
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

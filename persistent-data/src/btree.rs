@@ -750,64 +750,61 @@ mod tree_tests {
         tm
     }
 
-    /// Checks order, key bounds, equal leaf depth and the one-third fill rule;
-    /// returns the entries in order.
-    fn walk(
-        tm: &mut Tm,
-        block: u64,
-        vs: u32,
-        is_root: bool,
-        low: u64,
-        high: Option<u64>,
-        depth: usize,
-        leaf_depth: &mut Option<usize>,
-        out: &mut Vec<(u64, u64)>,
-    ) {
-        let data = tm.read(block, node_expect(vs)).unwrap();
-        let node = Node(&data);
-        let nr = node.nr_entries();
-        if !is_root {
-            assert!(
-                nr >= min_entries(node.max_entries()),
-                "node {block} has {nr} entries"
-            );
-        }
-        for i in 0..nr {
-            assert!(node.key(i) >= low && high.is_none_or(|h| node.key(i) < h));
-            if node.is_leaf() {
-                out.push((node.key(i), node.value_u64(i)));
-            } else {
-                let next = if i + 1 < nr {
-                    Some(node.key(i + 1))
-                } else {
-                    high
-                };
-                walk(
-                    tm,
-                    node.value_u64(i),
-                    vs,
-                    false,
-                    node.key(i),
-                    next,
-                    depth + 1,
-                    leaf_depth,
-                    out,
+    /// Collects a tree's entries while checking order, key bounds, equal leaf depth
+    /// and the one-third fill rule.
+    struct ShapeCheck {
+        leaf_depth: Option<usize>,
+        out: Vec<(u64, u64)>,
+    }
+
+    impl ShapeCheck {
+        fn walk(
+            &mut self,
+            tm: &mut Tm,
+            block: u64,
+            is_root: bool,
+            bounds: (u64, Option<u64>),
+            depth: usize,
+        ) {
+            let data = tm.read(block, node_expect(8)).unwrap();
+            let node = Node(&data);
+            let nr = node.nr_entries();
+            if !is_root {
+                assert!(
+                    nr >= min_entries(node.max_entries()),
+                    "node {block} has {nr} entries"
                 );
             }
-        }
-        if node.is_leaf() {
-            assert_eq!(
-                *leaf_depth.get_or_insert(depth),
-                depth,
-                "leaves at different depths"
-            );
+            for i in 0..nr {
+                assert!(node.key(i) >= bounds.0 && bounds.1.is_none_or(|h| node.key(i) < h));
+                if node.is_leaf() {
+                    self.out.push((node.key(i), node.value_u64(i)));
+                } else {
+                    let next = if i + 1 < nr {
+                        Some(node.key(i + 1))
+                    } else {
+                        bounds.1
+                    };
+                    self.walk(tm, node.value_u64(i), false, (node.key(i), next), depth + 1);
+                }
+            }
+            if node.is_leaf() {
+                assert_eq!(
+                    *self.leaf_depth.get_or_insert(depth),
+                    depth,
+                    "leaves at different depths"
+                );
+            }
         }
     }
 
     fn contents(tm: &mut Tm, root: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        walk(tm, root, 8, true, 0, None, 0, &mut None, &mut out);
-        out
+        let mut check = ShapeCheck {
+            leaf_depth: None,
+            out: Vec::new(),
+        };
+        check.walk(tm, root, true, (0, None), 0);
+        check.out
     }
 
     struct Rng(u64);

@@ -194,12 +194,12 @@ impl Walker<'_> {
             let mappings = self.entries.get(&le64(&value, 0)).copied().unwrap_or(0);
             self.report.mappings += mappings;
             self.report.devices += 1;
-            if let Some(&expected) = mapped.get(&dev) {
-                if expected != mappings {
-                    self.problem(format!(
-                        "{label}: thin device {dev} has {mappings} mappings, details say {expected}"
-                    ));
-                }
+            if let Some(&expected) = mapped.get(&dev)
+                && expected != mappings
+            {
+                self.problem(format!(
+                    "{label}: thin device {dev} has {mappings} mappings, details say {expected}"
+                ));
             }
         }
         Ok(())
