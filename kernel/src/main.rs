@@ -1,27 +1,145 @@
+//! The thinbox unikernel: brings up the machine, finds the disks and runs the
+//! serial console.
+
 #![no_std]
 #![no_main]
+#![feature(abi_x86_interrupt)]
 
-use bootloader_api::{BootInfo, entry_point};
+extern crate alloc;
+
+mod acpi;
+mod arch;
+mod dma;
+mod drivers;
+mod memory;
+mod mmio;
+mod pci;
+mod platform;
+
+use bootloader_api::config::Mapping;
+use bootloader_api::{BootInfo, BootloaderConfig, entry_point};
 use core::fmt::Write;
 use core::panic::PanicInfo;
+use x86_64::instructions::interrupts;
 
-entry_point!(kernel_main);
+use arch::serial::Serial;
+use arch::{clock, gdt, power};
+use console::Console;
 
-fn kernel_main(_boot_info: &'static mut BootInfo) -> ! {
-    // SAFETY: 0x3F8 is COM1 on every PC-compatible machine.
-    let mut serial = unsafe { uart_16550::SerialPort::new(0x3F8) };
-    serial.init();
-    let _ = writeln!(serial, "thinbox booted");
-    // SAFETY: port 0xf4 is QEMU's isa-debug-exit device.
-    unsafe { x86_64::instructions::port::Port::<u32>::new(0xf4).write(0x10) };
+/// Physical memory mapped at an offset the bootloader chooses (all RAM and at least
+/// the first 4 GiB, so MMIO below 4 GiB is reachable); a big stack for deep
+/// metadata code.
+pub static BOOTLOADER_CONFIG: BootloaderConfig = {
+    let mut config = BootloaderConfig::new_default();
+    config.mappings.physical_memory = Some(Mapping::Dynamic);
+    config.kernel_stack_size = 512 * 1024;
+    config
+};
+
+entry_point!(kernel_main, config = &BOOTLOADER_CONFIG);
+
+fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
+    let mut serial = Serial::init();
+    gdt::init();
+    arch::interrupts::init();
+    let Some(phys_offset) = boot_info.physical_memory_offset.into_option() else {
+        panic!("the bootloader did not map physical memory");
+    };
+    if let Err(why) = memory::init(&boot_info.memory_regions, phys_offset) {
+        panic!("memory setup failed: {why}");
+    }
+    clock::init();
+    arch::interrupts::start_timer();
+    let timer_ticks = wait_for_timer();
+
+    let (heap_used, heap_free) = memory::heap_usage();
+    let (_, frames) = memory::frame_usage();
+    let _ = write!(
+        serial,
+        "thinbox: heap {} MiB, {} DMA frames, TSC {} MHz{}\r\n",
+        (heap_used + heap_free) >> 20,
+        frames,
+        clock::tsc_hz() / 1_000_000,
+        if timer_ticks {
+            ""
+        } else {
+            ", no timer interrupt (idle loop polls)"
+        }
+    );
+
+    let acpi = match boot_info.rsdp_addr.into_option().map(acpi::parse) {
+        Some(Ok(tables)) => tables,
+        Some(Err(why)) => {
+            let _ = write!(serial, "thinbox: ignoring ACPI tables: {why}\r\n");
+            acpi::AcpiInfo::default()
+        }
+        None => acpi::AcpiInfo::default(),
+    };
+    if let Some(soft_off) = acpi.soft_off {
+        power::set_acpi_soft_off(soft_off);
+    }
+    let mut pci = pci::Pci::new(&acpi.ecam);
+    let disks = drivers::discover(&mut pci, &mut serial);
+    let _ = write!(
+        serial,
+        "thinbox: PCI through {}, {} disk{}\r\n",
+        pci.mechanism,
+        disks.len(),
+        if disks.len() == 1 { "" } else { "s" }
+    );
+
+    let mut console = Console::new(platform::KernelPlatform, disks);
+    let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));
+    console.start(&mut serial);
     loop {
-        x86_64::instructions::hlt();
+        while let Some(byte) = serial.try_read() {
+            console.input(byte, &mut serial);
+        }
+        if console.poll(&mut serial) {
+            continue;
+        }
+        idle(&mut serial, timer_ticks);
+    }
+}
+
+/// Waits up to 100 ms for the first timer interrupt; without one the idle loop
+/// must not `hlt`.
+fn wait_for_timer() -> bool {
+    let start = arch::interrupts::ticks();
+    let deadline = clock::now_ns() + 100_000_000;
+    while clock::now_ns() < deadline {
+        if arch::interrupts::ticks() != start {
+            return true;
+        }
+        core::hint::spin_loop();
+    }
+    false
+}
+
+/// Sleeps until an interrupt (timer tick, serial input) unless input is already
+/// waiting. Interrupts are off between the check and `hlt` (whose `sti` shadow
+/// covers the gap), so a byte arriving in between still wakes the CPU.
+fn idle(serial: &mut Serial, timer_ticks: bool) {
+    if !timer_ticks {
+        core::hint::spin_loop();
+        return;
+    }
+    interrupts::disable();
+    if serial.has_input() {
+        interrupts::enable();
+    } else {
+        interrupts::enable_and_hlt();
     }
 }
 
 #[panic_handler]
-fn panic(_info: &PanicInfo) -> ! {
-    loop {
-        x86_64::instructions::hlt();
+fn panic(info: &PanicInfo) -> ! {
+    interrupts::disable();
+    let mut serial = Serial::get();
+    let _ = write!(serial, "\r\nKERNEL PANIC: {}", info.message());
+    if let Some(location) = info.location() {
+        let _ = write!(serial, " at {location}");
     }
+    let _ = serial.write_str("\r\n");
+    power::exit_failure()
 }

@@ -31,7 +31,7 @@ impl IoBuf {
     /// consequence of outside input.
     pub fn zeroed(len: usize) -> Self {
         assert!(
-            len % SECTOR_SIZE == 0,
+            len.is_multiple_of(SECTOR_SIZE),
             "IoBuf length {len} is not whole sectors"
         );
         IoBuf {

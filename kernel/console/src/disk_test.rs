@@ -1,0 +1,405 @@
+//! `disk-test`: writes a pattern over the start of a disk with many requests in
+//! flight, flushes, reads it back and compares, reporting throughput.
+//!
+//! Unless forced it first reads the start of the disk and a sample of every MiB it
+//! would overwrite, and refuses when any of that holds data. When the disk takes
+//! discards, the tested range is discarded at the end, which also exercises that
+//! path of the driver.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use blockdev::{Busy, Command, Completion, IoBuf, Request, SECTOR_SIZE};
+use core::fmt::Write;
+
+use crate::job::{Context, Job, Progress};
+use crate::units::{mib_per_second, seconds};
+use crate::{CommandError, Disk, outln};
+
+/// Sectors per test request (256 KiB), unless the device takes less.
+const CHUNK_SECTORS: u64 = 512;
+/// Most requests the test keeps in flight, unless the device takes fewer.
+const MAX_DEPTH: usize = 32;
+/// Sectors in a MiB.
+const MIB_SECTORS: u64 = (1 << 20) / SECTOR_SIZE as u64;
+/// Sectors read at the start of every MiB when checking for data.
+const SAMPLE_SECTORS: u64 = 8;
+/// Submit-and-reap rounds per step: enough to keep a fast device busy, few enough
+/// that a step returns quickly to the caller's other work.
+const ROUNDS_PER_STEP: usize = 4;
+/// At most this long between progress lines.
+const PROGRESS_NS: u64 = 1_000_000_000;
+
+/// What the operator asked for.
+pub(crate) struct DiskTestOptions {
+    pub disk: usize,
+    /// Sectors to test, from sector 0.
+    pub sectors: u64,
+    /// Skip the check for existing data.
+    pub force: bool,
+    /// Makes each run's pattern different, so stale data from an earlier run
+    /// cannot pass for a good read.
+    pub seed: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Check,
+    Write,
+    Flush,
+    Verify,
+    Discard,
+}
+
+impl Phase {
+    fn verb(self) -> &'static str {
+        match self {
+            Phase::Check => "checking",
+            Phase::Write => "writing",
+            Phase::Flush => "flushing",
+            Phase::Verify => "verifying",
+            Phase::Discard => "discarding",
+        }
+    }
+}
+
+pub(crate) struct DiskTest {
+    options: DiskTestOptions,
+    name: String,
+    chunk: u64,
+    depth: usize,
+    phase: Phase,
+    /// The current phase's requests, as (first sector, sectors), not yet submitted.
+    pending: Vec<(u64, u64)>,
+    /// A request the device refused as busy, to submit first next time.
+    retry: Option<Request>,
+    in_flight: usize,
+    peak_in_flight: usize,
+    /// Sectors of the current phase completed.
+    completed: u64,
+    failure: Option<CommandError>,
+    cancelled: bool,
+    started_ns: Option<u64>,
+    phase_started_ns: u64,
+    last_progress_ns: u64,
+    write_ns: u64,
+    read_ns: u64,
+    /// The device takes discards.
+    discard: bool,
+}
+
+impl DiskTest {
+    pub(crate) fn new(disks: &[Disk], options: DiskTestOptions) -> Self {
+        let disk = &disks[options.disk];
+        let info = disk.device.info();
+        let chunk = CHUNK_SECTORS.min(u64::from(info.max_transfer_sectors).max(1));
+        let depth = MAX_DEPTH.min(usize::from(info.queue_depth).max(1));
+        let mut test = DiskTest {
+            name: disk.name.clone(),
+            chunk,
+            depth,
+            phase: Phase::Check,
+            pending: Vec::new(),
+            retry: None,
+            in_flight: 0,
+            peak_in_flight: 0,
+            completed: 0,
+            failure: None,
+            cancelled: false,
+            started_ns: None,
+            phase_started_ns: 0,
+            last_progress_ns: 0,
+            write_ns: 0,
+            read_ns: 0,
+            discard: info.discard,
+            options,
+        };
+        if test.options.force {
+            test.enter(Phase::Write, 0);
+        } else {
+            let first = MIB_SECTORS.min(test.options.sectors);
+            let samples = (1..test.options.sectors.div_ceil(MIB_SECTORS))
+                .map(|mib| (mib * MIB_SECTORS, SAMPLE_SECTORS));
+            test.pending = split(core::iter::once((0, first)).chain(samples), chunk);
+        }
+        test
+    }
+
+    /// Starts `phase` at time `now_ns`, queueing its requests.
+    fn enter(&mut self, phase: Phase, now_ns: u64) {
+        self.phase = phase;
+        self.completed = 0;
+        self.phase_started_ns = now_ns;
+        self.pending = match phase {
+            Phase::Check => Vec::new(),
+            Phase::Flush => alloc::vec![(0, 0)],
+            Phase::Discard => alloc::vec![(0, self.options.sectors)],
+            Phase::Write | Phase::Verify => {
+                split(core::iter::once((0, self.options.sectors)), self.chunk)
+            }
+        };
+    }
+
+    fn command(&self, sector: u64, sectors: u64) -> Command {
+        match self.phase {
+            Phase::Check | Phase::Verify => Command::Read {
+                sector,
+                buf: IoBuf::with_sectors(sectors as usize),
+            },
+            Phase::Write => {
+                let mut buf = IoBuf::with_sectors(sectors as usize);
+                fill_pattern(&mut buf, sector, self.options.seed);
+                // The last write goes out with FUA so drivers' FUA paths get tested too.
+                Command::Write {
+                    sector,
+                    buf,
+                    fua: sector + sectors == self.options.sectors,
+                }
+            }
+            Phase::Flush => Command::Flush,
+            Phase::Discard => Command::Discard { sector, sectors },
+        }
+    }
+
+    /// Checks one completed request; records the first problem.
+    fn complete(&mut self, done: Completion) {
+        self.in_flight -= 1;
+        let sector = done.tag;
+        self.completed += done.buf.sectors().max(1);
+        if self.failure.is_some() {
+            return;
+        }
+        if let Err(error) = done.result {
+            self.failure = Some(
+                format!(
+                    "disk-test {}: {} at sector {sector} failed: {error}",
+                    self.name,
+                    self.phase.verb()
+                )
+                .into(),
+            );
+            return;
+        }
+        match self.phase {
+            Phase::Check => {
+                if let Some(at) = done.buf.iter().position(|&b| b != 0) {
+                    self.failure = Some(
+                        format!(
+                            "disk-test: {} holds data (non-zero bytes in sector {}) that the \
+                             test would overwrite; add --force to test it anyway",
+                            self.name,
+                            sector + (at / SECTOR_SIZE) as u64
+                        )
+                        .into(),
+                    );
+                }
+            }
+            Phase::Verify => {
+                if let Some(bad) = first_mismatch(&done.buf, sector, self.options.seed) {
+                    self.failure = Some(
+                        format!(
+                            "disk-test {}: data read back from sector {bad} differs from what \
+                             was written; the disk or its driver corrupts data",
+                            self.name
+                        )
+                        .into(),
+                    );
+                }
+            }
+            Phase::Write | Phase::Flush | Phase::Discard => {}
+        }
+    }
+
+    /// Submits queued requests until the device or the depth limit says stop.
+    fn submit(&mut self, disk: &mut Disk) {
+        while self.in_flight < self.depth && self.failure.is_none() && !self.cancelled {
+            let request = match self.retry.take() {
+                Some(request) => request,
+                None => match self.pending.pop() {
+                    Some((sector, sectors)) => Request {
+                        tag: sector,
+                        command: self.command(sector, sectors),
+                    },
+                    None => break,
+                },
+            };
+            match disk.device.submit(request) {
+                Ok(()) => {
+                    self.in_flight += 1;
+                    self.peak_in_flight = self.peak_in_flight.max(self.in_flight);
+                }
+                Err(Busy(request)) => {
+                    self.retry = Some(request);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn report_progress(&mut self, now_ns: u64, out: &mut dyn Write) {
+        if now_ns.saturating_sub(self.last_progress_ns) < PROGRESS_NS {
+            return;
+        }
+        self.last_progress_ns = now_ns;
+        let total = match self.phase {
+            Phase::Write | Phase::Verify => self.options.sectors,
+            Phase::Check | Phase::Flush | Phase::Discard => return,
+        };
+        outln!(
+            out,
+            "disk-test {}: {} {}/{} MiB",
+            self.name,
+            self.phase.verb(),
+            self.completed / MIB_SECTORS,
+            total / MIB_SECTORS
+        );
+    }
+
+    /// Moves to the next phase when this one is done; returns the final result once
+    /// the last phase is.
+    fn advance(&mut self, now_ns: u64, out: &mut dyn Write) -> Option<Result<(), CommandError>> {
+        if self.in_flight > 0 || self.retry.is_some() {
+            return None;
+        }
+        if let Some(failure) = self.failure.take() {
+            return Some(Err(failure));
+        }
+        if self.cancelled {
+            return Some(Err(format!(
+                "disk-test {} interrupted; the tested range holds partial test data",
+                self.name
+            )
+            .into()));
+        }
+        if !self.pending.is_empty() {
+            return None;
+        }
+        let elapsed = now_ns.saturating_sub(self.phase_started_ns);
+        match self.phase {
+            Phase::Check => self.enter(Phase::Write, now_ns),
+            Phase::Write => {
+                self.write_ns = elapsed;
+                self.enter(Phase::Flush, now_ns);
+            }
+            Phase::Flush => {
+                self.write_ns += elapsed;
+                self.enter(Phase::Verify, now_ns);
+            }
+            Phase::Verify => {
+                self.read_ns = elapsed;
+                if self.discard {
+                    self.enter(Phase::Discard, now_ns);
+                } else {
+                    self.report(out);
+                    return Some(Ok(()));
+                }
+            }
+            Phase::Discard => {
+                self.report(out);
+                return Some(Ok(()));
+            }
+        }
+        None
+    }
+}
+
+impl DiskTest {
+    fn report(&self, out: &mut dyn Write) {
+        let bytes = self.options.sectors * SECTOR_SIZE as u64;
+        outln!(
+            out,
+            "disk-test {}: OK, {} MiB written and flushed in {} ({}), read back in {} ({}), \
+             up to {} requests of {} KiB in flight{}",
+            self.name,
+            self.options.sectors / MIB_SECTORS,
+            seconds(self.write_ns),
+            mib_per_second(bytes, self.write_ns),
+            seconds(self.read_ns),
+            mib_per_second(bytes, self.read_ns),
+            self.peak_in_flight,
+            self.chunk * SECTOR_SIZE as u64 / 1024,
+            if self.discard {
+                ", range discarded"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+impl Job for DiskTest {
+    fn step(&mut self, context: &mut Context<'_>, out: &mut dyn Write) -> Progress {
+        let now_ns = (context.clock)();
+        if self.started_ns.is_none() {
+            self.started_ns = Some(now_ns);
+            self.last_progress_ns = now_ns;
+            self.phase_started_ns = now_ns;
+        }
+        let disk = &mut context.disks[self.options.disk];
+        for _ in 0..ROUNDS_PER_STEP {
+            self.submit(disk);
+            let mut reaped = false;
+            while let Some(done) = disk.device.poll() {
+                self.complete(done);
+                reaped = true;
+            }
+            if let Some(result) = self.advance((context.clock)(), out) {
+                return Progress::Finished(result);
+            }
+            if !reaped {
+                break;
+            }
+        }
+        self.report_progress(now_ns, out);
+        Progress::Running
+    }
+
+    fn cancel(&mut self) {
+        self.cancelled = true;
+        self.retry = None;
+    }
+}
+
+/// Cuts ranges into requests of at most `chunk` sectors, in reverse order so that
+/// popping from the end submits them front to back.
+fn split(ranges: impl Iterator<Item = (u64, u64)>, chunk: u64) -> Vec<(u64, u64)> {
+    let mut requests = Vec::new();
+    for (start, sectors) in ranges {
+        let mut at = start;
+        while at < start + sectors {
+            let len = chunk.min(start + sectors - at);
+            requests.push((at, len));
+            at += len;
+        }
+    }
+    requests.reverse();
+    requests
+}
+
+/// The pattern word for byte offset `offset` (a multiple of 8) of the disk: unique
+/// per position and per run (splitmix64 of position and seed).
+fn pattern_word(offset: u64, seed: u64) -> u64 {
+    let mut z = (offset / 8) ^ seed.rotate_left(17);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn fill_pattern(buf: &mut [u8], sector: u64, seed: u64) {
+    let base = sector * SECTOR_SIZE as u64;
+    for (i, word) in buf.as_chunks_mut::<8>().0.iter_mut().enumerate() {
+        *word = pattern_word(base + i as u64 * 8, seed).to_le_bytes();
+    }
+}
+
+/// The first sector in `buf` (read from `sector` on) that does not hold the pattern.
+fn first_mismatch(buf: &[u8], sector: u64, seed: u64) -> Option<u64> {
+    let base = sector * SECTOR_SIZE as u64;
+    buf.as_chunks::<8>()
+        .0
+        .iter()
+        .enumerate()
+        .position(|(i, word)| *word != pattern_word(base + i as u64 * 8, seed).to_le_bytes())
+        .map(|word| sector + (word * 8 / SECTOR_SIZE) as u64)
+}

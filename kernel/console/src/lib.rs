@@ -1,0 +1,212 @@
+//! The appliance's management plane, free of hardware so it is tested on the host.
+//!
+//! The kernel hands the [`Console`] its disks (as [`blockdev::BlockDevice`]s with
+//! names) and a [`Platform`] (clock, memory figures, power), then feeds it the bytes
+//! that arrive on the serial line and calls [`Console::poll`] while it reports work
+//! in progress. Everything the console prints goes to a [`core::fmt::Write`]; lines
+//! end with `\r\n`.
+//!
+//! Long operations (`disk-test`) run as [`jobs`](job) that advance a step per poll,
+//! so the appliance keeps serving other work between steps; Ctrl-C cancels them.
+//!
+//! Commands are listed by `help`. One more, `debug panic`, is left out of `help` on
+//! purpose: it panics the kernel deliberately so tests can check that a crash is
+//! reported on the console and stops the machine.
+
+#![no_std]
+
+extern crate alloc;
+
+mod commands;
+mod disk_test;
+mod editor;
+mod job;
+mod tokenize;
+mod units;
+
+pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
+pub use tokenize::{TokenizeError, tokenize};
+pub use units::human_bytes;
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::vec::Vec;
+use blockdev::BlockDevice;
+use core::fmt::Write;
+
+use job::{Job, Progress};
+
+/// Writes one console line (format arguments plus `\r\n`). Output goes to a serial
+/// line or a test string; neither can fail in a way worth reporting, so write
+/// errors are dropped here.
+macro_rules! outln {
+    ($out:expr, $($arg:tt)*) => {{
+        let _ = write!($out, $($arg)*);
+        let _ = $out.write_str("\r\n");
+    }};
+}
+pub(crate) use outln;
+
+/// Heap and DMA-memory figures for `mem`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub heap_used: usize,
+    pub heap_free: usize,
+    pub dma_frames_used: usize,
+    pub dma_frames_free: usize,
+    /// Bytes per DMA frame.
+    pub frame_size: usize,
+}
+
+/// What the console needs from the machine it runs on.
+pub trait Platform {
+    /// Monotonic nanoseconds since boot.
+    fn now_ns(&self) -> u64;
+    /// Current memory figures.
+    fn memory(&self) -> MemoryStats;
+    /// Turns the machine off; called after every disk was flushed and `powering
+    /// off` printed. On the appliance it does not return.
+    fn power_off(&mut self);
+    /// Crashes the machine on purpose (`debug panic`), the way a kernel bug would.
+    fn crash(&mut self, why: &str);
+}
+
+/// A disk the console manages: its name (`vda`, `nvme0n1`) and the device.
+pub struct Disk {
+    pub name: String,
+    pub device: Box<dyn BlockDevice>,
+}
+
+/// A failed command: exactly one line saying what was wrong and how to fix it,
+/// printed as `error: <text>`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CommandError(pub String);
+
+impl<T: Into<String>> From<T> for CommandError {
+    fn from(text: T) -> Self {
+        CommandError(text.into())
+    }
+}
+
+/// Prints a command failure line.
+fn report_error(error: &CommandError, out: &mut dyn Write) {
+    debug_assert!(!error.0.contains(['\r', '\n']), "error text is one line");
+    outln!(out, "error: {}", error.0);
+}
+
+/// The serial console: line editor, command interpreter and running job.
+pub struct Console<P: Platform> {
+    platform: P,
+    disks: Vec<Disk>,
+    editor: LineEditor,
+    job: Option<Box<dyn Job>>,
+    /// Bytes typed while a job ran; replayed into the editor when it finishes.
+    typeahead: VecDeque<u8>,
+}
+
+impl<P: Platform> Console<P> {
+    pub fn new(platform: P, disks: Vec<Disk>) -> Self {
+        Console {
+            platform,
+            disks,
+            editor: LineEditor::new(),
+            job: None,
+            typeahead: VecDeque::new(),
+        }
+    }
+
+    pub fn platform(&self) -> &P {
+        &self.platform
+    }
+
+    pub fn platform_mut(&mut self) -> &mut P {
+        &mut self.platform
+    }
+
+    pub fn disks(&self) -> &[Disk] {
+        &self.disks
+    }
+
+    /// Prints the first prompt.
+    pub fn start(&mut self, out: &mut dyn Write) {
+        let _ = self.editor.prompt(out);
+    }
+
+    /// Handles one byte from the serial line.
+    pub fn input(&mut self, byte: u8, out: &mut dyn Write) {
+        if let Some(job) = &mut self.job {
+            if byte == 0x03 {
+                job.cancel();
+            } else if self.typeahead.len() < MAX_LINE {
+                self.typeahead.push_back(byte);
+            }
+            return;
+        }
+        if let Ok(Edit::Line(line)) = self.editor.feed(byte, out) {
+            self.run_line(&line, out);
+            if self.job.is_none() {
+                let _ = self.editor.prompt(out);
+            }
+        }
+    }
+
+    /// Advances the running job, if any. Returns true while work is in progress
+    /// (call again soon, without sleeping); false when the console is idle.
+    pub fn poll(&mut self, out: &mut dyn Write) -> bool {
+        let Some(job) = &mut self.job else {
+            return false;
+        };
+        let platform = &self.platform;
+        let mut context = job::Context {
+            disks: &mut self.disks,
+            clock: &|| platform.now_ns(),
+        };
+        match job.step(&mut context, out) {
+            Progress::Running => true,
+            Progress::Finished(result) => {
+                self.job = None;
+                if let Err(error) = result {
+                    report_error(&error, out);
+                }
+                let _ = self.editor.prompt(out);
+                while self.job.is_none() {
+                    let Some(byte) = self.typeahead.pop_front() else {
+                        break;
+                    };
+                    self.input(byte, out);
+                }
+                true
+            }
+        }
+    }
+
+    /// True while a job runs (input is queued, not echoed).
+    pub fn busy(&self) -> bool {
+        self.job.is_some()
+    }
+
+    /// Prints an asynchronous event line; when the prompt is on screen it is redrawn
+    /// with the partially typed line.
+    pub fn event(&mut self, text: &str, out: &mut dyn Write) {
+        if self.job.is_some() {
+            outln!(out, "event: {text}");
+        } else {
+            let _ = self.editor.show_event(text, out);
+        }
+    }
+
+    /// Runs one command line (without prompt handling).
+    pub fn run_line(&mut self, line: &str, out: &mut dyn Write) {
+        let result = match tokenize(line) {
+            Ok(words) => self.run_words(&words, out),
+            Err(error) => Err(CommandError(alloc::format!("{error}"))),
+        };
+        if let Err(error) = result {
+            report_error(&error, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,8 @@
+//! The x86_64 machine layer: CPU tables, interrupts, clock, serial line, power.
+
+pub mod clock;
+pub mod gdt;
+pub mod interrupts;
+pub mod port;
+pub mod power;
+pub mod serial;

@@ -1,0 +1,34 @@
+//! What the console reaches of the machine: clock, memory figures, power.
+
+use console::{MemoryStats, Platform};
+
+use crate::arch::{clock, power};
+use crate::memory;
+
+pub struct KernelPlatform;
+
+impl Platform for KernelPlatform {
+    fn now_ns(&self) -> u64 {
+        clock::now_ns()
+    }
+
+    fn memory(&self) -> MemoryStats {
+        let (heap_used, heap_free) = memory::heap_usage();
+        let (dma_frames_used, dma_frames_free) = memory::frame_usage();
+        MemoryStats {
+            heap_used,
+            heap_free,
+            dma_frames_used,
+            dma_frames_free,
+            frame_size: memory::FRAME_SIZE,
+        }
+    }
+
+    fn power_off(&mut self) {
+        power::power_off()
+    }
+
+    fn crash(&mut self, why: &str) {
+        panic!("{why}")
+    }
+}
