@@ -266,7 +266,7 @@ impl ThinMetadata {
     /// Opens (or, per `options.format`, formats) the metadata on `device`.
     pub fn open(device: Box<dyn BlockDevice>, options: &OpenOptions) -> Result<(Self, OpenReport)> {
         let size = options.data_block_size;
-        if !(128..=2_097_152).contains(&size) || size % 128 != 0 {
+        if !(128..=2_097_152).contains(&size) || !size.is_multiple_of(128) {
             return Err(Error::BadDataBlockSize(size));
         }
         let mut cache = Cache::new(device, options.cache_blocks);
