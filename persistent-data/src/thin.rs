@@ -836,6 +836,23 @@ impl ThinMetadata {
         self.dsm.resize(&mut self.tm, nr_blocks)
     }
 
+    /// Uses a grown metadata device: the space map grows to the device's size (at
+    /// most 4,161,600 blocks); persisted at the next commit. Returns the new number
+    /// of metadata blocks. The metadata never shrinks.
+    pub fn resize_metadata(&mut self) -> Result<u64> {
+        let device_blocks = self.tm.cache_mut().device_blocks();
+        let nr_blocks = device_blocks.min(MAX_METADATA_BLOCKS);
+        if nr_blocks < self.tm.nr_blocks() {
+            return Err(Error::DeviceTooSmall {
+                device_blocks,
+                needed_blocks: self.tm.nr_blocks(),
+            });
+        }
+        self.tm.grow(nr_blocks);
+        self.sb.metadata_nr_blocks = nr_blocks;
+        Ok(nr_blocks)
+    }
+
     /// Metadata blocks managed (the usable size of the metadata device).
     pub fn metadata_nr_blocks(&self) -> u64 {
         self.tm.nr_blocks()

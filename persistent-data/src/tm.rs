@@ -152,6 +152,15 @@ impl Tm {
         Tm::with_state(cache, root, entries)
     }
 
+    /// Grows the space map to `nr_blocks` (the metadata device grew). New bitmaps
+    /// are written at the next commit.
+    pub fn grow(&mut self, nr_blocks: u64) {
+        let msm = &mut self.msm;
+        msm.nr_blocks = nr_blocks.max(msm.nr_blocks);
+        msm.committed
+            .resize(bitmaps_for(msm.nr_blocks) as usize, IndexEntry::default());
+    }
+
     /// Sets the overflow-tree root (format only, before the first commit).
     pub fn set_overflow_root(&mut self, root: u64) {
         self.msm.overflow_root = root;

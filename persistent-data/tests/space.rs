@@ -99,3 +99,43 @@ fn running_out_of_data_space_is_an_error_until_the_pool_grows() {
         })
     );
 }
+
+#[test]
+fn a_grown_metadata_device_adds_free_space() {
+    let disk = MemDisk::new(1 << 11);
+    let mut md = open(&disk, 128);
+    md.resize_data(300_000).unwrap();
+    md.create_thin(1).unwrap();
+    for v in 0..20_000 {
+        let b = md.alloc_data_block().unwrap();
+        md.insert(1, v, b).unwrap();
+    }
+    md.commit().unwrap();
+    assert_eq!(md.metadata_nr_blocks(), 256);
+    drop(md);
+    // Grow the device to 80 MiB (two bitmaps) and reopen.
+    let grown = MemDisk::new(80 << 11);
+    let mut image = vec![0u8; 1 << 20];
+    disk.read_at(0, &mut image);
+    grown.write_at(0, &image);
+    let mut md = open(&grown, 128);
+    assert_eq!(md.metadata_nr_blocks(), 256);
+    let before = md.metadata_free_blocks();
+    assert_eq!(md.resize_metadata().unwrap(), 20_480);
+    assert_eq!(md.metadata_free_blocks(), before + 20_480 - 256);
+    for v in 20_000..200_000 {
+        let b = md.alloc_data_block().unwrap();
+        md.insert(1, v, b).unwrap();
+    }
+    md.commit().unwrap();
+    let report = persistent_data::check::check(&mut md).unwrap();
+    assert!(report.is_clean(), "{:#?}", report.problems);
+    let mut md = open(&grown, 128);
+    assert_eq!(md.metadata_nr_blocks(), 20_480);
+    assert_eq!(md.mapped_blocks(1).unwrap(), 200_000);
+    require_tools();
+    let scratch = Scratch::new("grown");
+    let path = scratch.path("grown.bin");
+    save(&grown, &path);
+    assert_thin_check(&path, &[]);
+}
