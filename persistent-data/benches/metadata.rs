@@ -244,6 +244,7 @@ fn main() {
     println!("|{:-<60}|{:-<24}|", "", "");
     inserts_and_lookups(mappings, 1024);
     inserts_and_lookups(mappings, 4096);
+    inserts_and_lookups(mappings, 16384);
     snapshot_depth();
     build_versus_thin_restore(mappings);
 }
