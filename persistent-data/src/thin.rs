@@ -15,6 +15,31 @@
 //!   means nothing refers to it any more and it may be discarded on the data device);
 //! * counts that sharing needs (copying a shared b-tree node, deleting a device or
 //!   releasing the metadata snapshot) are handled here.
+//!
+//! ```
+//! use blockdev::MemDisk;
+//! use persistent_data::thin::{OpenOptions, ThinMetadata};
+//!
+//! let disk = MemDisk::new(8 << 11); // 8 MiB metadata device
+//! let (mut md, report) = ThinMetadata::open(Box::new(disk), &OpenOptions::new(128))?;
+//! assert!(report.formatted);
+//! md.resize_data(1 << 20)?; // data device size in data blocks
+//! md.create_thin(1)?;
+//! // A write to an unprovisioned block: allocate, then map.
+//! let block = md.alloc_data_block()?;
+//! assert_eq!(md.insert(1, 42, block)?, None);
+//! md.commit()?;
+//! // A snapshot shares the origin's mappings; both now see them as shared.
+//! md.create_snap(2, 1)?;
+//! assert!(md.lookup(1, 42)?.unwrap().shared);
+//! // Breaking sharing in the origin: a new block replaces the old mapping, whose
+//! // reference the caller then drops (the snapshot still holds the old block).
+//! let copy = md.alloc_data_block()?;
+//! let old = md.insert(1, 42, copy)?.unwrap();
+//! assert_eq!(md.dec_data_block(old)?, 1);
+//! md.commit()?;
+//! # Ok::<(), persistent_data::Error>(())
+//! ```
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
