@@ -16,7 +16,7 @@ fn running_out_of_metadata_space_leaves_the_last_commit_intact() {
     md.create_thin(1).unwrap();
     md.commit().unwrap();
     assert_eq!(md.metadata_reserve(), 102);
-    let mut insert = |md: &mut persistent_data::ThinMetadata, v: u64| -> Result<(), Error> {
+    let insert = |md: &mut persistent_data::ThinMetadata, v: u64| -> Result<(), Error> {
         let data = md.alloc_data_block()?;
         md.insert(1, v * 7, data)?;
         Ok(())
@@ -27,7 +27,7 @@ fn running_out_of_metadata_space_leaves_the_last_commit_intact() {
     while md.metadata_free_blocks_reported() > 0 {
         insert(&mut md, v).unwrap();
         v += 1;
-        if v % 1000 == 0 {
+        if v.is_multiple_of(1000) {
             md.commit().unwrap();
         }
     }
