@@ -4,7 +4,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 use core::ops::{Deref, DerefMut};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 use crate::SECTOR_SIZE;
 
@@ -34,10 +34,15 @@ impl IoBuf {
             len.is_multiple_of(SECTOR_SIZE),
             "IoBuf length {len} is not whole sectors"
         );
-        IoBuf {
-            pages: alloc::vec![Page([0; PAGE]); len.div_ceil(PAGE)],
-            len,
-        }
+        let count = len.div_ceil(PAGE);
+        // Zeroed allocation: memory the allocator knows to be zero (fresh pages from
+        // the host) is not written a second time.
+        let pages = Page::new_vec_zeroed(count).unwrap_or_else(|_| {
+            alloc::alloc::handle_alloc_error(
+                core::alloc::Layout::array::<Page>(count).expect("buffer size fits memory"),
+            )
+        });
+        IoBuf { pages, len }
     }
 
     /// A buffer for `sectors` sectors.

@@ -7,6 +7,8 @@ use alloc::rc::Rc;
 use alloc::string::String;
 use core::cell::RefCell;
 
+use zerocopy::FromZeros;
+
 use crate::{BlockDevice, Busy, Command, Completion, DeviceInfo, Request, SECTOR_SIZE};
 
 /// Bytes per storage chunk; chunks never written (or fully discarded) read as zeros
@@ -98,7 +100,7 @@ impl MemDisk {
     pub fn write_at(&self, offset: u64, data: &[u8]) {
         let mut store = self.store.borrow_mut();
         for_each_piece(offset, data.len(), |chunk, within, at, len| {
-            let slot = store.entry(chunk).or_insert_with(|| Box::new([0; CHUNK]));
+            let slot = store.entry(chunk).or_insert_with(new_chunk);
             slot[within..within + len].copy_from_slice(&data[at..at + len]);
         });
     }
@@ -137,6 +139,14 @@ impl MemDisk {
         }
         Ok(())
     }
+}
+
+/// A zero-filled chunk, allocated zeroed so that memory the allocator knows to be
+/// zero is not written again (parts never written stay untouched host pages).
+fn new_chunk() -> Box<[u8; CHUNK]> {
+    <[u8; CHUNK]>::new_box_zeroed().unwrap_or_else(|_| {
+        alloc::alloc::handle_alloc_error(core::alloc::Layout::new::<[u8; CHUNK]>())
+    })
 }
 
 /// Splits the byte range `offset..offset+len` at chunk boundaries and calls
