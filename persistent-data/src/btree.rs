@@ -321,6 +321,8 @@ pub fn insert(
             let i = node.lower_bound(key);
             let exists = i < node.nr_entries() && node.key(i) == key;
             let old = exists.then(|| Value::new(node.value(i)));
+            // The cache copies a block someone still reads: let go first.
+            drop(data);
             let mut writer = NodeMut(tm.write(block, expect)?);
             if exists {
                 writer.set_value(i, value);
@@ -579,6 +581,8 @@ fn rebalance_child(
     let (left_nr, right_nr) = (left_node.nr_entries(), right_node.nr_entries());
     let total = left_nr + right_nr;
     if total <= left_node.max_entries() {
+        // Writing a block that is still read would copy it.
+        drop(left_data);
         NodeMut(tm.write(left, expect)?).append(right_node, 0, right_nr);
         drop(right_data);
         tm.dec(right)?;

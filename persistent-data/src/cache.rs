@@ -44,6 +44,14 @@ pub struct CacheStats {
     pub commit_writes: u64,
 }
 
+/// A reference-counted copy of a block's bytes, made with a single copy (no
+/// intermediate block on the stack).
+pub fn shared_copy(bytes: &[u8]) -> Rc<Block> {
+    Rc::<[u8]>::from(&bytes[..BLOCK_SIZE])
+        .try_into()
+        .expect("exactly one block")
+}
+
 /// The cache and the device under it.
 pub struct Cache {
     device: Box<dyn BlockDevice>,
@@ -86,7 +94,7 @@ impl Cache {
     }
 
     /// Reads a block without the cache and without validation (block 0 at open).
-    pub fn read_raw(&mut self, block: u64) -> Result<Box<Block>> {
+    pub fn read_raw(&mut self, block: u64) -> Result<Rc<Block>> {
         let buf = blockdev::run_sync(
             self.device.as_mut(),
             Command::Read {
@@ -95,9 +103,7 @@ impl Cache {
             },
         )
         .map_err(|error| Error::Io { block, error })?;
-        let mut out = Box::new([0u8; BLOCK_SIZE]);
-        out.copy_from_slice(&buf);
-        Ok(out)
+        Ok(shared_copy(&buf))
     }
 
     /// Writes an already sealed block straight to the device (the superblock).
@@ -143,9 +149,8 @@ impl Cache {
             self.forget(block);
         }
         self.stats.misses += 1;
-        let raw = self.read_raw(block)?;
-        validate(block, &raw, expect)?;
-        let data = Rc::new(*raw);
+        let data = self.read_raw(block)?;
+        validate(block, &data, expect)?;
         self.insert(block, Rc::clone(&data), expect, false)?;
         Ok(data)
     }
@@ -164,9 +169,9 @@ impl Cache {
     }
 
     /// Installs new contents for a block (a fresh allocation), dirty.
-    pub fn install(&mut self, block: u64, data: Block, expect: Expect) -> Result<&mut Block> {
+    pub fn install(&mut self, block: u64, data: Rc<Block>, expect: Expect) -> Result<&mut Block> {
         self.forget(block);
-        self.insert(block, Rc::new(data), expect, true)?;
+        self.insert(block, data, expect, true)?;
         let i = self.index[&block];
         let slot = self.slots[i].as_mut().expect("indexed slot is live");
         Ok(Rc::make_mut(&mut slot.data))

@@ -6,9 +6,16 @@
 //! the committed bitmaps stay readable: a block is handed out only if it is free both
 //! now and at the last commit, which keeps blocks freed in this transaction (still
 //! mapped by the committed metadata) from being overwritten before the commit.
+//!
+//! Every count change updates its bitmap's index entry (free count, search hint).
+//! Like the kernel's index-entry cache, the entries in use are kept in a small
+//! bounded map and written to the index tree when evicted or before a commit
+//! ([`DataSm::write_back`]), instead of one index-tree insert per allocation.
+
+use alloc::collections::BTreeMap;
 
 use crate::block::Expect;
-use crate::btree::{self, Cursor, NoRefs};
+use crate::btree::{self, NoRefs};
 use crate::error::{Error, Result};
 use crate::space_map::{
     ENTRIES_PER_BITMAP, IndexEntry, OVERFLOW, SmRoot, bitmap_get, bitmap_set, bitmaps_for,
@@ -18,6 +25,18 @@ use crate::tm::{COUNT_VALUE_SIZE, Tm};
 
 /// Index-tree values are 16-byte index entries.
 pub const INDEX_VALUE_SIZE: u32 = IndexEntry::SIZE as u32;
+/// Index entries kept in memory (each covers 16,320 data blocks).
+const CACHED_ENTRIES: usize = 64;
+
+/// An index entry in use, and where its bitmap was at the last commit.
+#[derive(Clone, Copy, Debug)]
+struct CachedEntry {
+    entry: IndexEntry,
+    /// The committed bitmap block (0: the bitmap is newer than the last commit).
+    committed_bitmap: u64,
+    /// Changed since it was read from (or last written to) the index tree.
+    dirty: bool,
+}
 
 /// In-memory state of the data space map (its roots and counters).
 #[derive(Clone, Debug)]
@@ -29,6 +48,7 @@ pub struct DataSm {
     committed_nr_blocks: u64,
     committed_index_root: u64,
     search_from: u64,
+    entries: BTreeMap<u64, CachedEntry>,
 }
 
 impl DataSm {
@@ -44,6 +64,7 @@ impl DataSm {
             committed_nr_blocks: 0,
             committed_index_root: index_root,
             search_from: 0,
+            entries: BTreeMap::new(),
         })
     }
 
@@ -57,11 +78,16 @@ impl DataSm {
             committed_nr_blocks: root.nr_blocks,
             committed_index_root: root.bitmap_root,
             search_from: 0,
+            entries: BTreeMap::new(),
         }
     }
 
-    /// The root to store in the superblock.
+    /// The root to store in the superblock (after [`DataSm::write_back`]).
     pub fn root(&self) -> SmRoot {
+        debug_assert!(
+            self.entries.values().all(|cached| !cached.dirty),
+            "index entries not written back"
+        );
         SmRoot {
             nr_blocks: self.nr_blocks,
             nr_allocated: self.nr_allocated,
@@ -74,6 +100,30 @@ impl DataSm {
     pub fn finish_commit(&mut self) {
         self.committed_nr_blocks = self.nr_blocks;
         self.committed_index_root = self.index_root;
+        self.entries.clear();
+    }
+
+    /// Writes every changed index entry into the index tree (before a commit).
+    pub fn write_back(&mut self, tm: &mut Tm) -> Result<()> {
+        let dirty: alloc::vec::Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, cached)| cached.dirty)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in dirty {
+            self.write_entry(tm, k)?;
+        }
+        Ok(())
+    }
+
+    fn write_entry(&mut self, tm: &mut Tm, k: u64) -> Result<()> {
+        let cached = self.entries.get_mut(&k).expect("cached entry");
+        cached.dirty = false;
+        let value = cached.entry.encode();
+        let mut refs = NoRefs(INDEX_VALUE_SIZE);
+        self.index_root = btree::insert(tm, self.index_root, k, &value, &mut refs)?.0;
+        Ok(())
     }
 
     /// Data blocks tracked.
@@ -86,7 +136,7 @@ impl DataSm {
         self.nr_allocated
     }
 
-    fn entry(&self, tm: &mut Tm, root: u64, k: u64) -> Result<IndexEntry> {
+    fn tree_entry(&self, tm: &mut Tm, root: u64, k: u64) -> Result<IndexEntry> {
         match btree::lookup(tm, root, k, INDEX_VALUE_SIZE)? {
             Some(value) => Ok(IndexEntry::decode(value.bytes())),
             None => Err(Error::Corrupt {
@@ -94,6 +144,51 @@ impl DataSm {
                 reason: "data space map index has no entry for a bitmap",
             }),
         }
+    }
+
+    /// Bitmap `k`'s entry, read into the cache if needed.
+    fn entry(&mut self, tm: &mut Tm, k: u64) -> Result<CachedEntry> {
+        if let Some(cached) = self.entries.get(&k) {
+            return Ok(*cached);
+        }
+        let entry = self.tree_entry(tm, self.index_root, k)?;
+        let committed_bitmap = if k * ENTRIES_PER_BITMAP >= self.committed_nr_blocks {
+            0
+        } else if self.index_root == self.committed_index_root {
+            entry.blocknr
+        } else {
+            self.tree_entry(tm, self.committed_index_root, k)?.blocknr
+        };
+        if self.entries.len() >= CACHED_ENTRIES {
+            self.evict(tm)?;
+        }
+        let cached = CachedEntry {
+            entry,
+            committed_bitmap,
+            dirty: false,
+        };
+        self.entries.insert(k, cached);
+        Ok(cached)
+    }
+
+    /// Makes room for one entry: drops a clean one, or writes back and drops the
+    /// lowest changed one.
+    fn evict(&mut self, tm: &mut Tm) -> Result<()> {
+        let clean = self
+            .entries
+            .iter()
+            .find(|(_, cached)| !cached.dirty)
+            .map(|(&k, _)| k);
+        let k = match clean {
+            Some(k) => k,
+            None => {
+                let k = *self.entries.keys().next().expect("cache is full");
+                self.write_entry(tm, k)?;
+                k
+            }
+        };
+        self.entries.remove(&k);
+        Ok(())
     }
 
     fn check_range(&self, block: u64) -> Result<()> {
@@ -107,9 +202,9 @@ impl DataSm {
     }
 
     /// The block's reference count.
-    pub fn count(&self, tm: &mut Tm, block: u64) -> Result<u32> {
+    pub fn count(&mut self, tm: &mut Tm, block: u64) -> Result<u32> {
         self.check_range(block)?;
-        let entry = self.entry(tm, self.index_root, block / ENTRIES_PER_BITMAP)?;
+        let entry = self.entry(tm, block / ENTRIES_PER_BITMAP)?.entry;
         let bitmap = tm.read(entry.blocknr, Expect::Bitmap)?;
         let count = bitmap_get(&bitmap, (block % ENTRIES_PER_BITMAP) as usize);
         if count < OVERFLOW {
@@ -134,7 +229,7 @@ impl DataSm {
         }
         let k = block / ENTRIES_PER_BITMAP;
         let e = (block % ENTRIES_PER_BITMAP) as usize;
-        let mut entry = self.entry(tm, self.index_root, k)?;
+        let mut entry = self.entry(tm, k)?.entry;
         let (bitmap_block, _) = tm.shadow(entry.blocknr, Expect::Bitmap)?;
         let old_bits = bitmap_get(&*tm.read(bitmap_block, Expect::Bitmap)?, e);
         bitmap_set(tm.write(bitmap_block, Expect::Bitmap)?, e, count);
@@ -160,8 +255,9 @@ impl DataSm {
             self.nr_allocated = self.nr_allocated.saturating_sub(1);
         }
         if entry != before {
-            let mut refs = NoRefs(INDEX_VALUE_SIZE);
-            self.index_root = btree::insert(tm, self.index_root, k, &entry.encode(), &mut refs)?.0;
+            let cached = self.entries.get_mut(&k).expect("read above");
+            cached.entry = entry;
+            cached.dirty = true;
         }
         Ok(old)
     }
@@ -196,26 +292,25 @@ impl DataSm {
         Ok(block)
     }
 
-    fn search(&self, tm: &mut Tm, from: u64, to: u64) -> Result<Option<u64>> {
+    fn search(&mut self, tm: &mut Tm, from: u64, to: u64) -> Result<Option<u64>> {
         let mut position = from;
         while position < to {
             let k = position / ENTRIES_PER_BITMAP;
             let base = k * ENTRIES_PER_BITMAP;
             let next = base + ENTRIES_PER_BITMAP;
-            let entry = self.entry(tm, self.index_root, k)?;
+            let CachedEntry {
+                entry,
+                committed_bitmap,
+                ..
+            } = self.entry(tm, k)?;
             if entry.nr_free == 0 {
                 position = next;
                 continue;
             }
             let current = tm.read(entry.blocknr, Expect::Bitmap)?;
-            let committed = if base < self.committed_nr_blocks {
-                let old = self.entry(tm, self.committed_index_root, k)?;
-                (old.blocknr != entry.blocknr)
-                    .then(|| tm.read(old.blocknr, Expect::Bitmap))
-                    .transpose()?
-            } else {
-                None
-            };
+            let committed = (committed_bitmap != 0 && committed_bitmap != entry.blocknr)
+                .then(|| tm.read(committed_bitmap, Expect::Bitmap))
+                .transpose()?;
             let from_entry = ((position - base) as usize).max(entry.none_free_before as usize);
             let limit = (to - base).min(ENTRIES_PER_BITMAP) as usize;
             if let Some(e) = find_free(&current, committed.as_deref(), from_entry, limit) {
@@ -245,27 +340,6 @@ impl DataSm {
             self.index_root = btree::insert(tm, self.index_root, k, &entry.encode(), &mut refs)?.0;
         }
         self.nr_blocks = nr_blocks;
-        Ok(())
-    }
-
-    /// Calls `f` for every block with a non-zero count, in block order (checkers).
-    pub fn for_each_allocated(
-        &self,
-        tm: &mut Tm,
-        f: &mut dyn FnMut(u64, u32) -> Result<()>,
-    ) -> Result<()> {
-        let mut cursor = Cursor::seek(tm, self.index_root, 0, INDEX_VALUE_SIZE)?;
-        while let Some((k, value)) = cursor.entry() {
-            let entry = IndexEntry::decode(value);
-            let bitmap = tm.read(entry.blocknr, Expect::Bitmap)?;
-            let base = k * ENTRIES_PER_BITMAP;
-            for e in 0..ENTRIES_PER_BITMAP.min(self.nr_blocks.saturating_sub(base)) {
-                if bitmap_get(&bitmap, e as usize) != 0 {
-                    f(base + e, self.count(tm, base + e)?)?;
-                }
-            }
-            cursor.advance(tm)?;
-        }
         Ok(())
     }
 }

@@ -394,6 +394,9 @@ impl ThinMetadata {
     /// Makes the current transaction durable: writes every changed block, flushes,
     /// writes the superblock, flushes.
     pub fn commit(&mut self) -> Result<()> {
+        // Deferred index entries are ordinary changes of this transaction: they are
+        // written before the commit may use the blocks kept back for it.
+        self.dsm.write_back(&mut self.tm)?;
         self.tm.begin_commit();
         self.flush_details()?;
         let prepared = self.tm.prepare_commit()?;

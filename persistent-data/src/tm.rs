@@ -16,7 +16,7 @@ use alloc::vec::Vec;
 
 use crate::block::{BLOCK_SIZE, Block, Expect};
 use crate::btree::{self, NoRefs};
-use crate::cache::{Cache, CacheStats};
+use crate::cache::{Cache, CacheStats, shared_copy};
 use crate::error::{Error, Result};
 use crate::space_map::{
     ENTRIES_PER_BITMAP, IndexEntry, MAX_METADATA_BITMAPS, OVERFLOW, SmRoot, bitmap_free_stats,
@@ -220,7 +220,9 @@ impl Tm {
     /// Allocates a zero-filled block.
     pub fn new_block(&mut self, expect: Expect) -> Result<(u64, &mut Block)> {
         let block = self.alloc()?;
-        let data = self.cache.install(block, [0; BLOCK_SIZE], expect)?;
+        let data = self
+            .cache
+            .install(block, Rc::new([0; BLOCK_SIZE]), expect)?;
         Ok((block, data))
     }
 
@@ -235,7 +237,7 @@ impl Tm {
         }
         let data = self.read(block, expect)?;
         let copy = self.alloc()?;
-        self.cache.install(copy, *data, expect)?;
+        self.cache.install(copy, shared_copy(&data[..]), expect)?;
         self.dec(block)?;
         Ok((copy, count > 1))
     }
@@ -480,10 +482,10 @@ impl Tm {
                 nr_free,
                 none_free_before,
             };
-            self.cache.install(block, bitmap, Expect::Bitmap)?;
+            self.cache.install(block, Rc::new(bitmap), Expect::Bitmap)?;
         }
         self.cache
-            .install(index_block, encode_index(&entries), Expect::Index)?;
+            .install(index_block, Rc::new(encode_index(&entries)), Expect::Index)?;
         self.msm.committed_index_block = index_block;
         Ok(PreparedCommit {
             root: SmRoot {
