@@ -139,3 +139,87 @@ fn a_grown_metadata_device_adds_free_space() {
     save(&grown, &path);
     assert_thin_check(&path, &[]);
 }
+
+/// Index entries of the data space map are cached (64 at a time) and written back
+/// when evicted or before a commit: touching many more bitmaps than that in one
+/// transaction, with overflow counts, frees and an abort, keeps every count right.
+#[test]
+fn data_counts_survive_index_entry_evictions() {
+    const BITMAPS: u64 = 150;
+    const PER_BITMAP: u64 = 16_320;
+    let disk = MemDisk::new(16 << 11);
+    let mut md = open(&disk, 256);
+    md.resize_data(BITMAPS * PER_BITMAP).unwrap();
+    md.create_thin(1).unwrap();
+    md.commit().unwrap();
+    // One mapped block in each bitmap, visited in an order that evicts changed
+    // entries long before the commit.
+    let mut model = std::collections::BTreeMap::new();
+    for round in 0..3u64 {
+        for i in 0..BITMAPS {
+            let k = (i * 37 + round * 11) % BITMAPS;
+            let block = k * PER_BITMAP + round * 5 + 1;
+            let count = model.entry(block).or_insert(0u32);
+            if *count == 0 {
+                md.insert(1, block, block).unwrap();
+                md.inc_data_block(block).unwrap();
+            }
+            // Counts up to 4 go through the overflow tree.
+            for _ in 0..=k % 4 {
+                md.inc_data_block(block).unwrap();
+                *count += 1;
+            }
+        }
+        if round == 1 {
+            md.commit().unwrap();
+        }
+    }
+    // Drop the extra references of every other block again.
+    for (i, (block, count)) in model.iter_mut().enumerate() {
+        if i % 2 == 0 {
+            while *count > 0 {
+                assert_eq!(md.dec_data_block(*block).unwrap(), *count);
+                *count -= 1;
+            }
+        }
+    }
+    md.commit().unwrap();
+    let check_counts = |md: &mut persistent_data::ThinMetadata| {
+        for (&block, &extra) in &model {
+            assert_eq!(
+                md.data_block_count(block).unwrap(),
+                1 + extra,
+                "block {block}"
+            );
+        }
+        let mapped = model.len() as u64;
+        assert_eq!(md.data_free_blocks(), BITMAPS * PER_BITMAP - mapped);
+    };
+    check_counts(&mut md);
+    // Changes after the commit are thrown away by an abort, cached entries included.
+    for i in 0..BITMAPS {
+        md.alloc_data_block().unwrap();
+        md.inc_data_block(i * PER_BITMAP + 1).unwrap();
+    }
+    md.abort().unwrap();
+    check_counts(&mut md);
+    // The extra references belong to no mapping: drop them so the checkers see
+    // exactly one reference per mapped block.
+    for (&block, &extra) in &model {
+        for _ in 0..extra {
+            md.dec_data_block(block).unwrap();
+        }
+    }
+    md.commit().unwrap();
+    let mut reopened = open(&disk, 256);
+    for &block in model.keys() {
+        assert_eq!(reopened.data_block_count(block).unwrap(), 1);
+    }
+    let report = persistent_data::check::check(&mut reopened).unwrap();
+    assert!(report.is_clean(), "{:#?}", report.problems);
+    require_tools();
+    let scratch = Scratch::new("index-cache");
+    let path = scratch.path("meta.bin");
+    save(&disk, &path);
+    assert_thin_check(&path, &[]);
+}
