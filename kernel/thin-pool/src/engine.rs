@@ -35,6 +35,7 @@ use persistent_data::Error as MdError;
 use persistent_data::thin::{Run, ThinMetadata};
 use slab::Slab;
 
+use crate::buffers::{BufferPool, Contents};
 use crate::config::{COMMIT_PERIOD_NS, PoolConfig};
 use crate::io::{Extent, SectorRun, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 use crate::message::{Errno, Message, MessageError};
@@ -213,22 +214,31 @@ struct Prep {
     generation: u64,
 }
 
+/// Where a device request's buffer goes when the request completes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BufUse {
+    /// It is the request's own buffer: give it back to the request.
+    Lent,
+    /// It came from the buffer pool and returns there.
+    Pooled(Contents),
+}
+
 /// Why a device request was sent.
 enum DevOp {
     Read {
         req: ReqId,
         offset: usize,
-        lent: bool,
+        buf: BufUse,
         busy: (u64, u64),
     },
     OriginRead {
         req: ReqId,
         offset: usize,
-        lent: bool,
+        buf: BufUse,
     },
     Write {
         req: ReqId,
-        lent: bool,
+        buf: BufUse,
         busy: (u64, u64),
     },
     PrepRead {
@@ -238,7 +248,7 @@ enum DevOp {
     },
     PrepWrite {
         prep: PrepId,
-        lent: bool,
+        buf: BufUse,
     },
     Passdown {
         req: Option<ReqId>,
@@ -279,6 +289,10 @@ enum Alloc {
 pub(crate) struct Core {
     pub md: ThinMetadata,
     data: Queue,
+    /// Segment-sized buffers for preps and split requests.
+    buffers: BufferPool,
+    /// Reused for the mapping runs of each span.
+    run_buffer: Vec<Run>,
     pub config: PoolConfig,
     block_sectors: u64,
     passdown: bool,
@@ -355,8 +369,11 @@ impl Core {
         } else {
             PoolMode::Write
         };
+        let block_sectors = u64::from(config.data_block_size);
         Core {
-            block_sectors: u64::from(config.data_block_size),
+            buffers: BufferPool::new(SEGMENT_SECTORS.min(block_sectors).min(data.max_sectors())),
+            run_buffer: Vec::new(),
+            block_sectors,
             error_if_no_space: features.error_if_no_space,
             md,
             data,
@@ -564,11 +581,12 @@ impl Core {
             op,
         };
         let end = sector + sectors;
-        let spans: Vec<Span> = match kind {
-            Kind::Read => alloc::vec![span(sector, sectors, SpanOp::Read)],
-            Kind::Write => alloc::vec![span(sector, sectors, SpanOp::Write)],
-            Kind::Flush => alloc::vec![span(0, 0, SpanOp::Flush)],
-            Kind::Discard => alloc::vec![span(sector, sectors, SpanOp::Discard)],
+        let none = || span(0, 0, SpanOp::Flush);
+        let (spans, count) = match kind {
+            Kind::Read => ([span(sector, sectors, SpanOp::Read), none(), none()], 1),
+            Kind::Write => ([span(sector, sectors, SpanOp::Write), none(), none()], 1),
+            Kind::Flush => ([none(), none(), none()], 1),
+            Kind::Discard => ([span(sector, sectors, SpanOp::Discard), none(), none()], 1),
             Kind::WriteZeroes
                 if unmap
                     && self.volumes[vol].origin.is_none()
@@ -578,28 +596,31 @@ impl Core {
                 let first_full = sector.div_ceil(bs) * bs;
                 let last_full = end / bs * bs;
                 if first_full >= last_full {
-                    alloc::vec![span(sector, sectors, SpanOp::ZeroMapped)]
+                    (
+                        [span(sector, sectors, SpanOp::ZeroMapped), none(), none()],
+                        1,
+                    )
                 } else {
-                    [
+                    let mut spans = [none(), none(), none()];
+                    let mut count = 0;
+                    for part in [
                         span(sector, first_full - sector, SpanOp::ZeroMapped),
                         span(first_full, last_full - first_full, SpanOp::Discard),
                         span(last_full, end - last_full, SpanOp::ZeroMapped),
-                    ]
-                    .into_iter()
-                    .filter(|s| s.sectors > 0)
-                    .collect()
+                    ] {
+                        if part.sectors > 0 {
+                            spans[count] = part;
+                            count += 1;
+                        }
+                    }
+                    (spans, count)
                 }
             }
-            Kind::WriteZeroes => alloc::vec![span(sector, sectors, SpanOp::Write)],
+            Kind::WriteZeroes => ([span(sector, sectors, SpanOp::Write), none(), none()], 1),
         };
-        self.reqs[req].outstanding = spans.len() as u32;
-        if spans.is_empty() {
-            self.reqs[req].outstanding = 1;
-            self.finish_unit(req, Ok(()));
-            return;
-        }
-        for span in spans {
-            self.process_span(span);
+        self.reqs[req].outstanding = count as u32;
+        for span in &spans[..count] {
+            self.process_span(*span);
         }
     }
 
@@ -732,20 +753,24 @@ impl Core {
             DevOp::Read {
                 req,
                 offset,
-                lent,
+                buf: used,
                 busy,
             } => {
                 self.unbusy(busy);
-                self.read_done(req, offset, lent, buf, result);
+                self.read_done(req, offset, used, buf, result);
             }
-            DevOp::OriginRead { req, offset, lent } => {
-                self.read_done(req, offset, lent, buf, result)
-            }
-            DevOp::Write { req, lent, busy } => {
+            DevOp::OriginRead {
+                req,
+                offset,
+                buf: used,
+            } => self.read_done(req, offset, used, buf, result),
+            DevOp::Write {
+                req,
+                buf: used,
+                busy,
+            } => {
                 self.unbusy(busy);
-                if lent {
-                    self.reqs[req].buf = buf;
-                }
+                self.buffer_back(used, buf, Some(req));
                 self.finish_unit(req, result);
             }
             DevOp::PrepRead {
@@ -758,15 +783,14 @@ impl Core {
                 }
                 self.prep_read_done(prep, segment, buf, result);
             }
-            DevOp::PrepWrite { prep, lent } => {
+            DevOp::PrepWrite { prep, buf: used } => {
                 let p = &mut self.preps[prep];
                 p.in_flight -= 1;
                 if let Err(error) = result {
                     p.error.get_or_insert(error);
                 }
-                if lent {
-                    self.reqs[p.span.req].buf = buf;
-                }
+                let req = p.span.req;
+                self.buffer_back(used, buf, Some(req));
                 self.pump_prep(prep);
             }
             DevOp::Passdown { req, begin } => {
@@ -784,17 +808,24 @@ impl Core {
         &mut self,
         req: ReqId,
         offset: usize,
-        lent: bool,
+        used: BufUse,
         buf: IoBuf,
         result: Result<(), IoError>,
     ) {
-        let r = &mut self.reqs[req];
-        if lent {
-            r.buf = buf;
-        } else if result.is_ok() {
-            r.buf[offset..offset + buf.len()].copy_from_slice(&buf);
+        if used != BufUse::Lent && result.is_ok() {
+            self.reqs[req].buf[offset..offset + buf.len()].copy_from_slice(&buf);
         }
+        self.buffer_back(used, buf, Some(req));
         self.finish_unit(req, result);
+    }
+
+    /// A device request's buffer is back: to its request when lent, else to the pool.
+    fn buffer_back(&mut self, used: BufUse, buf: IoBuf, req: Option<ReqId>) {
+        match (used, req) {
+            (BufUse::Lent, Some(req)) => self.reqs[req].buf = buf,
+            (BufUse::Lent, None) => {}
+            (BufUse::Pooled(contents), _) => self.buffers.give(buf, contents),
+        }
     }
 
     fn submit_data(&mut self, op: DevOp, command: Command) {
@@ -865,6 +896,7 @@ impl Core {
         let dev = self.volumes[self.volume_of(&span)].dev;
         let (b0, b1) = self.span_blocks(&span);
         if b0 < b1
+            && !self.cells.is_empty()
             && let Some((&key, _)) = self.cells.range((dev, b0)..(dev, b1)).next_back()
         {
             self.cells.get_mut(&key).expect("found above").push(span);
@@ -882,9 +914,23 @@ impl Core {
         }
     }
 
-    /// Mapped and unmapped runs covering virtual blocks `b0..b1`.
+    /// Mapped and unmapped runs covering virtual blocks `b0..b1`, in a vector to
+    /// hand back with [`Core::recycle_runs`].
     fn runs(&mut self, dev: u64, b0: u64, b1: u64) -> Result<Vec<Run>, MdError> {
-        let mut runs = Vec::new();
+        let mut runs = mem::take(&mut self.run_buffer);
+        if b1 == b0 + 1 {
+            // One block (most requests): a point lookup, no range walk.
+            runs.push(match self.md.lookup(dev, b0)? {
+                Some(mapping) => Run::Mapped {
+                    begin: b0,
+                    len: 1,
+                    data_begin: mapping.data_block,
+                    shared: mapping.shared,
+                },
+                None => Run::Unmapped { begin: b0, len: 1 },
+            });
+            return Ok(runs);
+        }
         let mut position = b0;
         while position < b1 {
             let batch = self.md.lookup_range(dev, position, b1, LOOKUP_RUNS)?;
@@ -892,6 +938,11 @@ impl Core {
             runs.extend(batch);
         }
         Ok(runs)
+    }
+
+    fn recycle_runs(&mut self, mut runs: Vec<Run>) {
+        runs.clear();
+        self.run_buffer = runs;
     }
 
     /// The volume sectors of `run` inside `span`, and the first data sector of that
@@ -931,17 +982,17 @@ impl Core {
                         let first = data_sector + (at - s0);
                         let busy = (first / bs, (first + len).div_ceil(bs));
                         self.make_busy(busy);
-                        let buf = if lend {
-                            mem::take(&mut self.reqs[span.req].buf)
+                        let (buf, used) = if lend {
+                            (mem::take(&mut self.reqs[span.req].buf), BufUse::Lent)
                         } else {
-                            IoBuf::with_sectors(len as usize)
+                            (self.buffers.take(len), BufUse::Pooled(Contents::Stale))
                         };
                         self.reqs[span.req].outstanding += 1;
                         self.submit_data(
                             DevOp::Read {
                                 req: span.req,
                                 offset: ((at - req_sector) as usize) * SECTOR_SIZE,
-                                lent: lend,
+                                buf: used,
                                 busy,
                             },
                             Command::Read { sector: first, buf },
@@ -952,6 +1003,7 @@ impl Core {
                 None => self.read_unmapped(span, vol, s0, s1, single),
             }
         }
+        self.recycle_runs(runs);
         self.finish_unit(span.req, Ok(()));
         Ok(())
     }
@@ -971,10 +1023,10 @@ impl Core {
             let mut at = s0;
             while at < origin_end {
                 let len = (origin_end - at).min(max);
-                let buf = if lend {
-                    mem::take(&mut self.reqs[span.req].buf)
+                let (buf, used) = if lend {
+                    (mem::take(&mut self.reqs[span.req].buf), BufUse::Lent)
                 } else {
-                    IoBuf::with_sectors(len as usize)
+                    (self.buffers.take(len), BufUse::Pooled(Contents::Stale))
                 };
                 self.reqs[span.req].outstanding += 1;
                 self.submit_origin(
@@ -982,7 +1034,7 @@ impl Core {
                     DevOp::OriginRead {
                         req: span.req,
                         offset: ((at - req_sector) as usize) * SECTOR_SIZE,
-                        lent: lend,
+                        buf: used,
                     },
                     Command::Read { sector: at, buf },
                 );
@@ -1001,48 +1053,52 @@ impl Core {
         }
     }
 
-    /// A buffer with the data a span writes at volume sectors `s0..s1` (zeros for
-    /// write-zeroes).
-    fn data_buf(&self, req: ReqId, s0: u64, s1: u64) -> IoBuf {
-        let r = &self.reqs[req];
-        let mut buf = IoBuf::with_sectors((s1 - s0) as usize);
-        if r.kind == Kind::Write {
-            let from = ((s0 - r.sector) as usize) * SECTOR_SIZE;
-            let len = buf.len();
-            buf.copy_from_slice(&r.buf[from..from + len]);
+    /// A buffer with the data a request writes at volume sectors `s0..s1` (zeros for
+    /// write-zeroes): the request's own buffer when it holds exactly that, else a
+    /// pooled copy.
+    fn data_buf(&mut self, req: ReqId, s0: u64, s1: u64) -> (IoBuf, BufUse) {
+        let r = &mut self.reqs[req];
+        if r.kind == Kind::Write
+            && r.sector == s0
+            && r.sectors == s1 - s0
+            && r.buf.len() == (s1 - s0) as usize * SECTOR_SIZE
+        {
+            return (mem::take(&mut r.buf), BufUse::Lent);
         }
-        buf
+        if self.reqs[req].kind != Kind::Write {
+            let buf = self.buffers.take_zeroed(s1 - s0);
+            return (buf, BufUse::Pooled(Contents::ZeroOutside(0, 0)));
+        }
+        let mut buf = self.buffers.take(s1 - s0);
+        let r = &self.reqs[req];
+        let from = ((s0 - r.sector) as usize) * SECTOR_SIZE;
+        let len = buf.len();
+        buf.copy_from_slice(&r.buf[from..from + len]);
+        (buf, BufUse::Pooled(Contents::Stale))
     }
 
     fn write_span(&mut self, span: Span, dev: u64, b0: u64, b1: u64) -> Result<(), MdError> {
         let runs = self.runs(dev, b0, b1)?;
         let bs = self.block_sectors;
         let data_max = self.data.max_sectors();
-        let kind = self.reqs[span.req].kind;
         let fua = self.reqs[span.req].fua;
-        let single = runs.len() == 1 && self.is_whole_request(&span) && kind == Kind::Write;
         for run in &runs {
             let (s0, s1, data) = self.clip(run, &span);
             match *run {
                 Run::Mapped { shared: false, .. } => {
                     let data_sector = data.expect("mapped run");
-                    let lend = single && s1 - s0 <= data_max;
                     let mut at = s0;
                     while at < s1 {
                         let len = (s1 - at).min(data_max);
                         let first = data_sector + (at - s0);
                         let busy = (first / bs, (first + len).div_ceil(bs));
                         self.make_busy(busy);
-                        let buf = if lend {
-                            mem::take(&mut self.reqs[span.req].buf)
-                        } else {
-                            self.data_buf(span.req, at, at + len)
-                        };
+                        let (buf, used) = self.data_buf(span.req, at, at + len);
                         self.reqs[span.req].outstanding += 1;
                         self.submit_data(
                             DevOp::Write {
                                 req: span.req,
-                                lent: lend,
+                                buf: used,
                                 busy,
                             },
                             Command::Write {
@@ -1071,6 +1127,7 @@ impl Core {
                 }
             }
         }
+        self.recycle_runs(runs);
         self.finish_unit(span.req, Ok(()));
         Ok(())
     }
@@ -1292,12 +1349,12 @@ impl Core {
     }
 
     /// Copies the written part of the segment `s0..s1` (block-relative) into `buf`,
-    /// which holds the segment.
-    fn overlay(&self, id: PrepId, s0: u64, s1: u64, buf: &mut IoBuf) {
+    /// which holds the segment; returns the byte range of `buf` it wrote.
+    fn overlay(&self, id: PrepId, s0: u64, s1: u64, buf: &mut IoBuf) -> (usize, usize) {
         let p = &self.preps[id];
         let (o0, o1) = overlap((s0, s1), (p.write_begin, p.write_end));
         if o0 >= o1 {
-            return;
+            return (0, 0);
         }
         let r = &self.reqs[p.span.req];
         let at = ((o0 - s0) as usize) * SECTOR_SIZE;
@@ -1308,14 +1365,18 @@ impl Core {
         } else {
             buf[at..at + len].fill(0);
         }
+        (at, at + len)
     }
 
-    fn prep_write(&mut self, id: PrepId, s0: u64, buf: IoBuf, lent: bool) {
+    fn prep_write(&mut self, id: PrepId, s0: u64, buf: IoBuf, used: BufUse) {
         let p = &mut self.preps[id];
         p.in_flight += 1;
         let sector = p.new_block * self.block_sectors + s0;
         self.submit_data(
-            DevOp::PrepWrite { prep: id, lent },
+            DevOp::PrepWrite {
+                prep: id,
+                buf: used,
+            },
             Command::Write {
                 sector,
                 buf,
@@ -1330,15 +1391,9 @@ impl Core {
         let bs = self.block_sectors;
         let span = p.span;
         if w0 <= s0 && s1 <= w1 {
-            let whole = s0 == 0 && s1 == bs && self.is_whole_request(&span);
-            let lend = whole && self.reqs[span.req].kind == Kind::Write;
-            let buf = if lend {
-                mem::take(&mut self.reqs[span.req].buf)
-            } else {
-                let base = p.vblock * bs;
-                self.data_buf(span.req, base + s0, base + s1)
-            };
-            self.prep_write(id, s0, buf, lend);
+            let base = p.vblock * bs;
+            let (buf, used) = self.data_buf(span.req, base + s0, base + s1);
+            self.prep_write(id, s0, buf, used);
             return;
         }
         let source = match p.source {
@@ -1356,18 +1411,19 @@ impl Core {
                 let (o0, o1) = overlap((s0, s1), (w0, w1));
                 if o0 < o1 {
                     let base = p.vblock * bs;
-                    let buf = self.data_buf(span.req, base + o0, base + o1);
-                    self.prep_write(id, o0, buf, false);
+                    let (buf, used) = self.data_buf(span.req, base + o0, base + o1);
+                    self.prep_write(id, o0, buf, used);
                 }
             }
             Source::Zero => {
-                let mut buf = IoBuf::with_sectors((s1 - s0) as usize);
-                self.overlay(id, s0, s1, &mut buf);
-                self.prep_write(id, s0, buf, false);
+                let mut buf = self.buffers.take_zeroed(s1 - s0);
+                let (from, to) = self.overlay(id, s0, s1, &mut buf);
+                self.prep_write(id, s0, buf, BufUse::Pooled(Contents::ZeroOutside(from, to)));
             }
             Source::Data(old) => {
                 self.make_busy((old, old + 1));
                 self.preps[id].in_flight += 1;
+                let buf = self.buffers.take(s1 - s0);
                 self.submit_data(
                     DevOp::PrepRead {
                         prep: id,
@@ -1376,7 +1432,7 @@ impl Core {
                     },
                     Command::Read {
                         sector: old * bs + s0,
-                        buf: IoBuf::with_sectors((s1 - s0) as usize),
+                        buf,
                     },
                 );
             }
@@ -1385,6 +1441,7 @@ impl Core {
                 let sector = p.vblock * bs + s0;
                 let vol = self.volume_of(&span);
                 self.preps[id].in_flight += 1;
+                let buf = self.buffers.take(end - s0);
                 self.submit_origin(
                     vol,
                     DevOp::PrepRead {
@@ -1392,10 +1449,7 @@ impl Core {
                         segment: (s0, s1),
                         busy: None,
                     },
-                    Command::Read {
-                        sector,
-                        buf: IoBuf::with_sectors((end - s0) as usize),
-                    },
+                    Command::Read { sector, buf },
                 );
             }
         }
@@ -1411,18 +1465,21 @@ impl Core {
         self.preps[id].in_flight -= 1;
         if let Err(error) = result {
             self.preps[id].error.get_or_insert(error);
+            self.buffers.give(read, Contents::Stale);
             self.pump_prep(id);
             return;
         }
         let mut buf = if read.sectors() == s1 - s0 {
             read
         } else {
-            let mut full = IoBuf::with_sectors((s1 - s0) as usize);
+            // The origin ends inside the segment: zeros after its end.
+            let mut full = self.buffers.take_zeroed(s1 - s0);
             full[..read.len()].copy_from_slice(&read);
+            self.buffers.give(read, Contents::Stale);
             full
         };
         self.overlay(id, s0, s1, &mut buf);
-        self.prep_write(id, s0, buf, false);
+        self.prep_write(id, s0, buf, BufUse::Pooled(Contents::Stale));
     }
 
     fn release_cell(&mut self, dev: u64, vblock: u64) {

@@ -19,6 +19,7 @@
 
 extern crate alloc;
 
+mod buffers;
 pub mod config;
 mod engine;
 pub mod io;
