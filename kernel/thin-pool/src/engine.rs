@@ -38,6 +38,7 @@ use slab::Slab;
 use crate::buffers::{BufferPool, Contents};
 use crate::config::{COMMIT_PERIOD_NS, PoolConfig};
 use crate::io::{Extent, SectorRun, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
+use crate::mapcache::{Cached, MappingCache};
 use crate::message::{Errno, Message, MessageError};
 use crate::status::{DiscardMode, PoolEvent, PoolMode, PoolStatus, ThinStatus};
 
@@ -52,6 +53,9 @@ const DISCARD_CHUNK_BLOCKS: u64 = 1 << 16;
 const COMMIT_HEADROOM: u64 = 32;
 /// Runs fetched per metadata range lookup.
 const LOOKUP_RUNS: usize = 64;
+/// Discards of at most this many blocks update the mapping cache block by block;
+/// larger ones flush it.
+const FORGET_ONE_BY_ONE: u64 = 64;
 
 const EIO_READ_ONLY: IoError = IoError::Device("thin pool is read-only: no new blocks");
 const EIO_NO_METADATA: IoError =
@@ -250,6 +254,12 @@ enum DevOp {
         prep: PrepId,
         buf: BufUse,
     },
+    /// Whole new blocks of one request written together.
+    WholeBlocks {
+        preps: Vec<PrepId>,
+        req: ReqId,
+        buf: BufUse,
+    },
     Passdown {
         req: Option<ReqId>,
         begin: u64,
@@ -293,6 +303,8 @@ pub(crate) struct Core {
     buffers: BufferPool,
     /// Reused for the mapping runs of each span.
     run_buffer: Vec<Run>,
+    /// Recent single-block lookups (kept equal to what the metadata answers).
+    mappings: MappingCache,
     pub config: PoolConfig,
     block_sectors: u64,
     passdown: bool,
@@ -373,6 +385,7 @@ impl Core {
         Core {
             buffers: BufferPool::new(SEGMENT_SECTORS.min(block_sectors).min(data.max_sectors())),
             run_buffer: Vec::new(),
+            mappings: MappingCache::new(),
             block_sectors,
             error_if_no_space: features.error_if_no_space,
             md,
@@ -793,6 +806,22 @@ impl Core {
                 self.buffer_back(used, buf, Some(req));
                 self.pump_prep(prep);
             }
+            DevOp::WholeBlocks {
+                preps,
+                req,
+                buf: used,
+            } => {
+                // Each prep holds a unit of the request, so it is still there.
+                self.buffer_back(used, buf, Some(req));
+                for prep in preps {
+                    let p = &mut self.preps[prep];
+                    p.in_flight -= 1;
+                    if let Err(error) = result {
+                        p.error.get_or_insert(error);
+                    }
+                    self.pump_prep(prep);
+                }
+            }
             DevOp::Passdown { req, begin } => {
                 self.passdown_ranges.remove(&begin);
                 if let Some(req) = req {
@@ -919,8 +948,19 @@ impl Core {
     fn runs(&mut self, dev: u64, b0: u64, b1: u64) -> Result<Vec<Run>, MdError> {
         let mut runs = mem::take(&mut self.run_buffer);
         if b1 == b0 + 1 {
-            // One block (most requests): a point lookup, no range walk.
-            runs.push(match self.md.lookup(dev, b0)? {
+            // One block (most requests): the mapping cache, else a point lookup.
+            let mapping = match self.mappings.get(dev, b0) {
+                Some(hit) => hit,
+                None => {
+                    let found = self.md.lookup(dev, b0)?.map(|m| Cached {
+                        data_block: m.data_block,
+                        shared: m.shared,
+                    });
+                    self.mappings.put(dev, b0, found);
+                    found
+                }
+            };
+            runs.push(match mapping {
                 Some(mapping) => Run::Mapped {
                     begin: b0,
                     len: 1,
@@ -1112,19 +1152,13 @@ impl Core {
                 }
                 Run::Mapped {
                     begin, data_begin, ..
-                } => {
-                    for vblock in s0 / bs..s1.div_ceil(bs) {
-                        let source = Source::Data(data_begin + (vblock - begin));
-                        self.provision(span, s0, s1, vblock, source);
-                    }
-                }
+                } => self.provision_blocks(span, (s0, s1), |_, vblock| {
+                    Source::Data(data_begin + (vblock - begin))
+                }),
                 Run::Unmapped { .. } if span.op == SpanOp::ZeroMapped => {}
-                Run::Unmapped { .. } => {
-                    for vblock in s0 / bs..s1.div_ceil(bs) {
-                        let source = self.unmapped_source(span, vblock);
-                        self.provision(span, s0, s1, vblock, source);
-                    }
-                }
+                Run::Unmapped { .. } => self.provision_blocks(span, (s0, s1), |core, vblock| {
+                    core.unmapped_source(span, vblock)
+                }),
             }
         }
         self.recycle_runs(runs);
@@ -1143,9 +1177,93 @@ impl Core {
         }
     }
 
+    /// New data blocks for the virtual blocks the span's sectors `s0..s1` touch.
+    /// Blocks written whole need neither zeroing nor copying: consecutive ones whose
+    /// new data blocks are consecutive too are written with one device request (with
+    /// the request's own buffer when that is exactly what it carries).
+    fn provision_blocks(
+        &mut self,
+        span: Span,
+        (s0, s1): (u64, u64),
+        source: impl Fn(&Self, u64) -> Source,
+    ) {
+        let bs = self.block_sectors;
+        let (b0, b1) = (s0 / bs, s1.div_ceil(bs));
+        if b1 == b0 + 1 {
+            if let Some(prep) = self.provision(span, s0, s1, b0, source(self, b0)) {
+                self.pump_prep(prep);
+            }
+            return;
+        }
+        let max_group = (self.data.max_sectors() / bs).max(1) as usize;
+        let mut group: Vec<PrepId> = Vec::new();
+        for vblock in b0..b1 {
+            let Some(prep) = self.provision(span, s0, s1, vblock, source(self, vblock)) else {
+                self.write_whole_blocks(&mut group);
+                continue;
+            };
+            if s0 > vblock * bs || (vblock + 1) * bs > s1 {
+                self.write_whole_blocks(&mut group);
+                self.pump_prep(prep);
+                continue;
+            }
+            if let Some(&last) = group.last() {
+                let (last, this) = (&self.preps[last], &self.preps[prep]);
+                if last.new_block + 1 != this.new_block || group.len() >= max_group {
+                    self.write_whole_blocks(&mut group);
+                }
+            }
+            group.push(prep);
+        }
+        self.write_whole_blocks(&mut group);
+    }
+
+    /// Writes the preps of consecutive whole blocks (consecutive new data blocks)
+    /// with one device request.
+    fn write_whole_blocks(&mut self, group: &mut Vec<PrepId>) {
+        match group.len() {
+            0 => return,
+            1 => self.pump_prep(group[0]),
+            _ => {
+                let bs = self.block_sectors;
+                let first = &self.preps[group[0]];
+                let last = &self.preps[group[group.len() - 1]];
+                let (v0, v1) = (first.vblock * bs, (last.vblock + 1) * bs);
+                let (sector, req) = (first.new_block * bs, first.span.req);
+                for &id in group.iter() {
+                    let p = &mut self.preps[id];
+                    p.next = bs;
+                    p.in_flight += 1;
+                }
+                let (buf, used) = self.data_buf(req, v0, v1);
+                self.submit_data(
+                    DevOp::WholeBlocks {
+                        preps: mem::take(group),
+                        req,
+                        buf: used,
+                    },
+                    Command::Write {
+                        sector,
+                        buf,
+                        fua: false,
+                    },
+                );
+            }
+        }
+        group.clear();
+    }
+
     /// Starts a new data block for `vblock`, written with the span's sectors
-    /// `s0..s1` inside it.
-    fn provision(&mut self, span: Span, s0: u64, s1: u64, vblock: u64, source: Source) {
+    /// `s0..s1` inside it; the caller starts its I/O. `None` when the write could
+    /// not get a block (it failed or waits for space).
+    fn provision(
+        &mut self,
+        span: Span,
+        s0: u64,
+        s1: u64,
+        vblock: u64,
+        source: Source,
+    ) -> Option<PrepId> {
         let bs = self.block_sectors;
         let (w0, w1) = overlap((s0, s1), (vblock * bs, (vblock + 1) * bs));
         let part = Span {
@@ -1155,25 +1273,33 @@ impl Core {
             op: span.op,
         };
         self.reqs[span.req].outstanding += 1;
-        match self.mode {
-            PoolMode::Fail => return self.fail_span(part, EIO_FAILED),
-            PoolMode::ReadOnly => return self.fail_span(part, EIO_READ_ONLY),
-            PoolMode::OutOfMetadataSpace => return self.fail_span(part, EIO_NO_METADATA),
-            PoolMode::Write | PoolMode::OutOfDataSpace => {}
+        let refused = match self.mode {
+            PoolMode::Fail => Some(EIO_FAILED),
+            PoolMode::ReadOnly => Some(EIO_READ_ONLY),
+            PoolMode::OutOfMetadataSpace => Some(EIO_NO_METADATA),
+            PoolMode::Write | PoolMode::OutOfDataSpace => None,
+        };
+        if let Some(error) = refused {
+            self.fail_span(part, error);
+            return None;
         }
         if self.metadata_exhausted() {
             // Commit before using up the reserve; if that frees nothing the pool
             // goes out-of-metadata-space and this write fails.
             self.commit.requested = true;
             self.park(part);
-            return;
+            return None;
         }
         let new_block = match self.allocate() {
             Alloc::Block(block) => block,
-            Alloc::NoSpace => return self.no_data_space(part),
+            Alloc::NoSpace => {
+                self.no_data_space(part);
+                return None;
+            }
             Alloc::Failed(error) => {
                 self.metadata_failed(&error);
-                return self.fail_span(part, EIO_METADATA);
+                self.fail_span(part, EIO_METADATA);
+                return None;
             }
         };
         let dev = self.volumes[self.volume_of(&span)].dev;
@@ -1200,7 +1326,7 @@ impl Core {
             generation: self.generation,
         });
         self.check_low_water();
-        self.pump_prep(prep);
+        Some(prep)
     }
 
     fn allocate(&mut self) -> Alloc {
@@ -1516,6 +1642,13 @@ impl Core {
             .and_then(|old| {
                 self.provisional.remove(&p.new_block);
                 self.md_dirty = true;
+                // A mapping made now is never shared: the device's last snapshot
+                // is not later than the current time.
+                let mapping = Cached {
+                    data_block: p.new_block,
+                    shared: false,
+                };
+                self.mappings.put(p.dev, p.vblock, Some(mapping));
                 if let Some(old) = old
                     && self.md.dec_data_block(old)? == 0
                 {
@@ -1573,6 +1706,13 @@ impl Core {
                 }
             }
             chunk = end;
+        }
+        if b1 - b0 <= FORGET_ONE_BY_ONE {
+            for vblock in b0..b1 {
+                self.mappings.forget(dev, vblock);
+            }
+        } else {
+            self.mappings.clear();
         }
         if unmapped {
             self.md_dirty = true;
@@ -1804,6 +1944,7 @@ impl Core {
         self.provisional.clear();
         self.quarantine.clear();
         self.md_dirty = false;
+        self.mappings.clear();
         let rolled_back = self.md.abort().and_then(|()| {
             self.md.set_needs_check();
             self.md.commit()
@@ -1878,7 +2019,11 @@ impl Core {
         if self.md_dirty {
             self.commit_now()?;
         }
-        self.apply(message)?;
+        let applied = self.apply(message);
+        // Snapshots change what is shared; deleted ids can come back; a failed
+        // message may have rolled the transaction back.
+        self.mappings.clear();
+        applied?;
         self.md_dirty = true;
         self.commit_now()
     }
@@ -1950,6 +2095,7 @@ impl Core {
                 | MdError::TimeExhausted
         );
         if !refused {
+            self.mappings.clear();
             match self.md.abort() {
                 Ok(()) if *error == MdError::NoMetadataSpace => self.after_commit(),
                 _ => self.metadata_failed(error),

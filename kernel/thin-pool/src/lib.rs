@@ -23,6 +23,7 @@ mod buffers;
 pub mod config;
 mod engine;
 pub mod io;
+mod mapcache;
 pub mod message;
 mod pool;
 pub mod status;
