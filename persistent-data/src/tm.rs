@@ -231,10 +231,13 @@ impl Tm {
     /// (the original loses one reference). The flag says the original was shared, in
     /// which case the caller must add a reference for everything the copy points to.
     pub fn shadow(&mut self, block: u64, expect: Expect) -> Result<(u64, bool)> {
-        let count = self.count(block)?;
-        if count == 1 && self.is_fresh(block) {
+        if let Some(delta) = self.msm.deltas.get(&block)
+            && delta.committed == 0
+            && delta.current == 1
+        {
             return Ok((block, false));
         }
+        let count = self.count(block)?;
         let data = self.read(block, expect)?;
         let copy = self.alloc()?;
         self.cache.install(copy, shared_copy(&data[..]), expect)?;

@@ -316,7 +316,7 @@ pub(crate) struct Core {
     preps: Slab<Prep>,
     /// The bio prison: virtual blocks whose new mapping is being prepared, with the
     /// spans waiting for them.
-    cells: BTreeMap<(u64, u64), Vec<Span>>,
+    cells: HashMap<(u64, u64), Vec<Span>>,
     /// Data blocks with I/O in flight, and how many requests.
     busy: HashMap<u64, u32>,
     /// Data ranges freed and queued or in flight as passdown discards (begin → end).
@@ -397,7 +397,7 @@ impl Core {
             reqs: Slab::new(),
             ops: Slab::new(),
             preps: Slab::new(),
-            cells: BTreeMap::new(),
+            cells: HashMap::new(),
             busy: HashMap::new(),
             passdown_ranges: BTreeMap::new(),
             passdowns: Vec::new(),
@@ -924,10 +924,9 @@ impl Core {
         }
         let dev = self.volumes[self.volume_of(&span)].dev;
         let (b0, b1) = self.span_blocks(&span);
-        if b0 < b1
-            && !self.cells.is_empty()
-            && let Some((&key, _)) = self.cells.range((dev, b0)..(dev, b1)).next_back()
-        {
+        if let Some(key) = self.held_cell(dev, b0, b1) {
+            // Processed again when that block's mapping is in place (and parked in
+            // another held cell of its range, if any).
             self.cells.get_mut(&key).expect("found above").push(span);
             return;
         }
@@ -940,6 +939,23 @@ impl Core {
         if let Err(error) = result {
             self.metadata_failed(&error);
             self.fail_span(span, EIO_METADATA);
+        }
+    }
+
+    /// A cell held for one of the device's blocks `b0..b1`, if any.
+    fn held_cell(&self, dev: u64, b0: u64, b1: u64) -> Option<(u64, u64)> {
+        if self.cells.is_empty() || b0 >= b1 {
+            return None;
+        }
+        if b1 - b0 <= self.cells.len() as u64 {
+            (b0..b1)
+                .map(|vblock| (dev, vblock))
+                .find(|key| self.cells.contains_key(key))
+        } else {
+            self.cells
+                .keys()
+                .find(|&&(d, vblock)| d == dev && (b0..b1).contains(&vblock))
+                .copied()
         }
     }
 
