@@ -4,7 +4,7 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
-use blockdev::{Command, SECTOR_SIZE};
+use blockdev::SECTOR_SIZE;
 use core::fmt::Write;
 
 use crate::disk_test::{DiskTest, DiskTestOptions};
@@ -19,7 +19,40 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     ("uptime", "show time since boot"),
     (
         "disk-test DISK [MIB] [--force]",
-        "write, flush and verify a pattern over the first MIB MiB (default 16); destroys data",
+        "write, flush and verify a pattern over the first MIB MiB (default 16) of a disk or \
+         device; destroys data",
+    ),
+    (
+        "create NAME [--readonly] --table T",
+        "create a device from a table \"0 LENGTH TARGET ARGS\" (linear DISK OFFSET)",
+    ),
+    (
+        "remove NAME [--force]",
+        "remove a device (--force: even with NBD clients)",
+    ),
+    (
+        "suspend NAME",
+        "finish and flush the device's I/O, then hold new I/O",
+    ),
+    ("resume NAME", "release I/O held by suspend"),
+    (
+        "message NAME 0 MESSAGE",
+        "send a message to a thin-pool device",
+    ),
+    ("ls", "list the devices and their kinds"),
+    ("table [NAME]", "show table lines"),
+    ("status [NAME]", "show status lines"),
+    (
+        "info [NAME]",
+        "show state, size, dependencies, users and NBD clients",
+    ),
+    (
+        "config init DISK [--force]",
+        "keep the configuration in the first MiB of DISK (once); saved after every change",
+    ),
+    (
+        "config show",
+        "show the configuration disk, its copies and the saved devices",
     ),
     ("shutdown [--force]", "flush every disk and power off"),
 ];
@@ -33,6 +66,11 @@ impl<P: Platform> Console<P> {
         words: &[String],
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
+        // `dmsetup create ...` is `create ...`.
+        let words = match words.split_first() {
+            Some((first, rest)) if first == "dmsetup" => rest,
+            _ => words,
+        };
         let Some((command, args)) = words.split_first() else {
             return Ok(());
         };
@@ -44,31 +82,29 @@ impl<P: Platform> Console<P> {
             "disk-test" => self.disk_test(args),
             "shutdown" => self.shutdown(args, out),
             "debug" => self.debug(args),
-            other => Err(format!("unknown command '{other}' (try help)").into()),
+            other => self.run_dm(other, args, out),
         }
-    }
-
-    /// Finds a disk by name; `/dev/vda` means `vda`.
-    pub(crate) fn disk_index(&self, name: &str) -> Result<usize, CommandError> {
-        let bare = name.strip_prefix("/dev/").unwrap_or(name);
-        self.disks
-            .iter()
-            .position(|disk| disk.name == bare)
-            .ok_or_else(|| format!("unknown disk '{name}' (see disks)").into())
     }
 
     fn list_disks(&self, out: &mut dyn Write) {
-        if self.disks.is_empty() {
+        let registry = self.registry.borrow();
+        if registry.disks.is_empty() {
             outln!(out, "no disks found");
         }
-        for disk in &self.disks {
-            let info = disk.device.info();
+        for entry in &registry.disks {
+            let info = entry.disk.info();
+            let sectors = entry.sectors();
+            let config = if entry.reserved > 0 {
+                "  (first MiB holds the configuration)"
+            } else {
+                ""
+            };
             outln!(
                 out,
-                "{:<8} {:>12} sectors  {:>10}  {}  {}",
-                disk.name,
-                info.sectors,
-                human_bytes(info.bytes()),
+                "{:<8} {:>12} sectors  {:>10}  {}  {}{config}",
+                entry.name,
+                sectors,
+                human_bytes(sectors * SECTOR_SIZE as u64),
                 or_dash(&info.model),
                 or_dash(&info.serial)
             );
@@ -129,32 +165,30 @@ impl<P: Platform> Console<P> {
             [] => return Err(format!("disk-test: which disk? ({USAGE})").into()),
             _ => return Err(format!("disk-test: too many arguments ({USAGE})").into()),
         };
-        let index = self.disk_index(name)?;
-        let disk = &self.disks[index];
-        let info = disk.device.info();
+        let (name, device) = self
+            .registry
+            .borrow()
+            .test_target(name)
+            .map_err(|why| format!("disk-test: {why}"))?;
+        let info = device.info();
         if info.read_only {
-            return Err(format!("disk-test: {} is read-only", disk.name).into());
+            return Err(format!("disk-test: {name} is read-only").into());
         }
         let sectors = mib * (1 << 20) / SECTOR_SIZE as u64;
         if sectors > info.sectors {
             return Err(format!(
-                "disk-test: {} holds only {}; choose at most {} MiB",
-                disk.name,
+                "disk-test: {name} holds only {}; choose at most {} MiB",
                 human_bytes(info.bytes()),
                 info.bytes() >> 20
             )
             .into());
         }
-        if disk.device.in_flight() != 0 {
-            return Err(format!("disk-test: {} is busy; try again", disk.name).into());
-        }
         let options = DiskTestOptions {
-            disk: index,
             sectors,
             force,
             seed: self.platform.now_ns(),
         };
-        self.job = Some(Box::new(DiskTest::new(&self.disks, options)));
+        self.job = Some(Box::new(DiskTest::new(name, device, options)));
         Ok(())
     }
 
@@ -164,17 +198,14 @@ impl<P: Platform> Console<P> {
             [flag] if flag == "--force" => true,
             _ => return Err("usage: shutdown [--force]".into()),
         };
-        for disk in &mut self.disks {
-            if let Err(error) = blockdev::run_sync(disk.device.as_mut(), Command::Flush)
-                && !force
-            {
-                return Err(format!(
-                    "flushing {} failed ({error}), its last writes may be lost; \
-                     shutdown --force powers off anyway",
-                    disk.name
-                )
-                .into());
-            }
+        if let Err((disk, error)) = self.registry.borrow_mut().flush_disks()
+            && !force
+        {
+            return Err(format!(
+                "flushing {disk} failed ({error}), its last writes may be lost; \
+                 shutdown --force powers off anyway"
+            )
+            .into());
         }
         outln!(out, "powering off");
         self.platform.power_off();
@@ -195,7 +226,7 @@ impl<P: Platform> Console<P> {
 
 fn help(out: &mut dyn Write) {
     for (usage, what) in HELP {
-        outln!(out, "{usage:<32} {what}");
+        outln!(out, "{usage:<36} {what}");
     }
 }
 

@@ -18,21 +18,30 @@
 extern crate alloc;
 
 mod commands;
+pub mod config;
 mod disk_test;
+mod dm;
 mod editor;
 mod job;
+mod linear;
+mod registry;
+mod shared;
+pub mod table;
 mod tokenize;
 mod units;
 
 pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
+pub use registry::{Registry, RegistryBackend};
 pub use tokenize::{TokenizeError, tokenize};
 pub use units::human_bytes;
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::BlockDevice;
+use core::cell::RefCell;
 use core::fmt::Write;
 
 use job::{Job, Progress};
@@ -95,24 +104,29 @@ fn report_error(error: &CommandError, out: &mut dyn Write) {
     outln!(out, "error: {}", error.0);
 }
 
-/// The serial console: line editor, command interpreter and running job.
+/// The serial console: line editor, command interpreter, running job, and the
+/// device registry it manages.
 pub struct Console<P: Platform> {
     platform: P,
-    disks: Vec<Disk>,
+    registry: Rc<RefCell<Registry>>,
     editor: LineEditor,
     job: Option<Box<dyn Job>>,
     /// Bytes typed while a job ran; replayed into the editor when it finishes.
     typeahead: VecDeque<u8>,
+    /// Commands that failed so far (scripted callers check it).
+    failures: u64,
 }
 
 impl<P: Platform> Console<P> {
+    /// A console over `disks`; [`Console::start`] brings up the saved configuration.
     pub fn new(platform: P, disks: Vec<Disk>) -> Self {
         Console {
             platform,
-            disks,
+            registry: Rc::new(RefCell::new(Registry::new(disks))),
             editor: LineEditor::new(),
             job: None,
             typeahead: VecDeque::new(),
+            failures: 0,
         }
     }
 
@@ -124,12 +138,23 @@ impl<P: Platform> Console<P> {
         &mut self.platform
     }
 
-    pub fn disks(&self) -> &[Disk] {
-        &self.disks
+    /// The devices as an NBD backend: serve it with `nbd::Server`.
+    pub fn nbd_backend(&self) -> RegistryBackend {
+        RegistryBackend(Rc::clone(&self.registry))
     }
 
-    /// Prints the first prompt.
+    /// Commands that have failed since the console was made.
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// Finds the saved configuration and brings its devices up, saying what happened,
+    /// then prints the first prompt.
     pub fn start(&mut self, out: &mut dyn Write) {
+        let notes = self.registry.borrow_mut().restore();
+        for note in notes {
+            outln!(out, "{note}");
+        }
         let _ = self.editor.prompt(out);
     }
 
@@ -159,7 +184,6 @@ impl<P: Platform> Console<P> {
         };
         let platform = &self.platform;
         let mut context = job::Context {
-            disks: &mut self.disks,
             clock: &|| platform.now_ns(),
         };
         match job.step(&mut context, out) {
@@ -167,6 +191,7 @@ impl<P: Platform> Console<P> {
             Progress::Finished(result) => {
                 self.job = None;
                 if let Err(error) = result {
+                    self.failures += 1;
                     report_error(&error, out);
                 }
                 let _ = self.editor.prompt(out);
@@ -203,6 +228,7 @@ impl<P: Platform> Console<P> {
             Err(error) => Err(CommandError(alloc::format!("{error}"))),
         };
         if let Err(error) = result {
+            self.failures += 1;
             report_error(&error, out);
         }
     }
