@@ -235,4 +235,6 @@ impl<P: Platform> Console<P> {
 }
 
 #[cfg(test)]
+mod dm_tests;
+#[cfg(test)]
 mod tests;

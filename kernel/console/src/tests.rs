@@ -12,12 +12,12 @@ use core::cell::Cell;
 use crate::{Console, Disk, MemoryStats, PROMPT, Platform};
 
 /// What `start` says when no disk carries a configuration.
-const NO_CONFIG: &str =
+pub(crate) const NO_CONFIG: &str =
     "config: no configuration disk found; changes are not saved (see config init)";
 
 /// A clock that moves 500 ms every time it is read, so progress lines appear.
 #[derive(Default)]
-struct FakePlatform {
+pub(crate) struct FakePlatform {
     now_ns: Cell<u64>,
     powered_off: bool,
     crashed: Option<String>,
@@ -145,14 +145,14 @@ impl BlockDevice for RecordingDisk {
     }
 }
 
-fn disk(name: &str, device: impl BlockDevice + 'static) -> Disk {
+pub(crate) fn disk(name: &str, device: impl BlockDevice + 'static) -> Disk {
     Disk {
         name: name.to_string(),
         device: Box::new(device),
     }
 }
 
-fn mem_disk(mib: u64, model: &str, serial: &str) -> MemDisk {
+pub(crate) fn mem_disk(mib: u64, model: &str, serial: &str) -> MemDisk {
     let mut info = MemDisk::new(mib << 11).info().clone();
     info.model = model.to_string();
     info.serial = serial.to_string();
@@ -163,7 +163,7 @@ fn mem_disk(mib: u64, model: &str, serial: &str) -> MemDisk {
 
 /// Types `line` and Enter, then polls until the console is idle; returns everything
 /// printed after the echoed line, without the final prompt.
-fn run(console: &mut Console<FakePlatform>, line: &str) -> String {
+pub(crate) fn run(console: &mut Console<FakePlatform>, line: &str) -> String {
     let mut out = String::new();
     for byte in line.bytes().chain(*b"\r") {
         console.input(byte, &mut out);
@@ -181,7 +181,7 @@ fn run(console: &mut Console<FakePlatform>, line: &str) -> String {
         .to_string()
 }
 
-fn lines(text: &str) -> Vec<&str> {
+pub(crate) fn lines(text: &str) -> Vec<&str> {
     let trimmed = text.strip_suffix("\r\n").unwrap_or(text);
     if trimmed.is_empty() {
         return Vec::new();
@@ -190,7 +190,7 @@ fn lines(text: &str) -> Vec<&str> {
 }
 
 /// The single error line of a failed command.
-fn error(console: &mut Console<FakePlatform>, line: &str) -> String {
+pub(crate) fn error(console: &mut Console<FakePlatform>, line: &str) -> String {
     let out = run(console, line);
     let all = lines(&out);
     assert_eq!(all.len(), 1, "{line:?} printed {all:?}");
