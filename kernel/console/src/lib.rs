@@ -57,6 +57,21 @@ macro_rules! outln {
 }
 pub(crate) use outln;
 
+/// `a`…`z`, then `aa`, `ab`, …: the letters Linux gives its `vd` disks, in order.
+pub fn disk_letters(index: usize) -> String {
+    let mut letters = Vec::new();
+    let mut n = index;
+    loop {
+        letters.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    letters.reverse();
+    String::from_utf8(letters).expect("ASCII letters")
+}
+
 /// Heap and DMA-memory figures for `mem`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryStats {

@@ -58,7 +58,7 @@ pub(crate) struct Device {
 }
 
 pub(crate) enum State {
-    Active(Active),
+    Active(Box<Active>),
     /// Known from the configuration but not running; the text says why.
     Inactive(String),
 }
@@ -250,7 +250,7 @@ impl Registry {
             name: name.to_string(),
             read_only,
             table,
-            state: State::Active(active),
+            state: State::Active(Box::new(active)),
         });
         if let Err(error) = self.save() {
             self.devices.pop();
@@ -622,7 +622,7 @@ impl Registry {
             let state = match blocked {
                 Some(why) => State::Inactive(why),
                 None => match self.activate(&table, record.read_only) {
-                    Ok(active) => State::Active(active),
+                    Ok(active) => State::Active(Box::new(active)),
                     Err(why) => State::Inactive(why),
                 },
             };
@@ -682,8 +682,10 @@ impl Registry {
             let entry = &self.disks[index];
             if entry.sectors() < record.sectors {
                 notes.push(format!(
-                    "config: disk {} is smaller than saved ({} of {} sectors)",
+                    "config: disk {} is missing (the disk now called {} holds {} sectors, {} \
+                     were saved)",
                     describe(record),
+                    entry.name,
                     entry.sectors(),
                     record.sectors
                 ));
@@ -735,7 +737,7 @@ impl Registry {
             .iter_mut()
             .find(|device| device.name == name)
             .and_then(|device| match &mut device.state {
-                State::Active(active) if active.instance == instance => Some(active),
+                State::Active(active) if active.instance == instance => Some(&mut **active),
                 _ => None,
             })
     }

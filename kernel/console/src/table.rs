@@ -129,10 +129,11 @@ impl fmt::Display for Table {
 }
 
 fn number(word: &str, what: &str) -> Result<u64, String> {
-    if !word.is_empty() && word.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(value) = word.parse() {
-            return Ok(value);
-        }
+    if !word.is_empty()
+        && word.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(value) = word.parse()
+    {
+        return Ok(value);
     }
     Err(format!(
         "invalid {what} '{word}' (a decimal number of sectors)"

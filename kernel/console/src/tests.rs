@@ -101,10 +101,11 @@ impl BlockDevice for FaultyDisk {
     fn poll(&mut self) -> Option<Completion> {
         let mut done = self.inner.poll()?;
         let start = self.starts.remove(&done.tag).expect("submitted");
-        if let Fault::CorruptRead(sector) = self.fault {
-            if !done.buf.is_empty() && (start..start + done.buf.sectors()).contains(&sector) {
-                done.buf[(sector - start) as usize * SECTOR_SIZE + 7] ^= 0x40;
-            }
+        if let Fault::CorruptRead(sector) = self.fault
+            && !done.buf.is_empty()
+            && (start..start + done.buf.sectors()).contains(&sector)
+        {
+            done.buf[(sector - start) as usize * SECTOR_SIZE + 7] ^= 0x40;
         }
         Some(done)
     }
