@@ -79,7 +79,8 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         power::set_acpi_soft_off(soft_off);
     }
     let mut pci = pci::Pci::new(&acpi.ecam);
-    let disks = drivers::discover(&mut pci, &mut serial);
+    let storage = drivers::discover(&mut pci, &mut serial);
+    let disks = storage.disks;
     let _ = write!(
         serial,
         "thinbox: PCI through {}, {} disk{}\r\n",
@@ -88,7 +89,10 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         if disks.len() == 1 { "" } else { "s" }
     );
 
-    let mut console = Console::new(platform::KernelPlatform, disks);
+    let platform = platform::KernelPlatform {
+        nvme_controllers: storage.nvme_controllers,
+    };
+    let mut console = Console::new(platform, disks);
     let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));
     console.start(&mut serial);
     loop {

@@ -3,9 +3,14 @@
 use console::{Crash, MemoryStats, Platform};
 
 use crate::arch::{clock, power};
+use crate::drivers::nvme;
 use crate::memory;
+use alloc::vec::Vec;
 
-pub struct KernelPlatform;
+pub struct KernelPlatform {
+    /// Controllers to notify before power goes.
+    pub nvme_controllers: Vec<nvme::ShutdownHandle>,
+}
 
 impl Platform for KernelPlatform {
     fn now_ns(&self) -> u64 {
@@ -25,6 +30,9 @@ impl Platform for KernelPlatform {
     }
 
     fn power_off(&mut self) {
+        for controller in &self.nvme_controllers {
+            controller.shutdown();
+        }
         power::power_off()
     }
 
