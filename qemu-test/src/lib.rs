@@ -23,6 +23,7 @@ mod appliance;
 mod disk;
 mod error;
 mod options;
+mod process;
 mod protocol;
 
 pub use appliance::Appliance;
@@ -32,6 +33,7 @@ pub use options::{
     Accel, ConsoleMode, Firmware, NBD_GUEST_PORT, NbdForward, Options, Timeouts, free_port,
     require_host_tools,
 };
+pub use process::spawn_tied;
 pub use protocol::PROMPT;
 pub use thinbox_boot::{BIOS_IMAGE, KERNEL_ELF, UEFI_IMAGE};
 
