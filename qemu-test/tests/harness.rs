@@ -177,6 +177,8 @@ fn events_are_kept_apart_from_replies() {
     assert_eq!(appliance.console("echo after").unwrap(), "after");
     assert_eq!(appliance.take_events(), ["event: pool 0 low water mark"]);
     assert!(appliance.take_events().is_empty());
+    assert_eq!(appliance.console("busy-event").unwrap(), "working\ndone");
+    assert_eq!(appliance.take_events(), ["event: pool 0 low water mark"]);
 }
 
 #[test]
