@@ -36,35 +36,40 @@ impl DmaBuffer {
 
     fn at<T>(&self, offset: usize) -> *mut T {
         assert!(
-            offset % align_of::<T>() == 0 && offset + size_of::<T>() <= self.len(),
+            offset.is_multiple_of(align_of::<T>()) && offset + size_of::<T>() <= self.len(),
             "DMA access at {offset} outside the buffer or misaligned"
         );
         // SAFETY: the offset is inside the allocation (checked above).
         unsafe { self.virt.as_ptr().add(offset).cast() }
     }
 
-    pub fn read_u16(&self, offset: usize) -> u16 {
+    pub fn read_u8(&self, offset: usize) -> u8 {
         // SAFETY: `at` checks bounds and alignment; the memory is ours and mapped.
+        unsafe { self.at::<u8>(offset).read_volatile() }
+    }
+
+    pub fn read_u16(&self, offset: usize) -> u16 {
+        // SAFETY: as in `read_u8`.
         unsafe { self.at::<u16>(offset).read_volatile() }
     }
 
     pub fn read_u32(&self, offset: usize) -> u32 {
-        // SAFETY: as in `read_u16`.
+        // SAFETY: as in `read_u8`.
         unsafe { self.at::<u32>(offset).read_volatile() }
     }
 
     pub fn read_u64(&self, offset: usize) -> u64 {
-        // SAFETY: as in `read_u16`.
+        // SAFETY: as in `read_u8`.
         unsafe { self.at::<u64>(offset).read_volatile() }
     }
 
     pub fn write_u32(&self, offset: usize, value: u32) {
-        // SAFETY: as in `read_u16`.
+        // SAFETY: as in `read_u8`.
         unsafe { self.at::<u32>(offset).write_volatile(value) }
     }
 
     pub fn write_u64(&self, offset: usize, value: u64) {
-        // SAFETY: as in `read_u16`.
+        // SAFETY: as in `read_u8`.
         unsafe { self.at::<u64>(offset).write_volatile(value) }
     }
 
@@ -72,7 +77,7 @@ impl DmaBuffer {
     pub fn read_bytes(&self, offset: usize, out: &mut [u8]) {
         fence(Ordering::SeqCst);
         for (i, byte) in out.iter_mut().enumerate() {
-            // SAFETY: as in `read_u16` (bytes need no alignment).
+            // SAFETY: as in `read_u8`.
             *byte = unsafe { self.at::<u8>(offset + i).read_volatile() };
         }
     }

@@ -7,13 +7,15 @@
 
 extern crate alloc;
 
+mod acpi;
 mod arch;
 mod dma;
+mod drivers;
 mod memory;
 mod mmio;
+mod pci;
 mod platform;
 
-use alloc::vec::Vec;
 use bootloader_api::config::Mapping;
 use bootloader_api::{BootInfo, BootloaderConfig, entry_point};
 use core::fmt::Write;
@@ -65,7 +67,28 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         }
     );
 
-    let mut console = Console::new(platform::KernelPlatform, Vec::new());
+    let acpi = match boot_info.rsdp_addr.into_option().map(acpi::parse) {
+        Some(Ok(tables)) => tables,
+        Some(Err(why)) => {
+            let _ = write!(serial, "thinbox: ignoring ACPI tables: {why}\r\n");
+            acpi::AcpiInfo::default()
+        }
+        None => acpi::AcpiInfo::default(),
+    };
+    if let Some(soft_off) = acpi.soft_off {
+        power::set_acpi_soft_off(soft_off);
+    }
+    let mut pci = pci::Pci::new(&acpi.ecam);
+    let disks = drivers::discover(&mut pci, &mut serial);
+    let _ = write!(
+        serial,
+        "thinbox: PCI through {}, {} disk{}\r\n",
+        pci.mechanism,
+        disks.len(),
+        if disks.len() == 1 { "" } else { "s" }
+    );
+
+    let mut console = Console::new(platform::KernelPlatform, disks);
     let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));
     console.start(&mut serial);
     loop {

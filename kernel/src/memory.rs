@@ -96,7 +96,9 @@ impl FramePool {
 struct Paging {
     table: OffsetPageTable<'static>,
     window_next: u64,
-    window_end: u64,
+    /// Bytes of the window not handed out yet (its end may be 2^64, which u64 cannot
+    /// hold).
+    window_left: u64,
 }
 
 /// Page-table frames come from the DMA pool (they are never freed).
@@ -163,7 +165,7 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) -> Result<(), &'static st
     *PAGING.lock() = Some(Paging {
         table,
         window_next: window_start,
-        window_end: window_start + (1 << 39),
+        window_left: 1 << 39,
     });
     Ok(())
 }
@@ -259,7 +261,8 @@ pub unsafe fn map_mmio(phys: u64, len: usize) -> Option<NonNull<u8>> {
     let first_page = phys & !(FRAME_SIZE as u64 - 1);
     let pages = (last - first_page) / FRAME_SIZE as u64 + 1;
     let virt = paging.window_next;
-    if virt + pages * FRAME_SIZE as u64 > paging.window_end {
+    let bytes = pages * FRAME_SIZE as u64;
+    if bytes > paging.window_left {
         return None;
     }
     let flags = PageTableFlags::PRESENT
@@ -275,6 +278,7 @@ pub unsafe fn map_mmio(phys: u64, len: usize) -> Option<NonNull<u8>> {
             .ok()?
             .flush();
     }
-    paging.window_next += pages * FRAME_SIZE as u64;
+    paging.window_next = paging.window_next.wrapping_add(bytes);
+    paging.window_left -= bytes;
     NonNull::new((virt + (phys - first_page)) as *mut u8)
 }

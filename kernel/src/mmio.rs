@@ -26,7 +26,7 @@ impl Mmio {
 
     fn at<T>(&self, offset: usize) -> *mut T {
         assert!(
-            offset % align_of::<T>() == 0 && offset + size_of::<T>() <= self.len,
+            offset.is_multiple_of(align_of::<T>()) && offset + size_of::<T>() <= self.len,
             "register access at {offset:#x} outside the {:#x}-byte block",
             self.len
         );

@@ -2,7 +2,9 @@
 //! flight, flushes, reads it back and compares, reporting throughput.
 //!
 //! Unless forced it first reads the start of the disk and a sample of every MiB it
-//! would overwrite, and refuses when any of that holds data.
+//! would overwrite, and refuses when any of that holds data. When the disk takes
+//! discards, the tested range is discarded at the end, which also exercises that
+//! path of the driver.
 
 use alloc::format;
 use alloc::string::String;
@@ -46,6 +48,7 @@ enum Phase {
     Write,
     Flush,
     Verify,
+    Discard,
 }
 
 impl Phase {
@@ -55,6 +58,7 @@ impl Phase {
             Phase::Write => "writing",
             Phase::Flush => "flushing",
             Phase::Verify => "verifying",
+            Phase::Discard => "discarding",
         }
     }
 }
@@ -79,6 +83,9 @@ pub(crate) struct DiskTest {
     phase_started_ns: u64,
     last_progress_ns: u64,
     write_ns: u64,
+    read_ns: u64,
+    /// The device takes discards.
+    discard: bool,
 }
 
 impl DiskTest {
@@ -103,6 +110,8 @@ impl DiskTest {
             phase_started_ns: 0,
             last_progress_ns: 0,
             write_ns: 0,
+            read_ns: 0,
+            discard: info.discard,
             options,
         };
         if test.options.force {
@@ -124,6 +133,7 @@ impl DiskTest {
         self.pending = match phase {
             Phase::Check => Vec::new(),
             Phase::Flush => alloc::vec![(0, 0)],
+            Phase::Discard => alloc::vec![(0, self.options.sectors)],
             Phase::Write | Phase::Verify => {
                 split(core::iter::once((0, self.options.sectors)), self.chunk)
             }
@@ -139,13 +149,15 @@ impl DiskTest {
             Phase::Write => {
                 let mut buf = IoBuf::with_sectors(sectors as usize);
                 fill_pattern(&mut buf, sector, self.options.seed);
+                // The last write goes out with FUA so drivers' FUA paths get tested too.
                 Command::Write {
                     sector,
                     buf,
-                    fua: false,
+                    fua: sector + sectors == self.options.sectors,
                 }
             }
             Phase::Flush => Command::Flush,
+            Phase::Discard => Command::Discard { sector, sectors },
         }
     }
 
@@ -194,7 +206,7 @@ impl DiskTest {
                     );
                 }
             }
-            Phase::Write | Phase::Flush => {}
+            Phase::Write | Phase::Flush | Phase::Discard => {}
         }
     }
 
@@ -231,7 +243,7 @@ impl DiskTest {
         self.last_progress_ns = now_ns;
         let total = match self.phase {
             Phase::Write | Phase::Verify => self.options.sectors,
-            Phase::Check | Phase::Flush => return,
+            Phase::Check | Phase::Flush | Phase::Discard => return,
         };
         outln!(
             out,
@@ -274,20 +286,16 @@ impl DiskTest {
                 self.enter(Phase::Verify, now_ns);
             }
             Phase::Verify => {
-                let bytes = self.options.sectors * SECTOR_SIZE as u64;
-                outln!(
-                    out,
-                    "disk-test {}: OK, {} MiB written and flushed in {} ({}), read back in {} \
-                     ({}), up to {} requests of {} KiB in flight",
-                    self.name,
-                    self.options.sectors / MIB_SECTORS,
-                    seconds(self.write_ns),
-                    mib_per_second(bytes, self.write_ns),
-                    seconds(elapsed),
-                    mib_per_second(bytes, elapsed),
-                    self.peak_in_flight,
-                    self.chunk * SECTOR_SIZE as u64 / 1024
-                );
+                self.read_ns = elapsed;
+                if self.discard {
+                    self.enter(Phase::Discard, now_ns);
+                } else {
+                    self.report(out);
+                    return Some(Ok(()));
+                }
+            }
+            Phase::Discard => {
+                self.report(out);
                 return Some(Ok(()));
             }
         }
@@ -295,9 +303,33 @@ impl DiskTest {
     }
 }
 
+impl DiskTest {
+    fn report(&self, out: &mut dyn Write) {
+        let bytes = self.options.sectors * SECTOR_SIZE as u64;
+        outln!(
+            out,
+            "disk-test {}: OK, {} MiB written and flushed in {} ({}), read back in {} ({}), \
+             up to {} requests of {} KiB in flight{}",
+            self.name,
+            self.options.sectors / MIB_SECTORS,
+            seconds(self.write_ns),
+            mib_per_second(bytes, self.write_ns),
+            seconds(self.read_ns),
+            mib_per_second(bytes, self.read_ns),
+            self.peak_in_flight,
+            self.chunk * SECTOR_SIZE as u64 / 1024,
+            if self.discard {
+                ", range discarded"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
 impl Job for DiskTest {
     fn step(&mut self, context: &mut Context<'_>, out: &mut dyn Write) -> Progress {
-        let now_ns = context.now_ns;
+        let now_ns = (context.clock)();
         if self.started_ns.is_none() {
             self.started_ns = Some(now_ns);
             self.last_progress_ns = now_ns;
@@ -311,7 +343,7 @@ impl Job for DiskTest {
                 self.complete(done);
                 reaped = true;
             }
-            if let Some(result) = self.advance(now_ns, out) {
+            if let Some(result) = self.advance((context.clock)(), out) {
                 return Progress::Finished(result);
             }
             if !reaped {

@@ -9,8 +9,8 @@ use crate::{CommandError, Disk};
 /// What a job may use during one step.
 pub(crate) struct Context<'a> {
     pub disks: &'a mut [Disk],
-    /// Monotonic time of this step.
-    pub now_ns: u64,
+    /// The monotonic clock (nanoseconds).
+    pub clock: &'a dyn Fn() -> u64,
 }
 
 /// Outcome of one step.

@@ -157,9 +157,10 @@ impl<P: Platform> Console<P> {
         let Some(job) = &mut self.job else {
             return false;
         };
+        let platform = &self.platform;
         let mut context = job::Context {
             disks: &mut self.disks,
-            now_ns: self.platform.now_ns(),
+            clock: &|| platform.now_ns(),
         };
         match job.step(&mut context, out) {
             Progress::Running => true,

@@ -87,11 +87,43 @@ impl BlockDevice for FaultyDisk {
         let mut done = self.inner.poll()?;
         if let Fault::CorruptRead(sector) = self.fault {
             let start = done.tag;
-            if done.buf.len() > 0 && (start..start + done.buf.sectors()).contains(&sector) {
+            if !done.buf.is_empty() && (start..start + done.buf.sectors()).contains(&sector) {
                 done.buf[(sector - start) as usize * SECTOR_SIZE + 7] ^= 0x40;
             }
         }
         Some(done)
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+}
+
+/// Commands a [`RecordingDisk`] was given, as (kind, sector, fua).
+type CommandLog = alloc::rc::Rc<core::cell::RefCell<Vec<(&'static str, u64, bool)>>>;
+
+/// A memory disk that records every command it is given.
+struct RecordingDisk {
+    inner: MemDisk,
+    log: CommandLog,
+}
+
+impl BlockDevice for RecordingDisk {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn submit(&mut self, request: Request) -> Result<(), Busy> {
+        let entry = match &request.command {
+            Command::Read { sector, .. } => ("read", *sector, false),
+            Command::Write { sector, fua, .. } => ("write", *sector, *fua),
+            Command::Flush => ("flush", 0, false),
+            Command::Discard { sector, .. } => ("discard", *sector, false),
+        };
+        self.inner.submit(request)?;
+        self.log.borrow_mut().push(entry);
+        Ok(())
+    }
+    fn poll(&mut self) -> Option<Completion> {
+        self.inner.poll()
     }
     fn in_flight(&self) -> usize {
         self.inner.in_flight()
@@ -110,6 +142,7 @@ fn mem_disk(mib: u64, model: &str, serial: &str) -> MemDisk {
     info.model = model.to_string();
     info.serial = serial.to_string();
     info.queue_depth = 8;
+    info.discard = false;
     MemDisk::with_info(info)
 }
 
@@ -117,7 +150,7 @@ fn mem_disk(mib: u64, model: &str, serial: &str) -> MemDisk {
 /// printed after the echoed line, without the final prompt.
 fn run(console: &mut Console<FakePlatform>, line: &str) -> String {
     let mut out = String::new();
-    for byte in line.bytes().chain([b'\r']) {
+    for byte in line.bytes().chain(*b"\r") {
         console.input(byte, &mut out);
     }
     let mut polls = 0;
@@ -318,6 +351,46 @@ fn disk_test_passes_on_an_empty_disk_and_leaves_the_pattern() {
     assert!(probe.iter().any(|&b| b != 0));
     view.read_at(4 << 20, &mut probe);
     assert!(probe.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn disk_test_discards_the_range_when_the_disk_can() {
+    let backing = MemDisk::new(64 << 11);
+    let view = backing.handle();
+    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
+    let out = run(&mut console, "disk-test vda 8");
+    let last = *lines(&out).last().unwrap();
+    assert!(last.starts_with("disk-test vda: OK"), "{out}");
+    assert!(last.ends_with(", range discarded"), "{out}");
+    assert_eq!(view.resident_bytes(), 0);
+}
+
+#[test]
+fn disk_test_order_check_write_fua_flush_verify_discard() {
+    let log = CommandLog::default();
+    let recorder = RecordingDisk {
+        inner: MemDisk::new(16 << 11),
+        log: alloc::rc::Rc::clone(&log),
+    };
+    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vda", recorder)]);
+    assert!(run(&mut console, "disk-test vda 2").contains("OK"));
+    let log = log.borrow();
+    let kinds: Vec<&str> = log.iter().map(|(kind, ..)| *kind).collect();
+    // Check: the first MiB in four requests plus one sample of the second MiB.
+    assert_eq!(kinds[..5], ["read"; 5]);
+    assert_eq!(kinds[5..13], ["write"; 8]);
+    assert_eq!(
+        kinds[13..],
+        [
+            "flush", "read", "read", "read", "read", "read", "read", "read", "read", "discard"
+        ]
+    );
+    let fua: Vec<u64> = log
+        .iter()
+        .filter(|(.., fua)| *fua)
+        .map(|(_, sector, _)| *sector)
+        .collect();
+    assert_eq!(fua, [3584], "only the last write is FUA");
 }
 
 #[test]

@@ -172,12 +172,13 @@ static IDT: Lazy<InterruptDescriptorTable> = Lazy::new(|| {
     idt.security_exception.set_handler_fn(security_exception);
     for irq in 0..16u8 {
         let entry = &mut idt[IRQ_BASE + irq];
-        match irq {
-            IRQ_TIMER => entry.set_handler_fn(timer),
-            IRQ_COM1 => entry.set_handler_fn(com1),
-            0..8 => entry.set_handler_fn(stray_master),
-            _ => entry.set_handler_fn(stray_slave),
+        let handler = match irq {
+            IRQ_TIMER => timer,
+            IRQ_COM1 => com1,
+            _ if irq < 8 => stray_master,
+            _ => stray_slave,
         };
+        entry.set_handler_fn(handler);
     }
     idt
 });

@@ -72,6 +72,11 @@ fn halt_forever() -> ! {
 pub fn power_off() -> ! {
     port::write_u32(DEBUG_EXIT_PORT, EXIT_SUCCESS);
     acpi_soft_off();
+    // Give the chipset a moment to act on the sleep request before giving up.
+    let deadline = super::clock::now_ns() + 500_000_000;
+    while super::clock::now_ns() < deadline {
+        core::hint::spin_loop();
+    }
     let _ = Serial::get().write_str("power-off failed: the machine may be switched off now\r\n");
     halt_forever()
 }

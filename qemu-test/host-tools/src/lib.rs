@@ -16,7 +16,14 @@ pub enum Tool {
     Ovmf,
     ThinCheck,
     QemuImg,
+    /// `qemu-io`, from the same package as `qemu-img`.
+    QemuIo,
     NbdInfo,
+    /// `nbdcopy`, from the same package as `nbdinfo`.
+    NbdCopy,
+    /// `nbdsh`, libnbd's Python shell (it also makes `import nbd` work in Debian's
+    /// `/usr/bin/python3`).
+    NbdSh,
     Fio,
 }
 
@@ -28,7 +35,10 @@ impl Tool {
             Tool::Ovmf => OVMF_CODE,
             Tool::ThinCheck => "thin_check",
             Tool::QemuImg => "qemu-img",
+            Tool::QemuIo => "qemu-io",
             Tool::NbdInfo => "nbdinfo",
+            Tool::NbdCopy => "nbdcopy",
+            Tool::NbdSh => "nbdsh",
             Tool::Fio => "fio",
         }
     }
@@ -39,8 +49,9 @@ impl Tool {
             Tool::Qemu => "qemu-system-x86",
             Tool::Ovmf => "ovmf",
             Tool::ThinCheck => "thin-provisioning-tools",
-            Tool::QemuImg => "qemu-utils",
-            Tool::NbdInfo => "libnbd-bin",
+            Tool::QemuImg | Tool::QemuIo => "qemu-utils",
+            Tool::NbdInfo | Tool::NbdCopy => "libnbd-bin",
+            Tool::NbdSh => "python3-libnbd",
             Tool::Fio => "fio",
         }
     }
@@ -99,6 +110,7 @@ pub fn require(tools: &[Tool]) -> Result<(), Missing> {
         .filter(|tool| !tool.installed())
         .map(|tool| tool.package())
         .collect();
+    packages.sort_unstable();
     packages.dedup();
     if packages.is_empty() {
         return Ok(());
@@ -185,7 +197,10 @@ mod tests {
             Tool::Ovmf,
             Tool::ThinCheck,
             Tool::QemuImg,
+            Tool::QemuIo,
             Tool::NbdInfo,
+            Tool::NbdCopy,
+            Tool::NbdSh,
             Tool::Fio,
         ];
         for tool in tools {

@@ -1,0 +1,44 @@
+//! NBD (Network Block Device) server.
+//!
+//! The protocol is a state machine over byte streams ([`Server`]): bytes in, bytes out,
+//! no blocking, bounded memory per connection. It serves the exports of a [`Backend`],
+//! which the management plane implements over thin volumes and linear regions; the
+//! kernel drives it with smoltcp sockets, the host with std TCP ([`tcp`], feature
+//! `std`). [`MemoryBackend`] is an in-memory reference backend with thin-volume
+//! behaviour (holes, external origins, out-of-space) for tests and offline use.
+//!
+//! Spoken: fixed newstyle handshake with `NO_ZEROES`; options `EXPORT_NAME`, `LIST`,
+//! `INFO`, `GO`, `ABORT`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
+//! `SET_META_CONTEXT` (`base:allocation`); `STARTTLS` is refused by policy and
+//! extended headers are unsupported. Commands `READ`, `WRITE`, `FLUSH`, `TRIM`,
+//! `CACHE`, `WRITE_ZEROES` and `BLOCK_STATUS` with simple or structured replies,
+//! completed out of order; `DISC`. The minimum block size is 512 bytes and the maximum
+//! payload 32 MiB; a write longer than that has its payload skipped and gets `EINVAL`.
+
+#![no_std]
+
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+mod backend;
+mod connection;
+mod memory;
+mod options;
+mod output;
+mod reply;
+mod requests;
+mod server;
+#[cfg(feature = "std")]
+pub mod tcp;
+pub mod wire;
+
+pub use backend::{
+    Backend, BackendError, ExportHandle, ExportInfo, Extent, IoCompletion, IoOp, IoOutput,
+    IoRequest, OpenError, QueueFull, SectorRun,
+};
+pub use connection::Limits;
+pub use memory::{CompletionOrder, MemoryBackend, MemoryExport, MemoryStats};
+pub use options::{MAX_OPTION_DATA, MAX_PAYLOAD, MIN_BLOCK_SIZE};
+pub use requests::MAX_EXTENTS;
+pub use server::{ConnectionId, Server};

@@ -1,0 +1,227 @@
+//! Many connections, one backend: the transport-agnostic server.
+//!
+//! A transport (smoltcp sockets in the kernel, std TCP on the host) owns the sockets
+//! and moves bytes: it calls [`Server::connect`] for each accepted connection, offers
+//! received bytes to [`Server::receive`] (which may take fewer when the connection is
+//! busy), sends what [`Server::output`] yields and reports it with
+//! [`Server::consume_output`], and calls [`Server::poll`] to move requests to the
+//! backend and completions back. Nothing here blocks.
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+use crate::backend::{Backend, QueueFull};
+use crate::connection::{Connection, Limits, Shared};
+
+/// Names one connection of a [`Server`]; never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnectionId(u64);
+
+/// An NBD server over any [`Backend`].
+pub struct Server<B> {
+    backend: B,
+    limits: Limits,
+    connections: BTreeMap<ConnectionId, Connection>,
+    /// Which connection each request in the backend belongs to, by tag.
+    routes: BTreeMap<u64, ConnectionId>,
+    next_connection: u64,
+    next_tag: u64,
+    /// The connection whose request the backend last refused goes first next time.
+    submit_first: ConnectionId,
+    shutting_down: bool,
+}
+
+impl<B: Backend> Server<B> {
+    pub fn new(backend: B, limits: Limits) -> Self {
+        Server {
+            backend,
+            limits,
+            connections: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            next_connection: 0,
+            next_tag: 0,
+            submit_first: ConnectionId(0),
+            shutting_down: false,
+        }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, e.g. for the management plane to add or remove exports.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// A client connected; its greeting is queued as output.
+    pub fn connect(&mut self) -> ConnectionId {
+        let id = ConnectionId(self.next_connection);
+        self.next_connection += 1;
+        let mut connection = Connection::new();
+        if self.shutting_down {
+            connection.stop(false);
+        }
+        self.connections.insert(id, connection);
+        id
+    }
+
+    /// Offers received bytes; returns how many were taken. The rest must be offered
+    /// again later (after [`Server::poll`] made room).
+    pub fn receive(&mut self, id: ConnectionId, data: &[u8]) -> usize {
+        let Some(connection) = self.connections.get_mut(&id) else {
+            return 0;
+        };
+        let mut shared = Shared {
+            backend: &mut self.backend,
+            next_tag: &mut self.next_tag,
+        };
+        connection.receive(data, &self.limits, &mut shared)
+    }
+
+    /// Whether the connection takes input now (false while it is back-pressured or
+    /// ending): a transport need not read its socket otherwise.
+    pub fn wants_input(&self, id: ConnectionId) -> bool {
+        self.connections
+            .get(&id)
+            .is_some_and(|connection| connection.wants_input(&self.limits))
+    }
+
+    /// The bytes waiting to be sent, in order, as consecutive slices.
+    pub fn output(&self, id: ConnectionId) -> impl Iterator<Item = &[u8]> {
+        self.connections
+            .get(&id)
+            .into_iter()
+            .flat_map(|connection| connection.out.chunks())
+    }
+
+    /// Number of bytes waiting to be sent.
+    pub fn output_len(&self, id: ConnectionId) -> usize {
+        self.connections
+            .get(&id)
+            .map_or(0, |connection| connection.out.len())
+    }
+
+    /// `count` bytes from the front of [`Server::output`] were sent.
+    pub fn consume_output(&mut self, id: ConnectionId, count: usize) {
+        if let Some(connection) = self.connections.get_mut(&id) {
+            connection.out.consume(count);
+        }
+    }
+
+    /// The peer closed its sending side: requests already received are finished and
+    /// answered, then the connection ends.
+    pub fn peer_closed(&mut self, id: ConnectionId) {
+        if let Some(connection) = self.connections.get_mut(&id) {
+            connection.stop(false);
+        }
+    }
+
+    /// The transport should close the socket: the connection has ended and everything
+    /// it had to say has been sent.
+    pub fn should_close(&self, id: ConnectionId) -> bool {
+        self.connections
+            .get(&id)
+            .is_none_or(|connection| connection.finished())
+    }
+
+    /// The transport has closed the socket (normally, or because it failed). Requests
+    /// in the backend finish unanswered; the export is closed once they have.
+    pub fn release(&mut self, id: ConnectionId) {
+        if let Some(connection) = self.connections.get_mut(&id) {
+            connection.detach();
+        }
+        self.reap();
+    }
+
+    /// Moves queued requests to the backend and completions back to their
+    /// connections. Returns whether anything happened.
+    pub fn poll(&mut self) -> bool {
+        let mut progress = self.submit();
+        while let Some(done) = self.backend.poll() {
+            progress = true;
+            let Some(id) = self.routes.remove(&done.tag) else {
+                continue;
+            };
+            if let Some(connection) = self.connections.get_mut(&id) {
+                connection.complete(done.tag, done.result);
+            }
+        }
+        self.reap();
+        progress
+    }
+
+    /// Stops taking requests: every connection finishes what it has received, sends
+    /// its replies and ends; new connections end after the greeting.
+    pub fn shut_down(&mut self) {
+        self.shutting_down = true;
+        for connection in self.connections.values_mut() {
+            connection.stop(false);
+        }
+    }
+
+    /// Connections not yet released, plus released ones still waiting for the backend.
+    pub fn connection_count(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Requests handed to the backend and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Submits queued requests, one per connection in turn, until the backend is full.
+    fn submit(&mut self) -> bool {
+        let mut ids: Vec<ConnectionId> = self
+            .connections
+            .iter()
+            .filter(|(_, connection)| !connection.queued.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        let first = ids.iter().position(|id| *id >= self.submit_first);
+        ids.rotate_left(first.unwrap_or(0));
+        let mut progress = false;
+        let mut more = true;
+        while more {
+            more = false;
+            for id in &ids {
+                let Some(connection) = self.connections.get_mut(id) else {
+                    continue;
+                };
+                let Some(request) = connection.queued.pop_front() else {
+                    continue;
+                };
+                let tag = request.tag;
+                match self.backend.submit(request) {
+                    Ok(()) => {
+                        self.routes.insert(tag, *id);
+                        progress = true;
+                        more = true;
+                    }
+                    Err(QueueFull(request)) => {
+                        connection.queued.push_front(request);
+                        self.submit_first = *id;
+                        return progress;
+                    }
+                }
+            }
+        }
+        progress
+    }
+
+    /// Forgets released connections whose requests have all come back, closing their
+    /// exports.
+    fn reap(&mut self) {
+        let done: Vec<ConnectionId> = self
+            .connections
+            .iter()
+            .filter(|(_, connection)| connection.detached && connection.in_flight.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            if let Some(export) = self.connections.remove(&id).and_then(|c| c.export) {
+                self.backend.close(export.handle);
+            }
+        }
+    }
+}

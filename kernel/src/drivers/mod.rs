@@ -1,0 +1,77 @@
+//! Disk drivers. Each implements [`blockdev::BlockDevice`] with several requests in
+//! flight and completions found by polling.
+
+pub mod nvme;
+pub mod virtio_blk;
+mod virtio_hal;
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use console::Disk;
+use core::fmt::Write;
+use virtio_drivers::transport::DeviceType;
+use virtio_drivers::transport::pci::virtio_device_type;
+
+use crate::pci::Pci;
+
+/// PCI class, subclass and programming interface of an NVMe controller.
+const NVME_CLASS: (u8, u8, u8) = (0x01, 0x08, 0x02);
+
+/// Finds and sets up every disk, in PCI order: virtio-blk disks become `vda`,
+/// `vdb`, …; NVMe namespaces `nvme<controller>n<namespace id>`. A device that
+/// fails to start is reported on `log` and skipped.
+pub fn discover(pci: &mut Pci, log: &mut dyn Write) -> Vec<Disk> {
+    let mut disks = Vec::new();
+    let mut virtio_disks = 0;
+    let mut nvme_controllers = 0;
+    for function in pci.functions() {
+        let info = &function.info;
+        if virtio_device_type(info) == Some(DeviceType::Block) {
+            let name = format!("vd{}", disk_letters(virtio_disks));
+            virtio_disks += 1;
+            match virtio_blk::VirtioBlk::probe(pci, &function) {
+                Ok(device) => disks.push(Disk {
+                    name,
+                    device: Box::new(device),
+                }),
+                Err(why) => {
+                    let _ = write!(log, "thinbox: {name} at {}: {why}\r\n", function.address);
+                }
+            }
+        } else if (info.class, info.subclass, info.prog_if) == NVME_CLASS {
+            let controller = nvme_controllers;
+            nvme_controllers += 1;
+            match nvme::probe(pci, &function) {
+                Ok(namespaces) => disks.extend(namespaces.into_iter().map(|(nsid, device)| Disk {
+                    name: format!("nvme{controller}n{nsid}"),
+                    device: Box::new(device),
+                })),
+                Err(why) => {
+                    let _ = write!(
+                        log,
+                        "thinbox: nvme{controller} at {}: {why}\r\n",
+                        function.address
+                    );
+                }
+            }
+        }
+    }
+    disks
+}
+
+/// `a`…`z`, then `aa`, `ab`, … as Linux names its disks.
+fn disk_letters(index: usize) -> String {
+    let mut letters = Vec::new();
+    let mut n = index;
+    loop {
+        letters.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    letters.reverse();
+    String::from_utf8(letters).expect("ASCII letters")
+}

@@ -1,0 +1,149 @@
+//! PCI: configuration-space access through the ECAM window from ACPI's MCFG (q35)
+//! or the legacy 0xCF8/0xCFC ports (i440fx), enumeration, and BAR setup.
+//!
+//! The access type plugs into `virtio-drivers`' `PciRoot`, whose enumeration and
+//! BAR sizing every driver shares.
+
+use alloc::vec::Vec;
+use core::ops::RangeInclusive;
+use virtio_drivers::transport::pci::bus::{
+    BarInfo, Command, ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, PciRoot,
+};
+
+use crate::acpi::EcamWindow;
+use crate::arch::port;
+use crate::mmio::Mmio;
+
+/// How configuration space is reached.
+pub enum ConfigAccess {
+    /// Memory-mapped, 4 KiB per function (bus 0 at offset 0).
+    Ecam(Mmio),
+    /// Legacy configuration mechanism #1.
+    Ports,
+}
+
+const CONFIG_ADDRESS: u16 = 0xcf8;
+const CONFIG_DATA: u16 = 0xcfc;
+
+impl ConfigAccess {
+    fn ecam_offset(function: DeviceFunction, register: u8) -> usize {
+        (usize::from(function.bus) << 20)
+            | (usize::from(function.device) << 15)
+            | (usize::from(function.function) << 12)
+            | usize::from(register & 0xfc)
+    }
+
+    fn port_address(function: DeviceFunction, register: u8) -> u32 {
+        0x8000_0000
+            | u32::from(function.bus) << 16
+            | u32::from(function.device) << 11
+            | u32::from(function.function) << 8
+            | u32::from(register & 0xfc)
+    }
+}
+
+impl ConfigurationAccess for ConfigAccess {
+    fn read_word(&self, function: DeviceFunction, register: u8) -> u32 {
+        match self {
+            ConfigAccess::Ecam(mmio) => mmio.read_u32(Self::ecam_offset(function, register)),
+            ConfigAccess::Ports => {
+                port::write_u32(CONFIG_ADDRESS, Self::port_address(function, register));
+                port::read_u32(CONFIG_DATA)
+            }
+        }
+    }
+
+    fn write_word(&mut self, function: DeviceFunction, register: u8, data: u32) {
+        match self {
+            ConfigAccess::Ecam(mmio) => mmio.write_u32(Self::ecam_offset(function, register), data),
+            ConfigAccess::Ports => {
+                port::write_u32(CONFIG_ADDRESS, Self::port_address(function, register));
+                port::write_u32(CONFIG_DATA, data);
+            }
+        }
+    }
+
+    unsafe fn unsafe_clone(&self) -> Self {
+        match self {
+            ConfigAccess::Ecam(mmio) => ConfigAccess::Ecam(mmio.clone()),
+            ConfigAccess::Ports => ConfigAccess::Ports,
+        }
+    }
+}
+
+/// A function found on the bus.
+#[derive(Clone, Debug)]
+pub struct PciFunction {
+    pub address: DeviceFunction,
+    pub info: DeviceFunctionInfo,
+}
+
+/// The PCI segment the appliance drives (segment 0).
+pub struct Pci {
+    pub root: PciRoot<ConfigAccess>,
+    buses: RangeInclusive<u8>,
+    /// "ECAM" or "port I/O", for the boot log.
+    pub mechanism: &'static str,
+}
+
+impl Pci {
+    /// Uses segment 0's ECAM window when ACPI names one, else legacy ports.
+    pub fn new(ecam: &[EcamWindow]) -> Pci {
+        if let Some(window) = ecam.iter().find(|w| w.segment == 0) {
+            let len = (usize::from(window.end_bus) + 1) << 20;
+            // SAFETY: the MCFG names this range as the ECAM window: device memory.
+            if let Some(mmio) = unsafe { Mmio::map(window.base, len) } {
+                return Pci {
+                    root: PciRoot::new(ConfigAccess::Ecam(mmio)),
+                    buses: window.start_bus..=window.end_bus,
+                    mechanism: "ECAM",
+                };
+            }
+        }
+        Pci {
+            root: PciRoot::new(ConfigAccess::Ports),
+            buses: 0..=255,
+            mechanism: "port I/O",
+        }
+    }
+
+    /// Every function on every bus, in bus/device/function order.
+    pub fn functions(&self) -> Vec<PciFunction> {
+        self.buses
+            .clone()
+            .flat_map(|bus| self.root.enumerate_bus(bus))
+            .map(|(address, info)| PciFunction { address, info })
+            .collect()
+    }
+
+    /// The physical address and size of memory BAR `index`, with memory decoding
+    /// and bus mastering switched on. The firmware assigns the addresses; a BAR it
+    /// left unassigned is reported, not guessed.
+    pub fn memory_bar(
+        &mut self,
+        function: DeviceFunction,
+        index: u8,
+    ) -> Result<(u64, u64), &'static str> {
+        let bar = self
+            .root
+            .bar_info(function, index)
+            .map_err(|_| "invalid BAR")?;
+        let Some((address, size)) = bar.as_ref().and_then(BarInfo::memory_address_size) else {
+            return Err("BAR is not a memory BAR");
+        };
+        if address == 0 || size == 0 {
+            return Err("the firmware left the BAR unassigned");
+        }
+        self.enable(function);
+        Ok((address, size))
+    }
+
+    /// Switches on memory decoding and bus mastering (DMA).
+    pub fn enable(&mut self, function: DeviceFunction) {
+        let (_, command) = self.root.get_status_command(function);
+        self.root.set_command(
+            function,
+            command | Command::MEMORY_SPACE | Command::BUS_MASTER,
+        );
+    }
+}
