@@ -18,7 +18,7 @@ use crate::{CommandError, Disk, outln};
 /// Sectors per test request (256 KiB), unless the device takes less.
 const CHUNK_SECTORS: u64 = 512;
 /// Most requests the test keeps in flight, unless the device takes fewer.
-const MAX_DEPTH: usize = 32;
+const MAX_DEPTH: usize = 64;
 /// Sectors in a MiB.
 const MIB_SECTORS: u64 = (1 << 20) / SECTOR_SIZE as u64;
 /// Sectors read at the start of every MiB when checking for data.
