@@ -9,7 +9,7 @@ use blockdev::{
 };
 use core::cell::Cell;
 
-use crate::{Console, Disk, MemoryStats, PROMPT, Platform};
+use crate::{Console, Crash, Disk, MemoryStats, PROMPT, Platform};
 
 /// What `start` says when no disk carries a configuration.
 pub(crate) const NO_CONFIG: &str =
@@ -20,7 +20,7 @@ pub(crate) const NO_CONFIG: &str =
 pub(crate) struct FakePlatform {
     now_ns: Cell<u64>,
     powered_off: bool,
-    crashed: Option<String>,
+    crashed: Vec<Crash>,
 }
 
 impl Platform for FakePlatform {
@@ -41,8 +41,8 @@ impl Platform for FakePlatform {
     fn power_off(&mut self) {
         self.powered_off = true;
     }
-    fn crash(&mut self, why: &str) {
-        self.crashed = Some(why.to_string());
+    fn crash(&mut self, how: Crash) {
+        self.crashed.push(how);
     }
 }
 
@@ -327,14 +327,19 @@ fn shutdown_refuses_when_a_flush_fails_unless_forced() {
 }
 
 #[test]
-fn debug_panic_crashes_through_the_platform() {
+fn debug_crashes_through_the_platform() {
     let mut console = console();
-    assert!(error(&mut console, "debug").starts_with("error: usage: debug panic"));
-    assert!(console.platform().crashed.is_none());
+    let usage = "error: usage: debug panic|page-fault|stack-overflow (crashes the appliance \
+                 on purpose)";
+    assert_eq!(error(&mut console, "debug"), usage);
+    assert_eq!(error(&mut console, "debug reboot"), usage);
+    assert!(console.platform().crashed.is_empty());
     run(&mut console, "debug panic");
+    run(&mut console, "debug page-fault");
+    run(&mut console, "debug stack-overflow");
     assert_eq!(
-        console.platform().crashed.as_deref(),
-        Some("deliberate panic requested on the console")
+        console.platform().crashed,
+        [Crash::Panic, Crash::PageFault, Crash::StackOverflow]
     );
 }
 
@@ -446,6 +451,16 @@ fn disk_test_refuses_a_disk_with_data_unless_forced() {
     assert!(error(&mut console, "disk-test vda 1").contains("holds data"));
     let forced = run(&mut console, "disk-test vda 48 --force");
     assert!(lines(&forced).last().unwrap().contains("OK"), "{forced}");
+}
+
+#[test]
+fn disk_test_names_the_lowest_sector_with_data_whatever_the_completion_order() {
+    let mut backing = mem_disk(64, "m", "s");
+    backing.write_at(3 << 20, b"later");
+    backing.write_at(700 * 512, b"first");
+    backing.shuffle_completions(11);
+    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
+    assert!(error(&mut console, "disk-test vda 8").contains("(non-zero bytes in sector 700)"),);
 }
 
 #[test]
