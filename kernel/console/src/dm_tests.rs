@@ -585,3 +585,58 @@ fn devices_are_nbd_exports() {
     ok(&mut console, "remove base");
     assert!(nbd_names(&console).eq(["guest"]));
 }
+
+#[test]
+fn a_power_loss_at_any_point_of_an_update_leaves_the_old_or_the_new_configuration() {
+    use blockdev::{CrashDisk, Unflushed};
+    let disks = machine();
+    let (mut console, _) = boot(&disks);
+    ok(&mut console, "config init vdc");
+    ok(&mut console, "create kept --table \"0 8 linear vda 0\"");
+    drop(console);
+    let mut index = 0;
+    loop {
+        let config = CrashDisk::from_disk(&disks[2].1);
+        let mut console = Console::new(
+            FakePlatform::default(),
+            alloc::vec![
+                disk("vda", disks[0].1.handle()),
+                disk("vdb", disks[1].1.handle()),
+                disk("vdc", config.handle()),
+            ],
+        );
+        console.start(&mut String::new());
+        let before = config.operations();
+        config.fail_at(Some(before + index));
+        let answer = run(&mut console, "create new --table \"0 8 linear vda 8\"");
+        // The update is one FUA write: a power loss at it fails the command; once it
+        // has completed, the new configuration is durable.
+        let crashed = answer.starts_with("error:");
+        assert_eq!(crashed, config.operations() == before, "{answer}");
+        drop(console);
+        let after = config.after_power_loss(Unflushed::Random(index));
+        let rebooted = [
+            ("vda", disks[0].1.handle()),
+            ("vdb", disks[1].1.handle()),
+            ("vdc", after),
+        ];
+        let (mut console, notes) = boot(&rebooted);
+        let listed = run(&mut console, "ls");
+        if crashed {
+            assert!(
+                answer.starts_with(
+                    "error: saving the configuration on vdc failed, nothing was changed"
+                ),
+                "{answer}"
+            );
+            assert!(notes.starts_with("config: vdc generation 2"), "{notes}");
+            assert_eq!(listed, "kept  (linear)\r\n");
+        } else {
+            assert!(notes.starts_with("config: vdc generation 3"), "{notes}");
+            assert_eq!(listed, "kept  (linear)\r\nnew   (linear)\r\n");
+            break;
+        }
+        index += 1;
+    }
+    assert!(index > 0, "the update was interrupted at least once");
+}
