@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use blockdev::FileDisk;
 use clap::Args;
-use console::{Console, Disk, MemoryStats, Platform, RegistryBackend};
+use console::{Console, Crash, Disk, MemoryStats, Platform, RegistryBackend};
 use nbd::tcp::{Controller, TcpServer};
 
 use crate::Failure;
@@ -58,8 +58,8 @@ impl Platform for HostPlatform {
     fn power_off(&mut self) {
         self.powered_off = true;
     }
-    fn crash(&mut self, why: &str) {
-        panic!("{why}")
+    fn crash(&mut self, how: Crash) {
+        panic!("deliberate crash requested on the console: {how:?}")
     }
 }
 
