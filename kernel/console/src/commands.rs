@@ -24,7 +24,8 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     ),
     (
         "create NAME [--readonly] --table T",
-        "create a device from a table \"0 LENGTH TARGET ARGS\" (linear DISK OFFSET)",
+        "create a device from a table \"0 LENGTH TARGET ARGS\": linear DEV OFFSET, \
+         thin-pool META DATA BLOCK_SECTORS LOW_WATER [N FEATURES], thin POOL ID [ORIGIN]",
     ),
     (
         "remove NAME [--force]",
@@ -37,7 +38,33 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     ("resume NAME", "release I/O held by suspend"),
     (
         "message NAME 0 MESSAGE",
-        "send a message to a thin-pool device",
+        "send a pool message: create_thin ID, create_snap ID ORIGIN_ID, delete ID, \
+         set_transaction_id OLD NEW, reserve_metadata_snap, release_metadata_snap",
+    ),
+    (
+        "pool create NAME META DATA",
+        "create a pool on whole devices [--block-size SECTORS] [--low-water-mark BLOCKS] \
+         [--format]",
+    ),
+    (
+        "thin create NAME POOL",
+        "create a thin device with the next free id [--size SIZE] [--origin DEVICE]",
+    ),
+    (
+        "snap create NAME ORIGIN",
+        "snapshot a thin device into a new active device",
+    ),
+    (
+        "thin delete NAME",
+        "remove a thin device and delete it from its pool",
+    ),
+    (
+        "thin ls POOL",
+        "mapped, exclusive and shared space of each thin device",
+    ),
+    (
+        "dump POOL [--metadata-snap]",
+        "print the pool's metadata (or the held metadata snapshot) as thin_dump XML",
     ),
     ("ls", "list the devices and their kinds"),
     ("table [NAME]", "show table lines"),

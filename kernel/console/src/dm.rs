@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use crate::config::SlotState;
-use crate::registry::{Device, Registry, State};
+use crate::registry::{Device, Format, Registry, State};
 use crate::table::bare_name;
 use crate::units::human_bytes;
 use crate::{CommandError, Console, Platform, outln};
@@ -22,7 +22,7 @@ impl<P: Platform> Console<P> {
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
         match command {
-            "create" => self.create(args),
+            "create" => self.create(args, out),
             "remove" => self.remove(args),
             "suspend" => {
                 let name = one_name("suspend", args)?;
@@ -42,11 +42,15 @@ impl<P: Platform> Console<P> {
             },
             "table" | "status" | "info" => self.show(command, args, out),
             "config" => self.config(args, out),
+            "pool" => self.pool_command(args, out),
+            "thin" => self.thin_command(args, out),
+            "snap" => self.snap_command(args, out),
+            "dump" => self.dump_command(args, out),
             other => Err(format!("unknown command '{other}' (try help)").into()),
         }
     }
 
-    fn create(&mut self, args: &[String]) -> Result<(), CommandError> {
+    fn create(&mut self, args: &[String], out: &mut dyn Write) -> Result<(), CommandError> {
         const USAGE: &str = "usage: create NAME [--readonly] --table \"0 LENGTH TARGET ARGS...\"";
         let mut name = None;
         let mut read_only = false;
@@ -77,7 +81,14 @@ impl<P: Platform> Console<P> {
         let (Some(name), Some(table)) = (name, table) else {
             return Err(format!("create: name and --table are both needed ({USAGE})").into());
         };
-        self.registry.borrow_mut().create(name, read_only, &table)
+        let notes = self
+            .registry
+            .borrow_mut()
+            .create(name, read_only, &table, Format::IfBlank)?;
+        for note in notes {
+            outln!(out, "{name}: {note}");
+        }
+        Ok(())
     }
 
     fn remove(&mut self, args: &[String]) -> Result<(), CommandError> {
@@ -107,14 +118,8 @@ impl<P: Platform> Console<P> {
         if words.is_empty() {
             return Err(format!("message: which message? ({USAGE})").into());
         }
-        let registry = self.registry.borrow();
-        let device = registry.device(name)?;
-        Err(format!(
-            "{} is a {} device, which takes no messages (messages go to thin-pool devices)",
-            device.name,
-            device.table.kind()
-        )
-        .into())
+        let text: Vec<&str> = words.iter().map(String::as_str).collect();
+        self.registry.borrow_mut().message(name, &text.join(" "))
     }
 
     /// `table`, `status` and `info`, for one device or all.
@@ -133,7 +138,9 @@ impl<P: Platform> Console<P> {
                 for (index, device) in registry.devices.iter().enumerate() {
                     match command {
                         "table" => outln!(out, "{}: {}", device.name, device.table),
-                        "status" => outln!(out, "{}: {}", device.name, status_line(device)),
+                        "status" => {
+                            outln!(out, "{}: {}", device.name, status_line(&registry, device))
+                        }
                         _ => {
                             if index > 0 {
                                 outln!(out, "");
@@ -152,7 +159,7 @@ impl<P: Platform> Console<P> {
                         if let State::Inactive(why) = &device.state {
                             return Err(format!("{} is inactive ({why})", device.name).into());
                         }
-                        outln!(out, "{}", status_line(device));
+                        outln!(out, "{}", status_line(&registry, device));
                     }
                     _ => info(&registry, device, out),
                 }
@@ -230,10 +237,17 @@ fn list(registry: &Registry, out: &mut dyn Write) {
 }
 
 /// dm's status line: `0 LENGTH TARGET` followed by the target's fields.
-fn status_line(device: &Device) -> String {
+fn status_line(registry: &Registry, device: &Device) -> String {
     match &device.state {
         State::Inactive(why) => format!("inactive ({why})"),
-        State::Active(_) => format!("0 {} {}", device.table.length, device.table.kind()),
+        State::Active(_) => match registry.status_fields(device) {
+            Ok(fields) => format!("0 {} {}{fields}", device.table.length, device.table.kind()),
+            Err(why) => format!(
+                "0 {} {} Error ({why})",
+                device.table.length,
+                device.table.kind()
+            ),
+        },
     }
 }
 
@@ -274,11 +288,15 @@ fn info(registry: &Registry, device: &Device, out: &mut dyn Write) {
         }
     );
     match &device.state {
-        State::Active(_) => outln!(
+        State::Active(active) if active.io.data_sectors().is_some() => outln!(
             out,
             "NBD export:        {} ({clients} client{})",
             device.name,
             if clients == 1 { "" } else { "s" }
+        ),
+        State::Active(_) => outln!(
+            out,
+            "NBD export:        - (pools carry no data of their own)"
         ),
         State::Inactive(_) => outln!(out, "NBD export:        - (inactive)"),
     }

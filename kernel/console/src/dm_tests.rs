@@ -129,8 +129,13 @@ fn refused_creates_leave_nothing_behind() {
             "error: create b: no disk or device is called 'vdz' (see disks and ls)",
         ),
         (
-            "create b --table \"0 8 thin-pool vda vdb 128 0\"",
-            "error: create b: unknown target type 'thin-pool' (this build offers: linear)",
+            "create b --table \"0 8 striped 2 8 vda 0 vdb 0\"",
+            "error: create b: unknown target type 'striped' (use linear, thin-pool or thin)",
+        ),
+        (
+            "create b --table \"0 8 thin-pool vda vdb 100 0\"",
+            "error: create b: thin-pool: Invalid block size (sectors: a multiple of 128 from 128 \
+             to 2097152)",
         ),
         (
             "create b --table \"1 8 linear vda 0\"",

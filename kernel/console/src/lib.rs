@@ -20,14 +20,17 @@ extern crate alloc;
 
 mod commands;
 pub mod config;
+mod device_io;
 mod disk_test;
 mod dm;
 mod editor;
 mod job;
 mod linear;
+mod pool_commands;
 mod registry;
 mod shared;
 pub mod table;
+mod thin;
 mod tokenize;
 mod units;
 
@@ -207,6 +210,10 @@ impl<P: Platform> Console<P> {
     /// Advances the running job, if any. Returns true while work is in progress
     /// (call again soon, without sleeping); false when the console is idle.
     pub fn poll(&mut self, out: &mut dyn Write) -> bool {
+        let events = self.registry.borrow_mut().tick(self.platform.now_ns());
+        for event in events {
+            self.event(&event, out);
+        }
         let Some(job) = &mut self.job else {
             return false;
         };
@@ -264,5 +271,7 @@ impl<P: Platform> Console<P> {
 
 #[cfg(test)]
 mod dm_tests;
+#[cfg(test)]
+mod pool_tests;
 #[cfg(test)]
 mod tests;

@@ -15,11 +15,14 @@ use alloc::vec::Vec;
 use blockdev::{BlockDevice, Command, SECTOR_SIZE};
 
 use crate::config::{AREA_SECTORS, Area, DeviceRecord, DiskRecord, Snapshot};
+use crate::device_io::DeviceIo;
 use crate::linear::LinearIo;
 use crate::shared::{Region, SharedDisk};
 use crate::table::{Table, Target, bare_name, check_name};
+use crate::thin::ThinIo;
 use crate::units::human_bytes;
 use crate::{CommandError, Disk};
+use thin_pool::ThinTable;
 
 /// A disk as the registry keeps it.
 pub(crate) struct DiskEntry {
@@ -69,11 +72,23 @@ pub(crate) struct Active {
     /// of a removed device never reach its successor.
     pub instance: u64,
     pub suspended: bool,
-    pub io: LinearIo,
+    pub io: DeviceIo,
     /// NBD requests that arrived while suspended.
     pub held: VecDeque<nbd::IoRequest>,
     /// NBD connections that have the device open.
     pub clients: usize,
+}
+
+/// Whether activating a pool may format its metadata device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// Open existing metadata only (bringing up the saved configuration: a blank
+    /// metadata device there means the disk was replaced, not that it is new).
+    Never,
+    /// Format an all-zero metadata device, as dm does.
+    IfBlank,
+    /// Format whatever is there (`pool create --format`).
+    Force,
 }
 
 /// A window of a disk that a device occupies.
@@ -192,40 +207,195 @@ impl Registry {
                     read_only: base.read_only || device.read_only,
                 })
             }
+            Target::Pool(_) | Target::Thin(_) => Err(format!(
+                "{name} is a {} device; only disks and linear devices can be used here",
+                device.table.kind()
+            )),
         }
     }
 
-    /// Starts a device from its table without registering it.
-    fn activate(&mut self, table: &Table, read_only: bool) -> Result<Active, String> {
-        let region = match &table.target {
+    /// Starts a device from its table without registering it. Returns the running
+    /// device and what the operator should know (a formatted metadata device, warnings).
+    fn activate(
+        &mut self,
+        table: &Table,
+        read_only: bool,
+        format: Format,
+    ) -> Result<(Active, Vec<String>), String> {
+        let mut notes = Vec::new();
+        let io = match &table.target {
             Target::Linear { device, offset } => {
-                let base = self.window(device)?;
-                if offset
-                    .checked_add(table.length)
-                    .is_none_or(|end| end > base.sectors)
-                {
-                    return Err(format!(
-                        "{device} is too small for this table: it holds {} sectors, the table \
-                         needs {offset}+{}",
-                        base.sectors, table.length
+                let region = self.fit(device, *offset, table.length, read_only)?;
+                DeviceIo::Linear(LinearIo::new(region))
+            }
+            Target::Pool(pool) => {
+                let features = pool.config.features;
+                let metadata = self.fit(
+                    &pool.metadata_dev,
+                    0,
+                    self.window(&pool.metadata_dev)?.sectors,
+                    false,
+                )?;
+                let data = self.fit(&pool.data_dev, 0, table.length, false)?;
+                for (name, region) in [(&pool.metadata_dev, &metadata), (&pool.data_dev, &data)] {
+                    if region.info().read_only && !features.read_only {
+                        return Err(format!(
+                            "{name} is read-only; a pool needs writable devices (or the read_only \
+                             feature)"
+                        ));
+                    }
+                }
+                self.check_pool_windows(pool)?;
+                let mut metadata = metadata;
+                prepare_metadata(&mut metadata, &pool.metadata_dev, format)?;
+                let mut config = pool.config.clone();
+                config.length = table.length;
+                let (pool_engine, report) = thin_pool::Pool::open(
+                    alloc::boxed::Box::new(metadata),
+                    alloc::boxed::Box::new(data),
+                    config,
+                )
+                .map_err(|error| error.0)?;
+                if report.formatted {
+                    notes.push(format!(
+                        "formatted new pool metadata on {}",
+                        pool.metadata_dev
                     ));
                 }
-                self.disks[base.disk].region(
-                    base.offset + offset,
-                    table.length,
-                    base.read_only || read_only,
-                )
+                if let Some(blocks) = report.grown_from {
+                    notes.push(format!("data space grown from {blocks} blocks"));
+                }
+                notes.extend(report.warnings);
+                DeviceIo::Pool(pool_engine)
+            }
+            Target::Thin(thin) => {
+                let volume = self.thin_volume(thin, table.length)?;
+                DeviceIo::Thin(ThinIo::new(volume, read_only))
             }
         };
         let instance = self.next_instance;
         self.next_instance += 1;
-        Ok(Active {
-            instance,
-            suspended: false,
-            io: LinearIo::new(region),
-            held: VecDeque::new(),
-            clients: 0,
-        })
+        Ok((
+            Active {
+                instance,
+                suspended: false,
+                io,
+                held: VecDeque::new(),
+                clients: 0,
+            },
+            notes,
+        ))
+    }
+
+    /// A region of `sectors` sectors at `offset` in a disk or linear device.
+    fn fit(
+        &self,
+        device: &str,
+        offset: u64,
+        sectors: u64,
+        read_only: bool,
+    ) -> Result<Region, String> {
+        let base = self.window(device)?;
+        if offset
+            .checked_add(sectors)
+            .is_none_or(|end| end > base.sectors)
+        {
+            return Err(format!(
+                "{device} is too small for this table: it holds {} sectors, the table needs \
+                 {offset}+{sectors}",
+                base.sectors
+            ));
+        }
+        Ok(
+            self.disks[base.disk].region(
+                base.offset + offset,
+                sectors,
+                base.read_only || read_only,
+            ),
+        )
+    }
+
+    /// Refuses a pool whose metadata or data overlaps its own other half or a running
+    /// pool's devices (dm: "metadata device already in use by a pool").
+    fn check_pool_windows(&self, pool: &thin_pool::PoolTable) -> Result<(), String> {
+        let metadata = self.window(&pool.metadata_dev)?;
+        let data = self.window(&pool.data_dev)?;
+        if overlap(&metadata, &data) {
+            return Err(format!(
+                "metadata device {} and data device {} overlap on disk {}",
+                pool.metadata_dev, pool.data_dev, self.disks[metadata.disk].name
+            ));
+        }
+        for device in &self.devices {
+            let (Target::Pool(other), State::Active(_)) = (&device.table.target, &device.state)
+            else {
+                continue;
+            };
+            for name in [&other.metadata_dev, &other.data_dev] {
+                let used = self.window(name)?;
+                for (mine, window) in [(&pool.metadata_dev, &metadata), (&pool.data_dev, &data)] {
+                    if overlap(window, &used) {
+                        return Err(format!("{mine} is already in use by pool {}", device.name));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Activates a thin device of a running pool, over its external origin if any.
+    fn thin_volume(&self, thin: &ThinTable, sectors: u64) -> Result<thin_pool::ThinVolume, String> {
+        let pool_device = self
+            .device(&thin.pool_dev)
+            .map_err(|_| format!("no pool called '{}' (see ls)", thin.pool_dev))?;
+        let active = match &pool_device.state {
+            State::Active(active) => active,
+            State::Inactive(why) => {
+                return Err(format!("pool {} is inactive ({why})", pool_device.name));
+            }
+        };
+        let Some(pool) = active.io.pool() else {
+            return Err(format!(
+                "{} is a {} device, not a thin-pool",
+                pool_device.name,
+                pool_device.table.kind()
+            ));
+        };
+        if active.suspended {
+            return Err(format!(
+                "Unable to activate thin device while pool {} is suspended (resume it first)",
+                pool_device.name
+            ));
+        }
+        let origin = match &thin.origin_dev {
+            Some(name) => {
+                let window = self.window(name)?;
+                let region = self.disks[window.disk].region(window.offset, window.sectors, true);
+                Some(alloc::boxed::Box::new(region) as alloc::boxed::Box<dyn BlockDevice>)
+            }
+            None => None,
+        };
+        pool.activate(thin.dev_id, sectors, origin)
+            .map_err(|error| error.0)
+    }
+
+    /// Checks that `name` can be given to a new device.
+    pub(crate) fn check_new_name(&self, name: &str) -> Result<(), CommandError> {
+        check_name(name)?;
+        if self.device_index(name).is_some() {
+            return Err(format!("device {name} already exists (see ls)").into());
+        }
+        if self.disk_index(name).is_some() {
+            return Err(format!("{name} is a disk's name; choose another device name").into());
+        }
+        Ok(())
+    }
+
+    /// Sectors of a disk or linear device (what a table may use of it).
+    pub(crate) fn size_of(&self, name: &str) -> Result<u64, CommandError> {
+        self.window(name)
+            .map(|window| window.sectors)
+            .map_err(CommandError)
     }
 
     /// `create NAME [--readonly] --table LINE`.
@@ -234,17 +404,12 @@ impl Registry {
         name: &str,
         read_only: bool,
         line: &str,
-    ) -> Result<(), CommandError> {
-        check_name(name)?;
-        if self.device_index(name).is_some() {
-            return Err(format!("device {name} already exists (see ls)").into());
-        }
-        if self.disk_index(name).is_some() {
-            return Err(format!("{name} is a disk's name; choose another device name").into());
-        }
+        format: Format,
+    ) -> Result<Vec<String>, CommandError> {
+        self.check_new_name(name)?;
         let table = Table::parse(line).map_err(|why| format!("create {name}: {why}"))?;
-        let active = self
-            .activate(&table, read_only)
+        let (active, notes) = self
+            .activate(&table, read_only, format)
             .map_err(|why| format!("create {name}: {why}"))?;
         self.devices.push(Device {
             name: name.to_string(),
@@ -256,7 +421,7 @@ impl Registry {
             self.devices.pop();
             return Err(error);
         }
-        Ok(())
+        Ok(notes)
     }
 
     /// `remove NAME [--force]`.
@@ -296,12 +461,44 @@ impl Registry {
             while let Some(done) = active.io.poll() {
                 self.ready.push_back(done);
             }
+            if let DeviceIo::Pool(pool) = active.io {
+                pool.close().map_err(|(_, error)| {
+                    format!("{name} was removed, but closing its pool failed: {error}")
+                })?;
+                return Ok(());
+            }
             for request in active.held {
                 self.ready.push_back(nbd::IoCompletion {
                     tag: request.tag,
                     result: Err(nbd::BackendError::Gone),
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// `thin delete NAME`: removes the thin device and deletes it from its pool. If the
+    /// pool refuses the delete, the device is activated again as it was.
+    pub(crate) fn thin_delete(&mut self, name: &str) -> Result<(), CommandError> {
+        let device = self.device(name)?;
+        let Target::Thin(thin) = &device.table.target else {
+            return Err(format!(
+                "{} is a {} device; thin delete removes thin devices (use remove)",
+                device.name,
+                device.table.kind()
+            )
+            .into());
+        };
+        let (name, pool, dev) = (device.name.clone(), thin.pool_dev.clone(), thin.dev_id);
+        let (table, read_only) = (device.table.to_string(), device.read_only);
+        self.pool(&pool)?;
+        self.remove(&name, false)?;
+        if let Err(error) = self.message(&pool, &format!("delete {dev}")) {
+            self.create(&name, read_only, &table, Format::Never)
+                .map_err(|again| {
+                    format!("{}; reactivating {name} failed too: {}", error.0, again.0)
+                })?;
+            return Err(error);
         }
         Ok(())
     }
@@ -332,19 +529,103 @@ impl Registry {
             .ok_or_else(|| unknown_device(name))?;
         let active = active_mut(&mut self.devices[index])?;
         active.suspended = false;
+        let ready = &mut self.ready;
         while let Some(request) = active.held.pop_front() {
-            active.io.submit(request.tag, request.op);
+            active
+                .io
+                .submit(request.tag, request.op, &mut |done| ready.push_back(done));
         }
         Ok(())
     }
 
+    /// Timer work of every pool at time `now_ns`; returns the events to print.
+    pub(crate) fn tick(&mut self, now_ns: u64) -> Vec<String> {
+        let mut events = Vec::new();
+        for device in &self.devices {
+            if let State::Active(active) = &device.state
+                && let Some(pool) = active.io.pool()
+            {
+                pool.service(now_ns);
+                while let Some(event) = pool.next_event() {
+                    events.push(format!("{}: {event}", device.name));
+                }
+            }
+        }
+        events
+    }
+
+    /// The running pool called `name`.
+    pub(crate) fn pool(&self, name: &str) -> Result<&thin_pool::Pool, CommandError> {
+        let device = self.device(name)?;
+        match &device.state {
+            State::Active(active) => active.io.pool().ok_or_else(|| {
+                format!(
+                    "{} is a {} device, not a thin-pool",
+                    device.name,
+                    device.table.kind()
+                )
+                .into()
+            }),
+            State::Inactive(why) => Err(format!("{} is inactive ({why})", device.name).into()),
+        }
+    }
+
+    /// `message NAME 0 TEXT`.
+    pub(crate) fn message(&mut self, name: &str, text: &str) -> Result<(), CommandError> {
+        let device = self.device(name)?;
+        if !matches!(device.table.target, Target::Pool(_)) {
+            return Err(format!(
+                "{} is a {} device, which takes no messages (messages go to thin-pool devices)",
+                device.name,
+                device.table.kind()
+            )
+            .into());
+        }
+        let pool = self.pool(name)?;
+        pool.message(text).map_err(|error| {
+            format!(
+                "{}: message '{text}' failed: {} ({})",
+                device.name,
+                error.text,
+                error.errno.name()
+            )
+            .into()
+        })
+    }
+
+    /// The status fields after `0 LENGTH TARGET` (dm's format).
+    pub(crate) fn status_fields(&self, device: &Device) -> Result<String, String> {
+        match &device.table.target {
+            Target::Linear { .. } => Ok(String::new()),
+            Target::Pool(_) => {
+                let pool = self.pool(&device.name).map_err(|error| error.0)?;
+                Ok(format!(" {}", pool.status()))
+            }
+            Target::Thin(thin) => {
+                let pool = self.pool(&thin.pool_dev).map_err(|error| error.0)?;
+                match pool.thin_status(thin.dev_id) {
+                    Ok(status) => Ok(format!(" {status}")),
+                    Err(error) => Err(error.text),
+                }
+            }
+        }
+    }
+
     /// Flushes every disk; the first failure is returned with the disk's name.
-    pub(crate) fn flush_disks(&mut self) -> Result<(), (String, blockdev::IoError)> {
+    pub(crate) fn flush_disks(&mut self) -> Result<(), (String, String)> {
         let mut first_failure = Ok(());
+        for device in &mut self.devices {
+            if let State::Active(active) = &mut device.state
+                && let DeviceIo::Pool(pool) = &active.io
+                && let Err(error) = pool.commit()
+            {
+                first_failure = first_failure.and(Err((device.name.clone(), error.text)));
+            }
+        }
         for entry in &self.disks {
             let mut region = entry.disk.region(0, entry.disk.info().sectors, false);
             if let Err(error) = blockdev::run_sync(&mut region, Command::Flush) {
-                first_failure = first_failure.and(Err((entry.name.clone(), error)));
+                first_failure = first_failure.and(Err((entry.name.clone(), format!("{error}"))));
             }
         }
         first_failure
@@ -388,12 +669,25 @@ impl Registry {
                 "{} has NBD clients connected; testing it would destroy their data",
                 device.name
             )),
-            State::Active(_) => {
-                let window = self.window(&device.name)?;
-                let region =
-                    self.disks[window.disk].region(window.offset, window.sectors, window.read_only);
-                Ok((device.name.clone(), Box::new(region)))
-            }
+            State::Active(_) => match &device.table.target {
+                Target::Thin(thin) => {
+                    let volume = self.thin_volume(thin, device.table.length)?;
+                    Ok((device.name.clone(), Box::new(volume)))
+                }
+                Target::Pool(_) => Err(format!(
+                    "{} is a thin-pool; test its disks before creating it, or a thin device of it",
+                    device.name
+                )),
+                Target::Linear { .. } => {
+                    let window = self.window(&device.name)?;
+                    let region = self.disks[window.disk].region(
+                        window.offset,
+                        window.sectors,
+                        window.read_only,
+                    );
+                    Ok((device.name.clone(), Box::new(region)))
+                }
+            },
         }
     }
 
@@ -621,8 +915,14 @@ impl Registry {
             });
             let state = match blocked {
                 Some(why) => State::Inactive(why),
-                None => match self.activate(&table, record.read_only) {
-                    Ok(active) => State::Active(Box::new(active)),
+                None => match self.activate(&table, record.read_only, Format::Never) {
+                    Ok((active, more)) => {
+                        notes.extend(
+                            more.into_iter()
+                                .map(|note| format!("config: {}: {note}", record.name)),
+                        );
+                        State::Active(Box::new(active))
+                    }
                     Err(why) => State::Inactive(why),
                 },
             };
@@ -719,12 +1019,23 @@ impl Registry {
         let State::Active(active) = &device.state else {
             return None;
         };
+        let preferred_block_size = match &device.table.target {
+            Target::Thin(thin) => self
+                .device(&thin.pool_dev)
+                .ok()
+                .and_then(|pool| match &pool.table.target {
+                    Target::Pool(table) => Some(table.config.data_block_size * SECTOR_SIZE as u32),
+                    _ => None,
+                })
+                .unwrap_or(4096),
+            _ => 4096,
+        };
         Some(nbd::ExportInfo {
             name: device.name.clone(),
             description: format!("{} {}", device.table.kind(), device.table),
-            sectors: active.io.sectors(),
+            sectors: active.io.data_sectors()?,
             read_only: active.io.read_only(),
-            preferred_block_size: 4096,
+            preferred_block_size,
             trim: active.io.discard() && !active.io.read_only(),
             write_zeroes: !active.io.read_only(),
             fast_zero: false,
@@ -789,12 +1100,18 @@ impl nbd::Backend for Registry {
             .exports
             .get(&request.export.0)
             .map(|open| (open.device.clone(), open.instance));
-        let active = match target {
-            Some((device, instance)) => self.active_by_instance(&device, instance),
-            None => None,
-        };
+        let Registry { devices, ready, .. } = self;
+        let active = target.and_then(|(name, instance)| {
+            devices
+                .iter_mut()
+                .find(|device| device.name == name)
+                .and_then(|device| match &mut device.state {
+                    State::Active(active) if active.instance == instance => Some(active),
+                    _ => None,
+                })
+        });
         let Some(active) = active else {
-            self.ready.push_back(nbd::IoCompletion {
+            ready.push_back(nbd::IoCompletion {
                 tag: request.tag,
                 result: Err(nbd::BackendError::Gone),
             });
@@ -805,7 +1122,9 @@ impl nbd::Backend for Registry {
         } else if active.io.congested() {
             return Err(nbd::QueueFull(request));
         } else {
-            active.io.submit(request.tag, request.op);
+            active
+                .io
+                .submit(request.tag, request.op, &mut |done| ready.push_back(done));
         }
         Ok(())
     }
@@ -820,6 +1139,42 @@ impl nbd::Backend for Registry {
                 State::Active(active) => active.io.poll(),
                 State::Inactive(_) => None,
             })
+    }
+}
+
+/// Whether two windows share sectors of one disk.
+fn overlap(a: &Window, b: &Window) -> bool {
+    a.disk == b.disk && a.offset < b.offset + b.sectors && b.offset < a.offset + a.sectors
+}
+
+/// Applies the format policy to a metadata device before the pool opens it: with
+/// `Never`, a blank device is refused; with `Force`, its first block is zeroed so the
+/// engine formats it.
+fn prepare_metadata(metadata: &mut Region, name: &str, format: Format) -> Result<(), String> {
+    const BLOCK_SECTORS: usize = 8;
+    match format {
+        Format::IfBlank => Ok(()),
+        Format::Never => {
+            let block = crate::shared::read_sectors(metadata, 0, BLOCK_SECTORS)
+                .map_err(|error| format!("reading metadata device {name} failed: {error}"))?;
+            if block.iter().all(|&b| b == 0) {
+                return Err(format!(
+                    "metadata device {name} is blank (was the disk replaced?); it is not \
+                     formatted automatically: remove the pool and create it again to start empty"
+                ));
+            }
+            Ok(())
+        }
+        Format::Force => blockdev::run_sync(
+            metadata,
+            Command::Write {
+                sector: 0,
+                buf: blockdev::IoBuf::with_sectors(BLOCK_SECTORS),
+                fua: true,
+            },
+        )
+        .map(drop)
+        .map_err(|error| format!("clearing metadata device {name} failed: {error}")),
     }
 }
 

@@ -6,6 +6,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
+use thin_pool::{PoolTable, ThinTable};
 
 /// Longest device name (dm's limit is 127 bytes plus the terminator).
 pub const MAX_NAME: usize = 127;
@@ -41,6 +42,10 @@ pub enum Target {
     /// `linear DEVICE OFFSET`: sectors `OFFSET..OFFSET+LENGTH` of a disk or of another
     /// linear device.
     Linear { device: String, offset: u64 },
+    /// `thin-pool METADATA DATA BLOCK_SIZE LOW_WATER_MARK [N FEATURE...]`.
+    Pool(PoolTable),
+    /// `thin POOL DEV_ID [EXTERNAL_ORIGIN]`.
+    Thin(ThinTable),
 }
 
 /// A parsed one-segment table.
@@ -83,9 +88,30 @@ impl Table {
                     ));
                 }
             },
+            "thin-pool" => {
+                let mut table =
+                    PoolTable::parse(line).map_err(|error| format!("thin-pool: {error}"))?;
+                table.metadata_dev = bare_name(&table.metadata_dev).to_string();
+                table.data_dev = bare_name(&table.data_dev).to_string();
+                if table.metadata_dev == table.data_dev {
+                    return Err(format!("thin-pool: {}", thin_pool::TableError::SameDevice));
+                }
+                Target::Pool(table)
+            }
+            "thin" => {
+                let mut table = ThinTable::parse(line).map_err(|error| format!("thin: {error}"))?;
+                table.pool_dev = bare_name(&table.pool_dev).to_string();
+                if let Some(origin) = &mut table.origin_dev {
+                    *origin = bare_name(origin).to_string();
+                    if *origin == table.pool_dev {
+                        return Err(format!("thin: {}", thin_pool::TableError::SameOrigin));
+                    }
+                }
+                Target::Thin(table)
+            }
             other => {
                 return Err(format!(
-                    "unknown target type '{other}' (this build offers: linear)"
+                    "unknown target type '{other}' (use linear, thin-pool or thin)"
                 ));
             }
         };
@@ -96,6 +122,8 @@ impl Table {
     pub fn kind(&self) -> &'static str {
         match self.target {
             Target::Linear { .. } => "linear",
+            Target::Pool(_) => "thin-pool",
+            Target::Thin(_) => "thin",
         }
     }
 
@@ -103,17 +131,26 @@ impl Table {
     pub fn dependencies(&self) -> Vec<&str> {
         match &self.target {
             Target::Linear { device, .. } => alloc::vec![device.as_str()],
+            Target::Pool(pool) => alloc::vec![pool.metadata_dev.as_str(), pool.data_dev.as_str()],
+            Target::Thin(thin) => core::iter::once(thin.pool_dev.as_str())
+                .chain(thin.origin_dev.as_deref())
+                .collect(),
         }
     }
 
     /// Replaces references to `from` by `to` (a disk renamed since the table was
     /// saved).
     pub fn rename(&mut self, from: &str, to: &str) {
-        match &mut self.target {
-            Target::Linear { device, .. } => {
-                if device == from {
-                    *device = to.to_string();
-                }
+        let names: Vec<&mut String> = match &mut self.target {
+            Target::Linear { device, .. } => alloc::vec![device],
+            Target::Pool(pool) => alloc::vec![&mut pool.metadata_dev, &mut pool.data_dev],
+            Target::Thin(thin) => core::iter::once(&mut thin.pool_dev)
+                .chain(thin.origin_dev.as_mut())
+                .collect(),
+        };
+        for name in names {
+            if name == from {
+                *name = to.to_string();
             }
         }
     }
@@ -124,6 +161,26 @@ impl fmt::Display for Table {
         write!(f, "0 {} {}", self.length, self.kind())?;
         match &self.target {
             Target::Linear { device, offset } => write!(f, " {device} {offset}"),
+            Target::Pool(pool) => {
+                let features = pool.config.features.words();
+                write!(
+                    f,
+                    " {} {} {} {} {}",
+                    pool.metadata_dev,
+                    pool.data_dev,
+                    pool.config.data_block_size,
+                    pool.config.low_water_mark,
+                    features.len()
+                )?;
+                features.iter().try_for_each(|word| write!(f, " {word}"))
+            }
+            Target::Thin(thin) => {
+                write!(f, " {} {}", thin.pool_dev, thin.dev_id)?;
+                match &thin.origin_dev {
+                    Some(origin) => write!(f, " {origin}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -188,6 +245,31 @@ mod tests {
             let error = Table::parse(line).unwrap_err();
             assert!(error.contains(text), "{line}: {error}");
         }
+    }
+
+    #[test]
+    fn pool_and_thin_tables_print_as_dm_does() {
+        let pool = Table::parse("0 2097152 thin-pool /dev/vda /dev/vdb 128 0").unwrap();
+        assert_eq!(pool.to_string(), "0 2097152 thin-pool vda vdb 128 0 0");
+        assert_eq!(pool.dependencies(), ["vda", "vdb"]);
+        let featured = Table::parse(
+            "0 2097152 thin-pool vda vdb 256 10 2 Error_If_No_Space skip_block_zeroing",
+        )
+        .unwrap();
+        assert_eq!(
+            featured.to_string(),
+            "0 2097152 thin-pool vda vdb 256 10 2 skip_block_zeroing error_if_no_space"
+        );
+        let thin = Table::parse("0 2097152 thin /dev/mapper/pool 0 /dev/image").unwrap();
+        assert_eq!(thin.to_string(), "0 2097152 thin pool 0 image");
+        assert_eq!(
+            Table::parse("0 8 thin pool 7").unwrap().to_string(),
+            "0 8 thin pool 7"
+        );
+        assert_eq!(thin.dependencies(), ["pool", "image"]);
+        let mut renamed = pool.clone();
+        renamed.rename("vdb", "vdc");
+        assert_eq!(renamed.to_string(), "0 2097152 thin-pool vda vdc 128 0 0");
     }
 
     #[test]
