@@ -222,11 +222,17 @@ fn nbd_clients_see_the_devices_as_exports() {
         &[
             "create base --readonly --table \"0 8192 linear vdb 0\"",
             "create guest --table \"0 16384 linear vda 4096\"",
+            "create meta --table \"0 4096 linear vdb 16384\"",
+            "create data --table \"0 32768 linear vdb 32768\"",
+            "pool create pool meta data",
+            "thin create clone pool --origin base",
         ],
     );
     let list = run_tool("nbdinfo", &["--list", "--json", &served.uri("")]);
     assert!(list.contains("\"export-name\": \"base\""), "{list}");
     assert!(list.contains("\"export-name\": \"guest\""), "{list}");
+    assert!(list.contains("\"export-name\": \"clone\""), "{list}");
+    assert!(!list.contains("\"export-name\": \"pool\""), "{list}");
     let info = run_tool("nbdinfo", &["--json", &served.uri("base")]);
     assert!(info.contains("\"is_read_only\": true"), "{info}");
     assert!(info.contains("\"export-size\": 4194304"), "{info}");
@@ -265,5 +271,104 @@ fn nbd_clients_see_the_devices_as_exports() {
     // And on the image itself, 2 MiB into vda.
     let raw = fs::read(&disks[0]).unwrap();
     assert_eq!(&raw[2 << 20..(2 << 20) + base.len()], &base[..]);
+
+    // The thin clone reads the base through its external origin, and what is written
+    // to it lands in the pool, not in the base.
+    let overwrite = scratch.path().join("overwrite.img");
+    fs::write(&overwrite, vec![0x5A; 1 << 20]).unwrap();
+    run_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            overwrite.to_str().unwrap(),
+            &served.uri("clone"),
+        ],
+    );
+    let clone = scratch.path().join("clone.img");
+    run_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &served.uri("clone"),
+            clone.to_str().unwrap(),
+        ],
+    );
+    let clone = fs::read(&clone).unwrap();
+    assert!(clone[..1 << 20].iter().all(|&b| b == 0x5A));
+    assert_eq!(&clone[1 << 20..], &base[1 << 20..]);
+    assert_eq!(&fs::read(&disks[1]).unwrap()[..base.len()], &base[..]);
+    let map = run_tool("nbdinfo", &["--map", &served.uri("clone")]);
+    assert!(map.contains("hole"), "{map}");
     assert!(Path::new(&back).exists());
+}
+
+#[test]
+fn metadata_written_offline_passes_thin_check_and_dumps_like_thin_dump() {
+    host_tools::require_for_test(&[Tool::ThinCheck]);
+    let (_scratch, disks) = images(&[8, 64, 4]);
+    let setup = exec(
+        &disks,
+        &[
+            "config init vdc",
+            "dmsetup create pool --table \"0 131072 thin-pool /dev/vda /dev/vdb 128 0\"",
+            "dmsetup message /dev/mapper/pool 0 \"create_thin 0\"",
+            "dmsetup create thin --table \"0 65536 thin /dev/mapper/pool 0\"",
+            "disk-test thin 3",
+            "message pool 0 \"create_snap 1 0\"",
+            "create snap --table \"0 65536 thin pool 1\"",
+            "disk-test snap 1 --force",
+            "message pool 0 set_transaction_id 0 7",
+            "message pool 0 reserve_metadata_snap",
+        ],
+    );
+    let text = stdout(&setup);
+    assert!(setup.status.success(), "{text}");
+
+    let check = Command::new("thin_check").arg(&disks[0]).output().unwrap();
+    assert!(
+        check.status.success(),
+        "thin_check: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for snap in [false, true] {
+        let mut args = vec!["thin_dump"];
+        if snap {
+            args.push("-m");
+        }
+        let theirs = Command::new(args[0])
+            .args(&args[1..])
+            .arg(&disks[0])
+            .output()
+            .unwrap();
+        assert!(theirs.status.success());
+        let command = if snap {
+            "dump pool --metadata-snap"
+        } else {
+            "dump pool"
+        };
+        let ours = exec(&disks, &[command]);
+        let ours = stdout(&ours);
+        let xml: String = ours
+            .lines()
+            .filter(|line| line.trim_start().starts_with('<'))
+            .map(|line| format!("{}\n", line.trim()))
+            .collect();
+        let expected: String = String::from_utf8_lossy(&theirs.stdout)
+            .lines()
+            .map(|line| format!("{}\n", line.trim()))
+            .collect();
+        assert_eq!(xml, expected, "dump (metadata snapshot: {snap})");
+        assert!(xml.contains("transaction=\"7\""), "{xml}");
+        assert!(xml.contains("<device dev_id=\"1\""), "{xml}");
+    }
 }
