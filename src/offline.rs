@@ -219,6 +219,18 @@ pub fn offline(args: &OfflineArgs) -> Result<ExitCode, Failure> {
             "--nbd {address}: offline mode serves loopback addresses only (127.0.0.1:PORT)"
         )));
     }
+    let mut seen = Vec::new();
+    for path in &args.disks {
+        let canonical = std::fs::canonicalize(path)
+            .map_err(|error| Failure::usage(format!("opening {}: {error}", path.display())))?;
+        if seen.contains(&canonical) {
+            return Err(Failure::usage(format!(
+                "{} is given twice; each image is one disk",
+                path.display()
+            )));
+        }
+        seen.push(canonical);
+    }
     let mut disks = Vec::new();
     for (index, path) in args.disks.iter().enumerate() {
         let disk = FileDisk::open(path, false)

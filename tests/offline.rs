@@ -102,6 +102,22 @@ fn exec_stops_at_the_first_failure_with_a_non_zero_status() {
 }
 
 #[test]
+fn bad_disk_arguments_stop_before_anything_runs() {
+    let (_scratch, disks) = images(&[8]);
+    let twice = exec(&[disks[0].clone(), disks[0].clone()], &["ls"]);
+    assert_eq!(twice.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&twice.stderr);
+    assert!(
+        stderr.ends_with("is given twice; each image is one disk\n"),
+        "{stderr}"
+    );
+    assert!(twice.stdout.is_empty());
+    let missing = exec(&[disks[0].with_extension("nothing")], &["ls"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).starts_with("error: opening "));
+}
+
+#[test]
 fn standard_input_is_an_interactive_console() {
     let (_scratch, disks) = images(&[8]);
     let mut child = offline(&disks, &[])
