@@ -45,10 +45,10 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let Some(phys_offset) = boot_info.physical_memory_offset.into_option() else {
         panic!("the bootloader did not map physical memory");
     };
-    if let Err(why) = memory::init(&boot_info.memory_regions, phys_offset) {
+    if let Err(why) = memory::init(&mut boot_info.memory_regions, phys_offset) {
         panic!("memory setup failed: {why}");
     }
-    clock::init();
+    let calibration = clock::init();
     arch::interrupts::start_timer();
     let timer_ticks = wait_for_timer();
 
@@ -56,10 +56,15 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let (_, frames) = memory::frame_usage();
     let _ = write!(
         serial,
-        "thinbox: heap {} MiB, {} DMA frames, TSC {} MHz{}\r\n",
+        "thinbox: heap {} MiB, {} DMA frames, TSC {} MHz ({}){}\r\n",
         (heap_used + heap_free) >> 20,
         frames,
         clock::tsc_hz() / 1_000_000,
+        match calibration {
+            clock::Calibration::Pit => "measured against the PIT",
+            clock::Calibration::Cpuid => "from CPUID: PIT calibration failed",
+            clock::Calibration::Guess => "guessed: PIT calibration failed, times are approximate",
+        },
         if timer_ticks {
             ""
         } else {
@@ -79,7 +84,8 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         power::set_acpi_soft_off(soft_off);
     }
     let mut pci = pci::Pci::new(&acpi.ecam);
-    let disks = drivers::discover(&mut pci, &mut serial);
+    let storage = drivers::discover(&mut pci, &mut serial);
+    let disks = storage.disks;
     let _ = write!(
         serial,
         "thinbox: PCI through {}, {} disk{}\r\n",
@@ -88,7 +94,10 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         if disks.len() == 1 { "" } else { "s" }
     );
 
-    let mut console = Console::new(platform::KernelPlatform, disks);
+    let platform = platform::KernelPlatform {
+        nvme_controllers: storage.nvme_controllers,
+    };
+    let mut console = Console::new(platform, disks);
     let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));
     console.start(&mut serial);
     loop {
