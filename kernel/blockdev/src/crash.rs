@@ -1,12 +1,30 @@
-//! A disk that can lose power: the stand-in for crash tests.
+//! A disk that reorders completions, holds them back and loses power: the stand-in
+//! for crash and ordering tests.
 //!
-//! [`CrashDisk`] wraps a [`MemDisk`] and remembers which writes are durable: those
-//! completed before the last completed flush (and FUA writes). After a chosen number
-//! of writes and flushes the power "fails": that request and every later one
-//! complete with [`IoError::Gone`]. [`CrashDisk::after_power_loss`] then builds the
-//! disk a reboot would see: the durable contents plus any subset of the writes since
-//! the last flush, applied sector by sector in any order (a volatile write cache may
-//! persist some, reorder them, or tear them at sector boundaries).
+//! [`CrashDisk`] keeps two images of its contents: what reads see while the power
+//! is on (*live*) and what would survive a power cut (*durable*), plus a log of the
+//! writes and discards not yet durable. Its semantics are those of a disk with a
+//! volatile write cache:
+//!
+//! * A request takes effect when it completes (when [`BlockDevice::poll`] returns
+//!   it), not when it is submitted. Completions come in submission order, or in a
+//!   pseudo-random order on a handle made with [`CrashDisk::shuffle_completions`].
+//!   While [`CrashDisk::hold`] is on, nothing completes.
+//! * A flush makes durable exactly the writes (and discards) that had *completed
+//!   before the flush was submitted*; a write completing after that, even before the
+//!   flush itself completes, is not covered.
+//! * A FUA write is durable when it completes.
+//! * A discard makes its range read as zeros (and, until flushed, may be lost).
+//! * A power cut keeps any subset of the unflushed writes, sector by sector (a write
+//!   can be torn at sector boundaries), applied in order, so a sector ends up with
+//!   its durable contents or one of the versions written since, never an older
+//!   version over a newer durable one. [`CrashDisk::fail_at`] makes the power fail
+//!   at a chosen write, flush or discard (that one and every later request fail with
+//!   [`IoError::Gone`]); [`CrashDisk::after_power_loss`] builds the disk a reboot
+//!   would see, [`CrashDisk::power_cut`] turns this disk into it.
+//!
+//! Handles made with [`CrashDisk::handle`] share contents, power and counters but
+//! have their own queues (one for the metadata layer, one for a test's own view).
 
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
@@ -17,156 +35,259 @@ use crate::{
     BlockDevice, Busy, Command, Completion, DeviceInfo, IoError, MemDisk, Request, SECTOR_SIZE,
 };
 
-/// What a power loss keeps of the writes that were not yet flushed.
+/// What a power loss keeps of the writes that were not yet durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unflushed {
     /// None of them.
     DropAll,
-    /// All of them, in order (the cache happened to drain).
+    /// All of them (the cache happened to drain).
     KeepAll,
-    /// A pseudo-random subset of their sectors, applied in a pseudo-random order.
+    /// A pseudo-random subset of their sectors (seeded).
     Random(u64),
 }
 
-struct State {
-    /// What reads see while the power is on.
-    live: MemDisk,
-    /// What survives a power loss for sure.
-    durable: MemDisk,
-    /// Writes since the last completed flush: (sector, data).
-    unflushed: Vec<(u64, Vec<u8>)>,
-    /// Writes and flushes executed so far.
-    operations: u64,
-    /// Power fails at the write or flush with this index (0-based).
-    fail_at: Option<u64>,
+/// Requests the disk has carried out since it was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CrashStats {
+    pub writes: u64,
+    pub flushes: u64,
+    pub discards: u64,
 }
 
-/// A memory disk with a volatile write cache and a power switch. Handles made with
-/// [`CrashDisk::handle`] share the state.
+/// A write or discard not yet durable.
+struct Logged {
+    /// Completion order among writes and discards.
+    seq: u64,
+    sector: u64,
+    /// The bytes written (zeros for a discard).
+    data: Vec<u8>,
+    /// Durable already (FUA): a power cut always keeps it.
+    durable: bool,
+}
+
+struct State {
+    live: MemDisk,
+    durable: MemDisk,
+    unflushed: Vec<Logged>,
+    /// Writes and discards completed so far (the next one's `seq`).
+    completed: u64,
+    stats: CrashStats,
+    /// Power fails at the write, flush or discard with this index (0-based).
+    fail_at: Option<u64>,
+    held: bool,
+}
+
+impl State {
+    fn operations(&self) -> u64 {
+        self.stats.writes + self.stats.flushes + self.stats.discards
+    }
+
+    fn power_lost(&self) -> bool {
+        self.fail_at.is_some_and(|at| self.operations() >= at)
+    }
+}
+
+/// A queued request and, for a flush, the writes it covers (those with a smaller
+/// `seq`).
+struct Queued {
+    request: Request,
+    covers: u64,
+}
+
+/// A memory disk with a volatile write cache, reordering and a power switch.
 pub struct CrashDisk {
     info: DeviceInfo,
     state: Rc<RefCell<State>>,
-    done: VecDeque<Completion>,
+    queue: VecDeque<Queued>,
+    /// Completions decided at submission (invalid requests).
+    failed: VecDeque<Completion>,
+    /// xorshift state when completions are shuffled.
+    shuffle: Option<u64>,
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
 }
 
 impl CrashDisk {
-    /// A zero-filled disk of `sectors` sectors.
+    /// A zero-filled disk of `sectors` sectors (a [`MemDisk`]'s geometry).
     pub fn new(sectors: u64) -> Self {
         Self::from_disk(&MemDisk::new(sectors))
     }
 
-    /// A crash disk starting from a copy of `disk`'s contents, all durable.
+    /// A disk starting from a copy of `disk`'s contents, all durable.
     pub fn from_disk(disk: &MemDisk) -> Self {
-        let info = disk.info().clone();
         CrashDisk {
-            info,
+            info: disk.info().clone(),
             state: Rc::new(RefCell::new(State {
                 live: disk.snapshot(),
                 durable: disk.snapshot(),
                 unflushed: Vec::new(),
-                operations: 0,
+                completed: 0,
+                stats: CrashStats::default(),
                 fail_at: None,
+                held: false,
             })),
-            done: VecDeque::new(),
+            queue: VecDeque::new(),
+            failed: VecDeque::new(),
+            shuffle: None,
         }
     }
 
-    /// Another handle on the same disk, with its own queue.
+    /// Another handle on the same disk, with its own queue (in order).
     pub fn handle(&self) -> Self {
+        self.handle_with_info(self.info.clone())
+    }
+
+    /// Another handle with other limits (transfer size, queue depth, discard
+    /// support) on the same contents; the size must stay the same.
+    pub fn handle_with_info(&self, info: DeviceInfo) -> Self {
+        assert_eq!(
+            info.sectors, self.info.sectors,
+            "a handle has the disk's size"
+        );
         CrashDisk {
-            info: self.info.clone(),
+            info,
             state: Rc::clone(&self.state),
-            done: VecDeque::new(),
+            queue: VecDeque::new(),
+            failed: VecDeque::new(),
+            shuffle: None,
         }
     }
 
-    /// Writes and flushes executed so far.
-    pub fn operations(&self) -> u64 {
-        self.state.borrow().operations
+    /// Completes this handle's requests in a pseudo-random order from `seed`.
+    pub fn shuffle_completions(&mut self, seed: u64) {
+        self.shuffle = Some(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     }
 
-    /// Makes the power fail at the `index`-th write or flush from the start (that one
-    /// and everything after it fail with [`IoError::Gone`]); `None` keeps it on.
+    /// While on, no request completes (they stay queued).
+    pub fn hold(&self, held: bool) {
+        self.state.borrow_mut().held = held;
+    }
+
+    /// Writes, flushes and discards carried out so far.
+    pub fn operations(&self) -> u64 {
+        self.state.borrow().operations()
+    }
+
+    pub fn stats(&self) -> CrashStats {
+        self.state.borrow().stats
+    }
+
+    /// Makes the power fail at the `index`-th write, flush or discard from the start
+    /// (that one and every later request fail with [`IoError::Gone`]); `None` keeps
+    /// it on.
     pub fn fail_at(&self, index: Option<u64>) {
         self.state.borrow_mut().fail_at = index;
     }
 
     /// Whether the power has failed.
     pub fn power_lost(&self) -> bool {
-        let state = self.state.borrow();
-        state.fail_at.is_some_and(|at| state.operations >= at)
+        self.state.borrow().power_lost()
     }
 
-    /// The disk as a reboot would find it now.
+    /// The disk a reboot would find now.
     pub fn after_power_loss(&self, unflushed: Unflushed) -> MemDisk {
         let state = self.state.borrow();
         let disk = state.durable.snapshot();
-        match unflushed {
-            Unflushed::DropAll => {}
-            Unflushed::KeepAll => {
-                for (sector, data) in &state.unflushed {
-                    disk.write_at(sector * SECTOR_SIZE as u64, data);
-                }
-            }
-            Unflushed::Random(seed) => {
-                let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-                let mut next = move || {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng
-                };
-                let mut order: Vec<usize> = (0..state.unflushed.len()).collect();
-                for i in (1..order.len()).rev() {
-                    order.swap(i, (next() % (i as u64 + 1)) as usize);
-                }
-                for i in order {
-                    let (sector, data) = &state.unflushed[i];
-                    for (n, piece) in data.chunks(SECTOR_SIZE).enumerate() {
-                        if next() & 1 == 0 {
-                            disk.write_at((sector + n as u64) * SECTOR_SIZE as u64, piece);
-                        }
-                    }
+        let mut rng = match unflushed {
+            Unflushed::DropAll => return disk,
+            Unflushed::KeepAll => None,
+            Unflushed::Random(seed) => Some(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+        };
+        for entry in &state.unflushed {
+            for (n, piece) in entry.data.chunks(SECTOR_SIZE).enumerate() {
+                let keep = entry.durable || rng.as_mut().is_none_or(|r| xorshift(r) & 1 == 0);
+                if keep {
+                    disk.write_at((entry.sector + n as u64) * SECTOR_SIZE as u64, piece);
                 }
             }
         }
         disk
     }
 
-    fn execute(&self, command: &mut Command) -> Result<(), IoError> {
-        command.validate(&self.info)?;
+    /// A power cut now: the contents become what [`CrashDisk::after_power_loss`]
+    /// gives, all durable, and the power is on again. Requests still queued on
+    /// handles are the caller's to drop.
+    pub fn power_cut(&self, unflushed: Unflushed) {
+        let after = self.after_power_loss(unflushed);
         let mut state = self.state.borrow_mut();
-        if matches!(
-            command,
-            Command::Write { .. } | Command::Flush | Command::Discard { .. }
-        ) {
-            if state.fail_at.is_some_and(|at| state.operations >= at) {
-                return Err(IoError::Gone);
-            }
-            state.operations += 1;
-        } else if state.fail_at.is_some_and(|at| state.operations >= at) {
+        state.durable = after.snapshot();
+        state.live = after;
+        state.unflushed.clear();
+        state.fail_at = None;
+    }
+
+    /// Copies bytes from byte `offset` of the live contents (no queue).
+    pub fn read_at(&self, offset: u64, out: &mut [u8]) {
+        self.state.borrow().live.read_at(offset, out);
+    }
+
+    /// Stores bytes at byte `offset`, durable at once (test setup, no queue).
+    pub fn write_at(&self, offset: u64, data: &[u8]) {
+        let state = self.state.borrow();
+        state.live.write_at(offset, data);
+        state.durable.write_at(offset, data);
+    }
+
+    /// A copy of the live contents.
+    pub fn contents(&self) -> MemDisk {
+        self.state.borrow().live.snapshot()
+    }
+
+    /// Carries out a request that completes now.
+    fn execute(&self, command: &mut Command, covers: u64) -> Result<(), IoError> {
+        let mut state = self.state.borrow_mut();
+        if state.power_lost() {
             return Err(IoError::Gone);
         }
         match command {
-            Command::Read { sector, buf } => state.live.read_at(*sector * SECTOR_SIZE as u64, buf),
+            Command::Read { sector, buf } => {
+                state.live.read_at(*sector * SECTOR_SIZE as u64, buf);
+            }
             Command::Write { sector, buf, fua } => {
+                state.stats.writes += 1;
                 state.live.write_at(*sector * SECTOR_SIZE as u64, buf);
                 if *fua {
                     state.durable.write_at(*sector * SECTOR_SIZE as u64, buf);
-                } else {
-                    state.unflushed.push((*sector, buf.to_vec()));
                 }
-            }
-            Command::Flush => {
-                let unflushed = core::mem::take(&mut state.unflushed);
-                for (sector, data) in unflushed {
-                    state.durable.write_at(sector * SECTOR_SIZE as u64, &data);
-                }
+                let seq = state.completed;
+                state.completed += 1;
+                state.unflushed.push(Logged {
+                    seq,
+                    sector: *sector,
+                    data: buf.to_vec(),
+                    durable: *fua,
+                });
             }
             Command::Discard { sector, sectors } => {
-                let zeros = alloc::vec![0u8; (*sectors as usize) * SECTOR_SIZE];
+                state.stats.discards += 1;
+                let zeros = alloc::vec![0u8; *sectors as usize * SECTOR_SIZE];
                 state.live.write_at(*sector * SECTOR_SIZE as u64, &zeros);
-                state.unflushed.push((*sector, zeros));
+                let seq = state.completed;
+                state.completed += 1;
+                state.unflushed.push(Logged {
+                    seq,
+                    sector: *sector,
+                    data: zeros,
+                    durable: false,
+                });
+            }
+            Command::Flush => {
+                state.stats.flushes += 1;
+                let log = core::mem::take(&mut state.unflushed);
+                for entry in log {
+                    if entry.seq < covers {
+                        state
+                            .durable
+                            .write_at(entry.sector * SECTOR_SIZE as u64, &entry.data);
+                    } else {
+                        state.unflushed.push(entry);
+                    }
+                }
             }
         }
         Ok(())
@@ -179,25 +300,47 @@ impl BlockDevice for CrashDisk {
     }
 
     fn submit(&mut self, request: Request) -> Result<(), Busy> {
-        if self.done.len() >= usize::from(self.info.queue_depth) {
+        if self.queue.len() + self.failed.len() >= usize::from(self.info.queue_depth) {
             return Err(Busy(request));
         }
-        let Request { tag, mut command } = request;
-        let result = self.execute(&mut command);
-        self.done.push_back(Completion {
-            tag,
-            result,
-            buf: command.into_buf(),
-        });
+        if let Err(error) = request.command.validate(&self.info) {
+            self.failed.push_back(Completion {
+                tag: request.tag,
+                result: Err(error),
+                buf: request.command.into_buf(),
+            });
+            return Ok(());
+        }
+        let covers = self.state.borrow().completed;
+        self.queue.push_back(Queued { request, covers });
         Ok(())
     }
 
     fn poll(&mut self) -> Option<Completion> {
-        self.done.pop_front()
+        if let Some(done) = self.failed.pop_front() {
+            return Some(done);
+        }
+        if self.queue.is_empty() || self.state.borrow().held {
+            return None;
+        }
+        let pick = match &mut self.shuffle {
+            Some(rng) => (xorshift(rng) % self.queue.len() as u64) as usize,
+            None => 0,
+        };
+        let Queued {
+            request: Request { tag, mut command },
+            covers,
+        } = self.queue.remove(pick).expect("picked inside the queue");
+        let result = self.execute(&mut command, covers);
+        Some(Completion {
+            tag,
+            result,
+            buf: command.into_buf(),
+        })
     }
 
     fn in_flight(&self) -> usize {
-        self.done.len()
+        self.queue.len() + self.failed.len()
     }
 }
 
@@ -223,6 +366,18 @@ mod tests {
         out[0]
     }
 
+    fn submit(disk: &mut CrashDisk, tag: u64, command: Command) {
+        disk.submit(Request { tag, command }).unwrap();
+    }
+
+    fn write_command(sector: u64, byte: u8, fua: bool) -> Command {
+        Command::Write {
+            sector,
+            buf: IoBuf::from_slice(&[byte; 512]),
+            fua,
+        }
+    }
+
     #[test]
     fn only_flushed_writes_survive_drop_all() {
         let mut disk = CrashDisk::new(64);
@@ -239,6 +394,14 @@ mod tests {
         let kept = disk.after_power_loss(Unflushed::KeepAll);
         assert_eq!(byte_at(&kept, 8), 2);
         assert_eq!(byte_at(&kept, 16), 0);
+        assert_eq!(
+            disk.stats(),
+            CrashStats {
+                writes: 2,
+                flushes: 1,
+                discards: 0
+            }
+        );
     }
 
     #[test]
@@ -250,5 +413,91 @@ mod tests {
         let after = disk.after_power_loss(Unflushed::Random(5));
         let kept = (0..400).filter(|&s| byte_at(&after, s) == 7).count();
         assert!(kept > 100 && kept < 300, "kept {kept} of 400 sectors");
+    }
+
+    #[test]
+    fn requests_take_effect_when_they_complete() {
+        let mut disk = CrashDisk::new(64);
+        let view = disk.handle();
+        disk.hold(true);
+        submit(&mut disk, 1, write_command(0, 5, false));
+        assert!(disk.poll().is_none(), "held");
+        let mut out = [0u8; 1];
+        view.read_at(0, &mut out);
+        assert_eq!(out[0], 0, "not written before it completes");
+        disk.hold(false);
+        assert_eq!(disk.poll().unwrap().tag, 1);
+        view.read_at(0, &mut out);
+        assert_eq!(out[0], 5);
+    }
+
+    #[test]
+    fn a_flush_covers_only_writes_completed_before_it_was_submitted() {
+        let mut disk = CrashDisk::new(64);
+        submit(&mut disk, 1, write_command(0, 1, false));
+        assert_eq!(disk.poll().unwrap().tag, 1);
+        // Write 2 is submitted before the flush but completes after its submission.
+        submit(&mut disk, 2, write_command(8, 2, false));
+        submit(&mut disk, 3, Command::Flush);
+        while disk.poll().is_some() {}
+        let after = disk.after_power_loss(Unflushed::DropAll);
+        assert_eq!(byte_at(&after, 0), 1, "completed before the flush");
+        assert_eq!(
+            byte_at(&after, 8),
+            0,
+            "completed after the flush was submitted"
+        );
+    }
+
+    #[test]
+    fn fua_writes_stay_durable_over_older_unflushed_versions() {
+        let mut disk = CrashDisk::new(64);
+        write(&mut disk, 0, 1).unwrap();
+        run_sync(&mut disk, write_command(0, 2, true)).unwrap();
+        run_sync(&mut disk, write_command(0, 3, false)).unwrap();
+        for seed in 0..32 {
+            let after = disk.after_power_loss(Unflushed::Random(seed));
+            assert!(matches!(byte_at(&after, 0), 2 | 3), "seed {seed}");
+        }
+        assert_eq!(byte_at(&disk.after_power_loss(Unflushed::DropAll), 0), 2);
+    }
+
+    #[test]
+    fn shuffled_completions_and_in_place_power_cut() {
+        let mut disk = CrashDisk::new(4096);
+        disk.shuffle_completions(9);
+        for i in 0..32u64 {
+            submit(&mut disk, i, write_command(i, i as u8 + 1, false));
+        }
+        let order: Vec<u64> = core::iter::from_fn(|| disk.poll().map(|c| c.tag)).collect();
+        assert_eq!(order.len(), 32);
+        assert_ne!(order, (0..32).collect::<Vec<_>>(), "completions reordered");
+        disk.power_cut(Unflushed::DropAll);
+        let mut out = [0u8; 1];
+        disk.read_at(5 * 512, &mut out);
+        assert_eq!(out[0], 0, "unflushed write lost");
+        assert!(!disk.power_lost());
+        write(&mut disk, 5, 9).unwrap();
+        disk.read_at(5 * 512, &mut out);
+        assert_eq!(out[0], 9, "the disk works after the cut");
+    }
+
+    #[test]
+    fn discards_read_as_zeros_and_can_be_lost() {
+        let mut disk = CrashDisk::new(64);
+        disk.write_at(0, &[4; 4096]);
+        run_sync(
+            &mut disk,
+            Command::Discard {
+                sector: 0,
+                sectors: 8,
+            },
+        )
+        .unwrap();
+        let mut out = [1u8; 1];
+        disk.read_at(0, &mut out);
+        assert_eq!(out[0], 0);
+        assert_eq!(byte_at(&disk.after_power_loss(Unflushed::DropAll), 0), 4);
+        assert_eq!(disk.stats().discards, 1);
     }
 }

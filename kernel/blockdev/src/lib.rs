@@ -23,7 +23,7 @@ mod file;
 mod memory;
 
 pub use buf::IoBuf;
-pub use crash::{CrashDisk, Unflushed};
+pub use crash::{CrashDisk, CrashStats, Unflushed};
 #[cfg(feature = "std")]
 pub use file::FileDisk;
 pub use memory::MemDisk;

@@ -97,7 +97,7 @@ fn discard_unmaps_whole_blocks_and_passes_down() {
     assert_eq!(pool.status().data_used, 2);
     assert_eq!(pool.thin_status(0).unwrap().mapped_sectors, 2 * BS);
     assert!(read(&mut vol, BS, 2 * BS).iter().all(|&b| b == 0));
-    assert_eq!(rig.data.0.borrow().discards, 1);
+    assert_eq!(rig.data.stats().discards, 1);
     // Block status sees the hole.
     let (result, _) = run(
         &mut vol,

@@ -5,14 +5,14 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use blockdev::{BlockDevice, IoBuf, IoError, MemDisk};
+use blockdev::{BlockDevice, CrashDisk, IoBuf, IoError, MemDisk};
 use common::*;
 use thin_pool::{
     Errno, Extent, Pool, PoolConfig, PoolEvent, PoolMode, ThinOp, ThinOutput, ThinRequest,
 };
 
-fn fill_garbage(disk: &DiskControl) {
-    disk.write_at(0, &pattern(0xBAD, (disk.sectors() * 512) as usize));
+fn fill_garbage(disk: &CrashDisk) {
+    disk.write_at(0, &pattern(0xBAD, disk.info().bytes() as usize));
 }
 
 fn events(pool: &Pool) -> Vec<PoolEvent> {
@@ -60,8 +60,8 @@ fn mapping_is_not_committed_before_its_data_is_flushed() {
         }
         drop(vol);
         drop(pool);
-        rig.meta.crash(seed);
-        rig.data.crash(seed + 100);
+        crash(&rig.meta, seed);
+        crash(&rig.data, seed + 100);
         let pool = rig.open();
         let mut vol = pool.activate(0, 4 * BS, None).unwrap();
         let block = read(&mut vol, 0, BS);
@@ -101,8 +101,8 @@ fn flushed_and_fua_writes_survive_power_cuts() {
         write(&mut vol, 12 * BS, &pattern(seed + 98, 4096)).unwrap();
         drop(vol);
         drop(pool);
-        rig.meta.crash(seed);
-        rig.data.crash(seed + 1);
+        crash(&rig.meta, seed);
+        crash(&rig.data, seed + 1);
         let pool = rig.open();
         let mut vol = pool.activate(0, 16 * BS, None).unwrap();
         assert_eq!(read(&mut vol, 108, 3 * BS - 8), a[8 * 512..]);
@@ -111,7 +111,7 @@ fn flushed_and_fua_writes_survive_power_cuts() {
         let block = read(&mut vol, 12 * BS, BS);
         assert!(block[8 * 512..].iter().all(|&x| x == 0), "seed {seed}");
         let image = Scratch::new("crash");
-        rig.meta.save(&image.path("meta"));
+        save(&rig.meta, &image.path("meta"));
         require_tools();
         thin_check(&image.path("meta"));
     }
@@ -252,7 +252,7 @@ fn discard_of_shared_blocks_keeps_the_snapshot() {
     discard(&mut origin, 0, 4 * BS).unwrap();
     assert_eq!(pool.status().data_used, 4, "shared blocks stay allocated");
     assert_eq!(
-        rig.data.0.borrow().discards,
+        rig.data.stats().discards,
         0,
         "shared blocks are not discarded below"
     );
@@ -262,7 +262,7 @@ fn discard_of_shared_blocks_keeps_the_snapshot() {
     discard(&mut snap, 0, 2 * BS).unwrap();
     pool.commit().unwrap();
     assert_eq!(pool.status().data_used, 2);
-    assert_eq!(rig.data.0.borrow().discards, 1);
+    assert_eq!(rig.data.stats().discards, 1);
     assert_eq!(
         read(&mut snap, 2 * BS, 2 * BS),
         data[(2 * BS * 512) as usize..]
@@ -302,7 +302,7 @@ fn delete_origin_with_snapshot_chain() {
         assert_eq!(&read(&mut snap, 0, 8 * BS), data, "snapshot {dev}");
     }
     let scratch = Scratch::new("chain");
-    rig.meta.save(&scratch.path("meta"));
+    save(&rig.meta, &scratch.path("meta"));
     thin_check(&scratch.path("meta"));
 }
 
@@ -419,11 +419,11 @@ fn reopen_with_a_different_block_size_is_refused() {
 
 #[test]
 fn oversized_metadata_device_is_capped_with_a_warning() {
-    let meta = DiskControl::new(17 << 21);
-    let data = DiskControl::new(64 * BS);
+    let meta = CrashDisk::new(17 << 21);
+    let data = CrashDisk::new(64 * BS);
     let (pool, report) = Pool::open(
-        Box::new(meta.device(1, false)),
-        Box::new(data.device(2, false)),
+        Box::new(device(&meta, 1, false)),
+        Box::new(device(&data, 2, false)),
         PoolConfig::new(64 * BS, BS as u32),
     )
     .unwrap();
@@ -656,7 +656,7 @@ fn thin_delta_and_thin_ls_match() {
     pool.message("reserve_metadata_snap").unwrap();
     let scratch = Scratch::new("delta");
     let image = scratch.path("meta");
-    rig.meta.save(&image);
+    save(&rig.meta, &image);
     let delta = thin_delta(&image, 1, 2, &["-m"]);
     let expect = |kind: &str, begin, length| (kind.to_string(), begin, length);
     assert_eq!(
@@ -706,7 +706,7 @@ fn metadata_snapshot_is_a_frozen_view() {
     pool.message("create_thin 2").unwrap();
     let scratch = Scratch::new("msnap");
     let image = scratch.path("meta");
-    rig.meta.save(&image);
+    save(&rig.meta, &image);
     thin_check(&image);
     let frozen = thin_dump(&image, &["-m"]);
     assert_eq!(frozen.keys().copied().collect::<Vec<_>>(), vec![1]);
@@ -719,7 +719,7 @@ fn metadata_snapshot_is_a_frozen_view() {
     assert!(pool.status().to_string().contains(&format!(" {held} rw ")));
     pool.message("release_metadata_snap").unwrap();
     assert!(pool.status().metadata_used < used_with_snap + 3);
-    rig.meta.save(&image);
+    save(&rig.meta, &image);
     thin_check(&image);
     let (status, _, stderr) = tool("thin_dump", &["-m", image.to_str().unwrap()]);
     assert_ne!(status, 0, "no snapshot should be held: {stderr}");
@@ -812,7 +812,7 @@ fn metadata_exhaustion_goes_read_only_without_damage() {
     drop(vol);
     pool.close().map_err(|(_, e)| e).unwrap();
     let scratch = Scratch::new("nometa");
-    rig.meta.save(&scratch.path("meta"));
+    save(&rig.meta, &scratch.path("meta"));
     thin_check(&scratch.path("meta"));
 }
 
@@ -853,7 +853,7 @@ fn discard_policies() {
     write(&mut vol, 0, &[1; 512 * 128]).unwrap();
     discard(&mut vol, 0, BS).unwrap();
     assert_eq!(pool.thin_status(1).unwrap().mapped_sectors, 0);
-    assert_eq!(rig.data.0.borrow().discards, 0);
+    assert_eq!(rig.data.stats().discards, 0);
     assert!(pool.status().to_string().contains("no_discard_passdown"));
 }
 
@@ -874,7 +874,7 @@ fn huge_discard() {
     pool.commit().unwrap();
     assert_eq!(pool.status().data_used, 0);
     // The freed blocks are contiguous on the data device: one discard.
-    assert_eq!(rig.data.0.borrow().discards, 1);
+    assert_eq!(rig.data.stats().discards, 1);
 }
 
 #[test]
@@ -890,6 +890,6 @@ fn delete_discards_freed_blocks() {
     pool.message("delete 1").unwrap();
     pool.poll();
     // Blocks 0-1 of the origin were its own; the other four are the snapshot's.
-    assert_eq!(rig.data.0.borrow().discards, 1);
+    assert_eq!(rig.data.stats().discards, 1);
     assert_eq!(pool.status().data_used, 6);
 }

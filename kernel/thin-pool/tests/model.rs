@@ -483,12 +483,12 @@ impl Harness {
         self.volumes.clear();
         self.pool = None;
         let seed = self.rng.next();
-        self.rig.meta.crash(seed);
-        self.rig.data.crash(seed ^ 1);
+        crash(&self.rig.meta, seed);
+        crash(&self.rig.data, seed ^ 1);
         self.count("power cuts");
 
         let image = self.scratch.path("meta");
-        self.rig.meta.save(&image);
+        save(&self.rig.meta, &image);
         thin_check(&image);
         let dump = thin_dump(&image, &[]);
         assert_eq!(
@@ -591,9 +591,9 @@ impl Harness {
     fn checkpoint(&mut self) {
         self.barrier();
         let image = self.scratch.path("meta");
-        self.rig.meta.save(&image);
+        save(&self.rig.meta, &image);
         thin_check(&image);
-        let mut copy = MemDisk::new(self.rig.meta.sectors());
+        let mut copy = MemDisk::new(self.rig.meta.info().sectors);
         copy.write_at(0, &std::fs::read(&image).unwrap());
         copy.shuffle_completions(3);
         let mut options = OpenOptions::new(BS as u32);

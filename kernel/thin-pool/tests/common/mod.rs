@@ -1,17 +1,13 @@
-//! Helpers for the engine's integration tests: a disk that reorders and loses
-//! unflushed writes, synchronous I/O on volumes, and the thin-provisioning-tools.
+//! Helpers for the engine's integration tests: pools on crash disks (which reorder
+//! completions and lose unflushed writes), synchronous I/O on volumes, and the
+//! thin-provisioning-tools.
 #![allow(dead_code)]
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
-use std::rc::Rc;
 
-use blockdev::{
-    BlockDevice, Busy, Command, Completion, DeviceInfo, IoBuf, IoError, MemDisk, Request,
-    SECTOR_SIZE,
-};
+use blockdev::{BlockDevice, CrashDisk, IoBuf, IoError, Unflushed};
 use thin_pool::{Pool, PoolConfig, ThinOp, ThinOutput, ThinRequest, ThinVolume};
 
 /// A tiny deterministic generator (xorshift64*).
@@ -36,233 +32,31 @@ impl Rng {
     }
 }
 
-enum Logged {
-    Write {
-        offset: u64,
-        data: Vec<u8>,
-        keep: bool,
-    },
-    Discard {
-        offset: u64,
-        len: u64,
-    },
+/// A handle on a test disk as the pool sees it: at most 1 MiB per request, 32 in
+/// flight, completions in random order when `reorder` is set.
+pub fn device(disk: &CrashDisk, seed: u64, reorder: bool) -> CrashDisk {
+    let mut info = disk.info().clone();
+    info.max_transfer_sectors = 2048;
+    info.queue_depth = 32;
+    info.model = "test disk".into();
+    let mut handle = disk.handle_with_info(info);
+    if reorder {
+        handle.shuffle_completions(seed);
+    }
+    handle
 }
 
-/// Contents of a [`TestDisk`]: what reads see now, and what survives a power cut.
-pub struct DiskState {
-    live: MemDisk,
-    durable: MemDisk,
-    /// Writes and discards executed and not yet made durable, in order, with their
-    /// execution sequence numbers.
-    log: Vec<(u64, Logged)>,
-    executed: u64,
-    /// While set, nothing completes (requests stay queued).
-    pub held: bool,
-    pub flushes: u64,
-    pub discards: u64,
-    pub writes: u64,
+/// Saves a disk's current contents to a file (for the thin tools).
+pub fn save(disk: &CrashDisk, path: &Path) {
+    let len = disk.info().bytes();
+    let mut data = vec![0u8; len as usize];
+    disk.read_at(0, &mut data);
+    std::fs::write(path, data).unwrap();
 }
 
-/// The test's hold on a disk it gave to the pool.
-#[derive(Clone)]
-pub struct DiskControl(pub Rc<RefCell<DiskState>>);
-
-impl DiskControl {
-    pub fn new(sectors: u64) -> Self {
-        DiskControl(Rc::new(RefCell::new(DiskState {
-            live: MemDisk::new(sectors),
-            durable: MemDisk::new(sectors),
-            log: Vec::new(),
-            executed: 0,
-            held: false,
-            flushes: 0,
-            discards: 0,
-            writes: 0,
-        })))
-    }
-
-    pub fn sectors(&self) -> u64 {
-        self.0.borrow().live.info().sectors
-    }
-
-    /// A device on this disk. With `reorder`, requests run when they complete, in
-    /// random order; otherwise in submission order.
-    pub fn device(&self, seed: u64, reorder: bool) -> TestDisk {
-        let sectors = self.sectors();
-        TestDisk {
-            state: self.clone(),
-            info: DeviceInfo {
-                sectors,
-                read_only: false,
-                discard: true,
-                max_transfer_sectors: 2048,
-                queue_depth: 32,
-                model: "test disk".into(),
-                serial: String::new(),
-            },
-            pending: Vec::new(),
-            failed: Vec::new(),
-            rng: Rng::new(seed),
-            reorder,
-        }
-    }
-
-    /// A power cut: every write and discard since the last flush is kept or lost at
-    /// random (FUA writes are kept), in order.
-    pub fn crash(&self, seed: u64) {
-        let mut rng = Rng::new(seed);
-        let mut state = self.0.borrow_mut();
-        let log = std::mem::take(&mut state.log);
-        for (_, entry) in &log {
-            let keep = matches!(entry, Logged::Write { keep: true, .. });
-            if keep || rng.chance(50) {
-                entry.apply(&state.durable);
-            }
-        }
-        for (_, entry) in &log {
-            let (offset, len) = match entry {
-                Logged::Write { offset, data, .. } => (*offset, data.len() as u64),
-                Logged::Discard { offset, len } => (*offset, *len),
-            };
-            let mut copy = vec![0u8; len as usize];
-            state.durable.read_at(offset, &mut copy);
-            state.live.write_at(offset, &copy);
-        }
-    }
-
-    pub fn hold(&self, held: bool) {
-        self.0.borrow_mut().held = held;
-    }
-
-    pub fn read_at(&self, offset: u64, out: &mut [u8]) {
-        self.0.borrow().live.read_at(offset, out);
-    }
-
-    pub fn write_at(&self, offset: u64, data: &[u8]) {
-        let state = self.0.borrow();
-        state.live.write_at(offset, data);
-        state.durable.write_at(offset, data);
-    }
-
-    /// Saves the current contents to a file (for the thin tools).
-    pub fn save(&self, path: &Path) {
-        let len = self.sectors() * SECTOR_SIZE as u64;
-        let mut data = vec![0u8; len as usize];
-        self.read_at(0, &mut data);
-        std::fs::write(path, data).unwrap();
-    }
-}
-
-impl Logged {
-    fn apply(&self, disk: &MemDisk) {
-        match self {
-            Logged::Write { offset, data, .. } => disk.write_at(*offset, data),
-            Logged::Discard { offset, len } => disk.write_at(*offset, &vec![0u8; *len as usize]),
-        }
-    }
-}
-
-/// A [`BlockDevice`] over a [`DiskControl`].
-pub struct TestDisk {
-    state: DiskControl,
-    info: DeviceInfo,
-    /// Requests not executed yet; a flush carries the sequence number of the first
-    /// write it does not cover (it covers only writes completed before its
-    /// submission).
-    pending: Vec<(Request, u64)>,
-    failed: Vec<Completion>,
-    rng: Rng,
-    reorder: bool,
-}
-
-impl TestDisk {
-    pub fn set_info(&mut self, change: impl FnOnce(&mut DeviceInfo)) {
-        change(&mut self.info);
-    }
-
-    fn execute(&mut self, command: &mut Command, covered: u64) {
-        let mut state = self.state.0.borrow_mut();
-        let seq = state.executed;
-        state.executed += 1;
-        match command {
-            Command::Read { sector, buf } => state.live.read_at(*sector * 512, buf),
-            Command::Write { sector, buf, fua } => {
-                state.writes += 1;
-                state.live.write_at(*sector * 512, buf);
-                let entry = Logged::Write {
-                    offset: *sector * 512,
-                    data: buf.to_vec(),
-                    keep: *fua,
-                };
-                state.log.push((seq, entry));
-            }
-            Command::Flush => {
-                state.flushes += 1;
-                let log = std::mem::take(&mut state.log);
-                for (seq, entry) in log {
-                    if seq < covered {
-                        entry.apply(&state.durable);
-                    } else {
-                        state.log.push((seq, entry));
-                    }
-                }
-            }
-            Command::Discard { sector, sectors } => {
-                state.discards += 1;
-                let (offset, len) = (*sector * 512, *sectors * 512);
-                state.live.write_at(offset, &vec![0u8; len as usize]);
-                state.log.push((seq, Logged::Discard { offset, len }));
-            }
-        }
-    }
-}
-
-impl BlockDevice for TestDisk {
-    fn info(&self) -> &DeviceInfo {
-        &self.info
-    }
-
-    fn submit(&mut self, request: Request) -> Result<(), Busy> {
-        if self.pending.len() >= usize::from(self.info.queue_depth) {
-            return Err(Busy(request));
-        }
-        if let Err(error) = request.command.validate(&self.info) {
-            self.failed.push(Completion {
-                tag: request.tag,
-                result: Err(error),
-                buf: request.command.into_buf(),
-            });
-            return Ok(());
-        }
-        let covered = self.state.0.borrow().executed;
-        self.pending.push((request, covered));
-        Ok(())
-    }
-
-    fn poll(&mut self) -> Option<Completion> {
-        if let Some(done) = self.failed.pop() {
-            return Some(done);
-        }
-        if self.pending.is_empty() || self.state.0.borrow().held {
-            return None;
-        }
-        let pick = if self.reorder {
-            self.rng.below(self.pending.len() as u64) as usize
-        } else {
-            0
-        };
-        let (Request { tag, mut command }, covered) = self.pending.remove(pick);
-        self.execute(&mut command, covered);
-        Some(Completion {
-            tag,
-            result: Ok(()),
-            buf: command.into_buf(),
-        })
-    }
-
-    fn in_flight(&self) -> usize {
-        self.pending.len() + self.failed.len()
-    }
+/// A power cut: each sector written since the last flush is kept or lost at random.
+pub fn crash(disk: &CrashDisk, seed: u64) {
+    disk.power_cut(Unflushed::Random(seed));
 }
 
 /// Data block size of most tests (64 KiB).
@@ -270,8 +64,8 @@ pub const BS: u64 = 128;
 
 /// A pool on two fresh test disks.
 pub struct Rig {
-    pub meta: DiskControl,
-    pub data: DiskControl,
+    pub meta: CrashDisk,
+    pub data: CrashDisk,
     pub config: PoolConfig,
     pub reorder: bool,
     pub seed: u64,
@@ -282,8 +76,8 @@ impl Rig {
     pub fn new(data_blocks: u64, meta_sectors: u64) -> Self {
         let config = PoolConfig::new(data_blocks * BS, BS as u32);
         Rig {
-            meta: DiskControl::new(meta_sectors),
-            data: DiskControl::new(data_blocks * BS),
+            meta: CrashDisk::new(meta_sectors),
+            data: CrashDisk::new(data_blocks * BS),
             config,
             reorder: true,
             seed: 1,
@@ -297,8 +91,8 @@ impl Rig {
 
     pub fn try_open(&mut self) -> Result<Pool, thin_pool::PoolError> {
         self.seed += 1;
-        let meta = Box::new(self.meta.device(self.seed, false));
-        let data = Box::new(self.data.device(self.seed * 7919, self.reorder));
+        let meta = Box::new(device(&self.meta, self.seed, false));
+        let data = Box::new(device(&self.data, self.seed * 7919, self.reorder));
         Pool::open(meta, data, self.config.clone()).map(|(pool, _)| pool)
     }
 }
