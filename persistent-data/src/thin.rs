@@ -67,6 +67,9 @@ pub const MAX_DATA_BLOCK: u64 = (1 << 40) - 1;
 pub const METADATA_WARNING_BYTES: u64 = 16 << 30;
 /// The smallest metadata device we format (256 KiB).
 pub const MIN_METADATA_BLOCKS: u64 = 64;
+/// Metadata blocks one mapping change may allocate: copies of a top-level and a
+/// bottom-level path, node splits on the way, a data bitmap and overflow-tree nodes.
+const CHANGE_HEADROOM: u64 = 24;
 /// Values of the mapping trees (block_time, bottom roots) are u64.
 const MAPPING_VALUE_SIZE: u32 = 8;
 /// Device-details records are 24 bytes.
@@ -891,12 +894,15 @@ impl ThinMetadata {
         self.tm.nr_blocks().saturating_sub(self.tm.nr_allocated())
     }
 
-    /// The metadata reserve dm-thin keeps out of the free count: min(4096 blocks,
-    /// 10 % of the metadata). Status shows used = total − (free − reserve); the pool
-    /// should stop allocating (read-only / out-of-metadata-space) when free metadata
-    /// reaches the reserve, which is what keeps commits possible.
+    /// Free metadata blocks kept out of the reported free count: dm-thin's reserve
+    /// (min(4096 blocks, 10 % of the metadata)) or, when larger (small devices), the
+    /// blocks a commit needs (which allocation never hands out) plus room for one
+    /// more change. Status shows used = total − (free − reserve); the pool stops
+    /// making new mappings (out-of-metadata-space) when the reported free count
+    /// reaches zero, so changes and commits always find the blocks they need.
     pub fn metadata_reserve(&self) -> u64 {
-        (self.tm.nr_blocks() / 10).min(4096)
+        let dm_reserve = (self.tm.nr_blocks() / 10).min(4096);
+        dm_reserve.max(self.tm.commit_reserve() + CHANGE_HEADROOM)
     }
 
     /// Free metadata blocks as dm reports them (the reserve counted as used).

@@ -48,9 +48,6 @@ const SEGMENT_SECTORS: u64 = 2048;
 const PREP_WINDOW: u32 = 4;
 /// Virtual blocks unmapped per metadata call while discarding.
 const DISCARD_CHUNK_BLOCKS: u64 = 1 << 16;
-/// Free metadata blocks kept back besides dm's reserve: the metadata layer needs some
-/// for every commit (its bitmaps and index), more than dm's 10 % on tiny devices.
-const COMMIT_HEADROOM: u64 = 32;
 /// Runs fetched per metadata range lookup.
 const LOOKUP_RUNS: usize = 64;
 /// Discards of at most this many blocks update the mapping cache block by block;
@@ -1398,9 +1395,17 @@ impl Core {
         }
     }
 
-    /// Free metadata is down to what commits need: stop making new mappings.
+    /// At open: a pool whose metadata is (still) down to the reserve starts
+    /// out-of-metadata-space; growing the metadata device is what brings it back.
+    pub fn check_metadata_space_at_open(&mut self) {
+        if self.mode.metadata_writable() && self.metadata_exhausted() {
+            self.enter_out_of_metadata_space();
+        }
+    }
+
+    /// Free metadata is down to the reserve: stop making new mappings.
     fn metadata_exhausted(&self) -> bool {
-        self.md.metadata_free_blocks() <= self.md.metadata_reserve().max(COMMIT_HEADROOM)
+        self.md.metadata_free_blocks_reported() == 0
     }
 
     fn park(&mut self, part: Span) {
@@ -1924,13 +1929,7 @@ impl Core {
             }
         }
         if self.metadata_exhausted() {
-            self.set_mode(
-                PoolMode::OutOfMetadataSpace,
-                String::from(
-                    "free metadata is down to the reserve; writes needing new blocks fail, messages are refused (grow the metadata device offline)",
-                ),
-            );
-            self.fail_parked(EIO_NO_METADATA);
+            self.enter_out_of_metadata_space();
             return;
         }
         let free = self.md.data_free_blocks();
@@ -1945,6 +1944,16 @@ impl Core {
                 self.enter_out_of_data_space();
             }
         }
+    }
+
+    fn enter_out_of_metadata_space(&mut self) {
+        self.set_mode(
+            PoolMode::OutOfMetadataSpace,
+            String::from(
+                "free metadata is down to the reserve; writes needing new blocks fail, messages are refused (reload the pool with a larger metadata device)",
+            ),
+        );
+        self.fail_parked(EIO_NO_METADATA);
     }
 
     fn metadata_failed(&mut self, error: &MdError) {

@@ -42,8 +42,10 @@ impl From<MessageError> for PoolError {
 pub struct OpenReport {
     /// The metadata device was blank and has been formatted.
     pub formatted: bool,
-    /// The data space grew to the pool length.
+    /// The data space grew to the pool length (from this many blocks).
     pub grown_from: Option<u64>,
+    /// The metadata grew to a larger metadata device (from this many blocks).
+    pub metadata_grown_from: Option<u64>,
     /// Things the operator should know (also queued as events).
     pub warnings: Vec<String>,
 }
@@ -97,7 +99,7 @@ impl Pool {
                 FormatPolicy::IfBlank
             },
         };
-        let (md, opened) = ThinMetadata::open(metadata, &options).map_err(|error| match error {
+        let (mut md, opened) = ThinMetadata::open(metadata, &options).map_err(|error| match error {
             MdError::Unformatted => PoolError(String::from(
                 "metadata device is blank and the pool is read_only: it can only be formatted by a read-write load",
             )),
@@ -117,6 +119,29 @@ impl Pool {
             )));
         }
         let needs_check = md.needs_check();
+        let mut grew_metadata = None;
+        if !read_only && !needs_check {
+            // A larger metadata device (table reload) is taken into use here.
+            let before = md.metadata_nr_blocks();
+            let grown = md
+                .resize_metadata()
+                .and_then(|after| md.commit().map(|()| after))
+                .map_err(|error| PoolError(format!("growing the metadata failed: {error}")))?;
+            if grown > before {
+                grew_metadata = Some(before);
+            }
+        }
+        report.metadata_grown_from = grew_metadata;
+        let usable = opened
+            .device_blocks
+            .min(persistent_data::space_map::MAX_METADATA_BLOCKS);
+        if (read_only || needs_check) && usable > md.metadata_nr_blocks() {
+            report.warnings.push(format!(
+                "the metadata device has room for {usable} blocks but the metadata stays at {} while the pool is {}",
+                md.metadata_nr_blocks(),
+                if needs_check { "marked needs_check" } else { "read_only" }
+            ));
+        }
         let mut core = Core::new(md, data, config);
         if let Some(warning) = opened.warning {
             let text = format!(
@@ -126,6 +151,7 @@ impl Pool {
             report.warnings.push(text.clone());
             core.push_event(PoolEvent::MetadataDeviceTooLarge(text));
         }
+        core.check_metadata_space_at_open();
         if needs_check {
             let text = String::from(
                 "metadata has needs_check set: the pool stays read-only until it is checked and repaired",

@@ -9,6 +9,7 @@ use blockdev::{BlockDevice, CrashDisk, IoBuf, IoError, MemDisk};
 use common::*;
 use thin_pool::{
     Errno, Extent, Pool, PoolConfig, PoolEvent, PoolMode, ThinOp, ThinOutput, ThinRequest,
+    ThinVolume,
 };
 
 fn fill_garbage(disk: &CrashDisk) {
@@ -754,8 +755,11 @@ fn read_only_pool() {
     flush(&mut vol).unwrap();
 }
 
+/// Metadata that fills up stops new mappings (out-of-metadata-space) without
+/// damage; reopening with the same device keeps that mode, reloading with a larger
+/// metadata device ends it.
 #[test]
-fn metadata_exhaustion_goes_read_only_without_damage() {
+fn metadata_exhaustion_then_a_larger_metadata_device() {
     require_tools();
     // A tiny metadata device (128 blocks); snapshots make every round of writes
     // copy mapping leaves until the metadata is full.
@@ -767,8 +771,10 @@ fn metadata_exhaustion_goes_read_only_without_damage() {
     for block in 0..600u64 {
         write(&mut vol, block * BS, &[0; 512]).unwrap();
     }
-    let mut failure = None;
     'rounds: for round in 1..200u32 {
+        if pool.mode() == PoolMode::OutOfMetadataSpace {
+            break;
+        }
         if let Err(error) = pool.message(&format!("create_snap {} 1", round + 1)) {
             assert!(
                 matches!(error.errno, Errno::Enospc | Errno::Eopnotsupp),
@@ -780,16 +786,22 @@ fn metadata_exhaustion_goes_read_only_without_damage() {
             match write(&mut vol, block * BS, &value.to_le_bytes().repeat(128)) {
                 Ok(()) => expected[block as usize] = value,
                 Err(error) => {
-                    failure = Some(error);
+                    assert!(matches!(error, IoError::Device(_)), "{error:?}");
                     break 'rounds;
                 }
             }
         }
         flush(&mut vol).unwrap();
     }
-    assert!(matches!(failure, Some(IoError::Device(_))), "{failure:?}");
     assert_eq!(pool.mode(), PoolMode::OutOfMetadataSpace);
-    assert!(pool.status().to_string().contains(" ro "));
+    // New blocks are refused with EIO; exclusive blocks are still written in place.
+    assert!(matches!(
+        write(&mut vol, 700 * BS, &[1; 512]),
+        Err(IoError::Device(_))
+    ));
+    let status = pool.status();
+    assert!(status.to_string().contains(" ro "));
+    assert_eq!(status.metadata_used, status.metadata_total);
     assert_eq!(
         pool.message("create_thin 999").unwrap_err().errno,
         Errno::Eopnotsupp
@@ -802,18 +814,58 @@ fn metadata_exhaustion_goes_read_only_without_damage() {
         }
     )));
     // Everything acknowledged is still there, and the metadata is sound.
-    for (block, value) in expected.iter().enumerate() {
-        assert_eq!(
-            read(&mut vol, block as u64 * BS, 1),
-            value.to_le_bytes().repeat(128)
-        );
-    }
+    let check_data = |vol: &mut ThinVolume, expected: &[u32]| {
+        for (block, value) in expected.iter().enumerate() {
+            assert_eq!(
+                read(vol, block as u64 * BS, 1),
+                value.to_le_bytes().repeat(128)
+            );
+        }
+    };
+    check_data(&mut vol, &expected);
     flush(&mut vol).unwrap();
     drop(vol);
     pool.close().map_err(|(_, e)| e).unwrap();
     let scratch = Scratch::new("nometa");
     save(&rig.meta, &scratch.path("meta"));
     thin_check(&scratch.path("meta"));
+
+    // Reopened on the same device: still out of metadata space.
+    let pool = rig.open();
+    assert_eq!(pool.mode(), PoolMode::OutOfMetadataSpace);
+    pool.close().map_err(|(_, e)| e).unwrap();
+
+    // Reloaded with a metadata device eight times larger: back to write mode.
+    let grown = CrashDisk::new(1024 * 8);
+    let mut image = vec![0u8; 128 * 4096];
+    rig.meta.read_at(0, &mut image);
+    grown.write_at(0, &image);
+    rig.meta = grown;
+    let (pool, report) = Pool::open(
+        Box::new(device(&rig.meta, 5, false)),
+        Box::new(device(&rig.data, 6, true)),
+        rig.config.clone(),
+    )
+    .unwrap();
+    assert_eq!(report.metadata_grown_from, Some(128));
+    assert_eq!(pool.mode(), PoolMode::Write);
+    let status = pool.status();
+    assert_eq!(status.metadata_total, 1024);
+    assert!(status.metadata_used < 300, "{status}");
+    pool.message("create_snap 500 1").unwrap();
+    let mut vol = pool.activate(1, 1024 * BS, None).unwrap();
+    for block in [0u64, 700, 900] {
+        let value = 7_000_000 + block as u32;
+        write(&mut vol, block * BS, &value.to_le_bytes().repeat(128)).unwrap();
+        if let Some(slot) = expected.get_mut(block as usize) {
+            *slot = value;
+        }
+    }
+    check_data(&mut vol, &expected);
+    drop(vol);
+    pool.close().map_err(|(_, e)| e).unwrap();
+    save(&rig.meta, &scratch.path("grown"));
+    thin_check(&scratch.path("grown"));
 }
 
 #[test]
