@@ -2003,6 +2003,15 @@ impl Core {
         Ok(())
     }
 
+    /// Commits when the metadata changed (and may change); a failure shows in the
+    /// mode and the events.
+    pub fn commit_if_dirty(&mut self) {
+        if self.md_dirty && self.mode.metadata_writable() {
+            // The error is already reported as a mode change.
+            let _ = self.commit_now();
+        }
+    }
+
     /// Waits until no new block is being prepared and no commit is in flight.
     fn drain_preps(&mut self) {
         self.wait_until(|core| {

@@ -205,8 +205,20 @@ impl Pool {
         Ok(())
     }
 
-    /// The pool status in dm's format (its [`fmt::Display`]).
+    /// The pool status in dm's format (its [`fmt::Display`]). As dm does, the pool
+    /// first commits when its metadata changed since the last commit, so the
+    /// numbers are those of a commit (plus the blocks of writes still being
+    /// provisioned) and no power cut can go back behind what status showed. A
+    /// failed commit shows in the mode.
     pub fn status(&self) -> PoolStatus {
+        let mut core = self.core.borrow_mut();
+        core.commit_if_dirty();
+        core.status()
+    }
+
+    /// The status without committing first (dm's `--noflush`): the counts include
+    /// changes not committed yet, which a power cut would undo.
+    pub fn status_noflush(&self) -> PoolStatus {
         self.core.borrow().status()
     }
 
