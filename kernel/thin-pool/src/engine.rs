@@ -37,7 +37,7 @@ use slab::Slab;
 
 use crate::buffers::{BufferPool, Contents};
 use crate::config::{COMMIT_PERIOD_NS, PoolConfig};
-use crate::io::{Extent, SectorRun, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
+use crate::io::{Extent, NOT_FAST, SectorRun, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 use crate::mapcache::{Cached, MappingCache};
 use crate::message::{Errno, Message, MessageError};
 use crate::status::{DiscardMode, PoolEvent, PoolMode, PoolStatus, ThinStatus};
@@ -505,6 +505,33 @@ impl Core {
     pub fn submit(&mut self, vol: VolId, request: ThinRequest) {
         let ThinRequest { tag, op } = request;
         let volume_sectors = self.volumes[vol].sectors;
+        let op = match op {
+            ThinOp::FastZero {
+                sector,
+                sectors,
+                fua,
+            } => {
+                let inside = sector
+                    .checked_add(sectors)
+                    .is_some_and(|end| end <= volume_sectors);
+                if inside && let Some(error) = self.fast_zero_refused(vol, sector, sectors) {
+                    self.volumes[vol].completions.push_back(ThinCompletion {
+                        tag,
+                        result: Err(error),
+                        buf: IoBuf::empty(),
+                    });
+                    return;
+                }
+                // Only unmapping is left to do (range errors are reported below).
+                ThinOp::WriteZeroes {
+                    sector,
+                    sectors,
+                    unmap: true,
+                    fua,
+                }
+            }
+            other => other,
+        };
         let (kind, sector, sectors, buf, fua, unmap) = match op {
             ThinOp::Read { sector, buf } => (Kind::Read, sector, buf.sectors(), buf, false, false),
             ThinOp::Write { sector, buf, fua } => {
@@ -527,6 +554,7 @@ impl Core {
                 fua,
                 unmap,
             ),
+            ThinOp::FastZero { .. } => unreachable!("turned into write-zeroes above"),
             ThinOp::BlockStatus {
                 sector,
                 sectors,
@@ -632,6 +660,51 @@ impl Core {
         for span in &spans[..count] {
             self.process_span(*span);
         }
+    }
+
+    /// Why zeroing `sector..sector + sectors` cannot be done without data writes
+    /// (`None`: it can, by unmapping whole blocks only).
+    fn fast_zero_refused(&mut self, vol: VolId, sector: u64, sectors: u64) -> Option<IoError> {
+        if self.mode == PoolMode::Fail {
+            // Failed like every request, below.
+            return None;
+        }
+        if !self.mode.metadata_writable()
+            || self.config.features.ignore_discard
+            || self.volumes[vol].origin.is_some()
+        {
+            return Some(NOT_FAST);
+        }
+        let bs = self.block_sectors;
+        let dev = self.volumes[vol].dev;
+        let end = sector + sectors;
+        let (first_full, last_full) = (sector.div_ceil(bs) * bs, end / bs * bs);
+        // Blocks the range covers only in part must read as zeros already.
+        let partial = if sectors == 0 {
+            [None, None]
+        } else if first_full >= last_full {
+            // No whole block: the one or two blocks it touches.
+            [Some(sector / bs), Some((end - 1) / bs)]
+        } else {
+            [
+                (sector < first_full).then_some(sector / bs),
+                (end > last_full).then_some(last_full / bs),
+            ]
+        };
+        for vblock in partial.into_iter().flatten() {
+            if self.held_cell(dev, vblock, vblock + 1).is_some() {
+                return Some(NOT_FAST);
+            }
+            match self.lookup_block(dev, vblock) {
+                Ok(None) => {}
+                Ok(Some(_)) => return Some(NOT_FAST),
+                Err(error) => {
+                    self.metadata_failed(&error);
+                    return Some(EIO_METADATA);
+                }
+            }
+        }
+        None
     }
 
     /// One unit of a request is done (a span or a device operation).
@@ -962,18 +1035,7 @@ impl Core {
         let mut runs = mem::take(&mut self.run_buffer);
         if b1 == b0 + 1 {
             // One block (most requests): the mapping cache, else a point lookup.
-            let mapping = match self.mappings.get(dev, b0) {
-                Some(hit) => hit,
-                None => {
-                    let found = self.md.lookup(dev, b0)?.map(|m| Cached {
-                        data_block: m.data_block,
-                        shared: m.shared,
-                    });
-                    self.mappings.put(dev, b0, found);
-                    found
-                }
-            };
-            runs.push(match mapping {
+            runs.push(match self.lookup_block(dev, b0)? {
                 Some(mapping) => Run::Mapped {
                     begin: b0,
                     len: 1,
@@ -991,6 +1053,19 @@ impl Core {
             runs.extend(batch);
         }
         Ok(runs)
+    }
+
+    /// One block's mapping, from the mapping cache or the metadata.
+    fn lookup_block(&mut self, dev: u64, vblock: u64) -> Result<Option<Cached>, MdError> {
+        if let Some(hit) = self.mappings.get(dev, vblock) {
+            return Ok(hit);
+        }
+        let found = self.md.lookup(dev, vblock)?.map(|m| Cached {
+            data_block: m.data_block,
+            shared: m.shared,
+        });
+        self.mappings.put(dev, vblock, found);
+        Ok(found)
     }
 
     fn recycle_runs(&mut self, mut runs: Vec<Run>) {

@@ -28,6 +28,16 @@ pub enum ThinOp {
         unmap: bool,
         fua: bool,
     },
+    /// Make the range read as zeros only if that needs no data written (NBD's
+    /// "fast zero"): the whole blocks inside it are unmapped, and blocks it covers
+    /// only in part must be unprovisioned already (they read as zeros). That needs
+    /// discards (not `ignore_discard`), no external origin and writable metadata.
+    /// Otherwise it completes with [`NOT_FAST`] at once and changes nothing.
+    FastZero {
+        sector: u64,
+        sectors: u64,
+        fua: bool,
+    },
     /// Report which parts of the range are provisioned: consecutive extents from
     /// `sector` on, at most `max_extents` of them.
     BlockStatus {
@@ -36,6 +46,9 @@ pub enum ThinOp {
         max_extents: u32,
     },
 }
+
+/// The error of a [`ThinOp::FastZero`] that would need data writes (NBD: `ENOTSUP`).
+pub const NOT_FAST: IoError = IoError::Unsupported;
 
 /// An operation with the caller's tag, echoed in its completion.
 #[derive(Debug)]

@@ -2,9 +2,9 @@
 
 mod common;
 
-use blockdev::{IoBuf, IoError};
+use blockdev::{IoBuf, IoError, MemDisk};
 use common::*;
-use thin_pool::{Extent, SectorRun, ThinOp, ThinOutput};
+use thin_pool::{Extent, NOT_FAST, SectorRun, ThinOp, ThinOutput, ThinVolume};
 
 #[test]
 fn write_read_snapshot_and_reopen() {
@@ -168,4 +168,77 @@ fn write_zeroes_unmaps_or_provisions() {
     result.unwrap();
     assert_eq!(pool.thin_status(0).unwrap().mapped_sectors, 5 * BS);
     assert!(read(&mut vol, 5 * BS, 2 * BS).iter().all(|&b| b == 0));
+}
+
+fn fast_zero(vol: &mut ThinVolume, sector: u64, sectors: u64) -> Result<(), IoError> {
+    run(
+        vol,
+        ThinOp::FastZero {
+            sector,
+            sectors,
+            fua: false,
+        },
+    )
+    .0
+    .map(drop)
+}
+
+/// Fast zeroing succeeds exactly when it needs no data writes (whole blocks are
+/// unmapped, partly covered blocks are unprovisioned already) and otherwise is
+/// refused with NOT_FAST, changing nothing.
+#[test]
+fn fast_zero_only_unmaps() {
+    let mut rig = Rig::new(64, 8192);
+    let pool = rig.open();
+    pool.message("create_thin 0").unwrap();
+    let mut vol = pool.activate(0, 16 * BS, None).unwrap();
+    let data = pattern(4, (6 * BS * 512) as usize);
+    write(&mut vol, 0, &data).unwrap();
+    let writes = rig.data.stats().writes;
+    // Inside a provisioned block: zeroing needs a data write.
+    assert_eq!(fast_zero(&mut vol, 8, 8), Err(NOT_FAST));
+    // Whole provisioned blocks plus part of a provisioned one: refused too.
+    assert_eq!(fast_zero(&mut vol, BS, 2 * BS + 8), Err(NOT_FAST));
+    assert_eq!(read(&mut vol, 0, 6 * BS), data, "nothing changed");
+    assert_eq!(pool.thin_status(0).unwrap().mapped_sectors, 6 * BS);
+    // Whole blocks: unmapped.
+    fast_zero(&mut vol, BS, 2 * BS).unwrap();
+    assert_eq!(pool.thin_status(0).unwrap().mapped_sectors, 4 * BS);
+    // Whole blocks with parts of unprovisioned blocks around them.
+    fast_zero(&mut vol, 3 * BS, 0).unwrap();
+    fast_zero(&mut vol, 6 * BS + 8, 3 * BS).unwrap();
+    fast_zero(&mut vol, 4 * BS, 2 * BS + 8).unwrap();
+    assert_eq!(pool.thin_status(0).unwrap().mapped_sectors, 2 * BS);
+    // Within unprovisioned space, across a block boundary.
+    fast_zero(&mut vol, 10 * BS - 8, 16).unwrap();
+    assert_eq!(rig.data.stats().writes, writes, "no data written");
+    let mut expected = data.clone();
+    for block in [1usize, 2, 4, 5] {
+        let bytes = BS as usize * 512;
+        expected[block * bytes..(block + 1) * bytes].fill(0);
+    }
+    assert_eq!(read(&mut vol, 0, 6 * BS), expected);
+    assert_eq!(
+        fast_zero(&mut vol, 15 * BS, 2 * BS),
+        Err(IoError::OutOfRange)
+    );
+    drop(vol);
+
+    // Over an external origin, unmapping shows the origin: never fast.
+    let origin = MemDisk::new(16 * BS);
+    pool.message("create_thin 1").unwrap();
+    let mut vol = pool.activate(1, 16 * BS, Some(Box::new(origin))).unwrap();
+    assert_eq!(fast_zero(&mut vol, 0, 4 * BS), Err(NOT_FAST));
+    drop(vol);
+    pool.close().map_err(|(_, e)| e).unwrap();
+
+    // Without discards, or read-only, blocks cannot be unmapped.
+    for (ignore_discard, read_only) in [(true, false), (false, true)] {
+        rig.config.features.ignore_discard = ignore_discard;
+        rig.config.features.read_only = read_only;
+        let pool = rig.open();
+        let mut vol = pool.activate(0, 16 * BS, None).unwrap();
+        assert_eq!(fast_zero(&mut vol, 0, BS), Err(NOT_FAST));
+        assert_eq!(pool.thin_status(0).unwrap().mapped_sectors, 2 * BS);
+    }
 }
