@@ -319,6 +319,11 @@ pub(crate) struct Core {
     /// Data ranges freed and queued or in flight as passdown discards (begin → end).
     passdown_ranges: BTreeMap<u64, u64>,
     passdowns: Vec<Passdown>,
+    /// Data ranges freed by changes the last commit does not have (mappings
+    /// replaced when breaking sharing, deleted devices): the committed metadata may
+    /// still map them to data a power cut must find intact, so they are discarded on
+    /// the data device only once the next commit is durable.
+    discard_after_commit: Vec<(u64, u64)>,
     /// Allocated for preps in flight, not mapped yet.
     provisional: HashSet<u64>,
     /// Allocated only to keep busy blocks away from preps; freed at the next commit.
@@ -398,6 +403,7 @@ impl Core {
             busy: HashMap::new(),
             passdown_ranges: BTreeMap::new(),
             passdowns: Vec::new(),
+            discard_after_commit: Vec::new(),
             provisional: HashSet::new(),
             quarantine: Vec::new(),
             ready: VecDeque::new(),
@@ -1749,6 +1755,7 @@ impl Core {
                     && self.md.dec_data_block(old)? == 0
                 {
                     self.frees_since_commit = true;
+                    self.freed_by_change(old, old + 1);
                 }
                 Ok(())
             });
@@ -1828,6 +1835,18 @@ impl Core {
         }
         self.finish_unit(span.req, Ok(()));
         Ok(())
+    }
+
+    /// Data blocks `begin..end` are free after a change the last commit does not
+    /// have: discarded on the data device after the next commit (passdown only).
+    fn freed_by_change(&mut self, begin: u64, end: u64) {
+        if !self.passdown {
+            return;
+        }
+        match self.discard_after_commit.last_mut() {
+            Some((_, last)) if *last == begin => *last = end,
+            _ => self.discard_after_commit.push((begin, end)),
+        }
     }
 
     fn queue_passdown(&mut self, req: Option<ReqId>, begin: u64, end: u64) {
@@ -1986,6 +2005,9 @@ impl Core {
             self.md.dec_data_block(block)?;
         }
         self.md.commit()?;
+        for (begin, end) in mem::take(&mut self.discard_after_commit) {
+            self.queue_passdown(None, begin, end);
+        }
         for &block in &provisional {
             self.md.inc_data_block(block)?;
         }
@@ -2045,6 +2067,7 @@ impl Core {
         self.quarantine.clear();
         self.md_dirty = false;
         self.mappings.clear();
+        self.discard_after_commit.clear();
         let rolled_back = self.md.abort().and_then(|()| {
             self.md.set_needs_check();
             self.md.commit()
@@ -2205,6 +2228,7 @@ impl Core {
         );
         if !refused {
             self.mappings.clear();
+            self.discard_after_commit.clear();
             match self.md.abort() {
                 Ok(()) if *error == MdError::NoMetadataSpace => self.after_commit(),
                 _ => self.metadata_failed(error),
@@ -2273,7 +2297,7 @@ impl Core {
             }
         }
         for (begin, end) in freed {
-            self.queue_passdown(None, begin, end);
+            self.freed_by_change(begin, end);
         }
         self.frees_since_commit = true;
         Ok(())

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use blockdev::{BlockDevice, CrashDisk, IoBuf, IoError, MemDisk};
+use blockdev::{BlockDevice, CrashDisk, IoBuf, IoError, MemDisk, Unflushed};
 use common::*;
 use thin_pool::{
     Errno, Extent, Pool, PoolConfig, PoolEvent, PoolMode, ThinOp, ThinOutput, ThinRequest,
@@ -976,5 +976,55 @@ fn status_commits_first_unless_noflush() {
         assert_eq!(read(&mut vol, 5 * BS, 8), pattern(2, 4096));
         assert_eq!(read(&mut vol, 9 * BS, 8), vec![0; 4096]);
         assert_eq!(pool.thin_status(1).unwrap().mapped_sectors, 2 * BS);
+    }
+}
+
+/// A block freed by breaking sharing (its snapshot was deleted, but the time rule
+/// still copies once) is discarded on the data device like other freed blocks
+/// (passdown only), and only after the commit that maps its replacement: a power
+/// cut before that commit must find the old block's data intact.
+#[test]
+fn blocks_freed_by_breaking_sharing_are_discarded_after_the_commit() {
+    for passdown in [true, false] {
+        let mut rig = Rig::new(16, 4096);
+        rig.config.features.no_discard_passdown = !passdown;
+        let pool = rig.open();
+        pool.message("create_thin 1").unwrap();
+        let mut vol = pool.activate(1, 4 * BS, None).unwrap();
+        let old = pattern(5, (BS * 512) as usize);
+        write(&mut vol, 0, &old).unwrap();
+        flush(&mut vol).unwrap();
+        pool.message("create_snap 2 1").unwrap();
+        pool.message("delete 2").unwrap();
+        let discards = rig.data.stats().discards;
+        assert_eq!(pool.status().data_used, 1);
+
+        // Breaking sharing: the old block's count falls to zero, not discarded yet.
+        write(&mut vol, 8, &[7; 512]).unwrap();
+        assert_eq!(rig.data.stats().discards, discards);
+        drop(vol);
+        drop(pool);
+        rig.meta.power_cut(Unflushed::DropAll);
+        rig.data.power_cut(Unflushed::KeepAll);
+        let pool = rig.open();
+        let mut vol = pool.activate(1, 4 * BS, None).unwrap();
+        assert_eq!(read(&mut vol, 0, BS), old, "the committed block is intact");
+
+        // Again, with the commit: then the old block is discarded.
+        write(&mut vol, 8, &[7; 512]).unwrap();
+        assert_eq!(rig.data.stats().discards, discards);
+        flush(&mut vol).unwrap();
+        pool.poll();
+        let expected = discards + u64::from(passdown);
+        assert_eq!(rig.data.stats().discards, expected, "passdown {passdown}");
+        let mut new = old.clone();
+        new[8 * 512..9 * 512].fill(7);
+        assert_eq!(read(&mut vol, 0, BS), new);
+        assert_eq!(pool.status().data_used, 1);
+        drop(vol);
+        pool.close().map_err(|(_, e)| e).unwrap();
+        let scratch = Scratch::new("freed-by-copy");
+        save(&rig.meta, &scratch.path("meta"));
+        thin_check(&scratch.path("meta"));
     }
 }
