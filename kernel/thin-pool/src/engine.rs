@@ -2136,8 +2136,9 @@ impl Core {
         self.require_writable_metadata()?;
         if let Message::CreateSnap { origin, .. } = message {
             // Quiesce the origin: no new writes can arrive during this call; wait for
-            // the ones in flight (writes waiting for space stay queued and apply to
-            // the origin only, after the snapshot).
+            // the ones in flight. Parts of writes waiting for space stay queued: they
+            // are processed from scratch afterwards, see the blocks shared with the
+            // snapshot, and so change the origin only.
             self.wait_until(|core| {
                 core.reqs.iter().all(|(_, r)| {
                     core.volumes[r.vol].dev != origin

@@ -185,9 +185,15 @@ impl Pool {
     /// Runs a pool message (`create_thin 1`, `create_snap 2 1`, `delete 1`,
     /// `set_transaction_id 0 1`, `reserve_metadata_snap`, `release_metadata_snap`).
     /// A successful message is committed before this returns; a failed one changed
-    /// nothing. `create_snap` quiesces an active origin: it waits for that volume's
-    /// writes in flight (writes waiting for data space excepted) and the snapshot
-    /// holds exactly the data they and earlier writes left.
+    /// nothing.
+    ///
+    /// `create_snap` quiesces an active origin: it waits for the writes in flight on
+    /// it, and the snapshot then holds exactly what reading the origin returns at
+    /// that moment. Writes waiting for data space (`queue_if_no_space`) are not
+    /// waited for, since only growing the pool or discarding can release them:
+    /// they are ordered after the snapshot. Parts of them already done (blocks
+    /// written in place) are in it, as reads show them; the parts still waiting
+    /// are not, and when space comes they change the origin only.
     pub fn message(&self, text: &str) -> Result<(), MessageError> {
         let mut core = self.core.borrow_mut();
         // dm checks the mode before it looks at the message.

@@ -1028,3 +1028,70 @@ fn blocks_freed_by_breaking_sharing_are_discarded_after_the_commit() {
         thin_check(&scratch.path("meta"));
     }
 }
+
+/// Writes waiting for data space when their volume is snapshotted are ordered
+/// after the snapshot: it holds exactly what reading the origin returned when the
+/// message ran (parts of those writes already done included, parts still waiting
+/// not), and once space comes they change the origin only.
+#[test]
+fn snapshot_with_writes_waiting_for_space() {
+    let (mut rig, pool) = overcommitted(false);
+    let mut vol = pool.activate(0, 64 * BS, None).unwrap();
+    for block in 0..8 {
+        write(&mut vol, block * BS, &pattern(block, (BS * 512) as usize)).unwrap();
+    }
+    // One write to an unprovisioned block, and one across a provisioned block
+    // (written in place at once) and an unprovisioned one (waits).
+    let waiting = [
+        (20 * BS, pattern(101, 8 * 512)),
+        (8 * BS - 8, pattern(102, 16 * 512)),
+    ];
+    for (tag, (sector, data)) in waiting.iter().enumerate() {
+        vol.submit_op(ThinRequest {
+            tag: tag as u64,
+            op: ThinOp::Write {
+                sector: *sector,
+                buf: IoBuf::from_slice(data),
+                fua: false,
+            },
+        })
+        .unwrap();
+    }
+    assert!(poll_some(&pool, &mut vol).is_empty(), "both wait for space");
+    assert_eq!(pool.mode(), PoolMode::OutOfDataSpace);
+    let at_message = read(&mut vol, 0, 32 * BS);
+    let done_part = (8 * BS - 8) as usize * 512..8 * BS as usize * 512;
+    assert_eq!(at_message[done_part], waiting[1].1[..8 * 512]);
+    assert!(
+        at_message[8 * BS as usize * 512..9 * BS as usize * 512]
+            .iter()
+            .all(|&b| b == 0)
+    );
+
+    pool.message("create_snap 1 0").unwrap();
+    pool.resize(16 * BS).unwrap();
+    let done = poll_some(&pool, &mut vol);
+    assert_eq!(done.len(), 2);
+    assert!(done.iter().all(|(_, result)| result.is_ok()), "{done:?}");
+
+    let mut snap = pool.activate(1, 64 * BS, None).unwrap();
+    assert!(
+        read(&mut snap, 0, 32 * BS) == at_message,
+        "snapshot differs from the origin as read at the message"
+    );
+    let mut expected = at_message.clone();
+    for (sector, data) in &waiting {
+        let at = *sector as usize * 512;
+        expected[at..at + data.len()].copy_from_slice(data);
+    }
+    assert!(read(&mut vol, 0, 32 * BS) == expected);
+    drop((vol, snap));
+    pool.close().map_err(|(_, e)| e).unwrap();
+    let scratch = Scratch::new("snap-waiting");
+    save(&rig.meta, &scratch.path("meta"));
+    thin_check(&scratch.path("meta"));
+    rig.config.length = 16 * BS;
+    let pool = rig.open();
+    let mut snap = pool.activate(1, 64 * BS, None).unwrap();
+    assert!(read(&mut snap, 0, 32 * BS) == at_message, "after reopening");
+}
