@@ -21,10 +21,12 @@ mod commands;
 mod disk_test;
 mod editor;
 mod job;
+mod net;
 mod tokenize;
 mod units;
 
 pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
+pub use net::{AddressMode, Ipv4Config, NetCounters, NetStatus, Network};
 pub use tokenize::{TokenizeError, tokenize};
 pub use units::human_bytes;
 
@@ -70,6 +72,10 @@ pub trait Platform {
     fn power_off(&mut self);
     /// Crashes the machine on purpose (`debug panic`), the way a kernel bug would.
     fn crash(&mut self, why: &str);
+    /// The network interface, if the machine has one (for `net`).
+    fn network(&mut self) -> Option<&mut dyn Network> {
+        None
+    }
 }
 
 /// A disk the console manages: its name (`vda`, `nvme0n1`) and the device.

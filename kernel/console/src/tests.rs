@@ -148,7 +148,7 @@ fn mem_disk(mib: u64, model: &str, serial: &str) -> MemDisk {
 
 /// Types `line` and Enter, then polls until the console is idle; returns everything
 /// printed after the echoed line, without the final prompt.
-fn run(console: &mut Console<FakePlatform>, line: &str) -> String {
+pub(crate) fn run<P: Platform>(console: &mut Console<P>, line: &str) -> String {
     let mut out = String::new();
     for byte in line.bytes().chain(*b"\r") {
         console.input(byte, &mut out);
@@ -166,7 +166,7 @@ fn run(console: &mut Console<FakePlatform>, line: &str) -> String {
         .to_string()
 }
 
-fn lines(text: &str) -> Vec<&str> {
+pub(crate) fn lines(text: &str) -> Vec<&str> {
     let trimmed = text.strip_suffix("\r\n").unwrap_or(text);
     if trimmed.is_empty() {
         return Vec::new();
@@ -175,7 +175,7 @@ fn lines(text: &str) -> Vec<&str> {
 }
 
 /// The single error line of a failed command.
-fn error(console: &mut Console<FakePlatform>, line: &str) -> String {
+pub(crate) fn error<P: Platform>(console: &mut Console<P>, line: &str) -> String {
     let out = run(console, line);
     let all = lines(&out);
     assert_eq!(all.len(), 1, "{line:?} printed {all:?}");
