@@ -1,11 +1,14 @@
-//! What the console reaches of the machine: clock, memory figures, power.
+//! What the console reaches of the machine: clock, memory figures, power, network.
 
-use console::{MemoryStats, Platform};
+use console::{MemoryStats, Network, Platform};
 
 use crate::arch::{clock, power};
 use crate::memory;
+use crate::net::NetHandle;
 
-pub struct KernelPlatform;
+pub struct KernelPlatform {
+    pub network: Option<NetHandle>,
+}
 
 impl Platform for KernelPlatform {
     fn now_ns(&self) -> u64 {
@@ -30,5 +33,11 @@ impl Platform for KernelPlatform {
 
     fn crash(&mut self, why: &str) {
         panic!("{why}")
+    }
+
+    fn network(&mut self) -> Option<&mut dyn Network> {
+        self.network
+            .as_mut()
+            .map(|network| network as &mut dyn Network)
     }
 }
