@@ -106,7 +106,7 @@ pub fn validate_node(
     if value_size != expected_size {
         return Err("node value size does not match its tree");
     }
-    if max < 3 || max % 3 != 0 || 32 + max * (8 + value_size as usize) > BLOCK_SIZE {
+    if max < 3 || !max.is_multiple_of(3) || 32 + max * (8 + value_size as usize) > BLOCK_SIZE {
         return Err("node max_entries is impossible");
     }
     if nr > max {

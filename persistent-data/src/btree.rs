@@ -344,7 +344,7 @@ pub fn insert(
             writer.set_value(i, &new_child.to_le_bytes());
         }
         block = if is_full(&*tm.read(new_child, expect)?) {
-            let (sibling, sibling_key) = split_off_sibling(tm, new_child, value_size)?;
+            let (sibling, sibling_key) = split_off_sibling(tm, new_child, value_size, key)?;
             NodeMut(tm.write(block, expect)?).insert_at(i + 1, sibling_key, &sibling.to_le_bytes());
             if key >= sibling_key {
                 sibling
@@ -363,12 +363,21 @@ fn is_full(data: &Block) -> bool {
     node.nr_entries() >= node.max_entries()
 }
 
-/// Moves the upper half of a full node into a new sibling; returns it and its first key.
-fn split_off_sibling(tm: &mut Tm, block: u64, value_size: u32) -> Result<(u64, u64)> {
+/// Moves the upper part of a full node into a new sibling; returns it and its first
+/// key. Normally half moves; when `key` goes past the node's last key (appending, as
+/// provisioning in order does) only a third moves, so appended trees end up two
+/// thirds full instead of half.
+fn split_off_sibling(tm: &mut Tm, block: u64, value_size: u32, key: u64) -> Result<(u64, u64)> {
     let expect = node_expect(value_size);
     let data = tm.read(block, expect)?;
     let node = Node(&data);
-    let (nr, mid) = (node.nr_entries(), node.nr_entries() / 2);
+    let nr = node.nr_entries();
+    let appending = nr > 0 && key > node.key(nr - 1);
+    let mid = if appending {
+        nr - min_entries(node.max_entries()).max(1)
+    } else {
+        nr / 2
+    };
     let (sibling, sibling_data) = tm.new_block(expect)?;
     let mut writer = NodeMut(sibling_data);
     writer.init(node.flags(), node.value_size() as u32);
@@ -722,5 +731,221 @@ mod tests {
         assert_eq!(max_entries(24), 126);
         assert_eq!(max_entries(16), 168);
         assert_eq!(max_entries(4), 336);
+    }
+}
+
+#[cfg(test)]
+mod tree_tests {
+    use super::*;
+    use crate::cache::Cache;
+    use crate::checksum::{NODE_SALT, seal};
+    use alloc::boxed::Box;
+    use alloc::collections::BTreeMap;
+    use blockdev::MemDisk;
+
+    fn tm(blocks: u64) -> Tm {
+        let cache = Cache::new(Box::new(MemDisk::new(blocks * 8)), 128);
+        let mut tm = Tm::blank(cache, blocks);
+        tm.claim_superblock();
+        tm
+    }
+
+    /// Collects a tree's entries while checking order, key bounds, equal leaf depth
+    /// and the one-third fill rule.
+    struct ShapeCheck {
+        leaf_depth: Option<usize>,
+        out: Vec<(u64, u64)>,
+    }
+
+    impl ShapeCheck {
+        fn walk(
+            &mut self,
+            tm: &mut Tm,
+            block: u64,
+            is_root: bool,
+            bounds: (u64, Option<u64>),
+            depth: usize,
+        ) {
+            let data = tm.read(block, node_expect(8)).unwrap();
+            let node = Node(&data);
+            let nr = node.nr_entries();
+            if !is_root {
+                assert!(
+                    nr >= min_entries(node.max_entries()),
+                    "node {block} has {nr} entries"
+                );
+            }
+            for i in 0..nr {
+                assert!(node.key(i) >= bounds.0 && bounds.1.is_none_or(|h| node.key(i) < h));
+                if node.is_leaf() {
+                    self.out.push((node.key(i), node.value_u64(i)));
+                } else {
+                    let next = if i + 1 < nr {
+                        Some(node.key(i + 1))
+                    } else {
+                        bounds.1
+                    };
+                    self.walk(tm, node.value_u64(i), false, (node.key(i), next), depth + 1);
+                }
+            }
+            if node.is_leaf() {
+                assert_eq!(
+                    *self.leaf_depth.get_or_insert(depth),
+                    depth,
+                    "leaves at different depths"
+                );
+            }
+        }
+    }
+
+    fn contents(tm: &mut Tm, root: u64) -> Vec<(u64, u64)> {
+        let mut check = ShapeCheck {
+            leaf_depth: None,
+            out: Vec::new(),
+        };
+        check.walk(tm, root, true, (0, None), 0);
+        check.out
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    #[test]
+    fn random_inserts_and_removes_keep_the_shape() {
+        let mut tm = tm(4096);
+        let mut refs = NoRefs(8);
+        let mut root = empty_tree(&mut tm, 8).unwrap();
+        let mut model = BTreeMap::new();
+        let mut rng = Rng(12345);
+        for round in 0..6 {
+            for _ in 0..6000 {
+                let key = rng.below(20_000);
+                let value = rng.below(1 << 40);
+                let (new_root, old) =
+                    insert(&mut tm, root, key, &value.to_le_bytes(), &mut refs).unwrap();
+                root = new_root;
+                assert_eq!(old.map(|v| v.u64()), model.insert(key, value));
+            }
+            for _ in 0..(3000 + round * 1000) {
+                let key = rng.below(20_000);
+                let (new_root, old) = remove(&mut tm, root, key, &mut refs).unwrap();
+                root = new_root;
+                assert_eq!(old.map(|v| v.u64()), model.remove(&key));
+            }
+            let begin = rng.below(20_000);
+            let end = begin + rng.below(3000);
+            let mut removed = Vec::new();
+            root = remove_range(&mut tm, root, begin, end, &mut refs, &mut |k, v| {
+                removed.push((k, le64(v, 0)));
+                Ok(())
+            })
+            .unwrap();
+            let want: Vec<(u64, u64)> = model.range(begin..=end).map(|(k, v)| (*k, *v)).collect();
+            assert_eq!(removed, want);
+            model.retain(|k, _| *k < begin || *k > end);
+            assert_eq!(
+                contents(&mut tm, root),
+                model.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                last_key(&mut tm, root, 8).unwrap(),
+                model.keys().next_back().copied()
+            );
+            let from = rng.below(20_000);
+            let mut cursor = Cursor::seek(&mut tm, root, from, 8).unwrap();
+            for (k, v) in model.range(from..).take(500) {
+                assert_eq!(
+                    cursor.entry().map(|(ck, cv)| (ck, le64(cv, 0))),
+                    Some((*k, *v))
+                );
+                cursor.advance(&mut tm).unwrap();
+            }
+        }
+        // Removing everything collapses the tree back to one leaf.
+        root = remove_range(&mut tm, root, 0, u64::MAX, &mut refs, &mut |_, _| Ok(())).unwrap();
+        assert!(contents(&mut tm, root).is_empty());
+        assert!(Node(&tm.read(root, node_expect(8)).unwrap()).is_leaf());
+    }
+
+    #[test]
+    fn sequential_inserts_fill_two_thirds() {
+        let mut tm = tm(2048);
+        let mut refs = NoRefs(8);
+        let mut root = empty_tree(&mut tm, 8).unwrap();
+        for key in 0..10_000u64 {
+            root = insert(&mut tm, root, key, &key.to_le_bytes(), &mut refs)
+                .unwrap()
+                .0;
+        }
+        let entries = contents(&mut tm, root);
+        assert_eq!(entries.len(), 10_000);
+        // 10,000 entries at 168 per leaf need 60 leaves (half-full splits: 80).
+        let leaves = tm.nr_allocated() - 1 - 1; // superblock and the root
+        assert!(leaves < 66, "{leaves} nodes");
+    }
+
+    #[test]
+    fn shadowing_a_shared_node_counts_its_children() {
+        let mut tm = tm(2048);
+        let mut refs = NoRefs(8);
+        let mut root = empty_tree(&mut tm, 8).unwrap();
+        for key in 0..1000u64 {
+            root = insert(&mut tm, root, key, &key.to_le_bytes(), &mut refs)
+                .unwrap()
+                .0;
+        }
+        tm.inc(root).unwrap();
+        let (copy, _) = insert(&mut tm, root, 5000, &[1; 8], &mut refs).unwrap();
+        assert_ne!(copy, root);
+        assert_eq!(tm.count(root).unwrap(), 1);
+        let children: Vec<u64> = {
+            let data = tm.read(root, node_expect(8)).unwrap();
+            let node = Node(&data);
+            (0..node.nr_entries()).map(|i| node.value_u64(i)).collect()
+        };
+        let last = *children.last().unwrap();
+        for child in &children[..children.len() - 1] {
+            assert_eq!(
+                tm.count(*child).unwrap(),
+                2,
+                "child {child} shared by both roots"
+            );
+        }
+        assert_eq!(tm.count(last).unwrap(), 1, "the changed child was copied");
+        delete_tree(&mut tm, copy, &mut refs).unwrap();
+        for child in &children {
+            assert_eq!(tm.count(*child).unwrap(), 1);
+        }
+    }
+
+    /// Format spec §18.2: device 1's bottom-level leaf of the worked example.
+    #[test]
+    fn worked_example_leaf_bytes() {
+        let mut block = [0u8; BLOCK_SIZE];
+        let mut node = NodeMut(&mut block);
+        node.init(LEAF, 8);
+        for (i, (key, data, time)) in [
+            (0u64, 10u64, 0u64),
+            (1, 11, 0),
+            (2, 12, 0),
+            (100, 20, 1),
+            (101, 21, 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            node.insert_at(i, key, &((data << 24) | time).to_le_bytes());
+        }
+        seal(&mut block, 10, NODE_SALT);
+        assert_eq!(&block[0..4], &[0x88, 0xb2, 0xc3, 0x8e]);
+        assert_eq!(&block[0x10..0x1C], &[5, 0, 0, 0, 0xfc, 0, 0, 0, 8, 0, 0, 0]);
+        assert_eq!(&block[0x818..0x820], &[1, 0, 0, 0x14, 0, 0, 0, 0]);
     }
 }

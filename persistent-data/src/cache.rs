@@ -133,13 +133,14 @@ impl Cache {
     pub fn read(&mut self, block: u64, expect: Expect) -> Result<Rc<Block>> {
         if let Some(&i) = self.index.get(&block) {
             let slot = self.slots[i].as_mut().expect("indexed slot is live");
-            if slot.expect != expect && !slot.dirty {
-                validate(block, &slot.data, expect)?;
-                slot.expect = expect;
+            if slot.expect == expect || slot.dirty {
+                slot.referenced = true;
+                self.stats.hits += 1;
+                return Ok(Rc::clone(&slot.data));
             }
-            slot.referenced = true;
-            self.stats.hits += 1;
-            return Ok(Rc::clone(&slot.data));
+            // Asked for as another kind of block (only corrupt metadata does that):
+            // validate the on-disk copy as that kind.
+            self.forget(block);
         }
         self.stats.misses += 1;
         let raw = self.read_raw(block)?;

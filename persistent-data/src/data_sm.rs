@@ -157,7 +157,7 @@ impl DataSm {
         if old == 0 {
             self.nr_allocated += 1;
         } else if count == 0 {
-            self.nr_allocated -= 1;
+            self.nr_allocated = self.nr_allocated.saturating_sub(1);
         }
         if entry != before {
             let mut refs = NoRefs(INDEX_VALUE_SIZE);

@@ -117,12 +117,12 @@ impl IndexEntry {
     /// moves forward past an allocation at it, and back to a freed entry).
     pub fn account(&mut self, e: u32, old: u32, new: u32) {
         if old == 0 && new != 0 {
-            self.nr_free -= 1;
+            self.nr_free = self.nr_free.saturating_sub(1);
             if self.none_free_before == e {
-                self.none_free_before = e + 1;
+                self.none_free_before = e.saturating_add(1);
             }
         } else if old != 0 && new == 0 {
-            self.nr_free += 1;
+            self.nr_free = self.nr_free.saturating_add(1);
             self.none_free_before = self.none_free_before.min(e);
         }
     }

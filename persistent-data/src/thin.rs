@@ -15,6 +15,31 @@
 //!   means nothing refers to it any more and it may be discarded on the data device);
 //! * counts that sharing needs (copying a shared b-tree node, deleting a device or
 //!   releasing the metadata snapshot) are handled here.
+//!
+//! ```
+//! use blockdev::MemDisk;
+//! use persistent_data::thin::{OpenOptions, ThinMetadata};
+//!
+//! let disk = MemDisk::new(8 << 11); // 8 MiB metadata device
+//! let (mut md, report) = ThinMetadata::open(Box::new(disk), &OpenOptions::new(128))?;
+//! assert!(report.formatted);
+//! md.resize_data(1 << 20)?; // data device size in data blocks
+//! md.create_thin(1)?;
+//! // A write to an unprovisioned block: allocate, then map.
+//! let block = md.alloc_data_block()?;
+//! assert_eq!(md.insert(1, 42, block)?, None);
+//! md.commit()?;
+//! // A snapshot shares the origin's mappings; both now see them as shared.
+//! md.create_snap(2, 1)?;
+//! assert!(md.lookup(1, 42)?.unwrap().shared);
+//! // Breaking sharing in the origin: a new block replaces the old mapping, whose
+//! // reference the caller then drops (the snapshot still holds the old block).
+//! let copy = md.alloc_data_block()?;
+//! let old = md.insert(1, 42, copy)?.unwrap();
+//! assert_eq!(md.dec_data_block(old)?, 1);
+//! md.commit()?;
+//! # Ok::<(), persistent_data::Error>(())
+//! ```
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -266,7 +291,7 @@ impl ThinMetadata {
     /// Opens (or, per `options.format`, formats) the metadata on `device`.
     pub fn open(device: Box<dyn BlockDevice>, options: &OpenOptions) -> Result<(Self, OpenReport)> {
         let size = options.data_block_size;
-        if !(128..=2_097_152).contains(&size) || size % 128 != 0 {
+        if !(128..=2_097_152).contains(&size) || !size.is_multiple_of(128) {
             return Err(Error::BadDataBlockSize(size));
         }
         let mut cache = Cache::new(device, options.cache_blocks);
@@ -706,7 +731,9 @@ impl ThinMetadata {
             Ok(root)
         })?;
         if removed.is_some() {
-            self.update_details(dev, |details| details.mapped_blocks -= 1)?;
+            self.update_details(dev, |details| {
+                details.mapped_blocks = details.mapped_blocks.saturating_sub(1)
+            })?;
         }
         Ok(removed)
     }
@@ -747,7 +774,9 @@ impl ThinMetadata {
             )
         })?;
         if count > 0 {
-            self.update_details(dev, |details| details.mapped_blocks -= count)?;
+            self.update_details(dev, |details| {
+                details.mapped_blocks = details.mapped_blocks.saturating_sub(count)
+            })?;
         }
         Ok(runs)
     }
@@ -818,7 +847,7 @@ impl ThinMetadata {
 
     /// Data blocks not in use.
     pub fn data_free_blocks(&self) -> u64 {
-        self.dsm.nr_blocks() - self.dsm.nr_allocated()
+        self.dsm.nr_blocks().saturating_sub(self.dsm.nr_allocated())
     }
 
     /// Grows the data space map to `nr_blocks` data blocks.
@@ -832,6 +861,23 @@ impl ThinMetadata {
         self.dsm.resize(&mut self.tm, nr_blocks)
     }
 
+    /// Uses a grown metadata device: the space map grows to the device's size (at
+    /// most 4,161,600 blocks); persisted at the next commit. Returns the new number
+    /// of metadata blocks. The metadata never shrinks.
+    pub fn resize_metadata(&mut self) -> Result<u64> {
+        let device_blocks = self.tm.cache_mut().device_blocks();
+        let nr_blocks = device_blocks.min(MAX_METADATA_BLOCKS);
+        if nr_blocks < self.tm.nr_blocks() {
+            return Err(Error::DeviceTooSmall {
+                device_blocks,
+                needed_blocks: self.tm.nr_blocks(),
+            });
+        }
+        self.tm.grow(nr_blocks);
+        self.sb.metadata_nr_blocks = nr_blocks;
+        Ok(nr_blocks)
+    }
+
     /// Metadata blocks managed (the usable size of the metadata device).
     pub fn metadata_nr_blocks(&self) -> u64 {
         self.tm.nr_blocks()
@@ -839,7 +885,7 @@ impl ThinMetadata {
 
     /// Metadata blocks not in use.
     pub fn metadata_free_blocks(&self) -> u64 {
-        self.tm.nr_blocks() - self.tm.nr_allocated()
+        self.tm.nr_blocks().saturating_sub(self.tm.nr_allocated())
     }
 
     /// The metadata reserve dm-thin keeps out of the free count: min(4096 blocks,
@@ -990,4 +1036,34 @@ fn check_superblock(sb: &Superblock, data_block_size: u32, device_blocks: u64) -
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Format spec §17.1 item 5 and §18.2: value packing and the details record.
+    #[test]
+    fn worked_example_values() {
+        assert_eq!(pack_block_time(20, 1), 0x0000_0000_1400_0001);
+        assert_eq!(pack_block_time(39_999, 16_777_215), 0x0000_009C_3FFF_FFFF);
+        assert_eq!(
+            unpack_block_time(0x0000_009C_3FFF_FFFF),
+            (39_999, 16_777_215)
+        );
+        let details = DeviceDetails {
+            mapped_blocks: 5,
+            transaction_id: 2,
+            creation_time: 0,
+            snapshotted_time: 1,
+        };
+        let bytes = details.encode();
+        assert_eq!(
+            &bytes[..],
+            &[
+                5, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0
+            ]
+        );
+        assert_eq!(DeviceDetails::decode(&bytes), details);
+    }
 }

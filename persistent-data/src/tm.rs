@@ -116,7 +116,21 @@ impl Tm {
                 reason: "metadata index entry points outside the metadata area",
             });
         }
-        self.msm = MetadataSm::new(root, entries);
+        // Count allocated blocks from the bitmaps (tail entries are zero) rather than
+        // trusting the root:
+        // thin_restore 0.9.0 writes a value one too high, and status wants it exact.
+        let mut allocated = 0;
+        for entry in &entries {
+            let bitmap = self.cache.read(entry.blocknr, Expect::Bitmap)?;
+            allocated += ENTRIES_PER_BITMAP - u64::from(bitmap_free_stats(&bitmap).0);
+        }
+        self.msm = MetadataSm::new(
+            SmRoot {
+                nr_allocated: allocated,
+                ..root
+            },
+            entries,
+        );
         Ok(())
     }
 
@@ -136,6 +150,15 @@ impl Tm {
             ..SmRoot::default()
         };
         Tm::with_state(cache, root, entries)
+    }
+
+    /// Grows the space map to `nr_blocks` (the metadata device grew). New bitmaps
+    /// are written at the next commit.
+    pub fn grow(&mut self, nr_blocks: u64) {
+        let msm = &mut self.msm;
+        msm.nr_blocks = nr_blocks.max(msm.nr_blocks);
+        msm.committed
+            .resize(bitmaps_for(msm.nr_blocks) as usize, IndexEntry::default());
     }
 
     /// Sets the overflow-tree root (format only, before the first commit).

@@ -1,3 +1,41 @@
 //! Boots the thinbox appliance under QEMU and drives its serial console.
+//!
+//! This crate is the one implementation of "boot the appliance": the host runner
+//! (`cargo run`) and every QEMU-level test build their QEMU command line with
+//! [`Options`] and talk to the console through [`Appliance`].
+//!
+//! ```no_run
+//! use qemu_test::{Appliance, Options, Scratch};
+//!
+//! let scratch = Scratch::new().unwrap();
+//! let meta = scratch.disk("meta.img", 64 << 20).unwrap();
+//! let mut appliance = Appliance::boot(Options::bios().disk(&meta).nbd()).unwrap();
+//! let help = appliance.console_ok("help").unwrap();
+//! assert!(help.contains("create"));
+//! appliance.shutdown().unwrap();
+//! ```
+//!
+//! Every wait has a deadline: a timeout, a `KERNEL PANIC` line or QEMU exiting early
+//! ends the wait with an [`Error`] whose `Debug` form carries the end of the serial
+//! transcript, so a failing test shows what the appliance printed.
 
-pub use thinbox_boot::{BIOS_IMAGE, UEFI_IMAGE};
+mod appliance;
+mod disk;
+mod error;
+mod options;
+mod protocol;
+
+pub use appliance::Appliance;
+pub use disk::{Scratch, create_disk};
+pub use error::{Error, qemu_complaint};
+pub use options::{
+    Accel, ConsoleMode, Firmware, NBD_GUEST_PORT, NbdForward, Options, Timeouts, free_port,
+    require_host_tools,
+};
+pub use protocol::PROMPT;
+pub use thinbox_boot::{BIOS_IMAGE, KERNEL_ELF, UEFI_IMAGE};
+
+/// QEMU's exit status after the kernel's clean `shutdown` (isa-debug-exit value 0x10).
+pub const EXIT_SHUTDOWN: i32 = 33;
+/// QEMU's exit status after a kernel panic or CPU exception (isa-debug-exit value 0x11).
+pub const EXIT_PANIC: i32 = 35;

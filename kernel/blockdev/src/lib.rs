@@ -17,11 +17,13 @@ extern crate alloc;
 extern crate std;
 
 mod buf;
+mod crash;
 #[cfg(feature = "std")]
 mod file;
 mod memory;
 
 pub use buf::IoBuf;
+pub use crash::{CrashDisk, Unflushed};
 #[cfg(feature = "std")]
 pub use file::FileDisk;
 pub use memory::MemDisk;

@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests: scratch files, the real
+//! Code shared by the integration tests: scratch files, the real
 //! thin-provisioning-tools, and parsing their XML into a comparable model.
 #![allow(dead_code)]
 

@@ -1,0 +1,34 @@
+//! The thin-pool engine: Linux dm-thin's `thin-pool` and `thin` targets over
+//! [`blockdev::BlockDevice`]s, with dm-thin's on-disk metadata (the
+//! `persistent-data` crate).
+//!
+//! * [`Pool`] opens a pool from a metadata device and a data device with the
+//!   parameters of a `thin-pool` table line ([`PoolConfig`], [`PoolTable`]), runs
+//!   pool messages ([`Pool::message`]), reports status in dm's formats
+//!   ([`PoolStatus`], [`ThinStatus`]) and per-volume usage ([`ThinUsage`]), and
+//!   queues [`PoolEvent`]s for the console.
+//! * [`Pool::activate`] gives a [`ThinVolume`]: a [`blockdev::BlockDevice`] with the
+//!   extra operations NBD needs ([`ThinOp`]: write-zeroes, block status, reads that
+//!   report their zero holes).
+//!
+//! The engine has no clock and no threads: callers poll volumes (or [`Pool::poll`])
+//! to advance I/O and call [`Pool::service`] with the current time for timer work.
+//! Everything is `no_std` + `alloc`.
+
+#![no_std]
+
+extern crate alloc;
+
+pub mod config;
+mod engine;
+pub mod io;
+pub mod message;
+mod pool;
+pub mod status;
+mod usage;
+
+pub use config::{Features, PoolConfig, PoolTable, TableError, ThinTable};
+pub use io::{Extent, QueueFull, SectorRun, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
+pub use message::{Errno, Message, MessageError};
+pub use pool::{OpenReport, Pool, PoolError, ThinVolume};
+pub use status::{DiscardMode, PoolEvent, PoolMode, PoolStatus, ThinStatus, ThinUsage};

@@ -1,0 +1,420 @@
+//! The public face of the engine: [`Pool`] for management, [`ThinVolume`] for I/O.
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::fmt;
+
+use blockdev::{BlockDevice, Busy, Command, Completion, DeviceInfo, Request};
+use persistent_data::Error as MdError;
+use persistent_data::thin::{FormatPolicy, OpenOptions, ThinMetadata};
+
+use crate::config::{MAX_DATA_BLOCK_SIZE, MIN_DATA_BLOCK_SIZE, PoolConfig, valid_block_size};
+use crate::engine::{Core, VolId};
+use crate::io::{QueueFull, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
+use crate::message::{Errno, Message, MessageError};
+use crate::status::{PoolEvent, PoolMode, PoolStatus, ThinStatus, ThinUsage};
+
+/// Requests a thin volume accepts before its queue reports full.
+const VOLUME_QUEUE_DEPTH: u16 = 256;
+
+/// Why a pool could not be opened or a volume activated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolError(pub String);
+
+impl fmt::Display for PoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<MessageError> for PoolError {
+    fn from(error: MessageError) -> Self {
+        PoolError(error.text)
+    }
+}
+
+/// What opening a pool did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The metadata device was blank and has been formatted.
+    pub formatted: bool,
+    /// The data space grew to the pool length.
+    pub grown_from: Option<u64>,
+    /// Things the operator should know (also queued as events).
+    pub warnings: Vec<String>,
+}
+
+/// A thin pool: a metadata device and a data device, and the thin devices in them.
+///
+/// One thread of control drives everything: management calls here, I/O through
+/// [`ThinVolume`]s, and [`Pool::service`] with the current time for timer work.
+/// Dropping a pool without [`Pool::close`] is like a power cut: the metadata stays at
+/// its last commit.
+pub struct Pool {
+    core: Rc<RefCell<Core>>,
+}
+
+impl Pool {
+    /// Opens a pool: formats a blank metadata device (all-zero first block), opens
+    /// an existing one (never reformatting it; its data block size must match) and
+    /// grows the data space when `config.length` is larger than before.
+    pub fn open(
+        metadata: Box<dyn BlockDevice>,
+        data: Box<dyn BlockDevice>,
+        config: PoolConfig,
+    ) -> Result<(Pool, OpenReport), PoolError> {
+        if !valid_block_size(config.data_block_size) {
+            return Err(PoolError(format!(
+                "Invalid block size {} (sectors: a multiple of {MIN_DATA_BLOCK_SIZE} from {MIN_DATA_BLOCK_SIZE} to {MAX_DATA_BLOCK_SIZE})",
+                config.data_block_size
+            )));
+        }
+        let blocks = config.data_blocks();
+        if blocks == 0 {
+            return Err(PoolError(format!(
+                "pool length {} sectors is smaller than one data block ({} sectors)",
+                config.length, config.data_block_size
+            )));
+        }
+        let data_sectors = data.info().sectors;
+        if config.length > data_sectors {
+            return Err(PoolError(format!(
+                "data device ({data_sectors} sectors) is smaller than the pool length ({} sectors)",
+                config.length
+            )));
+        }
+        let read_only = config.features.read_only;
+        let options = OpenOptions {
+            data_block_size: config.data_block_size,
+            cache_blocks: config.cache_blocks,
+            format: if read_only {
+                FormatPolicy::Never
+            } else {
+                FormatPolicy::IfBlank
+            },
+        };
+        let (md, opened) = ThinMetadata::open(metadata, &options).map_err(|error| match error {
+            MdError::Unformatted => PoolError(String::from(
+                "metadata device is blank and the pool is read_only: it can only be formatted by a read-write load",
+            )),
+            MdError::DataBlockSizeMismatch { on_disk, requested } => PoolError(format!(
+                "changing the data block size (from {on_disk} to {requested}) is not supported"
+            )),
+            other => PoolError(format!("Error opening metadata: {other}")),
+        })?;
+        let mut report = OpenReport {
+            formatted: opened.formatted,
+            ..OpenReport::default()
+        };
+        let current = md.data_nr_blocks();
+        if blocks < current {
+            return Err(PoolError(format!(
+                "pool target ({blocks} blocks) too small: expected {current}"
+            )));
+        }
+        let needs_check = md.needs_check();
+        let mut core = Core::new(md, data, config);
+        if let Some(warning) = opened.warning {
+            let text = format!(
+                "Metadata device is larger than {} sectors: excess space will not be used ({warning})",
+                warning.used_sectors
+            );
+            report.warnings.push(text.clone());
+            core.push_event(PoolEvent::MetadataDeviceTooLarge(text));
+        }
+        if needs_check {
+            let text = String::from(
+                "metadata has needs_check set: the pool stays read-only until it is checked and repaired",
+            );
+            report.warnings.push(text.clone());
+            core.push_event(PoolEvent::ModeChanged {
+                mode: PoolMode::ReadOnly,
+                reason: text,
+            });
+        }
+        if blocks > current {
+            if core.mode.metadata_writable() {
+                core.grow_data(blocks)?;
+                if !report.formatted {
+                    report.grown_from = Some(current);
+                }
+            } else if !report.formatted {
+                report.warnings.push(format!(
+                    "the pool is read-only: data space stays at {current} blocks instead of {blocks}"
+                ));
+            }
+        }
+        Ok((
+            Pool {
+                core: Rc::new(RefCell::new(core)),
+            },
+            report,
+        ))
+    }
+
+    /// Runs a pool message (`create_thin 1`, `create_snap 2 1`, `delete 1`,
+    /// `set_transaction_id 0 1`, `reserve_metadata_snap`, `release_metadata_snap`).
+    /// A successful message is committed before this returns; a failed one changed
+    /// nothing. `create_snap` quiesces an active origin: it waits for that volume's
+    /// writes in flight (writes waiting for data space excepted) and the snapshot
+    /// holds exactly the data they and earlier writes left.
+    pub fn message(&self, text: &str) -> Result<(), MessageError> {
+        let mut core = self.core.borrow_mut();
+        // dm checks the mode before it looks at the message.
+        core.require_writable_metadata()?;
+        let message = Message::parse(text)?;
+        core.message(message)
+    }
+
+    /// Grows the pool to `length` sectors (the data device must be that large).
+    pub fn resize(&self, length: u64) -> Result<(), MessageError> {
+        let mut core = self.core.borrow_mut();
+        let bs = core.block_sectors();
+        core.grow_data(length / bs)?;
+        core.config.length = length;
+        Ok(())
+    }
+
+    /// The pool status in dm's format (its [`fmt::Display`]).
+    pub fn status(&self) -> PoolStatus {
+        self.core.borrow().status()
+    }
+
+    /// A thin device's status (`<mapped sectors> <highest mapped sector>`).
+    pub fn thin_status(&self, dev: u64) -> Result<ThinStatus, MessageError> {
+        self.core.borrow_mut().thin_status(dev)
+    }
+
+    /// Mapped / exclusive / shared blocks of every thin device (what `thin_ls`
+    /// shows). Walks all mappings, so it costs time in proportion to them.
+    pub fn usage(&self) -> Result<Vec<ThinUsage>, MessageError> {
+        let mut core = self.core.borrow_mut();
+        crate::usage::usage(&mut core.md)
+            .map_err(|e| MessageError::new(Errno::Eio, format!("reading usage failed: {e}")))
+    }
+
+    /// Thin device ids in the pool.
+    pub fn devices(&self) -> Result<Vec<u64>, MessageError> {
+        self.core
+            .borrow_mut()
+            .md
+            .devices()
+            .map_err(|e| MessageError::new(Errno::Eio, format!("listing devices failed: {e}")))
+    }
+
+    /// The live metadata (`metadata_snap = false`) or the held metadata snapshot as
+    /// `thin_dump` XML.
+    pub fn dump_xml(
+        &self,
+        out: &mut dyn fmt::Write,
+        metadata_snap: bool,
+    ) -> Result<(), MessageError> {
+        let mut core = self.core.borrow_mut();
+        let result = if metadata_snap {
+            core.md.dump_metadata_snap_xml(out)
+        } else {
+            core.md.dump_xml(out)
+        };
+        result.map_err(|e| MessageError::new(Errno::Eio, format!("dumping metadata failed: {e}")))
+    }
+
+    pub fn mode(&self) -> PoolMode {
+        self.core.borrow().mode
+    }
+
+    pub fn config(&self) -> PoolConfig {
+        self.core.borrow().config.clone()
+    }
+
+    /// The next event to report, oldest first.
+    pub fn next_event(&self) -> Option<PoolEvent> {
+        self.core.borrow_mut().next_event()
+    }
+
+    /// Activates thin device `dev` as a volume of `sectors` sectors, optionally over
+    /// a read-only external origin (unprovisioned blocks read from it; it is never
+    /// written).
+    pub fn activate(
+        &self,
+        dev: u64,
+        sectors: u64,
+        origin: Option<Box<dyn BlockDevice>>,
+    ) -> Result<ThinVolume, PoolError> {
+        let mut core = self.core.borrow_mut();
+        if core.mode == PoolMode::Fail {
+            return Err(PoolError(String::from(
+                "Couldn't open thin device, Pool is in fail mode",
+            )));
+        }
+        if dev > persistent_data::thin::MAX_DEV_ID {
+            return Err(PoolError(String::from("Invalid device id")));
+        }
+        match core.md.device_exists(dev) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(PoolError(format!(
+                    "Couldn't open thin internal device: thin device {dev} does not exist"
+                )));
+            }
+            Err(error) => {
+                return Err(PoolError(format!(
+                    "Couldn't open thin internal device: {error}"
+                )));
+            }
+        }
+        let discard = !core.config.features.ignore_discard;
+        let vol = core.activate(dev, sectors, origin);
+        let info = DeviceInfo {
+            sectors,
+            read_only: false,
+            discard,
+            max_transfer_sectors: u32::MAX,
+            queue_depth: VOLUME_QUEUE_DEPTH,
+            model: String::from("thin volume"),
+            serial: dev.to_string(),
+        };
+        Ok(ThinVolume {
+            core: Rc::clone(&self.core),
+            vol,
+            dev,
+            info,
+        })
+    }
+
+    /// Timer work for time `now_ns` (monotonic nanoseconds): the periodic commit,
+    /// the no-space timeout, the held-metadata-snapshot warning; then runs whatever
+    /// I/O is ready.
+    pub fn service(&self, now_ns: u64) {
+        self.core.borrow_mut().service(now_ns);
+    }
+
+    /// Reaps device completions and advances I/O; returns whether anything happened.
+    pub fn poll(&self) -> bool {
+        self.core.borrow_mut().progress()
+    }
+
+    /// Commits now (data device flushed first).
+    pub fn commit(&self) -> Result<(), MessageError> {
+        let mut core = self.core.borrow_mut();
+        if !core.mode.metadata_writable() {
+            return Ok(());
+        }
+        core.commit_now()
+    }
+
+    /// Shuts the pool down cleanly: waits for I/O in flight, commits. Refused while
+    /// volumes are active (the pool is handed back).
+    pub fn close(self) -> Result<(), (Pool, PoolError)> {
+        {
+            let mut core = self.core.borrow_mut();
+            if !core.volumes.is_empty() {
+                drop(core);
+                return Err((
+                    self,
+                    PoolError(String::from(
+                        "the pool has active thin volumes; deactivate them first",
+                    )),
+                ));
+            }
+            core.drain_all();
+            if core.mode.metadata_writable()
+                && let Err(error) = core.commit_now()
+            {
+                drop(core);
+                return Err((self, error.into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An active thin device: a [`BlockDevice`] of its own, plus the extra operations
+/// of [`ThinOp`] (write-zeroes, block status, reads that report holes) through
+/// [`ThinVolume::submit_op`] and [`ThinVolume::poll_op`]. Dropping it deactivates the
+/// volume (requests still in flight finish; their completions are dropped).
+pub struct ThinVolume {
+    core: Rc<RefCell<Core>>,
+    vol: VolId,
+    dev: u64,
+    info: DeviceInfo,
+}
+
+impl ThinVolume {
+    /// The thin device id.
+    pub fn dev_id(&self) -> u64 {
+        self.dev
+    }
+
+    /// Whether unprovisioned blocks read from an external origin.
+    pub fn has_origin(&self) -> bool {
+        self.core.borrow().has_origin(self.vol)
+    }
+
+    /// Queues a request; refused only when the volume's queue is full.
+    pub fn submit_op(&mut self, request: ThinRequest) -> Result<(), QueueFull> {
+        let mut core = self.core.borrow_mut();
+        if core.volume_in_flight(self.vol) >= usize::from(self.info.queue_depth) {
+            return Err(QueueFull(request));
+        }
+        core.submit(self.vol, request);
+        Ok(())
+    }
+
+    /// One finished request, if any (advances the engine first).
+    pub fn poll_op(&mut self) -> Option<ThinCompletion> {
+        let mut core = self.core.borrow_mut();
+        if let Some(done) = core.take_completion(self.vol) {
+            return Some(done);
+        }
+        core.progress();
+        core.take_completion(self.vol)
+    }
+}
+
+impl BlockDevice for ThinVolume {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn submit(&mut self, request: Request) -> Result<(), Busy> {
+        let Request { tag, command } = request;
+        let op = match command {
+            Command::Read { sector, buf } => ThinOp::Read { sector, buf },
+            Command::Write { sector, buf, fua } => ThinOp::Write { sector, buf, fua },
+            Command::Flush => ThinOp::Flush,
+            Command::Discard { sector, sectors } => ThinOp::Discard { sector, sectors },
+        };
+        self.submit_op(ThinRequest { tag, op })
+            .map_err(|QueueFull(request)| {
+                let command = match request.op {
+                    ThinOp::Read { sector, buf } => Command::Read { sector, buf },
+                    ThinOp::Write { sector, buf, fua } => Command::Write { sector, buf, fua },
+                    ThinOp::Discard { sector, sectors } => Command::Discard { sector, sectors },
+                    _ => Command::Flush,
+                };
+                Busy(Request { tag, command })
+            })
+    }
+
+    fn poll(&mut self) -> Option<Completion> {
+        self.poll_op().map(|done| Completion {
+            tag: done.tag,
+            result: done.result.map(|_: ThinOutput| ()),
+            buf: done.buf,
+        })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.core.borrow().volume_in_flight(self.vol)
+    }
+}
+
+impl Drop for ThinVolume {
+    fn drop(&mut self) {
+        self.core.borrow_mut().close_volume(self.vol);
+    }
+}
