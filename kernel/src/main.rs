@@ -91,12 +91,11 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     );
 
     let network = net::start(&mut pci, &mut serial).map(|stack| Rc::new(RefCell::new(stack)));
-    let mut nbd_server = nbd::Server::new(bring_up_backend(), NBD_LIMITS);
-
     let platform = platform::KernelPlatform {
         network: network.clone().map(net::NetHandle),
     };
     let mut console = Console::new(platform, disks);
+    let mut nbd_server = nbd::Server::new(bring_up_backend(), NBD_LIMITS);
     let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));
     console.start(&mut serial);
     loop {
