@@ -117,10 +117,15 @@ fn net_shows_the_lease_and_switches_between_static_and_dhcp() {
             "{bad}: {answer}"
         );
     }
-    assert_eq!(appliance.console_ok("net").unwrap().lines().nth(1), shown.lines().nth(1));
+    assert_eq!(
+        appliance.console_ok("net").unwrap().lines().nth(1),
+        shown.lines().nth(1)
+    );
 
     // A static address the forward does not lead to: clients get no greeting.
-    let set = appliance.console_ok("net set 10.0.2.20/24 10.0.2.2").unwrap();
+    let set = appliance
+        .console_ok("net set 10.0.2.20/24 10.0.2.2")
+        .unwrap();
     assert_eq!(set, "address 10.0.2.20/24 gateway 10.0.2.2 (static)");
     assert_eq!(
         field(&appliance.console_ok("net").unwrap(), "address:"),

@@ -112,7 +112,12 @@ fn show(status: &NetStatus, out: &mut dyn Write) {
     };
     match status.ipv4 {
         Some(config) => {
-            outln!(out, "address: {}/{} ({mode})", config.address, config.prefix);
+            outln!(
+                out,
+                "address: {}/{} ({mode})",
+                config.address,
+                config.prefix
+            );
             match config.gateway {
                 Some(gateway) => outln!(out, "gateway: {gateway}"),
                 None => outln!(out, "gateway: none"),

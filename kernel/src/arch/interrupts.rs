@@ -149,22 +149,8 @@ extern "x86-interrupt" fn irq<const LINE: u8>(_frame: InterruptStackFrame) {
 }
 
 const IRQ_HANDLERS: [extern "x86-interrupt" fn(InterruptStackFrame); 16] = [
-    irq::<0>,
-    irq::<1>,
-    irq::<2>,
-    irq::<3>,
-    irq::<4>,
-    irq::<5>,
-    irq::<6>,
-    irq::<7>,
-    irq::<8>,
-    irq::<9>,
-    irq::<10>,
-    irq::<11>,
-    irq::<12>,
-    irq::<13>,
-    irq::<14>,
-    irq::<15>,
+    irq::<0>, irq::<1>, irq::<2>, irq::<3>, irq::<4>, irq::<5>, irq::<6>, irq::<7>, irq::<8>,
+    irq::<9>, irq::<10>, irq::<11>, irq::<12>, irq::<13>, irq::<14>, irq::<15>,
 ];
 
 fn write_pic_mask(mask: u16) {

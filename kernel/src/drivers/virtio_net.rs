@@ -48,6 +48,8 @@ pub struct Counters {
 }
 
 type Raw = VirtIONetRaw<KernelHal, PciTransport, QUEUE_SIZE>;
+/// Transmit buffers the device holds, by descriptor token, with their length.
+type PostedTx = Vec<Option<(Box<[u8]>, usize)>>;
 
 pub struct VirtioNet {
     raw: Raw,
@@ -59,8 +61,7 @@ pub struct VirtioNet {
     rx_posted: Vec<Option<Box<[u8]>>>,
     /// Receive buffers smoltcp has consumed, to go back on the queue.
     rx_returned: Vec<Box<[u8]>>,
-    /// Transmit buffers the device holds, by descriptor token, with their length.
-    tx_posted: Vec<Option<(Box<[u8]>, usize)>>,
+    tx_posted: PostedTx,
     tx_free: Vec<Box<[u8]>>,
     header_len: usize,
     counters: Counters,
@@ -277,7 +278,7 @@ impl Drop for RxToken<'_> {
 /// Permission to send one frame: a free buffer and descriptor exist.
 pub struct TxToken<'a> {
     raw: &'a mut Raw,
-    tx_posted: &'a mut Vec<Option<(Box<[u8]>, usize)>>,
+    tx_posted: &'a mut PostedTx,
     tx_free: &'a mut Vec<Box<[u8]>>,
     header_len: usize,
     counters: &'a mut Counters,
@@ -287,7 +288,10 @@ impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut buffer = self.tx_free.pop().expect("checked when the token was made");
         let total = self.header_len + len;
-        assert!(total <= buffer.len(), "frame of {len} bytes exceeds the MTU");
+        assert!(
+            total <= buffer.len(),
+            "frame of {len} bytes exceeds the MTU"
+        );
         buffer[..self.header_len].fill(0);
         if let Err(error) = self.raw.fill_buffer_header(&mut buffer[..self.header_len]) {
             panic!("virtio-net header: {error:?}");

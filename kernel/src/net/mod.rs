@@ -72,7 +72,8 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
         function.address
     );
     let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
-    config.random_seed = clock::now_ns() ^ u64::from_le_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]);
+    config.random_seed = clock::now_ns()
+        ^ u64::from_le_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]);
     let iface = Interface::new(config, &mut device, now());
     let mut sockets = SocketSet::new(alloc::vec::Vec::new());
     let nbd = NbdSockets::new(&mut sockets);
@@ -106,8 +107,8 @@ impl NetStack {
             interrupts::rearm_device_irq(line);
         }
         for _ in 0..ROUNDS_PER_POLL {
-            let changed = self.iface.poll(now(), &mut self.device, &mut self.sockets)
-                != PollResult::None;
+            let changed =
+                self.iface.poll(now(), &mut self.device, &mut self.sockets) != PollResult::None;
             self.dhcp_events();
             let moved = self.nbd.pump(&mut self.sockets, server, admit);
             if !changed && !moved {
@@ -158,13 +159,13 @@ impl Network for NetStack {
                 IpCidr::Ipv4(cidr) if cidr.address() == address => Some(cidr.prefix_len()),
                 _ => None,
             })?;
-            let gateway = self
-                .iface
-                .routes()
-                .get_default_ipv4_route()
-                .and_then(|route| match route.via_router {
-                    IpAddress::Ipv4(router) => Some(router),
-                });
+            let gateway =
+                self.iface
+                    .routes()
+                    .get_default_ipv4_route()
+                    .map(|route| match route.via_router {
+                        IpAddress::Ipv4(router) => router,
+                    });
             Some(Ipv4Config {
                 address,
                 prefix,

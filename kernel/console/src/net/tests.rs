@@ -27,7 +27,9 @@ impl Platform for NetPlatform {
     fn power_off(&mut self) {}
     fn crash(&mut self, _why: &str) {}
     fn network(&mut self) -> Option<&mut dyn Network> {
-        self.network.as_mut().map(|network| network as &mut dyn Network)
+        self.network
+            .as_mut()
+            .map(|network| network as &mut dyn Network)
     }
 }
 
@@ -114,7 +116,10 @@ fn net_without_a_lease_or_link_says_so() {
     let shown = lines(&out);
     assert_eq!(shown[0], "mac:     52:54:00:12:34:56  link down");
     assert_eq!(shown[1], "address: none yet (dhcp: waiting for a lease)");
-    assert_eq!(shown[2], "nbd:     port 10809, 0 connections open, 5 accepted");
+    assert_eq!(
+        shown[2],
+        "nbd:     port 10809, 0 connections open, 5 accepted"
+    );
 }
 
 #[test]
