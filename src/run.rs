@@ -139,9 +139,8 @@ fn interactive(options: &Options) -> Result<ExitCode, Failure> {
     let (mut command, nbd_port) = options.qemu_command(ConsoleMode::Terminal)?;
     describe(options, nbd_port);
     let terminal = SavedTerminal::save();
-    let mut qemu = command
-        .stderr(Stdio::piped())
-        .spawn()
+    command.stderr(Stdio::piped());
+    let mut qemu = qemu_test::spawn_tied(command)
         .map_err(|error| Failure::failed(format!("starting qemu-system-x86_64: {error}")))?;
     let mut stderr = qemu.stderr.take().expect("stderr is piped");
     let collector = thread::spawn(move || {
@@ -255,7 +254,10 @@ fn exec(options: Options, commands: &[String]) -> Result<ExitCode, Failure> {
 
 /// A failure of the running appliance, after showing what it printed last.
 fn runtime(error: qemu_test::Error) -> Failure {
-    if let Some(tail) = error.transcript_tail() {
+    if let Some(tail) = error
+        .transcript_tail()
+        .filter(|tail| !tail.trim().is_empty())
+    {
         eprintln!("--- last serial output ---\n{tail}\n---");
     }
     Failure::from(error)

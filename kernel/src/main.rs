@@ -47,10 +47,10 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let Some(phys_offset) = boot_info.physical_memory_offset.into_option() else {
         panic!("the bootloader did not map physical memory");
     };
-    if let Err(why) = memory::init(&boot_info.memory_regions, phys_offset) {
+    if let Err(why) = memory::init(&mut boot_info.memory_regions, phys_offset) {
         panic!("memory setup failed: {why}");
     }
-    clock::init();
+    let calibration = clock::init();
     arch::interrupts::start_timer();
     let timer_ticks = wait_for_timer();
 
@@ -58,10 +58,15 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let (_, frames) = memory::frame_usage();
     let _ = write!(
         serial,
-        "thinbox: heap {} MiB, {} DMA frames, TSC {} MHz{}\r\n",
+        "thinbox: heap {} MiB, {} DMA frames, TSC {} MHz ({}){}\r\n",
         (heap_used + heap_free) >> 20,
         frames,
         clock::tsc_hz() / 1_000_000,
+        match calibration {
+            clock::Calibration::Pit => "measured against the PIT",
+            clock::Calibration::Cpuid => "from CPUID, no working PIT",
+            clock::Calibration::Guess => "guessed, no working PIT: times are approximate",
+        },
         if timer_ticks {
             ""
         } else {
@@ -81,7 +86,8 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         power::set_acpi_soft_off(soft_off);
     }
     let mut pci = pci::Pci::new(&acpi.ecam);
-    let disks = drivers::discover(&mut pci, &mut serial);
+    let storage = drivers::discover(&mut pci, &mut serial);
+    let disks = storage.disks;
     let _ = write!(
         serial,
         "thinbox: PCI through {}, {} disk{}\r\n",
@@ -92,6 +98,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
 
     let network = net::start(&mut pci, &mut serial).map(|stack| Rc::new(RefCell::new(stack)));
     let platform = platform::KernelPlatform {
+        nvme_controllers: storage.nvme_controllers,
         network: network.clone().map(net::NetHandle),
     };
     let mut console = Console::new(platform, disks);

@@ -113,14 +113,12 @@ unsafe impl FrameAllocator<Size4KiB> for PoolFrames {
 }
 
 /// Sets up heap, frame pool and paging from the boot memory map.
-pub fn init(regions: &MemoryRegions, phys_offset: u64) -> Result<(), &'static str> {
-    let region = regions
-        .iter()
-        .filter(|r| r.kind == MemoryRegionKind::Usable)
-        .max_by_key(|r| r.end - r.start)
-        .ok_or("no usable memory")?;
-    let start = region.start.next_multiple_of(FRAME_SIZE as u64);
-    let end = region.end & !(FRAME_SIZE as u64 - 1);
+pub fn init(regions: &mut MemoryRegions, phys_offset: u64) -> Result<(), &'static str> {
+    let (start, end) = largest_usable_range(regions).ok_or("no usable memory")?;
+    // Physical page 0 stays unused: a device address of zero reads as "none" to some
+    // drivers (virtio-drivers among them).
+    let start = start.max(FRAME_SIZE as u64).next_multiple_of(FRAME_SIZE as u64);
+    let end = end & !(FRAME_SIZE as u64 - 1);
     let size = end.checked_sub(start).ok_or("usable memory too small")?;
     let pool_bytes = (size / 16).clamp(4 << 20, 64 << 20) & !(FRAME_SIZE as u64 - 1);
     if size < pool_bytes + (8 << 20) {
@@ -168,6 +166,31 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) -> Result<(), &'static st
         window_left: 1 << 39,
     });
     Ok(())
+}
+
+/// The largest physically contiguous run of usable memory. UEFI memory maps list
+/// many adjacent usable pieces (memory types that differed before boot services
+/// ended), so touching regions are joined. Sorts the regions in place (this runs
+/// before there is a heap).
+fn largest_usable_range(regions: &mut MemoryRegions) -> Option<(u64, u64)> {
+    regions.sort_unstable_by_key(|region| region.start);
+    let mut best: Option<(u64, u64)> = None;
+    let mut run: Option<(u64, u64)> = None;
+    for region in regions.iter() {
+        if region.kind != MemoryRegionKind::Usable || region.end <= region.start {
+            run = None;
+            continue;
+        }
+        let current = match run {
+            Some((start, end)) if region.start == end => (start, region.end),
+            _ => (region.start, region.end),
+        };
+        run = Some(current);
+        if best.is_none_or(|(start, end)| current.1 - current.0 > end - start) {
+            best = Some(current);
+        }
+    }
+    best
 }
 
 fn layout() -> &'static Layout {

@@ -1,12 +1,16 @@
 //! What the console reaches of the machine: clock, memory figures, power, network.
 
-use console::{MemoryStats, Network, Platform};
+use console::{Crash, MemoryStats, Network, Platform};
 
 use crate::arch::{clock, power};
+use crate::drivers::nvme;
 use crate::memory;
 use crate::net::NetHandle;
+use alloc::vec::Vec;
 
 pub struct KernelPlatform {
+    /// Controllers to notify before power goes.
+    pub nvme_controllers: Vec<nvme::ShutdownHandle>,
     pub network: Option<NetHandle>,
 }
 
@@ -28,11 +32,28 @@ impl Platform for KernelPlatform {
     }
 
     fn power_off(&mut self) {
+        for controller in &self.nvme_controllers {
+            controller.shutdown();
+        }
         power::power_off()
     }
 
-    fn crash(&mut self, why: &str) {
-        panic!("{why}")
+    fn crash(&mut self, how: Crash) {
+        match how {
+            Crash::Panic => panic!("deliberate panic requested on the console"),
+            Crash::PageFault => {
+                // The lowest page is never mapped, so this read faults.
+                let unmapped = core::hint::black_box(core::ptr::dangling::<u64>());
+                // SAFETY: not sound on purpose: the read faults and the exception
+                // handler stops the machine, so no value is ever produced.
+                let value = unsafe { unmapped.read_volatile() };
+                panic!("reading {unmapped:p} returned {value:#x} instead of faulting")
+            }
+            Crash::StackOverflow => {
+                let depth = recurse(core::hint::black_box(0));
+                panic!("recursion to depth {depth} did not overflow the stack")
+            }
+        }
     }
 
     fn network(&mut self) -> Option<&mut dyn Network> {
@@ -40,4 +61,14 @@ impl Platform for KernelPlatform {
             .as_mut()
             .map(|network| network as &mut dyn Network)
     }
+}
+
+/// Recurses with a large frame until the stack overflows (the depth can never reach
+/// `u64::MAX` first).
+fn recurse(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 256]);
+    if frame[0] == u64::MAX {
+        return frame[1];
+    }
+    recurse(frame[1] + 1) + frame[2]
 }

@@ -21,7 +21,8 @@ const PORT_ATTEMPTS: usize = 3;
 
 /// A booted appliance: a QEMU process whose serial console this value drives.
 ///
-/// Dropping it kills QEMU, so no test leaves a machine behind.
+/// Dropping it kills QEMU, and QEMU dies with the process that started it, so no test
+/// leaves a machine behind.
 pub struct Appliance {
     child: Child,
     stdin: ChildStdin,
@@ -74,15 +75,14 @@ impl Appliance {
         timeouts: Timeouts,
     ) -> Result<Appliance, Error> {
         let program = command.get_program().to_string_lossy().into_owned();
-        let mut child = command
+        command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| Error::Io {
-                context: format!("starting {program}"),
-                source,
-            })?;
+            .stderr(Stdio::piped());
+        let mut child = crate::spawn_tied(command).map_err(|source| Error::Io {
+            context: format!("starting {program}"),
+            source,
+        })?;
         let stdin = child.stdin.take().expect("stdin is piped");
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut stderr = child.stderr.take().expect("stderr is piped");

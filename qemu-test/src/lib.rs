@@ -18,12 +18,18 @@
 //! Every wait has a deadline: a timeout, a `KERNEL PANIC` line or QEMU exiting early
 //! ends the wait with an [`Error`] whose `Debug` form carries the end of the serial
 //! transcript, so a failing test shows what the appliance printed.
+//!
+//! [`Appliance::boot`] installs QEMU (and OVMF for UEFI) itself when they are missing;
+//! a test that runs other host programs (`qemu-img`, `thin_check`, ...) calls
+//! `host_tools::require_for_test` first. Tests may run in parallel: NBD ports are
+//! picked so they never collide, and each test keeps its disks in its own [`Scratch`].
 
 mod appliance;
 mod disk;
 mod error;
 mod nbd_ready;
 mod options;
+mod process;
 mod protocol;
 
 pub use appliance::Appliance;
@@ -34,6 +40,7 @@ pub use options::{
     Accel, ConsoleMode, Firmware, NBD_GUEST_PORT, NbdForward, Options, Timeouts, free_port,
     require_host_tools,
 };
+pub use process::spawn_tied;
 pub use protocol::PROMPT;
 pub use thinbox_boot::{BIOS_IMAGE, KERNEL_ELF, UEFI_IMAGE};
 

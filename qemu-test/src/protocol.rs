@@ -4,9 +4,10 @@
 //! without QEMU.
 //!
 //! A reply to command `c` is: the echoed line ending in `c`, the output lines, then the
-//! prompt at the start of a line. `event: ` lines may appear anywhere; each is followed
-//! by a redraw of the prompt (and the partially typed line), which is not the end of
-//! a reply.
+//! prompt at the start of a line. `event: ` lines may appear anywhere: while a command
+//! runs they are plain lines; while the prompt is on screen the kernel erases the
+//! prompt line (`\r`, `ESC [K`), prints the event and redraws the prompt and the
+//! partially typed line, so the echo of a command may follow a redrawn prompt.
 
 /// The kernel's prompt, printed at the start of a line when it is ready for a command.
 pub const PROMPT: &str = "thinbox> ";
@@ -53,9 +54,8 @@ pub(crate) fn find_reply(pending: &[u8], command: &str) -> Option<(usize, Reply)
             break;
         }
     }
-    let mut after_event = false;
     loop {
-        if !after_event && pending[pos..].starts_with(PROMPT.as_bytes()) {
+        if pending[pos..].starts_with(PROMPT.as_bytes()) {
             return Some((pos + PROMPT.len(), reply));
         }
         let end = newline(pending, pos)?;
@@ -63,11 +63,7 @@ pub(crate) fn find_reply(pending: &[u8], command: &str) -> Option<(usize, Reply)
         pos = end + 1;
         if line.starts_with(EVENT) {
             reply.events.push(line);
-            after_event = true;
-        } else if after_event && line.starts_with(PROMPT) {
-            after_event = false;
         } else {
-            after_event = false;
             reply.output.push(line);
         }
     }
@@ -192,34 +188,39 @@ mod tests {
 
     #[test]
     fn text_after_the_prompt_is_left_for_later() {
-        let text = "help\r\nusage\r\nthinbox> \r\nevent: later\r\nthinbox> ";
+        let text = "help\r\nusage\r\nthinbox> \r\x1b[Kevent: later\r\nthinbox> ";
         let (end, reply) = reply(text, "help").unwrap();
-        assert_eq!(&text[end..], "\r\nevent: later\r\nthinbox> ");
+        assert_eq!(&text[end..], "\r\x1b[Kevent: later\r\nthinbox> ");
         assert_eq!(reply.output, ["usage"]);
     }
 
     #[test]
-    fn events_before_the_echo_are_collected() {
-        let text = "\r\nevent: low water\r\nthinbox> status\r\nok\r\nthinbox> ";
+    fn events_at_the_prompt_before_the_echo_are_collected() {
+        let text = "\r\x1b[Kevent: low water\r\nthinbox> status\r\nok\r\nthinbox> ";
         let (_, reply) = reply(text, "status").unwrap();
         assert_eq!(reply.output, ["ok"]);
         assert_eq!(reply.events, ["event: low water"]);
     }
 
     #[test]
-    fn prompt_redrawn_after_an_event_does_not_end_the_reply() {
-        let text = "copy\r\nstarted\r\nevent: pool 0 low\r\nthinbox> \r\ndone\r\nthinbox> ";
-        let (end, reply) = reply(text, "copy").unwrap();
+    fn events_while_a_command_runs_are_plain_lines() {
+        let text = "copy\r\nstarted\r\nevent: pool 0 low\r\ndone\r\nthinbox> ";
+        let (end, busy) = reply(text, "copy").unwrap();
         assert_eq!(end, text.len());
-        assert_eq!(reply.output, ["started", "done"]);
-        assert_eq!(reply.events, ["event: pool 0 low"]);
+        assert_eq!(busy.output, ["started", "done"]);
+        assert_eq!(busy.events, ["event: pool 0 low"]);
+        let text = "copy\r\nevent: pool 0 low\r\nthinbox> ";
+        let (end, quiet) = reply(text, "copy").unwrap();
+        assert_eq!(end, text.len());
+        assert!(quiet.output.is_empty());
     }
 
     #[test]
     fn echo_completing_a_partly_typed_line() {
-        let text = "stat\r\nevent: x\r\nthinbox> status\r\nok\r\nthinbox> ";
+        let text = "stat\r\x1b[Kevent: x\r\nthinbox> status\r\nok\r\nthinbox> ";
         let (_, reply) = reply(text, "us").unwrap();
         assert_eq!(reply.output, ["ok"]);
+        assert_eq!(reply.events, ["event: x"]);
     }
 
     #[test]

@@ -177,6 +177,8 @@ fn events_are_kept_apart_from_replies() {
     assert_eq!(appliance.console("echo after").unwrap(), "after");
     assert_eq!(appliance.take_events(), ["event: pool 0 low water mark"]);
     assert!(appliance.take_events().is_empty());
+    assert_eq!(appliance.console("busy-event").unwrap(), "working\ndone");
+    assert_eq!(appliance.take_events(), ["event: pool 0 low water mark"]);
 }
 
 #[test]
@@ -405,6 +407,64 @@ fn runner_refuses_bad_arguments_without_booting() {
         &runner(&["--disk", disk, "--exec", "shutdown", "--exec", "help"]),
         "can only come last",
     );
+}
+
+/// Whether process `pid` has ended (gone, or a zombie waiting for its new parent).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(") ")
+            .next()
+            .is_some_and(|rest| rest.starts_with('Z')),
+    }
+}
+
+/// The children of process `pid`, whichever of its threads started them.
+fn children(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let lists = tasks.map(|task| std::fs::read_to_string(task.unwrap().path().join("children")));
+    let lists: Vec<String> = lists.map(|list| list.unwrap_or_default()).collect();
+    lists
+        .iter()
+        .flat_map(|list| list.split_whitespace())
+        .map(|pid| pid.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn killing_the_runner_takes_qemu_with_it() {
+    qemu();
+    let scratch = Scratch::new().unwrap();
+    // Firmware finds nothing to boot on a blank image and waits: QEMU keeps running.
+    let blank = scratch.disk("blank.img", MIB).unwrap();
+    let disk = scratch.disk("disk.img", 8 * MIB).unwrap();
+    let mut runner = Command::new(RUNNER)
+        .arg("--image")
+        .arg(&blank)
+        .arg("--disk")
+        .arg(&disk)
+        .args(["--exec", "help"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let qemu = loop {
+        if let Some(&pid) = children(runner.id()).first() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the runner started no QEMU");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ended(qemu) {
+        assert!(Instant::now() < deadline, "QEMU {qemu} outlived the runner");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ use core::fmt::Write;
 
 use crate::disk_test::{DiskTest, DiskTestOptions};
 use crate::units::{human_bytes, seconds};
-use crate::{CommandError, Console, Platform, outln};
+use crate::{CommandError, Console, Crash, Platform, outln};
 
 /// `help` lines: usage and what the command is for.
 pub(crate) const HELP: &[(&str, &str)] = &[
@@ -189,14 +189,18 @@ impl<P: Platform> Console<P> {
     }
 
     fn debug(&mut self, args: &[String]) -> Result<(), CommandError> {
-        match args {
-            [what] if what == "panic" => {
-                self.platform
-                    .crash("deliberate panic requested on the console");
-                Ok(())
+        let how = match args {
+            [what] if what == "panic" => Crash::Panic,
+            [what] if what == "page-fault" => Crash::PageFault,
+            [what] if what == "stack-overflow" => Crash::StackOverflow,
+            _ => {
+                return Err("usage: debug panic|page-fault|stack-overflow (crashes the \
+                            appliance on purpose)"
+                    .into());
             }
-            _ => Err("usage: debug panic (crashes the appliance on purpose)".into()),
-        }
+        };
+        self.platform.crash(how);
+        Ok(())
     }
 }
 

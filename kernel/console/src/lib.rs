@@ -9,9 +9,10 @@
 //! Long operations (`disk-test`) run as [`jobs`](job) that advance a step per poll,
 //! so the appliance keeps serving other work between steps; Ctrl-C cancels them.
 //!
-//! Commands are listed by `help`. One more, `debug panic`, is left out of `help` on
-//! purpose: it panics the kernel deliberately so tests can check that a crash is
-//! reported on the console and stops the machine.
+//! Commands are listed by `help`. One more, `debug panic|page-fault|stack-overflow`,
+//! is left out of `help` on purpose: it crashes the kernel deliberately (a Rust
+//! panic, a CPU exception, a double fault on the exception stack) so tests can check
+//! that each kind of crash is reported on the console and stops the machine.
 
 #![no_std]
 
@@ -70,12 +71,24 @@ pub trait Platform {
     /// Turns the machine off; called after every disk was flushed and `powering
     /// off` printed. On the appliance it does not return.
     fn power_off(&mut self);
-    /// Crashes the machine on purpose (`debug panic`), the way a kernel bug would.
-    fn crash(&mut self, why: &str);
+    /// Crashes the machine on purpose (`debug ...`), the way a kernel bug would.
+    fn crash(&mut self, how: Crash);
     /// The network interface, if the machine has one (for `net`).
     fn network(&mut self) -> Option<&mut dyn Network> {
         None
     }
+}
+
+/// Ways to crash the appliance on purpose, one per kind of fatal error the kernel
+/// must report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crash {
+    /// A Rust panic.
+    Panic,
+    /// A CPU exception: a read from an unmapped address.
+    PageFault,
+    /// Unbounded recursion until the stack's guard page stops it (a double fault).
+    StackOverflow,
 }
 
 /// A disk the console manages: its name (`vda`, `nvme0n1`) and the device.

@@ -9,14 +9,14 @@ use blockdev::{
 };
 use core::cell::Cell;
 
-use crate::{Console, Disk, MemoryStats, PROMPT, Platform};
+use crate::{Console, Crash, Disk, MemoryStats, PROMPT, Platform};
 
 /// A clock that moves 500 ms every time it is read, so progress lines appear.
 #[derive(Default)]
 struct FakePlatform {
     now_ns: Cell<u64>,
     powered_off: bool,
-    crashed: Option<String>,
+    crashed: Vec<Crash>,
 }
 
 impl Platform for FakePlatform {
@@ -37,8 +37,8 @@ impl Platform for FakePlatform {
     fn power_off(&mut self) {
         self.powered_off = true;
     }
-    fn crash(&mut self, why: &str) {
-        self.crashed = Some(why.to_string());
+    fn crash(&mut self, how: Crash) {
+        self.crashed.push(how);
     }
 }
 
@@ -317,14 +317,19 @@ fn shutdown_refuses_when_a_flush_fails_unless_forced() {
 }
 
 #[test]
-fn debug_panic_crashes_through_the_platform() {
+fn debug_crashes_through_the_platform() {
     let mut console = console();
-    assert!(error(&mut console, "debug").starts_with("error: usage: debug panic"));
-    assert!(console.platform().crashed.is_none());
+    let usage = "error: usage: debug panic|page-fault|stack-overflow (crashes the appliance \
+                 on purpose)";
+    assert_eq!(error(&mut console, "debug"), usage);
+    assert_eq!(error(&mut console, "debug reboot"), usage);
+    assert!(console.platform().crashed.is_empty());
     run(&mut console, "debug panic");
+    run(&mut console, "debug page-fault");
+    run(&mut console, "debug stack-overflow");
     assert_eq!(
-        console.platform().crashed.as_deref(),
-        Some("deliberate panic requested on the console")
+        console.platform().crashed,
+        [Crash::Panic, Crash::PageFault, Crash::StackOverflow]
     );
 }
 

@@ -7,36 +7,104 @@ use super::{interrupts::PIT_HZ, port};
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
 static TSC_AT_BOOT: AtomicU64 = AtomicU64::new(0);
 
-/// PIT ticks counted during calibration (40 ms).
-const CALIBRATION_PIT_TICKS: u16 = 47_727;
+/// PIT ticks per calibration run (about 50 ms).
+const CALIBRATION_PIT_TICKS: u16 = 60_000;
+/// Calibration runs; the median wins.
+const CALIBRATION_RUNS: usize = 3;
+/// Most PIT ticks allowed between the two counter reads around a TSC read: more
+/// means the CPU was taken away in between (a loaded host, an SMI), and the sample
+/// is retried.
+const MAX_SAMPLE_SPREAD: u16 = 50;
 
 fn rdtsc() -> u64 {
     // SAFETY: RDTSC only reads the time-stamp counter, present on every x86_64 CPU.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// Measures the TSC frequency by counting TSC ticks across a PIT channel 2
-/// one-shot countdown; must run before anything else uses the PIT's gate.
-pub fn init() {
+/// PIT channel 2's current count.
+fn pit_count() -> u16 {
+    // Latch channel 2, then read low and high byte.
+    port::write_u8(0x43, 0x80);
+    let low = port::read_u8(0x42);
+    let high = port::read_u8(0x42);
+    u16::from_le_bytes([low, high])
+}
+
+/// Attempts at a step of the calibration before deciding the PIT does not work.
+const MAX_ATTEMPTS: u32 = 10_000_000;
+
+/// A TSC reading paired with the PIT count at the same moment: the TSC is read
+/// between two counter reads that are close together.
+fn sample() -> Option<(u64, u16)> {
+    (0..MAX_ATTEMPTS).find_map(|_| {
+        let before = pit_count();
+        let tsc = rdtsc();
+        let after = pit_count();
+        (before.wrapping_sub(after) <= MAX_SAMPLE_SPREAD)
+            .then(|| (tsc, before - (before - after) / 2))
+    })
+}
+
+/// TSC ticks per second measured over one countdown of PIT channel 2; `None` when
+/// the PIT does not count.
+fn measure_tsc_hz() -> Option<u64> {
     let gate = port::read_u8(0x61);
     // Gate high, speaker off.
     port::write_u8(0x61, (gate & !0x02) | 0x01);
-    // Channel 2, low then high byte, mode 0 (interrupt on terminal count).
+    // Channel 2, low then high byte, mode 0; counting starts with the high byte.
     port::write_u8(0x43, 0xb0);
-    port::write_u8(0x42, CALIBRATION_PIT_TICKS as u8);
-    port::write_u8(0x42, (CALIBRATION_PIT_TICKS >> 8) as u8);
-    // Restart the count by pulsing the gate.
-    let gate = port::read_u8(0x61) & !0x01;
-    port::write_u8(0x61, gate);
-    port::write_u8(0x61, gate | 0x01);
-    let start = rdtsc();
-    while port::read_u8(0x61) & 0x20 == 0 {
-        core::hint::spin_loop();
+    port::write_u8(0x42, 0xff);
+    port::write_u8(0x42, 0xff);
+    let (start_tsc, start_count) = sample()?;
+    let (end_tsc, end_count) = (0..MAX_ATTEMPTS)
+        .filter_map(|_| sample())
+        .find(|&(_, count)| start_count.saturating_sub(count) >= CALIBRATION_PIT_TICKS)?;
+    let ticks = u128::from(start_count - end_count);
+    Some((u128::from(end_tsc - start_tsc) * u128::from(PIT_HZ) / ticks) as u64)
+}
+
+/// The processor's base frequency from CPUID leaf 0x16, for machines without a
+/// working PIT.
+fn cpuid_base_hz() -> Option<u64> {
+    let max_leaf = core::arch::x86_64::__cpuid(0).eax;
+    let mhz = (max_leaf >= 0x16).then(|| core::arch::x86_64::__cpuid(0x16).eax & 0xffff)?;
+    (mhz != 0).then(|| u64::from(mhz) * 1_000_000)
+}
+
+/// Where the TSC frequency came from, for the boot log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Calibration {
+    Pit,
+    Cpuid,
+    /// Neither worked: 1 GHz is assumed and times will be off.
+    Guess,
+}
+
+/// Measures the TSC frequency against the PIT (CPUID's figure, or a guess, when
+/// there is no working PIT); must run before anything else uses PIT channel 2.
+pub fn init() -> Calibration {
+    TSC_AT_BOOT.store(rdtsc(), Ordering::Relaxed);
+    let mut runs = [0u64; CALIBRATION_RUNS];
+    let mut calibration = Calibration::Pit;
+    for run in &mut runs {
+        *run = match measure_tsc_hz() {
+            Some(hz) => hz,
+            None => {
+                calibration = Calibration::Cpuid;
+                break;
+            }
+        };
     }
-    let elapsed = rdtsc() - start;
-    let hz = u128::from(elapsed) * u128::from(PIT_HZ) / u128::from(CALIBRATION_PIT_TICKS);
-    TSC_HZ.store((hz as u64).max(1), Ordering::Relaxed);
-    TSC_AT_BOOT.store(start, Ordering::Relaxed);
+    runs.sort_unstable();
+    let hz = match calibration {
+        Calibration::Pit => runs[CALIBRATION_RUNS / 2],
+        _ => cpuid_base_hz().unwrap_or_else(|| {
+            calibration = Calibration::Guess;
+            1_000_000_000
+        }),
+    };
+    TSC_HZ.store(hz.max(1), Ordering::Relaxed);
+    calibration
 }
 
 /// TSC ticks per second.

@@ -20,13 +20,20 @@ use crate::pci::Pci;
 /// PCI class, subclass and programming interface of an NVMe controller.
 const NVME_CLASS: (u8, u8, u8) = (0x01, 0x08, 0x02);
 
+/// The disks found, and what must be told about power-off.
+pub struct Storage {
+    pub disks: Vec<Disk>,
+    pub nvme_controllers: Vec<nvme::ShutdownHandle>,
+}
+
 /// Finds and sets up every disk, in PCI order: virtio-blk disks become `vda`,
 /// `vdb`, …; NVMe namespaces `nvme<controller>n<namespace id>`. A device that
 /// fails to start is reported on `log` and skipped.
-pub fn discover(pci: &mut Pci, log: &mut dyn Write) -> Vec<Disk> {
+pub fn discover(pci: &mut Pci, log: &mut dyn Write) -> Storage {
     let mut disks = Vec::new();
+    let mut nvme_controllers = Vec::new();
     let mut virtio_disks = 0;
-    let mut nvme_controllers = 0;
+    let mut nvme_count = 0;
     for function in pci.functions() {
         let info = &function.info;
         if virtio_device_type(info) == Some(DeviceType::Block) {
@@ -42,13 +49,19 @@ pub fn discover(pci: &mut Pci, log: &mut dyn Write) -> Vec<Disk> {
                 }
             }
         } else if (info.class, info.subclass, info.prog_if) == NVME_CLASS {
-            let controller = nvme_controllers;
-            nvme_controllers += 1;
+            let controller = nvme_count;
+            nvme_count += 1;
             match nvme::probe(pci, &function) {
-                Ok(namespaces) => disks.extend(namespaces.into_iter().map(|(nsid, device)| Disk {
-                    name: format!("nvme{controller}n{nsid}"),
-                    device: Box::new(device),
-                })),
+                Ok(nvme::Probed {
+                    namespaces,
+                    shutdown,
+                }) => {
+                    disks.extend(namespaces.into_iter().map(|(nsid, device)| Disk {
+                        name: format!("nvme{controller}n{nsid}"),
+                        device: Box::new(device),
+                    }));
+                    nvme_controllers.push(shutdown);
+                }
                 Err(why) => {
                     let _ = write!(
                         log,
@@ -59,7 +72,10 @@ pub fn discover(pci: &mut Pci, log: &mut dyn Write) -> Vec<Disk> {
             }
         }
     }
-    disks
+    Storage {
+        disks,
+        nvme_controllers,
+    }
 }
 
 /// `a`…`z`, then `aa`, `ab`, … as Linux names its disks.

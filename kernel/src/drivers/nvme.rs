@@ -219,11 +219,8 @@ fn ascii_field(page: &DmaBuffer, at: usize, len: usize) -> String {
     String::from_utf8_lossy(&bytes).trim().into()
 }
 
-/// Sets up the controller at `function`; returns its namespaces as (nsid, device).
-pub fn probe(
-    pci: &mut Pci,
-    function: &PciFunction,
-) -> Result<Vec<(u32, NvmeNamespace)>, &'static str> {
+/// Sets up the controller at `function`.
+pub fn probe(pci: &mut Pci, function: &PciFunction) -> Result<Probed, &'static str> {
     let (bar, size) = pci.memory_bar(function.address, 0)?;
     let size = usize::try_from(size).map_err(|_| "NVMe BAR too large")?;
     // SAFETY: BAR 0 of an NVMe controller is its register block.
@@ -269,7 +266,10 @@ pub fn probe(
         .take(MAX_NAMESPACES)
         .collect();
     if nsids.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Probed {
+            namespaces: Vec::new(),
+            shutdown: ShutdownHandle(regs),
+        });
     }
     let wanted = nsids.len() as u32 - 1;
     let granted = controller.admin(
@@ -346,7 +346,42 @@ pub fn probe(
             (nsid, namespace)
         })
         .collect();
-    Ok(namespaces)
+    Ok(Probed {
+        namespaces,
+        shutdown: ShutdownHandle(regs),
+    })
+}
+
+/// A controller that came up: its namespaces as (namespace id, device), and its
+/// power-off notification.
+pub struct Probed {
+    pub namespaces: Vec<(u32, NvmeNamespace)>,
+    pub shutdown: ShutdownHandle,
+}
+
+/// Tells a controller that power is about to go, so it saves its state and does not
+/// count an unsafe shutdown (data is already durable: disks are flushed first).
+pub struct ShutdownHandle(Mmio);
+
+impl ShutdownHandle {
+    /// Requests a normal shutdown and waits (at most two seconds) until the
+    /// controller reports it complete.
+    pub fn shutdown(&self) {
+        const NOTIFY_MASK: u32 = 3 << 14;
+        const NOTIFY_NORMAL: u32 = 1 << 14;
+        const STATUS_MASK: u32 = 3 << 2;
+        const STATUS_COMPLETE: u32 = 2 << 2;
+        let regs = &self.0;
+        regs.write_u32(
+            REG_CC,
+            (regs.read_u32(REG_CC) & !NOTIFY_MASK) | NOTIFY_NORMAL,
+        );
+        let deadline = clock::now_ns() + 2_000_000_000;
+        while regs.read_u32(REG_CSTS) & STATUS_MASK != STATUS_COMPLETE && clock::now_ns() < deadline
+        {
+            core::hint::spin_loop();
+        }
+    }
 }
 
 /// A request the controller is working on.

@@ -3,8 +3,10 @@
 //! without QEMU.
 //!
 //! `fake-appliance [console|silent|boot-panic|fail-early]`; in `console` mode it knows
-//! `help`, `echo TEXT`, `fail`, `hang`, `panic`, `event MILLISECONDS`, `exit STATUS`
-//! and `shutdown`.
+//! `help`, `echo TEXT`, `fail`, `hang`, `panic`, `event MILLISECONDS` (an event at the
+//! prompt that much later), `busy-event` (an event while it runs), `exit STATUS` and
+//! `shutdown`. Events look like the kernel's: plain lines while a command runs; at the
+//! prompt, the prompt line is erased and redrawn after the event.
 
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -96,7 +98,7 @@ fn console() {
             Err(RecvTimeoutError::Timeout) => {
                 if event_at.take().is_some() {
                     say(&format!(
-                        "\r\nevent: pool 0 low water mark\r\n{PROMPT}{line}"
+                        "\r\x1b[Kevent: pool 0 low water mark\r\n{PROMPT}{line}"
                     ));
                 }
             }
@@ -116,6 +118,7 @@ fn run(command: &str) -> Option<Duration> {
         "hang" => thread::sleep(Duration::from_secs(3600)),
         "panic" => panic_exit("KERNEL PANIC: panicked at console.rs:1:1: as asked"),
         "event" => return argument.parse().ok().map(Duration::from_millis),
+        "busy-event" => say("working\r\nevent: pool 0 low water mark\r\ndone\r\n"),
         "exit" => std::process::exit(argument.parse().unwrap_or(0)),
         "shutdown" => {
             say("flushing disks\r\npowering off\r\n");

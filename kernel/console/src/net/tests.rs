@@ -5,7 +5,7 @@ use core::net::Ipv4Addr;
 
 use super::*;
 use crate::tests::{error, lines, run};
-use crate::{MemoryStats, Platform};
+use crate::{Crash, MemoryStats, Platform};
 
 /// A network that records what it was told and reports it back.
 struct FakeNetwork {
@@ -25,7 +25,7 @@ impl Platform for NetPlatform {
         MemoryStats::default()
     }
     fn power_off(&mut self) {}
-    fn crash(&mut self, _why: &str) {}
+    fn crash(&mut self, _how: Crash) {}
     fn network(&mut self) -> Option<&mut dyn Network> {
         self.network
             .as_mut()
