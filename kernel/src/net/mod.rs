@@ -107,10 +107,11 @@ impl NetStack {
             interrupts::rearm_device_irq(line);
         }
         for _ in 0..ROUNDS_PER_POLL {
+            let now = now();
             let changed =
-                self.iface.poll(now(), &mut self.device, &mut self.sockets) != PollResult::None;
+                self.iface.poll(now, &mut self.device, &mut self.sockets) != PollResult::None;
             self.dhcp_events();
-            let moved = self.nbd.pump(&mut self.sockets, server, admit);
+            let moved = self.nbd.pump(&mut self.sockets, server, admit, now);
             if !changed && !moved {
                 return server.in_flight() > 0 || self.device.has_input();
             }

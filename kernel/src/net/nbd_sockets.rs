@@ -15,7 +15,7 @@ use alloc::vec::Vec;
 use nbd::{Backend, ConnectionId, Server};
 use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
-use smoltcp::time::Duration;
+use smoltcp::time::{Duration, Instant};
 
 /// NBD's IANA port.
 pub const NBD_PORT: u16 = 10809;
@@ -33,6 +33,9 @@ const TX_BUFFER: usize = 512 * 1024;
 /// Probe an idle peer this often, and give up on one that stops answering.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a closed connection may wait for the peer to close its side before it
+/// is reset (a peer that never does would hold the socket forever).
+const LINGER: Duration = Duration::from_secs(60);
 
 /// What one socket is doing.
 enum Role {
@@ -40,8 +43,8 @@ enum Role {
     Listening,
     /// Serving a client as connection `id` of the NBD server.
     Serving { id: ConnectionId, peer_closed: bool },
-    /// Released from the server; waiting for TCP to finish closing.
-    Closing,
+    /// Released from the server at `since`; waiting for TCP to finish closing.
+    Closing { since: Instant },
 }
 
 struct Slot {
@@ -84,6 +87,7 @@ impl NbdSockets {
         sockets: &mut SocketSet<'static>,
         server: &mut Server<B>,
         admit: bool,
+        now: Instant,
     ) -> bool {
         let mut moved = false;
         for slot in &mut self.slots {
@@ -96,19 +100,21 @@ impl NbdSockets {
         moved |= server.poll();
         for slot in &mut self.slots {
             let socket = sockets.get_mut::<tcp::Socket>(slot.handle);
-            moved |= send_and_close(slot, socket, server);
+            moved |= send_and_close(slot, socket, server, now);
         }
         let before = self.slots.len();
         self.slots.retain(|slot| {
-            let finished = matches!(slot.role, Role::Closing)
-                && matches!(
-                    sockets.get::<tcp::Socket>(slot.handle).state(),
-                    tcp::State::Closed | tcp::State::TimeWait
-                );
-            if finished {
-                sockets.remove(slot.handle);
+            let Role::Closing { since } = slot.role else {
+                return true;
+            };
+            let socket = sockets.get_mut::<tcp::Socket>(slot.handle);
+            let finished = matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait);
+            if !finished && now - since < LINGER {
+                return true;
             }
-            !finished
+            socket.abort();
+            sockets.remove(slot.handle);
+            false
         });
         moved |= self.slots.len() != before;
         self.arm_listeners(sockets);
@@ -212,6 +218,7 @@ fn send_and_close<B: Backend>(
     slot: &mut Slot,
     socket: &mut tcp::Socket<'static>,
     server: &mut Server<B>,
+    now: Instant,
 ) -> bool {
     let Role::Serving { id, .. } = slot.role else {
         return false;
@@ -241,14 +248,14 @@ fn send_and_close<B: Backend>(
     if !socket.is_active() {
         // Reset by the peer, timed out, or closed from both sides.
         server.release(id);
-        slot.role = Role::Closing;
+        slot.role = Role::Closing { since: now };
         return true;
     }
     if server.should_close(id) {
         // Everything is in the send buffer; the FIN follows it.
         socket.close();
         server.release(id);
-        slot.role = Role::Closing;
+        slot.role = Role::Closing { since: now };
         return true;
     }
     moved
