@@ -64,8 +64,8 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         clock::tsc_hz() / 1_000_000,
         match calibration {
             clock::Calibration::Pit => "measured against the PIT",
-            clock::Calibration::Cpuid => "from CPUID, no working PIT",
-            clock::Calibration::Guess => "guessed, no working PIT: times are approximate",
+            clock::Calibration::Cpuid => "from CPUID: PIT calibration failed",
+            clock::Calibration::Guess => "guessed: PIT calibration failed, times are approximate",
         },
         if timer_ticks {
             ""

@@ -117,7 +117,9 @@ pub fn init(regions: &mut MemoryRegions, phys_offset: u64) -> Result<(), &'stati
     let (start, end) = largest_usable_range(regions).ok_or("no usable memory")?;
     // Physical page 0 stays unused: a device address of zero reads as "none" to some
     // drivers (virtio-drivers among them).
-    let start = start.max(FRAME_SIZE as u64).next_multiple_of(FRAME_SIZE as u64);
+    let start = start
+        .max(FRAME_SIZE as u64)
+        .next_multiple_of(FRAME_SIZE as u64);
     let end = end & !(FRAME_SIZE as u64 - 1);
     let size = end.checked_sub(start).ok_or("usable memory too small")?;
     let pool_bytes = (size / 16).clamp(4 << 20, 64 << 20) & !(FRAME_SIZE as u64 - 1);

@@ -8,7 +8,6 @@
 
 use alloc::format;
 use alloc::string::String;
-use alloc::vec::Vec;
 use blockdev::{Busy, Command, Completion, IoBuf, Request, SECTOR_SIZE};
 use core::fmt::Write;
 
@@ -19,7 +18,7 @@ use crate::{CommandError, Disk, outln};
 /// Sectors per test request (256 KiB), unless the device takes less.
 const CHUNK_SECTORS: u64 = 512;
 /// Most requests the test keeps in flight, unless the device takes fewer.
-const MAX_DEPTH: usize = 32;
+const MAX_DEPTH: usize = 64;
 /// Sectors in a MiB.
 const MIB_SECTORS: u64 = (1 << 20) / SECTOR_SIZE as u64;
 /// Sectors read at the start of every MiB when checking for data.
@@ -69,8 +68,8 @@ pub(crate) struct DiskTest {
     chunk: u64,
     depth: usize,
     phase: Phase,
-    /// The current phase's requests, as (first sector, sectors), not yet submitted.
-    pending: Vec<(u64, u64)>,
+    /// Index (see [`DiskTest::request_range`]) of the current phase's next request.
+    next: u64,
     /// A request the device refused as busy, to submit first next time.
     retry: Option<Request>,
     in_flight: usize,
@@ -86,6 +85,8 @@ pub(crate) struct DiskTest {
     read_ns: u64,
     /// The device takes discards.
     discard: bool,
+    /// Lowest sector the check found data in.
+    data_at: Option<u64>,
 }
 
 impl DiskTest {
@@ -99,7 +100,7 @@ impl DiskTest {
             chunk,
             depth,
             phase: Phase::Check,
-            pending: Vec::new(),
+            next: 0,
             retry: None,
             in_flight: 0,
             peak_in_flight: 0,
@@ -112,32 +113,46 @@ impl DiskTest {
             write_ns: 0,
             read_ns: 0,
             discard: info.discard,
+            data_at: None,
             options,
         };
         if test.options.force {
             test.enter(Phase::Write, 0);
-        } else {
-            let first = MIB_SECTORS.min(test.options.sectors);
-            let samples = (1..test.options.sectors.div_ceil(MIB_SECTORS))
-                .map(|mib| (mib * MIB_SECTORS, SAMPLE_SECTORS));
-            test.pending = split(core::iter::once((0, first)).chain(samples), chunk);
         }
         test
     }
 
-    /// Starts `phase` at time `now_ns`, queueing its requests.
+    /// Starts `phase` at time `now_ns`.
     fn enter(&mut self, phase: Phase, now_ns: u64) {
         self.phase = phase;
+        self.next = 0;
         self.completed = 0;
         self.phase_started_ns = now_ns;
-        self.pending = match phase {
-            Phase::Check => Vec::new(),
-            Phase::Flush => alloc::vec![(0, 0)],
-            Phase::Discard => alloc::vec![(0, self.options.sectors)],
-            Phase::Write | Phase::Verify => {
-                split(core::iter::once((0, self.options.sectors)), self.chunk)
+    }
+
+    /// The current phase's `index`-th request as (first sector, sectors), or `None`
+    /// past its last. Computed rather than listed, so a test of any size needs no
+    /// memory for its plan.
+    fn request_range(&self, index: u64) -> Option<(u64, u64)> {
+        let total = self.options.sectors;
+        let chunk_at =
+            |start: u64, end: u64| (start < end).then(|| (start, self.chunk.min(end - start)));
+        match self.phase {
+            // The first MiB in full, then the start of every further MiB.
+            Phase::Check => {
+                let first = MIB_SECTORS.min(total);
+                let first_requests = first.div_ceil(self.chunk);
+                if index < first_requests {
+                    chunk_at(index * self.chunk, first)
+                } else {
+                    let sector = (index - first_requests + 1) * MIB_SECTORS;
+                    (sector < total).then(|| (sector, SAMPLE_SECTORS.min(total - sector)))
+                }
             }
-        };
+            Phase::Write | Phase::Verify => chunk_at(index * self.chunk, total),
+            Phase::Flush => (index == 0).then_some((0, 0)),
+            Phase::Discard => (index == 0).then_some((0, total)),
+        }
     }
 
     fn command(&self, sector: u64, sectors: u64) -> Command {
@@ -183,15 +198,8 @@ impl DiskTest {
         match self.phase {
             Phase::Check => {
                 if let Some(at) = done.buf.iter().position(|&b| b != 0) {
-                    self.failure = Some(
-                        format!(
-                            "disk-test: {} holds data (non-zero bytes in sector {}) that the \
-                             test would overwrite; add --force to test it anyway",
-                            self.name,
-                            sector + (at / SECTOR_SIZE) as u64
-                        )
-                        .into(),
-                    );
+                    let found = sector + (at / SECTOR_SIZE) as u64;
+                    self.data_at = Some(self.data_at.map_or(found, |known| known.min(found)));
                 }
             }
             Phase::Verify => {
@@ -215,11 +223,14 @@ impl DiskTest {
         while self.in_flight < self.depth && self.failure.is_none() && !self.cancelled {
             let request = match self.retry.take() {
                 Some(request) => request,
-                None => match self.pending.pop() {
-                    Some((sector, sectors)) => Request {
-                        tag: sector,
-                        command: self.command(sector, sectors),
-                    },
+                None => match self.request_range(self.next) {
+                    Some((sector, sectors)) => {
+                        self.next += 1;
+                        Request {
+                            tag: sector,
+                            command: self.command(sector, sectors),
+                        }
+                    }
                     None => break,
                 },
             };
@@ -271,12 +282,22 @@ impl DiskTest {
             )
             .into()));
         }
-        if !self.pending.is_empty() {
+        if self.request_range(self.next).is_some() {
             return None;
         }
         let elapsed = now_ns.saturating_sub(self.phase_started_ns);
         match self.phase {
-            Phase::Check => self.enter(Phase::Write, now_ns),
+            Phase::Check => {
+                if let Some(sector) = self.data_at {
+                    return Some(Err(format!(
+                        "disk-test: {} holds data (non-zero bytes in sector {sector}) that the \
+                         test would overwrite; add --force to test it anyway",
+                        self.name
+                    )
+                    .into()));
+                }
+                self.enter(Phase::Write, now_ns);
+            }
             Phase::Write => {
                 self.write_ns = elapsed;
                 self.enter(Phase::Flush, now_ns);
@@ -358,22 +379,6 @@ impl Job for DiskTest {
         self.cancelled = true;
         self.retry = None;
     }
-}
-
-/// Cuts ranges into requests of at most `chunk` sectors, in reverse order so that
-/// popping from the end submits them front to back.
-fn split(ranges: impl Iterator<Item = (u64, u64)>, chunk: u64) -> Vec<(u64, u64)> {
-    let mut requests = Vec::new();
-    for (start, sectors) in ranges {
-        let mut at = start;
-        while at < start + sectors {
-            let len = chunk.min(start + sectors - at);
-            requests.push((at, len));
-            at += len;
-        }
-    }
-    requests.reverse();
-    requests
 }
 
 /// The pattern word for byte offset `offset` (a multiple of 8) of the disk: unique

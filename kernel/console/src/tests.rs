@@ -444,6 +444,16 @@ fn disk_test_refuses_a_disk_with_data_unless_forced() {
 }
 
 #[test]
+fn disk_test_names_the_lowest_sector_with_data_whatever_the_completion_order() {
+    let mut backing = mem_disk(64, "m", "s");
+    backing.write_at(3 << 20, b"later");
+    backing.write_at(700 * 512, b"first");
+    backing.shuffle_completions(11);
+    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
+    assert!(error(&mut console, "disk-test vda 8").contains("(non-zero bytes in sector 700)"),);
+}
+
+#[test]
 fn disk_test_detects_corruption() {
     let faulty = FaultyDisk {
         inner: mem_disk(64, "m", "s"),

@@ -7,8 +7,8 @@ use super::{interrupts::PIT_HZ, port};
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
 static TSC_AT_BOOT: AtomicU64 = AtomicU64::new(0);
 
-/// PIT ticks per calibration run (about 50 ms).
-const CALIBRATION_PIT_TICKS: u16 = 60_000;
+/// PIT ticks per calibration run (about 25 ms, well before the count runs out).
+const CALIBRATION_PIT_TICKS: u16 = 30_000;
 /// Calibration runs; the median wins.
 const CALIBRATION_RUNS: usize = 3;
 /// Most PIT ticks allowed between the two counter reads around a TSC read: more
@@ -45,22 +45,41 @@ fn sample() -> Option<(u64, u16)> {
     })
 }
 
-/// TSC ticks per second measured over one countdown of PIT channel 2; `None` when
-/// the PIT does not count.
-fn measure_tsc_hz() -> Option<u64> {
+/// One calibration run's outcome.
+enum Run {
+    Measured(u64),
+    /// The CPU was away so long that the count ran out: the elapsed time is
+    /// unknown, try again.
+    Overran,
+    /// The PIT does not count.
+    NoPit,
+}
+
+/// TSC ticks per second measured over part of a countdown of PIT channel 2.
+fn measure_tsc_hz() -> Run {
+    const OUT2_HIGH: u8 = 0x20;
     let gate = port::read_u8(0x61);
     // Gate high, speaker off.
     port::write_u8(0x61, (gate & !0x02) | 0x01);
-    // Channel 2, low then high byte, mode 0; counting starts with the high byte.
+    // Channel 2, low then high byte, mode 0 (OUT2 rises at the terminal count);
+    // counting starts with the high byte.
     port::write_u8(0x43, 0xb0);
     port::write_u8(0x42, 0xff);
     port::write_u8(0x42, 0xff);
-    let (start_tsc, start_count) = sample()?;
-    let (end_tsc, end_count) = (0..MAX_ATTEMPTS)
+    let Some((start_tsc, start_count)) = sample() else {
+        return Run::NoPit;
+    };
+    let Some((end_tsc, end_count)) = (0..MAX_ATTEMPTS)
         .filter_map(|_| sample())
-        .find(|&(_, count)| start_count.saturating_sub(count) >= CALIBRATION_PIT_TICKS)?;
+        .find(|&(_, count)| start_count.saturating_sub(count) >= CALIBRATION_PIT_TICKS)
+    else {
+        return Run::NoPit;
+    };
+    if port::read_u8(0x61) & OUT2_HIGH != 0 {
+        return Run::Overran;
+    }
     let ticks = u128::from(start_count - end_count);
-    Some((u128::from(end_tsc - start_tsc) * u128::from(PIT_HZ) / ticks) as u64)
+    Run::Measured((u128::from(end_tsc - start_tsc) * u128::from(PIT_HZ) / ticks) as u64)
 }
 
 /// The processor's base frequency from CPUID leaf 0x16, for machines without a
@@ -85,23 +104,27 @@ pub enum Calibration {
 pub fn init() -> Calibration {
     TSC_AT_BOOT.store(rdtsc(), Ordering::Relaxed);
     let mut runs = [0u64; CALIBRATION_RUNS];
-    let mut calibration = Calibration::Pit;
-    for run in &mut runs {
-        *run = match measure_tsc_hz() {
-            Some(hz) => hz,
-            None => {
-                calibration = Calibration::Cpuid;
-                break;
+    let mut measured = 0;
+    for _ in 0..CALIBRATION_RUNS * 10 {
+        match measure_tsc_hz() {
+            Run::Measured(hz) => {
+                runs[measured] = hz;
+                measured += 1;
+                if measured == CALIBRATION_RUNS {
+                    break;
+                }
             }
-        };
+            Run::Overran => {}
+            Run::NoPit => break,
+        }
     }
-    runs.sort_unstable();
-    let hz = match calibration {
-        Calibration::Pit => runs[CALIBRATION_RUNS / 2],
-        _ => cpuid_base_hz().unwrap_or_else(|| {
-            calibration = Calibration::Guess;
-            1_000_000_000
-        }),
+    let (hz, calibration) = if measured == CALIBRATION_RUNS {
+        runs.sort_unstable();
+        (runs[CALIBRATION_RUNS / 2], Calibration::Pit)
+    } else if let Some(hz) = cpuid_base_hz() {
+        (hz, Calibration::Cpuid)
+    } else {
+        (1_000_000_000, Calibration::Guess)
     };
     TSC_HZ.store(hz.max(1), Ordering::Relaxed);
     calibration

@@ -6,6 +6,10 @@
 //! frameworks. Completions are found by polling the completion queue's phase bit;
 //! every slot owns a PRP-list page for transfers longer than two pages (and for
 //! discard range lists), and its request's buffer until the completion.
+//!
+//! Namespaces formatted with 4 KiB blocks are driven too; reads and writes there
+//! must cover whole blocks (others fail with a device error), discards are
+//! shrunk to whole blocks.
 
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
