@@ -159,6 +159,22 @@ impl Pci {
         Some(line)
     }
 
+    /// Stops every function but `except` that the firmware routed to `line` from
+    /// raising legacy interrupts. The disk drivers poll, but a virtio device still
+    /// asserts its line on completions until its interrupt status is read, so on a
+    /// shared line it would keep waking the CPU meant for `except`.
+    pub fn silence_legacy_interrupts(&mut self, line: u8, except: DeviceFunction) {
+        for function in self.functions() {
+            let register = self.config.read_word(function.address, INTERRUPT_REGISTER);
+            if function.address == except || register as u8 != line {
+                continue;
+            }
+            let (_, command) = self.root.get_status_command(function.address);
+            self.root
+                .set_command(function.address, command | Command::INTERRUPT_DISABLE);
+        }
+    }
+
     /// Switches on memory decoding and bus mastering (DMA).
     pub fn enable(&mut self, function: DeviceFunction) {
         let (_, command) = self.root.get_status_command(function);

@@ -60,6 +60,9 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
     let irq = pci
         .legacy_interrupt_line(function.address)
         .filter(|&line| interrupts::enable_device_irq(line));
+    if let Some(line) = irq {
+        pci.silence_legacy_interrupts(line, function.address);
+    }
     let mac = device.mac();
     let wakeup = match irq {
         Some(line) => format!("IRQ {line}"),
