@@ -2,14 +2,15 @@
 //! (qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh) through QEMU's port forward, and
 //! the `net` console command.
 
+use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Options, read_greeting, wait_for_greeting};
+use qemu_test::{Appliance, Options, Scratch, read_greeting, wait_for_greeting};
 
 const MIB: u64 = 1 << 20;
 /// How long the NBD server may take to answer after boot.
@@ -157,6 +158,41 @@ fn net_shows_the_lease_and_switches_between_static_and_dhcp() {
     assert!(accepted >= 2, "{shown}");
 }
 
+/// CPU time (user + system) QEMU has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may contain spaces; the fields after it are space-separated.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_appliance_sleeps_after_disk_io_on_a_line_it_shares_with_the_nic() {
+    let scratch = Scratch::new().unwrap();
+    // Three virtio disks put the third on the NIC's interrupt line on q35.
+    let disks: Vec<PathBuf> = ["a", "b", "c"]
+        .iter()
+        .map(|name| scratch.disk(&format!("{name}.img"), 16 * MIB).unwrap())
+        .collect();
+    let paths: Vec<&Path> = disks.iter().map(PathBuf::as_path).collect();
+    let appliance = &mut boot(&paths);
+    for disk in ["vda", "vdb", "vdc"] {
+        appliance
+            .console_ok(&format!("disk-test {disk} 4 --force"))
+            .unwrap();
+    }
+    // /proc counts in USER_HZ, 100 per second on Linux.
+    let ticks_per_second = 100;
+    let before = cpu_ticks(appliance.pid());
+    std::thread::sleep(Duration::from_secs(5));
+    let used = cpu_ticks(appliance.pid()) - before;
+    // A spinning CPU would use most of the 500 ticks; an idle one a few.
+    assert!(
+        used < 5 * ticks_per_second / 4,
+        "QEMU used {used} ticks in 5 s while the appliance was idle"
+    );
+}
+
 /// Sends `bytes` on a fresh connection after the greeting, then `finish`es it.
 fn raw_client(port: u16, bytes: &[u8], finish: impl FnOnce(TcpStream)) {
     let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
@@ -270,6 +306,14 @@ fn bad_clients_do_not_disturb_a_good_one(appliance: &mut Appliance, export: &str
     });
 
     good.join().unwrap();
+    // A storm of connections beyond the socket pool, dropped at once: the ones
+    // beyond the pool are refused, none wedges the server.
+    let storm: Vec<TcpStream> = (0..40)
+        .filter_map(|_| TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok())
+        .collect();
+    drop(storm);
+    ready(appliance);
+    qemu_io(&uri, &["read -P 0x35 5M 1M"]);
     // Still serving: listing works and the console answers.
     let listed = run("nbdinfo", &["--list", &appliance.nbd_uri("").unwrap()]);
     assert!(listed.contains(&format!("export=\"{export}\"")), "{listed}");
