@@ -2,6 +2,7 @@
 //! this terminal (or runs console commands for a script), and writes the boot images
 //! for real hardware.
 
+mod offline;
 mod run;
 
 use std::fs;
@@ -33,6 +34,9 @@ enum Command {
     Run(RunArgs),
     /// Write bios.img and uefi.img for installing on real hardware.
     Image(ImageArgs),
+    /// Run the console on this host over disk image files (prepare and inspect disks,
+    /// serve their devices over NBD).
+    Offline(offline::OfflineArgs),
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -130,6 +134,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Image(args)) => write_images(&args.out).map(|()| ExitCode::SUCCESS),
         Some(Command::Run(args)) => run::run(&args),
+        Some(Command::Offline(args)) => offline::offline(&args),
         None => run::run(&cli.run),
     };
     result.unwrap_or_else(|failure| {

@@ -102,7 +102,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         network: network.clone().map(net::NetHandle),
     };
     let mut console = Console::new(platform, disks);
-    let mut nbd_server = nbd::Server::new(bring_up_backend(), NBD_LIMITS);
+    let mut nbd_server = nbd::Server::new(console.nbd_backend(), NBD_LIMITS);
     let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));
     console.start(&mut serial);
     loop {
@@ -130,12 +130,6 @@ const NBD_LIMITS: nbd::Limits = nbd::Limits {
 /// Free heap below which no NBD connection takes new requests (one may bring a
 /// 32 MiB buffer), so clients wait instead of exhausting memory.
 const NBD_HEAP_RESERVE: usize = 48 << 20;
-
-fn bring_up_backend() -> nbd::MemoryBackend {
-    let mut backend = nbd::MemoryBackend::default();
-    backend.add_export(nbd::MemoryExport::new("scratch", 1 << 20));
-    backend
-}
 
 /// Waits up to 100 ms for the first timer interrupt; without one the idle loop
 /// must not `hlt`.

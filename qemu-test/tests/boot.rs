@@ -82,7 +82,7 @@ fn console_commands_line_editing_and_errors() {
         ),
         (
             "disk-test /dev/vda",
-            "error: unknown disk '/dev/vda' (see disks)",
+            "error: disk-test: unknown disk or device '/dev/vda' (see disks and ls)",
         ),
         ("mem now", "error: mem takes no arguments (got 'now')"),
         ("shutdown now", "error: usage: shutdown [--force]"),

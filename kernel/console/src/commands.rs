@@ -4,7 +4,7 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
-use blockdev::{Command, SECTOR_SIZE};
+use blockdev::SECTOR_SIZE;
 use core::fmt::Write;
 
 use crate::disk_test::{DiskTest, DiskTestOptions};
@@ -19,7 +19,67 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     ("uptime", "show time since boot"),
     (
         "disk-test DISK [MIB] [--force]",
-        "write, flush and verify a pattern over the first MIB MiB (default 16); destroys data",
+        "write, flush and verify a pattern over the first MIB MiB (default 16) of a disk or \
+         device; destroys data",
+    ),
+    (
+        "create NAME [--readonly] --table T",
+        "create a device from a table \"0 LENGTH TARGET ARGS\": linear DEV OFFSET, \
+         thin-pool META DATA BLOCK_SECTORS LOW_WATER [N FEATURES], thin POOL ID [ORIGIN]",
+    ),
+    (
+        "remove NAME [--force]",
+        "remove a device (--force: even with NBD clients)",
+    ),
+    (
+        "suspend NAME",
+        "finish and flush the device's I/O, then hold new I/O",
+    ),
+    ("resume NAME", "release I/O held by suspend"),
+    (
+        "message NAME 0 MESSAGE",
+        "send a pool message: create_thin ID, create_snap ID ORIGIN_ID, delete ID, \
+         set_transaction_id OLD NEW, reserve_metadata_snap, release_metadata_snap",
+    ),
+    (
+        "pool create NAME META DATA",
+        "create a pool on whole devices [--block-size SECTORS] [--low-water-mark BLOCKS] \
+         [--format]",
+    ),
+    (
+        "thin create NAME POOL",
+        "create a thin device with the next free id [--size SIZE] [--origin DEVICE]",
+    ),
+    (
+        "snap create NAME ORIGIN",
+        "snapshot a thin device into a new active device",
+    ),
+    (
+        "thin delete NAME",
+        "remove a thin device and delete it from its pool",
+    ),
+    (
+        "thin ls POOL",
+        "mapped, exclusive and shared space of each thin device",
+    ),
+    (
+        "dump POOL [--metadata-snap]",
+        "print the pool's metadata (or the held metadata snapshot) as thin_dump XML",
+    ),
+    ("ls", "list the devices and their kinds"),
+    ("table [NAME]", "show table lines"),
+    ("status [NAME]", "show status lines"),
+    (
+        "info [NAME]",
+        "show state, size, dependencies, users and NBD clients",
+    ),
+    (
+        "config init DISK [--force]",
+        "keep the configuration in the first MiB of DISK (once); saved after every change",
+    ),
+    (
+        "config show",
+        "show the configuration disk, its copies and the saved devices",
     ),
     ("net", "show the network address, link and traffic counters"),
     (
@@ -39,6 +99,11 @@ impl<P: Platform> Console<P> {
         words: &[String],
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
+        // `dmsetup create ...` is `create ...`.
+        let words = match words.split_first() {
+            Some((first, rest)) if first == "dmsetup" => rest,
+            _ => words,
+        };
         let Some((command, args)) = words.split_first() else {
             return Ok(());
         };
@@ -51,31 +116,29 @@ impl<P: Platform> Console<P> {
             "net" => self.net(args, out),
             "shutdown" => self.shutdown(args, out),
             "debug" => self.debug(args),
-            other => Err(format!("unknown command '{other}' (try help)").into()),
+            other => self.run_dm(other, args, out),
         }
-    }
-
-    /// Finds a disk by name; `/dev/vda` means `vda`.
-    pub(crate) fn disk_index(&self, name: &str) -> Result<usize, CommandError> {
-        let bare = name.strip_prefix("/dev/").unwrap_or(name);
-        self.disks
-            .iter()
-            .position(|disk| disk.name == bare)
-            .ok_or_else(|| format!("unknown disk '{name}' (see disks)").into())
     }
 
     fn list_disks(&self, out: &mut dyn Write) {
-        if self.disks.is_empty() {
+        let registry = self.registry.borrow();
+        if registry.disks.is_empty() {
             outln!(out, "no disks found");
         }
-        for disk in &self.disks {
-            let info = disk.device.info();
+        for entry in &registry.disks {
+            let info = entry.disk.info();
+            let sectors = entry.sectors();
+            let config = if entry.reserved > 0 {
+                "  (first MiB holds the configuration)"
+            } else {
+                ""
+            };
             outln!(
                 out,
-                "{:<8} {:>12} sectors  {:>10}  {}  {}",
-                disk.name,
-                info.sectors,
-                human_bytes(info.bytes()),
+                "{:<8} {:>12} sectors  {:>10}  {}  {}{config}",
+                entry.name,
+                sectors,
+                human_bytes(sectors * SECTOR_SIZE as u64),
                 or_dash(&info.model),
                 or_dash(&info.serial)
             );
@@ -136,32 +199,30 @@ impl<P: Platform> Console<P> {
             [] => return Err(format!("disk-test: which disk? ({USAGE})").into()),
             _ => return Err(format!("disk-test: too many arguments ({USAGE})").into()),
         };
-        let index = self.disk_index(name)?;
-        let disk = &self.disks[index];
-        let info = disk.device.info();
+        let (name, device) = self
+            .registry
+            .borrow()
+            .test_target(name)
+            .map_err(|why| format!("disk-test: {why}"))?;
+        let info = device.info();
         if info.read_only {
-            return Err(format!("disk-test: {} is read-only", disk.name).into());
+            return Err(format!("disk-test: {name} is read-only").into());
         }
         let sectors = mib * (1 << 20) / SECTOR_SIZE as u64;
         if sectors > info.sectors {
             return Err(format!(
-                "disk-test: {} holds only {}; choose at most {} MiB",
-                disk.name,
+                "disk-test: {name} holds only {}; choose at most {} MiB",
                 human_bytes(info.bytes()),
                 info.bytes() >> 20
             )
             .into());
         }
-        if disk.device.in_flight() != 0 {
-            return Err(format!("disk-test: {} is busy; try again", disk.name).into());
-        }
         let options = DiskTestOptions {
-            disk: index,
             sectors,
             force,
             seed: self.platform.now_ns(),
         };
-        self.job = Some(Box::new(DiskTest::new(&self.disks, options)));
+        self.job = Some(Box::new(DiskTest::new(name, device, options)));
         Ok(())
     }
 
@@ -171,17 +232,14 @@ impl<P: Platform> Console<P> {
             [flag] if flag == "--force" => true,
             _ => return Err("usage: shutdown [--force]".into()),
         };
-        for disk in &mut self.disks {
-            if let Err(error) = blockdev::run_sync(disk.device.as_mut(), Command::Flush)
-                && !force
-            {
-                return Err(format!(
-                    "flushing {} failed ({error}), its last writes may be lost; \
-                     shutdown --force powers off anyway",
-                    disk.name
-                )
-                .into());
-            }
+        if let Err((disk, error)) = self.registry.borrow_mut().flush_disks()
+            && !force
+        {
+            return Err(format!(
+                "flushing {disk} failed ({error}), its last writes may be lost; \
+                 shutdown --force powers off anyway"
+            )
+            .into());
         }
         outln!(out, "powering off");
         self.platform.power_off();
@@ -206,7 +264,7 @@ impl<P: Platform> Console<P> {
 
 fn help(out: &mut dyn Write) {
     for (usage, what) in HELP {
-        outln!(out, "{usage:<32} {what}");
+        outln!(out, "{usage:<36} {what}");
     }
 }
 

@@ -6,14 +6,15 @@
 //! discards, the tested range is discarded at the end, which also exercises that
 //! path of the driver.
 
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
-use blockdev::{Busy, Command, Completion, IoBuf, Request, SECTOR_SIZE};
+use blockdev::{BlockDevice, Busy, Command, Completion, IoBuf, Request, SECTOR_SIZE};
 use core::fmt::Write;
 
 use crate::job::{Context, Job, Progress};
 use crate::units::{mib_per_second, seconds};
-use crate::{CommandError, Disk, outln};
+use crate::{CommandError, outln};
 
 /// Sectors per test request (256 KiB), unless the device takes less.
 const CHUNK_SECTORS: u64 = 512;
@@ -31,7 +32,6 @@ const PROGRESS_NS: u64 = 1_000_000_000;
 
 /// What the operator asked for.
 pub(crate) struct DiskTestOptions {
-    pub disk: usize,
     /// Sectors to test, from sector 0.
     pub sectors: u64,
     /// Skip the check for existing data.
@@ -65,6 +65,8 @@ impl Phase {
 pub(crate) struct DiskTest {
     options: DiskTestOptions,
     name: String,
+    /// The disk or device under test (a handle of its own).
+    device: Box<dyn BlockDevice>,
     chunk: u64,
     depth: usize,
     phase: Phase,
@@ -90,13 +92,18 @@ pub(crate) struct DiskTest {
 }
 
 impl DiskTest {
-    pub(crate) fn new(disks: &[Disk], options: DiskTestOptions) -> Self {
-        let disk = &disks[options.disk];
-        let info = disk.device.info();
+    pub(crate) fn new(
+        name: String,
+        device: Box<dyn BlockDevice>,
+        options: DiskTestOptions,
+    ) -> Self {
+        let info = device.info();
         let chunk = CHUNK_SECTORS.min(u64::from(info.max_transfer_sectors).max(1));
         let depth = MAX_DEPTH.min(usize::from(info.queue_depth).max(1));
+        let discard = info.discard;
         let mut test = DiskTest {
-            name: disk.name.clone(),
+            name,
+            device,
             chunk,
             depth,
             phase: Phase::Check,
@@ -112,7 +119,7 @@ impl DiskTest {
             last_progress_ns: 0,
             write_ns: 0,
             read_ns: 0,
-            discard: info.discard,
+            discard,
             data_at: None,
             options,
         };
@@ -219,7 +226,7 @@ impl DiskTest {
     }
 
     /// Submits queued requests until the device or the depth limit says stop.
-    fn submit(&mut self, disk: &mut Disk) {
+    fn submit(&mut self) {
         while self.in_flight < self.depth && self.failure.is_none() && !self.cancelled {
             let request = match self.retry.take() {
                 Some(request) => request,
@@ -234,7 +241,7 @@ impl DiskTest {
                     None => break,
                 },
             };
-            match disk.device.submit(request) {
+            match self.device.submit(request) {
                 Ok(()) => {
                     self.in_flight += 1;
                     self.peak_in_flight = self.peak_in_flight.max(self.in_flight);
@@ -356,11 +363,10 @@ impl Job for DiskTest {
             self.last_progress_ns = now_ns;
             self.phase_started_ns = now_ns;
         }
-        let disk = &mut context.disks[self.options.disk];
         for _ in 0..ROUNDS_PER_STEP {
-            self.submit(disk);
+            self.submit();
             let mut reaped = false;
-            while let Some(done) = disk.device.poll() {
+            while let Some(done) = self.device.poll() {
                 self.complete(done);
                 reaped = true;
             }

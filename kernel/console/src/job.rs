@@ -4,11 +4,10 @@
 
 use core::fmt::Write;
 
-use crate::{CommandError, Disk};
+use crate::CommandError;
 
 /// What a job may use during one step.
 pub(crate) struct Context<'a> {
-    pub disks: &'a mut [Disk],
     /// The monotonic clock (nanoseconds).
     pub clock: &'a dyn Fn() -> u64,
 }

@@ -19,23 +19,35 @@
 extern crate alloc;
 
 mod commands;
+pub mod config;
+mod device_io;
 mod disk_test;
+mod dm;
 mod editor;
 mod job;
+mod linear;
 mod net;
+mod pool_commands;
+mod registry;
+mod shared;
+pub mod table;
+mod thin;
 mod tokenize;
 mod units;
 
 pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
 pub use net::{AddressMode, Ipv4Config, NetCounters, NetStatus, Network};
+pub use registry::{Registry, RegistryBackend};
 pub use tokenize::{TokenizeError, tokenize};
 pub use units::human_bytes;
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::BlockDevice;
+use core::cell::RefCell;
 use core::fmt::Write;
 
 use job::{Job, Progress};
@@ -50,6 +62,21 @@ macro_rules! outln {
     }};
 }
 pub(crate) use outln;
+
+/// `a`…`z`, then `aa`, `ab`, …: the letters Linux gives its `vd` disks, in order.
+pub fn disk_letters(index: usize) -> String {
+    let mut letters = Vec::new();
+    let mut n = index;
+    loop {
+        letters.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    letters.reverse();
+    String::from_utf8(letters).expect("ASCII letters")
+}
 
 /// Heap and DMA-memory figures for `mem`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -114,24 +141,29 @@ fn report_error(error: &CommandError, out: &mut dyn Write) {
     outln!(out, "error: {}", error.0);
 }
 
-/// The serial console: line editor, command interpreter and running job.
+/// The serial console: line editor, command interpreter, running job, and the
+/// device registry it manages.
 pub struct Console<P: Platform> {
     platform: P,
-    disks: Vec<Disk>,
+    registry: Rc<RefCell<Registry>>,
     editor: LineEditor,
     job: Option<Box<dyn Job>>,
     /// Bytes typed while a job ran; replayed into the editor when it finishes.
     typeahead: VecDeque<u8>,
+    /// Commands that failed so far (scripted callers check it).
+    failures: u64,
 }
 
 impl<P: Platform> Console<P> {
+    /// A console over `disks`; [`Console::start`] brings up the saved configuration.
     pub fn new(platform: P, disks: Vec<Disk>) -> Self {
         Console {
             platform,
-            disks,
+            registry: Rc::new(RefCell::new(Registry::new(disks))),
             editor: LineEditor::new(),
             job: None,
             typeahead: VecDeque::new(),
+            failures: 0,
         }
     }
 
@@ -143,12 +175,23 @@ impl<P: Platform> Console<P> {
         &mut self.platform
     }
 
-    pub fn disks(&self) -> &[Disk] {
-        &self.disks
+    /// The devices as an NBD backend: serve it with `nbd::Server`.
+    pub fn nbd_backend(&self) -> RegistryBackend {
+        RegistryBackend(Rc::clone(&self.registry))
     }
 
-    /// Prints the first prompt.
+    /// Commands that have failed since the console was made.
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// Finds the saved configuration and brings its devices up, saying what happened,
+    /// then prints the first prompt.
     pub fn start(&mut self, out: &mut dyn Write) {
+        let notes = self.registry.borrow_mut().restore();
+        for note in notes {
+            outln!(out, "{note}");
+        }
         let _ = self.editor.prompt(out);
     }
 
@@ -173,12 +216,15 @@ impl<P: Platform> Console<P> {
     /// Advances the running job, if any. Returns true while work is in progress
     /// (call again soon, without sleeping); false when the console is idle.
     pub fn poll(&mut self, out: &mut dyn Write) -> bool {
+        let events = self.registry.borrow_mut().tick(self.platform.now_ns());
+        for event in events {
+            self.event(&event, out);
+        }
         let Some(job) = &mut self.job else {
             return false;
         };
         let platform = &self.platform;
         let mut context = job::Context {
-            disks: &mut self.disks,
             clock: &|| platform.now_ns(),
         };
         match job.step(&mut context, out) {
@@ -186,6 +232,7 @@ impl<P: Platform> Console<P> {
             Progress::Finished(result) => {
                 self.job = None;
                 if let Err(error) = result {
+                    self.failures += 1;
                     report_error(&error, out);
                 }
                 let _ = self.editor.prompt(out);
@@ -222,10 +269,15 @@ impl<P: Platform> Console<P> {
             Err(error) => Err(CommandError(alloc::format!("{error}"))),
         };
         if let Err(error) = result {
+            self.failures += 1;
             report_error(&error, out);
         }
     }
 }
 
+#[cfg(test)]
+mod dm_tests;
+#[cfg(test)]
+mod pool_tests;
 #[cfg(test)]
 mod tests;

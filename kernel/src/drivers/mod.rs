@@ -8,7 +8,6 @@ pub mod virtio_net;
 
 use alloc::boxed::Box;
 use alloc::format;
-use alloc::string::String;
 use alloc::vec::Vec;
 use console::Disk;
 use core::fmt::Write;
@@ -37,7 +36,7 @@ pub fn discover(pci: &mut Pci, log: &mut dyn Write) -> Storage {
     for function in pci.functions() {
         let info = &function.info;
         if virtio_device_type(info) == Some(DeviceType::Block) {
-            let name = format!("vd{}", disk_letters(virtio_disks));
+            let name = format!("vd{}", console::disk_letters(virtio_disks));
             virtio_disks += 1;
             match virtio_blk::VirtioBlk::probe(pci, &function) {
                 Ok(device) => disks.push(Disk {
@@ -76,19 +75,4 @@ pub fn discover(pci: &mut Pci, log: &mut dyn Write) -> Storage {
         disks,
         nvme_controllers,
     }
-}
-
-/// `a`…`z`, then `aa`, `ab`, … as Linux names its disks.
-fn disk_letters(index: usize) -> String {
-    let mut letters = Vec::new();
-    let mut n = index;
-    loop {
-        letters.push(b'a' + (n % 26) as u8);
-        if n < 26 {
-            break;
-        }
-        n = n / 26 - 1;
-    }
-    letters.reverse();
-    String::from_utf8(letters).expect("ASCII letters")
 }

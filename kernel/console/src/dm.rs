@@ -1,0 +1,376 @@
+//! Device-mapper commands (`create`, `remove`, `suspend`, `resume`, `message`,
+//! `status`, `table`, `ls`, `info`) and `config`, spoken the way `dmsetup` speaks:
+//! a leading `dmsetup` and `/dev/` or `/dev/mapper/` in front of names are accepted.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
+
+use crate::config::SlotState;
+use crate::registry::{Device, Format, Registry, State};
+use crate::table::bare_name;
+use crate::units::human_bytes;
+use crate::{CommandError, Console, Platform, outln};
+
+impl<P: Platform> Console<P> {
+    /// Commands of the device registry; anything else is unknown.
+    pub(crate) fn run_dm(
+        &mut self,
+        command: &str,
+        args: &[String],
+        out: &mut dyn Write,
+    ) -> Result<(), CommandError> {
+        match command {
+            "create" => self.create(args, out),
+            "remove" => self.remove(args),
+            "suspend" => {
+                let name = one_name("suspend", args)?;
+                self.registry.borrow_mut().suspend(name)
+            }
+            "resume" => {
+                let name = one_name("resume", args)?;
+                self.registry.borrow_mut().resume(name)
+            }
+            "message" => self.message(args),
+            "ls" => match args {
+                [] => {
+                    list(&self.registry.borrow(), out);
+                    Ok(())
+                }
+                [extra, ..] => Err(format!("ls takes no arguments (got '{extra}')").into()),
+            },
+            "table" | "status" | "info" => self.show(command, args, out),
+            "config" => self.config(args, out),
+            "pool" => self.pool_command(args, out),
+            "thin" => self.thin_command(args, out),
+            "snap" => self.snap_command(args, out),
+            "dump" => self.dump_command(args, out),
+            other => Err(format!("unknown command '{other}' (try help)").into()),
+        }
+    }
+
+    fn create(&mut self, args: &[String], out: &mut dyn Write) -> Result<(), CommandError> {
+        const USAGE: &str = "usage: create NAME [--readonly] --table \"0 LENGTH TARGET ARGS...\"";
+        let mut name = None;
+        let mut read_only = false;
+        let mut table: Option<String> = None;
+        let mut words = args.iter();
+        while let Some(word) = words.next() {
+            match word.as_str() {
+                "--readonly" | "-r" => read_only = true,
+                "--table" => {
+                    // Unquoted, the rest of the line is the table.
+                    let rest: Vec<&str> = words.by_ref().map(String::as_str).collect();
+                    if rest.is_empty() {
+                        return Err(
+                            format!("create: --table needs the table line ({USAGE})").into()
+                        );
+                    }
+                    table = Some(rest.join(" "));
+                }
+                flag if flag.starts_with('-') => {
+                    return Err(format!("create: unknown option '{flag}' ({USAGE})").into());
+                }
+                device if name.is_none() => name = Some(bare_name(device)),
+                extra => {
+                    return Err(format!("create: unexpected '{extra}' ({USAGE})").into());
+                }
+            }
+        }
+        let (Some(name), Some(table)) = (name, table) else {
+            return Err(format!("create: name and --table are both needed ({USAGE})").into());
+        };
+        let notes = self
+            .registry
+            .borrow_mut()
+            .create(name, read_only, &table, Format::IfBlank)?;
+        for note in notes {
+            outln!(out, "{name}: {note}");
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, args: &[String]) -> Result<(), CommandError> {
+        let (force, names): (Vec<&String>, Vec<&String>) = args
+            .iter()
+            .partition(|word| *word == "--force" || *word == "-f");
+        match names.as_slice() {
+            [name] if !name.starts_with('-') => {
+                self.registry.borrow_mut().remove(name, !force.is_empty())
+            }
+            _ => Err("usage: remove NAME [--force]".into()),
+        }
+    }
+
+    fn message(&mut self, args: &[String]) -> Result<(), CommandError> {
+        const USAGE: &str = "usage: message NAME 0 \"MESSAGE\"";
+        let [name, sector, words @ ..] = args else {
+            return Err(format!("message: device, sector and message are needed ({USAGE})").into());
+        };
+        if sector != "0" {
+            return Err(format!(
+                "message: sector '{sector}' must be 0 (messages go to the device's only \
+                 segment; {USAGE})"
+            )
+            .into());
+        }
+        if words.is_empty() {
+            return Err(format!("message: which message? ({USAGE})").into());
+        }
+        let text: Vec<&str> = words.iter().map(String::as_str).collect();
+        self.registry.borrow_mut().message(name, &text.join(" "))
+    }
+
+    /// `table`, `status` and `info`, for one device or all.
+    fn show(
+        &mut self,
+        command: &str,
+        args: &[String],
+        out: &mut dyn Write,
+    ) -> Result<(), CommandError> {
+        let registry = self.registry.borrow();
+        match args {
+            [] => {
+                if registry.devices.is_empty() {
+                    outln!(out, "No devices found");
+                }
+                for (index, device) in registry.devices.iter().enumerate() {
+                    match command {
+                        "table" => outln!(out, "{}: {}", device.name, device.table),
+                        "status" => {
+                            outln!(out, "{}: {}", device.name, status_line(&registry, device))
+                        }
+                        _ => {
+                            if index > 0 {
+                                outln!(out, "");
+                            }
+                            info(&registry, device, out);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            [name] => {
+                let device = registry.device(name)?;
+                match command {
+                    "table" => outln!(out, "{}", device.table),
+                    "status" => {
+                        if let State::Inactive(why) = &device.state {
+                            return Err(format!("{} is inactive ({why})", device.name).into());
+                        }
+                        outln!(out, "{}", status_line(&registry, device));
+                    }
+                    _ => info(&registry, device, out),
+                }
+                Ok(())
+            }
+            [_, extra, ..] => {
+                Err(format!("{command} takes at most one device name (got '{extra}')").into())
+            }
+        }
+    }
+
+    fn config(&mut self, args: &[String], out: &mut dyn Write) -> Result<(), CommandError> {
+        const USAGE: &str = "usage: config show | config init DISK [--force]";
+        let words: Vec<&str> = args.iter().map(String::as_str).collect();
+        match words.as_slice() {
+            ["show"] => {
+                show_config(&self.registry.borrow(), out);
+                Ok(())
+            }
+            ["init", disk] | ["init", disk, "--force"] | ["init", "--force", disk]
+                if !disk.starts_with('-') =>
+            {
+                let force = words.contains(&"--force");
+                let id = area_id(self.platform.now_ns(), disk);
+                let mut registry = self.registry.borrow_mut();
+                registry.config_init(disk, id, force)?;
+                let config = registry.config.as_ref().expect("just made");
+                let entry = &registry.disks[config.disk];
+                outln!(
+                    out,
+                    "configuration area written on {}: its first MiB is reserved, {} now offers \
+                     {} sectors; changes are saved from now on",
+                    entry.name,
+                    entry.name,
+                    entry.sectors()
+                );
+                Ok(())
+            }
+            _ => Err(USAGE.into()),
+        }
+    }
+}
+
+fn one_name<'a>(command: &str, args: &'a [String]) -> Result<&'a str, CommandError> {
+    match args {
+        [name] if !name.starts_with('-') => Ok(name),
+        _ => Err(format!("usage: {command} NAME").into()),
+    }
+}
+
+/// A device's kind, with its state when it is not simply running.
+fn kind_and_state(device: &Device) -> String {
+    match &device.state {
+        State::Inactive(_) => format!("{}, inactive", device.table.kind()),
+        State::Active(active) if active.suspended => {
+            format!("{}, suspended", device.table.kind())
+        }
+        State::Active(_) => device.table.kind().into(),
+    }
+}
+
+fn list(registry: &Registry, out: &mut dyn Write) {
+    if registry.devices.is_empty() {
+        outln!(out, "No devices found");
+    }
+    let width = registry
+        .devices
+        .iter()
+        .map(|device| device.name.len())
+        .max()
+        .unwrap_or(0);
+    for device in &registry.devices {
+        outln!(out, "{:<width$}  ({})", device.name, kind_and_state(device));
+    }
+}
+
+/// dm's status line: `0 LENGTH TARGET` followed by the target's fields.
+fn status_line(registry: &Registry, device: &Device) -> String {
+    match &device.state {
+        State::Inactive(why) => format!("inactive ({why})"),
+        State::Active(_) => match registry.status_fields(device) {
+            Ok(fields) => format!("0 {} {}{fields}", device.table.length, device.table.kind()),
+            Err(why) => format!(
+                "0 {} {} Error ({why})",
+                device.table.length,
+                device.table.kind()
+            ),
+        },
+    }
+}
+
+fn info(registry: &Registry, device: &Device, out: &mut dyn Write) {
+    let users = registry.users_of(&device.name);
+    let (state, clients) = match &device.state {
+        State::Inactive(why) => (format!("INACTIVE ({why})"), 0),
+        State::Active(active) if active.suspended => ("SUSPENDED".into(), active.clients),
+        State::Active(active) => ("ACTIVE".into(), active.clients),
+    };
+    let sectors = device.table.length;
+    outln!(out, "Name:              {}", device.name);
+    outln!(out, "State:             {state}");
+    outln!(
+        out,
+        "Read only:         {}",
+        if device.read_only { "yes" } else { "no" }
+    );
+    outln!(
+        out,
+        "Size:              {sectors} sectors ({})",
+        human_bytes(sectors * blockdev::SECTOR_SIZE as u64)
+    );
+    outln!(out, "Table:             {}", device.table);
+    outln!(out, "Open count:        {}", users.len() + clients);
+    outln!(
+        out,
+        "Depends on:        {}",
+        device.table.dependencies().join(", ")
+    );
+    outln!(
+        out,
+        "Used by:           {}",
+        if users.is_empty() {
+            "-".into()
+        } else {
+            users.join(", ")
+        }
+    );
+    match &device.state {
+        State::Active(active) if active.io.data_sectors().is_some() => outln!(
+            out,
+            "NBD export:        {} ({clients} client{})",
+            device.name,
+            if clients == 1 { "" } else { "s" }
+        ),
+        State::Active(_) => outln!(
+            out,
+            "NBD export:        - (pools carry no data of their own)"
+        ),
+        State::Inactive(_) => outln!(out, "NBD export:        - (inactive)"),
+    }
+}
+
+fn show_config(registry: &Registry, out: &mut dyn Write) {
+    match &registry.config {
+        None => outln!(
+            out,
+            "no configuration disk: changes are not saved (config init DISK designates one)"
+        ),
+        Some(config) => {
+            let name = &registry.disks[config.disk].name;
+            match config.area.current() {
+                Some((_, generation, _)) => outln!(
+                    out,
+                    "configuration disk: {name} (first MiB), generation {generation}"
+                ),
+                None => outln!(
+                    out,
+                    "configuration disk: {name} (first MiB), nothing saved yet"
+                ),
+            }
+            for (slot, state) in config.area.slots().iter().enumerate() {
+                match state {
+                    SlotState::Empty => outln!(out, "copy {slot}: empty"),
+                    SlotState::Valid { generation, .. } => {
+                        outln!(out, "copy {slot}: generation {generation}")
+                    }
+                    SlotState::Damaged(why) => outln!(out, "copy {slot}: damaged ({why})"),
+                }
+            }
+        }
+    }
+    for disk in registry.saved_disks() {
+        outln!(
+            out,
+            "disk {}: {} sectors, serial {}",
+            disk.name,
+            disk.sectors,
+            if disk.serial.is_empty() {
+                "-"
+            } else {
+                &disk.serial
+            }
+        );
+    }
+    for device in &registry.devices {
+        outln!(
+            out,
+            "create {}{} --table \"{}\"",
+            device.name,
+            if device.read_only { " --readonly" } else { "" },
+            device.table
+        );
+    }
+}
+
+/// An identifier for a new configuration area, different for every disk and moment
+/// (splitmix64 of the clock and the disk's name).
+fn area_id(now_ns: u64, disk: &str) -> [u8; 16] {
+    let mut state = now_ns ^ 0x7468_696e_626f_7800;
+    for byte in disk.bytes() {
+        state = state.rotate_left(8) ^ u64::from(byte);
+    }
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut id = [0; 16];
+    id[..8].copy_from_slice(&next().to_le_bytes());
+    id[8..].copy_from_slice(&next().to_le_bytes());
+    id
+}

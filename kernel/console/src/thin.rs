@@ -1,0 +1,175 @@
+//! I/O of a `thin` device: NBD operations handed to the pool engine's volume, whose
+//! answers (holes, zero runs, block status) come from the pool's mappings.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use blockdev::BlockDevice;
+use nbd::{BackendError, IoCompletion, IoOp, IoOutput, SectorRun};
+use thin_pool::{ThinOp, ThinOutput, ThinRequest, ThinVolume};
+
+pub(crate) struct ThinIo {
+    volume: ThinVolume,
+    read_only: bool,
+    /// Requests the volume refused as full, submitted again first, in order.
+    waiting: VecDeque<ThinRequest>,
+    /// Completions decided here, or collected while draining.
+    done: VecDeque<IoCompletion>,
+}
+
+impl ThinIo {
+    pub(crate) fn new(volume: ThinVolume, read_only: bool) -> Self {
+        ThinIo {
+            volume,
+            read_only,
+            waiting: VecDeque::new(),
+            done: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn sectors(&self) -> u64 {
+        self.volume.info().sectors
+    }
+
+    pub(crate) fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub(crate) fn discard(&self) -> bool {
+        self.volume.info().discard
+    }
+
+    pub(crate) fn congested(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    pub(crate) fn submit(&mut self, tag: u64, op: IoOp) {
+        let writes = !matches!(
+            op,
+            IoOp::Read { .. } | IoOp::Flush | IoOp::Cache { .. } | IoOp::BlockStatus { .. }
+        );
+        if writes && self.read_only {
+            return self.finish(tag, Err(BackendError::ReadOnly));
+        }
+        let op = match op {
+            IoOp::Read { sector, buf } => ThinOp::Read { sector, buf },
+            IoOp::Write { sector, buf, fua } => ThinOp::Write { sector, buf, fua },
+            IoOp::Flush => ThinOp::Flush,
+            IoOp::Trim {
+                sector, sectors, ..
+            } => {
+                if !self.discard() {
+                    return self.finish(tag, Ok(IoOutput::Done));
+                }
+                ThinOp::Discard { sector, sectors }
+            }
+            IoOp::WriteZeroes {
+                fast_only: true, ..
+            } => return self.finish(tag, Err(BackendError::NotFast)),
+            IoOp::WriteZeroes {
+                sector,
+                sectors,
+                fua,
+                may_unmap,
+                ..
+            } => ThinOp::WriteZeroes {
+                sector,
+                sectors,
+                unmap: may_unmap,
+                fua,
+            },
+            IoOp::Cache { sector, sectors } => {
+                let inside = sector
+                    .checked_add(sectors)
+                    .is_some_and(|end| end <= self.sectors());
+                let result = if inside {
+                    Ok(IoOutput::Done)
+                } else {
+                    Err(BackendError::Invalid)
+                };
+                return self.finish(tag, result);
+            }
+            IoOp::BlockStatus {
+                sector,
+                sectors,
+                max_extents,
+            } => ThinOp::BlockStatus {
+                sector,
+                sectors,
+                max_extents,
+            },
+        };
+        self.waiting.push_back(ThinRequest { tag, op });
+        self.pump();
+    }
+
+    pub(crate) fn poll(&mut self) -> Option<IoCompletion> {
+        self.pump();
+        match self.done.pop_front() {
+            Some(done) => Some(done),
+            None => self.volume_completion(),
+        }
+    }
+
+    /// The volume's next completion, in NBD terms.
+    fn volume_completion(&mut self) -> Option<IoCompletion> {
+        let done = self.volume.poll_op()?;
+        let result = match done.result {
+            Err(error) => Err(BackendError::from(error)),
+            Ok(ThinOutput::Done) => Ok(IoOutput::Done),
+            Ok(ThinOutput::Read { zero_holes }) => Ok(IoOutput::Read {
+                buf: done.buf,
+                zero_holes: zero_holes
+                    .into_iter()
+                    .map(|run| SectorRun {
+                        start: run.start,
+                        sectors: run.sectors,
+                    })
+                    .collect(),
+            }),
+            Ok(ThinOutput::Extents(extents)) => Ok(IoOutput::Extents(
+                extents
+                    .into_iter()
+                    .map(|extent| nbd::Extent {
+                        sectors: extent.sectors,
+                        hole: extent.hole,
+                        zero: extent.zero,
+                    })
+                    .collect::<Vec<_>>(),
+            )),
+        };
+        Some(IoCompletion {
+            tag: done.tag,
+            result,
+        })
+    }
+
+    /// Waits until every request handed to the volume has finished (completions stay
+    /// queued for [`ThinIo::poll`]).
+    pub(crate) fn drain(&mut self) {
+        while !self.waiting.is_empty() || self.volume.in_flight() > 0 {
+            self.pump();
+            match self.volume_completion() {
+                Some(done) => self.done.push_back(done),
+                None => core::hint::spin_loop(),
+            }
+        }
+    }
+
+    /// Makes completed writes durable (data flushed, metadata committed).
+    pub(crate) fn flush(&mut self) -> Result<(), blockdev::IoError> {
+        blockdev::run_sync(&mut self.volume, blockdev::Command::Flush).map(drop)
+    }
+
+    fn finish(&mut self, tag: u64, result: Result<IoOutput, BackendError>) {
+        self.done.push_back(IoCompletion { tag, result });
+    }
+
+    fn pump(&mut self) {
+        while let Some(request) = self.waiting.pop_front() {
+            if let Err(thin_pool::QueueFull(request)) = self.volume.submit_op(request) {
+                self.waiting.push_front(request);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! `thinbox offline` as operators use it: scripted with `--exec`, interactive on
+//! standard input, and serving NBD to real clients (nbdinfo, qemu-img).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+
+use host_tools::Tool;
+use qemu_test::Scratch;
+
+const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
+
+/// Sparse image files of the given sizes in MiB, in a fresh scratch directory.
+fn images(sizes: &[u64]) -> (Scratch, Vec<PathBuf>) {
+    let scratch = Scratch::new().unwrap();
+    let paths = sizes
+        .iter()
+        .enumerate()
+        .map(|(index, mib)| {
+            let path = scratch.path().join(format!("disk{index}.img"));
+            fs::File::create(&path).unwrap().set_len(mib << 20).unwrap();
+            path
+        })
+        .collect();
+    (scratch, paths)
+}
+
+fn offline(disks: &[PathBuf], extra: &[&str]) -> Command {
+    let mut command = Command::new(THINBOX);
+    command.arg("offline");
+    for disk in disks {
+        command.arg("--disk").arg(disk);
+    }
+    command.args(extra);
+    command
+}
+
+fn exec(disks: &[PathBuf], commands: &[&str]) -> Output {
+    let mut command = offline(disks, &[]);
+    for line in commands {
+        command.args(["--exec", line]);
+    }
+    command.output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn exec_runs_commands_and_the_configuration_persists_in_the_images() {
+    let (_scratch, disks) = images(&[64, 32, 4]);
+    let first = exec(
+        &disks,
+        &[
+            "config init vdc",
+            "dmsetup create base --readonly --table \"0 8192 linear /dev/vdb 0\"",
+            "create guest --table \"0 4096 linear vda 2048\"",
+            "ls",
+        ],
+    );
+    let text = stdout(&first);
+    assert!(first.status.success(), "{text}");
+    assert!(
+        text.contains("thinbox> ls\nbase   (linear)\nguest  (linear)\n"),
+        "{text}"
+    );
+    // The images are left flushed, as `shutdown` leaves the appliance's disks.
+    assert!(text.ends_with("guest  (linear)\npowering off\n"), "{text}");
+
+    // The same images again, named in another order: found by their file names.
+    let reordered = [disks[2].clone(), disks[0].clone(), disks[1].clone()];
+    let second = exec(&reordered, &["table"]);
+    let text = stdout(&second);
+    assert!(second.status.success(), "{text}");
+    assert!(
+        text.contains("config: disk vdb (serial disk1.img) is now vdc"),
+        "{text}"
+    );
+    assert!(
+        text.contains("base: 0 8192 linear vdc 0\nguest: 0 4096 linear vdb 2048\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn exec_stops_at_the_first_failure_with_a_non_zero_status() {
+    let (_scratch, disks) = images(&[8]);
+    let output = exec(
+        &disks,
+        &[
+            "create a --table \"0 8 linear vda 0\"",
+            "create b --table \"0 99999999 linear vda 0\"",
+            "create c --table \"0 8 linear vda 8\"",
+        ],
+    );
+    let text = stdout(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("error: create b: vda is too small"), "{text}");
+    assert!(!text.contains("create c"), "{text}");
+}
+
+#[test]
+fn bad_disk_arguments_stop_before_anything_runs() {
+    let (_scratch, disks) = images(&[8]);
+    let twice = exec(&[disks[0].clone(), disks[0].clone()], &["ls"]);
+    assert_eq!(twice.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&twice.stderr);
+    assert!(
+        stderr.ends_with("is given twice; each image is one disk\n"),
+        "{stderr}"
+    );
+    assert!(twice.stdout.is_empty());
+    let missing = exec(&[disks[0].with_extension("nothing")], &["ls"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).starts_with("error: opening "));
+}
+
+#[test]
+fn standard_input_is_an_interactive_console() {
+    let (_scratch, disks) = images(&[8]);
+    let mut child = offline(&disks, &[])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"create a --table \"0 8 linear vda 0\"\nls\nbogus\n")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}");
+    assert_eq!(
+        text,
+        "config: no configuration disk found; changes are not saved (see config init)\n\
+         thinbox> thinbox> a  (linear)\n\
+         thinbox> error: unknown command 'bogus' (try help)\n\
+         thinbox> powering off\n"
+    );
+}
+
+/// A running `offline --nbd`, killed when dropped.
+struct Served {
+    child: Child,
+    lines: BufReader<ChildStdout>,
+    address: String,
+}
+
+impl Served {
+    fn start(disks: &[PathBuf], commands: &[&str]) -> Served {
+        let mut command = offline(disks, &["--nbd", "127.0.0.1:0"]);
+        for line in commands {
+            command.args(["--exec", line]);
+        }
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap());
+        let mut address = None;
+        let mut seen = String::new();
+        while address.is_none() {
+            let mut line = String::new();
+            assert!(
+                lines.read_line(&mut line).unwrap() > 0,
+                "no NBD address in {seen}"
+            );
+            address = line
+                .strip_prefix("serving NBD on ")
+                .map(|a| a.trim().to_string());
+            seen.push_str(&line);
+        }
+        let mut served = Served {
+            child,
+            lines,
+            address: address.unwrap(),
+        };
+        served.wait_for("still serving NBD");
+        served
+    }
+
+    fn wait_for(&mut self, text: &str) -> String {
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(
+                self.lines.read_line(&mut line).unwrap() > 0,
+                "no '{text}' in {seen}"
+            );
+            seen.push_str(&line);
+            if line.contains(text) {
+                return seen;
+            }
+        }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.address)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_tool(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn pattern(bytes: usize) -> Vec<u8> {
+    (0..bytes).map(|i| (i * 7 / 3) as u8).collect()
+}
+
+#[test]
+fn nbd_clients_see_the_devices_as_exports() {
+    host_tools::require_for_test(&[Tool::NbdInfo, Tool::QemuImg]);
+    let (scratch, disks) = images(&[64, 32]);
+    let base = pattern(4 << 20);
+    let mut file = fs::OpenOptions::new().write(true).open(&disks[1]).unwrap();
+    file.write_all(&base).unwrap();
+    drop(file);
+    let served = Served::start(
+        &disks,
+        &[
+            "create base --readonly --table \"0 8192 linear vdb 0\"",
+            "create guest --table \"0 16384 linear vda 4096\"",
+            "create meta --table \"0 4096 linear vdb 16384\"",
+            "create data --table \"0 32768 linear vdb 32768\"",
+            "pool create pool meta data",
+            "thin create clone pool --origin base",
+        ],
+    );
+    let list = run_tool("nbdinfo", &["--list", "--json", &served.uri("")]);
+    assert!(list.contains("\"export-name\": \"base\""), "{list}");
+    assert!(list.contains("\"export-name\": \"guest\""), "{list}");
+    assert!(list.contains("\"export-name\": \"clone\""), "{list}");
+    assert!(!list.contains("\"export-name\": \"pool\""), "{list}");
+    let info = run_tool("nbdinfo", &["--json", &served.uri("base")]);
+    assert!(info.contains("\"is_read_only\": true"), "{info}");
+    assert!(info.contains("\"export-size\": 4194304"), "{info}");
+
+    // Copy the read-only base into the guest device, then read the guest back.
+    run_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &served.uri("base"),
+            &served.uri("guest"),
+        ],
+    );
+    let back = scratch.path().join("back.img");
+    run_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &served.uri("guest"),
+            back.to_str().unwrap(),
+        ],
+    );
+    let copied = fs::read(&back).unwrap();
+    assert_eq!(copied.len(), 8 << 20);
+    assert_eq!(&copied[..base.len()], &base[..]);
+    assert!(copied[base.len()..].iter().all(|&b| b == 0));
+    // And on the image itself, 2 MiB into vda.
+    let raw = fs::read(&disks[0]).unwrap();
+    assert_eq!(&raw[2 << 20..(2 << 20) + base.len()], &base[..]);
+
+    // The thin clone reads the base through its external origin, and what is written
+    // to it lands in the pool, not in the base.
+    let overwrite = scratch.path().join("overwrite.img");
+    fs::write(&overwrite, vec![0x5A; 1 << 20]).unwrap();
+    run_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            overwrite.to_str().unwrap(),
+            &served.uri("clone"),
+        ],
+    );
+    let clone = scratch.path().join("clone.img");
+    run_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &served.uri("clone"),
+            clone.to_str().unwrap(),
+        ],
+    );
+    let clone = fs::read(&clone).unwrap();
+    assert!(clone[..1 << 20].iter().all(|&b| b == 0x5A));
+    assert_eq!(&clone[1 << 20..], &base[1 << 20..]);
+    assert_eq!(&fs::read(&disks[1]).unwrap()[..base.len()], &base[..]);
+    let map = run_tool("nbdinfo", &["--map", &served.uri("clone")]);
+    assert!(map.contains("hole"), "{map}");
+    assert!(Path::new(&back).exists());
+}
+
+#[test]
+fn metadata_written_offline_passes_thin_check_and_dumps_like_thin_dump() {
+    host_tools::require_for_test(&[Tool::ThinCheck]);
+    let (_scratch, disks) = images(&[8, 64, 4]);
+    let setup = exec(
+        &disks,
+        &[
+            "config init vdc",
+            "dmsetup create pool --table \"0 131072 thin-pool /dev/vda /dev/vdb 128 0\"",
+            "dmsetup message /dev/mapper/pool 0 \"create_thin 0\"",
+            "dmsetup create thin --table \"0 65536 thin /dev/mapper/pool 0\"",
+            "disk-test thin 3",
+            "message pool 0 \"create_snap 1 0\"",
+            "create snap --table \"0 65536 thin pool 1\"",
+            "disk-test snap 1 --force",
+            "message pool 0 set_transaction_id 0 7",
+            "message pool 0 reserve_metadata_snap",
+        ],
+    );
+    let text = stdout(&setup);
+    assert!(setup.status.success(), "{text}");
+
+    let check = Command::new("thin_check").arg(&disks[0]).output().unwrap();
+    assert!(
+        check.status.success(),
+        "thin_check: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for snap in [false, true] {
+        let mut args = vec!["thin_dump"];
+        if snap {
+            args.push("-m");
+        }
+        let theirs = Command::new(args[0])
+            .args(&args[1..])
+            .arg(&disks[0])
+            .output()
+            .unwrap();
+        assert!(theirs.status.success());
+        let command = if snap {
+            "dump pool --metadata-snap"
+        } else {
+            "dump pool"
+        };
+        let ours = exec(&disks, &[command]);
+        let ours = stdout(&ours);
+        let xml: String = ours
+            .lines()
+            .filter(|line| line.trim_start().starts_with('<'))
+            .map(|line| format!("{}\n", line.trim()))
+            .collect();
+        let expected: String = String::from_utf8_lossy(&theirs.stdout)
+            .lines()
+            .map(|line| format!("{}\n", line.trim()))
+            .collect();
+        assert_eq!(xml, expected, "dump (metadata snapshot: {snap})");
+        assert!(xml.contains("transaction=\"7\""), "{xml}");
+        assert!(xml.contains("<device dev_id=\"1\""), "{xml}");
+    }
+}
