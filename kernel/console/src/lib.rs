@@ -36,7 +36,7 @@ mod tokenize;
 mod units;
 
 pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
-pub use net::{AddressMode, Ipv4Config, NetCounters, NetStatus, Network};
+pub use net::{AddressMode, Ipv4Config, NetCounters, NetStatus, Network, NicCounters};
 pub use registry::{Registry, RegistryBackend};
 pub use tokenize::{TokenizeError, tokenize};
 pub use units::human_bytes;

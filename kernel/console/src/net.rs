@@ -28,9 +28,9 @@ pub struct Ipv4Config {
     pub gateway: Option<Ipv4Addr>,
 }
 
-/// Traffic figures since start-up.
+/// The NIC driver's frame and byte counts since start-up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NetCounters {
+pub struct NicCounters {
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub tx_packets: u64,
@@ -39,6 +39,12 @@ pub struct NetCounters {
     pub rx_dropped: u64,
     /// Times a frame waited because every transmit buffer was in flight.
     pub tx_queue_full: u64,
+}
+
+/// Traffic figures since start-up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    pub nic: NicCounters,
     /// TCP connections open now.
     pub tcp_open: u64,
     /// TCP connections accepted since start-up.
@@ -137,16 +143,16 @@ fn show(status: &NetStatus, out: &mut dyn Write) {
     outln!(
         out,
         "rx:      {} packets, {}, {} dropped",
-        c.rx_packets,
-        human_bytes(c.rx_bytes),
-        c.rx_dropped
+        c.nic.rx_packets,
+        human_bytes(c.nic.rx_bytes),
+        c.nic.rx_dropped
     );
     outln!(
         out,
         "tx:      {} packets, {}, {} queue-full waits",
-        c.tx_packets,
-        human_bytes(c.tx_bytes),
-        c.tx_queue_full
+        c.nic.tx_packets,
+        human_bytes(c.nic.tx_bytes),
+        c.nic.tx_queue_full
     );
 }
 

@@ -11,6 +11,7 @@
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
+use console::NicCounters;
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use virtio_drivers::device::net::VirtIONetRaw;
@@ -34,19 +35,6 @@ const FEATURE_STATUS: u64 = 1 << 16;
 /// `VIRTIO_NET_S_LINK_UP`.
 const STATUS_LINK_UP: u16 = 1;
 
-/// Frame and byte counts since start-up.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Counters {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    /// Frames the device returned that could not be used (bad length).
-    pub rx_dropped: u64,
-    /// Times the stack had a frame to send and every transmit buffer was in flight.
-    pub tx_queue_full: u64,
-}
-
 type Raw = VirtIONetRaw<KernelHal, PciTransport, QUEUE_SIZE>;
 /// Transmit buffers the device holds, by descriptor token, with their length.
 type PostedTx = Vec<Option<(Box<[u8]>, usize)>>;
@@ -64,7 +52,7 @@ pub struct VirtioNet {
     tx_posted: PostedTx,
     tx_free: Vec<Box<[u8]>>,
     header_len: usize,
-    counters: Counters,
+    counters: NicCounters,
 }
 
 impl VirtioNet {
@@ -94,7 +82,7 @@ impl VirtioNet {
                 .map(|_| vec![0u8; BUFFER_LEN].into_boxed_slice())
                 .collect(),
             header_len,
-            counters: Counters::default(),
+            counters: NicCounters::default(),
         };
         net.repost_rx_buffers();
         if net.rx_returned.len() == QUEUE_SIZE {
@@ -117,7 +105,7 @@ impl VirtioNet {
                 .is_ok_and(|status| status & STATUS_LINK_UP != 0)
     }
 
-    pub fn counters(&self) -> Counters {
+    pub fn counters(&self) -> NicCounters {
         self.counters
     }
 
@@ -281,7 +269,7 @@ pub struct TxToken<'a> {
     tx_posted: &'a mut PostedTx,
     tx_free: &'a mut Vec<Box<[u8]>>,
     header_len: usize,
-    counters: &'a mut Counters,
+    counters: &'a mut NicCounters,
 }
 
 impl phy::TxToken for TxToken<'_> {

@@ -176,7 +176,6 @@ impl Network for NetStack {
                 gateway,
             })
         });
-        let nic = self.device.counters();
         NetStatus {
             mac: self.device.mac(),
             link_up: self.device.link_up(),
@@ -184,12 +183,7 @@ impl Network for NetStack {
             ipv4,
             nbd_port: NBD_PORT,
             counters: NetCounters {
-                rx_packets: nic.rx_packets,
-                rx_bytes: nic.rx_bytes,
-                tx_packets: nic.tx_packets,
-                tx_bytes: nic.tx_bytes,
-                rx_dropped: nic.rx_dropped,
-                tx_queue_full: nic.tx_queue_full,
+                nic: self.device.counters(),
                 tcp_open: self.nbd.open_connections() as u64,
                 tcp_accepted: self.nbd.accepted(),
             },
