@@ -6,18 +6,20 @@
 #![feature(abi_x86_interrupt)]
 
 extern crate alloc;
-
 mod acpi;
 mod arch;
 mod dma;
 mod drivers;
 mod memory;
 mod mmio;
+mod net;
 mod pci;
 mod platform;
 
+use alloc::rc::Rc;
 use bootloader_api::config::Mapping;
 use bootloader_api::{BootInfo, BootloaderConfig, entry_point};
+use core::cell::RefCell;
 use core::fmt::Write;
 use core::panic::PanicInfo;
 use x86_64::instructions::interrupts;
@@ -94,22 +96,40 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         if disks.len() == 1 { "" } else { "s" }
     );
 
+    let network = net::start(&mut pci, &mut serial).map(|stack| Rc::new(RefCell::new(stack)));
     let platform = platform::KernelPlatform {
         nvme_controllers: storage.nvme_controllers,
+        network: network.clone().map(net::NetHandle),
     };
     let mut console = Console::new(platform, disks);
+    let mut nbd_server = nbd::Server::new(console.nbd_backend(), NBD_LIMITS);
     let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));
     console.start(&mut serial);
     loop {
         while let Some(byte) = serial.try_read() {
             console.input(byte, &mut serial);
         }
-        if console.poll(&mut serial) {
+        let console_busy = console.poll(&mut serial);
+        let net_busy = network.as_ref().is_some_and(|stack| {
+            stack
+                .borrow_mut()
+                .poll(&mut nbd_server, memory::heap_usage().1 >= NBD_HEAP_RESERVE)
+        });
+        if console_busy || net_busy {
             continue;
         }
         idle(&mut serial, timer_ticks);
     }
 }
+
+/// Per-connection NBD limits: nbdcopy's 64 requests of 256 KiB fit.
+const NBD_LIMITS: nbd::Limits = nbd::Limits {
+    max_requests: 64,
+    max_buffered_bytes: 16 << 20,
+};
+/// Free heap below which no NBD connection takes new requests (one may bring a
+/// 32 MiB buffer), so clients wait instead of exhausting memory.
+const NBD_HEAP_RESERVE: usize = 48 << 20;
 
 /// Waits up to 100 ms for the first timer interrupt; without one the idle loop
 /// must not `hlt`.
@@ -125,8 +145,8 @@ fn wait_for_timer() -> bool {
     false
 }
 
-/// Sleeps until an interrupt (timer tick, serial input) unless input is already
-/// waiting. Interrupts are off between the check and `hlt` (whose `sti` shadow
+/// Sleeps until an interrupt (timer tick, serial input, NIC) unless input is
+/// already waiting. Interrupts are off between the check and `hlt` (whose `sti` shadow
 /// covers the gap), so a byte arriving in between still wakes the CPU.
 fn idle(serial: &mut Serial, timer_ticks: bool) {
     if !timer_ticks {
@@ -134,7 +154,7 @@ fn idle(serial: &mut Serial, timer_ticks: bool) {
         return;
     }
     interrupts::disable();
-    if serial.has_input() {
+    if serial.has_input() || arch::interrupts::device_irq_pending() {
         interrupts::enable();
     } else {
         interrupts::enable_and_hlt();

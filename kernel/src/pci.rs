@@ -23,6 +23,8 @@ pub enum ConfigAccess {
 }
 
 const CONFIG_ADDRESS: u16 = 0xcf8;
+/// Interrupt line (low byte) and interrupt pin (next byte) in the configuration header.
+const INTERRUPT_REGISTER: u8 = 0x3c;
 const CONFIG_DATA: u16 = 0xcfc;
 
 impl ConfigAccess {
@@ -81,6 +83,8 @@ pub struct PciFunction {
 /// The PCI segment the appliance drives (segment 0).
 pub struct Pci {
     pub root: PciRoot<ConfigAccess>,
+    /// Direct register access for what `PciRoot` does not expose.
+    config: ConfigAccess,
     buses: RangeInclusive<u8>,
     /// "ECAM" or "port I/O", for the boot log.
     pub mechanism: &'static str,
@@ -94,6 +98,7 @@ impl Pci {
             // SAFETY: the MCFG names this range as the ECAM window: device memory.
             if let Some(mmio) = unsafe { Mmio::map(window.base, len) } {
                 return Pci {
+                    config: ConfigAccess::Ecam(mmio.clone()),
                     root: PciRoot::new(ConfigAccess::Ecam(mmio)),
                     buses: window.start_bus..=window.end_bus,
                     mechanism: "ECAM",
@@ -101,6 +106,7 @@ impl Pci {
             }
         }
         Pci {
+            config: ConfigAccess::Ports,
             root: PciRoot::new(ConfigAccess::Ports),
             buses: 0..=255,
             mechanism: "port I/O",
@@ -136,6 +142,37 @@ impl Pci {
         }
         self.enable(function);
         Ok((address, size))
+    }
+
+    /// The legacy (INTx) interrupt line the firmware routed the function to, with
+    /// INTx delivery switched on; `None` when the function has no interrupt pin or
+    /// the firmware left it unrouted.
+    pub fn legacy_interrupt_line(&mut self, function: DeviceFunction) -> Option<u8> {
+        let register = self.config.read_word(function, INTERRUPT_REGISTER);
+        let (line, pin) = (register as u8, (register >> 8) as u8);
+        if pin == 0 || line == 0xff {
+            return None;
+        }
+        let (_, command) = self.root.get_status_command(function);
+        self.root
+            .set_command(function, command - Command::INTERRUPT_DISABLE);
+        Some(line)
+    }
+
+    /// Stops every function but `except` that the firmware routed to `line` from
+    /// raising legacy interrupts. The disk drivers poll, but a virtio device still
+    /// asserts its line on completions until its interrupt status is read, so on a
+    /// shared line it would keep waking the CPU meant for `except`.
+    pub fn silence_legacy_interrupts(&mut self, line: u8, except: DeviceFunction) {
+        for function in self.functions() {
+            let register = self.config.read_word(function.address, INTERRUPT_REGISTER);
+            if function.address == except || register as u8 != line {
+                continue;
+            }
+            let (_, command) = self.root.get_status_command(function.address);
+            self.root
+                .set_command(function.address, command | Command::INTERRUPT_DISABLE);
+        }
     }
 
     /// Switches on memory decoding and bus mastering (DMA).

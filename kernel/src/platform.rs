@@ -1,15 +1,17 @@
-//! What the console reaches of the machine: clock, memory figures, power.
+//! What the console reaches of the machine: clock, memory figures, power, network.
 
-use console::{Crash, MemoryStats, Platform};
+use console::{Crash, MemoryStats, Network, Platform};
 
 use crate::arch::{clock, power};
 use crate::drivers::nvme;
 use crate::memory;
+use crate::net::NetHandle;
 use alloc::vec::Vec;
 
 pub struct KernelPlatform {
     /// Controllers to notify before power goes.
     pub nvme_controllers: Vec<nvme::ShutdownHandle>,
+    pub network: Option<NetHandle>,
 }
 
 impl Platform for KernelPlatform {
@@ -52,6 +54,12 @@ impl Platform for KernelPlatform {
                 panic!("recursion to depth {depth} did not overflow the stack")
             }
         }
+    }
+
+    fn network(&mut self) -> Option<&mut dyn Network> {
+        self.network
+            .as_mut()
+            .map(|network| network as &mut dyn Network)
     }
 }
 

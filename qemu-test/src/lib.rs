@@ -27,6 +27,7 @@
 mod appliance;
 mod disk;
 mod error;
+mod nbd_ready;
 mod options;
 mod process;
 mod protocol;
@@ -34,6 +35,7 @@ mod protocol;
 pub use appliance::Appliance;
 pub use disk::{Scratch, create_disk};
 pub use error::{Error, qemu_complaint};
+pub use nbd_ready::{read_greeting, wait_for_greeting};
 pub use options::{
     Accel, ConsoleMode, Firmware, NBD_GUEST_PORT, NbdForward, Options, Timeouts, free_port,
     require_host_tools,

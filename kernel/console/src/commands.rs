@@ -81,6 +81,12 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "config show",
         "show the configuration disk, its copies and the saved devices",
     ),
+    ("net", "show the network address, link and traffic counters"),
+    (
+        "net set ADDRESS/PREFIX GATEWAY",
+        "use a static IPv4 address, e.g. net set 10.0.2.15/24 10.0.2.2",
+    ),
+    ("net dhcp", "get the IPv4 address by DHCP (the default)"),
     ("shutdown [--force]", "flush every disk and power off"),
 ];
 
@@ -107,6 +113,7 @@ impl<P: Platform> Console<P> {
             "mem" => no_args(command, args).map(|()| self.mem(out)),
             "uptime" => no_args(command, args).map(|()| self.uptime(out)),
             "disk-test" => self.disk_test(args),
+            "net" => self.net(args, out),
             "shutdown" => self.shutdown(args, out),
             "debug" => self.debug(args),
             other => self.run_dm(other, args, out),

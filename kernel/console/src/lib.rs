@@ -26,6 +26,7 @@ mod dm;
 mod editor;
 mod job;
 mod linear;
+mod net;
 mod pool_commands;
 mod registry;
 mod shared;
@@ -35,6 +36,7 @@ mod tokenize;
 mod units;
 
 pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
+pub use net::{AddressMode, Ipv4Config, NetCounters, NetStatus, Network, NicCounters};
 pub use registry::{Registry, RegistryBackend};
 pub use tokenize::{TokenizeError, tokenize};
 pub use units::human_bytes;
@@ -98,6 +100,10 @@ pub trait Platform {
     fn power_off(&mut self);
     /// Crashes the machine on purpose (`debug ...`), the way a kernel bug would.
     fn crash(&mut self, how: Crash);
+    /// The network interface, if the machine has one (for `net`).
+    fn network(&mut self) -> Option<&mut dyn Network> {
+        None
+    }
 }
 
 /// Ways to crash the appliance on purpose, one per kind of fatal error the kernel

@@ -164,7 +164,7 @@ pub(crate) fn mem_disk(mib: u64, model: &str, serial: &str) -> MemDisk {
 
 /// Types `line` and Enter, then polls until the console is idle; returns everything
 /// printed after the echoed line, without the final prompt.
-pub(crate) fn run(console: &mut Console<FakePlatform>, line: &str) -> String {
+pub(crate) fn run<P: Platform>(console: &mut Console<P>, line: &str) -> String {
     let mut out = String::new();
     for byte in line.bytes().chain(*b"\r") {
         console.input(byte, &mut out);
@@ -191,7 +191,7 @@ pub(crate) fn lines(text: &str) -> Vec<&str> {
 }
 
 /// The single error line of a failed command.
-pub(crate) fn error(console: &mut Console<FakePlatform>, line: &str) -> String {
+pub(crate) fn error<P: Platform>(console: &mut Console<P>, line: &str) -> String {
     let out = run(console, line);
     let all = lines(&out);
     assert_eq!(all.len(), 1, "{line:?} printed {all:?}");

@@ -1,9 +1,14 @@
 //! Interrupt handling: every CPU exception is fatal and reported on the console;
-//! the legacy PIC delivers the PIT tick (which wakes the idle loop) and the COM1
-//! receive interrupt (which wakes it when a key arrives).
+//! the legacy PIC delivers the PIT tick (which wakes the idle loop), the COM1
+//! receive interrupt (which wakes it when a key arrives) and device interrupts.
+//!
+//! A device interrupt only wakes the idle loop: its handler masks the line (PCI
+//! interrupts are level-triggered and stay asserted until the driver acknowledges
+//! the device) and marks it fired; the main loop's driver then services the
+//! device and unmasks the line with [`rearm_device_irq`].
 
 use core::fmt::Write;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use spin::Lazy;
 use x86_64::registers::control::Cr2;
 use x86_64::structures::idt::{InterruptDescriptorTable, InterruptStackFrame, PageFaultErrorCode};
@@ -14,6 +19,8 @@ use super::{gdt, port, serial::Serial};
 const IRQ_BASE: u8 = 32;
 const IRQ_TIMER: u8 = 0;
 const IRQ_COM1: u8 = 4;
+/// The slave PIC's cascade input on the master.
+const IRQ_CASCADE: u8 = 2;
 const PIC1_COMMAND: u16 = 0x20;
 const PIC1_DATA: u16 = 0x21;
 const PIC2_COMMAND: u16 = 0xa0;
@@ -27,6 +34,12 @@ pub const PIT_HZ: u64 = 1_193_182;
 pub const TICK_HZ: u64 = 100;
 
 static TICKS: AtomicU64 = AtomicU64::new(0);
+/// Lines claimed by drivers with [`enable_device_irq`], one bit per IRQ.
+static DEVICE_LINES: AtomicU16 = AtomicU16::new(0);
+/// Device lines that fired and are masked until their driver rearms them.
+static FIRED: AtomicU16 = AtomicU16::new(0);
+/// The PIC mask registers (bit set = line masked), master in the low byte.
+static PIC_MASK: AtomicU16 = AtomicU16::new(0xffff);
 
 /// Timer interrupts since [`init`].
 pub fn ticks() -> u64 {
@@ -114,25 +127,72 @@ extern "x86-interrupt" fn page_fault(frame: InterruptStackFrame, code: PageFault
     fatal("page fault", &frame, Some(code.bits()), Some(address))
 }
 
-extern "x86-interrupt" fn timer(_frame: InterruptStackFrame) {
-    TICKS.fetch_add(1, Ordering::Relaxed);
+/// One entry point per PIC line, so the handler knows which line fired.
+extern "x86-interrupt" fn irq<const LINE: u8>(_frame: InterruptStackFrame) {
+    match LINE {
+        IRQ_TIMER => {
+            TICKS.fetch_add(1, Ordering::Relaxed);
+        }
+        // The main loop reads the byte; this interrupt only ends a `hlt`.
+        IRQ_COM1 => {}
+        line if DEVICE_LINES.load(Ordering::Relaxed) & (1 << line) != 0 => {
+            FIRED.fetch_or(1 << line, Ordering::Relaxed);
+            write_pic_mask(PIC_MASK.fetch_or(1 << line, Ordering::Relaxed) | (1 << line));
+        }
+        // Stray interrupts (spurious IRQ 7 / 15 included) are acknowledged and ignored.
+        _ => {}
+    }
+    if LINE >= 8 {
+        port::write_u8(PIC2_COMMAND, END_OF_INTERRUPT);
+    }
     port::write_u8(PIC1_COMMAND, END_OF_INTERRUPT);
 }
 
-extern "x86-interrupt" fn com1(_frame: InterruptStackFrame) {
-    // The main loop reads the byte; this interrupt only ends a `hlt`.
-    port::write_u8(PIC1_COMMAND, END_OF_INTERRUPT);
+const IRQ_HANDLERS: [extern "x86-interrupt" fn(InterruptStackFrame); 16] = [
+    irq::<0>, irq::<1>, irq::<2>, irq::<3>, irq::<4>, irq::<5>, irq::<6>, irq::<7>, irq::<8>,
+    irq::<9>, irq::<10>, irq::<11>, irq::<12>, irq::<13>, irq::<14>, irq::<15>,
+];
+
+fn write_pic_mask(mask: u16) {
+    port::write_u8(PIC1_DATA, mask as u8);
+    port::write_u8(PIC2_DATA, (mask >> 8) as u8);
 }
 
-/// Stray interrupts from either PIC (IRQ 7 / 15 spurious ones included) are
-/// acknowledged and ignored.
-extern "x86-interrupt" fn stray_master(_frame: InterruptStackFrame) {
-    port::write_u8(PIC1_COMMAND, END_OF_INTERRUPT);
+/// Clears mask bits with interrupts off (the handlers set bits concurrently).
+fn unmask(lines: u16) {
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        write_pic_mask(PIC_MASK.fetch_and(!lines, Ordering::Relaxed) & !lines);
+    });
 }
 
-extern "x86-interrupt" fn stray_slave(_frame: InterruptStackFrame) {
-    port::write_u8(PIC2_COMMAND, END_OF_INTERRUPT);
-    port::write_u8(PIC1_COMMAND, END_OF_INTERRUPT);
+/// Lets `line` (a PCI device's legacy interrupt line, 0–15) wake the idle loop.
+/// Returns false for lines the PIC does not have.
+pub fn enable_device_irq(line: u8) -> bool {
+    if line >= 16 || line == IRQ_TIMER || line == IRQ_CASCADE || line == IRQ_COM1 {
+        return false;
+    }
+    DEVICE_LINES.fetch_or(1 << line, Ordering::Relaxed);
+    unmask((1 << line) | (1 << IRQ_CASCADE));
+    true
+}
+
+/// Whether `line` fired since the last call; it stays masked until
+/// [`rearm_device_irq`].
+pub fn take_device_irq(line: u8) -> bool {
+    line < 16 && FIRED.fetch_and(!(1 << line), Ordering::Relaxed) & (1 << line) != 0
+}
+
+/// Unmasks `line` after its driver acknowledged the device.
+pub fn rearm_device_irq(line: u8) {
+    if line < 16 && DEVICE_LINES.load(Ordering::Relaxed) & (1 << line) != 0 {
+        unmask(1 << line);
+    }
+}
+
+/// Whether any device line fired and awaits its driver. The idle loop checks
+/// this with interrupts off before `hlt`.
+pub fn device_irq_pending() -> bool {
+    FIRED.load(Ordering::Relaxed) != 0
 }
 
 static IDT: Lazy<InterruptDescriptorTable> = Lazy::new(|| {
@@ -170,15 +230,8 @@ static IDT: Lazy<InterruptDescriptorTable> = Lazy::new(|| {
     idt.vmm_communication_exception
         .set_handler_fn(vmm_communication);
     idt.security_exception.set_handler_fn(security_exception);
-    for irq in 0..16u8 {
-        let entry = &mut idt[IRQ_BASE + irq];
-        let handler = match irq {
-            IRQ_TIMER => timer,
-            IRQ_COM1 => com1,
-            _ if irq < 8 => stray_master,
-            _ => stray_slave,
-        };
-        entry.set_handler_fn(handler);
+    for (line, handler) in (0u8..).zip(IRQ_HANDLERS) {
+        idt[IRQ_BASE + line].set_handler_fn(handler);
     }
     idt
 });
@@ -201,8 +254,8 @@ pub fn start_timer() {
     port::write_u8(PIC2_DATA, 0x02);
     port::write_u8(PIC1_DATA, 0x01);
     port::write_u8(PIC2_DATA, 0x01);
-    port::write_u8(PIC1_DATA, !((1 << IRQ_TIMER) | (1 << IRQ_COM1)));
-    port::write_u8(PIC2_DATA, 0xff);
+    write_pic_mask(0xffff);
+    unmask((1 << IRQ_TIMER) | (1 << IRQ_COM1));
 
     let divisor = (PIT_HZ / TICK_HZ) as u16;
     // Channel 0, low then high byte, mode 2 (rate generator).

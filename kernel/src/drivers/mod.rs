@@ -1,9 +1,10 @@
 //! Disk drivers. Each implements [`blockdev::BlockDevice`] with several requests in
-//! flight and completions found by polling.
+//! flight and completions found by polling. The NIC driver serves smoltcp.
 
 pub mod nvme;
 pub mod virtio_blk;
 mod virtio_hal;
+pub mod virtio_net;
 
 use alloc::boxed::Box;
 use alloc::format;

@@ -18,6 +18,8 @@ pub enum Tool {
     QemuImg,
     /// `qemu-io`, from the same package as `qemu-img`.
     QemuIo,
+    /// `qemu-nbd`, from the same package as `qemu-img`.
+    QemuNbd,
     NbdInfo,
     /// `nbdcopy`, from the same package as `nbdinfo`.
     NbdCopy,
@@ -36,6 +38,7 @@ impl Tool {
             Tool::ThinCheck => "thin_check",
             Tool::QemuImg => "qemu-img",
             Tool::QemuIo => "qemu-io",
+            Tool::QemuNbd => "qemu-nbd",
             Tool::NbdInfo => "nbdinfo",
             Tool::NbdCopy => "nbdcopy",
             Tool::NbdSh => "nbdsh",
@@ -49,7 +52,7 @@ impl Tool {
             Tool::Qemu => "qemu-system-x86",
             Tool::Ovmf => "ovmf",
             Tool::ThinCheck => "thin-provisioning-tools",
-            Tool::QemuImg | Tool::QemuIo => "qemu-utils",
+            Tool::QemuImg | Tool::QemuIo | Tool::QemuNbd => "qemu-utils",
             Tool::NbdInfo | Tool::NbdCopy => "libnbd-bin",
             Tool::NbdSh => "python3-libnbd",
             Tool::Fio => "fio",
@@ -198,6 +201,7 @@ mod tests {
             Tool::ThinCheck,
             Tool::QemuImg,
             Tool::QemuIo,
+            Tool::QemuNbd,
             Tool::NbdInfo,
             Tool::NbdCopy,
             Tool::NbdSh,

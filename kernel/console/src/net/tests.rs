@@ -1,0 +1,229 @@
+//! `net` against a fake network interface.
+
+use alloc::vec::Vec;
+use core::net::Ipv4Addr;
+
+use super::*;
+use crate::tests::{error, lines, run};
+use crate::{Crash, MemoryStats, Platform};
+
+/// A network that records what it was told and reports it back.
+struct FakeNetwork {
+    status: NetStatus,
+    dhcp_requests: usize,
+}
+
+struct NetPlatform {
+    network: Option<FakeNetwork>,
+}
+
+impl Platform for NetPlatform {
+    fn now_ns(&self) -> u64 {
+        0
+    }
+    fn memory(&self) -> MemoryStats {
+        MemoryStats::default()
+    }
+    fn power_off(&mut self) {}
+    fn crash(&mut self, _how: Crash) {}
+    fn network(&mut self) -> Option<&mut dyn Network> {
+        self.network
+            .as_mut()
+            .map(|network| network as &mut dyn Network)
+    }
+}
+
+impl Network for FakeNetwork {
+    fn status(&self) -> NetStatus {
+        self.status.clone()
+    }
+    fn set_static(&mut self, config: Ipv4Config) {
+        self.status.mode = AddressMode::Static;
+        self.status.ipv4 = Some(config);
+    }
+    fn use_dhcp(&mut self) {
+        self.status.mode = AddressMode::Dhcp;
+        self.status.ipv4 = None;
+        self.dhcp_requests += 1;
+    }
+}
+
+fn leased() -> NetStatus {
+    NetStatus {
+        mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        link_up: true,
+        mode: AddressMode::Dhcp,
+        ipv4: Some(Ipv4Config {
+            address: Ipv4Addr::new(10, 0, 2, 15),
+            prefix: 24,
+            gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
+        }),
+        nbd_port: 10809,
+        counters: NetCounters {
+            nic: NicCounters {
+                rx_packets: 1200,
+                rx_bytes: 3 << 20,
+                tx_packets: 900,
+                tx_bytes: 1536,
+                rx_dropped: 2,
+                tx_queue_full: 7,
+            },
+            tcp_open: 1,
+            tcp_accepted: 5,
+        },
+    }
+}
+
+fn console(status: NetStatus) -> Console<NetPlatform> {
+    Console::new(
+        NetPlatform {
+            network: Some(FakeNetwork {
+                status,
+                dhcp_requests: 0,
+            }),
+        },
+        Vec::new(),
+    )
+}
+
+fn network(console: &mut Console<NetPlatform>) -> &FakeNetwork {
+    console.platform_mut().network.as_ref().unwrap()
+}
+
+#[test]
+fn net_shows_address_link_and_counters() {
+    let mut console = console(leased());
+    let out = run(&mut console, "net");
+    assert_eq!(
+        lines(&out),
+        [
+            "mac:     52:54:00:12:34:56  link up",
+            "address: 10.0.2.15/24 (dhcp)",
+            "gateway: 10.0.2.2",
+            "nbd:     port 10809, 1 connection open, 5 accepted",
+            "rx:      1200 packets, 3.00 MiB, 2 dropped",
+            "tx:      900 packets, 1.50 KiB, 7 queue-full waits",
+        ]
+    );
+}
+
+#[test]
+fn net_without_a_lease_or_link_says_so() {
+    let mut status = leased();
+    status.ipv4 = None;
+    status.link_up = false;
+    status.counters.tcp_open = 0;
+    let mut console = console(status);
+    let out = run(&mut console, "net");
+    let shown = lines(&out);
+    assert_eq!(shown[0], "mac:     52:54:00:12:34:56  link down");
+    assert_eq!(shown[1], "address: none yet (dhcp: waiting for a lease)");
+    assert_eq!(
+        shown[2],
+        "nbd:     port 10809, 0 connections open, 5 accepted"
+    );
+}
+
+#[test]
+fn net_set_uses_a_static_address_and_net_dhcp_returns_to_dhcp() {
+    let mut console = console(leased());
+    let out = run(&mut console, "net set 192.168.7.20/23 192.168.6.1");
+    assert_eq!(
+        lines(&out),
+        ["address 192.168.7.20/23 gateway 192.168.6.1 (static)"]
+    );
+    let shown = run(&mut console, "net");
+    assert_eq!(lines(&shown)[1], "address: 192.168.7.20/23 (static)");
+    assert_eq!(lines(&shown)[2], "gateway: 192.168.6.1");
+
+    let out = run(&mut console, "net dhcp");
+    assert_eq!(lines(&out), ["address: requesting one by DHCP"]);
+    assert_eq!(network(&mut console).dhcp_requests, 1);
+    assert_eq!(network(&mut console).status.mode, AddressMode::Dhcp);
+}
+
+#[test]
+fn bad_net_input_is_one_error_line_and_changes_nothing() {
+    let mut console = console(leased());
+    let cases = [
+        (
+            "net set 10.0.2.15 10.0.2.2",
+            "error: net set: '10.0.2.15' needs a prefix length, e.g. 10.0.2.15/24 \
+             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp)",
+        ),
+        (
+            "net set 10.0.2.300/24 10.0.2.2",
+            "error: net set: '10.0.2.300' is not an IPv4 address",
+        ),
+        (
+            "net set 10.0.2.15/33 10.0.2.2",
+            "error: net set: prefix length '33' must be between 1 and 30",
+        ),
+        (
+            "net set 10.0.2.15/0 10.0.2.2",
+            "error: net set: prefix length '0' must be between 1 and 30",
+        ),
+        (
+            "net set 10.0.2.15/24 gateway",
+            "error: net set: gateway 'gateway' is not an IPv4 address",
+        ),
+        (
+            "net set 10.0.3.15/24 10.0.2.2",
+            "error: net set: gateway 10.0.2.2 is outside 10.0.3.15/24's subnet",
+        ),
+        (
+            "net set 10.0.2.2/24 10.0.2.2",
+            "error: net set: the gateway cannot be the appliance's own address",
+        ),
+        (
+            "net set 10.0.2.0/24 10.0.2.2",
+            "error: net set: address 10.0.2.0 is the network or broadcast address of /24",
+        ),
+        (
+            "net set 10.0.2.15/24 10.0.2.255",
+            "error: net set: gateway 10.0.2.255 is the network or broadcast address of /24",
+        ),
+        (
+            "net set 224.0.0.5/24 224.0.0.1",
+            "error: net set: address 224.0.0.5 is not a unicast host address",
+        ),
+        (
+            "net set 127.0.0.5/8 127.0.0.1",
+            "error: net set: address 127.0.0.5 is not a unicast host address",
+        ),
+        (
+            "net set 10.0.2.15/24",
+            "error: net set needs an address and a gateway \
+             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp)",
+        ),
+        (
+            "net set 10.0.2.15/24 10.0.2.2 extra",
+            "error: net set needs an address and a gateway \
+             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp)",
+        ),
+        (
+            "net up",
+            "error: net: unknown subcommand 'up' \
+             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp)",
+        ),
+        (
+            "net dhcp now",
+            "error: net: unknown subcommand 'dhcp' \
+             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp)",
+        ),
+    ];
+    for (line, expected) in cases {
+        assert_eq!(error(&mut console, line), expected, "{line}");
+    }
+    assert_eq!(network(&mut console).status, leased());
+    assert_eq!(network(&mut console).dhcp_requests, 0);
+}
+
+#[test]
+fn net_without_an_interface_is_an_error() {
+    let mut console = Console::new(NetPlatform { network: None }, Vec::new());
+    assert_eq!(
+        error(&mut console, "net"),
+        "error: net: this appliance has no network interface"
+    );
+}

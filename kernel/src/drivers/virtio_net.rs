@@ -1,0 +1,300 @@
+//! virtio-net NIC through `virtio-drivers`' non-blocking queue API, as a smoltcp
+//! [`Device`].
+//!
+//! Both queues are kept full: every receive descriptor holds a frame buffer from
+//! start-up on, and a buffer smoltcp has consumed goes straight back on the queue
+//! at the next poll. Up to [`QUEUE_SIZE`] frames are in flight for transmission,
+//! each in a buffer of its own that returns to the free list when the device hands
+//! the descriptor back. The NIC interrupts on used buffers of either queue; the
+//! interrupt only wakes the main loop, which acknowledges it here.
+
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+use console::NicCounters;
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+use virtio_drivers::device::net::VirtIONetRaw;
+use virtio_drivers::transport::Transport;
+use virtio_drivers::transport::pci::PciTransport;
+
+use super::virtio_hal::KernelHal;
+use crate::pci::{Pci, PciFunction};
+
+/// Descriptors per queue (QEMU's default and maximum ring size for virtio-net).
+pub const QUEUE_SIZE: usize = 256;
+/// Ethernet frame without FCS, as smoltcp counts the MTU.
+const FRAME_LEN: usize = 1514;
+/// virtio-net header (version 1 layout, 12 bytes; the legacy one is shorter) plus
+/// a frame, rounded up.
+const BUFFER_LEN: usize = 1536;
+/// Offset of the `status` field in the device configuration (after the MAC).
+const CONFIG_STATUS: usize = 6;
+/// `VIRTIO_NET_F_STATUS`: the device reports link state.
+const FEATURE_STATUS: u64 = 1 << 16;
+/// `VIRTIO_NET_S_LINK_UP`.
+const STATUS_LINK_UP: u16 = 1;
+
+type Raw = VirtIONetRaw<KernelHal, PciTransport, QUEUE_SIZE>;
+/// Transmit buffers the device holds, by descriptor token, with their length.
+type PostedTx = Vec<Option<(Box<[u8]>, usize)>>;
+
+pub struct VirtioNet {
+    raw: Raw,
+    /// A second view of the device's registers, only for reading its link state
+    /// (the driver keeps its transport to itself).
+    config_view: PciTransport,
+    reports_link: bool,
+    /// Receive buffers on the queue, by descriptor token.
+    rx_posted: Vec<Option<Box<[u8]>>>,
+    /// Receive buffers smoltcp has consumed, to go back on the queue.
+    rx_returned: Vec<Box<[u8]>>,
+    tx_posted: PostedTx,
+    tx_free: Vec<Box<[u8]>>,
+    header_len: usize,
+    counters: NicCounters,
+}
+
+impl VirtioNet {
+    /// Sets up the virtio-net device at `function` with every receive buffer posted.
+    pub fn probe(pci: &mut Pci, function: &PciFunction) -> Result<VirtioNet, &'static str> {
+        pci.enable(function.address);
+        let mut config_view = PciTransport::new::<KernelHal, _>(&mut pci.root, function.address)
+            .map_err(|_| "virtio PCI transport setup failed")?;
+        let reports_link = config_view.read_device_features() & FEATURE_STATUS != 0;
+        let transport = PciTransport::new::<KernelHal, _>(&mut pci.root, function.address)
+            .map_err(|_| "virtio PCI transport setup failed")?;
+        let raw = Raw::new(transport).map_err(|_| "virtio-net initialisation failed")?;
+        let mut probe_header = [0u8; 32];
+        let header_len = raw
+            .fill_buffer_header(&mut probe_header)
+            .map_err(|_| "virtio-net header does not fit")?;
+        let mut net = VirtioNet {
+            raw,
+            config_view,
+            reports_link,
+            rx_posted: (0..QUEUE_SIZE).map(|_| None).collect(),
+            rx_returned: (0..QUEUE_SIZE)
+                .map(|_| vec![0u8; BUFFER_LEN].into_boxed_slice())
+                .collect(),
+            tx_posted: (0..QUEUE_SIZE).map(|_| None).collect(),
+            tx_free: (0..QUEUE_SIZE)
+                .map(|_| vec![0u8; BUFFER_LEN].into_boxed_slice())
+                .collect(),
+            header_len,
+            counters: NicCounters::default(),
+        };
+        net.repost_rx_buffers();
+        if net.rx_returned.len() == QUEUE_SIZE {
+            return Err("virtio-net took no receive buffers");
+        }
+        net.raw.enable_interrupts();
+        Ok(net)
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.raw.mac_address()
+    }
+
+    /// Whether the link is up (devices without link reporting are always up).
+    pub fn link_up(&self) -> bool {
+        !self.reports_link
+            || self
+                .config_view
+                .read_config_space::<u16>(CONFIG_STATUS)
+                .is_ok_and(|status| status & STATUS_LINK_UP != 0)
+    }
+
+    pub fn counters(&self) -> NicCounters {
+        self.counters
+    }
+
+    /// Acknowledges the device's interrupt so it lowers its line.
+    pub fn ack_interrupt(&mut self) {
+        self.raw.ack_interrupt();
+    }
+
+    /// Whether a received frame waits to be processed.
+    pub fn has_input(&self) -> bool {
+        self.raw.poll_receive().is_some()
+    }
+
+    /// Puts consumed receive buffers back on the queue.
+    fn repost_rx_buffers(&mut self) {
+        while let Some(mut buffer) = self.rx_returned.pop() {
+            // SAFETY: the buffer is a heap allocation kept in `rx_posted` (boxes do not
+            // move their contents) until the device returns it in `next_rx_frame`.
+            match unsafe { self.raw.receive_begin(&mut buffer) } {
+                Ok(token) => self.rx_posted[usize::from(token)] = Some(buffer),
+                Err(_) => {
+                    self.rx_returned.push(buffer);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Returns finished transmit buffers to the free list.
+    fn reap_tx(&mut self) {
+        while let Some(token) = self.raw.poll_transmit() {
+            let Some((buffer, len)) = self.tx_posted[usize::from(token)].take() else {
+                panic!("virtio-net returned unknown transmit descriptor {token}");
+            };
+            // SAFETY: the same buffer (and length) that was queued with `token`.
+            if let Err(error) = unsafe { self.raw.transmit_complete(token, &buffer[..len]) } {
+                panic!("virtio-net transmit completion failed: {error:?}");
+            }
+            self.tx_free.push(buffer);
+        }
+    }
+
+    /// The next received frame: its buffer and where the frame lies in it.
+    fn next_rx_frame(&mut self) -> Option<(Box<[u8]>, usize, usize)> {
+        loop {
+            let token = self.raw.poll_receive()?;
+            let Some(mut buffer) = self.rx_posted[usize::from(token)].take() else {
+                panic!("virtio-net returned unknown receive descriptor {token}");
+            };
+            // SAFETY: the same buffer that was queued with `token`.
+            match unsafe { self.raw.receive_complete(token, &mut buffer) } {
+                Ok((header_len, frame_len)) if frame_len <= buffer.len() - header_len => {
+                    self.counters.rx_packets += 1;
+                    self.counters.rx_bytes += frame_len as u64;
+                    return Some((buffer, header_len, frame_len));
+                }
+                _ => {
+                    self.counters.rx_dropped += 1;
+                    self.rx_returned.push(buffer);
+                }
+            }
+        }
+    }
+
+    fn tx_ready(&mut self) -> bool {
+        self.reap_tx();
+        if self.tx_free.is_empty() || !self.raw.can_send() {
+            self.counters.tx_queue_full += 1;
+            return false;
+        }
+        true
+    }
+}
+
+impl Device for VirtioNet {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _timestamp: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        self.repost_rx_buffers();
+        // A frame is only taken when its answer (an ACK, say) can be sent.
+        if !self.tx_ready() {
+            return None;
+        }
+        let (buffer, start, len) = self.next_rx_frame()?;
+        let VirtioNet {
+            raw,
+            rx_returned,
+            tx_posted,
+            tx_free,
+            header_len,
+            counters,
+            ..
+        } = self;
+        Some((
+            RxToken {
+                buffer: Some(buffer),
+                start,
+                len,
+                returned: rx_returned,
+            },
+            TxToken {
+                raw,
+                tx_posted,
+                tx_free,
+                header_len: *header_len,
+                counters,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<TxToken<'_>> {
+        if !self.tx_ready() {
+            return None;
+        }
+        Some(TxToken {
+            raw: &mut self.raw,
+            tx_posted: &mut self.tx_posted,
+            tx_free: &mut self.tx_free,
+            header_len: self.header_len,
+            counters: &mut self.counters,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = FRAME_LEN;
+        // A peer may send at most a receive queue's worth of frames unacknowledged.
+        caps.max_burst_size = Some(QUEUE_SIZE);
+        caps
+    }
+}
+
+/// A received frame; its buffer goes back to the driver when the token is done.
+pub struct RxToken<'a> {
+    buffer: Option<Box<[u8]>>,
+    start: usize,
+    len: usize,
+    returned: &'a mut Vec<Box<[u8]>>,
+}
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        let buffer = self.buffer.as_deref().expect("frame present until drop");
+        f(&buffer[self.start..self.start + self.len])
+    }
+}
+
+impl Drop for RxToken<'_> {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            self.returned.push(buffer);
+        }
+    }
+}
+
+/// Permission to send one frame: a free buffer and descriptor exist.
+pub struct TxToken<'a> {
+    raw: &'a mut Raw,
+    tx_posted: &'a mut PostedTx,
+    tx_free: &'a mut Vec<Box<[u8]>>,
+    header_len: usize,
+    counters: &'a mut NicCounters,
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buffer = self.tx_free.pop().expect("checked when the token was made");
+        let total = self.header_len + len;
+        assert!(
+            total <= buffer.len(),
+            "frame of {len} bytes exceeds the MTU"
+        );
+        buffer[..self.header_len].fill(0);
+        if let Err(error) = self.raw.fill_buffer_header(&mut buffer[..self.header_len]) {
+            panic!("virtio-net header: {error:?}");
+        }
+        let result = f(&mut buffer[self.header_len..total]);
+        // SAFETY: the buffer is kept in `tx_posted` (its heap contents do not move)
+        // until `reap_tx` takes it back after the device returned the descriptor.
+        match unsafe { self.raw.transmit_begin(&buffer[..total]) } {
+            Ok(token) => {
+                self.counters.tx_packets += 1;
+                self.counters.tx_bytes += len as u64;
+                self.tx_posted[usize::from(token)] = Some((buffer, total));
+            }
+            Err(error) => panic!("virtio-net transmit failed with a free descriptor: {error:?}"),
+        }
+        result
+    }
+}

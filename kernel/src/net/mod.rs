@@ -1,0 +1,229 @@
+//! The appliance's network: the virtio-net NIC, smoltcp's IPv4 stack with a DHCP
+//! client (or a static address from the console), and the NBD service's TCP
+//! sockets (see [`nbd_sockets`]).
+//!
+//! Everything runs from the main loop: [`NetStack::poll`] moves frames, socket
+//! bytes and NBD requests until nothing moves. The NIC's interrupt only wakes the
+//! idle loop, so a request arriving while the CPU sleeps is served at once rather
+//! than at the next timer tick.
+
+mod nbd_sockets;
+
+use alloc::format;
+use alloc::rc::Rc;
+use core::cell::RefCell;
+use core::fmt::Write;
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::dhcpv4;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Cidr};
+use virtio_drivers::transport::DeviceType;
+use virtio_drivers::transport::pci::virtio_device_type;
+
+use crate::arch::{clock, interrupts};
+use crate::drivers::virtio_net::VirtioNet;
+use crate::pci::Pci;
+use console::{AddressMode, Ipv4Config, NetCounters, NetStatus, Network};
+use nbd_sockets::NbdSockets;
+
+pub use nbd_sockets::NBD_PORT;
+
+/// Rounds of stack polling and socket pumping per [`NetStack::poll`] before the
+/// main loop gets a turn (console input must not starve under load).
+const ROUNDS_PER_POLL: usize = 16;
+
+pub struct NetStack {
+    device: VirtioNet,
+    /// The NIC's interrupt line, when the firmware routed one to the PIC.
+    irq: Option<u8>,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    mode: AddressMode,
+    dhcp: Option<SocketHandle>,
+    nbd: NbdSockets,
+}
+
+/// Finds the first virtio-net NIC and brings the stack up on it (DHCP, NBD
+/// listeners). Problems are reported on `log`; without a NIC there is no network.
+pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
+    let function = pci
+        .functions()
+        .into_iter()
+        .find(|function| virtio_device_type(&function.info) == Some(DeviceType::Network))?;
+    let mut device = match VirtioNet::probe(pci, &function) {
+        Ok(device) => device,
+        Err(why) => {
+            let _ = write!(log, "thinbox: NIC at {}: {why}\r\n", function.address);
+            return None;
+        }
+    };
+    let irq = pci
+        .legacy_interrupt_line(function.address)
+        .filter(|&line| interrupts::enable_device_irq(line));
+    if let Some(line) = irq {
+        pci.silence_legacy_interrupts(line, function.address);
+    }
+    let mac = device.mac();
+    let wakeup = match irq {
+        Some(line) => format!("IRQ {line}"),
+        None => "no interrupt line, polled on the timer tick".into(),
+    };
+    let _ = write!(
+        log,
+        "thinbox: NIC {} at {}, {wakeup}\r\n",
+        EthernetAddress(mac),
+        function.address
+    );
+    let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+    config.random_seed = clock::now_ns()
+        ^ u64::from_le_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]);
+    let iface = Interface::new(config, &mut device, now());
+    let mut sockets = SocketSet::new(alloc::vec::Vec::new());
+    let nbd = NbdSockets::new(&mut sockets);
+    let mut stack = NetStack {
+        device,
+        irq,
+        iface,
+        sockets,
+        mode: AddressMode::Dhcp,
+        dhcp: None,
+        nbd,
+    };
+    stack.use_dhcp();
+    Some(stack)
+}
+
+fn now() -> Instant {
+    Instant::from_micros((clock::now_ns() / 1000) as i64)
+}
+
+impl NetStack {
+    /// Moves frames, socket bytes, NBD requests and completions until nothing moves
+    /// (or a round limit is reached). `admit`: new NBD requests may be read (false
+    /// when memory is short: sockets then back-pressure their clients). Returns true
+    /// while there is work the main loop should come back for without sleeping.
+    pub fn poll<B: nbd::Backend>(&mut self, server: &mut nbd::Server<B>, admit: bool) -> bool {
+        if let Some(line) = self.irq
+            && interrupts::take_device_irq(line)
+        {
+            self.device.ack_interrupt();
+            interrupts::rearm_device_irq(line);
+        }
+        for _ in 0..ROUNDS_PER_POLL {
+            let now = now();
+            let changed =
+                self.iface.poll(now, &mut self.device, &mut self.sockets) != PollResult::None;
+            self.dhcp_events();
+            let moved = self.nbd.pump(&mut self.sockets, server, admit, now);
+            if !changed && !moved {
+                return server.in_flight() > 0 || self.device.has_input();
+            }
+        }
+        true
+    }
+
+    fn dhcp_events(&mut self) {
+        let Some(handle) = self.dhcp else {
+            return;
+        };
+        let lease = match self.sockets.get_mut::<dhcpv4::Socket>(handle).poll() {
+            None => return,
+            Some(dhcpv4::Event::Configured(lease)) => Some((lease.address, lease.router)),
+            Some(dhcpv4::Event::Deconfigured) => None,
+        };
+        match lease {
+            Some((address, gateway)) => self.configure(Some(address), gateway),
+            None => self.configure(None, None),
+        }
+    }
+
+    fn configure(&mut self, address: Option<Ipv4Cidr>, gateway: Option<core::net::Ipv4Addr>) {
+        self.iface.update_ip_addrs(|addresses| {
+            addresses.clear();
+            if let Some(address) = address {
+                addresses
+                    .push(IpCidr::Ipv4(address))
+                    .expect("room for one address");
+            }
+        });
+        let routes = self.iface.routes_mut();
+        routes.remove_default_ipv4_route();
+        if let Some(gateway) = gateway {
+            routes
+                .add_default_ipv4_route(gateway)
+                .expect("room for the default route");
+        }
+    }
+}
+
+impl Network for NetStack {
+    fn status(&self) -> NetStatus {
+        let ipv4 = self.iface.ipv4_addr().and_then(|address| {
+            let prefix = self.iface.ip_addrs().iter().find_map(|cidr| match cidr {
+                IpCidr::Ipv4(cidr) if cidr.address() == address => Some(cidr.prefix_len()),
+                _ => None,
+            })?;
+            let gateway =
+                self.iface
+                    .routes()
+                    .get_default_ipv4_route()
+                    .map(|route| match route.via_router {
+                        IpAddress::Ipv4(router) => router,
+                    });
+            Some(Ipv4Config {
+                address,
+                prefix,
+                gateway,
+            })
+        });
+        NetStatus {
+            mac: self.device.mac(),
+            link_up: self.device.link_up(),
+            mode: self.mode,
+            ipv4,
+            nbd_port: NBD_PORT,
+            counters: NetCounters {
+                nic: self.device.counters(),
+                tcp_open: self.nbd.open_connections() as u64,
+                tcp_accepted: self.nbd.accepted(),
+            },
+        }
+    }
+
+    fn set_static(&mut self, config: Ipv4Config) {
+        if let Some(handle) = self.dhcp.take() {
+            self.sockets.remove(handle);
+        }
+        self.mode = AddressMode::Static;
+        self.configure(
+            Some(Ipv4Cidr::new(config.address, config.prefix)),
+            config.gateway,
+        );
+    }
+
+    fn use_dhcp(&mut self) {
+        if let Some(handle) = self.dhcp.take() {
+            self.sockets.remove(handle);
+        }
+        self.configure(None, None);
+        self.mode = AddressMode::Dhcp;
+        self.dhcp = Some(self.sockets.add(dhcpv4::Socket::new()));
+    }
+}
+
+/// The console's handle on the stack the main loop polls.
+pub struct NetHandle(pub Rc<RefCell<NetStack>>);
+
+impl Network for NetHandle {
+    fn status(&self) -> NetStatus {
+        self.0.borrow().status()
+    }
+
+    fn set_static(&mut self, config: Ipv4Config) {
+        self.0.borrow_mut().set_static(config)
+    }
+
+    fn use_dhcp(&mut self) {
+        self.0.borrow_mut().use_dhcp()
+    }
+}

@@ -1,0 +1,299 @@
+//! NBD benchmark: the appliance's thin export against a linear export of a raw
+//! disk on the same appliance (the engine's overhead) and against `qemu-nbd`
+//! serving a qcow2 overlay over a raw base image on the host (what users run
+//! today), all in one run on one host.
+//!
+//! For each target: `nbdcopy` copies 256 MiB of random data in and out, then `fio`
+//! (nbd engine) runs 4 KiB random reads and random writes at queue depth 16. The
+//! numbers and their ratios are printed; nothing is asserted.
+//!
+//! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`
+
+use std::fs::File;
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use host_tools::Tool;
+use qemu_test::{Appliance, Options, Scratch, wait_for_greeting};
+
+const MIB: u64 = 1 << 20;
+/// Size of every export: copied in and out whole with nbdcopy, covered by the
+/// random I/O.
+const EXPORT_BYTES: u64 = 256 * MIB;
+const SECTOR: u64 = 512;
+/// Thin pool: metadata disk and data disk sizes.
+const METADATA_BYTES: u64 = 64 * MIB;
+const POOL_DATA_BYTES: u64 = 1024 * MIB;
+/// Pool data block: 64 KiB (128 sectors), dm-thin's default.
+const BLOCK_SECTORS: u64 = 128;
+
+type Result<T> = std::result::Result<T, String>;
+
+/// What one target achieved.
+struct Figures {
+    write_mb_s: f64,
+    read_mb_s: f64,
+    randread_iops: f64,
+    randwrite_iops: f64,
+}
+
+fn main() {
+    if let Err(why) = bench() {
+        eprintln!("bench: {why}");
+        std::process::exit(1);
+    }
+}
+
+fn bench() -> Result<()> {
+    let seconds = parse_seconds()?;
+    host_tools::require(&[
+        Tool::Qemu,
+        Tool::QemuImg,
+        Tool::QemuNbd,
+        Tool::NbdCopy,
+        Tool::Fio,
+    ])
+    .map_err(|missing| format!("missing tools: {}", missing.install_command()))?;
+    let scratch = Scratch::new().map_err(|e| format!("scratch directory: {e}"))?;
+    let source = scratch.path().join("random.img");
+    write_random(&source, EXPORT_BYTES)?;
+
+    let disk = |name: &str, bytes: u64| {
+        scratch
+            .disk(name, bytes)
+            .map_err(|e| format!("creating {name}: {e}"))
+    };
+    let metadata = disk("metadata.img", METADATA_BYTES)?;
+    let data = disk("data.img", POOL_DATA_BYTES)?;
+    let raw = disk("raw.img", EXPORT_BYTES)?;
+    let options = Options::bios()
+        .memory_mib(1024)
+        .disk(&metadata)
+        .disk(&data)
+        .disk(&raw)
+        .nbd();
+    let mut appliance = Appliance::boot(options).map_err(|e| format!("boot: {e:?}"))?;
+    let port = appliance.nbd_port().expect("booted with a forward");
+    wait_for_greeting(port, Duration::from_secs(60))?;
+    let sectors = EXPORT_BYTES / SECTOR;
+    for command in [
+        format!(
+            "create pool --table \"0 {} thin-pool vda vdb {BLOCK_SECTORS} 0\"",
+            POOL_DATA_BYTES / SECTOR
+        ),
+        "message pool 0 \"create_thin 0\"".to_string(),
+        format!("create thin --table \"0 {sectors} thin pool 0\""),
+        format!("create linear --table \"0 {sectors} linear vdc 0\""),
+    ] {
+        appliance
+            .console_ok(&command)
+            .map_err(|e| format!("{command}: {e:?}"))?;
+    }
+
+    let thin = measure(
+        "thin",
+        &format!("nbd://127.0.0.1:{port}/thin"),
+        &source,
+        seconds,
+    )?;
+    let linear = measure(
+        "linear",
+        &format!("nbd://127.0.0.1:{port}/linear"),
+        &source,
+        seconds,
+    )?;
+    appliance
+        .shutdown()
+        .map_err(|e| format!("shutdown: {e:?}"))?;
+
+    let qemu_nbd = QemuNbd::start(scratch.path())?;
+    let qcow2 = measure("qemu-nbd", &qemu_nbd.uri(), &source, seconds)?;
+    drop(qemu_nbd);
+
+    println!();
+    println!(
+        "{:<28} {:>11} {:>11} {:>15} {:>16}",
+        "target", "write MB/s", "read MB/s", "4k randread IOPS", "4k randwrite IOPS"
+    );
+    for (name, figures) in [
+        ("appliance thin", &thin),
+        ("appliance linear", &linear),
+        ("qemu-nbd qcow2 overlay", &qcow2),
+    ] {
+        println!(
+            "{name:<28} {:>11.1} {:>11.1} {:>15.0} {:>16.0}",
+            figures.write_mb_s, figures.read_mb_s, figures.randread_iops, figures.randwrite_iops
+        );
+    }
+    for (name, base) in [("thin / linear", &linear), ("thin / qemu-nbd", &qcow2)] {
+        println!(
+            "{name:<28} {:>11.2} {:>11.2} {:>15.2} {:>16.2}",
+            thin.write_mb_s / base.write_mb_s,
+            thin.read_mb_s / base.read_mb_s,
+            thin.randread_iops / base.randread_iops,
+            thin.randwrite_iops / base.randwrite_iops
+        );
+    }
+    Ok(())
+}
+
+fn parse_seconds() -> Result<u32> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => Ok(10),
+        [flag, value] if flag == "--seconds" => value
+            .parse()
+            .ok()
+            .filter(|&seconds| seconds > 0)
+            .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
+        _ => Err("usage: bench [--seconds N] (fio run time per random workload)".into()),
+    }
+}
+
+/// Writes `bytes` of pseudo-random data (xorshift; incompressible, no holes).
+fn write_random(path: &Path, bytes: u64) -> Result<()> {
+    let mut file = File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; MIB as usize];
+    for _ in 0..bytes / MIB {
+        for word in chunk.as_chunks_mut::<8>().0 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *word = state.to_le_bytes();
+        }
+        file.write_all(&chunk)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Copies in and out, then random reads and writes, against `uri`.
+fn measure(name: &str, uri: &str, source: &Path, seconds: u32) -> Result<Figures> {
+    eprintln!("{name}: copying {} MiB in", EXPORT_BYTES / MIB);
+    let write = timed(&["nbdcopy", "--flush", &source.display().to_string(), uri])?;
+    eprintln!("{name}: copying {} MiB out", EXPORT_BYTES / MIB);
+    let read = timed(&["nbdcopy", uri, "null:"])?;
+    eprintln!("{name}: 4 KiB random reads and writes, queue depth 16, {seconds} s each");
+    let randread_iops = fio_iops(uri, "randread", seconds)?;
+    let randwrite_iops = fio_iops(uri, "randwrite", seconds)?;
+    let mb = EXPORT_BYTES as f64 / 1e6;
+    Ok(Figures {
+        write_mb_s: mb / write.as_secs_f64(),
+        read_mb_s: mb / read.as_secs_f64(),
+        randread_iops,
+        randwrite_iops,
+    })
+}
+
+fn timed(command: &[&str]) -> Result<Duration> {
+    let started = Instant::now();
+    let done = Command::new(command[0])
+        .args(&command[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", command[0]))?;
+    if !done.status.success() {
+        return Err(format!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&done.stderr)
+        ));
+    }
+    Ok(started.elapsed())
+}
+
+/// IOPS of a fio run with its nbd engine over the copied range.
+fn fio_iops(uri: &str, pattern: &str, seconds: u32) -> Result<f64> {
+    let done = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={pattern}"),
+            "--bs=4k",
+            "--iodepth=16",
+            &format!("--size={EXPORT_BYTES}"),
+            &format!("--runtime={seconds}"),
+            "--time_based",
+            "--minimal",
+        ])
+        .output()
+        .map_err(|e| format!("fio: {e}"))?;
+    let text = String::from_utf8_lossy(&done.stdout);
+    if !done.status.success() {
+        return Err(format!(
+            "fio {pattern} failed: {text}{}",
+            String::from_utf8_lossy(&done.stderr)
+        ));
+    }
+    // Terse format version 3: read IOPS is field 8, write IOPS field 49 (1-based).
+    let terse = text
+        .lines()
+        .find(|line| line.starts_with("3;"))
+        .unwrap_or_default();
+    let fields: Vec<&str> = terse.split(';').collect();
+    let index = if pattern == "randread" { 7 } else { 48 };
+    fields
+        .get(index)
+        .and_then(|iops| iops.parse().ok())
+        .ok_or_else(|| format!("unexpected fio output: {text}"))
+}
+
+/// `qemu-nbd` serving a qcow2 overlay over a raw base image, on a free local port.
+struct QemuNbd {
+    child: Child,
+    port: u16,
+}
+
+impl QemuNbd {
+    fn start(dir: &Path) -> Result<QemuNbd> {
+        let base = dir.join("base.raw");
+        let overlay = dir.join("overlay.qcow2");
+        qemu_test::create_disk(&base, EXPORT_BYTES).map_err(|e| format!("base image: {e}"))?;
+        timed(&[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            &base.display().to_string(),
+            &overlay.display().to_string(),
+        ])?;
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|listener| listener.local_addr())
+            .map_err(|e| format!("picking a port: {e}"))?
+            .port();
+        let child = Command::new("qemu-nbd")
+            .args([
+                "--persistent",
+                "--shared=8",
+                "--format=qcow2",
+                "--cache=writeback",
+                "--bind=127.0.0.1",
+                &format!("--port={port}"),
+                &overlay.display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("qemu-nbd: {e}"))?;
+        let server = QemuNbd { child, port };
+        wait_for_greeting(port, Duration::from_secs(10))?;
+        Ok(server)
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
