@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 
 use host_tools::Tool;
-use qemu_test::Scratch;
+use qemu_test::{Scratch, run_tool};
 
 const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
 
@@ -209,16 +209,6 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn run_tool(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 fn pattern(bytes: usize) -> Vec<u8> {

@@ -31,6 +31,7 @@ mod nbd_ready;
 mod options;
 mod process;
 mod protocol;
+mod tool;
 
 pub use appliance::Appliance;
 pub use disk::{Scratch, create_disk};
@@ -43,6 +44,7 @@ pub use options::{
 pub use process::spawn_tied;
 pub use protocol::PROMPT;
 pub use thinbox_boot::{BIOS_IMAGE, KERNEL_ELF, UEFI_IMAGE};
+pub use tool::run_tool;
 
 /// QEMU's exit status after the kernel's clean `shutdown` (isa-debug-exit value 0x10).
 pub const EXIT_SHUTDOWN: i32 = 33;

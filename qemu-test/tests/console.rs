@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qemu_test::{Appliance, Options, Scratch};
+use qemu_test::{Appliance, Options, Scratch, run_tool};
 
 const MIB: u64 = 1 << 20;
 
@@ -239,5 +239,122 @@ fn pool_workflow_events_and_persistence_on_the_appliance() {
         appliance.console_ok("table later").unwrap(),
         "0 16384 thin pool 3"
     );
+    appliance.shutdown().unwrap();
+}
+
+/// The VM-hosting use case over the appliance's NBD service: a read-only base image,
+/// thin guests over it, exports that follow create and remove.
+#[test]
+fn devices_are_nbd_exports_of_the_appliance() {
+    host_tools::require_for_test(&[
+        host_tools::Tool::Qemu,
+        host_tools::Tool::QemuImg,
+        host_tools::Tool::NbdInfo,
+    ]);
+    let scratch = Scratch::new().unwrap();
+    let disks = pool_disks(&scratch);
+    let base: Vec<u8> = (0..8 * MIB as usize)
+        .map(|i| (i / 4096) as u8 ^ 0x3C)
+        .collect();
+    std::fs::write(&disks[2], &base).unwrap();
+    let options = disks
+        .iter()
+        .fold(Options::bios().nbd(), |options, disk| options.disk(disk));
+    let mut appliance = Appliance::boot(options).unwrap();
+    qemu_test::wait_for_greeting(appliance.nbd_port().unwrap(), Duration::from_secs(60)).unwrap();
+    appliance
+        .console_ok("create base --readonly --table \"0 16384 linear vdc 0\"")
+        .unwrap();
+    // 1024 data blocks of 64 KiB: the 14th block a guest writes leaves 1010 free.
+    appliance
+        .console_ok("pool create pool vda vdb --low-water-mark 1010")
+        .unwrap();
+    appliance
+        .console_ok("thin create guest1 pool --origin base")
+        .unwrap();
+    appliance
+        .console_ok("thin create guest2 pool --origin base")
+        .unwrap();
+    let uri = |export: &str| appliance.nbd_uri(export).unwrap();
+    let (base_uri, guest1, guest2, all) = (uri("base"), uri("guest1"), uri("guest2"), uri(""));
+    let list = run_tool("nbdinfo", &["--list", "--json", &all]);
+    for name in ["base", "guest1", "guest2"] {
+        assert!(
+            list.contains(&format!("\"export-name\": \"{name}\"")),
+            "{list}"
+        );
+    }
+    assert!(!list.contains("\"export-name\": \"pool\""), "{list}");
+    assert!(run_tool("nbdinfo", &["--json", &base_uri]).contains("\"is_read_only\": true"));
+
+    // A guest writes its first MiB while the operator has half a command typed: the
+    // low water mark event appears above the prompt and the typing is kept.
+    appliance.type_partial("stat").unwrap();
+    appliance
+        .read_until("stat", Duration::from_secs(10))
+        .unwrap();
+    let patch = scratch.path().join("patch.img");
+    std::fs::write(&patch, vec![0xEE; MIB as usize]).unwrap();
+    let target = guest1.clone();
+    run_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            patch.to_str().unwrap(),
+            &target,
+        ],
+    );
+    let event = appliance
+        .read_until("thinbox> stat", Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        event.contains(
+            "\r\x1b[Kevent: pool: data low water mark reached: 1010 data blocks free (mark 1010)"
+        ),
+        "{event:?}"
+    );
+    appliance.type_partial("us pool\r").unwrap();
+    let status = appliance
+        .read_until("thinbox> ", Duration::from_secs(10))
+        .unwrap();
+    assert!(status.contains(" 16/1024 "), "{status}");
+    for (export, patched) in [(&guest1, true), (&guest2, false)] {
+        let copy = scratch.path().join("copy.img");
+        run_tool(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                export,
+                copy.to_str().unwrap(),
+            ],
+        );
+        let data = std::fs::read(&copy).unwrap();
+        assert_eq!(data.len(), base.len());
+        if patched {
+            assert!(data[..MIB as usize].iter().all(|&b| b == 0xEE));
+        } else {
+            assert_eq!(&data[..MIB as usize], &base[..MIB as usize]);
+        }
+        assert_eq!(&data[MIB as usize..], &base[MIB as usize..]);
+    }
+    let map = run_tool("nbdinfo", &["--map", &guest1]);
+    assert!(map.contains("hole"), "{map}");
+    assert_eq!(
+        appliance.console_ok("status guest1").unwrap(),
+        "0 16384 thin 2048 2047"
+    );
+    // Removed devices leave the export list at once.
+    appliance.console_ok("thin delete guest2").unwrap();
+    let list = run_tool("nbdinfo", &["--list", "--json", &all]);
+    assert!(!list.contains("\"export-name\": \"guest2\""), "{list}");
     appliance.shutdown().unwrap();
 }

@@ -6,11 +6,10 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Options, Scratch, read_greeting, wait_for_greeting};
+use qemu_test::{Appliance, Options, Scratch, read_greeting, run_tool, wait_for_greeting};
 
 const MIB: u64 = 1 << 20;
 /// How long the NBD server may take to answer after boot.
@@ -47,33 +46,13 @@ fn ready(appliance: &Appliance) {
     }
 }
 
-fn output(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|error| panic!("running {program}: {error}"))
-}
-
-/// Runs a client that must succeed; returns its standard output.
-fn run(program: &str, args: &[&str]) -> String {
-    let done = output(program, args);
-    assert!(
-        done.status.success(),
-        "{program} {args:?} failed ({}):\n{}{}",
-        done.status,
-        String::from_utf8_lossy(&done.stdout),
-        String::from_utf8_lossy(&done.stderr)
-    );
-    String::from_utf8(done.stdout).unwrap()
-}
-
 /// Runs `qemu-io` commands on `uri`, each as its own `-c`.
 fn qemu_io(uri: &str, commands: &[&str]) -> String {
     let mut args = vec!["-f", "raw", "-t", "writeback", uri];
     for command in commands {
         args.extend(["-c", command]);
     }
-    let out = run("qemu-io", &args);
+    let out = run_tool("qemu-io", &args);
     assert!(
         !out.contains("Pattern verification failed") && !out.contains("failed:"),
         "qemu-io {commands:?}:\n{out}"
@@ -315,7 +294,7 @@ fn bad_clients_do_not_disturb_a_good_one(appliance: &mut Appliance, export: &str
     ready(appliance);
     qemu_io(&uri, &["read -P 0x35 5M 1M"]);
     // Still serving: listing works and the console answers.
-    let listed = run("nbdinfo", &["--list", &appliance.nbd_uri("").unwrap()]);
+    let listed = run_tool("nbdinfo", &["--list", &appliance.nbd_uri("").unwrap()]);
     assert!(listed.contains(&format!("export=\"{export}\"")), "{listed}");
     appliance.console_ok("net").unwrap();
 }
@@ -399,13 +378,13 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// The whole export, copied into `file` by nbdcopy.
 fn read_export(uri: &str, file: &Path) -> Vec<u8> {
     let _ = fs::remove_file(file);
-    run("nbdcopy", &[uri, &file.display().to_string()]);
+    run_tool("nbdcopy", &[uri, &file.display().to_string()]);
     fs::read(file).unwrap()
 }
 
 /// `nbdinfo --map` as (offset, length, description) triples.
 fn map(uri: &str) -> Vec<(u64, u64, String)> {
-    run("nbdinfo", &["--map", uri])
+    run_tool("nbdinfo", &["--map", uri])
         .lines()
         .map(|line| {
             // OFFSET LENGTH TYPE DESCRIPTION, e.g. `1048576 65536 3 hole,zero`.
@@ -440,7 +419,7 @@ fn exports_are_listed_and_thin_allocation_is_mapped() {
         ))
         .unwrap();
 
-    let listed = run("nbdinfo", &["--list", &appliance.nbd_uri("").unwrap()]);
+    let listed = run_tool("nbdinfo", &["--list", &appliance.nbd_uri("").unwrap()]);
     for (name, size) in [("thin0", 64 * MIB), ("plain", 32 * MIB)] {
         let at = listed
             .find(&format!("export=\"{name}\""))
@@ -460,12 +439,12 @@ fn exports_are_listed_and_thin_allocation_is_mapped() {
         &uri,
         &["write -P 0x61 0 1M", "write -P 0x62 8M 100k", "flush"],
     );
-    let info = run("qemu-img", &["info", "--output=json", &uri]);
+    let info = run_tool("qemu-img", &["info", "--output=json", &uri]);
     assert!(
         info.contains(&format!("\"virtual-size\": {}", 64 * MIB)),
         "{info}"
     );
-    let json = run("qemu-img", &["map", "-f", "raw", "--output=json", &uri]);
+    let json = run_tool("qemu-img", &["map", "-f", "raw", "--output=json", &uri]);
     let data: Vec<&str> = json
         .lines()
         .filter(|line| line.contains("\"data\": true"))
@@ -503,7 +482,7 @@ fn data_written_by_clients_reads_back_and_survives_a_reboot() {
     create_pool(&mut appliance);
     create_thin(&mut appliance, "vol", 0, 64 * MIB, None);
     let uri = appliance.nbd_uri("vol").unwrap();
-    run("nbdcopy", &["--flush", &source.display().to_string(), &uri]);
+    run_tool("nbdcopy", &["--flush", &source.display().to_string(), &uri]);
     // Writes at odd offsets and sizes (the client does the read-modify-write of the
     // partial sectors), mirrored into the expected image.
     let odd = [
@@ -518,7 +497,7 @@ fn data_written_by_clients_reads_back_and_survives_a_reboot() {
     }
     fs::write(&expected, &image).unwrap();
     let compare = |uri: &str| {
-        run(
+        run_tool(
             "qemu-img",
             &[
                 "compare",
