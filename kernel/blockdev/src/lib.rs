@@ -35,6 +35,24 @@ use core::fmt;
 /// Bytes in a sector: the unit of every address and length in this interface.
 pub const SECTOR_SIZE: usize = 512;
 
+/// A run of sectors, relative to the start of the request it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SectorRun {
+    pub start: u64,
+    pub sectors: u64,
+}
+
+/// One allocation extent of a provisioned device, as NBD's `base:allocation` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub sectors: u64,
+    /// Nothing is allocated here: a write may need space.
+    pub hole: bool,
+    /// Reads return zeros. A hole of a thin volume with an external origin is a hole
+    /// but not zero: it reads the origin's data.
+    pub zero: bool,
+}
+
 /// What a device is and what it accepts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {

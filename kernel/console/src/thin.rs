@@ -2,9 +2,8 @@
 //! answers (holes, zero runs, block status) come from the pool's mappings.
 
 use alloc::collections::VecDeque;
-use alloc::vec::Vec;
 use blockdev::BlockDevice;
-use nbd::{BackendError, IoCompletion, IoOp, IoOutput, SectorRun};
+use nbd::{BackendError, IoCompletion, IoOp, IoOutput};
 use thin_pool::{ThinOp, ThinOutput, ThinRequest, ThinVolume};
 
 pub(crate) struct ThinIo {
@@ -118,24 +117,9 @@ impl ThinIo {
             Ok(ThinOutput::Done) => Ok(IoOutput::Done),
             Ok(ThinOutput::Read { zero_holes }) => Ok(IoOutput::Read {
                 buf: done.buf,
-                zero_holes: zero_holes
-                    .into_iter()
-                    .map(|run| SectorRun {
-                        start: run.start,
-                        sectors: run.sectors,
-                    })
-                    .collect(),
+                zero_holes,
             }),
-            Ok(ThinOutput::Extents(extents)) => Ok(IoOutput::Extents(
-                extents
-                    .into_iter()
-                    .map(|extent| nbd::Extent {
-                        sectors: extent.sectors,
-                        hole: extent.hole,
-                        zero: extent.zero,
-                    })
-                    .collect::<Vec<_>>(),
-            )),
+            Ok(ThinOutput::Extents(extents)) => Ok(IoOutput::Extents(extents)),
         };
         Some(IoCompletion {
             tag: done.tag,

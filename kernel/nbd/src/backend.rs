@@ -11,7 +11,7 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use blockdev::{IoBuf, IoError};
+use blockdev::{Extent, IoBuf, IoError, SectorRun};
 
 /// Description of one export, as listed to clients.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,24 +136,6 @@ pub enum IoOutput {
     Extents(Vec<Extent>),
     /// Everything else.
     Done,
-}
-
-/// A run of sectors, relative to the start of the request it belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SectorRun {
-    pub start: u64,
-    pub sectors: u64,
-}
-
-/// One `base:allocation` extent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Extent {
-    pub sectors: u64,
-    /// Nothing is allocated here (a write may need space).
-    pub hole: bool,
-    /// Reads return zeroes. A hole of a thin volume with an external origin is a hole
-    /// but not zero: it reads the origin's data.
-    pub zero: bool,
 }
 
 /// Why a request failed; the server maps each to an NBD error value.

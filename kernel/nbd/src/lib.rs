@@ -34,9 +34,10 @@ pub mod tcp;
 pub mod wire;
 
 pub use backend::{
-    Backend, BackendError, ExportHandle, ExportInfo, Extent, IoCompletion, IoOp, IoOutput,
-    IoRequest, OpenError, QueueFull, SectorRun,
+    Backend, BackendError, ExportHandle, ExportInfo, IoCompletion, IoOp, IoOutput, IoRequest,
+    OpenError, QueueFull,
 };
+pub use blockdev::{Extent, SectorRun};
 pub use connection::Limits;
 pub use memory::{CompletionOrder, MemoryBackend, MemoryExport, MemoryStats};
 pub use options::{MAX_OPTION_DATA, MAX_PAYLOAD, MIN_BLOCK_SIZE};

@@ -10,11 +10,11 @@
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
-use blockdev::{BlockDevice, Command, MemDisk, SECTOR_SIZE, run_sync};
+use blockdev::{BlockDevice, Command, Extent, MemDisk, SECTOR_SIZE, SectorRun, run_sync};
 
 use crate::backend::{
-    Backend, BackendError, ExportHandle, ExportInfo, Extent, IoCompletion, IoOp, IoOutput,
-    IoRequest, OpenError, QueueFull, SectorRun,
+    Backend, BackendError, ExportHandle, ExportInfo, IoCompletion, IoOp, IoOutput, IoRequest,
+    OpenError, QueueFull,
 };
 
 const SECTOR: u64 = SECTOR_SIZE as u64;

@@ -7,11 +7,12 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use blockdev::{IoBuf, SECTOR_SIZE};
 
-use crate::backend::{Backend, BackendError, Extent, IoOp, IoOutput, IoRequest, SectorRun};
+use crate::backend::{Backend, BackendError, IoOp, IoOutput, IoRequest};
 use crate::connection::{Connection, InFlight, PendingWrite, Phase, Rejection, ReplyKind, Shared};
 use crate::options::{BASE_ALLOCATION_ID, MAX_PAYLOAD, MIN_BLOCK_SIZE};
 use crate::reply::{chunk_header, data_chunk, error_chunk, hole_chunk, simple_reply};
 use crate::wire::*;
+use blockdev::{Extent, SectorRun};
 
 /// Most extents returned in one block-status reply (8 KiB of descriptors); clients ask
 /// again from where the reply stopped.

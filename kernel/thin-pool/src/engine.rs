@@ -37,10 +37,11 @@ use slab::Slab;
 
 use crate::buffers::{BufferPool, Contents};
 use crate::config::{COMMIT_PERIOD_NS, PoolConfig};
-use crate::io::{Extent, NOT_FAST, SectorRun, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
+use crate::io::{NOT_FAST, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 use crate::mapcache::{Cached, MappingCache};
 use crate::message::{Errno, Message, MessageError};
 use crate::status::{DiscardMode, PoolEvent, PoolMode, PoolStatus, ThinStatus};
+use blockdev::{Extent, SectorRun};
 
 /// Largest piece a prep copies or zeroes at once (1 MiB), bounding its memory.
 const SEGMENT_SECTORS: u64 = 2048;

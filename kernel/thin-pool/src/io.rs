@@ -3,7 +3,7 @@
 
 use alloc::vec::Vec;
 
-use blockdev::{IoBuf, IoError};
+use blockdev::{Extent, IoBuf, IoError, SectorRun};
 
 /// One operation on a thin volume. Addresses and lengths are 512-byte sectors; any
 /// size and alignment inside the volume is accepted.
@@ -79,23 +79,6 @@ pub enum ThinOutput {
     },
     /// Block status: consecutive extents starting at the requested sector.
     Extents(Vec<Extent>),
-}
-
-/// A run of sectors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SectorRun {
-    pub start: u64,
-    pub sectors: u64,
-}
-
-/// One block-status extent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Extent {
-    pub sectors: u64,
-    /// Not provisioned: a write here needs a new data block.
-    pub hole: bool,
-    /// Reads return zeros (a hole with an external origin below it is not zero).
-    pub zero: bool,
 }
 
 /// The volume's queue is full; the request is handed back. Poll, then resubmit.

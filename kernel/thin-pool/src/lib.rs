@@ -29,10 +29,9 @@ mod pool;
 pub mod status;
 mod usage;
 
+pub use blockdev::{Extent, SectorRun};
 pub use config::{Features, PoolConfig, PoolTable, TableError, ThinTable};
-pub use io::{
-    Extent, NOT_FAST, QueueFull, SectorRun, ThinCompletion, ThinOp, ThinOutput, ThinRequest,
-};
+pub use io::{NOT_FAST, QueueFull, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 pub use message::{Errno, Message, MessageError};
 pub use pool::{OpenReport, Pool, PoolError, ThinVolume};
 pub use status::{DiscardMode, PoolEvent, PoolMode, PoolStatus, ThinStatus, ThinUsage};
