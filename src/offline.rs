@@ -52,8 +52,8 @@ impl Platform for HostPlatform {
     fn now_ns(&self) -> u64 {
         self.started.elapsed().as_nanos() as u64
     }
-    fn memory(&self) -> MemoryStats {
-        MemoryStats::default()
+    fn memory(&self) -> Option<MemoryStats> {
+        None
     }
     fn power_off(&mut self) {
         self.powered_off = true;

@@ -102,6 +102,18 @@ fn exec_stops_at_the_first_failure_with_a_non_zero_status() {
 }
 
 #[test]
+fn mem_says_offline_mode_has_no_appliance_memory() {
+    let (_scratch, disks) = images(&[8]);
+    let output = exec(&disks, &["mem"]);
+    let text = stdout(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("error: mem reports the appliance's heap and DMA frames; offline mode"),
+        "{text}"
+    );
+}
+
+#[test]
 fn bad_disk_arguments_stop_before_anything_runs() {
     let (_scratch, disks) = images(&[8]);
     let twice = exec(&[disks[0].clone(), disks[0].clone()], &["ls"]);

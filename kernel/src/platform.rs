@@ -19,16 +19,16 @@ impl Platform for KernelPlatform {
         clock::now_ns()
     }
 
-    fn memory(&self) -> MemoryStats {
+    fn memory(&self) -> Option<MemoryStats> {
         let (heap_used, heap_free) = memory::heap_usage();
         let (dma_frames_used, dma_frames_free) = memory::frame_usage();
-        MemoryStats {
+        Some(MemoryStats {
             heap_used,
             heap_free,
             dma_frames_used,
             dma_frames_free,
             frame_size: memory::FRAME_SIZE,
-        }
+        })
     }
 
     fn power_off(&mut self) {

@@ -328,12 +328,14 @@ impl Options {
         ]);
         for (index, disk) in self.disks.iter().enumerate() {
             let drive = format!("file={},{DATA_DRIVE},id=vd{index}", drive_file(disk));
-            let device = format!("virtio-blk-pci,drive=vd{index}");
+            let serial = disk_serial(disk);
+            let device = format!("virtio-blk-pci,drive=vd{index},serial={serial}");
             push(&["-drive", &drive, "-device", &device]);
         }
         for (index, disk) in self.nvme.iter().enumerate() {
             let drive = format!("file={},{DATA_DRIVE},id=nvme{index}", drive_file(disk));
-            let device = format!("nvme,serial=thinbox-nvme{index},drive=nvme{index}");
+            let serial = disk_serial(disk);
+            let device = format!("nvme,serial={serial},drive=nvme{index}");
             push(&["-drive", &drive, "-device", &device]);
         }
         let forward = nbd_port
@@ -357,6 +359,25 @@ impl Options {
 const DATA_DRIVE: &str = "format=raw,if=none,cache=writeback,discard=unmap";
 
 /// A path as a value inside QEMU's comma-separated option syntax.
+/// A serial number that stays with the image file, as a real disk's stays with the disk:
+/// the appliance finds its configured disks by serial, so images given in another order
+/// (or with one left out) are still told apart. Derived from the file's absolute path
+/// (FNV-1a), 20 characters, the most virtio-blk and NVMe carry.
+pub fn disk_serial(path: &Path) -> String {
+    let absolute = path
+        .canonicalize()
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf());
+    let hash = absolute
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, &byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("thinbox-{:012x}", hash >> 16)
+}
+
 fn drive_file(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
@@ -476,6 +497,14 @@ mod tests {
     }
 
     #[test]
+    fn disk_serials_follow_the_file_and_fit_the_devices() {
+        let meta = disk_serial(Path::new("/d/meta.img"));
+        assert_eq!(meta.len(), 20);
+        assert_eq!(meta, disk_serial(Path::new("/d/./meta.img")));
+        assert_ne!(meta, disk_serial(Path::new("/d/data.img")));
+    }
+
+    #[test]
     fn bios_command_line() {
         let options = Options::bios()
             .disk("/d/meta.img")
@@ -492,12 +521,21 @@ mod tests {
                 "-drive file={image},format=raw,if=none,id=boot,snapshot=on \
                  -device ide-hd,drive=boot,bus=ide.0,bootindex=0"
             ),
-            "-drive file=/d/meta.img,format=raw,if=none,cache=writeback,discard=unmap,id=vd0 \
-             -device virtio-blk-pci,drive=vd0",
-            "-drive file=/d/data.img,format=raw,if=none,cache=writeback,discard=unmap,id=vd1 \
-             -device virtio-blk-pci,drive=vd1",
-            "-drive file=/d/fast.img,format=raw,if=none,cache=writeback,discard=unmap,id=nvme0 \
-             -device nvme,serial=thinbox-nvme0,drive=nvme0",
+            &format!(
+                "-drive file=/d/meta.img,format=raw,if=none,cache=writeback,discard=unmap,id=vd0 \
+                 -device virtio-blk-pci,drive=vd0,serial={}",
+                disk_serial(Path::new("/d/meta.img"))
+            ),
+            &format!(
+                "-drive file=/d/data.img,format=raw,if=none,cache=writeback,discard=unmap,id=vd1 \
+                 -device virtio-blk-pci,drive=vd1,serial={}",
+                disk_serial(Path::new("/d/data.img"))
+            ),
+            &format!(
+                "-drive file=/d/fast.img,format=raw,if=none,cache=writeback,discard=unmap,id=nvme0 \
+                 -device nvme,serial={},drive=nvme0",
+                disk_serial(Path::new("/d/fast.img"))
+            ),
             "-netdev user,id=n0,hostfwd=tcp:127.0.0.1:4321-:10809 \
              -device virtio-net-pci,netdev=n0,romfile=",
         ] {

@@ -87,25 +87,34 @@ fn virtio_and_nvme_disks_are_listed_tested_and_written() {
         .nvme(&nvme1);
     let mut appliance = Appliance::boot(options).unwrap();
     let rows = disk_rows(&appliance.console_ok("disks").unwrap());
+    let serial = |disk: &Path| qemu_test::disk_serial(disk);
     let expected = [
-        ("vda", 64 * MIB / 512, "64.00 MiB virtio-blk -"),
-        ("vdb", 40 * MIB / 512, "40.00 MiB virtio-blk -"),
+        (
+            "vda",
+            64 * MIB / 512,
+            format!("64.00 MiB virtio-blk {}", serial(&vda)),
+        ),
+        (
+            "vdb",
+            40 * MIB / 512,
+            format!("40.00 MiB virtio-blk {}", serial(&vdb)),
+        ),
         (
             "nvme0n1",
             96 * MIB / 512,
-            "96.00 MiB QEMU NVMe Ctrl thinbox-nvme0",
+            format!("96.00 MiB QEMU NVMe Ctrl {}", serial(&nvme0)),
         ),
         (
             "nvme1n1",
             32 * MIB / 512,
-            "32.00 MiB QEMU NVMe Ctrl thinbox-nvme1",
+            format!("32.00 MiB QEMU NVMe Ctrl {}", serial(&nvme1)),
         ),
     ];
     assert_eq!(rows.len(), expected.len(), "{rows:?}");
     for ((name, sectors, rest), (want_name, want_sectors, want_rest)) in rows.iter().zip(expected) {
         assert_eq!(
             (name.as_str(), *sectors, rest.as_str()),
-            (want_name, want_sectors, want_rest)
+            (want_name, want_sectors, want_rest.as_str())
         );
     }
 

@@ -110,7 +110,7 @@ impl<P: Platform> Console<P> {
         match command.as_str() {
             "help" => no_args(command, args).map(|()| help(out)),
             "disks" => no_args(command, args).map(|()| self.list_disks(out)),
-            "mem" => no_args(command, args).map(|()| self.mem(out)),
+            "mem" => no_args(command, args).and_then(|()| self.mem(out)),
             "uptime" => no_args(command, args).map(|()| self.uptime(out)),
             "disk-test" => self.disk_test(args),
             "net" => self.net(args, out),
@@ -145,8 +145,11 @@ impl<P: Platform> Console<P> {
         }
     }
 
-    fn mem(&self, out: &mut dyn Write) {
-        let stats = self.platform.memory();
+    fn mem(&self, out: &mut dyn Write) -> Result<(), CommandError> {
+        let stats = self.platform.memory().ok_or(
+            "mem reports the appliance's heap and DMA frames; offline mode has neither \
+             (it uses the host's memory)",
+        )?;
         outln!(
             out,
             "heap: {} used, {} free, {} total",
@@ -164,6 +167,7 @@ impl<P: Platform> Console<P> {
                 ((stats.dma_frames_used + stats.dma_frames_free) * stats.frame_size) as u64
             )
         );
+        Ok(())
     }
 
     fn uptime(&self, out: &mut dyn Write) {

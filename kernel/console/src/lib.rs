@@ -93,8 +93,9 @@ pub struct MemoryStats {
 pub trait Platform {
     /// Monotonic nanoseconds since boot.
     fn now_ns(&self) -> u64;
-    /// Current memory figures.
-    fn memory(&self) -> MemoryStats;
+    /// Current memory figures; `None` where memory is not the appliance's own to
+    /// account (offline mode runs in an ordinary host process).
+    fn memory(&self) -> Option<MemoryStats>;
     /// Turns the machine off; called after every disk was flushed and `powering
     /// off` printed. On the appliance it does not return.
     fn power_off(&mut self);

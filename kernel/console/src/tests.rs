@@ -29,14 +29,14 @@ impl Platform for FakePlatform {
         self.now_ns.set(now);
         now
     }
-    fn memory(&self) -> MemoryStats {
-        MemoryStats {
+    fn memory(&self) -> Option<MemoryStats> {
+        Some(MemoryStats {
             heap_used: 3 << 20,
             heap_free: 61 << 20,
             dma_frames_used: 12,
             dma_frames_free: 2036,
             frame_size: 4096,
-        }
+        })
     }
     fn power_off(&mut self) {
         self.powered_off = true;
