@@ -21,8 +21,8 @@ impl Platform for NetPlatform {
     fn now_ns(&self) -> u64 {
         0
     }
-    fn memory(&self) -> MemoryStats {
-        MemoryStats::default()
+    fn memory(&self) -> Option<MemoryStats> {
+        None
     }
     fn power_off(&mut self) {}
     fn crash(&mut self, _how: Crash) {}
