@@ -38,6 +38,7 @@
 //! Everything is `no_std` + `alloc`; the `std` feature only adds host conveniences.
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 #[cfg(feature = "std")]

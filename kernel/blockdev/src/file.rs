@@ -3,11 +3,11 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::string::String;
 
 use alloc::collections::VecDeque;
+use rustix::fs::{FallocateFlags, fallocate};
 
 use crate::{BlockDevice, Busy, Command, Completion, DeviceInfo, IoError, Request, SECTOR_SIZE};
 
@@ -76,24 +76,13 @@ impl FileDisk {
 
 /// Deallocates a byte range of the file, keeping its size; it then reads as zeros.
 fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    };
-    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by
-    // `file`, which outlives the call.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .map_err(io::Error::from)
 }
 
 impl BlockDevice for FileDisk {

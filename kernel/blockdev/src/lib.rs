@@ -11,6 +11,7 @@
 //! [`run_batch`], which submit and then poll until their own requests finish.
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 #[cfg(feature = "std")]

@@ -15,6 +15,7 @@
 //! that each kind of crash is reported on the console and stops the machine.
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 

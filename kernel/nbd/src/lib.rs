@@ -16,6 +16,7 @@
 //! payload 32 MiB; a write longer than that has its payload skipped and gets `EINVAL`.
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 #[cfg(feature = "std")]

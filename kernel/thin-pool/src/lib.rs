@@ -16,6 +16,7 @@
 //! Everything is `no_std` + `alloc`.
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 
