@@ -92,8 +92,11 @@ fn devices_survive_shutdown_and_power_cut_and_a_missing_disk_leaves_only_its_dev
         boot_notes(&appliance),
         [
             "config: vdb generation 6",
-            "config: disk vdb is missing (the disk now called vdb holds 14336 sectors, 65536 \
-             were saved)",
+            format!(
+                "config: disk vdb (serial {}) is missing",
+                qemu_test::disk_serial(&disks[1])
+            )
+            .as_str(),
             "config: base stays inactive: disk vdb is missing",
             "config: 2 of 3 devices active",
         ]
@@ -105,6 +108,26 @@ fn devices_survive_shutdown_and_power_cut_and_a_missing_disk_leaves_only_its_dev
     assert_eq!(
         appliance.console_ok("status guest").unwrap(),
         "0 4096 linear"
+    );
+    appliance.shutdown().unwrap();
+
+    // All three back in reverse order: the disks are found by serial and the tables
+    // follow the new names.
+    let mut appliance = boot(&[&disks[2], &disks[1], &disks[0]]);
+    assert_eq!(
+        boot_notes(&appliance),
+        [
+            "config: vda generation 6",
+            &format!(
+                "config: disk vda (serial {}) is now vdc",
+                qemu_test::disk_serial(&disks[0])
+            ),
+            "config: 3 of 3 devices active",
+        ]
+    );
+    assert_eq!(
+        appliance.console_ok("table").unwrap(),
+        "base: 0 8192 linear vdb 0\nguest: 0 4096 linear vdc 2048\nlater: 0 16 linear vdc 0"
     );
     appliance.shutdown().unwrap();
 }
