@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 
 use host_tools::Tool;
-use qemu_test::{Scratch, run_tool};
+use qemu_test::{Scratch, qemu_img_read, qemu_img_write, run_tool};
 
 const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
 
@@ -256,33 +256,9 @@ fn nbd_clients_see_the_devices_as_exports() {
     assert!(info.contains("\"export-size\": 4194304"), "{info}");
 
     // Copy the read-only base into the guest device, then read the guest back.
-    run_tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &served.uri("base"),
-            &served.uri("guest"),
-        ],
-    );
+    qemu_img_write(&served.uri("base"), &served.uri("guest"));
     let back = scratch.path().join("back.img");
-    run_tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &served.uri("guest"),
-            back.to_str().unwrap(),
-        ],
-    );
-    let copied = fs::read(&back).unwrap();
+    let copied = qemu_img_read(&served.uri("guest"), &back);
     assert_eq!(copied.len(), 8 << 20);
     assert_eq!(&copied[..base.len()], &base[..]);
     assert!(copied[base.len()..].iter().all(|&b| b == 0));
@@ -294,33 +270,8 @@ fn nbd_clients_see_the_devices_as_exports() {
     // to it lands in the pool, not in the base.
     let overwrite = scratch.path().join("overwrite.img");
     fs::write(&overwrite, vec![0x5A; 1 << 20]).unwrap();
-    run_tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            overwrite.to_str().unwrap(),
-            &served.uri("clone"),
-        ],
-    );
-    let clone = scratch.path().join("clone.img");
-    run_tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &served.uri("clone"),
-            clone.to_str().unwrap(),
-        ],
-    );
-    let clone = fs::read(&clone).unwrap();
+    qemu_img_write(overwrite.to_str().unwrap(), &served.uri("clone"));
+    let clone = qemu_img_read(&served.uri("clone"), &scratch.path().join("clone.img"));
     assert!(clone[..1 << 20].iter().all(|&b| b == 0x5A));
     assert_eq!(&clone[1 << 20..], &base[1 << 20..]);
     assert_eq!(&fs::read(&disks[1]).unwrap()[..base.len()], &base[..]);

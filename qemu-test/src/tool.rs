@@ -1,5 +1,6 @@
 //! Running the real host clients (`qemu-img`, `nbdinfo`, ...) from tests.
 
+use std::path::Path;
 use std::process::Command;
 
 /// Runs `program` with `args` and returns its standard output; panics, showing both
@@ -18,4 +19,32 @@ pub fn run_tool(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&done.stderr)
     );
     String::from_utf8_lossy(&done.stdout).into_owned()
+}
+
+/// Copies the bytes of `source` over the start of `target`, an existing image file or an
+/// NBD URI, with `qemu-img convert -n` (raw on both sides).
+pub fn qemu_img_write(source: &str, target: &str) {
+    run_tool(
+        "qemu-img",
+        &["convert", "-n", "-f", "raw", "-O", "raw", source, target],
+    );
+}
+
+/// Reads all of `source` (a file or an NBD URI) with `qemu-img convert` into a new raw
+/// image at `file`, replacing it, and returns its bytes.
+pub fn qemu_img_read(source: &str, file: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(file);
+    run_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            source,
+            &file.to_string_lossy(),
+        ],
+    );
+    std::fs::read(file).unwrap_or_else(|error| panic!("reading {}: {error}", file.display()))
 }

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qemu_test::{Appliance, Options, Scratch, run_tool};
+use qemu_test::{Appliance, Options, Scratch, qemu_img_read, qemu_img_write, run_tool};
 
 const MIB: u64 = 1 << 20;
 
@@ -318,20 +318,7 @@ fn devices_are_nbd_exports_of_the_appliance() {
         .unwrap();
     let patch = scratch.path().join("patch.img");
     std::fs::write(&patch, vec![0xEE; MIB as usize]).unwrap();
-    let target = guest1.clone();
-    run_tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            patch.to_str().unwrap(),
-            &target,
-        ],
-    );
+    qemu_img_write(patch.to_str().unwrap(), &guest1);
     let event = appliance
         .read_until("thinbox> stat", Duration::from_secs(30))
         .unwrap();
@@ -347,20 +334,7 @@ fn devices_are_nbd_exports_of_the_appliance() {
         .unwrap();
     assert!(status.contains(" 16/1024 "), "{status}");
     for (export, patched) in [(&guest1, true), (&guest2, false)] {
-        let copy = scratch.path().join("copy.img");
-        run_tool(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                export,
-                copy.to_str().unwrap(),
-            ],
-        );
-        let data = std::fs::read(&copy).unwrap();
+        let data = qemu_img_read(export, &scratch.path().join("copy.img"));
         assert_eq!(data.len(), base.len());
         if patched {
             assert!(data[..MIB as usize].iter().all(|&b| b == 0xEE));
