@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 
 use host_tools::Tool;
-use qemu_test::{Scratch, qemu_img_read, qemu_img_write, run_tool};
+use qemu_test::{Scratch, qemu_img_read, qemu_img_write, run_nbdsh, run_tool};
 
 const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
 
@@ -340,4 +340,33 @@ fn metadata_written_offline_passes_thin_check_and_dumps_like_thin_dump() {
         assert!(xml.contains("transaction=\"7\""), "{xml}");
         assert!(xml.contains("<device dev_id=\"1\""), "{xml}");
     }
+}
+
+#[test]
+fn fast_zero_requests_unmap_thin_blocks_or_fail_with_enotsup() {
+    host_tools::require_for_test(&[Tool::NbdSh, Tool::NbdInfo]);
+    let (_scratch, disks) = images(&[16, 64]);
+    let served = Served::start(
+        &disks,
+        &["pool create pool vda vdb", "thin create t pool --size 1M"],
+    );
+    // Two 64 KiB blocks written; zeroing all of the second one unmaps it, zeroing
+    // part of the first would need a write and fails fast with ENOTSUP.
+    let script = "\
+import errno
+assert h.can_fast_zero()
+h.pwrite(b'\\x22' * 131072, 0)
+h.zero(65536, 65536, nbd.CMD_FLAG_FAST_ZERO)
+try:
+    h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO)
+    raise SystemExit('partial fast zero succeeded')
+except nbd.Error as e:
+    assert e.errnum == errno.ENOTSUP, e
+assert h.pread(131072, 0) == b'\\x22' * 65536 + bytes(65536)
+";
+    run_nbdsh(&served.uri("t"), script);
+    let map = run_tool("nbdinfo", &["--map", &served.uri("t")]);
+    let first = map.lines().next().unwrap_or_default();
+    assert!(first.split_whitespace().take(2).eq(["0", "65536"]), "{map}");
+    assert!(first.ends_with("data"), "{map}");
 }

@@ -7,13 +7,29 @@ use std::process::Command;
 /// output streams, if it cannot start or fails. Meant for tests, where a failing
 /// client is a failing test.
 pub fn run_tool(program: &str, args: &[&str]) -> String {
-    let done = Command::new(program)
-        .args(args)
+    let mut command = Command::new(program);
+    command.args(args);
+    run_command(command)
+}
+
+/// Runs a Python `script` in `nbdsh` connected to `uri` (the handle is `h`), with the
+/// system's python3 first on `PATH`: Debian installs libnbd's module for that one only.
+pub fn run_nbdsh(uri: &str, script: &str) -> String {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let mut command = Command::new("nbdsh");
+    command
+        .args(["-u", uri, "-c", script])
+        .env("PATH", format!("/usr/bin:{path}"));
+    run_command(command)
+}
+
+fn run_command(mut command: Command) -> String {
+    let done = command
         .output()
-        .unwrap_or_else(|error| panic!("running {program}: {error}"));
+        .unwrap_or_else(|error| panic!("running {command:?}: {error}"));
     assert!(
         done.status.success(),
-        "{program} {args:?} failed ({}):\n{}{}",
+        "{command:?} failed ({}):\n{}{}",
         done.status,
         String::from_utf8_lossy(&done.stdout),
         String::from_utf8_lossy(&done.stderr)

@@ -387,6 +387,66 @@ fn thin_exports_report_holes_and_origin_data_and_survive_reboots() {
     assert!(buf.iter().all(|&b| b == 0x11));
 }
 
+fn write_zeroes(
+    backend: &mut dyn Backend,
+    export: ExportHandle,
+    sector: u64,
+    sectors: u64,
+    may_unmap: bool,
+) -> Result<IoOutput, BackendError> {
+    let op = IoOp::WriteZeroes {
+        sector,
+        sectors,
+        fua: false,
+        may_unmap,
+        fast_only: true,
+    };
+    io(backend, export, 9, op)
+}
+
+#[test]
+fn fast_zero_unmaps_whole_blocks_of_thin_exports_and_refuses_the_rest() {
+    let disks = machine();
+    let (mut console, _) = boot(&disks);
+    ok(&mut console, "pool create pool vda vdb");
+    ok(&mut console, "thin create t pool --size 1M");
+    ok(&mut console, "create lin --table \"0 64 linear vdc 0\"");
+    let mut backend = console.nbd_backend();
+    assert!(backend.lookup("t").unwrap().fast_zero);
+    assert!(!backend.lookup("lin").unwrap().fast_zero);
+
+    let (t, _) = backend.open("t").unwrap();
+    write(&mut backend, t, 0, 256, 0x22);
+    // Blocks 0 and 1 are provisioned: zeroing all of block 1 unmaps it at once.
+    assert!(matches!(
+        write_zeroes(&mut backend, t, 128, 128, true),
+        Ok(IoOutput::Done)
+    ));
+    assert_eq!(ok(&mut console, "status t"), "0 2048 thin 128 127\r\n");
+    // Part of a provisioned block would need a data write; NO_HOLE forbids unmapping.
+    for (sector, sectors, may_unmap) in [(0, 8, true), (0, 128, false)] {
+        assert_eq!(
+            write_zeroes(&mut backend, t, sector, sectors, may_unmap).unwrap_err(),
+            BackendError::NotFast
+        );
+    }
+    assert_eq!(ok(&mut console, "status t"), "0 2048 thin 128 127\r\n");
+    let read = io(
+        &mut backend,
+        t,
+        10,
+        IoOp::Read {
+            sector: 0,
+            buf: IoBuf::with_sectors(256),
+        },
+    );
+    let Ok(IoOutput::Read { buf, .. }) = read else {
+        panic!("{read:?}");
+    };
+    assert!(buf[..128 * 512].iter().all(|&b| b == 0x22));
+    assert!(buf[128 * 512..].iter().all(|&b| b == 0));
+}
+
 #[test]
 fn a_blank_metadata_disk_at_boot_is_not_formatted() {
     let disks = machine();

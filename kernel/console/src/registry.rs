@@ -1038,7 +1038,8 @@ impl Registry {
             preferred_block_size,
             trim: active.io.discard() && !active.io.read_only(),
             write_zeroes: !active.io.read_only(),
-            fast_zero: false,
+            // A thin volume zeroes fast by unmapping; a linear device only by writing.
+            fast_zero: matches!(device.table.target, Target::Thin(_)) && !active.io.read_only(),
             multi_conn: true,
         })
     }

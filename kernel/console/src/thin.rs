@@ -4,7 +4,7 @@
 use alloc::collections::VecDeque;
 use blockdev::BlockDevice;
 use nbd::{BackendError, IoCompletion, IoOp, IoOutput};
-use thin_pool::{ThinOp, ThinOutput, ThinRequest, ThinVolume};
+use thin_pool::{NOT_FAST, ThinOp, ThinOutput, ThinRequest, ThinVolume};
 
 pub(crate) struct ThinIo {
     volume: ThinVolume,
@@ -61,6 +61,18 @@ impl ThinIo {
                 }
                 ThinOp::Discard { sector, sectors }
             }
+            // Fast zeroing unmaps; with NO_HOLE nothing is faster than writing.
+            IoOp::WriteZeroes {
+                sector,
+                sectors,
+                fua,
+                may_unmap: true,
+                fast_only: true,
+            } => ThinOp::FastZero {
+                sector,
+                sectors,
+                fua,
+            },
             IoOp::WriteZeroes {
                 fast_only: true, ..
             } => return self.finish(tag, Err(BackendError::NotFast)),
@@ -113,6 +125,8 @@ impl ThinIo {
     fn volume_completion(&mut self) -> Option<IoCompletion> {
         let done = self.volume.poll_op()?;
         let result = match done.result {
+            // Only fast zeroing completes with NOT_FAST.
+            Err(NOT_FAST) => Err(BackendError::NotFast),
             Err(error) => Err(BackendError::from(error)),
             Ok(ThinOutput::Done) => Ok(IoOutput::Done),
             Ok(ThinOutput::Read { zero_holes }) => Ok(IoOutput::Read {
