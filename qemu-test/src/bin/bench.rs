@@ -1,7 +1,9 @@
 //! NBD benchmark: the appliance's thin export against a linear export of a raw
 //! disk on the same appliance (the engine's overhead) and against `qemu-nbd`
 //! serving a qcow2 overlay over a raw base image on the host (what users run
-//! today), all in one run on one host.
+//! today), all in one run on one host. The same thin pool served by `thinbox
+//! offline` on the host compares the engine with `qemu-nbd` on equal footing: both
+//! native, both on loopback TCP, neither behind QEMU's emulated CPU and user network.
 //!
 //! For each target: `nbdcopy` copies 256 MiB of random data in and out, then `fio`
 //! (nbd engine) runs 4 KiB random reads and random writes at queue depth 16. The
@@ -10,9 +12,9 @@
 //! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -79,17 +81,10 @@ fn bench() -> Result<()> {
     let port = appliance.nbd_port().expect("booted with a forward");
     wait_for_greeting(port, Duration::from_secs(60))?;
     let sectors = EXPORT_BYTES / SECTOR;
-    for command in [
-        format!(
-            "create pool --table \"0 {} thin-pool vda vdb {BLOCK_SECTORS} 0\"",
-            POOL_DATA_BYTES / SECTOR
-        ),
-        "message pool 0 \"create_thin 0\"".to_string(),
-        format!("create thin --table \"0 {sectors} thin pool 0\""),
-        format!("create linear --table \"0 {sectors} linear vdc 0\""),
-    ] {
+    let linear_table = format!("create linear --table \"0 {sectors} linear vdc 0\"");
+    for command in thin_pool_commands().iter().chain([&linear_table]) {
         appliance
-            .console_ok(&command)
+            .console_ok(command)
             .map_err(|e| format!("{command}: {e:?}"))?;
     }
 
@@ -109,6 +104,10 @@ fn bench() -> Result<()> {
         .shutdown()
         .map_err(|e| format!("shutdown: {e:?}"))?;
 
+    let offline = Offline::start(scratch.path())?;
+    let host_thin = measure("offline thin", &offline.uri(), &source, seconds)?;
+    drop(offline);
+
     let qemu_nbd = QemuNbd::start(scratch.path())?;
     let qcow2 = measure("qemu-nbd", &qemu_nbd.uri(), &source, seconds)?;
     drop(qemu_nbd);
@@ -121,6 +120,7 @@ fn bench() -> Result<()> {
     for (name, figures) in [
         ("appliance thin", &thin),
         ("appliance linear", &linear),
+        ("offline thin (host)", &host_thin),
         ("qemu-nbd qcow2 overlay", &qcow2),
     ] {
         println!(
@@ -128,16 +128,36 @@ fn bench() -> Result<()> {
             figures.write_mb_s, figures.read_mb_s, figures.randread_iops, figures.randwrite_iops
         );
     }
-    for (name, base) in [("thin / linear", &linear), ("thin / qemu-nbd", &qcow2)] {
+    for (name, ours, base) in [
+        ("thin / linear", &thin, &linear),
+        ("thin / qemu-nbd", &thin, &qcow2),
+        ("offline thin / qemu-nbd", &host_thin, &qcow2),
+    ] {
         println!(
             "{name:<28} {:>11.2} {:>11.2} {:>15.2} {:>16.2}",
-            thin.write_mb_s / base.write_mb_s,
-            thin.read_mb_s / base.read_mb_s,
-            thin.randread_iops / base.randread_iops,
-            thin.randwrite_iops / base.randwrite_iops
+            ours.write_mb_s / base.write_mb_s,
+            ours.read_mb_s / base.read_mb_s,
+            ours.randread_iops / base.randread_iops,
+            ours.randwrite_iops / base.randwrite_iops
         );
     }
     Ok(())
+}
+
+/// A pool on `vda` (metadata) and `vdb` (data) with thin volume `thin` (device 0) of
+/// [`EXPORT_BYTES`], as console commands.
+fn thin_pool_commands() -> [String; 3] {
+    [
+        format!(
+            "create pool --table \"0 {} thin-pool vda vdb {BLOCK_SECTORS} 0\"",
+            POOL_DATA_BYTES / SECTOR
+        ),
+        "message pool 0 \"create_thin 0\"".to_string(),
+        format!(
+            "create thin --table \"0 {} thin pool 0\"",
+            EXPORT_BYTES / SECTOR
+        ),
+    ]
 }
 
 fn parse_seconds() -> Result<u32> {
@@ -239,6 +259,90 @@ fn fio_iops(uri: &str, pattern: &str, seconds: u32) -> Result<f64> {
         .get(index)
         .and_then(|iops| iops.parse().ok())
         .ok_or_else(|| format!("unexpected fio output: {text}"))
+}
+
+/// `thinbox offline` serving the thin pool from image files on a free local port.
+struct Offline {
+    child: Child,
+    address: String,
+}
+
+impl Offline {
+    fn start(dir: &Path) -> Result<Offline> {
+        let thinbox = build_thinbox()?;
+        let mut command = Command::new(thinbox);
+        command.arg("offline");
+        for (name, bytes) in [
+            ("host-metadata.img", METADATA_BYTES),
+            ("host-data.img", POOL_DATA_BYTES),
+        ] {
+            let path = dir.join(name);
+            qemu_test::create_disk(&path, bytes).map_err(|e| format!("{name}: {e}"))?;
+            command.arg("--disk").arg(path);
+        }
+        command.args(["--nbd", "127.0.0.1:0"]);
+        for line in thin_pool_commands() {
+            command.args(["--exec", &line]);
+        }
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("thinbox offline: {e}"))?;
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let address = lines
+            .by_ref()
+            .map_while(std::io::Result::ok)
+            .find_map(|line| line.strip_prefix("serving NBD on ").map(str::to_string))
+            .ok_or("thinbox offline ended without serving NBD")?;
+        // Keep its standard output drained so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let server = Offline { child, address };
+        let port = server
+            .address
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok());
+        wait_for_greeting(
+            port.ok_or("no port in the NBD address")?,
+            Duration::from_secs(10),
+        )?;
+        Ok(server)
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd://{}/thin", self.address)
+    }
+}
+
+impl Drop for Offline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds the host runner (this binary's crate does not depend on it) and returns its
+/// path, next to this binary.
+fn build_thinbox() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--bin",
+            "thinbox",
+            "--manifest-path",
+        ])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
+        .status()
+        .map_err(|e| format!("building thinbox: {e}"))?;
+    if !built.success() {
+        return Err("building thinbox failed".into());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("locating the bench: {e}"))?;
+    Ok(exe.with_file_name("thinbox"))
 }
 
 /// `qemu-nbd` serving a qcow2 overlay over a raw base image, on a free local port.
