@@ -2,14 +2,14 @@
 //! across reboots and power cuts, and the NBD backend.
 
 use alloc::rc::Rc;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::{BlockDevice, Busy, Command, Completion, DeviceInfo, IoBuf, MemDisk, Request};
 use core::cell::Cell;
 use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput, IoRequest};
 
 use crate::Console;
-use crate::tests::{FakePlatform, NO_CONFIG, disk, error, lines, mem_disk, run};
+use crate::tests::{FakePlatform, NO_CONFIG, boot, disk, error, io, lines, mem_disk, ok, run};
 
 /// Three disks with serials: a 64 MiB one (vda), a 32 MiB one (vdb), an 8 MiB one
 /// (vdc). Returns the disks' contents to boot again from.
@@ -19,31 +19,6 @@ fn machine() -> Vec<(&'static str, MemDisk)> {
         ("vdb", mem_disk(32, "disk", "serial-b")),
         ("vdc", mem_disk(8, "disk", "serial-c")),
     ]
-}
-
-/// Boots a console over handles of `disks` (so the contents survive the console) and
-/// returns it with what `start` printed before the prompt.
-fn boot(disks: &[(&str, MemDisk)]) -> (Console<FakePlatform>, String) {
-    let mut console = Console::new(
-        FakePlatform::default(),
-        disks
-            .iter()
-            .map(|(name, contents)| disk(name, contents.handle()))
-            .collect(),
-    );
-    let mut out = String::new();
-    console.start(&mut out);
-    let notes = out
-        .strip_suffix(crate::PROMPT)
-        .expect("prompt after start")
-        .to_string();
-    (console, notes)
-}
-
-fn ok(console: &mut Console<FakePlatform>, line: &str) -> String {
-    let out = run(console, line);
-    assert!(!out.contains("error:"), "{line}: {out}");
-    out
 }
 
 #[test]
@@ -460,24 +435,6 @@ fn nbd_names(console: &Console<FakePlatform>) -> impl Iterator<Item = String> {
         .exports()
         .into_iter()
         .map(|export| export.name)
-}
-
-/// Submits a request and polls until it completes.
-fn io(
-    backend: &mut dyn Backend,
-    export: ExportHandle,
-    tag: u64,
-    op: IoOp,
-) -> Result<IoOutput, BackendError> {
-    backend
-        .submit(IoRequest { tag, export, op })
-        .expect("queue has room");
-    loop {
-        if let Some(done) = backend.poll() {
-            assert_eq!(done.tag, tag);
-            return done.result;
-        }
-    }
 }
 
 fn read(backend: &mut dyn Backend, export: ExportHandle, sector: u64) -> Vec<u8> {

@@ -8,7 +8,7 @@ use blockdev::{IoBuf, MemDisk};
 use nbd::{Backend, BackendError, ExportHandle, Extent, IoOp, IoOutput, IoRequest};
 
 use crate::Console;
-use crate::tests::{FakePlatform, disk, error, lines, mem_disk, run};
+use crate::tests::{FakePlatform, boot, error, io, lines, mem_disk, ok};
 
 /// vda 16 MiB (metadata), vdb 64 MiB (data), vdc 8 MiB (base image), vdd 4 MiB
 /// (configuration).
@@ -19,26 +19,6 @@ fn machine() -> Vec<(&'static str, MemDisk)> {
         ("vdc", mem_disk(8, "disk", "image")),
         ("vdd", mem_disk(4, "disk", "config")),
     ]
-}
-
-fn boot(disks: &[(&str, MemDisk)]) -> (Console<FakePlatform>, String) {
-    let mut console = Console::new(
-        FakePlatform::default(),
-        disks
-            .iter()
-            .map(|(name, contents)| disk(name, contents.handle()))
-            .collect(),
-    );
-    let mut out = String::new();
-    console.start(&mut out);
-    let notes = out.strip_suffix(crate::PROMPT).unwrap().into();
-    (console, notes)
-}
-
-fn ok(console: &mut Console<FakePlatform>, line: &str) -> String {
-    let out = run(console, line);
-    assert!(!out.contains("error:"), "{line}: {out}");
-    out
 }
 
 /// The fields of a pool status line after `0 LENGTH thin-pool`.
@@ -241,21 +221,6 @@ fn conveniences_write_the_same_tables_and_messages() {
     ok(&mut console, "message pool 0 reserve_metadata_snap");
     let snap = ok(&mut console, "dump pool --metadata-snap");
     assert!(snap.contains("<device dev_id=\"2\""), "{snap}");
-}
-
-fn io(
-    backend: &mut dyn Backend,
-    export: ExportHandle,
-    tag: u64,
-    op: IoOp,
-) -> Result<IoOutput, BackendError> {
-    backend.submit(IoRequest { tag, export, op }).unwrap();
-    loop {
-        if let Some(done) = backend.poll() {
-            assert_eq!(done.tag, tag);
-            return done.result;
-        }
-    }
 }
 
 fn write(backend: &mut dyn Backend, export: ExportHandle, sector: u64, sectors: usize, byte: u8) {

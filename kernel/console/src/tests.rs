@@ -190,6 +190,50 @@ pub(crate) fn lines(text: &str) -> Vec<&str> {
     trimmed.split("\r\n").collect()
 }
 
+/// Boots a console over handles of `disks` (so the contents survive the console) and
+/// returns it with what `start` printed before the prompt.
+pub(crate) fn boot(disks: &[(&str, MemDisk)]) -> (Console<FakePlatform>, String) {
+    let mut console = Console::new(
+        FakePlatform::default(),
+        disks
+            .iter()
+            .map(|(name, contents)| disk(name, contents.handle()))
+            .collect(),
+    );
+    let mut out = String::new();
+    console.start(&mut out);
+    let notes = out
+        .strip_suffix(PROMPT)
+        .expect("prompt after start")
+        .to_string();
+    (console, notes)
+}
+
+/// Runs a command that must succeed; returns its output.
+pub(crate) fn ok(console: &mut Console<FakePlatform>, line: &str) -> String {
+    let out = run(console, line);
+    assert!(!out.contains("error:"), "{line}: {out}");
+    out
+}
+
+/// Submits an NBD backend request and polls until it completes.
+pub(crate) fn io(
+    backend: &mut dyn nbd::Backend,
+    export: nbd::ExportHandle,
+    tag: u64,
+    op: nbd::IoOp,
+) -> Result<nbd::IoOutput, nbd::BackendError> {
+    backend
+        .submit(nbd::IoRequest { tag, export, op })
+        .expect("queue has room");
+    loop {
+        if let Some(done) = backend.poll() {
+            assert_eq!(done.tag, tag);
+            return done.result;
+        }
+    }
+}
+
 /// The single error line of a failed command.
 pub(crate) fn error<P: Platform>(console: &mut Console<P>, line: &str) -> String {
     let out = run(console, line);
