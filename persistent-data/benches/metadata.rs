@@ -12,17 +12,6 @@ use persistent_data::thin::{OpenOptions, ThinMetadata};
 
 const DATA_BLOCK_SIZE: u32 = 128;
 
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 fn open_with(device: Box<dyn blockdev::BlockDevice>, cache_blocks: usize) -> ThinMetadata {
     let mut options = OpenOptions::new(DATA_BLOCK_SIZE);
     options.cache_blocks = cache_blocks;
@@ -65,11 +54,11 @@ fn inserts_and_lookups(mappings: u64, cache_blocks: usize) {
         ),
         rate(mappings, insert_time),
     );
-    let mut rng = Rng(7);
+    let mut rng = fastrand::Rng::with_seed(7);
     let lookups = 1_000_000;
     let start = Instant::now();
     for _ in 0..lookups {
-        let v = rng.below(mappings);
+        let v = rng.u64(..mappings);
         assert!(md.lookup(1, v).unwrap().is_some());
     }
     row("random lookups over them", rate(lookups, start.elapsed()));
@@ -87,7 +76,7 @@ fn inserts_and_lookups(mappings: u64, cache_blocks: usize) {
     let rounds = 20;
     for _ in 0..rounds {
         for _ in 0..1000 {
-            let v = rng.below(mappings);
+            let v = rng.u64(..mappings);
             let data = md.alloc_data_block().unwrap();
             if let Some(old) = md.insert(1, v, data).unwrap() {
                 md.dec_data_block(old).unwrap();
@@ -118,11 +107,11 @@ fn snapshot_depth() {
     md.resize_data(mappings * 2).unwrap();
     md.create_thin(0).unwrap();
     fill(&mut md, 0, mappings, 100_000);
-    let mut rng = Rng(99);
+    let mut rng = fastrand::Rng::with_seed(99);
     for depth in 1..=1000u64 {
         md.create_snap(depth, depth - 1).unwrap();
         for _ in 0..20 {
-            let v = rng.below(mappings);
+            let v = rng.u64(..mappings);
             let data = md.alloc_data_block().unwrap();
             if let Some(old) = md.insert(depth, v, data).unwrap() {
                 md.dec_data_block(old).unwrap();
@@ -135,10 +124,10 @@ fn snapshot_depth() {
     md.commit().unwrap();
     let lookups = 500_000;
     for dev in [1u64, 1000] {
-        let mut rng = Rng(5);
+        let mut rng = fastrand::Rng::with_seed(5);
         let start = Instant::now();
         for _ in 0..lookups {
-            assert!(md.lookup(dev, rng.below(mappings)).unwrap().is_some());
+            assert!(md.lookup(dev, rng.u64(..mappings)).unwrap().is_some());
         }
         let elapsed = start.elapsed();
         row(

@@ -802,6 +802,17 @@ mod tree_tests {
         }
     }
 
+    /// A tree of keys `0..count`, each mapped to itself.
+    fn sequential_tree(tm: &mut Tm, count: u64) -> u64 {
+        let mut root = empty_tree(tm, 8).unwrap();
+        for key in 0..count {
+            root = insert(tm, root, key, &key.to_le_bytes(), &mut NoRefs(8))
+                .unwrap()
+                .0;
+        }
+        root
+    }
+
     fn contents(tm: &mut Tm, root: u64) -> Vec<(u64, u64)> {
         let mut check = ShapeCheck {
             leaf_depth: None,
@@ -811,40 +822,30 @@ mod tree_tests {
         check.out
     }
 
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-    }
-
     #[test]
     fn random_inserts_and_removes_keep_the_shape() {
         let mut tm = tm(4096);
         let mut refs = NoRefs(8);
         let mut root = empty_tree(&mut tm, 8).unwrap();
         let mut model = BTreeMap::new();
-        let mut rng = Rng(12345);
+        let mut rng = fastrand::Rng::with_seed(12345);
         for round in 0..6 {
             for _ in 0..6000 {
-                let key = rng.below(20_000);
-                let value = rng.below(1 << 40);
+                let key = rng.u64(..20_000);
+                let value = rng.u64(..1 << 40);
                 let (new_root, old) =
                     insert(&mut tm, root, key, &value.to_le_bytes(), &mut refs).unwrap();
                 root = new_root;
                 assert_eq!(old.map(|v| v.u64()), model.insert(key, value));
             }
             for _ in 0..(3000 + round * 1000) {
-                let key = rng.below(20_000);
+                let key = rng.u64(..20_000);
                 let (new_root, old) = remove(&mut tm, root, key, &mut refs).unwrap();
                 root = new_root;
                 assert_eq!(old.map(|v| v.u64()), model.remove(&key));
             }
-            let begin = rng.below(20_000);
-            let end = begin + rng.below(3000);
+            let begin = rng.u64(..20_000);
+            let end = begin + rng.u64(..3000);
             let mut removed = Vec::new();
             root = remove_range(&mut tm, root, begin, end, &mut refs, &mut |k, v| {
                 removed.push((k, le64(v, 0)));
@@ -862,7 +863,7 @@ mod tree_tests {
                 last_key(&mut tm, root, 8).unwrap(),
                 model.keys().next_back().copied()
             );
-            let from = rng.below(20_000);
+            let from = rng.u64(..20_000);
             let mut cursor = Cursor::seek(&mut tm, root, from, 8).unwrap();
             for (k, v) in model.range(from..).take(500) {
                 assert_eq!(
@@ -881,13 +882,7 @@ mod tree_tests {
     #[test]
     fn sequential_inserts_fill_two_thirds() {
         let mut tm = tm(2048);
-        let mut refs = NoRefs(8);
-        let mut root = empty_tree(&mut tm, 8).unwrap();
-        for key in 0..10_000u64 {
-            root = insert(&mut tm, root, key, &key.to_le_bytes(), &mut refs)
-                .unwrap()
-                .0;
-        }
+        let root = sequential_tree(&mut tm, 10_000);
         let entries = contents(&mut tm, root);
         assert_eq!(entries.len(), 10_000);
         // 10,000 entries at 168 per leaf need 60 leaves (half-full splits: 80).
@@ -898,15 +893,9 @@ mod tree_tests {
     #[test]
     fn shadowing_a_shared_node_counts_its_children() {
         let mut tm = tm(2048);
-        let mut refs = NoRefs(8);
-        let mut root = empty_tree(&mut tm, 8).unwrap();
-        for key in 0..1000u64 {
-            root = insert(&mut tm, root, key, &key.to_le_bytes(), &mut refs)
-                .unwrap()
-                .0;
-        }
+        let root = sequential_tree(&mut tm, 1000);
         tm.inc(root).unwrap();
-        let (copy, _) = insert(&mut tm, root, 5000, &[1; 8], &mut refs).unwrap();
+        let (copy, _) = insert(&mut tm, root, 5000, &[1; 8], &mut NoRefs(8)).unwrap();
         assert_ne!(copy, root);
         assert_eq!(tm.count(root).unwrap(), 1);
         let children: Vec<u64> = {
@@ -923,7 +912,7 @@ mod tree_tests {
             );
         }
         assert_eq!(tm.count(last).unwrap(), 1, "the changed child was copied");
-        delete_tree(&mut tm, copy, &mut refs).unwrap();
+        delete_tree(&mut tm, copy, &mut NoRefs(8)).unwrap();
         for child in &children {
             assert_eq!(tm.count(*child).unwrap(), 1);
         }

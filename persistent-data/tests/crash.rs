@@ -11,17 +11,6 @@ use common::*;
 use persistent_data::Result;
 use persistent_data::thin::{FormatPolicy, OpenOptions, ThinMetadata};
 
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 /// What the workload managed to commit before the power failed.
 #[derive(Default)]
 struct Outcome {
@@ -39,11 +28,11 @@ fn commit(md: &mut ThinMetadata, outcome: &mut Outcome) -> Result<()> {
 }
 
 fn workload(md: &mut ThinMetadata, seed: u64, outcome: &mut Outcome) -> Result<()> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = fastrand::Rng::with_seed(seed | 1);
     md.create_thin(1)?;
     for round in 0..6u64 {
-        for _ in 0..150 + rng.below(200) {
-            let v = rng.below(4000);
+        for _ in 0..150 + rng.u64(..200) {
+            let v = rng.u64(..4000);
             let data = md.alloc_data_block()?;
             if let Some(old) = md.insert(1, v, data)? {
                 md.dec_data_block(old)?;
@@ -57,7 +46,7 @@ fn workload(md: &mut ThinMetadata, seed: u64, outcome: &mut Outcome) -> Result<(
                 md.reserve_metadata_snap()?;
             }
             3 => {
-                let begin = rng.below(2000);
+                let begin = rng.u64(..2000);
                 for run in md.remove_range(2, begin, begin + 1500)? {
                     for i in 0..run.len {
                         md.dec_data_block(run.data_begin + i)?;

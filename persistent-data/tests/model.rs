@@ -11,27 +11,6 @@ use blockdev::MemDisk;
 use common::*;
 use persistent_data::thin::{Run, ThinMetadata};
 
-/// xorshift64*: small, seedable, good enough to drive operation choice.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Dev {
     mappings: BTreeMap<u64, (u64, u32)>,
@@ -93,7 +72,7 @@ struct Harness {
     cache_blocks: usize,
     nr_data_blocks: u64,
     committed_nr_data_blocks: u64,
-    rng: Rng,
+    rng: fastrand::Rng,
     key_space: u64,
 }
 
@@ -101,11 +80,11 @@ impl Harness {
     fn new(seed: u64, cache_blocks: usize, metadata_mib: u64) -> Self {
         let disk = MemDisk::new(metadata_mib << 11);
         let mut md = open(&disk, cache_blocks);
-        let mut rng = Rng::new(seed);
-        let nr_data_blocks = 20_000 + rng.below(20_000);
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let nr_data_blocks = 20_000 + rng.u64(..20_000);
         md.resize_data(nr_data_blocks).unwrap();
         md.commit().unwrap();
-        let key_space = [300, 3_000, 30_000][rng.below(3) as usize];
+        let key_space = [300, 3_000, 30_000][rng.u64(..3) as usize];
         Harness {
             disk,
             md,
@@ -123,7 +102,7 @@ impl Harness {
 
     fn pick_dev(&mut self) -> Option<u64> {
         let ids: Vec<u64> = self.model.devices.keys().copied().collect();
-        (!ids.is_empty()).then(|| ids[self.rng.below(ids.len() as u64) as usize])
+        (!ids.is_empty()).then(|| ids[self.rng.u64(..ids.len() as u64) as usize])
     }
 
     fn free_id(&mut self) -> Option<u64> {
@@ -131,7 +110,7 @@ impl Harness {
             return None;
         }
         loop {
-            let id = self.rng.below(40);
+            let id = self.rng.u64(..40);
             if !self.model.devices.contains_key(&id) {
                 return Some(id);
             }
@@ -160,13 +139,13 @@ impl Harness {
     }
 
     fn step(&mut self) {
-        let roll = self.rng.below(1000);
+        let roll = self.rng.u64(..1000);
         match roll {
             0..=399 => {
                 if let Some(dev) = self.pick_dev() {
-                    let base = self.rng.below(self.key_space);
-                    let burst = if self.rng.chance(10) { 300 } else { 8 };
-                    let n = 1 + self.rng.below(burst);
+                    let base = self.rng.u64(..self.key_space);
+                    let burst = if self.rng.u64(..100) < 10 { 300 } else { 8 };
+                    let n = 1 + self.rng.u64(..burst);
                     for v in base..base + n {
                         self.insert(dev, v);
                     }
@@ -174,7 +153,7 @@ impl Harness {
             }
             400..=519 => {
                 if let Some(dev) = self.pick_dev() {
-                    let v = self.rng.below(self.key_space);
+                    let v = self.rng.u64(..self.key_space);
                     let got = self.md.remove(dev, v).unwrap();
                     let want = self
                         .model
@@ -191,8 +170,8 @@ impl Harness {
             }
             520..=579 => {
                 if let Some(dev) = self.pick_dev() {
-                    let begin = self.rng.below(self.key_space);
-                    let end = begin + self.rng.below(self.key_space / 4 + 1);
+                    let begin = self.rng.u64(..self.key_space);
+                    let end = begin + self.rng.u64(..self.key_space / 4 + 1);
                     let runs = self.md.remove_range(dev, begin, end).unwrap();
                     let mappings = &mut self.model.devices.get_mut(&dev).unwrap().mappings;
                     let want: Vec<(u64, u64)> = mappings
@@ -215,7 +194,7 @@ impl Harness {
             580..=699 => {
                 if let Some(dev) = self.pick_dev() {
                     for _ in 0..20 {
-                        let v = self.rng.below(self.key_space);
+                        let v = self.rng.u64(..self.key_space);
                         let got = self.md.lookup(dev, v).unwrap();
                         let d = &self.model.devices[&dev];
                         let want = d.mappings.get(&v).map(|&(b, t)| (b, t, d.snap_time > t));
@@ -225,8 +204,8 @@ impl Harness {
             }
             700..=739 => {
                 if let Some(dev) = self.pick_dev() {
-                    let begin = self.rng.below(self.key_space);
-                    let end = begin + self.rng.below(self.key_space / 2 + 1);
+                    let begin = self.rng.u64(..self.key_space);
+                    let end = begin + self.rng.u64(..self.key_space / 2 + 1);
                     self.check_range(dev, begin, end);
                 }
             }
@@ -275,7 +254,7 @@ impl Harness {
                 }
             }
             820..=839 => {
-                let new = self.rng.below(1000);
+                let new = self.rng.u64(..1000);
                 assert!(
                     self.md
                         .set_transaction_id(self.model.transaction + 1, new)
@@ -308,7 +287,7 @@ impl Harness {
                 }
             }
             955..=964 => {
-                self.nr_data_blocks += self.rng.below(20_000);
+                self.nr_data_blocks += self.rng.u64(..20_000);
                 self.md.resize_data(self.nr_data_blocks).unwrap();
             }
             _ => {

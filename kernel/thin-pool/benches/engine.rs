@@ -28,17 +28,6 @@ const RANDOM_OPS: u64 = 4096;
 const PASSES: u64 = 8;
 const SEQUENTIAL_MIB: u64 = 256;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Time a workload took: wall clock and time this thread spent on a CPU.
 #[derive(Clone, Copy)]
 struct Took {
@@ -106,13 +95,13 @@ fn random_ops(
     write: bool,
     passes: u64,
 ) -> Vec<Command> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = fastrand::Rng::with_seed(seed | 1);
     (0..RANDOM_OPS * passes)
         .map(|n| {
             let i = n % RANDOM_OPS;
             // A distinct block per operation (a permutation step).
             let block = first + (i * 7919 + seed) % blocks;
-            let sector = block * BS + (rng.next() % (BS / sectors)) * sectors;
+            let sector = block * BS + rng.u64(..BS / sectors) * sectors;
             if write {
                 Command::Write {
                     sector,

@@ -36,15 +36,7 @@ fn mapping_is_not_committed_before_its_data_is_flushed() {
         // but completes after it: the flush does not cover it.
         rig.data.hold(true);
         let data = pattern(7, 8 * 512);
-        vol.submit_op(ThinRequest {
-            tag: 1,
-            op: ThinOp::Write {
-                sector: 0,
-                buf: IoBuf::from_slice(&data),
-                fua: false,
-            },
-        })
-        .unwrap();
+        submit_write(&mut vol, 1, 0, &data);
         vol.submit_op(ThinRequest {
             tag: 2,
             op: ThinOp::Flush,
@@ -52,13 +44,7 @@ fn mapping_is_not_committed_before_its_data_is_flushed() {
         .unwrap();
         pool.poll();
         rig.data.hold(false);
-        let mut done = 0;
-        while done < 2 {
-            if let Some(completion) = vol.poll_op() {
-                completion.result.unwrap();
-                done += 1;
-            }
-        }
+        complete_ok(&mut vol, 2);
         drop(vol);
         drop(pool);
         crash(&rig.meta, seed);
@@ -169,18 +155,6 @@ fn out_of_space_with_error_if_no_space_then_grow() {
     assert!(pool.resize(4 * BS).unwrap_err().text.contains("too small"));
 }
 
-fn submit_write(vol: &mut thin_pool::ThinVolume, tag: u64, sector: u64) {
-    vol.submit_op(ThinRequest {
-        tag,
-        op: ThinOp::Write {
-            sector,
-            buf: IoBuf::from_slice(&[tag as u8; 512]),
-            fua: false,
-        },
-    })
-    .unwrap();
-}
-
 fn poll_some(
     pool: &Pool,
     vol: &mut thin_pool::ThinVolume,
@@ -201,7 +175,7 @@ fn out_of_space_queues_until_grown_or_timeout() {
         write(&mut vol, block * BS, &[1; 512]).unwrap();
     }
     pool.service(1_000_000_000);
-    submit_write(&mut vol, 20, 20 * BS);
+    submit_write(&mut vol, 20, 20 * BS, &[20; 512]);
     assert!(
         poll_some(&pool, &mut vol).is_empty(),
         "write should wait for space"
@@ -218,7 +192,7 @@ fn out_of_space_queues_until_grown_or_timeout() {
     }
     // Full again: the write waits, and fails with ENOSPC after the timeout.
     pool.service(2_000_000_000);
-    submit_write(&mut vol, 30, 30 * BS);
+    submit_write(&mut vol, 30, 30 * BS, &[30; 512]);
     assert!(poll_some(&pool, &mut vol).is_empty());
     pool.service(2_000_000_000 + 59_000_000_000);
     assert!(poll_some(&pool, &mut vol).is_empty());
@@ -537,24 +511,10 @@ fn snapshot_while_writes_are_in_flight() {
         let sector = (tag * 97) % (32 * BS - 8);
         let data = pattern(100 + tag, 8 * 512);
         expected[(sector * 512) as usize..((sector + 8) * 512) as usize].copy_from_slice(&data);
-        vol.submit_op(ThinRequest {
-            tag,
-            op: ThinOp::Write {
-                sector,
-                buf: IoBuf::from_slice(&data),
-                fua: false,
-            },
-        })
-        .unwrap();
+        submit_write(&mut vol, tag, sector, &data);
     }
     pool.message("create_snap 2 1").unwrap();
-    let mut completed = 0;
-    while completed < 40 {
-        if let Some(done) = vol.poll_op() {
-            done.result.unwrap();
-            completed += 1;
-        }
-    }
+    complete_ok(&mut vol, 40);
     // Writes after the message change the origin only.
     write(&mut vol, 0, &pattern(999, (32 * BS * 512) as usize)).unwrap();
     let mut snap = pool.activate(2, 32 * BS, None).unwrap();
@@ -591,23 +551,9 @@ fn concurrent_overlapping_writes_to_one_unprovisioned_block() {
             for s in 0..20usize {
                 covering[sector as usize + s].push(data[s * 512..(s + 1) * 512].to_vec());
             }
-            vol.submit_op(ThinRequest {
-                tag,
-                op: ThinOp::Write {
-                    sector,
-                    buf: IoBuf::from_slice(&data),
-                    fua: false,
-                },
-            })
-            .unwrap();
+            submit_write(&mut vol, tag, sector, &data);
         }
-        let mut completed = 0;
-        while completed < 12 {
-            if let Some(done) = vol.poll_op() {
-                done.result.unwrap();
-                completed += 1;
-            }
-        }
+        complete_ok(&mut vol, 12);
         let now = read(&mut vol, 0, BS);
         if reorder {
             // Writes in flight together may land in any order, but each sector
@@ -1047,15 +993,7 @@ fn snapshot_with_writes_waiting_for_space() {
         (8 * BS - 8, pattern(102, 16 * 512)),
     ];
     for (tag, (sector, data)) in waiting.iter().enumerate() {
-        vol.submit_op(ThinRequest {
-            tag: tag as u64,
-            op: ThinOp::Write {
-                sector: *sector,
-                buf: IoBuf::from_slice(data),
-                fua: false,
-            },
-        })
-        .unwrap();
+        submit_write(&mut vol, tag as u64, *sector, data);
     }
     assert!(poll_some(&pool, &mut vol).is_empty(), "both wait for space");
     assert_eq!(pool.mode(), PoolMode::OutOfDataSpace);

@@ -163,7 +163,7 @@ struct Harness {
     volumes: BTreeMap<u64, ThinVolume>,
     model: Model,
     origin_disk: MemDisk,
-    rng: Rng,
+    rng: fastrand::Rng,
     next_dev: u64,
     now: u64,
     scratch: Scratch,
@@ -192,7 +192,7 @@ impl Harness {
                 next_token: 1 << 48,
             },
             origin_disk,
-            rng: Rng::new(seed),
+            rng: fastrand::Rng::with_seed(seed),
             next_dev: 0,
             now: 0,
             scratch: Scratch::new(&format!("model-{seed}")),
@@ -214,7 +214,7 @@ impl Harness {
             let mut info = self.origin_disk.info().clone();
             info.read_only = true;
             let mut handle = self.origin_disk.handle_with_info(info);
-            handle.shuffle_completions(self.rng.next());
+            handle.shuffle_completions(self.rng.u64(..));
             Box::new(handle) as Box<dyn BlockDevice>
         });
         let volume = self.pool().activate(dev, SECTORS, origin).unwrap();
@@ -227,7 +227,7 @@ impl Harness {
     fn verify(&mut self, dev: u64) {
         let mut at = 0;
         while at < SECTORS {
-            let len = (1 + self.rng.below(3 * BS)).min(SECTORS - at);
+            let len = (1 + self.rng.u64(..3 * BS)).min(SECTORS - at);
             let volume = self.volumes.get_mut(&dev).unwrap();
             let (result, buf) = run(
                 volume,
@@ -266,26 +266,26 @@ impl Harness {
     }
 
     fn random_io(&mut self, taken: &mut BTreeMap<u64, Vec<(u64, u64)>>, dev: u64) -> Option<Io> {
-        let len = match self.rng.below(10) {
-            0..=5 => 1 + self.rng.below(64),
-            6..=8 => 1 + self.rng.below(3 * BS),
-            _ => 1 + self.rng.below(SECTORS),
+        let len = match self.rng.u64(..10) {
+            0..=5 => 1 + self.rng.u64(..64),
+            6..=8 => 1 + self.rng.u64(..3 * BS),
+            _ => 1 + self.rng.u64(..SECTORS),
         };
         let len = len.min(SECTORS);
-        let sector = self.rng.below(SECTORS - len + 1);
+        let sector = self.rng.u64(..SECTORS - len + 1);
         let ranges = taken.entry(dev).or_default();
         if ranges.iter().any(|&(s, e)| sector < e && s < sector + len) {
             return None;
         }
         ranges.push((sector, sector + len));
-        Some(match self.rng.below(10) {
+        Some(match self.rng.u64(..10) {
             0..=2 => Io::Read(sector, len),
             3..=6 => {
-                let data = pattern(self.rng.next(), (len * 512) as usize);
-                Io::Write(sector, data, self.rng.chance(20))
+                let data = pattern(self.rng.u64(..), (len * 512) as usize);
+                Io::Write(sector, data, self.rng.u64(..100) < 20)
             }
             7 | 8 => Io::Discard(sector, len),
-            _ => Io::Zeroes(sector, len, self.rng.chance(60)),
+            _ => Io::Zeroes(sector, len, self.rng.u64(..100) < 60),
         })
     }
 
@@ -298,8 +298,8 @@ impl Harness {
         let devs: Vec<u64> = self.volumes.keys().copied().collect();
         let mut taken = BTreeMap::new();
         let mut ops: Vec<(u64, Io)> = Vec::new();
-        for _ in 0..1 + self.rng.below(16) {
-            let dev = devs[self.rng.below(devs.len() as u64) as usize];
+        for _ in 0..1 + self.rng.u64(..16) {
+            let dev = devs[self.rng.u64(..devs.len() as u64) as usize];
             if let Some(io) = self.random_io(&mut taken, dev) {
                 ops.push((dev, io));
             }
@@ -408,7 +408,7 @@ impl Harness {
         }
         let dev = self.next_dev;
         self.next_dev += 1;
-        let origin = self.rng.chance(35);
+        let origin = self.rng.u64(..100) < 35;
         self.message(&format!("create_thin {dev}"));
         let fresh = self.model.new_dev(origin);
         self.model.devs.insert(dev, fresh);
@@ -420,13 +420,13 @@ impl Harness {
             return;
         }
         let devs: Vec<u64> = self.model.devs.keys().copied().collect();
-        let origin = devs[self.rng.below(devs.len() as u64) as usize];
+        let origin = devs[self.rng.u64(..devs.len() as u64) as usize];
         let dev = self.next_dev;
         self.next_dev += 1;
         self.message(&format!("create_snap {dev} {origin}"));
         self.model.snapshot(dev, origin);
         self.count("snapshots");
-        if self.rng.chance(70) {
+        if self.rng.u64(..100) < 70 {
             self.activate(dev);
         }
     }
@@ -436,7 +436,7 @@ impl Harness {
             return;
         }
         let devs: Vec<u64> = self.model.devs.keys().copied().collect();
-        let dev = devs[self.rng.below(devs.len() as u64) as usize];
+        let dev = devs[self.rng.u64(..devs.len() as u64) as usize];
         if self.volumes.contains_key(&dev) {
             let error = self.pool().message(&format!("delete {dev}")).unwrap_err();
             assert_eq!(error.errno, Errno::Ebusy);
@@ -451,7 +451,7 @@ impl Harness {
         if devs.is_empty() {
             return;
         }
-        let dev = devs[self.rng.below(devs.len() as u64) as usize];
+        let dev = devs[self.rng.u64(..devs.len() as u64) as usize];
         if self.volumes.remove(&dev).is_none() {
             self.activate(dev);
         }
@@ -477,12 +477,12 @@ impl Harness {
     /// A power cut with a batch partly done, then a reopen: whatever was durable
     /// must be intact; the rest is taken from what the pool now shows.
     fn power_cut(&mut self) {
-        let complete = self.rng.below(8) as usize;
+        let complete = self.rng.u64(..8) as usize;
         self.batch(Some(complete));
         let active: Vec<u64> = self.volumes.keys().copied().collect();
         self.volumes.clear();
         self.pool = None;
-        let seed = self.rng.next();
+        let seed = self.rng.u64(..);
         crash(&self.rig.meta, seed);
         crash(&self.rig.data, seed ^ 1);
         self.count("power cuts");
@@ -675,7 +675,7 @@ impl Harness {
 
     fn step(&mut self, step: u64) {
         let touched_before: Vec<u64> = self.volumes.keys().copied().collect();
-        match self.rng.below(100) {
+        match self.rng.u64(..100) {
             0..=54 => self.batch(None),
             55..=62 => {
                 self.barrier();

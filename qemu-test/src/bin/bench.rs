@@ -173,18 +173,13 @@ fn parse_seconds() -> Result<u32> {
     }
 }
 
-/// Writes `bytes` of pseudo-random data (xorshift; incompressible, no holes).
+/// Writes `bytes` of pseudo-random data (incompressible, no holes).
 fn write_random(path: &Path, bytes: u64) -> Result<()> {
     let mut file = File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15);
     let mut chunk = vec![0u8; MIB as usize];
     for _ in 0..bytes / MIB {
-        for word in chunk.as_chunks_mut::<8>().0 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            *word = state.to_le_bytes();
-        }
+        rng.fill(&mut chunk);
         file.write_all(&chunk)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }

@@ -10,28 +10,6 @@ use std::process::Command as Process;
 use blockdev::{BlockDevice, CrashDisk, IoBuf, IoError, Unflushed};
 use thin_pool::{Pool, PoolConfig, ThinOp, ThinOutput, ThinRequest, ThinVolume};
 
-/// A tiny deterministic generator (xorshift64*).
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 /// A handle on a test disk as the pool sees it: at most 1 MiB per request, 32 in
 /// flight, completions in random order when `reorder` is set.
 pub fn device(disk: &CrashDisk, seed: u64, reorder: bool) -> CrashDisk {
@@ -111,6 +89,31 @@ pub fn run(volume: &mut ThinVolume, op: ThinOp) -> (Result<ThinOutput, IoError>,
     }
 }
 
+/// Submits a write without waiting for it.
+pub fn submit_write(volume: &mut ThinVolume, tag: u64, sector: u64, data: &[u8]) {
+    volume
+        .submit_op(ThinRequest {
+            tag,
+            op: ThinOp::Write {
+                sector,
+                buf: IoBuf::from_slice(data),
+                fua: false,
+            },
+        })
+        .expect("queue has room");
+}
+
+/// Polls until `count` requests completed, each successfully.
+pub fn complete_ok(volume: &mut ThinVolume, count: usize) {
+    let mut completed = 0;
+    while completed < count {
+        if let Some(done) = volume.poll_op() {
+            done.result.unwrap();
+            completed += 1;
+        }
+    }
+}
+
 pub fn write(volume: &mut ThinVolume, sector: u64, data: &[u8]) -> Result<(), IoError> {
     let buf = IoBuf::from_slice(data);
     run(
@@ -147,12 +150,8 @@ pub fn discard(volume: &mut ThinVolume, sector: u64, sectors: u64) -> Result<(),
 
 /// A byte pattern that differs by `seed` and position.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        out.extend_from_slice(&rng.next().to_le_bytes());
-    }
-    out.truncate(len);
+    let mut out = vec![0; len];
+    fastrand::Rng::with_seed(seed).fill(&mut out);
     out
 }
 
@@ -160,29 +159,19 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 // thin-provisioning-tools
 
 /// A scratch directory removed on drop.
-pub struct Scratch(pub PathBuf);
+pub struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "thin-pool-{name}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
+        Scratch(
+            tempfile::Builder::new()
+                .prefix(&format!("thin-pool-{name}-"))
+                .tempdir()
+                .unwrap(),
+        )
     }
     pub fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path().join(file)
     }
 }
 
