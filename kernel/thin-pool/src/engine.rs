@@ -1117,11 +1117,7 @@ impl Core {
                         let first = data_sector + (at - s0);
                         let busy = (first / bs, (first + len).div_ceil(bs));
                         self.make_busy(busy);
-                        let (buf, used) = if lend {
-                            (mem::take(&mut self.reqs[span.req].buf), BufUse::Lent)
-                        } else {
-                            (self.buffers.take(len), BufUse::Pooled(Contents::Stale))
-                        };
+                        let (buf, used) = self.read_buf(span.req, lend, len);
                         self.reqs[span.req].outstanding += 1;
                         self.submit_data(
                             DevOp::Read {
@@ -1158,11 +1154,7 @@ impl Core {
             let mut at = s0;
             while at < origin_end {
                 let len = (origin_end - at).min(max);
-                let (buf, used) = if lend {
-                    (mem::take(&mut self.reqs[span.req].buf), BufUse::Lent)
-                } else {
-                    (self.buffers.take(len), BufUse::Pooled(Contents::Stale))
-                };
+                let (buf, used) = self.read_buf(span.req, lend, len);
                 self.reqs[span.req].outstanding += 1;
                 self.submit_origin(
                     vol,
@@ -1185,6 +1177,16 @@ impl Core {
                 start: origin_end - req_sector,
                 sectors: s1 - origin_end,
             });
+        }
+    }
+
+    /// A buffer for a device read of `sectors` on behalf of `req`: the request's own
+    /// buffer when the read fills it exactly (`lend`), else a pooled one to copy from.
+    fn read_buf(&mut self, req: ReqId, lend: bool, sectors: u64) -> (IoBuf, BufUse) {
+        if lend {
+            (mem::take(&mut self.reqs[req].buf), BufUse::Lent)
+        } else {
+            (self.buffers.take(sectors), BufUse::Pooled(Contents::Stale))
         }
     }
 

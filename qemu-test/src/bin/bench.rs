@@ -12,14 +12,13 @@
 //! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, TcpListener};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Options, Scratch, wait_for_greeting};
+use qemu_test::{Appliance, Options, Scratch, free_port, wait_for_greeting};
 
 const MIB: u64 = 1 << 20;
 /// Size of every export: copied in and out whole with nbdcopy, covered by the
@@ -104,12 +103,12 @@ fn bench() -> Result<()> {
         .shutdown()
         .map_err(|e| format!("shutdown: {e:?}"))?;
 
-    let offline = Offline::start(scratch.path())?;
-    let host_thin = measure("offline thin", &offline.uri(), &source, seconds)?;
+    let offline = start_offline(scratch.path())?;
+    let host_thin = measure("offline thin", &offline.uri, &source, seconds)?;
     drop(offline);
 
-    let qemu_nbd = QemuNbd::start(scratch.path())?;
-    let qcow2 = measure("qemu-nbd", &qemu_nbd.uri(), &source, seconds)?;
+    let qemu_nbd = start_qemu_nbd(scratch.path())?;
+    let qcow2 = measure("qemu-nbd", &qemu_nbd.uri, &source, seconds)?;
     drop(qemu_nbd);
 
     println!();
@@ -256,65 +255,48 @@ fn fio_iops(uri: &str, pattern: &str, seconds: u32) -> Result<f64> {
         .ok_or_else(|| format!("unexpected fio output: {text}"))
 }
 
-/// `thinbox offline` serving the thin pool from image files on a free local port.
-struct Offline {
+/// An NBD server running on the host, stopped when dropped.
+struct HostServer {
     child: Child,
-    address: String,
+    uri: String,
 }
 
-impl Offline {
-    fn start(dir: &Path) -> Result<Offline> {
-        let thinbox = build_thinbox()?;
-        let mut command = Command::new(thinbox);
-        command.arg("offline");
-        for (name, bytes) in [
-            ("host-metadata.img", METADATA_BYTES),
-            ("host-data.img", POOL_DATA_BYTES),
-        ] {
-            let path = dir.join(name);
-            qemu_test::create_disk(&path, bytes).map_err(|e| format!("{name}: {e}"))?;
-            command.arg("--disk").arg(path);
-        }
-        command.args(["--nbd", "127.0.0.1:0"]);
-        for line in thin_pool_commands() {
-            command.args(["--exec", &line]);
-        }
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("thinbox offline: {e}"))?;
-        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-        let address = lines
-            .by_ref()
-            .map_while(std::io::Result::ok)
-            .find_map(|line| line.strip_prefix("serving NBD on ").map(str::to_string))
-            .ok_or("thinbox offline ended without serving NBD")?;
-        // Keep its standard output drained so it never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        let server = Offline { child, address };
-        let port = server
-            .address
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok());
-        wait_for_greeting(
-            port.ok_or("no port in the NBD address")?,
-            Duration::from_secs(10),
-        )?;
-        Ok(server)
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd://{}/thin", self.address)
-    }
-}
-
-impl Drop for Offline {
+impl Drop for HostServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `thinbox offline` serving the thin pool from image files on a free local port.
+fn start_offline(dir: &Path) -> Result<HostServer> {
+    let mut command = Command::new(build_thinbox()?);
+    command.arg("offline");
+    for (name, bytes) in [
+        ("host-metadata.img", METADATA_BYTES),
+        ("host-data.img", POOL_DATA_BYTES),
+    ] {
+        let path = dir.join(name);
+        qemu_test::create_disk(&path, bytes).map_err(|e| format!("{name}: {e}"))?;
+        command.arg("--disk").arg(path);
+    }
+    let port = free_port().map_err(|e| format!("picking a port: {e}"))?;
+    command.args(["--nbd", &format!("127.0.0.1:{port}")]);
+    for line in thin_pool_commands() {
+        command.args(["--exec", &line]);
+    }
+    // Its console transcript is of no interest here.
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("thinbox offline: {e}"))?;
+    let server = HostServer {
+        child,
+        uri: format!("nbd://127.0.0.1:{port}/thin"),
+    };
+    wait_for_greeting(port, Duration::from_secs(10))?;
+    Ok(server)
 }
 
 /// Builds the host runner (this binary's crate does not depend on it) and returns its
@@ -341,58 +323,40 @@ fn build_thinbox() -> Result<PathBuf> {
 }
 
 /// `qemu-nbd` serving a qcow2 overlay over a raw base image, on a free local port.
-struct QemuNbd {
-    child: Child,
-    port: u16,
-}
-
-impl QemuNbd {
-    fn start(dir: &Path) -> Result<QemuNbd> {
-        let base = dir.join("base.raw");
-        let overlay = dir.join("overlay.qcow2");
-        qemu_test::create_disk(&base, EXPORT_BYTES).map_err(|e| format!("base image: {e}"))?;
-        timed(&[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            &base.display().to_string(),
+fn start_qemu_nbd(dir: &Path) -> Result<HostServer> {
+    let base = dir.join("base.raw");
+    let overlay = dir.join("overlay.qcow2");
+    qemu_test::create_disk(&base, EXPORT_BYTES).map_err(|e| format!("base image: {e}"))?;
+    timed(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        &base.display().to_string(),
+        &overlay.display().to_string(),
+    ])?;
+    let port = free_port().map_err(|e| format!("picking a port: {e}"))?;
+    let child = Command::new("qemu-nbd")
+        .args([
+            "--persistent",
+            "--shared=8",
+            "--format=qcow2",
+            "--cache=writeback",
+            "--bind=127.0.0.1",
+            &format!("--port={port}"),
             &overlay.display().to_string(),
-        ])?;
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|listener| listener.local_addr())
-            .map_err(|e| format!("picking a port: {e}"))?
-            .port();
-        let child = Command::new("qemu-nbd")
-            .args([
-                "--persistent",
-                "--shared=8",
-                "--format=qcow2",
-                "--cache=writeback",
-                "--bind=127.0.0.1",
-                &format!("--port={port}"),
-                &overlay.display().to_string(),
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("qemu-nbd: {e}"))?;
-        let server = QemuNbd { child, port };
-        wait_for_greeting(port, Duration::from_secs(10))?;
-        Ok(server)
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("qemu-nbd: {e}"))?;
+    let server = HostServer {
+        child,
+        uri: format!("nbd://127.0.0.1:{port}"),
+    };
+    wait_for_greeting(port, Duration::from_secs(10))?;
+    Ok(server)
 }
