@@ -370,3 +370,28 @@ assert h.pread(131072, 0) == b'\\x22' * 65536 + bytes(65536)
     assert!(first.split_whitespace().take(2).eq(["0", "65536"]), "{map}");
     assert!(first.ends_with("data"), "{map}");
 }
+
+/// Writes that no client flushes are committed by the periodic commit (every second
+/// while changes are pending) even when nothing else arrives: after 2 s idle the
+/// metadata on the image maps the written block.
+#[test]
+fn an_idle_pool_commits_unflushed_writes() {
+    // thin_dump comes with thin_check.
+    host_tools::require_for_test(&[Tool::NbdSh, Tool::ThinCheck]);
+    let (_scratch, disks) = images(&[8, 64]);
+    let served = Served::start(
+        &disks,
+        &["pool create pool vda vdb", "thin create vol pool --size 8M"],
+    );
+    run_nbdsh(
+        &served.uri("vol"),
+        "h.pwrite(b'\\x5a' * 4096, 5 * 65536 + 4096)",
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    drop(served);
+    let dump = run_tool("thin_dump", &[disks[0].to_str().unwrap()]);
+    assert!(
+        dump.contains("<single_mapping origin_block=\"5\" data_block=\"0\""),
+        "{dump}"
+    );
+}

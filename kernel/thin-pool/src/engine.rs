@@ -11,6 +11,12 @@
 //! origin's block, then writing the new data) is a *prep*; its mapping is inserted
 //! only when its I/O has completed.
 //!
+//! FLUSH and FUA: a FLUSH completes after the next commit cycle. A FUA request
+//! completes after that cycle too when it depends on a mapping change the last
+//! commit does not have (its own provisioning or unmapping, or one made earlier in
+//! the transaction: [`Uncommitted`]); otherwise its data written with FUA is enough.
+//! Requests waiting for a commit whose changes are rolled back fail with EIO.
+//!
 //! Commits: the data device is flushed first, then the metadata is committed. Mapping
 //! inserts are held back while that flush is in flight, so every mapping a commit
 //! makes durable points at data that was written before the flush. Blocks allocated
@@ -41,6 +47,7 @@ use crate::io::{NOT_FAST, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 use crate::mapcache::{Cached, MappingCache};
 use crate::message::{Errno, Message, MessageError};
 use crate::status::{DiscardMode, PoolEvent, PoolMode, PoolStatus, ThinStatus};
+use crate::uncommitted::Uncommitted;
 use blockdev::{Extent, SectorRun};
 
 /// Largest piece a prep copies or zeroes at once (1 MiB), bounding its memory.
@@ -156,7 +163,8 @@ struct Req {
     parked: u32,
     error: Option<IoError>,
     holes: Vec<SectorRun>,
-    /// A FUA request that changed metadata: complete it after the next commit.
+    /// A FUA request that depends on uncommitted metadata: complete it after the
+    /// next commit.
     needs_commit: bool,
 }
 
@@ -334,6 +342,11 @@ pub(crate) struct Core {
     deferred: Vec<PrepId>,
     commit: CommitState,
     md_dirty: bool,
+    /// Virtual blocks whose mapping the last commit does not have.
+    uncommitted: Uncommitted,
+    /// A rollback threw away changes that writes may have been acknowledged on:
+    /// no FLUSH or commit-dependent FUA can succeed any more.
+    changes_lost: bool,
     frees_since_commit: bool,
     /// Bumped when the metadata transaction is thrown away.
     generation: u64,
@@ -412,6 +425,8 @@ impl Core {
             deferred: Vec::new(),
             commit: CommitState::default(),
             md_dirty: false,
+            uncommitted: Uncommitted::default(),
+            changes_lost: false,
             frees_since_commit: false,
             generation: 0,
             events: VecDeque::new(),
@@ -545,9 +560,11 @@ impl Core {
                 (Kind::Write, sector, buf.sectors(), buf, fua, false)
             }
             ThinOp::Flush => (Kind::Flush, 0, 0, IoBuf::empty(), false, false),
-            ThinOp::Discard { sector, sectors } => {
-                (Kind::Discard, sector, sectors, IoBuf::empty(), false, false)
-            }
+            ThinOp::Discard {
+                sector,
+                sectors,
+                fua,
+            } => (Kind::Discard, sector, sectors, IoBuf::empty(), fua, false),
             ThinOp::WriteZeroes {
                 sector,
                 sectors,
@@ -1006,6 +1023,11 @@ impl Core {
             // another held cell of its range, if any).
             self.cells.get_mut(&key).expect("found above").push(span);
             return;
+        }
+        let r = &self.reqs[span.req];
+        if r.fua && !r.needs_commit && self.uncommitted.any(dev, b0, b1) {
+            // It lands on a mapping (or an unmapping) the last commit does not have.
+            self.reqs[span.req].needs_commit = true;
         }
         let result = match span.op {
             SpanOp::Read => self.read_span(span, dev, b0, b1),
@@ -1747,6 +1769,7 @@ impl Core {
             .and_then(|old| {
                 self.provisional.remove(&p.new_block);
                 self.md_dirty = true;
+                self.uncommitted.mark(p.dev, p.vblock, p.vblock + 1);
                 // A mapping made now is never shared: the device's last snapshot
                 // is not later than the current time.
                 let mapping = Cached {
@@ -1802,6 +1825,7 @@ impl Core {
             let end = b1.min(chunk.saturating_add(DISCARD_CHUNK_BLOCKS));
             for run in self.md.remove_range(dev, chunk, end)? {
                 unmapped = true;
+                self.uncommitted.mark(dev, run.begin, run.begin + run.len);
                 for block in run.data_begin..run.data_begin + run.len {
                     if self.md.dec_data_block(block)? == 0 {
                         match freed.last_mut() {
@@ -1986,6 +2010,8 @@ impl Core {
                     EIO_METADATA
                 })
             }
+            // Writes may have been acknowledged on changes a rollback threw away.
+            Ok(()) if self.changes_lost => Err(EIO_METADATA),
             Ok(()) => Ok(()),
         };
         self.commit.failed = outcome.is_err();
@@ -2008,6 +2034,7 @@ impl Core {
             self.md.dec_data_block(block)?;
         }
         self.md.commit()?;
+        self.uncommitted.clear();
         for (begin, end) in mem::take(&mut self.discard_after_commit) {
             self.queue_passdown(None, begin, end);
         }
@@ -2066,6 +2093,8 @@ impl Core {
             return;
         }
         self.generation += 1;
+        self.changes_lost |= self.md_dirty || !self.uncommitted.is_empty();
+        self.uncommitted.clear();
         self.provisional.clear();
         self.quarantine.clear();
         self.md_dirty = false;
@@ -2232,6 +2261,7 @@ impl Core {
         );
         if !refused {
             self.mappings.clear();
+            self.uncommitted.clear();
             self.discard_after_commit.clear();
             match self.md.abort() {
                 Ok(()) if *error == MdError::NoMetadataSpace => self.after_commit(),
