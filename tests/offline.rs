@@ -130,7 +130,7 @@ fn bad_disk_arguments_stop_before_anything_runs() {
 }
 
 #[test]
-fn standard_input_is_an_interactive_console() {
+fn commands_piped_in_read_as_a_transcript() {
     let (_scratch, disks) = images(&[8]);
     let mut child = offline(&disks, &[])
         .stdin(Stdio::piped())
@@ -149,9 +149,38 @@ fn standard_input_is_an_interactive_console() {
     assert_eq!(
         text,
         "config: no configuration disk found; changes are not saved (see config init)\n\
-         thinbox> thinbox> a  (linear)\n\
-         thinbox> error: unknown command 'bogus' (try help)\n\
-         thinbox> powering off\n"
+         thinbox> create a --table \"0 8 linear vda 0\"\n\
+         thinbox> ls\n\
+         a  (linear)\n\
+         thinbox> bogus\n\
+         error: unknown command 'bogus' (try help)\n\
+         powering off\n"
+    );
+}
+
+#[test]
+fn commands_from_a_file_stop_at_shutdown() {
+    let (scratch, disks) = images(&[8]);
+    let script = scratch.path().join("commands.txt");
+    fs::write(
+        &script,
+        "ls\ncreate a --table \"0 8 linear vda 0\"\nshutdown\nls\n",
+    )
+    .unwrap();
+    let output = offline(&disks, &[])
+        .stdin(fs::File::open(&script).unwrap())
+        .output()
+        .unwrap();
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}");
+    assert_eq!(
+        text,
+        "config: no configuration disk found; changes are not saved (see config init)\n\
+         thinbox> ls\n\
+         No devices found\n\
+         thinbox> create a --table \"0 8 linear vda 0\"\n\
+         thinbox> shutdown\n\
+         powering off\n"
     );
 }
 
