@@ -72,6 +72,7 @@ impl Core {
                     .push_back(PoolEvent::MetadataSnapHeldTooLong { block, seconds });
             }
         }
+        self.delete_step();
         self.progress();
     }
 

@@ -96,6 +96,7 @@ impl Core {
                 | MdError::NoSnapshot
                 | MdError::TransactionIdMismatch { .. }
                 | MdError::BadDeviceId(_)
+                | MdError::ReservedDeviceId(_)
                 | MdError::TimeExhausted
         );
         if !refused {
@@ -108,72 +109,6 @@ impl Core {
             }
         }
         md_error_to_message(error, context)
-    }
-
-    pub(super) fn delete(&mut self, dev: u64) -> Result<(), MessageError> {
-        let context = format!("Deletion of thin device {dev} failed");
-        if self.device_active(dev) {
-            return Err(MessageError::new(
-                Errno::Ebusy,
-                format!("{context}: the device is active (open); deactivate it first"),
-            ));
-        }
-        let exists = self
-            .md
-            .device_exists(dev)
-            .map_err(|e| self.message_failed(&e, &context))?;
-        if !exists {
-            return Err(md_error_to_message(&MdError::NoSuchDevice(dev), &context));
-        }
-        // Blocks only this device used are discarded on the data device too.
-        let mut mapped: Vec<(u64, u64)> = Vec::new();
-        if self.passdown {
-            let end = self
-                .md
-                .highest_mapped(dev)
-                .map_err(|e| self.message_failed(&e, &context))?
-                .map_or(0, |h| h + 1);
-            let mut position = 0;
-            while position < end {
-                let runs = self
-                    .md
-                    .lookup_range(dev, position, end, LOOKUP_RUNS)
-                    .map_err(|e| self.message_failed(&e, &context))?;
-                position = runs.last().map_or(end, Run::end);
-                for run in runs {
-                    if let Run::Mapped {
-                        len, data_begin, ..
-                    } = run
-                    {
-                        mapped.push((data_begin, data_begin + len));
-                    }
-                }
-            }
-        }
-        self.md
-            .delete(dev)
-            .map_err(|e| self.message_failed(&e, &context))?;
-        mapped.sort_unstable();
-        let mut freed: Vec<(u64, u64)> = Vec::new();
-        for (begin, end) in mapped {
-            for block in begin..end {
-                let count = self
-                    .md
-                    .data_block_count(block)
-                    .map_err(|e| self.message_failed(&e, &context))?;
-                if count == 0 {
-                    match freed.last_mut() {
-                        Some((_, last)) if *last == block => *last += 1,
-                        _ => freed.push((block, block + 1)),
-                    }
-                }
-            }
-        }
-        for (begin, end) in freed {
-            self.freed_by_change(begin, end);
-        }
-        self.frees_since_commit = true;
-        Ok(())
     }
 
     // ----------------------------------------------------------------------------

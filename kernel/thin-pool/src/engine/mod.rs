@@ -31,6 +31,7 @@
 
 mod block_status;
 mod commit;
+mod deletion;
 mod discard;
 mod intake;
 mod main_loop;
@@ -49,7 +50,7 @@ use core::mem;
 use blockdev::{BlockDevice, Busy, Command, Completion, IoBuf, IoError, Request, SECTOR_SIZE};
 use hashbrown::{HashMap, HashSet};
 use persistent_data::Error as MdError;
-use persistent_data::thin::{Run, ThinMetadata};
+use persistent_data::thin::{PendingDelete, Run, ThinMetadata};
 use slab::Slab;
 
 use crate::buffers::{BufferPool, Contents};
@@ -60,6 +61,7 @@ use crate::message::{Errno, Message, MessageError};
 use crate::status::{DiscardMode, PoolEvent, PoolMode, PoolStatus, ThinStatus};
 use crate::uncommitted::Uncommitted;
 use blockdev::{Extent, SectorRun};
+pub use deletion::DeleteProgress;
 
 /// Largest piece a prep copies or zeroes at once (1 MiB), bounding its memory.
 const SEGMENT_SECTORS: u64 = 2048;
@@ -353,6 +355,8 @@ pub(crate) struct Core {
     deferred: Vec<PrepId>,
     commit: CommitState,
     md_dirty: bool,
+    /// Devices whose mappings are released in the background (their reserved id).
+    deletes: VecDeque<(u64, DeleteProgress)>,
     /// Virtual blocks whose mapping the last commit does not have.
     uncommitted: Uncommitted,
     /// A rollback threw away changes that writes may have been acknowledged on:
@@ -379,6 +383,7 @@ fn md_error_to_message(error: &MdError, context: &str) -> MessageError {
         MdError::NoSnapshot
         | MdError::TransactionIdMismatch { .. }
         | MdError::BadDeviceId(_)
+        | MdError::ReservedDeviceId(_)
         | MdError::TimeExhausted => Errno::Einval,
         MdError::NoMetadataSpace => Errno::Enospc,
         _ => Errno::Eio,
@@ -436,6 +441,7 @@ impl Core {
             deferred: Vec::new(),
             commit: CommitState::default(),
             md_dirty: false,
+            deletes: VecDeque::new(),
             uncommitted: Uncommitted::default(),
             changes_lost: false,
             frees_since_commit: false,
