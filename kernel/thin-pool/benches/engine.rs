@@ -1,7 +1,7 @@
 //! Engine throughput against the raw device it runs on, in the same run: in-memory
 //! devices (the engine's own cost) and files. Prints a table; not a timed test.
 //!
-//! `cargo bench -p thin-pool --features std [-- memory|files|depth|fua]`
+//! `cargo bench -p thin-pool --features std [-- memory|files|depth|fua|delete]`
 //! (`THIN_BENCH_RUNS` sets how many runs the best rates are taken from, default 3).
 //!
 //! Each thin workload is compared with the raw-device workload that moves the same
@@ -439,6 +439,87 @@ fn fua() {
     run("plain + FUA write to the same new block", pairs, &mut vol);
 }
 
+/// 4 KiB random reads at queue depth 16 on one volume while a 1,000,000-mapping
+/// device of the same pool is deleted in the background, against the same reads
+/// with no delete running. Between polls the loop calls `Pool::service`, as the
+/// appliance's main loop does, which releases one step of the delete.
+fn delete_while_reading() {
+    const MAPPINGS: u64 = 1_000_000;
+    const READ_DEPTH: usize = 16;
+    let meta = MemDisk::new(1 << 18);
+    let data = MemDisk::new((MAPPINGS + DATA_BLOCKS) * BS);
+    {
+        let options = persistent_data::thin::OpenOptions::new(BS as u32);
+        let (mut md, _) =
+            persistent_data::thin::ThinMetadata::open(Box::new(meta.handle()), &options).unwrap();
+        md.resize_data(MAPPINGS + DATA_BLOCKS).unwrap();
+        md.create_thin(0).unwrap();
+        for vblock in 0..MAPPINGS {
+            let block = md.alloc_data_block().unwrap();
+            md.insert(0, vblock, block).unwrap();
+        }
+        md.commit().unwrap();
+    }
+    let config = PoolConfig::new((MAPPINGS + DATA_BLOCKS) * BS, BS as u32);
+    let (pool, _) = Pool::open(Box::new(meta.handle()), Box::new(data.handle()), config).unwrap();
+    pool.message("create_thin 1").unwrap();
+    let mut vol = pool.activate(1, DATA_BLOCKS * BS, None).unwrap();
+    flushed(&mut vol, random_4k(13, DATA_BLOCKS / 2, true, 1));
+    let epoch = Instant::now();
+    let clock = || epoch.elapsed().as_nanos() as u64;
+    // Reads for as long as the delete takes (or a fixed amount without one), each
+    // completed read's buffer going straight into the next read.
+    let mut rng = fastrand::Rng::with_seed(13);
+    let mut read = |vol: &mut thin_pool::ThinVolume, with_delete: bool| {
+        let start = Instant::now();
+        let mut reads = 0u64;
+        let mut buffers: Vec<IoBuf> = (0..READ_DEPTH).map(|_| IoBuf::with_sectors(8)).collect();
+        let mut in_flight = 0;
+        loop {
+            while let Some(buf) = buffers.pop() {
+                let sector = rng.u64(..DATA_BLOCKS / 2 * BS / 8) * 8;
+                let command = Command::Read { sector, buf };
+                vol.submit(Request { tag: 0, command }).unwrap();
+                in_flight += 1;
+            }
+            while let Some(done) = vol.poll() {
+                done.result.unwrap();
+                buffers.push(done.buf);
+                in_flight -= 1;
+                reads += 1;
+            }
+            pool.service(&clock);
+            let finished = if with_delete {
+                pool.deletes().is_empty()
+            } else {
+                reads >= 200_000
+            };
+            if finished {
+                break;
+            }
+        }
+        while in_flight > 0 {
+            if vol.poll().is_some() {
+                in_flight -= 1;
+            }
+        }
+        (
+            reads as f64 / start.elapsed().as_secs_f64(),
+            start.elapsed(),
+        )
+    };
+    let (idle, _) = read(&mut vol, false);
+    pool.message("delete 0").unwrap();
+    let (busy, took) = read(&mut vol, true);
+    println!("
+4K random reads, queue depth {READ_DEPTH}, while a 1,000,000-mapping device is deleted (in-memory devices)");
+    println!(
+        "  no delete: {idle:.0} IOPS; during the delete: {busy:.0} IOPS (ratio {:.2}); the delete took {:.2} s",
+        busy / idle,
+        took.as_secs_f64()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--list") {
@@ -478,5 +559,8 @@ fn main() {
     }
     if wanted("fua") {
         fua();
+    }
+    if wanted("delete") {
+        delete_while_reading();
     }
 }

@@ -339,11 +339,12 @@ impl Pool {
         })
     }
 
-    /// Timer work for time `now_ns` (monotonic nanoseconds): the periodic commit,
-    /// the no-space timeout, the held-metadata-snapshot warning; then runs whatever
-    /// I/O is ready.
-    pub fn service(&self, now_ns: u64) {
-        self.core.borrow_mut().service(now_ns);
+    /// Timer work at the time `clock` gives (monotonic nanoseconds): the periodic
+    /// commit, the no-space timeout, the held-metadata-snapshot warning, a step of a
+    /// background delete (timed with `clock`, so that while requests are in flight
+    /// deleting takes at most a third of the time); then runs whatever I/O is ready.
+    pub fn service(&self, clock: &dyn Fn() -> u64) {
+        self.core.borrow_mut().service(clock);
     }
 
     /// Reaps device completions and advances I/O; returns whether anything happened.

@@ -79,7 +79,7 @@ fn a_million_mappings_are_released_in_steps_while_another_volume_serves_io() {
     let mut steps = 0;
     while !pool.deletes().is_empty() {
         now += MILLISECOND;
-        pool.service(now);
+        pool.service(&|| now);
         steps += 1;
         exercise(&mut vol, &mut model);
         if let Some(progress) = pool.deletes().first() {
@@ -135,7 +135,7 @@ fn delete_run(
     let mut now = 0;
     while !pool.deletes().is_empty() && !meta.power_lost() {
         now += 400 * MILLISECOND;
-        pool.service(now);
+        pool.service(&|| now);
     }
     let _ = pool.commit();
     let end = meta.operations();
@@ -181,7 +181,7 @@ fn a_power_cut_at_any_io_of_a_delete_leaves_a_pool_that_finishes_it() {
             let mut now = 0;
             while !pool.deletes().is_empty() {
                 now += 400 * MILLISECOND;
-                pool.service(now);
+                pool.service(&|| now);
             }
             pool.commit().unwrap();
             let status = pool.status();
@@ -203,4 +203,40 @@ fn a_power_cut_at_any_io_of_a_delete_leaves_a_pool_that_finishes_it() {
         cuts += 1;
     }
     assert!(cuts >= 10, "only {cuts} cuts");
+}
+
+/// While requests keep coming, a delete step is followed by twice its own time
+/// without steps; with no requests it steps on every call.
+#[test]
+fn delete_steps_give_way_to_requests() {
+    let (meta, data, config) = pool_disks(1 << 14, 40_000, 64);
+    let (pool, _) = Pool::open(Box::new(meta.handle()), Box::new(data.handle()), config).unwrap();
+    pool.message("create_thin 1").unwrap();
+    let mut vol = pool.activate(1, 8 * BS, None).unwrap();
+    pool.message("delete 0").unwrap();
+    // Each reading of the clock moves it 1 ms on: the pool reads it when called and
+    // after a step, so a step is measured as 1 ms long and is followed by 2 ms
+    // without steps, which the next call (1 ms later) is inside of.
+    let time = std::cell::Cell::new(0u64);
+    let clock = || {
+        time.set(time.get() + MILLISECOND);
+        time.get()
+    };
+    let released = |pool: &Pool| pool.deletes()[0].released;
+    let mut stepped = Vec::new();
+    for _ in 0..9 {
+        let before = released(&pool);
+        write(&mut vol, 0, &[1; 512]).unwrap();
+        pool.service(&clock);
+        stepped.push(released(&pool) > before);
+    }
+    assert_eq!(
+        stepped,
+        [true, false, true, false, true, false, true, false, true]
+    );
+    let before = released(&pool);
+    for _ in 0..3 {
+        pool.service(&clock);
+    }
+    assert_eq!(released(&pool), before + 3 * 4096, "idle: a step per call");
 }

@@ -485,13 +485,13 @@ fn an_idle_pool_commits_within_the_period() {
     for (idle_ns, survives) in [(0, false), (SECOND + SECOND / 10, true)] {
         let mut rig = Rig::new(DATA_BLOCKS, META_SECTORS);
         let pool = rig.open();
-        pool.service(10 * SECOND);
+        pool.service(&|| 10 * SECOND);
         pool.message("create_thin 0").unwrap();
         let mut vol = pool.activate(0, VOLUME_SECTORS, None).unwrap();
-        pool.service(20 * SECOND);
+        pool.service(&|| 20 * SECOND);
         write(&mut vol, at(1, 0), &page(1)).unwrap();
         if idle_ns > 0 {
-            pool.service(20 * SECOND + idle_ns);
+            pool.service(&|| 20 * SECOND + idle_ns);
         }
         while pool.poll() {}
         drop(vol);

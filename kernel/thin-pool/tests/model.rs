@@ -691,7 +691,7 @@ impl Harness {
             79..=82 => self.toggle(),
             83..=88 => {
                 self.now += 1_200_000_000;
-                self.pool().service(self.now);
+                self.pool().service(&|| self.now);
                 self.count("timer ticks");
             }
             89..=91 => self.reopen(),

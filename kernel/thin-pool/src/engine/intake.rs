@@ -162,6 +162,7 @@ impl Core {
             return;
         }
         self.volumes[vol].requests += 1;
+        self.requests_accepted += 1;
         let req = self.reqs.insert(Req {
             vol,
             tag,

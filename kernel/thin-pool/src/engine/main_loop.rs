@@ -43,7 +43,8 @@ impl Core {
     }
 
     /// Timer work: periodic commit, no-space timeout, held-snapshot warning.
-    pub fn service(&mut self, now_ns: u64) {
+    pub fn service(&mut self, clock: &dyn Fn() -> u64) {
+        let now_ns = clock();
         self.now_ns = now_ns;
         if self.md_dirty && now_ns.saturating_sub(self.last_commit_ns) >= COMMIT_PERIOD_NS {
             self.commit.requested = true;
@@ -72,7 +73,7 @@ impl Core {
                     .push_back(PoolEvent::MetadataSnapHeldTooLong { block, seconds });
             }
         }
-        self.delete_step();
+        self.paced_delete_step(clock);
         self.progress();
     }
 

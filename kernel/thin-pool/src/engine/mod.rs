@@ -357,6 +357,12 @@ pub(crate) struct Core {
     md_dirty: bool,
     /// Devices whose mappings are released in the background (their reserved id).
     deletes: VecDeque<(u64, DeleteProgress)>,
+    /// While requests come in, no delete step before this time.
+    next_delete_step_ns: u64,
+    /// Requests accepted so far, and the count at the last delete step's check:
+    /// different means I/O is flowing.
+    requests_accepted: u64,
+    requests_at_last_step: u64,
     /// Virtual blocks whose mapping the last commit does not have.
     uncommitted: Uncommitted,
     /// A rollback threw away changes that writes may have been acknowledged on:
@@ -442,6 +448,9 @@ impl Core {
             commit: CommitState::default(),
             md_dirty: false,
             deletes: VecDeque::new(),
+            next_delete_step_ns: 0,
+            requests_accepted: 0,
+            requests_at_last_step: 0,
             uncommitted: Uncommitted::default(),
             changes_lost: false,
             frees_since_commit: false,
