@@ -32,6 +32,7 @@ mod options;
 mod process;
 mod protocol;
 mod tool;
+pub mod write_log;
 
 pub use appliance::Appliance;
 pub use disk::{Scratch, create_disk};
