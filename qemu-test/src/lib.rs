@@ -27,6 +27,7 @@
 mod appliance;
 mod disk;
 mod error;
+mod host_server;
 mod nbd_ready;
 mod options;
 mod process;
@@ -37,6 +38,7 @@ pub mod write_log;
 pub use appliance::Appliance;
 pub use disk::{Scratch, create_disk};
 pub use error::{Error, qemu_complaint};
+pub use host_server::HostServer;
 pub use nbd_ready::{read_greeting, wait_for_greeting};
 pub use options::{
     Accel, ConsoleMode, Firmware, NBD_GUEST_PORT, NbdForward, Options, Timeouts, disk_serial,

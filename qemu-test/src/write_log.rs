@@ -32,7 +32,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// The super block's magic number.
-pub const LOG_MAGIC: u64 = 0x6a73_6677_7368_72;
+pub const LOG_MAGIC: u64 = 0x006a_7366_7773_6872;
 /// The only format version there is.
 pub const LOG_VERSION: u64 = 1;
 /// Everything written before this entry is durable (a write carrying it is a

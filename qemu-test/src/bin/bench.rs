@@ -14,11 +14,11 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Options, Scratch, free_port, wait_for_greeting};
+use qemu_test::{Appliance, HostServer, Options, Scratch, free_port, wait_for_greeting};
 
 const MIB: u64 = 1 << 20;
 /// Size of every export: copied in and out whole with nbdcopy, covered by the
@@ -104,11 +104,11 @@ fn bench() -> Result<()> {
         .map_err(|e| format!("shutdown: {e:?}"))?;
 
     let offline = start_offline(scratch.path())?;
-    let host_thin = measure("offline thin", &offline.uri, &source, seconds)?;
+    let host_thin = measure("offline thin", &offline.uri("thin"), &source, seconds)?;
     drop(offline);
 
     let qemu_nbd = start_qemu_nbd(scratch.path())?;
-    let qcow2 = measure("qemu-nbd", &qemu_nbd.uri, &source, seconds)?;
+    let qcow2 = measure("qemu-nbd", &qemu_nbd.uri(""), &source, seconds)?;
     drop(qemu_nbd);
 
     println!();
@@ -255,48 +255,19 @@ fn fio_iops(uri: &str, pattern: &str, seconds: u32) -> Result<f64> {
         .ok_or_else(|| format!("unexpected fio output: {text}"))
 }
 
-/// An NBD server running on the host, stopped when dropped.
-struct HostServer {
-    child: Child,
-    uri: String,
-}
-
-impl Drop for HostServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `thinbox offline` serving the thin pool from image files on a free local port.
 fn start_offline(dir: &Path) -> Result<HostServer> {
-    let mut command = Command::new(build_thinbox()?);
-    command.arg("offline");
+    let mut disks = Vec::new();
     for (name, bytes) in [
         ("host-metadata.img", METADATA_BYTES),
         ("host-data.img", POOL_DATA_BYTES),
     ] {
         let path = dir.join(name);
         qemu_test::create_disk(&path, bytes).map_err(|e| format!("{name}: {e}"))?;
-        command.arg("--disk").arg(path);
+        disks.push(path);
     }
-    let port = free_port().map_err(|e| format!("picking a port: {e}"))?;
-    command.args(["--nbd", &format!("127.0.0.1:{port}")]);
-    for line in thin_pool_commands() {
-        command.args(["--exec", &line]);
-    }
-    // Its console transcript is of no interest here.
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("thinbox offline: {e}"))?;
-    let server = HostServer {
-        child,
-        uri: format!("nbd://127.0.0.1:{port}/thin"),
-    };
-    wait_for_greeting(port, Duration::from_secs(10))?;
-    Ok(server)
+    let disks: Vec<&Path> = disks.iter().map(PathBuf::as_path).collect();
+    HostServer::offline(&build_thinbox()?, &disks, &thin_pool_commands())
 }
 
 /// Builds the host runner (this binary's crate does not depend on it) and returns its
@@ -340,23 +311,15 @@ fn start_qemu_nbd(dir: &Path) -> Result<HostServer> {
         &overlay.display().to_string(),
     ])?;
     let port = free_port().map_err(|e| format!("picking a port: {e}"))?;
-    let child = Command::new("qemu-nbd")
-        .args([
-            "--persistent",
-            "--shared=8",
-            "--format=qcow2",
-            "--cache=writeback",
-            "--bind=127.0.0.1",
-            &format!("--port={port}"),
-            &overlay.display().to_string(),
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("qemu-nbd: {e}"))?;
-    let server = HostServer {
-        child,
-        uri: format!("nbd://127.0.0.1:{port}"),
-    };
-    wait_for_greeting(port, Duration::from_secs(10))?;
-    Ok(server)
+    let mut command = Command::new("qemu-nbd");
+    command.args([
+        "--persistent",
+        "--shared=8",
+        "--format=qcow2",
+        "--cache=writeback",
+        "--bind=127.0.0.1",
+        &format!("--port={port}"),
+        &overlay.display().to_string(),
+    ]);
+    HostServer::start(command, port)
 }
