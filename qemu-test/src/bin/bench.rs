@@ -6,8 +6,10 @@
 //! native, both on loopback TCP, neither behind QEMU's emulated CPU and user network.
 //!
 //! For each target: `nbdcopy` copies 256 MiB of random data in and out, then `fio`
-//! (nbd engine) runs 4 KiB random reads and random writes at queue depth 16. The
-//! numbers and their ratios are printed; nothing is asserted.
+//! (nbd engine) runs 4 KiB random reads and random writes at queue depth 16, and a
+//! libnbd client in `nbdsh` random 4 KiB writes with FUA at queue depth 16 (fio's
+//! nbd engine cannot send FUA). The numbers and their ratios are printed; nothing is
+//! asserted.
 //!
 //! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`
 
@@ -39,6 +41,7 @@ struct Figures {
     read_mb_s: f64,
     randread_iops: f64,
     randwrite_iops: f64,
+    fua_randwrite_iops: f64,
 }
 
 fn main() {
@@ -56,6 +59,7 @@ fn bench() -> Result<()> {
         Tool::QemuNbd,
         Tool::NbdCopy,
         Tool::Fio,
+        Tool::NbdSh,
     ])
     .map_err(|missing| format!("missing tools: {}", missing.install_command()))?;
     let scratch = Scratch::new().map_err(|e| format!("scratch directory: {e}"))?;
@@ -113,8 +117,13 @@ fn bench() -> Result<()> {
 
     println!();
     println!(
-        "{:<28} {:>11} {:>11} {:>15} {:>16}",
-        "target", "write MB/s", "read MB/s", "4k randread IOPS", "4k randwrite IOPS"
+        "{:<28} {:>11} {:>11} {:>16} {:>17} {:>21}",
+        "target",
+        "write MB/s",
+        "read MB/s",
+        "4k randread IOPS",
+        "4k randwrite IOPS",
+        "4k FUA randwrite IOPS"
     );
     for (name, figures) in [
         ("appliance thin", &thin),
@@ -123,8 +132,12 @@ fn bench() -> Result<()> {
         ("qemu-nbd qcow2 overlay", &qcow2),
     ] {
         println!(
-            "{name:<28} {:>11.1} {:>11.1} {:>15.0} {:>16.0}",
-            figures.write_mb_s, figures.read_mb_s, figures.randread_iops, figures.randwrite_iops
+            "{name:<28} {:>11.1} {:>11.1} {:>16.0} {:>17.0} {:>21.0}",
+            figures.write_mb_s,
+            figures.read_mb_s,
+            figures.randread_iops,
+            figures.randwrite_iops,
+            figures.fua_randwrite_iops
         );
     }
     for (name, ours, base) in [
@@ -133,11 +146,12 @@ fn bench() -> Result<()> {
         ("offline thin / qemu-nbd", &host_thin, &qcow2),
     ] {
         println!(
-            "{name:<28} {:>11.2} {:>11.2} {:>15.2} {:>16.2}",
+            "{name:<28} {:>11.2} {:>11.2} {:>16.2} {:>17.2} {:>21.2}",
             ours.write_mb_s / base.write_mb_s,
             ours.read_mb_s / base.read_mb_s,
             ours.randread_iops / base.randread_iops,
-            ours.randwrite_iops / base.randwrite_iops
+            ours.randwrite_iops / base.randwrite_iops,
+            ours.fua_randwrite_iops / base.fua_randwrite_iops
         );
     }
     Ok(())
@@ -194,13 +208,61 @@ fn measure(name: &str, uri: &str, source: &Path, seconds: u32) -> Result<Figures
     eprintln!("{name}: 4 KiB random reads and writes, queue depth 16, {seconds} s each");
     let randread_iops = fio_iops(uri, "randread", seconds)?;
     let randwrite_iops = fio_iops(uri, "randwrite", seconds)?;
+    eprintln!("{name}: 4 KiB random FUA writes, queue depth 16, {seconds} s");
+    let fua_randwrite_iops = fua_write_iops(uri, seconds)?;
     let mb = EXPORT_BYTES as f64 / 1e6;
     Ok(Figures {
         write_mb_s: mb / write.as_secs_f64(),
         read_mb_s: mb / read.as_secs_f64(),
         randread_iops,
         randwrite_iops,
+        fua_randwrite_iops,
     })
+}
+
+/// IOPS of 4 KiB writes with FUA at random 4 KiB-aligned offsets of the copied range,
+/// 16 in flight, sent by libnbd in `nbdsh` for `seconds`.
+fn fua_write_iops(uri: &str, seconds: u32) -> Result<f64> {
+    let script = format!(
+        r#"
+import os, random, time
+buffer = nbd.Buffer.from_bytearray(bytearray(os.urandom(4096)))
+offsets = random.Random(1)
+done = 0
+errors = []
+def finished(error):
+    global done
+    done += 1
+    if error.value:
+        errors.append(error.value)
+    return 1
+start = time.monotonic()
+while time.monotonic() < start + {seconds}:
+    while h.aio_in_flight() < 16:
+        offset = offsets.randrange({pages}) * 4096
+        h.aio_pwrite(buffer, offset, completion=finished, flags=nbd.CMD_FLAG_FUA)
+    h.poll(-1)
+while h.aio_in_flight():
+    h.poll(-1)
+if errors:
+    raise Exception(f'{{len(errors)}} FUA writes failed, the first with errno {{errors[0]}}')
+print(done / (time.monotonic() - start))
+"#,
+        pages = EXPORT_BYTES / 4096
+    );
+    let done = qemu_test::nbdsh_command(uri, &script)
+        .output()
+        .map_err(|e| format!("nbdsh: {e}"))?;
+    let text = String::from_utf8_lossy(&done.stdout);
+    if !done.status.success() {
+        return Err(format!(
+            "FUA writes failed: {text}{}",
+            String::from_utf8_lossy(&done.stderr)
+        ));
+    }
+    text.trim()
+        .parse()
+        .map_err(|_| format!("unexpected nbdsh output: {text}"))
 }
 
 fn timed(command: &[&str]) -> Result<Duration> {
