@@ -1,7 +1,7 @@
 //! Engine throughput against the raw device it runs on, in the same run: in-memory
 //! devices (the engine's own cost) and files. Prints a table; not a timed test.
 //!
-//! `cargo bench -p thin-pool --features std [-- memory|files|depth]`
+//! `cargo bench -p thin-pool --features std [-- memory|files|depth|fua]`
 //! (`THIN_BENCH_RUNS` sets how many runs the best rates are taken from, default 3).
 //!
 //! Each thin workload is compared with the raw-device workload that moves the same
@@ -16,7 +16,7 @@
 
 use std::time::Instant;
 
-use blockdev::{BlockDevice, Command, FileDisk, IoBuf, MemDisk, Request};
+use blockdev::{BlockDevice, Command, CrashDisk, FileDisk, IoBuf, MemDisk, Request};
 use thin_pool::{Pool, PoolConfig};
 
 const BS: u64 = 128;
@@ -45,6 +45,11 @@ fn cpu_ns() -> u64 {
 
 /// Runs the commands keeping `DEPTH` in flight.
 fn drive(device: &mut dyn BlockDevice, commands: Vec<Command>) -> Took {
+    drive_at(device, commands, DEPTH)
+}
+
+/// Runs the commands keeping `depth` in flight.
+fn drive_at(device: &mut dyn BlockDevice, commands: Vec<Command>, depth: usize) -> Took {
     let start = Instant::now();
     let cpu_start = cpu_ns();
     let mut pending = commands.into_iter();
@@ -52,7 +57,7 @@ fn drive(device: &mut dyn BlockDevice, commands: Vec<Command>) -> Took {
     let mut in_flight = 0;
     let mut tag = 0;
     loop {
-        while in_flight < DEPTH {
+        while in_flight < depth {
             let request = match waiting.take() {
                 Some(request) => request,
                 None => match pending.next() {
@@ -114,6 +119,21 @@ fn random_ops(
                     buf: IoBuf::with_sectors(sectors as usize),
                 }
             }
+        })
+        .collect()
+}
+
+/// The same commands with FUA on every write.
+fn with_fua(commands: Vec<Command>) -> Vec<Command> {
+    commands
+        .into_iter()
+        .map(|command| match command {
+            Command::Write { sector, buf, .. } => Command::Write {
+                sector,
+                buf,
+                fua: true,
+            },
+            other => other,
         })
         .collect()
 }
@@ -367,6 +387,58 @@ fn snapshot_depth() {
     }
 }
 
+/// 4 KiB random FUA writes at queue depth 16 (in-memory crash disks) and the commit
+/// cycles they cost: none on blocks mapped in an earlier commit, shared by the writes
+/// waiting for one otherwise.
+fn fua() {
+    const FUA_DEPTH: usize = 16;
+    let meta = CrashDisk::new(262144);
+    let data = CrashDisk::new(DATA_BLOCKS * BS);
+    let config = PoolConfig::new(DATA_BLOCKS * BS, BS as u32);
+    let (pool, _) = Pool::open(Box::new(meta.handle()), Box::new(data.handle()), config).unwrap();
+    pool.message("create_thin 1").unwrap();
+    let mut vol = pool.activate(1, DATA_BLOCKS * BS, None).unwrap();
+    let blocks = DATA_BLOCKS / 4;
+    let run = |name: &str, commands: Vec<Command>, vol: &mut thin_pool::ThinVolume| {
+        let writes = commands.len() as f64;
+        let fua_writes = commands
+            .iter()
+            .filter(|c| matches!(c, Command::Write { fua: true, .. }))
+            .count() as f64;
+        let before = data.stats().flushes;
+        let took = drive_at(vol, commands, FUA_DEPTH);
+        let commits = (data.stats().flushes - before) as f64;
+        println!(
+            "  {name:<44} {:>7.0} IOPS per CPU-second, {:>7.0} per wall-second, {:.3} commits per FUA write",
+            writes / took.cpu.max(1e-9),
+            writes / took.wall.max(1e-9),
+            commits / fua_writes
+        );
+    };
+    println!(
+        "
+4K random FUA writes, queue depth {FUA_DEPTH} (in-memory crash disks)"
+    );
+    run(
+        "unprovisioned (each provisions)",
+        with_fua(random_4k(3, blocks, true, 1)),
+        &mut vol,
+    );
+    run(
+        "provisioned in an earlier commit",
+        with_fua(random_4k(5, blocks, true, PASSES)),
+        &mut vol,
+    );
+    // A plain write provisions a fresh block and a FUA write to the same block
+    // follows at once: the FUA write waits for the commit that maps the block.
+    let pairs = random_ops(7, (blocks, blocks), 8, true, 1)
+        .into_iter()
+        .zip(with_fua(random_ops(7, (blocks, blocks), 8, true, 1)))
+        .flat_map(|(plain, fua)| [plain, fua])
+        .collect();
+    run("plain + FUA write to the same new block", pairs, &mut vol);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--list") {
@@ -403,5 +475,8 @@ fn main() {
     }
     if wanted("depth") {
         snapshot_depth();
+    }
+    if wanted("fua") {
+        fua();
     }
 }

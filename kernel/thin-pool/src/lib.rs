@@ -28,6 +28,7 @@ mod mapcache;
 pub mod message;
 mod pool;
 pub mod status;
+mod uncommitted;
 mod usage;
 
 pub use blockdev::{Extent, SectorRun};

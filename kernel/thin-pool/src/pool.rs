@@ -430,14 +430,20 @@ impl BlockDevice for ThinVolume {
             Command::Read { sector, buf } => ThinOp::Read { sector, buf },
             Command::Write { sector, buf, fua } => ThinOp::Write { sector, buf, fua },
             Command::Flush => ThinOp::Flush,
-            Command::Discard { sector, sectors } => ThinOp::Discard { sector, sectors },
+            Command::Discard { sector, sectors } => ThinOp::Discard {
+                sector,
+                sectors,
+                fua: false,
+            },
         };
         self.submit_op(ThinRequest { tag, op })
             .map_err(|QueueFull(request)| {
                 let command = match request.op {
                     ThinOp::Read { sector, buf } => Command::Read { sector, buf },
                     ThinOp::Write { sector, buf, fua } => Command::Write { sector, buf, fua },
-                    ThinOp::Discard { sector, sectors } => Command::Discard { sector, sectors },
+                    ThinOp::Discard {
+                        sector, sectors, ..
+                    } => Command::Discard { sector, sectors },
                     _ => Command::Flush,
                 };
                 Busy(Request { tag, command })

@@ -326,7 +326,11 @@ impl Harness {
                     buf: IoBuf::from_slice(&data),
                     fua,
                 },
-                Io::Discard(sector, sectors) => ThinOp::Discard { sector, sectors },
+                Io::Discard(sector, sectors) => ThinOp::Discard {
+                    sector,
+                    sectors,
+                    fua: false,
+                },
                 Io::Zeroes(sector, sectors, unmap) => ThinOp::WriteZeroes {
                     sector,
                     sectors,
