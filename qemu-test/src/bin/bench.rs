@@ -250,19 +250,23 @@ print(done / (time.monotonic() - start))
 "#,
         pages = EXPORT_BYTES / 4096
     );
-    let done = qemu_test::nbdsh_command(uri, &script)
-        .output()
-        .map_err(|e| format!("nbdsh: {e}"))?;
-    let text = String::from_utf8_lossy(&done.stdout);
-    if !done.status.success() {
-        return Err(format!(
-            "FUA writes failed: {text}{}",
-            String::from_utf8_lossy(&done.stderr)
-        ));
-    }
+    let text = output_of(qemu_test::nbdsh_command(uri, &script), "FUA writes")?;
     text.trim()
         .parse()
         .map_err(|_| format!("unexpected nbdsh output: {text}"))
+}
+
+/// What `command` printed, or an error with everything it printed if it failed.
+fn output_of(mut command: Command, what: &str) -> Result<String> {
+    let done = command.output().map_err(|e| format!("{what}: {e}"))?;
+    let text = String::from_utf8_lossy(&done.stdout).into_owned();
+    if !done.status.success() {
+        return Err(format!(
+            "{what} failed: {text}{}",
+            String::from_utf8_lossy(&done.stderr)
+        ));
+    }
+    Ok(text)
 }
 
 fn timed(command: &[&str]) -> Result<Duration> {
@@ -282,28 +286,20 @@ fn timed(command: &[&str]) -> Result<Duration> {
 
 /// IOPS of a fio run with its nbd engine over the copied range.
 fn fio_iops(uri: &str, pattern: &str, seconds: u32) -> Result<f64> {
-    let done = Command::new("fio")
-        .args([
-            "--name=bench",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            &format!("--rw={pattern}"),
-            "--bs=4k",
-            "--iodepth=16",
-            &format!("--size={EXPORT_BYTES}"),
-            &format!("--runtime={seconds}"),
-            "--time_based",
-            "--minimal",
-        ])
-        .output()
-        .map_err(|e| format!("fio: {e}"))?;
-    let text = String::from_utf8_lossy(&done.stdout);
-    if !done.status.success() {
-        return Err(format!(
-            "fio {pattern} failed: {text}{}",
-            String::from_utf8_lossy(&done.stderr)
-        ));
-    }
+    let mut fio = Command::new("fio");
+    fio.args([
+        "--name=bench",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        &format!("--rw={pattern}"),
+        "--bs=4k",
+        "--iodepth=16",
+        &format!("--size={EXPORT_BYTES}"),
+        &format!("--runtime={seconds}"),
+        "--time_based",
+        "--minimal",
+    ]);
+    let text = output_of(fio, &format!("fio {pattern}"))?;
     // Terse format version 3: read IOPS is field 8, write IOPS field 49 (1-based).
     let terse = text
         .lines()
