@@ -27,15 +27,18 @@
 mod appliance;
 mod disk;
 mod error;
+mod host_server;
 mod nbd_ready;
 mod options;
 mod process;
 mod protocol;
 mod tool;
+pub mod write_log;
 
 pub use appliance::Appliance;
 pub use disk::{Scratch, create_disk};
 pub use error::{Error, qemu_complaint};
+pub use host_server::HostServer;
 pub use nbd_ready::{read_greeting, wait_for_greeting};
 pub use options::{
     Accel, ConsoleMode, Firmware, NBD_GUEST_PORT, NbdForward, Options, PORT_ATTEMPTS, Timeouts,
@@ -44,7 +47,7 @@ pub use options::{
 pub use process::spawn_tied;
 pub use protocol::PROMPT;
 pub use thinbox_boot::{BIOS_IMAGE, KERNEL_ELF, UEFI_IMAGE};
-pub use tool::{qemu_img_read, qemu_img_write, run_nbdsh, run_tool};
+pub use tool::{nbdsh_command, qemu_img_read, qemu_img_write, run_nbdsh, run_tool};
 
 /// QEMU's exit status after the kernel's clean `shutdown` (isa-debug-exit value 0x10).
 pub const EXIT_SHUTDOWN: i32 = 33;

@@ -150,6 +150,9 @@ pub struct Options {
     pub image: Option<PathBuf>,
     /// virtio-blk disks, in PCI order: the kernel names them `vda`, `vdb`, ...
     pub disks: Vec<PathBuf>,
+    /// Disks among `disks` whose writes, flushes and discards QEMU records in a log
+    /// file (dm-log-writes format, see [`crate::write_log`]), keyed by the disk's path.
+    pub write_logs: HashMap<PathBuf, PathBuf>,
     /// NVMe disks, one controller each: `nvme0n1`, `nvme1n1`, ...
     pub nvme: Vec<PathBuf>,
     pub memory_mib: u32,
@@ -165,6 +168,7 @@ impl Default for Options {
             firmware: Firmware::Bios,
             image: None,
             disks: Vec::new(),
+            write_logs: HashMap::new(),
             nvme: Vec::new(),
             memory_mib: DEFAULT_MEMORY_MIB,
             accel: Accel::Tcg,
@@ -191,6 +195,17 @@ impl Options {
     /// Adds a virtio-blk disk.
     pub fn disk(mut self, path: impl Into<PathBuf>) -> Options {
         self.disks.push(path.into());
+        self
+    }
+
+    /// Adds a virtio-blk disk whose every write, flush and discard QEMU's
+    /// `blklogwrites` driver records in `log`, an existing file that is overwritten
+    /// (empty will do); read it with [`crate::write_log`]. The guest sees the same
+    /// disk, serial included, as [`Options::disk`] attaches.
+    pub fn logged_disk(mut self, path: impl Into<PathBuf>, log: impl Into<PathBuf>) -> Options {
+        let path = path.into();
+        self.write_logs.insert(path.clone(), log.into());
+        self.disks.push(path);
         self
     }
 
@@ -243,10 +258,20 @@ impl Options {
         if let Ok(canonical) = image.canonicalize() {
             seen.insert(canonical, String::from("the boot image"));
         }
-        let disks = self.disks.iter().map(|path| ("--disk", path));
-        let nvme = self.nvme.iter().map(|path| ("--nvme", path));
-        for (flag, path) in disks.chain(nvme) {
-            let canonical = check_disk(path).map_err(Error::Config)?;
+        let disks = self
+            .disks
+            .iter()
+            .map(|path| ("--disk", path, check_disk(path)));
+        let nvme = self
+            .nvme
+            .iter()
+            .map(|path| ("--nvme", path, check_disk(path)));
+        let logs = self
+            .write_logs
+            .values()
+            .map(|path| ("write log", path, check_write_log(path)));
+        for (flag, path, checked) in disks.chain(nvme).chain(logs) {
+            let canonical = checked.map_err(Error::Config)?;
             let this = format!("{flag} {}", path.display());
             if let Some(first) = seen.insert(canonical, this.clone()) {
                 return Err(Error::Config(format!(
@@ -344,10 +369,23 @@ impl Options {
             "ide-hd,drive=boot,bus=ide.0,bootindex=0",
         ]);
         for (index, disk) in self.disks.iter().enumerate() {
-            let drive = format!("file={},{DATA_DRIVE},id=vd{index}", drive_file(disk));
             let serial = disk_serial(disk);
-            let device = format!("virtio-blk-pci,drive=vd{index},serial={serial}");
-            push(&["-drive", &drive, "-device", &device]);
+            let mut device = format!("virtio-blk-pci,drive=vd{index},serial={serial}");
+            match self.write_logs.get(disk) {
+                None => {
+                    let drive = format!("file={},{DATA_DRIVE},id=vd{index}", drive_file(disk));
+                    push(&["-drive", &drive]);
+                }
+                Some(log) => {
+                    for node in logged_disk_nodes(&format!("vd{index}"), disk, log) {
+                        push(&["-blockdev", &node]);
+                    }
+                    // A volatile cache, as `cache=writeback` gives the other disks:
+                    // without it QEMU would flush after every write.
+                    device.push_str(",write-cache=on");
+                }
+            }
+            push(&["-device", &device]);
         }
         for (index, disk) in self.nvme.iter().enumerate() {
             let drive = format!("file={},{DATA_DRIVE},id=nvme{index}", drive_file(disk));
@@ -375,7 +413,29 @@ impl Options {
 /// honours the guest's flushes.
 const DATA_DRIVE: &str = "format=raw,if=none,cache=writeback,discard=unmap";
 
-/// A path as a value inside QEMU's comma-separated option syntax.
+/// The `-blockdev` nodes of a disk recorded in `log`, the top one named `id`: the
+/// image and the log as files and `blklogwrites` over both. It acts like
+/// [`DATA_DRIVE`] (guest flushes reach the image, discards punch holes) and records
+/// with 512-byte log sectors, rewriting the log's super block after every entry so
+/// that its entry count is always current. The log is never flushed to the host's
+/// disk: it records what the guest did, not what survives the host crashing.
+fn logged_disk_nodes(id: &str, disk: &Path, log: &Path) -> [String; 3] {
+    [
+        format!(
+            "driver=file,filename={},node-name={id}-image,discard=unmap",
+            drive_file(disk)
+        ),
+        format!(
+            "driver=file,filename={},node-name={id}-log,cache.no-flush=on",
+            drive_file(log)
+        ),
+        format!(
+            "driver=blklogwrites,node-name={id},file={id}-image,log={id}-log,\
+             log-sector-size=512,log-super-update-interval=1,discard=unmap"
+        ),
+    ]
+}
+
 /// A serial number that stays with the image file, as a real disk's stays with the disk:
 /// the appliance finds its configured disks by serial, so images given in another order
 /// (or with one left out) are still told apart. Derived from the file's absolute path
@@ -395,6 +455,7 @@ pub fn disk_serial(path: &Path) -> String {
     format!("thinbox-{:012x}", hash >> 16)
 }
 
+/// A path as a value inside QEMU's comma-separated option syntax.
 fn drive_file(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
@@ -410,6 +471,26 @@ fn check_image(path: &Path) -> Result<(), String> {
     File::open(path)
         .and_then(|mut file| file.read_exact(&mut first_sector))
         .map_err(|error| unreadable(error.to_string()))
+}
+
+/// Checks that a write log can be written and returns its canonical path.
+fn check_write_log(path: &Path) -> Result<PathBuf, String> {
+    let shown = path.display();
+    if path.to_str().is_none() {
+        return Err(format!(
+            "write log {shown} is not valid UTF-8; rename the file"
+        ));
+    }
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|_| path.canonicalize())
+        .map_err(|error| match error.kind() {
+            io::ErrorKind::NotFound => {
+                format!("write log {shown} does not exist; create it first (empty will do)")
+            }
+            _ => format!("write log {shown} cannot be opened for writing: {error}"),
+        })
 }
 
 /// Checks that a disk can be attached and returns its canonical path.
@@ -579,6 +660,54 @@ mod tests {
         }
         assert!(!line.contains("OVMF"));
         assert!(line.find("vd1").unwrap() < line.find("nvme0").unwrap());
+    }
+
+    #[test]
+    fn logged_disks_go_through_blklogwrites_with_their_usual_serial() {
+        let options = Options::bios()
+            .disk("/d/plain.img")
+            .logged_disk("/d/meta.img", "/d/meta.log");
+        let line = args(&options, ConsoleMode::Pipes, None);
+        let expected = format!(
+            "-blockdev driver=file,filename=/d/meta.img,node-name=vd1-image,discard=unmap \
+             -blockdev driver=file,filename=/d/meta.log,node-name=vd1-log,cache.no-flush=on \
+             -blockdev driver=blklogwrites,node-name=vd1,file=vd1-image,log=vd1-log,\
+             log-sector-size=512,log-super-update-interval=1,discard=unmap \
+             -device virtio-blk-pci,drive=vd1,serial={},write-cache=on",
+            disk_serial(Path::new("/d/meta.img"))
+        );
+        assert!(line.contains(&expected), "{expected:?} missing from {line}");
+        assert!(line.contains(&format!(
+            "-drive file=/d/plain.img,{DATA_DRIVE},id=vd0 \
+             -device virtio-blk-pci,drive=vd0,serial={} ",
+            disk_serial(Path::new("/d/plain.img"))
+        )));
+    }
+
+    #[test]
+    fn a_write_log_must_exist_and_be_no_disk() {
+        let scratch = crate::Scratch::new().unwrap();
+        let disk = scratch.disk("disk.img", 1 << 20).unwrap();
+        let log = scratch.path().join("disk.log");
+        let error = Options::bios()
+            .logged_disk(&disk, &log)
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(&error, Error::Config(why) if why == &format!(
+                "write log {} does not exist; create it first (empty will do)",
+                log.display()
+            )),
+            "{error:?}"
+        );
+        let error = Options::bios()
+            .logged_disk(&disk, &disk)
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(&error, Error::Config(why) if why.contains("is given twice")),
+            "{error:?}"
+        );
     }
 
     #[test]

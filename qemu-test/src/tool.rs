@@ -12,15 +12,22 @@ pub fn run_tool(program: &str, args: &[&str]) -> String {
     run_command(command)
 }
 
-/// Runs a Python `script` in `nbdsh` connected to `uri` (the handle is `h`), with the
-/// system's python3 first on `PATH`: Debian installs libnbd's module for that one only.
+/// Runs a Python `script` in `nbdsh` (see [`nbdsh_command`]) and returns what it
+/// printed; panics like [`run_tool`].
 pub fn run_nbdsh(uri: &str, script: &str) -> String {
+    run_command(nbdsh_command(uri, script))
+}
+
+/// The command that runs a Python `script` in `nbdsh` connected to `uri` (the handle
+/// is `h`), with the system's python3 first on `PATH`: Debian installs libnbd's
+/// module for that one only.
+pub fn nbdsh_command(uri: &str, script: &str) -> Command {
     let path = std::env::var("PATH").unwrap_or_default();
     let mut command = Command::new("nbdsh");
     command
         .args(["-u", uri, "-c", script])
         .env("PATH", format!("/usr/bin:{path}"));
-    run_command(command)
+    command
 }
 
 fn run_command(mut command: Command) -> String {

@@ -6,19 +6,21 @@
 //! native, both on loopback TCP, neither behind QEMU's emulated CPU and user network.
 //!
 //! For each target: `nbdcopy` copies 256 MiB of random data in and out, then `fio`
-//! (nbd engine) runs 4 KiB random reads and random writes at queue depth 16. The
-//! numbers and their ratios are printed; nothing is asserted.
+//! (nbd engine) runs 4 KiB random reads and random writes at queue depth 16, and a
+//! libnbd client in `nbdsh` random 4 KiB writes with FUA at queue depth 16 (fio's
+//! nbd engine cannot send FUA). The numbers and their ratios are printed; nothing is
+//! asserted.
 //!
 //! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Options, Scratch, free_port, wait_for_greeting};
+use qemu_test::{Appliance, HostServer, Options, Scratch, free_port, wait_for_greeting};
 
 const MIB: u64 = 1 << 20;
 /// Size of every export: copied in and out whole with nbdcopy, covered by the
@@ -39,6 +41,7 @@ struct Figures {
     read_mb_s: f64,
     randread_iops: f64,
     randwrite_iops: f64,
+    fua_randwrite_iops: f64,
 }
 
 fn main() {
@@ -56,6 +59,7 @@ fn bench() -> Result<()> {
         Tool::QemuNbd,
         Tool::NbdCopy,
         Tool::Fio,
+        Tool::NbdSh,
     ])
     .map_err(|missing| format!("missing tools: {}", missing.install_command()))?;
     let scratch = Scratch::new().map_err(|e| format!("scratch directory: {e}"))?;
@@ -104,17 +108,22 @@ fn bench() -> Result<()> {
         .map_err(|e| format!("shutdown: {e:?}"))?;
 
     let offline = start_offline(scratch.path())?;
-    let host_thin = measure("offline thin", &offline.uri, &source, seconds)?;
+    let host_thin = measure("offline thin", &offline.uri("thin"), &source, seconds)?;
     drop(offline);
 
     let qemu_nbd = start_qemu_nbd(scratch.path())?;
-    let qcow2 = measure("qemu-nbd", &qemu_nbd.uri, &source, seconds)?;
+    let qcow2 = measure("qemu-nbd", &qemu_nbd.uri(""), &source, seconds)?;
     drop(qemu_nbd);
 
     println!();
     println!(
-        "{:<28} {:>11} {:>11} {:>15} {:>16}",
-        "target", "write MB/s", "read MB/s", "4k randread IOPS", "4k randwrite IOPS"
+        "{:<28} {:>11} {:>11} {:>16} {:>17} {:>21}",
+        "target",
+        "write MB/s",
+        "read MB/s",
+        "4k randread IOPS",
+        "4k randwrite IOPS",
+        "4k FUA randwrite IOPS"
     );
     for (name, figures) in [
         ("appliance thin", &thin),
@@ -123,8 +132,12 @@ fn bench() -> Result<()> {
         ("qemu-nbd qcow2 overlay", &qcow2),
     ] {
         println!(
-            "{name:<28} {:>11.1} {:>11.1} {:>15.0} {:>16.0}",
-            figures.write_mb_s, figures.read_mb_s, figures.randread_iops, figures.randwrite_iops
+            "{name:<28} {:>11.1} {:>11.1} {:>16.0} {:>17.0} {:>21.0}",
+            figures.write_mb_s,
+            figures.read_mb_s,
+            figures.randread_iops,
+            figures.randwrite_iops,
+            figures.fua_randwrite_iops
         );
     }
     for (name, ours, base) in [
@@ -133,11 +146,12 @@ fn bench() -> Result<()> {
         ("offline thin / qemu-nbd", &host_thin, &qcow2),
     ] {
         println!(
-            "{name:<28} {:>11.2} {:>11.2} {:>15.2} {:>16.2}",
+            "{name:<28} {:>11.2} {:>11.2} {:>16.2} {:>17.2} {:>21.2}",
             ours.write_mb_s / base.write_mb_s,
             ours.read_mb_s / base.read_mb_s,
             ours.randread_iops / base.randread_iops,
-            ours.randwrite_iops / base.randwrite_iops
+            ours.randwrite_iops / base.randwrite_iops,
+            ours.fua_randwrite_iops / base.fua_randwrite_iops
         );
     }
     Ok(())
@@ -194,13 +208,65 @@ fn measure(name: &str, uri: &str, source: &Path, seconds: u32) -> Result<Figures
     eprintln!("{name}: 4 KiB random reads and writes, queue depth 16, {seconds} s each");
     let randread_iops = fio_iops(uri, "randread", seconds)?;
     let randwrite_iops = fio_iops(uri, "randwrite", seconds)?;
+    eprintln!("{name}: 4 KiB random FUA writes, queue depth 16, {seconds} s");
+    let fua_randwrite_iops = fua_write_iops(uri, seconds)?;
     let mb = EXPORT_BYTES as f64 / 1e6;
     Ok(Figures {
         write_mb_s: mb / write.as_secs_f64(),
         read_mb_s: mb / read.as_secs_f64(),
         randread_iops,
         randwrite_iops,
+        fua_randwrite_iops,
     })
+}
+
+/// IOPS of 4 KiB writes with FUA at random 4 KiB-aligned offsets of the copied range,
+/// 16 in flight, sent by libnbd in `nbdsh` for `seconds`.
+fn fua_write_iops(uri: &str, seconds: u32) -> Result<f64> {
+    let script = format!(
+        r#"
+import os, random, time
+buffer = nbd.Buffer.from_bytearray(bytearray(os.urandom(4096)))
+offsets = random.Random(1)
+done = 0
+errors = []
+def finished(error):
+    global done
+    done += 1
+    if error.value:
+        errors.append(error.value)
+    return 1
+start = time.monotonic()
+while time.monotonic() < start + {seconds}:
+    while h.aio_in_flight() < 16:
+        offset = offsets.randrange({pages}) * 4096
+        h.aio_pwrite(buffer, offset, completion=finished, flags=nbd.CMD_FLAG_FUA)
+    h.poll(-1)
+while h.aio_in_flight():
+    h.poll(-1)
+if errors:
+    raise Exception(f'{{len(errors)}} FUA writes failed, the first with errno {{errors[0]}}')
+print(done / (time.monotonic() - start))
+"#,
+        pages = EXPORT_BYTES / 4096
+    );
+    let text = output_of(qemu_test::nbdsh_command(uri, &script), "FUA writes")?;
+    text.trim()
+        .parse()
+        .map_err(|_| format!("unexpected nbdsh output: {text}"))
+}
+
+/// What `command` printed, or an error with everything it printed if it failed.
+fn output_of(mut command: Command, what: &str) -> Result<String> {
+    let done = command.output().map_err(|e| format!("{what}: {e}"))?;
+    let text = String::from_utf8_lossy(&done.stdout).into_owned();
+    if !done.status.success() {
+        return Err(format!(
+            "{what} failed: {text}{}",
+            String::from_utf8_lossy(&done.stderr)
+        ));
+    }
+    Ok(text)
 }
 
 fn timed(command: &[&str]) -> Result<Duration> {
@@ -220,28 +286,20 @@ fn timed(command: &[&str]) -> Result<Duration> {
 
 /// IOPS of a fio run with its nbd engine over the copied range.
 fn fio_iops(uri: &str, pattern: &str, seconds: u32) -> Result<f64> {
-    let done = Command::new("fio")
-        .args([
-            "--name=bench",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            &format!("--rw={pattern}"),
-            "--bs=4k",
-            "--iodepth=16",
-            &format!("--size={EXPORT_BYTES}"),
-            &format!("--runtime={seconds}"),
-            "--time_based",
-            "--minimal",
-        ])
-        .output()
-        .map_err(|e| format!("fio: {e}"))?;
-    let text = String::from_utf8_lossy(&done.stdout);
-    if !done.status.success() {
-        return Err(format!(
-            "fio {pattern} failed: {text}{}",
-            String::from_utf8_lossy(&done.stderr)
-        ));
-    }
+    let mut fio = Command::new("fio");
+    fio.args([
+        "--name=bench",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        &format!("--rw={pattern}"),
+        "--bs=4k",
+        "--iodepth=16",
+        &format!("--size={EXPORT_BYTES}"),
+        &format!("--runtime={seconds}"),
+        "--time_based",
+        "--minimal",
+    ]);
+    let text = output_of(fio, &format!("fio {pattern}"))?;
     // Terse format version 3: read IOPS is field 8, write IOPS field 49 (1-based).
     let terse = text
         .lines()
@@ -255,48 +313,19 @@ fn fio_iops(uri: &str, pattern: &str, seconds: u32) -> Result<f64> {
         .ok_or_else(|| format!("unexpected fio output: {text}"))
 }
 
-/// An NBD server running on the host, stopped when dropped.
-struct HostServer {
-    child: Child,
-    uri: String,
-}
-
-impl Drop for HostServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `thinbox offline` serving the thin pool from image files on a free local port.
 fn start_offline(dir: &Path) -> Result<HostServer> {
-    let mut command = Command::new(build_thinbox()?);
-    command.arg("offline");
+    let mut disks = Vec::new();
     for (name, bytes) in [
         ("host-metadata.img", METADATA_BYTES),
         ("host-data.img", POOL_DATA_BYTES),
     ] {
         let path = dir.join(name);
         qemu_test::create_disk(&path, bytes).map_err(|e| format!("{name}: {e}"))?;
-        command.arg("--disk").arg(path);
+        disks.push(path);
     }
-    let port = free_port().map_err(|e| format!("picking a port: {e}"))?;
-    command.args(["--nbd", &format!("127.0.0.1:{port}")]);
-    for line in thin_pool_commands() {
-        command.args(["--exec", &line]);
-    }
-    // Its console transcript is of no interest here.
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("thinbox offline: {e}"))?;
-    let server = HostServer {
-        child,
-        uri: format!("nbd://127.0.0.1:{port}/thin"),
-    };
-    wait_for_greeting(port, Duration::from_secs(10))?;
-    Ok(server)
+    let disks: Vec<&Path> = disks.iter().map(PathBuf::as_path).collect();
+    HostServer::offline(&build_thinbox()?, &disks, &thin_pool_commands())
 }
 
 /// Builds the host runner (this binary's crate does not depend on it) and returns its
@@ -340,23 +369,15 @@ fn start_qemu_nbd(dir: &Path) -> Result<HostServer> {
         &overlay.display().to_string(),
     ])?;
     let port = free_port().map_err(|e| format!("picking a port: {e}"))?;
-    let child = Command::new("qemu-nbd")
-        .args([
-            "--persistent",
-            "--shared=8",
-            "--format=qcow2",
-            "--cache=writeback",
-            "--bind=127.0.0.1",
-            &format!("--port={port}"),
-            &overlay.display().to_string(),
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("qemu-nbd: {e}"))?;
-    let server = HostServer {
-        child,
-        uri: format!("nbd://127.0.0.1:{port}"),
-    };
-    wait_for_greeting(port, Duration::from_secs(10))?;
-    Ok(server)
+    let mut command = Command::new("qemu-nbd");
+    command.args([
+        "--persistent",
+        "--shared=8",
+        "--format=qcow2",
+        "--cache=writeback",
+        "--bind=127.0.0.1",
+        &format!("--port={port}"),
+        &overlay.display().to_string(),
+    ]);
+    HostServer::start(command, port)
 }
