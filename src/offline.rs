@@ -13,16 +13,19 @@
 //! commands or standard input have ended, until `shutdown` or a signal stops the
 //! process.
 
+use std::cell::RefCell;
 use std::io::{self, BufRead, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::rc::Rc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use blockdev::FileDisk;
 use clap::Args;
-use console::{Console, Crash, Disk, MemoryStats, Platform, RegistryBackend};
+use console::{Console, Crash, MemoryStats, Platform};
+use dm::{DeviceMapper, Disk, NbdBackend};
 use nbd::tcp::{Controller, TcpServer};
 
 use crate::Failure;
@@ -63,10 +66,10 @@ impl Platform for HostPlatform {
     }
 }
 
-/// The console and its devices as an NBD backend.
+/// The console and the device mapper it manages, whose NBD backend serves the devices.
 pub struct Plane {
     console: Console<HostPlatform>,
-    backend: RegistryBackend,
+    backend: NbdBackend,
 }
 
 impl nbd::Backend for Plane {
@@ -106,8 +109,7 @@ impl Plane {
             started: Instant::now(),
             powered_off: false,
         };
-        let console = Console::new(
-            platform,
+        let devices = Rc::new(RefCell::new(DeviceMapper::new(
             disks
                 .into_iter()
                 .map(|(name, device)| Disk {
@@ -115,9 +117,12 @@ impl Plane {
                     device: Box::new(device),
                 })
                 .collect(),
-        );
-        let backend = console.nbd_backend();
-        Plane { console, backend }
+        )));
+        let backend = NbdBackend::new(Rc::clone(&devices));
+        Plane {
+            console: Console::new(platform, devices),
+            backend,
+        }
     }
 
     /// Runs `line` (if any), then polls for at most [`TURN`].

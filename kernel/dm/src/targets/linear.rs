@@ -10,7 +10,7 @@ use alloc::vec;
 use blockdev::{BlockDevice, Busy, Command, Completion, IoBuf, Request, SECTOR_SIZE};
 use nbd::{BackendError, Extent, IoCompletion, IoOp, IoOutput};
 
-use crate::shared::Region;
+use crate::region::Region;
 
 /// Sectors per part when the disk takes more (1 MiB keeps zero buffers small).
 const MAX_PART_SECTORS: u64 = 2048;
@@ -317,7 +317,7 @@ fn in_range(sector: u64, sectors: u64, size: u64) -> Result<(), BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared::SharedDisk;
+    use crate::region::SharedDisk;
     use alloc::boxed::Box;
     use alloc::vec::Vec;
     use blockdev::{DeviceInfo, MemDisk};
