@@ -1,13 +1,13 @@
 //! `thinbox offline`: the appliance's console over disk image files on this host.
 //!
-//! The same command interpreter, device registry, configuration and NBD protocol code
+//! The same command interpreter, device mapper, configuration and NBD protocol code
 //! as the appliance run here; only the disks (image files, `blockdev::FileDisk`) and
 //! the NBD transport (std TCP) differ. Disks are named `vda`, `vdb`, … in the order
 //! given, and the configuration is found on them as the appliance finds it, so disks
 //! prepared here boot on the appliance with the same devices and the other way round.
 //!
 //! With `--nbd ADDRESS` the devices are served while the console runs. The console
-//! then lives on the server's thread (the registry is single-threaded, as on the
+//! then lives on the server's thread (the device mapper is single-threaded, as on the
 //! appliance) and this thread hands it one command at a time; between commands it
 //! ticks the console so timed work and events go on. Serving continues after the
 //! commands or standard input have ended, until `shutdown` or a signal stops the

@@ -365,14 +365,7 @@ impl DeviceMapper {
     pub fn test_target(&self, name: &str) -> Result<(String, Box<dyn BlockDevice>), String> {
         if let Some(index) = self.disk_index(name) {
             let entry = &self.disks[index];
-            let users = self.users_of(&entry.name);
-            if !users.is_empty() {
-                return Err(format!(
-                    "{} is in use by {}; testing it would destroy their data",
-                    entry.name,
-                    users.join(", ")
-                ));
-            }
+            self.refuse_users(&entry.name)?;
             let region = entry.region(0, entry.sectors(), false);
             return Ok((entry.name.clone(), Box::new(region)));
         }
@@ -381,14 +374,7 @@ impl DeviceMapper {
                 "unknown disk or device '{name}' (see disks and ls)"
             ));
         };
-        let users = self.users_of(&device.name);
-        if !users.is_empty() {
-            return Err(format!(
-                "{} is in use by {}; testing it would destroy their data",
-                device.name,
-                users.join(", ")
-            ));
-        }
+        self.refuse_users(&device.name)?;
         match &device.state {
             State::Inactive(why) => Err(format!("{} is inactive ({why})", device.name)),
             State::Active(active) if active.suspended => {
@@ -413,6 +399,20 @@ impl DeviceMapper {
                 }
             },
         }
+    }
+}
+
+impl DeviceMapper {
+    /// Refuses to test a disk or device that other devices are built on.
+    fn refuse_users(&self, name: &str) -> Result<(), String> {
+        let users = self.users_of(name);
+        if users.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "{name} is in use by {}; testing it would destroy their data",
+            users.join(", ")
+        ))
     }
 }
 

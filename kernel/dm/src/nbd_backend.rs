@@ -153,3 +153,107 @@ impl Backend for NbdBackend {
         self.0.borrow_mut().poll()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Disk, Format, State};
+    use alloc::boxed::Box;
+    use alloc::string::ToString;
+    use blockdev::{IoBuf, MemDisk};
+    use nbd::{IoOp, IoOutput};
+
+    fn mapper(disk: &MemDisk) -> DeviceMapper {
+        DeviceMapper::new(alloc::vec![Disk {
+            name: "vda".to_string(),
+            device: Box::new(disk.handle()),
+        }])
+    }
+
+    fn write(mapper: &mut DeviceMapper, export: ExportHandle, tag: u64, byte: u8) {
+        let mut buf = IoBuf::with_sectors(1);
+        buf.fill(byte);
+        let op = IoOp::Write {
+            sector: 0,
+            buf,
+            fua: false,
+        };
+        mapper.submit(IoRequest { tag, export, op }).expect("room");
+    }
+
+    fn next(mapper: &mut DeviceMapper) -> IoCompletion {
+        loop {
+            if let Some(done) = mapper.poll() {
+                return done;
+            }
+        }
+    }
+
+    fn clients(mapper: &DeviceMapper, name: &str) -> usize {
+        match mapper.device(name).unwrap().state() {
+            State::Active(active) => active.clients(),
+            State::Inactive(why) => panic!("{name} inactive: {why}"),
+        }
+    }
+
+    #[test]
+    fn a_handle_reaches_its_device_and_never_a_successor_of_the_same_name() {
+        let disk = MemDisk::new(1024);
+        let mut dm = mapper(&disk);
+        dm.create("a", false, "0 8 linear vda 16", Format::IfBlank)
+            .unwrap();
+        let (old, info) = dm.open("a").unwrap();
+        assert_eq!((info.name.as_str(), info.sectors), ("a", 8));
+        write(&mut dm, old, 1, 0xa1);
+        assert!(next(&mut dm).result.is_ok());
+        let mut byte = [0u8];
+        disk.read_at(16 * 512, &mut byte);
+        assert_eq!(byte, [0xa1]);
+
+        assert!(dm.remove("a", false).is_err(), "a client is connected");
+        dm.remove("a", true).unwrap();
+        dm.create("a", false, "0 8 linear vda 32", Format::IfBlank)
+            .unwrap();
+        let (new, _) = dm.open("a").unwrap();
+        assert_ne!(new, old);
+        write(&mut dm, old, 2, 0xb2);
+        let done = next(&mut dm);
+        assert_eq!(
+            (done.tag, done.result.unwrap_err()),
+            (2, BackendError::Gone)
+        );
+        disk.read_at(32 * 512, &mut byte);
+        assert_eq!(byte, [0], "the old client's write reached no disk");
+
+        dm.close(old);
+        assert_eq!(
+            clients(&dm, "a"),
+            1,
+            "closing the old handle leaves the new one"
+        );
+        dm.close(new);
+        assert_eq!(clients(&dm, "a"), 0);
+        assert_eq!(dm.open("vda").unwrap_err(), OpenError::NotFound);
+    }
+
+    #[test]
+    fn requests_wait_while_suspended_and_run_on_resume() {
+        let disk = MemDisk::new(1024);
+        let mut dm = mapper(&disk);
+        dm.create("a", false, "0 8 linear vda 0", Format::IfBlank)
+            .unwrap();
+        let (export, _) = dm.open("a").unwrap();
+        dm.suspend("a").unwrap();
+        write(&mut dm, export, 7, 0x5a);
+        for _ in 0..100 {
+            assert!(dm.poll().is_none(), "held while suspended");
+        }
+        dm.resume("a").unwrap();
+        let done = next(&mut dm);
+        assert_eq!(done.tag, 7);
+        assert!(matches!(done.result, Ok(IoOutput::Done)));
+        let mut byte = [0u8];
+        disk.read_at(0, &mut byte);
+        assert_eq!(byte, [0x5a]);
+    }
+}
