@@ -12,7 +12,7 @@ use crate::targets::TargetIo;
 /// id, so NBD clients of a removed device never reach its successor. Ids grow with
 /// every registration, so their order is creation order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct DeviceId(pub(crate) u64);
+pub(crate) struct DeviceId(pub(crate) u64);
 
 /// A device and whether it is running.
 pub struct Device {

@@ -10,12 +10,12 @@
 //! devices, exports and configuration exactly as they were.
 //!
 //! Data-carrying devices are NBD exports: [`NbdBackend`] serves them to
-//! `nbd::Server`. An export handle is the device's [`DeviceId`], so a request reaches
-//! its device's target without a name lookup, and a request for a removed device
-//! fails with `ESHUTDOWN`.
+//! `nbd::Server`. An export handle is the device's id, so a request reaches its
+//! device's target without a name lookup, and a request for a removed device fails
+//! with `ESHUTDOWN`.
 //!
-//! Devices share disks through [`SharedDisk`] regions: windows of a disk with their
-//! own request queues.
+//! Devices share disks through regions: windows of a disk with their own request
+//! queues.
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -34,11 +34,10 @@ mod targets;
 mod units;
 
 pub use activate::Format;
-pub use device::{Active, Device, DeviceId, State};
+pub use device::{Active, Device, State};
 pub use disk::{Disk, DiskEntry};
 pub use mapper::DeviceMapper;
 pub use nbd_backend::NbdBackend;
-pub use region::{Region, SharedDisk};
 pub use table::{Table, Target, bare_name};
 pub use units::human_bytes;
 
