@@ -25,8 +25,9 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     ),
     (
         "create NAME [--readonly] --table T",
-        "create a device from a table \"0 LENGTH TARGET ARGS\": linear DEV OFFSET, \
-         thin-pool META DATA BLOCK_SECTORS LOW_WATER [N FEATURES], thin POOL ID [ORIGIN]",
+        "create a device from a table \"START LENGTH TARGET ARGS\" (segments end to end, \
+         separated by ;): linear DEV OFFSET, thin-pool META DATA BLOCK_SECTORS LOW_WATER \
+         [N FEATURES], thin POOL ID [ORIGIN]",
     ),
     (
         "remove NAME [--force]",

@@ -136,9 +136,15 @@ impl<P: Platform> Console<P> {
                 }
                 for (index, device) in dm.devices().enumerate() {
                     match command {
-                        "table" => outln!(out, "{}: {}", device.name(), device.table()),
+                        "table" => {
+                            for segment in device.table().segments() {
+                                outln!(out, "{}: {segment}", device.name());
+                            }
+                        }
                         "status" => {
-                            outln!(out, "{}: {}", device.name(), dm.status_line(device))
+                            for line in dm.status_lines(device) {
+                                outln!(out, "{}: {line}", device.name());
+                            }
                         }
                         _ => {
                             if index > 0 {
@@ -153,12 +159,18 @@ impl<P: Platform> Console<P> {
             [name] => {
                 let device = dm.device(name)?;
                 match command {
-                    "table" => outln!(out, "{}", device.table()),
+                    "table" => {
+                        for segment in device.table().segments() {
+                            outln!(out, "{segment}");
+                        }
+                    }
                     "status" => {
                         if let State::Inactive(why) = device.state() {
                             return Err(format!("{} is inactive ({why})", device.name()).into());
                         }
-                        outln!(out, "{}", dm.status_line(device));
+                        for line in dm.status_lines(device) {
+                            outln!(out, "{line}");
+                        }
                     }
                     _ => info(&dm, device, out),
                 }
@@ -245,7 +257,7 @@ fn info(dm: &DeviceMapper, device: &Device, out: &mut dyn Write) {
         State::Active(active) => ("ACTIVE".into(), active.clients()),
     };
     let table = device.table();
-    let sectors = table.length;
+    let sectors = table.length();
     outln!(out, "Name:              {}", device.name());
     outln!(out, "State:             {state}");
     outln!(

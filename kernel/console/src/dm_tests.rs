@@ -117,8 +117,8 @@ fn refused_creates_leave_nothing_behind() {
         ),
         (
             "create b --table \"1 8 linear vda 0\"",
-            "error: create b: table start is 1: a device has one segment, which starts at \
-             sector 0",
+            "error: create b: Gap in table: the first segment starts at sector 1; a table \
+             starts at sector 0",
         ),
         (
             "create a --table \"0 8 linear vda 0\"",

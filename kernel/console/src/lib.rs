@@ -266,4 +266,6 @@ mod dm_tests;
 #[cfg(test)]
 mod pool_tests;
 #[cfg(test)]
+mod segment_tests;
+#[cfg(test)]
 mod tests;

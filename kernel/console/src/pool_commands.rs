@@ -147,7 +147,7 @@ impl<P: Platform> Console<P> {
         }
         let mut dm = self.dm.borrow_mut();
         let origin_device = dm.device(origin)?;
-        let Target::Thin(thin) = &origin_device.table().target else {
+        let Target::Thin(thin) = &origin_device.table().target() else {
             return Err(format!(
                 "snap create: {} is a {} device; snapshots are taken of thin devices",
                 origin_device.name(),
@@ -157,7 +157,7 @@ impl<P: Platform> Console<P> {
         };
         let pool = thin.pool_dev.clone();
         let external = thin.origin_dev.clone();
-        let sectors = origin_device.table().length;
+        let sectors = origin_device.table().length();
         let origin_id = thin.dev_id;
         let (dev, table) = new_thin(
             &mut dm,
@@ -252,7 +252,7 @@ fn thin_ls(dm: &DeviceMapper, name: &str, out: &mut dyn Write) -> Result<(), Com
         let names: Vec<&str> = dm
             .devices()
             .filter(|candidate| {
-                matches!(&candidate.table().target, Target::Thin(thin)
+                matches!(candidate.table().target(), Target::Thin(thin)
                     if thin.pool_dev == name && thin.dev_id == device.dev)
             })
             .map(|candidate| candidate.name())

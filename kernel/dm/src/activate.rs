@@ -10,7 +10,8 @@ use thin_pool::{PoolTable, ThinTable};
 
 use crate::device::{Active, State};
 use crate::mapper::DeviceMapper;
-use crate::region::{Region, read_sectors};
+use crate::region::read_sectors;
+use crate::span::Span;
 use crate::table::{Table, Target};
 use crate::targets::{LinearIo, TargetIo, ThinIo};
 
@@ -26,7 +27,7 @@ pub enum Format {
     Force,
 }
 
-/// A window of a disk that a device occupies.
+/// A run of a disk's sectors that a device occupies.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Window {
     pub disk: usize,
@@ -44,17 +45,37 @@ impl Window {
     }
 }
 
+/// Sectors `offset..offset + sectors` of a device made of `windows` (in its sector
+/// order), or `None` when the device is shorter.
+fn slice(windows: &[Window], offset: u64, sectors: u64) -> Option<Vec<Window>> {
+    let end = offset.checked_add(sectors)?;
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for window in windows {
+        let (from, to) = (offset.max(at), end.min(at + window.sectors));
+        if from < to {
+            pieces.push(Window {
+                offset: window.offset + (from - at),
+                sectors: to - from,
+                ..*window
+            });
+        }
+        at += window.sectors;
+    }
+    (end <= at).then_some(pieces)
+}
+
 impl DeviceMapper {
-    /// The disk window a disk or linear device stands for.
-    pub(crate) fn window(&self, name: &str) -> Result<Window, String> {
+    /// The disk windows a disk or linear device stands for, in its sector order.
+    pub(crate) fn windows(&self, name: &str) -> Result<Vec<Window>, String> {
         if let Some(index) = self.disk_index(name) {
             let disk = &self.disks[index];
-            return Ok(Window {
+            return Ok(alloc::vec![Window {
                 disk: index,
                 offset: 0,
                 sectors: disk.sectors(),
                 read_only: disk.info().read_only,
-            });
+            }]);
         }
         let Some(device) = self.find(name) else {
             return Err(format!(
@@ -64,29 +85,56 @@ impl DeviceMapper {
         if let State::Inactive(why) = &device.state {
             return Err(format!("device {name} is inactive ({why})"));
         }
-        match &device.table.target {
-            Target::Linear {
-                device: below,
-                offset,
-            } => {
-                let base = self.window(below)?;
-                Ok(Window {
-                    disk: base.disk,
-                    offset: base.offset + offset,
-                    sectors: device.table.length,
-                    read_only: base.read_only || device.read_only,
-                })
-            }
-            Target::Pool(_) | Target::Thin(_) => Err(format!(
+        if !matches!(device.table.target(), Target::Linear { .. }) {
+            return Err(format!(
                 "{name} is a {} device; only disks and linear devices can be used here",
                 device.table.kind()
-            )),
+            ));
         }
+        self.linear_windows(&device.table, device.read_only)
     }
 
-    /// A region over a window.
-    pub(crate) fn region_of(&self, window: Window, read_only: bool) -> Region {
-        self.disks[window.disk].region(window.offset, window.sectors, window.read_only || read_only)
+    /// The disk windows of a linear table's segments, end to end.
+    fn linear_windows(&self, table: &Table, read_only: bool) -> Result<Vec<Window>, String> {
+        let mut windows = Vec::new();
+        for segment in table.segments() {
+            let Target::Linear { device, offset } = &segment.target else {
+                return Err(format!("{} is not linear", segment.target.kind()));
+            };
+            windows.extend(self.fit(device, *offset, segment.length)?);
+        }
+        for window in &mut windows {
+            window.read_only |= read_only;
+        }
+        Ok(windows)
+    }
+
+    /// The windows of `sectors` sectors at `offset` in a disk or linear device.
+    fn fit(&self, device: &str, offset: u64, sectors: u64) -> Result<Vec<Window>, String> {
+        let base = self.windows(device)?;
+        slice(&base, offset, sectors).ok_or_else(|| {
+            format!(
+                "{device} is too small for this table: it holds {} sectors, the table needs \
+                 {offset}+{sectors}",
+                base.iter().map(|window| window.sectors).sum::<u64>()
+            )
+        })
+    }
+
+    /// A device over windows, end to end; `read_only` makes all of it read-only.
+    pub(crate) fn span(&self, windows: &[Window], read_only: bool) -> Span {
+        Span::new(
+            windows
+                .iter()
+                .map(|window| {
+                    self.disks[window.disk].region(
+                        window.offset,
+                        window.sectors,
+                        window.read_only || read_only,
+                    )
+                })
+                .collect(),
+        )
     }
 
     /// Starts a device from its table without registering it. Returns the running
@@ -98,18 +146,18 @@ impl DeviceMapper {
         format: Format,
     ) -> Result<(Active, Vec<String>), String> {
         let mut notes = Vec::new();
-        let io = match &table.target {
-            Target::Linear { device, offset } => {
-                let region = self.fit(device, *offset, table.length, read_only)?;
-                TargetIo::Linear(LinearIo::new(region))
+        let io = match table.target() {
+            Target::Linear { .. } => {
+                let windows = self.linear_windows(table, false)?;
+                TargetIo::Linear(LinearIo::new(self.span(&windows, read_only)))
             }
             Target::Pool(pool) => {
-                let (engine, more) = self.open_pool(pool, table.length, format)?;
+                let (engine, more) = self.open_pool(pool, table.length(), format)?;
                 notes = more;
                 TargetIo::Pool(engine)
             }
             Target::Thin(thin) => {
-                let volume = self.thin_volume(thin, table.length)?;
+                let volume = self.thin_volume(thin, table.length())?;
                 TargetIo::Thin(ThinIo::new(volume, read_only))
             }
         };
@@ -124,13 +172,8 @@ impl DeviceMapper {
         format: Format,
     ) -> Result<(thin_pool::Pool, Vec<String>), String> {
         let features = pool.config.features;
-        let metadata = self.fit(
-            &pool.metadata_dev,
-            0,
-            self.window(&pool.metadata_dev)?.sectors,
-            false,
-        )?;
-        let data = self.fit(&pool.data_dev, 0, length, false)?;
+        let metadata = self.span(&self.windows(&pool.metadata_dev)?, false);
+        let data = self.span(&self.fit(&pool.data_dev, 0, length)?, false);
         for (name, region) in [(&pool.metadata_dev, &metadata), (&pool.data_dev, &data)] {
             if region.info().read_only && !features.read_only {
                 return Err(format!(
@@ -160,55 +203,26 @@ impl DeviceMapper {
         Ok((engine, notes))
     }
 
-    /// A region of `sectors` sectors at `offset` in a disk or linear device.
-    fn fit(
-        &self,
-        device: &str,
-        offset: u64,
-        sectors: u64,
-        read_only: bool,
-    ) -> Result<Region, String> {
-        let base = self.window(device)?;
-        if offset
-            .checked_add(sectors)
-            .is_none_or(|end| end > base.sectors)
-        {
-            return Err(format!(
-                "{device} is too small for this table: it holds {} sectors, the table needs \
-                 {offset}+{sectors}",
-                base.sectors
-            ));
-        }
-        Ok(self.region_of(
-            Window {
-                offset: base.offset + offset,
-                sectors,
-                ..base
-            },
-            read_only,
-        ))
-    }
-
     /// Refuses a pool whose metadata or data overlaps its own other half or a running
     /// pool's devices (dm: "metadata device already in use by a pool").
     fn check_pool_windows(&self, pool: &PoolTable) -> Result<(), String> {
-        let metadata = self.window(&pool.metadata_dev)?;
-        let data = self.window(&pool.data_dev)?;
-        if metadata.overlaps(&data) {
+        let metadata = self.windows(&pool.metadata_dev)?;
+        let data = self.windows(&pool.data_dev)?;
+        if let Some(shared) = overlap(&metadata, &data) {
             return Err(format!(
                 "metadata device {} and data device {} overlap on disk {}",
-                pool.metadata_dev, pool.data_dev, self.disks[metadata.disk].name
+                pool.metadata_dev, pool.data_dev, self.disks[shared].name
             ));
         }
         for device in self.devices() {
-            let (Target::Pool(other), State::Active(_)) = (&device.table.target, &device.state)
+            let (Target::Pool(other), State::Active(_)) = (device.table.target(), &device.state)
             else {
                 continue;
             };
             for name in [&other.metadata_dev, &other.data_dev] {
-                let used = self.window(name)?;
-                for (mine, window) in [(&pool.metadata_dev, &metadata), (&pool.data_dev, &data)] {
-                    if window.overlaps(&used) {
+                let used = self.windows(name)?;
+                for (mine, windows) in [(&pool.metadata_dev, &metadata), (&pool.data_dev, &data)] {
+                    if overlap(windows, &used).is_some() {
                         return Err(format!("{mine} is already in use by pool {}", device.name));
                     }
                 }
@@ -247,8 +261,8 @@ impl DeviceMapper {
         }
         let origin = match &thin.origin_dev {
             Some(name) => {
-                let region = self.region_of(self.window(name)?, true);
-                Some(Box::new(region) as Box<dyn BlockDevice>)
+                let origin = self.span(&self.windows(name)?, true);
+                Some(Box::new(origin) as Box<dyn BlockDevice>)
             }
             None => None,
         };
@@ -257,10 +271,17 @@ impl DeviceMapper {
     }
 }
 
+/// The disk two sets of windows share sectors of, if any.
+fn overlap(a: &[Window], b: &[Window]) -> Option<usize> {
+    a.iter()
+        .find(|one| b.iter().any(|other| one.overlaps(other)))
+        .map(|window| window.disk)
+}
+
 /// Applies the format policy to a metadata device before the pool opens it: with
 /// `Never`, a blank device is refused; with `Force`, its first block is zeroed so the
 /// engine formats it.
-fn prepare_metadata(metadata: &mut Region, name: &str, format: Format) -> Result<(), String> {
+fn prepare_metadata(metadata: &mut Span, name: &str, format: Format) -> Result<(), String> {
     const BLOCK_SECTORS: usize = 8;
     match format {
         Format::IfBlank => Ok(()),

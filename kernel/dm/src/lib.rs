@@ -1,8 +1,8 @@
 //! Device-mapper's core, free of hardware so it is tested on the host.
 //!
 //! A [`DeviceMapper`] holds the disks it was given and the devices built on them: each
-//! device has a name, a live [`Table`] (one segment of a `linear`, `thin-pool` or
-//! `thin` target), an open count (devices built on it and NBD clients), its
+//! device has a name, a live [`Table`] (`linear` segments end to end, or one
+//! `thin-pool` or `thin` segment), an open count (devices built on it and NBD clients), its
 //! dependencies and whether it is suspended. Changes are made the way `dmsetup` makes
 //! them — `create` (load a table and resume), `remove`, `suspend`, `resume`, `message`
 //! — and every change is checked completely, then saved in the configuration area
@@ -29,6 +29,7 @@ mod disk;
 mod mapper;
 mod nbd_backend;
 mod region;
+mod span;
 pub mod table;
 mod targets;
 mod units;
@@ -38,7 +39,7 @@ pub use device::{Active, Device, State};
 pub use disk::{Disk, DiskEntry};
 pub use mapper::DeviceMapper;
 pub use nbd_backend::NbdBackend;
-pub use table::{Table, Target, bare_name};
+pub use table::{Segment, Table, Target, bare_name};
 pub use units::human_bytes;
 
 use alloc::string::String;

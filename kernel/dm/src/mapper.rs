@@ -111,8 +111,8 @@ impl DeviceMapper {
 
     /// Sectors of a disk or linear device (what a table may use of it).
     pub fn size_of(&self, name: &str) -> Result<u64, Error> {
-        self.window(name)
-            .map(|window| window.sectors)
+        self.windows(name)
+            .map(|windows| windows.iter().map(|window| window.sectors).sum())
             .map_err(Error)
     }
 
@@ -198,7 +198,7 @@ impl DeviceMapper {
     /// pool refuses the delete, the device is activated again as it was.
     pub fn thin_delete(&mut self, name: &str) -> Result<(), Error> {
         let device = self.device(name)?;
-        let Target::Thin(thin) = &device.table.target else {
+        let Target::Thin(thin) = device.table.target() else {
             return Err(format!(
                 "{} is a {} device; thin delete removes thin devices (use remove)",
                 device.name,
@@ -288,7 +288,7 @@ impl DeviceMapper {
     /// `message NAME 0 TEXT`.
     pub fn message(&mut self, name: &str, text: &str) -> Result<(), Error> {
         let device = self.device(name)?;
-        if !matches!(device.table.target, Target::Pool(_)) {
+        if !matches!(device.table.target(), Target::Pool(_)) {
             return Err(format!(
                 "{} is a {} device, which takes no messages (messages go to thin-pool devices)",
                 device.name,
@@ -308,22 +308,29 @@ impl DeviceMapper {
         })
     }
 
-    /// dm's status line, `0 LENGTH TARGET` followed by the target's fields, or why
-    /// there is none.
-    pub fn status_line(&self, device: &Device) -> String {
-        let table = &device.table;
-        match &device.state {
-            State::Inactive(why) => format!("inactive ({why})"),
-            State::Active(_) => match self.status_fields(device) {
-                Ok(fields) => format!("0 {} {}{fields}", table.length, table.kind()),
-                Err(why) => format!("0 {} {} Error ({why})", table.length, table.kind()),
-            },
+    /// dm's status lines, one per segment: `START LENGTH TARGET` followed by the
+    /// target's fields; or why there are none.
+    pub fn status_lines(&self, device: &Device) -> Vec<String> {
+        if let State::Inactive(why) = &device.state {
+            return alloc::vec![format!("inactive ({why})")];
         }
+        device
+            .table
+            .segments()
+            .iter()
+            .map(|segment| {
+                let (start, length, kind) = (segment.start, segment.length, segment.target.kind());
+                match self.status_fields(device, &segment.target) {
+                    Ok(fields) => format!("{start} {length} {kind}{fields}"),
+                    Err(why) => format!("{start} {length} {kind} Error ({why})"),
+                }
+            })
+            .collect()
     }
 
-    /// The status fields after `0 LENGTH TARGET` (dm's format).
-    fn status_fields(&self, device: &Device) -> Result<String, String> {
-        match &device.table.target {
+    /// The status fields of a segment after `START LENGTH TARGET` (dm's format).
+    fn status_fields(&self, device: &Device, target: &Target) -> Result<String, String> {
+        match target {
             Target::Linear { .. } => Ok(String::new()),
             Target::Pool(_) => {
                 let pool = self.pool(&device.name).map_err(String::from)?;
@@ -384,9 +391,9 @@ impl DeviceMapper {
                 "{} has NBD clients connected; testing it would destroy their data",
                 device.name
             )),
-            State::Active(_) => match &device.table.target {
+            State::Active(_) => match device.table.target() {
                 Target::Thin(thin) => {
-                    let volume = self.thin_volume(thin, device.table.length)?;
+                    let volume = self.thin_volume(thin, device.table.length())?;
                     Ok((device.name.clone(), Box::new(volume)))
                 }
                 Target::Pool(_) => Err(format!(
@@ -394,8 +401,8 @@ impl DeviceMapper {
                     device.name
                 )),
                 Target::Linear { .. } => {
-                    let region = self.region_of(self.window(&device.name)?, false);
-                    Ok((device.name.clone(), Box::new(region)))
+                    let span = self.span(&self.windows(&device.name)?, false);
+                    Ok((device.name.clone(), Box::new(span)))
                 }
             },
         }

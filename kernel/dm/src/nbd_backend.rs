@@ -22,10 +22,10 @@ impl DeviceMapper {
         let State::Active(active) = &device.state else {
             return None;
         };
-        let preferred_block_size = match &device.table.target {
+        let preferred_block_size = match device.table.target() {
             Target::Thin(thin) => self
                 .find(&thin.pool_dev)
-                .and_then(|pool| match &pool.table.target {
+                .and_then(|pool| match pool.table.target() {
                     Target::Pool(table) => Some(table.config.data_block_size * SECTOR_SIZE as u32),
                     _ => None,
                 })
@@ -42,7 +42,7 @@ impl DeviceMapper {
             trim: active.io.discard() && !read_only,
             write_zeroes: !read_only,
             // A thin volume zeroes fast by unmapping; a linear device only by writing.
-            fast_zero: matches!(device.table.target, Target::Thin(_)) && !read_only,
+            fast_zero: matches!(device.table.target(), Target::Thin(_)) && !read_only,
             multi_conn: true,
         })
     }

@@ -1,6 +1,6 @@
-//! Device tables: one line `START LENGTH TARGET ARGS...` per device, as `dmsetup
-//! create --table` takes them. Device names in a table may carry `/dev/` or
-//! `/dev/mapper/` in front; tables are kept and printed without.
+//! Device tables: segments `START LENGTH TARGET ARGS...`, one per line or separated
+//! by `;`, as `dmsetup create --table` takes them. Device names in a table may carry
+//! `/dev/` or `/dev/mapper/` in front; tables are kept and printed without.
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -36,7 +36,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// What a device does with its sectors.
+/// What a segment does with its sectors.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     /// `linear DEVICE OFFSET`: sectors `OFFSET..OFFSET+LENGTH` of a disk or of another
@@ -48,117 +48,224 @@ pub enum Target {
     Thin(ThinTable),
 }
 
-/// A parsed one-segment table.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Table {
-    /// Sectors.
-    pub length: u64,
-    pub target: Target,
-}
-
-impl Table {
-    /// Parses `0 LENGTH TARGET ARGS...` (already split into words or not).
-    pub fn parse(line: &str) -> Result<Table, String> {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let [start, length, target, args @ ..] = words.as_slice() else {
-            return Err(format!(
-                "table '{line}' is incomplete (expected START LENGTH TARGET ARGS...)"
-            ));
-        };
-        let start = number(start, "start")?;
-        if start != 0 {
-            return Err(format!(
-                "table start is {start}: a device has one segment, which starts at sector 0"
-            ));
-        }
-        let length = number(length, "length")?;
-        if length == 0 {
-            return Err("table length is 0: give the device's size in sectors".to_string());
-        }
-        let target = match *target {
-            "linear" => match args {
-                [device, offset] => Target::Linear {
-                    device: bare_name(device).to_string(),
-                    offset: number(offset, "linear offset")?,
-                },
-                _ => {
-                    return Err(format!(
-                        "linear takes 2 arguments, DEVICE OFFSET (got {})",
-                        args.len()
-                    ));
-                }
-            },
-            "thin-pool" => {
-                let mut table =
-                    PoolTable::parse(line).map_err(|error| format!("thin-pool: {error}"))?;
-                table.metadata_dev = bare_name(&table.metadata_dev).to_string();
-                table.data_dev = bare_name(&table.data_dev).to_string();
-                if table.metadata_dev == table.data_dev {
-                    return Err(format!("thin-pool: {}", thin_pool::TableError::SameDevice));
-                }
-                Target::Pool(table)
-            }
-            "thin" => {
-                let mut table = ThinTable::parse(line).map_err(|error| format!("thin: {error}"))?;
-                table.pool_dev = bare_name(&table.pool_dev).to_string();
-                if let Some(origin) = &mut table.origin_dev {
-                    *origin = bare_name(origin).to_string();
-                    if *origin == table.pool_dev {
-                        return Err(format!("thin: {}", thin_pool::TableError::SameOrigin));
-                    }
-                }
-                Target::Thin(table)
-            }
-            other => {
-                return Err(format!(
-                    "unknown target type '{other}' (use linear, thin-pool or thin)"
-                ));
-            }
-        };
-        Ok(Table { length, target })
-    }
-
+impl Target {
     /// The target type's name.
     pub fn kind(&self) -> &'static str {
-        match self.target {
+        match self {
             Target::Linear { .. } => "linear",
             Target::Pool(_) => "thin-pool",
             Target::Thin(_) => "thin",
         }
     }
+}
 
-    /// Disks and devices the table refers to.
-    pub fn dependencies(&self) -> Vec<&str> {
-        match &self.target {
-            Target::Linear { device, .. } => alloc::vec![device.as_str()],
-            Target::Pool(pool) => alloc::vec![pool.metadata_dev.as_str(), pool.data_dev.as_str()],
-            Target::Thin(thin) => core::iter::once(thin.pool_dev.as_str())
-                .chain(thin.origin_dev.as_deref())
-                .collect(),
+/// Target types that must be a table's only segment: a pool, and a thin device (whose
+/// volume is the whole device).
+fn stands_alone(kind: &str) -> bool {
+    matches!(kind, "thin-pool" | "thin")
+}
+
+/// One segment of a table: sectors `start..start+length` of the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub start: u64,
+    /// Sectors.
+    pub length: u64,
+    pub target: Target,
+}
+
+/// A parsed table: segments that cover the device from sector 0 on, end to end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Table {
+    segments: Vec<Segment>,
+}
+
+impl Table {
+    /// Parses segments `START LENGTH TARGET ARGS...` separated by `;` or newlines, with
+    /// dm's rules: the first starts at 0, each starts where the previous one ends, and
+    /// `thin-pool` and `thin` stand alone.
+    pub fn parse(text: &str) -> Result<Table, String> {
+        let lines: Vec<&str> = text
+            .split([';', '\n'])
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .collect();
+        if lines.is_empty() {
+            return Err(incomplete(text));
         }
+        let mut segments: Vec<Segment> = Vec::with_capacity(lines.len());
+        for (index, line) in lines.iter().enumerate() {
+            let segment = parse_segment(line, &segments).map_err(|why| {
+                if lines.len() == 1 {
+                    why
+                } else {
+                    format!("segment {}: {why}", index + 1)
+                }
+            })?;
+            segments.push(segment);
+        }
+        Ok(Table { segments })
+    }
+
+    /// The segments, in sector order.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// The device's size in sectors.
+    pub fn length(&self) -> u64 {
+        self.segments
+            .last()
+            .map_or(0, |segment| segment.start + segment.length)
+    }
+
+    /// The first segment's target: the only one of a `thin-pool` or `thin` table.
+    pub fn target(&self) -> &Target {
+        &self.segments[0].target
+    }
+
+    /// The target type's name (segments of several share one: only `linear` mixes).
+    pub fn kind(&self) -> &'static str {
+        self.target().kind()
+    }
+
+    /// Disks and devices the table refers to, each once.
+    pub fn dependencies(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for segment in &self.segments {
+            let refers: Vec<&str> = match &segment.target {
+                Target::Linear { device, .. } => alloc::vec![device.as_str()],
+                Target::Pool(pool) => {
+                    alloc::vec![pool.metadata_dev.as_str(), pool.data_dev.as_str()]
+                }
+                Target::Thin(thin) => core::iter::once(thin.pool_dev.as_str())
+                    .chain(thin.origin_dev.as_deref())
+                    .collect(),
+            };
+            for name in refers {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        names
     }
 
     /// Replaces references to `from` by `to` (a disk renamed since the table was
     /// saved).
     pub fn rename(&mut self, from: &str, to: &str) {
-        let names: Vec<&mut String> = match &mut self.target {
-            Target::Linear { device, .. } => alloc::vec![device],
-            Target::Pool(pool) => alloc::vec![&mut pool.metadata_dev, &mut pool.data_dev],
-            Target::Thin(thin) => core::iter::once(&mut thin.pool_dev)
-                .chain(thin.origin_dev.as_mut())
-                .collect(),
-        };
-        for name in names {
-            if name == from {
-                *name = to.to_string();
+        for segment in &mut self.segments {
+            let names: Vec<&mut String> = match &mut segment.target {
+                Target::Linear { device, .. } => alloc::vec![device],
+                Target::Pool(pool) => alloc::vec![&mut pool.metadata_dev, &mut pool.data_dev],
+                Target::Thin(thin) => core::iter::once(&mut thin.pool_dev)
+                    .chain(thin.origin_dev.as_mut())
+                    .collect(),
+            };
+            for name in names {
+                if name == from {
+                    *name = to.to_string();
+                }
             }
         }
     }
 }
 
-impl fmt::Display for Table {
+/// Parses one segment that is to follow `before`, checking in dm's order.
+fn parse_segment(line: &str, before: &[Segment]) -> Result<Segment, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let [start, length, kind, args @ ..] = words.as_slice() else {
+        return Err(incomplete(line));
+    };
+    let start = number(start, "start")?;
+    let length = number(length, "length")?;
+    if let Some(first) = before.first()
+        && stands_alone(first.target.kind())
+    {
+        return Err(format!(
+            "target type {} must appear alone in table",
+            first.target.kind()
+        ));
+    }
+    if length == 0 {
+        return Err("table length is 0: give the device's size in sectors".to_string());
+    }
+    if !matches!(*kind, "linear" | "thin-pool" | "thin") {
+        return Err(format!(
+            "unknown target type '{kind}' (use linear, thin-pool or thin)"
+        ));
+    }
+    if stands_alone(kind) && !before.is_empty() {
+        return Err(format!(
+            "singleton target type must appear alone in table ({kind} cannot follow other \
+             segments)"
+        ));
+    }
+    match before.last() {
+        None if start != 0 => {
+            return Err(format!(
+                "Gap in table: the first segment starts at sector {start}; a table starts at \
+                 sector 0"
+            ));
+        }
+        Some(last) if start != last.start + last.length => {
+            return Err(format!(
+                "Gap in table: this segment starts at sector {start}, the one before ends at \
+                 sector {}",
+                last.start + last.length
+            ));
+        }
+        _ => {}
+    }
+    let target = match *kind {
+        "linear" => match args {
+            [device, offset] => Target::Linear {
+                device: bare_name(device).to_string(),
+                offset: number(offset, "linear offset")?,
+            },
+            _ => {
+                return Err(format!(
+                    "linear takes 2 arguments, DEVICE OFFSET (got {})",
+                    args.len()
+                ));
+            }
+        },
+        "thin-pool" => {
+            let mut table =
+                PoolTable::parse(line).map_err(|error| format!("thin-pool: {error}"))?;
+            table.metadata_dev = bare_name(&table.metadata_dev).to_string();
+            table.data_dev = bare_name(&table.data_dev).to_string();
+            if table.metadata_dev == table.data_dev {
+                return Err(format!("thin-pool: {}", thin_pool::TableError::SameDevice));
+            }
+            Target::Pool(table)
+        }
+        _ => {
+            let mut table = ThinTable::parse(line).map_err(|error| format!("thin: {error}"))?;
+            table.pool_dev = bare_name(&table.pool_dev).to_string();
+            if let Some(origin) = &mut table.origin_dev {
+                *origin = bare_name(origin).to_string();
+                if *origin == table.pool_dev {
+                    return Err(format!("thin: {}", thin_pool::TableError::SameOrigin));
+                }
+            }
+            Target::Thin(table)
+        }
+    };
+    Ok(Segment {
+        start,
+        length,
+        target,
+    })
+}
+
+fn incomplete(line: &str) -> String {
+    format!("table '{line}' is incomplete (expected START LENGTH TARGET ARGS...)")
+}
+
+impl fmt::Display for Segment {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "0 {} {}", self.length, self.kind())?;
+        write!(f, "{} {} {}", self.start, self.length, self.target.kind())?;
         match &self.target {
             Target::Linear { device, offset } => write!(f, " {device} {offset}"),
             Target::Pool(pool) => {
@@ -185,6 +292,20 @@ impl fmt::Display for Table {
     }
 }
 
+/// The segments on one line, separated by `; ` (how the configuration saves a table
+/// and `create --table` takes it back).
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, segment) in self.segments.iter().enumerate() {
+            if index > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{segment}")?;
+        }
+        Ok(())
+    }
+}
+
 fn number(word: &str, what: &str) -> Result<u64, String> {
     if !word.is_empty()
         && word.bytes().all(|b| b.is_ascii_digit())
@@ -205,15 +326,17 @@ mod tests {
     fn linear_tables_parse_and_print_canonically() {
         let table = Table::parse("0  409600 linear /dev/vdc 2048").unwrap();
         assert_eq!(
-            table,
-            Table {
+            table.segments(),
+            [Segment {
+                start: 0,
                 length: 409600,
                 target: Target::Linear {
                     device: "vdc".into(),
                     offset: 2048
                 }
-            }
+            }]
         );
+        assert_eq!(table.length(), 409600);
         assert_eq!(table.to_string(), "0 409600 linear vdc 2048");
         assert_eq!(table.dependencies(), ["vdc"]);
         let mut renamed = table.clone();
@@ -270,6 +393,78 @@ mod tests {
         let mut renamed = pool.clone();
         renamed.rename("vdb", "vdc");
         assert_eq!(renamed.to_string(), "0 2097152 thin-pool vda vdc 128 0 0");
+    }
+
+    #[test]
+    fn segments_are_separated_by_semicolons_or_newlines_and_print_on_one_line() {
+        let concat = "0 100 linear /dev/vda 8;100 50 linear vdb 0\n 150 10 linear base 2 ;";
+        let table = Table::parse(concat).unwrap();
+        assert_eq!(
+            table.to_string(),
+            "0 100 linear vda 8; 100 50 linear vdb 0; 150 10 linear base 2"
+        );
+        assert_eq!(Table::parse(&table.to_string()).unwrap(), table);
+        let starts: Vec<(u64, u64)> = table
+            .segments()
+            .iter()
+            .map(|segment| (segment.start, segment.length))
+            .collect();
+        assert_eq!(starts, [(0, 100), (100, 50), (150, 10)]);
+        assert_eq!(table.length(), 160);
+        assert_eq!(table.kind(), "linear");
+        assert_eq!(table.dependencies(), ["vda", "vdb", "base"]);
+        let twice = Table::parse("0 8 linear vda 0; 8 8 linear vda 100").unwrap();
+        assert_eq!(twice.dependencies(), ["vda"]);
+        let mut renamed = twice.clone();
+        renamed.rename("vda", "vdc");
+        assert_eq!(renamed.to_string(), "0 8 linear vdc 0; 8 8 linear vdc 100");
+    }
+
+    #[test]
+    fn segments_follow_dms_rules() {
+        let cases = [
+            (
+                "0 100 linear vda 0; 96 8 linear vdb 0",
+                "segment 2: Gap in table",
+            ),
+            (
+                "0 100 linear vda 0; 104 8 linear vdb 0",
+                "segment 2: Gap in table",
+            ),
+            (
+                "8 100 linear vda 0; 108 8 linear vdb 0",
+                "segment 1: Gap in table",
+            ),
+            (
+                "0 100 linear vda 0; 100 0 linear vdb 0",
+                "segment 2: table length is 0",
+            ),
+            (
+                "0 8 linear vda 0; 8 8 thin-pool vdb vdc 128 0",
+                "segment 2: singleton target type must appear alone in table",
+            ),
+            (
+                "0 8 linear vda 0; 8 8 thin pool 1",
+                "segment 2: singleton target type must appear alone in table",
+            ),
+            (
+                "0 256 thin-pool vdb vdc 128 0; 256 8 linear vda 0",
+                "segment 2: target type thin-pool must appear alone in table",
+            ),
+            (
+                "0 8 thin pool 1\n8 8 thin pool 2",
+                "segment 2: target type thin must appear alone in table",
+            ),
+            (
+                "0 8 linear vda 0; 8 8 linear vdb",
+                "segment 2: linear takes 2",
+            ),
+            (" ; \n", "table ' ; \n' is incomplete"),
+        ];
+        for (text, expected) in cases {
+            let error = Table::parse(text).unwrap_err();
+            assert!(error.starts_with(expected), "{text}: {error}");
+        }
     }
 
     #[test]

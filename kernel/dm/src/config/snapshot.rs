@@ -26,8 +26,8 @@ pub struct DeviceRecord {
 
 /// Everything a configuration holds. Encoded as text lines:
 /// `disk NAME SECTORS SERIAL` (serial percent-encoded, `-` when empty) and
-/// `device NAME rw|ro TABLE-LINE`, devices in creation order (each only refers to
-/// disks and to devices before it).
+/// `device NAME rw|ro TABLE` (segments separated by `; `), devices in creation order
+/// (each only refers to disks and to devices before it).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub disks: Vec<DiskRecord>,
