@@ -2,8 +2,8 @@
 //!
 //! A [`DeviceMapper`] holds the disks it was given and the devices built on them: each
 //! device has a name, a live [`Table`] (`linear` segments end to end, or one
-//! `thin-pool` or `thin` segment), an open count (devices built on it and NBD clients), its
-//! dependencies and whether it is suspended. Changes are made the way `dmsetup` makes
+//! `thin-pool` or `thin` segment), an open count (devices built on it and NBD
+//! clients), its dependencies and whether it is suspended. Changes are made the way `dmsetup` makes
 //! them — `create` (load a table and resume), `remove`, `suspend`, `resume`, `message`
 //! — and every change is checked completely, then saved in the configuration area
 //! (when one was designated) before it takes effect, so a failed change leaves
@@ -15,7 +15,8 @@
 //! with `ESHUTDOWN`.
 //!
 //! Devices share disks through regions: windows of a disk with their own request
-//! queues.
+//! queues. A linear device's windows, end to end, form one block device (a span),
+//! which is what its NBD clients, a pool over it or a device above it use.
 
 #![no_std]
 #![forbid(unsafe_code)]
