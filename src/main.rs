@@ -49,6 +49,9 @@ pub struct RunArgs {
     /// Attach an NVMe disk image (repeatable; nvme0n1, nvme1n1, ...).
     #[arg(long = "nvme", value_name = "PATH")]
     pub nvme: Vec<PathBuf>,
+    /// Keep the default disks in DIR (created if missing) instead of target/appliance.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["disks", "nvme"])]
+    pub disk_dir: Option<PathBuf>,
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     pub memory: u32,
@@ -58,7 +61,8 @@ pub struct RunArgs {
     /// QEMU accelerator.
     #[arg(long, value_name = "tcg|kvm", default_value = "tcg")]
     pub accel: Accel,
-    /// Forward 127.0.0.1:PORT on this host to the appliance's NBD server.
+    /// Forward 127.0.0.1:PORT on this host to the appliance's NBD server (default:
+    /// 10809 if it is free, else a free port).
     #[arg(long, value_name = "PORT")]
     pub nbd_port: Option<u16>,
     /// Run this console command instead of an interactive session (repeatable): boot,
@@ -190,6 +194,7 @@ mod tests {
         assert_eq!(cli.run.memory, 256);
         assert_eq!(cli.run.accel, Accel::Tcg);
         assert!(!cli.run.uefi);
+        assert_eq!((cli.run.disk_dir, cli.run.nbd_port), (None, None));
     }
 
     #[test]
@@ -255,6 +260,10 @@ mod tests {
         assert_eq!(
             parse(&["--nbd-port", "70000"]).unwrap_err(),
             "error: invalid value '70000' for '--nbd-port <PORT>': 70000 is not in 0..=65535"
+        );
+        assert_eq!(
+            parse(&["--disk", "a.img", "--disk-dir", "disks"]).unwrap_err(),
+            "error: the argument '--disk <PATH>' cannot be used with '--disk-dir <DIR>'"
         );
         assert!(
             parse(&["--frobnicate"])

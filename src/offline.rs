@@ -14,9 +14,9 @@
 //! process.
 
 use std::cell::RefCell;
-use std::io::{self, BufRead, Write as _};
+use std::io::{self, BufRead, IsTerminal as _, Write as _};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::thread::JoinHandle;
@@ -164,9 +164,9 @@ impl Host {
         }
     }
 
-    /// Runs one command to the end, printing its output as it comes. Returns whether
-    /// it succeeded and whether it powered the appliance off.
-    fn command(&mut self, line: &str) -> (bool, bool) {
+    /// Runs one command to the end, handing its output to `show` as it comes. Returns
+    /// whether it succeeded and whether it powered the appliance off.
+    fn command(&mut self, line: &str, show: &mut dyn FnMut(&str)) -> (bool, bool) {
         let owned = line.to_string();
         let mut turn = self.with(move |plane| {
             let before = plane.console.failures();
@@ -174,7 +174,7 @@ impl Host {
         });
         let before = turn.1;
         loop {
-            print_output(&turn.0.output);
+            show(&turn.0.output);
             if !turn.0.busy {
                 return (turn.0.failures == before, turn.0.powered_off);
             }
@@ -212,8 +212,25 @@ fn print_output(text: &str) {
     let _ = stdout.flush();
 }
 
-fn prompt() {
-    print_output(console::PROMPT);
+/// The prompt and `line` as one transcript line, for commands nobody typed here.
+fn echo(line: &str) {
+    print_output(&format!("{}{line}\n", console::PROMPT));
+}
+
+/// Writes an empty configuration area on the image at `path`, as `config init` does,
+/// so that the appliance finds it as its configuration disk at the next boot.
+pub fn init_config_disk(path: &Path) -> Result<(), String> {
+    let disk = FileDisk::open(path, false).map_err(|error| error.to_string())?;
+    let mut host = Host::Local(Box::new(Plane::new(vec![(String::from("vda"), disk)])));
+    host.with(|plane| plane.console.start(&mut String::new()));
+    for line in ["config init vda", "shutdown"] {
+        let mut output = String::new();
+        let (ok, _) = host.command(line, &mut |text| output.push_str(text));
+        if !ok {
+            return Err(output.trim().replace("\r\n", "; "));
+        }
+    }
+    Ok(())
 }
 
 pub fn offline(args: &OfflineArgs) -> Result<ExitCode, Failure> {
@@ -268,17 +285,27 @@ pub fn offline(args: &OfflineArgs) -> Result<ExitCode, Failure> {
     let mut failed = false;
     let mut powered_off = false;
     if args.exec.is_empty() {
+        // A terminal echoes what is typed after the prompt; commands from a pipe or a
+        // file are echoed after it here, so each reads as a transcript line.
+        let typed = io::stdin().is_terminal();
         let lines = stdin_lines();
-        prompt();
+        if typed {
+            print_output(console::PROMPT);
+        }
         loop {
             match lines.recv_timeout(TICK) {
                 Ok(line) => {
-                    let (_, off) = host.command(&line);
+                    if !typed {
+                        echo(&line);
+                    }
+                    let (_, off) = host.command(&line, &mut print_output);
                     if off {
                         powered_off = true;
                         break;
                     }
-                    prompt();
+                    if typed {
+                        print_output(console::PROMPT);
+                    }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => host.tick(),
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
@@ -286,8 +313,8 @@ pub fn offline(args: &OfflineArgs) -> Result<ExitCode, Failure> {
         }
     } else {
         for line in &args.exec {
-            print_output(&format!("{}{line}\n", console::PROMPT));
-            let (ok, off) = host.command(line);
+            echo(line);
+            let (ok, off) = host.command(line, &mut print_output);
             if off {
                 powered_off = true;
                 break;
@@ -307,7 +334,7 @@ pub fn offline(args: &OfflineArgs) -> Result<ExitCode, Failure> {
     }
     if !powered_off {
         // Leave the images as `shutdown` would: everything flushed.
-        let (ok, _) = host.command("shutdown");
+        let (ok, _) = host.command("shutdown", &mut print_output);
         failed |= !ok;
     }
     host.stop()?;

@@ -4,12 +4,13 @@
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::thread;
 use std::time::Duration;
 
 use qemu_test::{
-    Appliance, ConsoleMode, EXIT_PANIC, EXIT_SHUTDOWN, Firmware, NbdForward, Options, PROMPT,
+    Appliance, ConsoleMode, EXIT_PANIC, EXIT_SHUTDOWN, Firmware, NbdForward, Options,
+    PORT_ATTEMPTS, PROMPT,
 };
 use rustix::termios;
 
@@ -21,28 +22,48 @@ const MIB: u64 = 1 << 20;
 struct DefaultDisk {
     name: &'static str,
     size: u64,
-    nvme: bool,
+    kind: DiskKind,
 }
 
-/// Pool metadata, pool data and an NVMe disk: sparse files in the target directory,
-/// created once and kept between runs like real disks.
-const DEFAULT_DISKS: [DefaultDisk; 3] = [
+/// How a default disk is attached and prepared.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DiskKind {
+    Virtio,
+    /// virtio-blk, with the configuration area written when the image is created, so
+    /// that what is set up on the default disks comes back after a reboot.
+    Config,
+    Nvme,
+}
+
+/// Pool metadata, pool data, configuration and an NVMe disk: sparse files in the target
+/// directory, created once and kept between runs like real disks.
+const DEFAULT_DISKS: [DefaultDisk; 4] = [
     DefaultDisk {
         name: "meta.img",
         size: 64 * MIB,
-        nvme: false,
+        kind: DiskKind::Virtio,
     },
     DefaultDisk {
         name: "data.img",
         size: 4096 * MIB,
-        nvme: false,
+        kind: DiskKind::Virtio,
+    },
+    // The smallest disk `config init` takes: the 1 MiB area and 1 MiB besides.
+    DefaultDisk {
+        name: "config.img",
+        size: 2 * MIB,
+        kind: DiskKind::Config,
     },
     DefaultDisk {
         name: "nvme.img",
         size: 1024 * MIB,
-        nvme: true,
+        kind: DiskKind::Nvme,
     },
 ];
+
+/// NBD's registered port, which clients assume when a URI names none: forwarded from
+/// the host unless `--nbd-port` names another or something else listens on it.
+const DEFAULT_NBD_PORT: u16 = 10809;
 
 pub fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
     let commands = exec_commands(&args.exec)?;
@@ -87,28 +108,23 @@ fn options(args: &RunArgs) -> Result<Options, Failure> {
     options.image = args.image.clone();
     options.memory_mib = args.memory;
     options.accel = args.accel;
-    options.nbd = args.nbd_port.map(NbdForward::Port);
+    options.nbd = Some(
+        args.nbd_port
+            .map_or(NbdForward::Preferred(DEFAULT_NBD_PORT), NbdForward::Port),
+    );
     options.timeouts.command = Duration::from_secs(args.timeout);
     if args.disks.is_empty() && args.nvme.is_empty() {
-        let dir = target_dir()?.join("appliance");
+        let dir = disk_dir(args)?;
         fs::create_dir_all(&dir)
             .map_err(|error| Failure::failed(format!("creating {}: {error}", dir.display())))?;
         for disk in DEFAULT_DISKS {
             let path = dir.join(disk.name);
             if !path.exists() {
-                qemu_test::create_disk(&path, disk.size).map_err(|error| {
-                    Failure::failed(format!("creating {}: {error}", path.display()))
-                })?;
-                eprintln!(
-                    "thinbox: created {} ({} MiB, sparse)",
-                    path.display(),
-                    disk.size / MIB
-                );
+                create_default_disk(&path, &disk)?;
             }
-            if disk.nvme {
-                options.nvme.push(path);
-            } else {
-                options.disks.push(path);
+            match disk.kind {
+                DiskKind::Virtio | DiskKind::Config => options.disks.push(path),
+                DiskKind::Nvme => options.nvme.push(path),
             }
         }
     } else {
@@ -116,6 +132,43 @@ fn options(args: &RunArgs) -> Result<Options, Failure> {
         options.nvme = args.nvme.clone();
     }
     Ok(options)
+}
+
+/// Where the default disks live: `--disk-dir`, else `appliance/` in the target directory.
+fn disk_dir(args: &RunArgs) -> Result<PathBuf, Failure> {
+    match &args.disk_dir {
+        Some(dir) => Ok(dir.clone()),
+        None => Ok(target_dir()?.join("appliance")),
+    }
+}
+
+/// Creates a default disk's sparse image (and its configuration area); a half-made
+/// image is removed, so the next run makes it again.
+fn create_default_disk(path: &Path, disk: &DefaultDisk) -> Result<(), Failure> {
+    let made = qemu_test::create_disk(path, disk.size)
+        .map_err(|error| error.to_string())
+        .and_then(|()| match disk.kind {
+            DiskKind::Config => crate::offline::init_config_disk(path),
+            DiskKind::Virtio | DiskKind::Nvme => Ok(()),
+        });
+    if let Err(why) = made {
+        let _ = fs::remove_file(path);
+        return Err(Failure::failed(format!(
+            "creating {}: {why}",
+            path.display()
+        )));
+    }
+    let role = if disk.kind == DiskKind::Config {
+        "; the configuration disk"
+    } else {
+        ""
+    };
+    eprintln!(
+        "thinbox: created {} ({} MiB, sparse{role})",
+        path.display(),
+        disk.size / MIB
+    );
+    Ok(())
 }
 
 /// The cargo target directory the runner was built into: the nearest ancestor of the
@@ -136,8 +189,30 @@ fn target_dir() -> Result<PathBuf, Failure> {
 }
 
 fn interactive(options: &Options) -> Result<ExitCode, Failure> {
-    let (mut command, nbd_port) = options.qemu_command(ConsoleMode::Terminal)?;
-    describe(options, nbd_port);
+    let mut attempt = 1;
+    loop {
+        let (command, nbd_port) = options.qemu_command(ConsoleMode::Terminal)?;
+        match (attempt, nbd_port) {
+            (1, _) => describe(options, nbd_port),
+            (_, Some(port)) => announce_nbd(port),
+            (_, None) => {}
+        }
+        let (status, stderr) = on_terminal(command)?;
+        if let Some(port) = nbd_port
+            && attempt < PORT_ATTEMPTS
+            && options.nbd.is_some_and(|nbd| nbd.lost_its_port(&stderr))
+        {
+            eprintln!("thinbox: port {port} was taken before QEMU listened on it; trying another");
+            attempt += 1;
+            continue;
+        }
+        return ended(status, &stderr);
+    }
+}
+
+/// Runs QEMU with the console on this terminal until it exits; returns how it ended
+/// and what it wrote to stderr.
+fn on_terminal(mut command: Command) -> Result<(ExitStatus, String), Failure> {
     let terminal = SavedTerminal::save();
     command.stderr(Stdio::piped());
     let mut qemu = qemu_test::spawn_tied(command)
@@ -152,7 +227,7 @@ fn interactive(options: &Options) -> Result<ExitCode, Failure> {
     drop(terminal);
     let stderr = collector.join().unwrap_or_default();
     let status = status.map_err(|error| Failure::failed(format!("waiting for QEMU: {error}")))?;
-    ended(status, &stderr)
+    Ok((status, stderr))
 }
 
 /// Tells the user what is attached and how to get out again.
@@ -180,12 +255,17 @@ fn describe(options: &Options, nbd_port: Option<u16>) {
         eprintln!("thinbox:   {name} = {} ({size} MiB)", path.display());
     }
     if let Some(port) = nbd_port {
-        eprintln!("thinbox: NBD exports at nbd://127.0.0.1:{port}/NAME");
+        announce_nbd(port);
     }
     eprintln!(
         "thinbox: this terminal is the serial console; `shutdown` powers off, Ctrl-A x quits \
          QEMU at once, Ctrl-A h lists QEMU's keys"
     );
+}
+
+/// Where NBD clients on this host connect, on a line of its own.
+fn announce_nbd(port: u16) {
+    eprintln!("NBD: nbd://127.0.0.1:{port}/<device>");
 }
 
 /// The runner's verdict on how QEMU ended.
@@ -221,6 +301,9 @@ fn ended(status: ExitStatus, stderr: &str) -> Result<ExitCode, Failure> {
 /// Boots, runs `commands`, shuts down, printing the transcript as it goes.
 fn exec(options: Options, commands: &[String]) -> Result<ExitCode, Failure> {
     let mut appliance = Appliance::boot(options).map_err(runtime)?;
+    if let Some(port) = appliance.nbd_port() {
+        announce_nbd(port);
+    }
     for line in appliance.boot_log() {
         println!("{line}");
     }
@@ -310,24 +393,45 @@ mod tests {
 
     #[test]
     fn default_disks_live_in_the_target_directory() {
-        let options = options(&RunArgs::default()).unwrap();
         let target = target_dir().unwrap();
         assert!(
             target.join("CACHEDIR.TAG").is_file(),
             "{}",
             target.display()
         );
-        assert_eq!(options.disks.len(), 2);
-        assert_eq!(options.nvme.len(), 1);
-        for (path, size) in options
-            .disks
-            .iter()
-            .chain(&options.nvme)
-            .zip([64, 4096, 1024])
-        {
-            assert!(path.starts_with(&target));
+        let dir = disk_dir(&RunArgs::default()).unwrap();
+        assert_eq!(dir, target.join("appliance"));
+        let elsewhere = RunArgs {
+            disk_dir: Some(PathBuf::from("disks")),
+            ..RunArgs::default()
+        };
+        assert_eq!(disk_dir(&elsewhere).unwrap(), PathBuf::from("disks"));
+    }
+
+    #[test]
+    fn default_disks_are_made_once_with_a_configuration_area() {
+        let scratch = qemu_test::Scratch::new().unwrap();
+        let dir = scratch.path().join("appliance");
+        let args = RunArgs {
+            disk_dir: Some(dir.clone()),
+            ..RunArgs::default()
+        };
+        let made = options(&args).unwrap();
+        let names = ["meta.img", "data.img", "config.img"].map(|name| dir.join(name));
+        assert_eq!(made.disks, names);
+        assert_eq!(made.nvme, [dir.join("nvme.img")]);
+        for (path, size) in made.disks.iter().chain(&made.nvme).zip([64, 4096, 2, 1024]) {
             assert_eq!(fs::metadata(path).unwrap().len(), size * MIB);
         }
+        let config = fs::read(dir.join("config.img")).unwrap();
+        assert_eq!(&config[..16], b"thinbox config\0\0");
+        assert_eq!(made.nbd, Some(NbdForward::Preferred(10809)));
+
+        // Kept as they are on the next run.
+        fs::write(dir.join("data.img"), b"written").unwrap();
+        options(&args).unwrap();
+        assert_eq!(fs::read(dir.join("data.img")).unwrap(), b"written");
+        assert_eq!(fs::read(dir.join("config.img")).unwrap(), config);
     }
 
     #[test]

@@ -130,7 +130,7 @@ fn bad_disk_arguments_stop_before_anything_runs() {
 }
 
 #[test]
-fn standard_input_is_an_interactive_console() {
+fn commands_piped_in_read_as_a_transcript() {
     let (_scratch, disks) = images(&[8]);
     let mut child = offline(&disks, &[])
         .stdin(Stdio::piped())
@@ -149,9 +149,38 @@ fn standard_input_is_an_interactive_console() {
     assert_eq!(
         text,
         "config: no configuration disk found; changes are not saved (see config init)\n\
-         thinbox> thinbox> a  (linear)\n\
-         thinbox> error: unknown command 'bogus' (try help)\n\
-         thinbox> powering off\n"
+         thinbox> create a --table \"0 8 linear vda 0\"\n\
+         thinbox> ls\n\
+         a  (linear)\n\
+         thinbox> bogus\n\
+         error: unknown command 'bogus' (try help)\n\
+         powering off\n"
+    );
+}
+
+#[test]
+fn commands_from_a_file_stop_at_shutdown() {
+    let (scratch, disks) = images(&[8]);
+    let script = scratch.path().join("commands.txt");
+    fs::write(
+        &script,
+        "ls\ncreate a --table \"0 8 linear vda 0\"\nshutdown\nls\n",
+    )
+    .unwrap();
+    let output = offline(&disks, &[])
+        .stdin(fs::File::open(&script).unwrap())
+        .output()
+        .unwrap();
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}");
+    assert_eq!(
+        text,
+        "config: no configuration disk found; changes are not saved (see config init)\n\
+         thinbox> ls\n\
+         No devices found\n\
+         thinbox> create a --table \"0 8 linear vda 0\"\n\
+         thinbox> shutdown\n\
+         powering off\n"
     );
 }
 
@@ -369,4 +398,29 @@ assert h.pread(131072, 0) == b'\\x22' * 65536 + bytes(65536)
     let first = map.lines().next().unwrap_or_default();
     assert!(first.split_whitespace().take(2).eq(["0", "65536"]), "{map}");
     assert!(first.ends_with("data"), "{map}");
+}
+
+/// Writes that no client flushes are committed by the periodic commit (every second
+/// while changes are pending) even when nothing else arrives: after 2 s idle the
+/// metadata on the image maps the written block.
+#[test]
+fn an_idle_pool_commits_unflushed_writes() {
+    // thin_dump comes with thin_check.
+    host_tools::require_for_test(&[Tool::NbdSh, Tool::ThinCheck]);
+    let (_scratch, disks) = images(&[8, 64]);
+    let served = Served::start(
+        &disks,
+        &["pool create pool vda vdb", "thin create vol pool --size 8M"],
+    );
+    run_nbdsh(
+        &served.uri("vol"),
+        "h.pwrite(b'\\x5a' * 4096, 5 * 65536 + 4096)",
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    drop(served);
+    let dump = run_tool("thin_dump", &[disks[0].to_str().unwrap()]);
+    assert!(
+        dump.contains("<single_mapping origin_block=\"5\" data_block=\"0\""),
+        "{dump}"
+    );
 }

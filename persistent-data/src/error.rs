@@ -66,6 +66,8 @@ pub enum Error {
     NoSuchDevice(u64),
     /// Thin device ids are 24 bits.
     BadDeviceId(u64),
+    /// The id is one of those kept for devices being deleted.
+    ReservedDeviceId(u64),
     /// `set_transaction_id` was given the wrong current value.
     TransactionIdMismatch { expected: u64, actual: u64 },
     /// A metadata snapshot is already held.
@@ -128,6 +130,11 @@ impl fmt::Display for Error {
             Error::DeviceExists(id) => write!(f, "thin device {id} already exists"),
             Error::NoSuchDevice(id) => write!(f, "thin device {id} does not exist"),
             Error::BadDeviceId(id) => write!(f, "thin device id {id} is out of range (0..16777215)"),
+            Error::ReservedDeviceId(id) => write!(
+                f,
+                "thin device id {id} is reserved for deletions in progress (new devices take ids 0..{})",
+                crate::thin::FIRST_DELETING_ID - 1
+            ),
             Error::TransactionIdMismatch { expected, actual } => write!(
                 f,
                 "mismatched transaction id: given {expected}, metadata has {actual}"

@@ -57,6 +57,9 @@ use crate::space_map::{MAX_METADATA_BLOCKS, SmRoot};
 use crate::superblock::{METADATA_VERSION, NEEDS_CHECK, Superblock};
 use crate::tm::{COUNT_VALUE_SIZE, Tm};
 
+mod deletion;
+pub use deletion::{FIRST_DELETING_ID, PendingDelete};
+
 /// Largest thin device id (24 bits).
 pub const MAX_DEV_ID: u64 = (1 << 24) - 1;
 /// Mapping times are 24 bits wide.
@@ -483,6 +486,15 @@ impl ThinMetadata {
         Ok(())
     }
 
+    /// An id a new device may take: in range and not reserved for deletions.
+    fn check_new_dev_id(dev: u64) -> Result<()> {
+        Self::check_dev_id(dev)?;
+        if Self::is_reserved_id(dev) {
+            return Err(Error::ReservedDeviceId(dev));
+        }
+        Ok(())
+    }
+
     fn bottom_root(&mut self, dev: u64) -> Result<u64> {
         Self::check_dev_id(dev)?;
         btree::lookup(&mut self.tm, self.mapping_root, dev, MAPPING_VALUE_SIZE)?
@@ -540,7 +552,7 @@ impl ThinMetadata {
 
     /// Creates an empty thin device.
     pub fn create_thin(&mut self, dev: u64) -> Result<()> {
-        Self::check_dev_id(dev)?;
+        Self::check_new_dev_id(dev)?;
         if self.device_exists(dev)? {
             return Err(Error::DeviceExists(dev));
         }
@@ -576,7 +588,10 @@ impl ThinMetadata {
     /// (one more reference on its root), and the pool time advances. The origin must
     /// be quiesced by the caller.
     pub fn create_snap(&mut self, dev: u64, origin: u64) -> Result<()> {
-        Self::check_dev_id(dev)?;
+        Self::check_new_dev_id(dev)?;
+        if Self::is_reserved_id(origin) {
+            return Err(Error::NoSuchDevice(origin));
+        }
         if self.device_exists(dev)? {
             return Err(Error::DeviceExists(dev));
         }

@@ -7,7 +7,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::options::{ConsoleMode, NbdForward, Options, Timeouts};
+use crate::options::{ConsoleMode, Options, PORT_ATTEMPTS, Timeouts};
 use crate::protocol::{self, Reply};
 use crate::{EXIT_SHUTDOWN, Error};
 
@@ -16,8 +16,6 @@ const TAIL_LINES: usize = 40;
 /// How long to collect the rest of a panic report, or QEMU's exit status after its
 /// output ended.
 const AFTERMATH: Duration = Duration::from_secs(10);
-/// Boot attempts when a free NBD port picked for us was taken before QEMU bound it.
-const PORT_ATTEMPTS: usize = 3;
 
 /// A booted appliance: a QEMU process whose serial console this value drives.
 ///
@@ -48,16 +46,13 @@ impl Appliance {
     pub fn boot(options: Options) -> Result<Appliance, Error> {
         options.validate()?;
         crate::require_host_tools(options.firmware)?;
-        let attempts = match options.nbd {
-            Some(NbdForward::AnyFree) => PORT_ATTEMPTS,
-            _ => 1,
-        };
         let mut attempt = 1;
         loop {
             let (command, nbd_port) = options.qemu_command(ConsoleMode::Pipes)?;
             match Appliance::start(command, nbd_port, options.timeouts) {
                 Err(Error::Exited { stderr, .. })
-                    if attempt < attempts && stderr.contains("host forwarding rule") =>
+                    if attempt < PORT_ATTEMPTS
+                        && options.nbd.is_some_and(|nbd| nbd.lost_its_port(&stderr)) =>
                 {
                     attempt += 1;
                 }

@@ -38,8 +38,8 @@ pub use disk::{Scratch, create_disk};
 pub use error::{Error, qemu_complaint};
 pub use nbd_ready::{read_greeting, wait_for_greeting};
 pub use options::{
-    Accel, ConsoleMode, Firmware, NBD_GUEST_PORT, NbdForward, Options, Timeouts, disk_serial,
-    free_port, require_host_tools,
+    Accel, ConsoleMode, Firmware, NBD_GUEST_PORT, NbdForward, Options, PORT_ATTEMPTS, Timeouts,
+    disk_serial, free_port, require_host_tools,
 };
 pub use process::spawn_tied;
 pub use protocol::PROMPT;

@@ -92,6 +92,20 @@ pub enum NbdForward {
     Port(u16),
     /// A free port chosen at boot; ask [`crate::Appliance::nbd_port`] which.
     AnyFree,
+    /// This host port if nothing listens on it at boot, else a free one.
+    Preferred(u16),
+}
+
+/// Boots tried when QEMU finds the NBD port it was given taken: a port picked at boot
+/// can be taken by another program before QEMU binds it.
+pub const PORT_ATTEMPTS: usize = 3;
+
+impl NbdForward {
+    /// Whether QEMU, failing with `stderr`, found a port this forward picked itself
+    /// taken, so that starting again with a new pick can work.
+    pub fn lost_its_port(self, stderr: &str) -> bool {
+        !matches!(self, NbdForward::Port(_)) && stderr.contains("host forwarding rule")
+    }
 }
 
 /// How long each kind of wait may take before it fails.
@@ -259,16 +273,19 @@ impl Options {
     }
 
     /// The QEMU command for these options and the host port forwarded to the guest's
-    /// NBD server (picking one now for [`NbdForward::AnyFree`]).
+    /// NBD server (picking one now for [`NbdForward::AnyFree`] and
+    /// [`NbdForward::Preferred`]).
     pub fn qemu_command(&self, console: ConsoleMode) -> Result<(Command, Option<u16>), Error> {
-        let port = match self.nbd {
-            None => None,
-            Some(NbdForward::Port(port)) => Some(port),
-            Some(NbdForward::AnyFree) => Some(free_port().map_err(|source| Error::Io {
-                context: String::from("finding a free TCP port on 127.0.0.1"),
-                source,
-            })?),
+        let picked = match self.nbd {
+            None => Ok(None),
+            Some(NbdForward::Port(port)) => Ok(Some(port)),
+            Some(NbdForward::AnyFree) => free_port().map(Some),
+            Some(NbdForward::Preferred(port)) => preferred_port(port).map(Some),
         };
+        let port = picked.map_err(|source| Error::Io {
+            context: String::from("finding a free TCP port on 127.0.0.1"),
+            source,
+        })?;
         let mut command = Command::new(QEMU);
         command.args(self.qemu_args(console, port));
         Ok((command, port))
@@ -458,9 +475,7 @@ static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 /// A TCP port on 127.0.0.1 that nothing listens on now and that this process has not
 /// handed out before.
 pub fn free_port() -> io::Result<u16> {
-    let mut handed_out = HANDED_OUT
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut handed_out = handed_out();
     for _ in 0..PORT_PICKS {
         let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
             .local_addr()?
@@ -474,6 +489,27 @@ pub fn free_port() -> io::Result<u16> {
         io::ErrorKind::AddrNotAvailable,
         "every free port the system offered was handed out before",
     ))
+}
+
+/// `port` if nothing listens on it on 127.0.0.1 and this process has not handed it out,
+/// else a [`free_port`].
+fn preferred_port(port: u16) -> io::Result<u16> {
+    let mut handed_out = handed_out();
+    if port != 0
+        && !handed_out.contains(&port)
+        && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+    {
+        handed_out.push(port);
+        return Ok(port);
+    }
+    drop(handed_out);
+    free_port()
+}
+
+fn handed_out() -> std::sync::MutexGuard<'static, Vec<u16>> {
+    HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// How often [`free_port`] asks the system before giving up.
@@ -593,6 +629,21 @@ mod tests {
         for port in ports {
             TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap();
         }
+    }
+
+    #[test]
+    fn a_preferred_port_is_taken_when_free_and_replaced_when_not() {
+        let free = free_port().unwrap();
+        // Handed out once already: a second appliance of this process gets another.
+        assert_ne!(preferred_port(free).unwrap(), free);
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let taken = listener.local_addr().unwrap().port();
+        let instead = preferred_port(taken).unwrap();
+        assert_ne!(instead, taken);
+        TcpListener::bind((Ipv4Addr::LOCALHOST, instead)).unwrap();
+        drop(listener);
+        assert_eq!(preferred_port(taken).unwrap(), taken);
+        assert_ne!(preferred_port(taken).unwrap(), taken);
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //! panics, early exits, events), option checks, real boots of both images, and the
 //! runner binary end to end.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, ConsoleMode, Error, Options, Scratch, Timeouts};
+use qemu_test::{Appliance, ConsoleMode, Error, Options, Scratch, Timeouts, wait_for_greeting};
 
 const RUNNER: &str = env!("CARGO_BIN_FILE_THINBOX");
 const MIB: u64 = 1 << 20;
@@ -361,7 +363,18 @@ fn a_real_kernel_panic_ends_the_wait_with_its_report() {
     assert_eq!(*status, Some(qemu_test::EXIT_PANIC));
 }
 
+/// Runner boots forward host port 10809 when it is free: one at a time, so that each
+/// finds the port as the previous one left it.
+static RUNNER_BOOTS: Mutex<()> = Mutex::new(());
+
+fn one_runner_at_a_time() -> MutexGuard<'static, ()> {
+    RUNNER_BOOTS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn runner(args: &[&str]) -> Output {
+    let _turn = one_runner_at_a_time();
     Command::new(RUNNER)
         .args(args)
         .stdin(Stdio::null())
@@ -439,6 +452,7 @@ fn killing_the_runner_takes_qemu_with_it() {
     // Firmware finds nothing to boot on a blank image and waits: QEMU keeps running.
     let blank = scratch.disk("blank.img", MIB).unwrap();
     let disk = scratch.disk("disk.img", 8 * MIB).unwrap();
+    let _turn = one_runner_at_a_time();
     let mut runner = Command::new(RUNNER)
         .arg("--image")
         .arg(&blank)
@@ -490,5 +504,142 @@ fn runner_exec_prints_the_transcript_and_fails_on_errors() {
     assert_eq!(bogus.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stdout.contains("thinbox> bogus\nerror: unknown command 'bogus' (try help)\n"));
     assert!(stdout.ends_with("powering off\n"), "{stdout}");
-    assert_eq!(stderr, "error: 1 of 2 commands answered with an error\n");
+    let port = announced_nbd_port(&stderr);
+    assert_eq!(
+        stderr,
+        format!(
+            "NBD: nbd://127.0.0.1:{port}/<device>\n\
+             error: 1 of 2 commands answered with an error\n"
+        )
+    );
+}
+
+/// The port of the runner's one `NBD: nbd://127.0.0.1:PORT/<device>` line.
+fn announced_nbd_port(stderr: &str) -> u16 {
+    let ports: Vec<u16> = stderr
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("NBD: nbd://127.0.0.1:")?;
+            rest.strip_suffix("/<device>")?.parse().ok()
+        })
+        .collect();
+    assert_eq!(ports.len(), 1, "{stderr}");
+    ports[0]
+}
+
+#[test]
+fn default_disks_keep_what_was_created_across_a_reboot() {
+    qemu();
+    let scratch = Scratch::new().unwrap();
+    let dir = scratch.path().join("appliance");
+    let dir = dir.to_str().unwrap();
+    let first = runner(&[
+        "--disk-dir",
+        dir,
+        "--exec",
+        "pool create pool vda vdb",
+        "--exec",
+        "thin create vol pool --size 1G",
+    ]);
+    let (stdout, stderr) = (text(&first.stdout), text(&first.stderr));
+    assert!(first.status.success(), "{stdout}{stderr}");
+    let created: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("thinbox: created "))
+        .collect();
+    assert_eq!(
+        created,
+        [
+            format!("thinbox: created {dir}/meta.img (64 MiB, sparse)"),
+            format!("thinbox: created {dir}/data.img (4096 MiB, sparse)"),
+            format!("thinbox: created {dir}/config.img (2 MiB, sparse; the configuration disk)"),
+            format!("thinbox: created {dir}/nvme.img (1024 MiB, sparse)"),
+        ]
+    );
+    announced_nbd_port(&stderr);
+    // The configuration area is found on the first boot already (generation 1 is the
+    // empty configuration written with it); each change saves the next generation.
+    assert!(
+        stdout.contains(
+            "config: vdc generation 1\nconfig: 0 of 0 devices active\n\
+             thinbox> pool create pool vda vdb\n"
+        ),
+        "{stdout}"
+    );
+
+    let second = runner(&["--disk-dir", dir, "--exec", "ls", "--exec", "table"]);
+    let (stdout, stderr) = (text(&second.stdout), text(&second.stderr));
+    assert!(second.status.success(), "{stdout}{stderr}");
+    assert!(!stderr.contains("created"), "{stderr}");
+    assert!(
+        stdout.contains(
+            "config: vdc generation 3\nconfig: 2 of 2 devices active\n\
+             thinbox> ls\npool  (thin-pool)\nvol   (thin)\n\
+             thinbox> table\n\
+             pool: 0 8388608 thin-pool vda vdb 128 0 0\nvol: 0 2097152 thin pool 0\n"
+        ),
+        "{stdout}"
+    );
+}
+
+/// A runner process, killed (with its QEMU) if a test stops before it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn an_interactive_run_forwards_nbd_by_default() {
+    qemu();
+    let scratch = Scratch::new().unwrap();
+    let _turn = one_runner_at_a_time();
+    let mut runner = Running(
+        Command::new(RUNNER)
+            .arg("--disk-dir")
+            .arg(scratch.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = BufReader::new(runner.0.stderr.take().unwrap());
+    // The runner describes the set-up, ending with how to get out again.
+    let mut told = String::new();
+    while !told.contains("this terminal is the serial console") {
+        assert!(stderr.read_line(&mut told).unwrap() > 0, "{told}");
+    }
+    let port = announced_nbd_port(&told);
+    wait_for_greeting(port, Duration::from_secs(120)).unwrap();
+
+    // Power off from the console once it prompts.
+    let mut console = runner.0.stdout.take().unwrap();
+    let mut serial = Vec::new();
+    let mut chunk = [0; 4096];
+    while !String::from_utf8_lossy(&serial).contains("thinbox> ") {
+        let read = console.read(&mut chunk).unwrap();
+        assert!(read > 0, "{}", String::from_utf8_lossy(&serial));
+        serial.extend_from_slice(&chunk[..read]);
+    }
+    runner
+        .0
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"shutdown\n")
+        .unwrap();
+    console.read_to_end(&mut serial).unwrap();
+    stderr.read_to_string(&mut told).unwrap();
+    assert!(runner.0.wait().unwrap().success(), "{told}");
+    assert!(String::from_utf8_lossy(&serial).contains("powering off"));
+    assert!(
+        told.ends_with("thinbox: the appliance powered off\n"),
+        "{told}"
+    );
 }

@@ -25,6 +25,9 @@
 //!
 //! Handles made with [`CrashDisk::handle`] share contents, power and counters but
 //! have their own queues (one for the metadata layer, one for a test's own view).
+//! Separate disks can share one power supply ([`CrashDisk::share_power`]): then
+//! [`CrashDisk::fail_at`] counts the requests of all of them, so a sweep can cut the
+//! power at every I/O of a pool's metadata and data disks together.
 
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
@@ -65,6 +68,21 @@ struct Logged {
     durable: bool,
 }
 
+/// The power supply of one or more disks.
+#[derive(Default)]
+struct Power {
+    /// Writes, flushes and discards carried out by the disks on this supply.
+    operations: u64,
+    /// Power fails at the operation with this index (0-based).
+    fail_at: Option<u64>,
+}
+
+impl Power {
+    fn lost(&self) -> bool {
+        self.fail_at.is_some_and(|at| self.operations >= at)
+    }
+}
+
 struct State {
     live: MemDisk,
     durable: MemDisk,
@@ -72,19 +90,8 @@ struct State {
     /// Writes and discards completed so far (the next one's `seq`).
     completed: u64,
     stats: CrashStats,
-    /// Power fails at the write, flush or discard with this index (0-based).
-    fail_at: Option<u64>,
+    power: Rc<RefCell<Power>>,
     held: bool,
-}
-
-impl State {
-    fn operations(&self) -> u64 {
-        self.stats.writes + self.stats.flushes + self.stats.discards
-    }
-
-    fn power_lost(&self) -> bool {
-        self.fail_at.is_some_and(|at| self.operations() >= at)
-    }
 }
 
 /// A queued request and, for a flush, the writes it covers (those with a smaller
@@ -128,7 +135,7 @@ impl CrashDisk {
                 unflushed: Vec::new(),
                 completed: 0,
                 stats: CrashStats::default(),
-                fail_at: None,
+                power: Rc::default(),
                 held: false,
             })),
             queue: VecDeque::new(),
@@ -168,9 +175,16 @@ impl CrashDisk {
         self.state.borrow_mut().held = held;
     }
 
-    /// Writes, flushes and discards carried out so far.
+    /// Writes, flushes and discards carried out so far by the disks on this disk's
+    /// power supply.
     pub fn operations(&self) -> u64 {
-        self.state.borrow().operations()
+        self.state.borrow().power.borrow().operations
+    }
+
+    /// Puts `other` on this disk's power supply (its own counts start from there).
+    pub fn share_power(&self, other: &CrashDisk) {
+        let power = Rc::clone(&self.state.borrow().power);
+        other.state.borrow_mut().power = power;
     }
 
     pub fn stats(&self) -> CrashStats {
@@ -181,12 +195,12 @@ impl CrashDisk {
     /// (that one and every later request fail with [`IoError::Gone`]); `None` keeps
     /// it on.
     pub fn fail_at(&self, index: Option<u64>) {
-        self.state.borrow_mut().fail_at = index;
+        self.state.borrow().power.borrow_mut().fail_at = index;
     }
 
     /// Whether the power has failed.
     pub fn power_lost(&self) -> bool {
-        self.state.borrow().power_lost()
+        self.state.borrow().power.borrow().lost()
     }
 
     /// The disk a reboot would find now.
@@ -218,7 +232,7 @@ impl CrashDisk {
         state.durable = after.snapshot();
         state.live = after;
         state.unflushed.clear();
-        state.fail_at = None;
+        state.power.borrow_mut().fail_at = None;
     }
 
     /// Copies bytes from byte `offset` of the live contents (no queue).
@@ -241,8 +255,14 @@ impl CrashDisk {
     /// Carries out a request that completes now.
     fn execute(&self, command: &mut Command, covers: u64) -> Result<(), IoError> {
         let mut state = self.state.borrow_mut();
-        if state.power_lost() {
-            return Err(IoError::Gone);
+        {
+            let mut power = state.power.borrow_mut();
+            if power.lost() {
+                return Err(IoError::Gone);
+            }
+            if !matches!(command, Command::Read { .. }) {
+                power.operations += 1;
+            }
         }
         match command {
             Command::Read { sector, buf } => {
@@ -402,6 +422,39 @@ mod tests {
                 discards: 0
             }
         );
+    }
+
+    #[test]
+    fn disks_on_one_power_supply_fail_together() {
+        let mut first = CrashDisk::new(64);
+        let mut second = CrashDisk::new(64);
+        first.share_power(&second);
+        write(&mut first, 0, 1).unwrap();
+        write(&mut second, 0, 2).unwrap();
+        run_sync(
+            &mut second,
+            Command::Read {
+                sector: 0,
+                buf: IoBuf::with_sectors(1),
+            },
+        )
+        .unwrap();
+        assert_eq!((first.operations(), second.operations()), (2, 2));
+        first.fail_at(Some(3));
+        write(&mut second, 8, 3).unwrap();
+        assert_eq!(write(&mut first, 8, 4).unwrap_err(), IoError::Gone);
+        assert!(first.power_lost() && second.power_lost());
+        assert_eq!(write(&mut second, 16, 5).unwrap_err(), IoError::Gone);
+        assert_eq!(second.stats().writes, 2);
+        second.power_cut(Unflushed::KeepAll);
+        first.power_cut(Unflushed::DropAll);
+        assert!(!first.power_lost());
+        write(&mut first, 0, 6).unwrap();
+        let mut out = [0u8; 1];
+        second.read_at(8 * 512, &mut out);
+        assert_eq!(out[0], 3, "kept by the cut");
+        first.read_at(0, &mut out);
+        assert_eq!(out[0], 6, "power is back");
     }
 
     #[test]

@@ -202,7 +202,8 @@ impl<P: Platform> Console<P> {
     /// Advances the running job, if any. Returns true while work is in progress
     /// (call again soon, without sleeping); false when the console is idle.
     pub fn poll(&mut self, out: &mut dyn Write) -> bool {
-        let events = self.dm.borrow_mut().tick(self.platform.now_ns());
+        let platform = &self.platform;
+        let events = self.dm.borrow_mut().tick(&|| platform.now_ns());
         for event in events {
             self.event(&event, out);
         }

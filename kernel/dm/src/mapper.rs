@@ -253,14 +253,15 @@ impl DeviceMapper {
         Ok(())
     }
 
-    /// Timer work of every pool at time `now_ns`; returns the events to print.
-    pub fn tick(&mut self, now_ns: u64) -> Vec<String> {
+    /// Timer work of every pool at the time `clock` gives; returns the events to
+    /// print.
+    pub fn tick(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
         for device in self.devices() {
             if let State::Active(active) = &device.state
                 && let Some(pool) = active.io.pool()
             {
-                pool.service(now_ns);
+                pool.service(clock);
                 while let Some(event) = pool.next_event() {
                     events.push(format!("{}: {event}", device.name));
                 }

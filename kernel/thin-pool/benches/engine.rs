@@ -1,7 +1,7 @@
 //! Engine throughput against the raw device it runs on, in the same run: in-memory
 //! devices (the engine's own cost) and files. Prints a table; not a timed test.
 //!
-//! `cargo bench -p thin-pool --features std [-- memory|files|depth]`
+//! `cargo bench -p thin-pool --features std [-- memory|files|depth|fua|delete]`
 //! (`THIN_BENCH_RUNS` sets how many runs the best rates are taken from, default 3).
 //!
 //! Each thin workload is compared with the raw-device workload that moves the same
@@ -16,7 +16,7 @@
 
 use std::time::Instant;
 
-use blockdev::{BlockDevice, Command, FileDisk, IoBuf, MemDisk, Request};
+use blockdev::{BlockDevice, Command, CrashDisk, FileDisk, IoBuf, MemDisk, Request};
 use thin_pool::{Pool, PoolConfig};
 
 const BS: u64 = 128;
@@ -45,6 +45,11 @@ fn cpu_ns() -> u64 {
 
 /// Runs the commands keeping `DEPTH` in flight.
 fn drive(device: &mut dyn BlockDevice, commands: Vec<Command>) -> Took {
+    drive_at(device, commands, DEPTH)
+}
+
+/// Runs the commands keeping `depth` in flight.
+fn drive_at(device: &mut dyn BlockDevice, commands: Vec<Command>, depth: usize) -> Took {
     let start = Instant::now();
     let cpu_start = cpu_ns();
     let mut pending = commands.into_iter();
@@ -52,7 +57,7 @@ fn drive(device: &mut dyn BlockDevice, commands: Vec<Command>) -> Took {
     let mut in_flight = 0;
     let mut tag = 0;
     loop {
-        while in_flight < DEPTH {
+        while in_flight < depth {
             let request = match waiting.take() {
                 Some(request) => request,
                 None => match pending.next() {
@@ -114,6 +119,21 @@ fn random_ops(
                     buf: IoBuf::with_sectors(sectors as usize),
                 }
             }
+        })
+        .collect()
+}
+
+/// The same commands with FUA on every write.
+fn with_fua(commands: Vec<Command>) -> Vec<Command> {
+    commands
+        .into_iter()
+        .map(|command| match command {
+            Command::Write { sector, buf, .. } => Command::Write {
+                sector,
+                buf,
+                fua: true,
+            },
+            other => other,
         })
         .collect()
 }
@@ -367,6 +387,139 @@ fn snapshot_depth() {
     }
 }
 
+/// 4 KiB random FUA writes at queue depth 16 (in-memory crash disks) and the commit
+/// cycles they cost: none on blocks mapped in an earlier commit, shared by the writes
+/// waiting for one otherwise.
+fn fua() {
+    const FUA_DEPTH: usize = 16;
+    let meta = CrashDisk::new(262144);
+    let data = CrashDisk::new(DATA_BLOCKS * BS);
+    let config = PoolConfig::new(DATA_BLOCKS * BS, BS as u32);
+    let (pool, _) = Pool::open(Box::new(meta.handle()), Box::new(data.handle()), config).unwrap();
+    pool.message("create_thin 1").unwrap();
+    let mut vol = pool.activate(1, DATA_BLOCKS * BS, None).unwrap();
+    let blocks = DATA_BLOCKS / 4;
+    let run = |name: &str, commands: Vec<Command>, vol: &mut thin_pool::ThinVolume| {
+        let writes = commands.len() as f64;
+        let fua_writes = commands
+            .iter()
+            .filter(|c| matches!(c, Command::Write { fua: true, .. }))
+            .count() as f64;
+        let before = data.stats().flushes;
+        let took = drive_at(vol, commands, FUA_DEPTH);
+        let commits = (data.stats().flushes - before) as f64;
+        println!(
+            "  {name:<44} {:>7.0} IOPS per CPU-second, {:>7.0} per wall-second, {:.3} commits per FUA write",
+            writes / took.cpu.max(1e-9),
+            writes / took.wall.max(1e-9),
+            commits / fua_writes
+        );
+    };
+    println!(
+        "
+4K random FUA writes, queue depth {FUA_DEPTH} (in-memory crash disks)"
+    );
+    run(
+        "unprovisioned (each provisions)",
+        with_fua(random_4k(3, blocks, true, 1)),
+        &mut vol,
+    );
+    run(
+        "provisioned in an earlier commit",
+        with_fua(random_4k(5, blocks, true, PASSES)),
+        &mut vol,
+    );
+    // A plain write provisions a fresh block and a FUA write to the same block
+    // follows at once: the FUA write waits for the commit that maps the block.
+    let pairs = random_ops(7, (blocks, blocks), 8, true, 1)
+        .into_iter()
+        .zip(with_fua(random_ops(7, (blocks, blocks), 8, true, 1)))
+        .flat_map(|(plain, fua)| [plain, fua])
+        .collect();
+    run("plain + FUA write to the same new block", pairs, &mut vol);
+}
+
+/// 4 KiB random reads at queue depth 16 on one volume while a 1,000,000-mapping
+/// device of the same pool is deleted in the background, against the same reads
+/// with no delete running. Between polls the loop calls `Pool::service`, as the
+/// appliance's main loop does, which releases one step of the delete.
+fn delete_while_reading() {
+    const MAPPINGS: u64 = 1_000_000;
+    const READ_DEPTH: usize = 16;
+    let meta = MemDisk::new(1 << 18);
+    let data = MemDisk::new((MAPPINGS + DATA_BLOCKS) * BS);
+    {
+        let options = persistent_data::thin::OpenOptions::new(BS as u32);
+        let (mut md, _) =
+            persistent_data::thin::ThinMetadata::open(Box::new(meta.handle()), &options).unwrap();
+        md.resize_data(MAPPINGS + DATA_BLOCKS).unwrap();
+        md.create_thin(0).unwrap();
+        for vblock in 0..MAPPINGS {
+            let block = md.alloc_data_block().unwrap();
+            md.insert(0, vblock, block).unwrap();
+        }
+        md.commit().unwrap();
+    }
+    let config = PoolConfig::new((MAPPINGS + DATA_BLOCKS) * BS, BS as u32);
+    let (pool, _) = Pool::open(Box::new(meta.handle()), Box::new(data.handle()), config).unwrap();
+    pool.message("create_thin 1").unwrap();
+    let mut vol = pool.activate(1, DATA_BLOCKS * BS, None).unwrap();
+    flushed(&mut vol, random_4k(13, DATA_BLOCKS / 2, true, 1));
+    let epoch = Instant::now();
+    let clock = || epoch.elapsed().as_nanos() as u64;
+    // Reads for as long as the delete takes (or a fixed amount without one), each
+    // completed read's buffer going straight into the next read.
+    let mut rng = fastrand::Rng::with_seed(13);
+    let mut read = |vol: &mut thin_pool::ThinVolume, with_delete: bool| {
+        let start = Instant::now();
+        let mut reads = 0u64;
+        let mut buffers: Vec<IoBuf> = (0..READ_DEPTH).map(|_| IoBuf::with_sectors(8)).collect();
+        let mut in_flight = 0;
+        loop {
+            while let Some(buf) = buffers.pop() {
+                let sector = rng.u64(..DATA_BLOCKS / 2 * BS / 8) * 8;
+                let command = Command::Read { sector, buf };
+                vol.submit(Request { tag: 0, command }).unwrap();
+                in_flight += 1;
+            }
+            while let Some(done) = vol.poll() {
+                done.result.unwrap();
+                buffers.push(done.buf);
+                in_flight -= 1;
+                reads += 1;
+            }
+            pool.service(&clock);
+            let finished = if with_delete {
+                pool.deletes().is_empty()
+            } else {
+                reads >= 200_000
+            };
+            if finished {
+                break;
+            }
+        }
+        while in_flight > 0 {
+            if vol.poll().is_some() {
+                in_flight -= 1;
+            }
+        }
+        (
+            reads as f64 / start.elapsed().as_secs_f64(),
+            start.elapsed(),
+        )
+    };
+    let (idle, _) = read(&mut vol, false);
+    pool.message("delete 0").unwrap();
+    let (busy, took) = read(&mut vol, true);
+    println!("
+4K random reads, queue depth {READ_DEPTH}, while a 1,000,000-mapping device is deleted (in-memory devices)");
+    println!(
+        "  no delete: {idle:.0} IOPS; during the delete: {busy:.0} IOPS (ratio {:.2}); the delete took {:.2} s",
+        busy / idle,
+        took.as_secs_f64()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--list") {
@@ -403,5 +556,11 @@ fn main() {
     }
     if wanted("depth") {
         snapshot_depth();
+    }
+    if wanted("fua") {
+        fua();
+    }
+    if wanted("delete") {
+        delete_while_reading();
     }
 }

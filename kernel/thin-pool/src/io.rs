@@ -17,8 +17,13 @@ pub enum ThinOp {
     /// Every write completed before this was submitted becomes durable (data device
     /// flushed, metadata committed).
     Flush,
-    /// Unmap the whole data blocks inside the range (partial blocks are left alone).
-    Discard { sector: u64, sectors: u64 },
+    /// Unmap the whole data blocks inside the range (partial blocks are left alone);
+    /// with `fua` it completes only once the unmapping is durable.
+    Discard {
+        sector: u64,
+        sectors: u64,
+        fua: bool,
+    },
     /// Make the range read as zeros. `unmap`: whole blocks may be unmapped instead
     /// (only done when no external origin would show through); otherwise the range
     /// ends up provisioned.

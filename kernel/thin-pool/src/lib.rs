@@ -28,10 +28,12 @@ mod mapcache;
 pub mod message;
 mod pool;
 pub mod status;
+mod uncommitted;
 mod usage;
 
 pub use blockdev::{Extent, SectorRun};
 pub use config::{Features, PoolConfig, PoolTable, TableError, ThinTable};
+pub use engine::DeleteProgress;
 pub use io::{NOT_FAST, QueueFull, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 pub use message::{Errno, Message, MessageError};
 pub use pool::{OpenReport, Pool, PoolError, ThinVolume};

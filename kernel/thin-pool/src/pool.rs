@@ -13,7 +13,7 @@ use persistent_data::Error as MdError;
 use persistent_data::thin::{FormatPolicy, OpenOptions, ThinMetadata};
 
 use crate::config::{MAX_DATA_BLOCK_SIZE, MIN_DATA_BLOCK_SIZE, PoolConfig, valid_block_size};
-use crate::engine::{Core, VolId};
+use crate::engine::{Core, DeleteProgress, VolId};
 use crate::io::{QueueFull, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 use crate::message::{Errno, Message, MessageError};
 use crate::status::{PoolEvent, PoolMode, PoolStatus, ThinStatus, ThinUsage};
@@ -152,6 +152,8 @@ impl Pool {
             core.push_event(PoolEvent::MetadataDeviceTooLarge(text));
         }
         core.check_metadata_space_at_open();
+        core.resume_deletes()
+            .map_err(|error| PoolError(format!("Error opening metadata: {error}")))?;
         if needs_check {
             let text = String::from(
                 "metadata has needs_check set: the pool stays read-only until it is checked and repaired",
@@ -241,13 +243,21 @@ impl Pool {
             .map_err(|e| MessageError::new(Errno::Eio, format!("reading usage failed: {e}")))
     }
 
-    /// Thin device ids in the pool.
+    /// Thin device ids in the pool (devices whose deletion is still releasing
+    /// blocks are gone already, see [`Pool::deletes`]).
     pub fn devices(&self) -> Result<Vec<u64>, MessageError> {
-        self.core
-            .borrow_mut()
-            .md
-            .devices()
-            .map_err(|e| MessageError::new(Errno::Eio, format!("listing devices failed: {e}")))
+        let mut devices =
+            self.core.borrow_mut().md.devices().map_err(|e| {
+                MessageError::new(Errno::Eio, format!("listing devices failed: {e}"))
+            })?;
+        devices.retain(|&dev| !ThinMetadata::is_reserved_id(dev));
+        Ok(devices)
+    }
+
+    /// Deletes whose blocks are still being released in the background (one step
+    /// per [`Pool::service`] call), oldest first.
+    pub fn deletes(&self) -> Vec<DeleteProgress> {
+        self.core.borrow().deletes().copied().collect()
     }
 
     /// The live metadata (`metadata_snap = false`) or the held metadata snapshot as
@@ -329,11 +339,12 @@ impl Pool {
         })
     }
 
-    /// Timer work for time `now_ns` (monotonic nanoseconds): the periodic commit,
-    /// the no-space timeout, the held-metadata-snapshot warning; then runs whatever
-    /// I/O is ready.
-    pub fn service(&self, now_ns: u64) {
-        self.core.borrow_mut().service(now_ns);
+    /// Timer work at the time `clock` gives (monotonic nanoseconds): the periodic
+    /// commit, the no-space timeout, the held-metadata-snapshot warning, a step of a
+    /// background delete (timed with `clock`, so that while requests are in flight
+    /// deleting takes at most a third of the time); then runs whatever I/O is ready.
+    pub fn service(&self, clock: &dyn Fn() -> u64) {
+        self.core.borrow_mut().service(clock);
     }
 
     /// Reaps device completions and advances I/O; returns whether anything happened.
@@ -430,14 +441,20 @@ impl BlockDevice for ThinVolume {
             Command::Read { sector, buf } => ThinOp::Read { sector, buf },
             Command::Write { sector, buf, fua } => ThinOp::Write { sector, buf, fua },
             Command::Flush => ThinOp::Flush,
-            Command::Discard { sector, sectors } => ThinOp::Discard { sector, sectors },
+            Command::Discard { sector, sectors } => ThinOp::Discard {
+                sector,
+                sectors,
+                fua: false,
+            },
         };
         self.submit_op(ThinRequest { tag, op })
             .map_err(|QueueFull(request)| {
                 let command = match request.op {
                     ThinOp::Read { sector, buf } => Command::Read { sector, buf },
                     ThinOp::Write { sector, buf, fua } => Command::Write { sector, buf, fua },
-                    ThinOp::Discard { sector, sectors } => Command::Discard { sector, sectors },
+                    ThinOp::Discard {
+                        sector, sectors, ..
+                    } => Command::Discard { sector, sectors },
                     _ => Command::Flush,
                 };
                 Busy(Request { tag, command })

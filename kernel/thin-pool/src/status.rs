@@ -163,6 +163,8 @@ pub enum PoolEvent {
     MetadataSnapHeldTooLong { block: u64, seconds: u64 },
     /// The metadata device is larger than the format can use.
     MetadataDeviceTooLarge(String),
+    /// A deleted thin device's blocks are all released.
+    DeleteFinished { dev: u64 },
 }
 
 impl fmt::Display for PoolEvent {
@@ -201,6 +203,9 @@ impl fmt::Display for PoolEvent {
                 "metadata snapshot at block {block} held for {seconds} s; release it (release_metadata_snap) to stop extra copy-on-write"
             ),
             PoolEvent::MetadataDeviceTooLarge(text) => f.write_str(text),
+            PoolEvent::DeleteFinished { dev } => {
+                write!(f, "thin device {dev} deleted: all its blocks are released")
+            }
         }
     }
 }

@@ -174,7 +174,7 @@ fn out_of_space_queues_until_grown_or_timeout() {
     for block in 0..8 {
         write(&mut vol, block * BS, &[1; 512]).unwrap();
     }
-    pool.service(1_000_000_000);
+    pool.service(&|| 1_000_000_000);
     submit_write(&mut vol, 20, 20 * BS, &[20; 512]);
     assert!(
         poll_some(&pool, &mut vol).is_empty(),
@@ -191,12 +191,12 @@ fn out_of_space_queues_until_grown_or_timeout() {
         write(&mut vol, block * BS, &[1; 512]).unwrap();
     }
     // Full again: the write waits, and fails with ENOSPC after the timeout.
-    pool.service(2_000_000_000);
+    pool.service(&|| 2_000_000_000);
     submit_write(&mut vol, 30, 30 * BS, &[30; 512]);
     assert!(poll_some(&pool, &mut vol).is_empty());
-    pool.service(2_000_000_000 + 59_000_000_000);
+    pool.service(&|| 2_000_000_000 + 59_000_000_000);
     assert!(poll_some(&pool, &mut vol).is_empty());
-    pool.service(2_000_000_000 + 61_000_000_000);
+    pool.service(&|| 2_000_000_000 + 61_000_000_000);
     let done = poll_some(&pool, &mut vol);
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].1, Err(IoError::NoSpace));

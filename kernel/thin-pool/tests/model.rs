@@ -326,7 +326,11 @@ impl Harness {
                     buf: IoBuf::from_slice(&data),
                     fua,
                 },
-                Io::Discard(sector, sectors) => ThinOp::Discard { sector, sectors },
+                Io::Discard(sector, sectors) => ThinOp::Discard {
+                    sector,
+                    sectors,
+                    fua: false,
+                },
                 Io::Zeroes(sector, sectors, unmap) => ThinOp::WriteZeroes {
                     sector,
                     sectors,
@@ -687,7 +691,7 @@ impl Harness {
             79..=82 => self.toggle(),
             83..=88 => {
                 self.now += 1_200_000_000;
-                self.pool().service(self.now);
+                self.pool().service(&|| self.now);
                 self.count("timer ticks");
             }
             89..=91 => self.reopen(),

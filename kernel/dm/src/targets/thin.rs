@@ -54,12 +54,18 @@ impl ThinIo {
             IoOp::Write { sector, buf, fua } => ThinOp::Write { sector, buf, fua },
             IoOp::Flush => ThinOp::Flush,
             IoOp::Trim {
-                sector, sectors, ..
+                sector,
+                sectors,
+                fua,
             } => {
                 if !self.discard() {
                     return self.finish(tag, Ok(IoOutput::Done));
                 }
-                ThinOp::Discard { sector, sectors }
+                ThinOp::Discard {
+                    sector,
+                    sectors,
+                    fua,
+                }
             }
             // Fast zeroing unmaps; with NO_HOLE nothing is faster than writing.
             IoOp::WriteZeroes {

@@ -145,7 +145,16 @@ pub fn flush(volume: &mut ThinVolume) -> Result<(), IoError> {
 }
 
 pub fn discard(volume: &mut ThinVolume, sector: u64, sectors: u64) -> Result<(), IoError> {
-    run(volume, ThinOp::Discard { sector, sectors }).0.map(drop)
+    run(
+        volume,
+        ThinOp::Discard {
+            sector,
+            sectors,
+            fua: false,
+        },
+    )
+    .0
+    .map(drop)
 }
 
 /// A byte pattern that differs by `seed` and position.

@@ -1,0 +1,187 @@
+//! Deleting thin devices. The `delete` message frees the id at once; a device with
+//! many mappings of its own is then released in bounded steps, one per timer call,
+//! between requests, so no delete stalls the pool's I/O (see
+//! `persistent_data::thin::ThinMetadata::start_delete`). Each step's changes are
+//! committed like any others; a pool opened after a power cut resumes the deletes
+//! it finds.
+
+use super::*;
+
+/// Mappings a delete releases per step (and a device may have to be deleted in one
+/// go): about a millisecond of CPU on a desktop core.
+const DELETE_STEP_MAPPINGS: u64 = 4096;
+/// While requests come in, a step is followed by twice its own time without steps,
+/// so deleting takes at most a third of the time from I/O.
+const BUSY_PAUSE_FACTOR: u64 = 2;
+
+/// How far a background delete has come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeleteProgress {
+    /// The id the device had.
+    pub dev: u64,
+    /// Mappings it had when this run of the pool started releasing them.
+    pub total: u64,
+    pub released: u64,
+}
+
+impl Core {
+    /// Queues the deletes a previous run of the pool left unfinished.
+    pub fn resume_deletes(&mut self) -> Result<(), MdError> {
+        for pending in self.md.pending_deletes()? {
+            self.queue_delete(pending);
+        }
+        Ok(())
+    }
+
+    /// Deletes still releasing mappings, oldest first.
+    pub fn deletes(&self) -> impl Iterator<Item = &DeleteProgress> {
+        self.deletes.iter().map(|(_, progress)| progress)
+    }
+
+    fn queue_delete(&mut self, pending: PendingDelete) {
+        let progress = DeleteProgress {
+            dev: pending.dev,
+            total: pending.remaining,
+            released: 0,
+        };
+        self.deletes.push_back((pending.id, progress));
+    }
+
+    pub(super) fn delete(&mut self, dev: u64) -> Result<(), MessageError> {
+        let context = format!("Deletion of thin device {dev} failed");
+        if self.device_active(dev) {
+            return Err(MessageError::new(
+                Errno::Ebusy,
+                format!("{context}: the device is active (open); deactivate it first"),
+            ));
+        }
+        let exists = self
+            .md
+            .device_exists(dev)
+            .map_err(|e| self.message_failed(&e, &context))?;
+        if !exists || ThinMetadata::is_reserved_id(dev) {
+            return Err(md_error_to_message(&MdError::NoSuchDevice(dev), &context));
+        }
+        // A small device is deleted here: its blocks are looked up first so the ones
+        // only it used can be discarded on the data device too.
+        let mapped_blocks = self
+            .md
+            .mapped_blocks(dev)
+            .map_err(|e| self.message_failed(&e, &context))?;
+        let mut mapped: Vec<(u64, u64)> = Vec::new();
+        if self.passdown && mapped_blocks <= DELETE_STEP_MAPPINGS {
+            let end = self
+                .md
+                .highest_mapped(dev)
+                .map_err(|e| self.message_failed(&e, &context))?
+                .map_or(0, |h| h + 1);
+            let mut position = 0;
+            while position < end {
+                let runs = self
+                    .md
+                    .lookup_range(dev, position, end, LOOKUP_RUNS)
+                    .map_err(|e| self.message_failed(&e, &context))?;
+                position = runs.last().map_or(end, Run::end);
+                for run in runs {
+                    if let Run::Mapped {
+                        len, data_begin, ..
+                    } = run
+                    {
+                        mapped.push((data_begin, data_begin + len));
+                    }
+                }
+            }
+        }
+        let started = self
+            .md
+            .start_delete(dev, DELETE_STEP_MAPPINGS)
+            .map_err(|e| self.message_failed(&e, &context))?;
+        if let Some(pending) = started {
+            self.queue_delete(pending);
+            return Ok(());
+        }
+        mapped.sort_unstable();
+        let mut freed: Vec<(u64, u64)> = Vec::new();
+        for (begin, end) in mapped {
+            for block in begin..end {
+                let count = self
+                    .md
+                    .data_block_count(block)
+                    .map_err(|e| self.message_failed(&e, &context))?;
+                if count == 0 {
+                    match freed.last_mut() {
+                        Some((_, last)) if *last == block => *last += 1,
+                        _ => freed.push((block, block + 1)),
+                    }
+                }
+            }
+        }
+        for (begin, end) in freed {
+            self.freed_by_change(begin, end);
+        }
+        self.frees_since_commit = true;
+        Ok(())
+    }
+
+    /// Releases one step of the oldest background delete, unless requests came in
+    /// since the last step and it was too recent.
+    pub(super) fn paced_delete_step(&mut self, clock: &dyn Fn() -> u64) {
+        if self.deletes.is_empty() {
+            return;
+        }
+        let start = self.now_ns;
+        let busy = !self.reqs.is_empty() || self.requests_accepted != self.requests_at_last_step;
+        if busy && start < self.next_delete_step_ns {
+            return;
+        }
+        self.requests_at_last_step = self.requests_accepted;
+        if self.delete_step() {
+            let end = clock();
+            self.next_delete_step_ns = end + end.saturating_sub(start) * BUSY_PAUSE_FACTOR;
+        }
+    }
+
+    /// Releases one step of the oldest background delete; returns whether there was
+    /// one to work on.
+    fn delete_step(&mut self) -> bool {
+        let Some(&(id, _)) = self.deletes.front() else {
+            return false;
+        };
+        if !self.mode.metadata_writable() {
+            return false;
+        }
+        let runs = match self.md.release_mappings(id, DELETE_STEP_MAPPINGS) {
+            Ok(runs) => runs,
+            Err(error) => {
+                self.metadata_failed(&error);
+                return false;
+            }
+        };
+        self.md_dirty = true;
+        if runs.is_empty() {
+            if let Some((_, done)) = self.deletes.pop_front() {
+                self.events
+                    .push_back(PoolEvent::DeleteFinished { dev: done.dev });
+            }
+            return true;
+        }
+        for run in runs {
+            self.deletes[0].1.released += run.len;
+            for block in run.data_begin..run.data_begin + run.len {
+                match self.md.dec_data_block(block) {
+                    Ok(0) => self.freed_by_change(block, block + 1),
+                    Ok(_) => {}
+                    Err(error) => {
+                        self.metadata_failed(&error);
+                        return false;
+                    }
+                }
+            }
+        }
+        self.frees_since_commit = true;
+        if self.mode == PoolMode::OutOfDataSpace {
+            self.commit.requested = true;
+        }
+        true
+    }
+}
