@@ -1,28 +1,31 @@
 //! `thinbox offline`: the appliance's console over disk image files on this host.
 //!
-//! The same command interpreter, device registry, configuration and NBD protocol code
+//! The same command interpreter, device mapper, configuration and NBD protocol code
 //! as the appliance run here; only the disks (image files, `blockdev::FileDisk`) and
 //! the NBD transport (std TCP) differ. Disks are named `vda`, `vdb`, … in the order
 //! given, and the configuration is found on them as the appliance finds it, so disks
 //! prepared here boot on the appliance with the same devices and the other way round.
 //!
 //! With `--nbd ADDRESS` the devices are served while the console runs. The console
-//! then lives on the server's thread (the registry is single-threaded, as on the
+//! then lives on the server's thread (the device mapper is single-threaded, as on the
 //! appliance) and this thread hands it one command at a time; between commands it
 //! ticks the console so timed work and events go on. Serving continues after the
 //! commands or standard input have ended, until `shutdown` or a signal stops the
 //! process.
 
+use std::cell::RefCell;
 use std::io::{self, BufRead, IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::rc::Rc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use blockdev::FileDisk;
 use clap::Args;
-use console::{Console, Crash, Disk, MemoryStats, Platform, RegistryBackend};
+use console::{Console, Crash, MemoryStats, Platform};
+use dm::{DeviceMapper, Disk, NbdBackend};
 use nbd::tcp::{Controller, TcpServer};
 
 use crate::Failure;
@@ -63,10 +66,10 @@ impl Platform for HostPlatform {
     }
 }
 
-/// The console and its devices as an NBD backend.
+/// The console and the device mapper it manages, whose NBD backend serves the devices.
 pub struct Plane {
     console: Console<HostPlatform>,
-    backend: RegistryBackend,
+    backend: NbdBackend,
 }
 
 impl nbd::Backend for Plane {
@@ -106,8 +109,7 @@ impl Plane {
             started: Instant::now(),
             powered_off: false,
         };
-        let console = Console::new(
-            platform,
+        let devices = Rc::new(RefCell::new(DeviceMapper::new(
             disks
                 .into_iter()
                 .map(|(name, device)| Disk {
@@ -115,9 +117,12 @@ impl Plane {
                     device: Box::new(device),
                 })
                 .collect(),
-        );
-        let backend = console.nbd_backend();
-        Plane { console, backend }
+        )));
+        let backend = NbdBackend::new(Rc::clone(&devices));
+        Plane {
+            console: Console::new(platform, devices),
+            backend,
+        }
     }
 
     /// Runs `line` (if any), then polls for at most [`TURN`].

@@ -101,8 +101,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         nvme_controllers: storage.nvme_controllers,
         network: network.clone().map(net::NetHandle),
     };
-    let mut console = Console::new(platform, disks);
-    let mut nbd_server = nbd::Server::new(console.nbd_backend(), NBD_LIMITS);
+    let devices = Rc::new(RefCell::new(dm::DeviceMapper::new(disks)));
+    let mut nbd_server = nbd::Server::new(dm::NbdBackend::new(Rc::clone(&devices)), NBD_LIMITS);
+    let mut console = Console::new(platform, devices);
     let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));
     console.start(&mut serial);
     loop {

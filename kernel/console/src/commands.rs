@@ -6,9 +6,10 @@ use alloc::format;
 use alloc::string::String;
 use blockdev::SECTOR_SIZE;
 use core::fmt::Write;
+use dm::human_bytes;
 
 use crate::disk_test::{DiskTest, DiskTestOptions};
-use crate::units::{human_bytes, seconds};
+use crate::units::seconds;
 use crate::{CommandError, Console, Crash, Platform, outln};
 
 /// `help` lines: usage and what the command is for.
@@ -24,8 +25,9 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     ),
     (
         "create NAME [--readonly] --table T",
-        "create a device from a table \"0 LENGTH TARGET ARGS\": linear DEV OFFSET, \
-         thin-pool META DATA BLOCK_SECTORS LOW_WATER [N FEATURES], thin POOL ID [ORIGIN]",
+        "create a device from a table \"START LENGTH TARGET ARGS\" (segments end to end, \
+         separated by ;): linear DEV OFFSET, thin-pool META DATA BLOCK_SECTORS LOW_WATER \
+         [N FEATURES], thin POOL ID [ORIGIN]",
     ),
     (
         "remove NAME [--force]",
@@ -121,14 +123,14 @@ impl<P: Platform> Console<P> {
     }
 
     fn list_disks(&self, out: &mut dyn Write) {
-        let registry = self.registry.borrow();
-        if registry.disks.is_empty() {
+        let dm = self.dm.borrow();
+        if dm.disks().is_empty() {
             outln!(out, "no disks found");
         }
-        for entry in &registry.disks {
-            let info = entry.disk.info();
+        for entry in dm.disks() {
+            let info = entry.info();
             let sectors = entry.sectors();
-            let config = if entry.reserved > 0 {
+            let config = if entry.holds_config() {
                 "  (first MiB holds the configuration)"
             } else {
                 ""
@@ -136,7 +138,7 @@ impl<P: Platform> Console<P> {
             outln!(
                 out,
                 "{:<8} {:>12} sectors  {:>10}  {}  {}{config}",
-                entry.name,
+                entry.name(),
                 sectors,
                 human_bytes(sectors * SECTOR_SIZE as u64),
                 or_dash(&info.model),
@@ -204,7 +206,7 @@ impl<P: Platform> Console<P> {
             _ => return Err(format!("disk-test: too many arguments ({USAGE})").into()),
         };
         let (name, device) = self
-            .registry
+            .dm
             .borrow()
             .test_target(name)
             .map_err(|why| format!("disk-test: {why}"))?;
@@ -236,7 +238,7 @@ impl<P: Platform> Console<P> {
             [flag] if flag == "--force" => true,
             _ => return Err("usage: shutdown [--force]".into()),
         };
-        if let Err((disk, error)) = self.registry.borrow_mut().flush_disks()
+        if let Err((disk, error)) = self.dm.borrow_mut().flush_disks()
             && !force
         {
             return Err(format!(

@@ -1,4 +1,4 @@
-//! Device registry through the console: dm commands, configuration persistence
+//! The device mapper through the console: dm commands, configuration persistence
 //! across reboots and power cuts, and the NBD backend.
 
 use alloc::rc::Rc;
@@ -9,7 +9,10 @@ use core::cell::Cell;
 use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput, IoRequest};
 
 use crate::Console;
-use crate::tests::{FakePlatform, NO_CONFIG, boot, disk, error, io, lines, mem_disk, ok, run};
+use crate::tests::{
+    FakePlatform, NO_CONFIG, boot, console_over, disk, error, io, lines, mem_disk, nbd_backend, ok,
+    run,
+};
 
 /// Three disks with serials: a 64 MiB one (vda), a 32 MiB one (vdb), an 8 MiB one
 /// (vdc). Returns the disks' contents to boot again from.
@@ -114,8 +117,8 @@ fn refused_creates_leave_nothing_behind() {
         ),
         (
             "create b --table \"1 8 linear vda 0\"",
-            "error: create b: table start is 1: a device has one segment, which starts at \
-             sector 0",
+            "error: create b: Gap in table: the first segment starts at sector 1; a table \
+             starts at sector 0",
         ),
         (
             "create a --table \"0 8 linear vda 0\"",
@@ -303,7 +306,7 @@ impl BlockDevice for PowerCutDisk {
 fn a_power_cut_during_a_configuration_update_falls_back_to_the_previous_copy() {
     let disks = machine();
     let armed = Rc::new(Cell::new(false));
-    let mut console = Console::new(
+    let mut console = console_over(
         FakePlatform::default(),
         alloc::vec![
             disk("vda", disks[0].1.handle()),
@@ -430,8 +433,7 @@ fn disk_test_runs_on_devices_and_refuses_disks_in_use() {
 }
 
 fn nbd_names(console: &Console<FakePlatform>) -> impl Iterator<Item = String> {
-    console
-        .nbd_backend()
+    nbd_backend(console)
         .exports()
         .into_iter()
         .map(|export| export.name)
@@ -459,7 +461,7 @@ fn read(backend: &mut dyn Backend, export: ExportHandle, sector: u64) -> Vec<u8>
 fn devices_are_nbd_exports() {
     let disks = machine();
     let (mut console, _) = boot(&disks);
-    let mut backend = console.nbd_backend();
+    let mut backend = nbd_backend(&console);
     assert_eq!(backend.exports(), []);
     disks[1].1.write_at(512, b"base image");
     ok(
@@ -559,7 +561,7 @@ fn a_power_loss_at_any_point_of_an_update_leaves_the_old_or_the_new_configuratio
     let mut index = 0;
     loop {
         let config = CrashDisk::from_disk(&disks[2].1);
-        let mut console = Console::new(
+        let mut console = console_over(
             FakePlatform::default(),
             alloc::vec![
                 disk("vda", disks[0].1.handle()),

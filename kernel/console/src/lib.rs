@@ -1,10 +1,13 @@
-//! The appliance's management plane, free of hardware so it is tested on the host.
+//! The appliance's operator console, free of hardware so it is tested on the host:
+//! line editor, tokenizer, command grammar and output. Devices are device-mapper's
+//! ([`dm`]); the console only asks it for changes and reports.
 //!
-//! The kernel hands the [`Console`] its disks (as [`blockdev::BlockDevice`]s with
-//! names) and a [`Platform`] (clock, memory figures, power), then feeds it the bytes
-//! that arrive on the serial line and calls [`Console::poll`] while it reports work
-//! in progress. Everything the console prints goes to a [`core::fmt::Write`]; lines
-//! end with `\r\n`.
+//! The kernel hands the [`Console`] the device mapper (shared with the NBD server,
+//! which reaches the devices through [`dm::NbdBackend`] without the console) and a
+//! [`Platform`] (clock, memory figures, power), then feeds it the bytes that arrive on
+//! the serial line and calls [`Console::poll`] while it reports work in progress.
+//! Everything the console prints goes to a [`core::fmt::Write`]; lines end with
+//! `\r\n`.
 //!
 //! Long operations (`disk-test`) run as [`jobs`](job) that advance a step per poll,
 //! so the appliance keeps serving other work between steps; Ctrl-C cancels them.
@@ -20,36 +23,27 @@
 extern crate alloc;
 
 mod commands;
-pub mod config;
-mod device_io;
 mod disk_test;
-mod dm;
+mod dm_commands;
 mod editor;
 mod job;
-mod linear;
 mod net;
 mod pool_commands;
-mod registry;
-mod shared;
-pub mod table;
-mod thin;
 mod tokenize;
 mod units;
 
 pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
 pub use net::{AddressMode, Ipv4Config, NetCounters, NetStatus, Network, NicCounters};
-pub use registry::{Registry, RegistryBackend};
 pub use tokenize::{TokenizeError, tokenize};
-pub use units::human_bytes;
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use blockdev::BlockDevice;
 use core::cell::RefCell;
 use core::fmt::Write;
+use dm::DeviceMapper;
 
 use job::{Job, Progress};
 
@@ -120,17 +114,12 @@ pub enum Crash {
     StackOverflow,
 }
 
-/// A disk the console manages: its name (`vda`, `nvme0n1`) and the device.
-pub struct Disk {
-    pub name: String,
-    pub device: Box<dyn BlockDevice>,
-}
-
 /// A failed command: exactly one line saying what was wrong and how to fix it,
 /// printed as `error: <text>`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct CommandError(pub String);
 
+/// Texts and device-mapper errors are both one line.
 impl<T: Into<String>> From<T> for CommandError {
     fn from(text: T) -> Self {
         CommandError(text.into())
@@ -144,10 +133,10 @@ fn report_error(error: &CommandError, out: &mut dyn Write) {
 }
 
 /// The serial console: line editor, command interpreter, running job, and the
-/// device registry it manages.
+/// device mapper it manages.
 pub struct Console<P: Platform> {
     platform: P,
-    registry: Rc<RefCell<Registry>>,
+    dm: Rc<RefCell<DeviceMapper>>,
     editor: LineEditor,
     job: Option<Box<dyn Job>>,
     /// Bytes typed while a job ran; replayed into the editor when it finishes.
@@ -157,11 +146,11 @@ pub struct Console<P: Platform> {
 }
 
 impl<P: Platform> Console<P> {
-    /// A console over `disks`; [`Console::start`] brings up the saved configuration.
-    pub fn new(platform: P, disks: Vec<Disk>) -> Self {
+    /// A console managing `dm`; [`Console::start`] brings up the saved configuration.
+    pub fn new(platform: P, dm: Rc<RefCell<DeviceMapper>>) -> Self {
         Console {
             platform,
-            registry: Rc::new(RefCell::new(Registry::new(disks))),
+            dm,
             editor: LineEditor::new(),
             job: None,
             typeahead: VecDeque::new(),
@@ -177,11 +166,6 @@ impl<P: Platform> Console<P> {
         &mut self.platform
     }
 
-    /// The devices as an NBD backend: serve it with `nbd::Server`.
-    pub fn nbd_backend(&self) -> RegistryBackend {
-        RegistryBackend(Rc::clone(&self.registry))
-    }
-
     /// Commands that have failed since the console was made.
     pub fn failures(&self) -> u64 {
         self.failures
@@ -190,7 +174,7 @@ impl<P: Platform> Console<P> {
     /// Finds the saved configuration and brings its devices up, saying what happened,
     /// then prints the first prompt.
     pub fn start(&mut self, out: &mut dyn Write) {
-        let notes = self.registry.borrow_mut().restore();
+        let notes = self.dm.borrow_mut().restore();
         for note in notes {
             outln!(out, "{note}");
         }
@@ -219,7 +203,7 @@ impl<P: Platform> Console<P> {
     /// (call again soon, without sleeping); false when the console is idle.
     pub fn poll(&mut self, out: &mut dyn Write) -> bool {
         let platform = &self.platform;
-        let events = self.registry.borrow_mut().tick(&|| platform.now_ns());
+        let events = self.dm.borrow_mut().tick(&|| platform.now_ns());
         for event in events {
             self.event(&event, out);
         }
@@ -282,5 +266,7 @@ impl<P: Platform> Console<P> {
 mod dm_tests;
 #[cfg(test)]
 mod pool_tests;
+#[cfg(test)]
+mod segment_tests;
 #[cfg(test)]
 mod tests;

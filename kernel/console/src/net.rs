@@ -10,8 +10,8 @@ use alloc::string::String;
 use core::fmt::Write;
 use core::net::Ipv4Addr;
 
-use crate::units::human_bytes;
 use crate::{CommandError, Console, Platform, outln};
+use dm::human_bytes;
 
 /// How the interface gets its address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

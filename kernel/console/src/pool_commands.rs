@@ -8,9 +8,8 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 
-use crate::registry::{Format, Registry};
-use crate::table::{Target, bare_name};
-use crate::units::human_bytes;
+use dm::{DeviceMapper, Format, Target, bare_name, human_bytes};
+
 use crate::{CommandError, Console, Platform, outln};
 
 /// Sectors per data block unless `--block-size` says otherwise (64 KiB, dm's minimum).
@@ -55,8 +54,8 @@ impl<P: Platform> Console<P> {
             None => 0,
         };
         let (metadata, data) = (bare_name(metadata), bare_name(data));
-        let mut registry = self.registry.borrow_mut();
-        let data_sectors = registry.size_of(data)?;
+        let mut dm = self.dm.borrow_mut();
+        let data_sectors = dm.size_of(data)?;
         let length = data_sectors / block_size.max(1) * block_size;
         if length == 0 {
             return Err(format!(
@@ -72,7 +71,7 @@ impl<P: Platform> Console<P> {
         } else {
             Format::IfBlank
         };
-        let notes = registry.create(name, false, &table, format)?;
+        let notes = dm.create(name, false, &table, format)?;
         for note in notes {
             outln!(out, "{name}: {note}");
         }
@@ -97,10 +96,10 @@ impl<P: Platform> Console<P> {
                     return Err(format!("thin create: name and pool are needed ({USAGE})").into());
                 };
                 let origin = options.value("--origin").map(bare_name);
-                let mut registry = self.registry.borrow_mut();
+                let mut dm = self.dm.borrow_mut();
                 let sectors = match (options.value("--size"), origin) {
                     (Some(size), _) => parse_size(size)?,
-                    (None, Some(origin)) => registry.size_of(origin)?,
+                    (None, Some(origin)) => dm.size_of(origin)?,
                     (None, None) => {
                         return Err(
                             "thin create: how big? give --size (e.g. 10G) or an --origin to \
@@ -110,7 +109,7 @@ impl<P: Platform> Console<P> {
                     }
                 };
                 let pool = bare_name(pool);
-                let (dev, table) = new_thin(&mut registry, name, pool, sectors, origin, None)?;
+                let (dev, table) = new_thin(&mut dm, name, pool, sectors, origin, None)?;
                 outln!(
                     out,
                     "{name}: thin device {dev} of {pool}, {}: {table}",
@@ -122,13 +121,13 @@ impl<P: Platform> Console<P> {
                 let [name] = rest else {
                     return Err(USAGE.into());
                 };
-                self.registry.borrow_mut().thin_delete(bare_name(name))
+                Ok(self.dm.borrow_mut().thin_delete(bare_name(name))?)
             }
             "ls" => {
                 let [pool] = rest else {
                     return Err(USAGE.into());
                 };
-                thin_ls(&self.registry.borrow(), bare_name(pool), out)
+                thin_ls(&self.dm.borrow(), bare_name(pool), out)
             }
             _ => Err(USAGE.into()),
         }
@@ -146,22 +145,22 @@ impl<P: Platform> Console<P> {
         if verb != "create" {
             return Err(USAGE.into());
         }
-        let mut registry = self.registry.borrow_mut();
-        let origin_device = registry.device(origin)?;
-        let Target::Thin(thin) = &origin_device.table.target else {
+        let mut dm = self.dm.borrow_mut();
+        let origin_device = dm.device(origin)?;
+        let Target::Thin(thin) = &origin_device.table().target() else {
             return Err(format!(
                 "snap create: {} is a {} device; snapshots are taken of thin devices",
-                origin_device.name,
-                origin_device.table.kind()
+                origin_device.name(),
+                origin_device.table().kind()
             )
             .into());
         };
         let pool = thin.pool_dev.clone();
         let external = thin.origin_dev.clone();
-        let sectors = origin_device.table.length;
+        let sectors = origin_device.table().length();
         let origin_id = thin.dev_id;
         let (dev, table) = new_thin(
-            &mut registry,
+            &mut dm,
             name,
             &pool,
             sectors,
@@ -186,8 +185,8 @@ impl<P: Platform> Console<P> {
             [name, flag] if flag == "--metadata-snap" => (name, true),
             _ => return Err(USAGE.into()),
         };
-        let registry = self.registry.borrow();
-        let pool = registry.pool(name)?;
+        let dm = self.dm.borrow();
+        let pool = dm.pool(name)?;
         // Print into a buffer first so a failure is one error line, not half a dump.
         let mut xml = String::new();
         pool.dump_xml(&mut xml, snap)
@@ -203,15 +202,15 @@ impl<P: Platform> Console<P> {
 /// `create_snap` of `snapshot_of`) and activates it as `name`. If activation fails, the
 /// new thin device is deleted again, so nothing changes.
 fn new_thin(
-    registry: &mut Registry,
+    dm: &mut DeviceMapper,
     name: &str,
     pool: &str,
     sectors: u64,
     origin: Option<&str>,
     snapshot_of: Option<u64>,
 ) -> Result<(u64, String), CommandError> {
-    registry.check_new_name(name)?;
-    let engine = registry.pool(pool)?;
+    dm.check_new_name(name)?;
+    let engine = dm.pool(pool)?;
     let dev = engine
         .devices()
         .map_err(|error| format!("{pool}: {}", error.text))?
@@ -222,20 +221,20 @@ fn new_thin(
         Some(origin_id) => format!("create_snap {dev} {origin_id}"),
         None => format!("create_thin {dev}"),
     };
-    registry.message(pool, &message)?;
+    dm.message(pool, &message)?;
     let table = match origin {
         Some(origin) => format!("0 {sectors} thin {pool} {dev} {origin}"),
         None => format!("0 {sectors} thin {pool} {dev}"),
     };
-    if let Err(error) = registry.create(name, false, &table, Format::IfBlank) {
-        let _ = registry.message(pool, &format!("delete {dev}"));
-        return Err(error);
+    if let Err(error) = dm.create(name, false, &table, Format::IfBlank) {
+        let _ = dm.message(pool, &format!("delete {dev}"));
+        return Err(error.into());
     }
     Ok((dev, table))
 }
 
-fn thin_ls(registry: &Registry, name: &str, out: &mut dyn Write) -> Result<(), CommandError> {
-    let pool = registry.pool(name)?;
+fn thin_ls(dm: &DeviceMapper, name: &str, out: &mut dyn Write) -> Result<(), CommandError> {
+    let pool = dm.pool(name)?;
     let block_bytes = u64::from(pool.config().data_block_size) * 512;
     let usage = pool
         .usage()
@@ -250,14 +249,13 @@ fn thin_ls(registry: &Registry, name: &str, out: &mut dyn Write) -> Result<(), C
         "SHARED"
     );
     for device in usage {
-        let names: Vec<&str> = registry
-            .devices
-            .iter()
+        let names: Vec<&str> = dm
+            .devices()
             .filter(|candidate| {
-                matches!(&candidate.table.target, Target::Thin(thin)
+                matches!(candidate.table().target(), Target::Thin(thin)
                     if thin.pool_dev == name && thin.dev_id == device.dev)
             })
-            .map(|candidate| candidate.name.as_str())
+            .map(|candidate| candidate.name())
             .collect();
         outln!(
             out,

@@ -8,7 +8,7 @@ use blockdev::{IoBuf, MemDisk};
 use nbd::{Backend, BackendError, ExportHandle, Extent, IoOp, IoOutput, IoRequest};
 
 use crate::Console;
-use crate::tests::{FakePlatform, boot, error, io, lines, mem_disk, ok};
+use crate::tests::{FakePlatform, boot, error, io, lines, mem_disk, nbd_backend, ok};
 
 /// vda 16 MiB (metadata), vdb 64 MiB (data), vdc 8 MiB (base image), vdd 4 MiB
 /// (configuration).
@@ -252,7 +252,7 @@ fn thin_exports_report_holes_and_origin_data_and_survive_reboots() {
     );
     ok(&mut console, "thin create guest pool --origin image");
     ok(&mut console, "thin create empty pool --size 8M");
-    let mut backend = console.nbd_backend();
+    let mut backend = nbd_backend(&console);
     let names: Vec<String> = backend.exports().into_iter().map(|e| e.name).collect();
     assert_eq!(names, ["image", "guest", "empty"]);
     let guest_info = backend.lookup("guest").unwrap();
@@ -335,7 +335,7 @@ fn thin_exports_report_holes_and_origin_data_and_survive_reboots() {
         ["config: vdd generation 5", "config: 4 of 4 devices active"]
     );
     assert_eq!(ok(&mut console, "status guest"), "0 16384 thin 128 383\r\n");
-    let mut backend = console.nbd_backend();
+    let mut backend = nbd_backend(&console);
     let (guest, _) = backend.open("guest").unwrap();
     let read = io(
         &mut backend,
@@ -376,7 +376,7 @@ fn fast_zero_unmaps_whole_blocks_of_thin_exports_and_refuses_the_rest() {
     ok(&mut console, "pool create pool vda vdb");
     ok(&mut console, "thin create t pool --size 1M");
     ok(&mut console, "create lin --table \"0 64 linear vdc 0\"");
-    let mut backend = console.nbd_backend();
+    let mut backend = nbd_backend(&console);
     assert!(backend.lookup("t").unwrap().fast_zero);
     assert!(!backend.lookup("lin").unwrap().fast_zero);
 
@@ -454,7 +454,7 @@ fn low_water_mark_event_interrupts_the_prompt_without_garbling_the_line() {
         "pool create pool vda vdb --block-size 2048 --low-water-mark 60",
     );
     ok(&mut console, "thin create t pool --size 32M");
-    let mut backend = console.nbd_backend();
+    let mut backend = nbd_backend(&console);
     let (t, _) = backend.open("t").unwrap();
     let mut out = String::new();
     for byte in b"stat" {
@@ -503,7 +503,7 @@ fn thin_exports_wait_while_suspended_and_fail_once_removed() {
     let (mut console, _) = boot(&disks);
     ok(&mut console, "pool create pool vda vdb");
     ok(&mut console, "thin create t pool --size 4M");
-    let mut backend = console.nbd_backend();
+    let mut backend = nbd_backend(&console);
     let (t, _) = backend.open("t").unwrap();
     ok(&mut console, "suspend t");
     assert!(ok(&mut console, "ls").contains("t     (thin, suspended)"));

@@ -2,14 +2,16 @@
 //! platform.
 
 use alloc::boxed::Box;
+use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use blockdev::{
     BlockDevice, Busy, Command, Completion, DeviceInfo, IoError, MemDisk, Request, SECTOR_SIZE,
 };
-use core::cell::Cell;
+use core::cell::{Cell, RefCell};
+use dm::{DeviceMapper, Disk, NbdBackend};
 
-use crate::{Console, Crash, Disk, MemoryStats, PROMPT, Platform};
+use crate::{Console, Crash, MemoryStats, PROMPT, Platform};
 
 /// What `start` says when no disk carries a configuration.
 pub(crate) const NO_CONFIG: &str =
@@ -146,6 +148,16 @@ impl BlockDevice for RecordingDisk {
     }
 }
 
+/// A console managing a device mapper over `disks`.
+pub(crate) fn console_over<P: Platform>(platform: P, disks: Vec<Disk>) -> Console<P> {
+    Console::new(platform, Rc::new(RefCell::new(DeviceMapper::new(disks))))
+}
+
+/// The NBD backend of the console's device mapper, as the kernel wires it.
+pub(crate) fn nbd_backend<P: Platform>(console: &Console<P>) -> NbdBackend {
+    NbdBackend::new(Rc::clone(&console.dm))
+}
+
 pub(crate) fn disk(name: &str, device: impl BlockDevice + 'static) -> Disk {
     Disk {
         name: name.to_string(),
@@ -193,7 +205,7 @@ pub(crate) fn lines(text: &str) -> Vec<&str> {
 /// Boots a console over handles of `disks` (so the contents survive the console) and
 /// returns it with what `start` printed before the prompt.
 pub(crate) fn boot(disks: &[(&str, MemDisk)]) -> (Console<FakePlatform>, String) {
-    let mut console = Console::new(
+    let mut console = console_over(
         FakePlatform::default(),
         disks
             .iter()
@@ -244,7 +256,7 @@ pub(crate) fn error<P: Platform>(console: &mut Console<P>, line: &str) -> String
 }
 
 fn console() -> Console<FakePlatform> {
-    Console::new(
+    console_over(
         FakePlatform::default(),
         alloc::vec![
             disk("vda", mem_disk(64, "QEMU HARDDISK", "vd-serial-1")),
@@ -319,7 +331,7 @@ fn disks_lists_name_size_model_serial() {
             "nvme0n1       4194304 sectors    2.00 GiB  QEMU NVMe Ctrl  -",
         ]
     );
-    let mut empty = Console::new(FakePlatform::default(), Vec::new());
+    let mut empty = console_over(FakePlatform::default(), Vec::new());
     assert_eq!(run(&mut empty, "disks"), "no disks found\r\n");
 }
 
@@ -354,7 +366,7 @@ fn shutdown_flushes_then_powers_off() {
 
 #[test]
 fn shutdown_refuses_when_a_flush_fails_unless_forced() {
-    let mut console = Console::new(
+    let mut console = console_over(
         FakePlatform::default(),
         alloc::vec![disk("vdb", faulty(MemDisk::new(2048), Fault::FailFlush))],
     );
@@ -391,7 +403,7 @@ fn debug_crashes_through_the_platform() {
 fn disk_test_passes_on_an_empty_disk_and_leaves_the_pattern() {
     let backing = mem_disk(64, "m", "s");
     let view = backing.handle();
-    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
+    let mut console = console_over(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
     let out = run(&mut console, "disk-test /dev/vda 4");
     let all = lines(&out);
     let last = all.last().unwrap();
@@ -416,7 +428,7 @@ fn disk_test_passes_on_an_empty_disk_and_leaves_the_pattern() {
 fn disk_test_discards_the_range_when_the_disk_can() {
     let backing = MemDisk::new(64 << 11);
     let view = backing.handle();
-    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
+    let mut console = console_over(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
     let out = run(&mut console, "disk-test vda 8");
     let last = *lines(&out).last().unwrap();
     assert!(last.starts_with("disk-test vda: OK"), "{out}");
@@ -431,7 +443,7 @@ fn disk_test_order_check_write_fua_flush_verify_discard() {
         inner: MemDisk::new(16 << 11),
         log: alloc::rc::Rc::clone(&log),
     };
-    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vda", recorder)]);
+    let mut console = console_over(FakePlatform::default(), alloc::vec![disk("vda", recorder)]);
     assert!(run(&mut console, "disk-test vda 2").contains("OK"));
     let log = log.borrow();
     let kinds: Vec<&str> = log.iter().map(|(kind, ..)| *kind).collect();
@@ -480,7 +492,7 @@ fn disk_test_refuses_a_disk_with_data_unless_forced() {
     let backing = mem_disk(64, "m", "s");
     backing.write_at(40 << 20, b"precious");
     let view = backing.handle();
-    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
+    let mut console = console_over(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
     assert_eq!(
         error(&mut console, "disk-test vda 48"),
         "error: disk-test: vda holds data (non-zero bytes in sector 81920) that the test would \
@@ -503,14 +515,14 @@ fn disk_test_names_the_lowest_sector_with_data_whatever_the_completion_order() {
     backing.write_at(3 << 20, b"later");
     backing.write_at(700 * 512, b"first");
     backing.shuffle_completions(11);
-    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
+    let mut console = console_over(FakePlatform::default(), alloc::vec![disk("vda", backing)]);
     assert!(error(&mut console, "disk-test vda 8").contains("(non-zero bytes in sector 700)"),);
 }
 
 #[test]
 fn disk_test_detects_corruption() {
     let faulty = faulty(mem_disk(64, "m", "s"), Fault::CorruptRead(3000));
-    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vdc", faulty)]);
+    let mut console = console_over(FakePlatform::default(), alloc::vec![disk("vdc", faulty)]);
     let out = run(&mut console, "disk-test vdc 8 --force");
     let last = *lines(&out).last().unwrap();
     assert_eq!(
@@ -524,7 +536,7 @@ fn disk_test_detects_corruption() {
 #[test]
 fn disk_test_reports_write_failures() {
     let faulty = faulty(mem_disk(64, "m", "s"), Fault::FailWrite(5000));
-    let mut console = Console::new(FakePlatform::default(), alloc::vec![disk("vdc", faulty)]);
+    let mut console = console_over(FakePlatform::default(), alloc::vec![disk("vdc", faulty)]);
     let line = error(&mut console, "disk-test vdc 8 --force");
     assert_eq!(
         line,
@@ -582,7 +594,7 @@ fn disk_test_argument_errors() {
 fn disk_test_refuses_read_only_disks() {
     let mut info = MemDisk::new(4096).info().clone();
     info.read_only = true;
-    let mut console = Console::new(
+    let mut console = console_over(
         FakePlatform::default(),
         alloc::vec![disk("vdb", MemDisk::with_info(info))],
     );

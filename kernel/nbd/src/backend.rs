@@ -1,7 +1,7 @@
 //! What the server needs from whatever holds the data: the [`Backend`] trait.
 //!
-//! The management plane (a registry of device-mapper style devices: thin volumes of a
-//! pool, linear regions of disks) implements it. The server never touches data itself:
+//! The device mapper (`dm`: thin volumes of a pool, linear regions of disks)
+//! implements it. The server never touches data itself:
 //! it turns NBD requests into [`IoOp`]s, submits them with a tag of its choosing and
 //! routes each [`IoCompletion`] back to the connection that asked, so one backend serves
 //! every connection and completions may arrive in any order.

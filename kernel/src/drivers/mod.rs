@@ -9,8 +9,8 @@ pub mod virtio_net;
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::vec::Vec;
-use console::Disk;
 use core::fmt::Write;
+use dm::Disk;
 use virtio_drivers::transport::DeviceType;
 use virtio_drivers::transport::pci::virtio_device_type;
 

@@ -4,7 +4,7 @@ use alloc::vec::Vec;
 use core::net::Ipv4Addr;
 
 use super::*;
-use crate::tests::{error, lines, run};
+use crate::tests::{console_over, error, lines, run};
 use crate::{Crash, MemoryStats, Platform};
 
 /// A network that records what it was told and reports it back.
@@ -75,7 +75,7 @@ fn leased() -> NetStatus {
 }
 
 fn console(status: NetStatus) -> Console<NetPlatform> {
-    Console::new(
+    console_over(
         NetPlatform {
             network: Some(FakeNetwork {
                 status,
@@ -221,7 +221,7 @@ fn bad_net_input_is_one_error_line_and_changes_nothing() {
 
 #[test]
 fn net_without_an_interface_is_an_error() {
-    let mut console = Console::new(NetPlatform { network: None }, Vec::new());
+    let mut console = console_over(NetPlatform { network: None }, Vec::new());
     assert_eq!(
         error(&mut console, "net"),
         "error: net: this appliance has no network interface"

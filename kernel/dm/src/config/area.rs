@@ -1,6 +1,6 @@
-//! The persistent configuration: which devices exist (their table lines) and which
-//! disks they were built on, kept in a small area at the start of one disk so the
-//! appliance comes back after a reboot with the same devices.
+//! The configuration area: two checksummed copies of the saved configuration in the
+//! first MiB of one disk, so an update cut short by a power failure leaves the
+//! previous copy readable.
 //!
 //! Layout of the area (the first [`AREA_SECTORS`] sectors of the configuration disk;
 //! every number little-endian; CRC-32C is the iSCSI polynomial):
@@ -16,16 +16,14 @@
 //! A slot starts with a one-sector header — magic `TBXCFREC`, version 1 (u32), payload
 //! bytes (u32), generation (u64), payload CRC-32C (u32), area id (16 bytes), zeros,
 //! header CRC-32C of bytes 0..508 in bytes 508..512 — followed by the payload (UTF-8
-//! text, see [`Snapshot`]) in the slot's remaining sectors, written in the same
+//! text, see [`Snapshot`](super::Snapshot)) in the slot's remaining sectors, written in the same
 //! request. An update writes generation *n*+1 into the slot that does not hold the
 //! newest valid copy, with FUA; if power fails during that write the damaged copy fails
 //! its CRC and the other slot (generation *n*) is used, so an update is all or nothing.
 
 use alloc::format;
 use alloc::string::{String, ToString};
-use alloc::vec::Vec;
 use blockdev::{BlockDevice, Command, IoBuf, SECTOR_SIZE};
-use core::fmt::Write;
 
 /// Sectors reserved at the start of the configuration disk (1 MiB).
 pub const AREA_SECTORS: u64 = 2048;
@@ -47,114 +45,6 @@ fn le32(bytes: &[u8], at: usize) -> u32 {
 
 fn le64(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// A disk a configuration refers to, as it was when the configuration was saved.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskRecord {
-    pub name: String,
-    /// Usable sectors (after the configuration area, on the configuration disk).
-    pub sectors: u64,
-    /// Empty when the disk reports none.
-    pub serial: String,
-}
-
-/// A device as saved: its name, whether it is read-only, its table line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceRecord {
-    pub name: String,
-    pub read_only: bool,
-    pub table: String,
-}
-
-/// Everything a configuration holds. Encoded as text lines:
-/// `disk NAME SECTORS SERIAL` (serial percent-encoded, `-` when empty) and
-/// `device NAME rw|ro TABLE-LINE`, devices in creation order (each only refers to
-/// disks and to devices before it).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    pub disks: Vec<DiskRecord>,
-    pub devices: Vec<DeviceRecord>,
-}
-
-impl Snapshot {
-    pub fn encode(&self) -> String {
-        let mut text = String::new();
-        for disk in &self.disks {
-            let _ = writeln!(
-                text,
-                "disk {} {} {}",
-                disk.name,
-                disk.sectors,
-                encode_serial(&disk.serial)
-            );
-        }
-        for device in &self.devices {
-            let mode = if device.read_only { "ro" } else { "rw" };
-            let _ = writeln!(text, "device {} {mode} {}", device.name, device.table);
-        }
-        text
-    }
-
-    pub fn decode(text: &str) -> Result<Self, String> {
-        let mut snapshot = Snapshot::default();
-        for (number, line) in text.lines().enumerate() {
-            let bad = || format!("line {} is malformed: {line}", number + 1);
-            let mut words = line.splitn(4, ' ');
-            match (words.next(), words.next(), words.next(), words.next()) {
-                (Some("disk"), Some(name), Some(sectors), Some(serial)) => {
-                    snapshot.disks.push(DiskRecord {
-                        name: name.to_string(),
-                        sectors: sectors.parse().map_err(|_| bad())?,
-                        serial: decode_serial(serial).ok_or_else(bad)?,
-                    })
-                }
-                (Some("device"), Some(name), Some(mode @ ("rw" | "ro")), Some(table)) => {
-                    snapshot.devices.push(DeviceRecord {
-                        name: name.to_string(),
-                        read_only: mode == "ro",
-                        table: table.to_string(),
-                    })
-                }
-                _ => return Err(bad()),
-            }
-        }
-        Ok(snapshot)
-    }
-}
-
-fn encode_serial(serial: &str) -> String {
-    if serial.is_empty() {
-        return "-".to_string();
-    }
-    let mut out = String::new();
-    for byte in serial.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'+' | b':') {
-            out.push(char::from(byte));
-        } else {
-            let _ = write!(out, "%{byte:02X}");
-        }
-    }
-    out
-}
-
-fn decode_serial(text: &str) -> Option<String> {
-    if text == "-" {
-        return Some(String::new());
-    }
-    let mut bytes = Vec::new();
-    let mut rest = text.as_bytes();
-    while let Some((&first, tail)) = rest.split_first() {
-        if first == b'%' {
-            let hex = core::str::from_utf8(tail.get(..2)?).ok()?;
-            bytes.push(u8::from_str_radix(hex, 16).ok()?);
-            rest = &tail[2..];
-        } else {
-            bytes.push(first);
-            rest = tail;
-        }
-    }
-    String::from_utf8(bytes).ok()
 }
 
 /// What one slot holds.
@@ -332,7 +222,7 @@ fn read(disk: &mut dyn BlockDevice, sector: u64, sectors: usize) -> Result<IoBuf
     if sectors == 0 {
         return Ok(IoBuf::empty());
     }
-    crate::shared::read_sectors(disk, sector, sectors)
+    crate::region::read_sectors(disk, sector, sectors)
         .map_err(|error| format!("reading the configuration area failed: {error}"))
 }
 
@@ -353,41 +243,6 @@ fn write(disk: &mut dyn BlockDevice, sector: u64, buf: IoBuf) -> Result<(), Stri
 mod tests {
     use super::*;
     use blockdev::MemDisk;
-
-    fn sample() -> Snapshot {
-        Snapshot {
-            disks: alloc::vec![
-                DiskRecord {
-                    name: "vda".into(),
-                    sectors: 131072,
-                    serial: "QM 0001/x".into(),
-                },
-                DiskRecord {
-                    name: "vdb".into(),
-                    sectors: 4096,
-                    serial: String::new(),
-                },
-            ],
-            devices: alloc::vec![DeviceRecord {
-                name: "base".into(),
-                read_only: true,
-                table: "0 4096 linear vdb 0".into(),
-            }],
-        }
-    }
-
-    #[test]
-    fn snapshot_text_round_trips() {
-        let text = sample().encode();
-        assert_eq!(
-            text,
-            "disk vda 131072 QM%200001%2Fx\ndisk vdb 4096 -\ndevice base ro 0 4096 linear vdb 0\n"
-        );
-        assert_eq!(Snapshot::decode(&text).unwrap(), sample());
-        assert!(Snapshot::decode("disk vda x -\n").is_err());
-        assert!(Snapshot::decode("device a maybe 0 1 linear vda 0\n").is_err());
-        assert!(Snapshot::decode("disk vda 1 %4").is_err());
-    }
 
     #[test]
     fn generations_alternate_between_slots() {

@@ -7,14 +7,13 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
 
-use crate::config::SlotState;
-use crate::registry::{Device, Format, Registry, State};
-use crate::table::bare_name;
-use crate::units::human_bytes;
+use dm::config::SlotState;
+use dm::{Device, DeviceMapper, Format, State, bare_name, human_bytes};
+
 use crate::{CommandError, Console, Platform, outln};
 
 impl<P: Platform> Console<P> {
-    /// Commands of the device registry; anything else is unknown.
+    /// Commands of the device mapper; anything else is unknown.
     pub(crate) fn run_dm(
         &mut self,
         command: &str,
@@ -26,16 +25,16 @@ impl<P: Platform> Console<P> {
             "remove" => self.remove(args),
             "suspend" => {
                 let name = one_name("suspend", args)?;
-                self.registry.borrow_mut().suspend(name)
+                Ok(self.dm.borrow_mut().suspend(name)?)
             }
             "resume" => {
                 let name = one_name("resume", args)?;
-                self.registry.borrow_mut().resume(name)
+                Ok(self.dm.borrow_mut().resume(name)?)
             }
             "message" => self.message(args),
             "ls" => match args {
                 [] => {
-                    list(&self.registry.borrow(), out);
+                    list(&self.dm.borrow(), out);
                     Ok(())
                 }
                 [extra, ..] => Err(format!("ls takes no arguments (got '{extra}')").into()),
@@ -82,7 +81,7 @@ impl<P: Platform> Console<P> {
             return Err(format!("create: name and --table are both needed ({USAGE})").into());
         };
         let notes = self
-            .registry
+            .dm
             .borrow_mut()
             .create(name, read_only, &table, Format::IfBlank)?;
         for note in notes {
@@ -97,7 +96,7 @@ impl<P: Platform> Console<P> {
             .partition(|word| *word == "--force" || *word == "-f");
         match names.as_slice() {
             [name] if !name.starts_with('-') => {
-                self.registry.borrow_mut().remove(name, !force.is_empty())
+                Ok(self.dm.borrow_mut().remove(name, !force.is_empty())?)
             }
             _ => Err("usage: remove NAME [--force]".into()),
         }
@@ -119,7 +118,7 @@ impl<P: Platform> Console<P> {
             return Err(format!("message: which message? ({USAGE})").into());
         }
         let text: Vec<&str> = words.iter().map(String::as_str).collect();
-        self.registry.borrow_mut().message(name, &text.join(" "))
+        Ok(self.dm.borrow_mut().message(name, &text.join(" "))?)
     }
 
     /// `table`, `status` and `info`, for one device or all.
@@ -129,39 +128,51 @@ impl<P: Platform> Console<P> {
         args: &[String],
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
-        let registry = self.registry.borrow();
+        let dm = self.dm.borrow();
         match args {
             [] => {
-                if registry.devices.is_empty() {
+                if dm.devices().next().is_none() {
                     outln!(out, "No devices found");
                 }
-                for (index, device) in registry.devices.iter().enumerate() {
+                for (index, device) in dm.devices().enumerate() {
                     match command {
-                        "table" => outln!(out, "{}: {}", device.name, device.table),
+                        "table" => {
+                            for segment in device.table().segments() {
+                                outln!(out, "{}: {segment}", device.name());
+                            }
+                        }
                         "status" => {
-                            outln!(out, "{}: {}", device.name, status_line(&registry, device))
+                            for line in dm.status_lines(device) {
+                                outln!(out, "{}: {line}", device.name());
+                            }
                         }
                         _ => {
                             if index > 0 {
                                 outln!(out, "");
                             }
-                            info(&registry, device, out);
+                            info(&dm, device, out);
                         }
                     }
                 }
                 Ok(())
             }
             [name] => {
-                let device = registry.device(name)?;
+                let device = dm.device(name)?;
                 match command {
-                    "table" => outln!(out, "{}", device.table),
-                    "status" => {
-                        if let State::Inactive(why) = &device.state {
-                            return Err(format!("{} is inactive ({why})", device.name).into());
+                    "table" => {
+                        for segment in device.table().segments() {
+                            outln!(out, "{segment}");
                         }
-                        outln!(out, "{}", status_line(&registry, device));
                     }
-                    _ => info(&registry, device, out),
+                    "status" => {
+                        if let State::Inactive(why) = device.state() {
+                            return Err(format!("{} is inactive ({why})", device.name()).into());
+                        }
+                        for line in dm.status_lines(device) {
+                            outln!(out, "{line}");
+                        }
+                    }
+                    _ => info(&dm, device, out),
                 }
                 Ok(())
             }
@@ -176,7 +187,7 @@ impl<P: Platform> Console<P> {
         let words: Vec<&str> = args.iter().map(String::as_str).collect();
         match words.as_slice() {
             ["show"] => {
-                show_config(&self.registry.borrow(), out);
+                show_config(&self.dm.borrow(), out);
                 Ok(())
             }
             ["init", disk] | ["init", disk, "--force"] | ["init", "--force", disk]
@@ -184,16 +195,15 @@ impl<P: Platform> Console<P> {
             {
                 let force = words.contains(&"--force");
                 let id = area_id(self.platform.now_ns(), disk);
-                let mut registry = self.registry.borrow_mut();
-                registry.config_init(disk, id, force)?;
-                let config = registry.config.as_ref().expect("just made");
-                let entry = &registry.disks[config.disk];
+                let mut dm = self.dm.borrow_mut();
+                dm.config_init(disk, id, force)?;
+                let (entry, _) = dm.config().expect("just made");
                 outln!(
                     out,
                     "configuration area written on {}: its first MiB is reserved, {} now offers \
                      {} sectors; changes are saved from now on",
-                    entry.name,
-                    entry.name,
+                    entry.name(),
+                    entry.name(),
                     entry.sectors()
                 );
                 Ok(())
@@ -212,71 +222,60 @@ fn one_name<'a>(command: &str, args: &'a [String]) -> Result<&'a str, CommandErr
 
 /// A device's kind, with its state when it is not simply running.
 fn kind_and_state(device: &Device) -> String {
-    match &device.state {
-        State::Inactive(_) => format!("{}, inactive", device.table.kind()),
-        State::Active(active) if active.suspended => {
-            format!("{}, suspended", device.table.kind())
-        }
-        State::Active(_) => device.table.kind().into(),
+    let kind = device.table().kind();
+    match device.state() {
+        State::Inactive(_) => format!("{kind}, inactive"),
+        State::Active(active) if active.suspended() => format!("{kind}, suspended"),
+        State::Active(_) => kind.into(),
     }
 }
 
-fn list(registry: &Registry, out: &mut dyn Write) {
-    if registry.devices.is_empty() {
+fn list(dm: &DeviceMapper, out: &mut dyn Write) {
+    if dm.devices().next().is_none() {
         outln!(out, "No devices found");
     }
-    let width = registry
-        .devices
-        .iter()
-        .map(|device| device.name.len())
+    let width = dm
+        .devices()
+        .map(|device| device.name().len())
         .max()
         .unwrap_or(0);
-    for device in &registry.devices {
-        outln!(out, "{:<width$}  ({})", device.name, kind_and_state(device));
+    for device in dm.devices() {
+        outln!(
+            out,
+            "{:<width$}  ({})",
+            device.name(),
+            kind_and_state(device)
+        );
     }
 }
 
-/// dm's status line: `0 LENGTH TARGET` followed by the target's fields.
-fn status_line(registry: &Registry, device: &Device) -> String {
-    match &device.state {
-        State::Inactive(why) => format!("inactive ({why})"),
-        State::Active(_) => match registry.status_fields(device) {
-            Ok(fields) => format!("0 {} {}{fields}", device.table.length, device.table.kind()),
-            Err(why) => format!(
-                "0 {} {} Error ({why})",
-                device.table.length,
-                device.table.kind()
-            ),
-        },
-    }
-}
-
-fn info(registry: &Registry, device: &Device, out: &mut dyn Write) {
-    let users = registry.users_of(&device.name);
-    let (state, clients) = match &device.state {
+fn info(dm: &DeviceMapper, device: &Device, out: &mut dyn Write) {
+    let users = dm.users_of(device.name());
+    let (state, clients) = match device.state() {
         State::Inactive(why) => (format!("INACTIVE ({why})"), 0),
-        State::Active(active) if active.suspended => ("SUSPENDED".into(), active.clients),
-        State::Active(active) => ("ACTIVE".into(), active.clients),
+        State::Active(active) if active.suspended() => ("SUSPENDED".into(), active.clients()),
+        State::Active(active) => ("ACTIVE".into(), active.clients()),
     };
-    let sectors = device.table.length;
-    outln!(out, "Name:              {}", device.name);
+    let table = device.table();
+    let sectors = table.length();
+    outln!(out, "Name:              {}", device.name());
     outln!(out, "State:             {state}");
     outln!(
         out,
         "Read only:         {}",
-        if device.read_only { "yes" } else { "no" }
+        if device.read_only() { "yes" } else { "no" }
     );
     outln!(
         out,
         "Size:              {sectors} sectors ({})",
         human_bytes(sectors * blockdev::SECTOR_SIZE as u64)
     );
-    outln!(out, "Table:             {}", device.table);
+    outln!(out, "Table:             {table}");
     outln!(out, "Open count:        {}", users.len() + clients);
     outln!(
         out,
         "Depends on:        {}",
-        device.table.dependencies().join(", ")
+        table.dependencies().join(", ")
     );
     outln!(
         out,
@@ -287,11 +286,11 @@ fn info(registry: &Registry, device: &Device, out: &mut dyn Write) {
             users.join(", ")
         }
     );
-    match &device.state {
-        State::Active(active) if active.io.data_sectors().is_some() => outln!(
+    match device.state() {
+        State::Active(active) if active.carries_data() => outln!(
             out,
             "NBD export:        {} ({clients} client{})",
-            device.name,
+            device.name(),
             if clients == 1 { "" } else { "s" }
         ),
         State::Active(_) => outln!(
@@ -302,15 +301,15 @@ fn info(registry: &Registry, device: &Device, out: &mut dyn Write) {
     }
 }
 
-fn show_config(registry: &Registry, out: &mut dyn Write) {
-    match &registry.config {
+fn show_config(dm: &DeviceMapper, out: &mut dyn Write) {
+    match dm.config() {
         None => outln!(
             out,
             "no configuration disk: changes are not saved (config init DISK designates one)"
         ),
-        Some(config) => {
-            let name = &registry.disks[config.disk].name;
-            match config.area.current() {
+        Some((disk, area)) => {
+            let name = disk.name();
+            match area.current() {
                 Some((_, generation, _)) => outln!(
                     out,
                     "configuration disk: {name} (first MiB), generation {generation}"
@@ -320,7 +319,7 @@ fn show_config(registry: &Registry, out: &mut dyn Write) {
                     "configuration disk: {name} (first MiB), nothing saved yet"
                 ),
             }
-            for (slot, state) in config.area.slots().iter().enumerate() {
+            for (slot, state) in area.slots().iter().enumerate() {
                 match state {
                     SlotState::Empty => outln!(out, "copy {slot}: empty"),
                     SlotState::Valid { generation, .. } => {
@@ -331,7 +330,7 @@ fn show_config(registry: &Registry, out: &mut dyn Write) {
             }
         }
     }
-    for disk in registry.saved_disks() {
+    for disk in dm.saved_disks() {
         outln!(
             out,
             "disk {}: {} sectors, serial {}",
@@ -344,13 +343,17 @@ fn show_config(registry: &Registry, out: &mut dyn Write) {
             }
         );
     }
-    for device in &registry.devices {
+    for device in dm.devices() {
         outln!(
             out,
             "create {}{} --table \"{}\"",
-            device.name,
-            if device.read_only { " --readonly" } else { "" },
-            device.table
+            device.name(),
+            if device.read_only() {
+                " --readonly"
+            } else {
+                ""
+            },
+            device.table()
         );
     }
 }

@@ -1,4 +1,5 @@
-//! I/O of a `linear` device: NBD operations on a window of a disk.
+//! I/O of a `linear` device: NBD operations on its span (windows of disks, end to
+//! end, one per segment or more).
 //!
 //! Operations larger than the disk takes in one request are cut into parts that are
 //! generated as the disk accepts them (a 4 GiB write-zeroes never holds more than a
@@ -10,7 +11,7 @@ use alloc::vec;
 use blockdev::{BlockDevice, Busy, Command, Completion, IoBuf, Request, SECTOR_SIZE};
 use nbd::{BackendError, Extent, IoCompletion, IoOp, IoOutput};
 
-use crate::shared::Region;
+use crate::span::Span;
 
 /// Sectors per part when the disk takes more (1 MiB keeps zero buffers small).
 const MAX_PART_SECTORS: u64 = 2048;
@@ -49,7 +50,7 @@ struct Work {
 }
 
 pub(crate) struct LinearIo {
-    region: Region,
+    span: Span,
     part_sectors: u64,
     work: VecDeque<Work>,
     /// A part the disk refused as busy.
@@ -62,10 +63,10 @@ pub(crate) struct LinearIo {
 }
 
 impl LinearIo {
-    pub(crate) fn new(region: Region) -> Self {
-        let part_sectors = u64::from(region.info().max_transfer_sectors).clamp(1, MAX_PART_SECTORS);
+    pub(crate) fn new(span: Span) -> Self {
+        let part_sectors = u64::from(span.info().max_transfer_sectors).clamp(1, MAX_PART_SECTORS);
         LinearIo {
-            region,
+            span,
             part_sectors,
             work: VecDeque::new(),
             retry: None,
@@ -77,15 +78,15 @@ impl LinearIo {
     }
 
     pub(crate) fn sectors(&self) -> u64 {
-        self.region.info().sectors
+        self.span.info().sectors
     }
 
     pub(crate) fn read_only(&self) -> bool {
-        self.region.info().read_only
+        self.span.info().read_only
     }
 
     pub(crate) fn discard(&self) -> bool {
-        self.region.info().discard
+        self.span.info().discard
     }
 
     /// Whether a new request would only wait in a queue.
@@ -172,7 +173,7 @@ impl LinearIo {
     /// Returns one finished request.
     pub(crate) fn poll(&mut self) -> Option<IoCompletion> {
         self.pump();
-        while let Some(done) = self.region.poll() {
+        while let Some(done) = self.span.poll() {
             self.part_done(done);
             self.pump();
         }
@@ -184,7 +185,7 @@ impl LinearIo {
     pub(crate) fn drain(&mut self) {
         while !self.requests.is_empty() {
             self.pump();
-            match self.region.poll() {
+            match self.span.poll() {
                 Some(done) => self.part_done(done),
                 None => core::hint::spin_loop(),
             }
@@ -193,7 +194,7 @@ impl LinearIo {
 
     /// Makes completed writes durable; the device must be drained.
     pub(crate) fn flush(&mut self) -> Result<(), blockdev::IoError> {
-        blockdev::run_sync(&mut self.region, Command::Flush).map(drop)
+        blockdev::run_sync(&mut self.span, Command::Flush).map(drop)
     }
 
     fn finish(&mut self, tag: u64, result: Result<IoOutput, BackendError>) {
@@ -210,7 +211,7 @@ impl LinearIo {
                     None => return,
                 },
             };
-            match self.region.submit(request) {
+            match self.span.submit(request) {
                 Ok(()) => {}
                 Err(Busy(request)) => {
                     self.retry = Some(request);
@@ -317,7 +318,8 @@ fn in_range(sector: u64, sectors: u64, size: u64) -> Result<(), BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared::SharedDisk;
+    use crate::region::SharedDisk;
+    use crate::span::Span;
     use alloc::boxed::Box;
     use alloc::vec::Vec;
     use blockdev::{DeviceInfo, MemDisk};
@@ -359,7 +361,7 @@ mod tests {
         let backing = disk(16, 4);
         let view = backing.handle();
         let shared = SharedDisk::new(Box::new(backing));
-        let mut io = LinearIo::new(shared.region(1000, 5000, false));
+        let mut io = LinearIo::new(Span::new(alloc::vec![shared.region(1000, 5000, false)]));
         let data = pattern(100, 5);
         let expected: Vec<u8> = data.to_vec();
         run(
@@ -408,7 +410,7 @@ mod tests {
     #[test]
     fn bounds_read_only_and_status() {
         let shared = SharedDisk::new(Box::new(disk(64, 8)));
-        let mut io = LinearIo::new(shared.region(0, 100, true));
+        let mut io = LinearIo::new(Span::new(alloc::vec![shared.region(0, 100, true)]));
         let write = IoOp::Write {
             sector: 0,
             buf: IoBuf::with_sectors(1),
@@ -453,7 +455,7 @@ mod tests {
     #[test]
     fn many_requests_in_flight_complete_once_each() {
         let shared = SharedDisk::new(Box::new(disk(8, 2)));
-        let mut io = LinearIo::new(shared.region(0, 10_000, false));
+        let mut io = LinearIo::new(Span::new(alloc::vec![shared.region(0, 10_000, false)]));
         for tag in 0..20 {
             io.submit(
                 tag,
@@ -475,5 +477,61 @@ mod tests {
         tags.sort_unstable();
         assert_eq!(tags, (0..20).collect::<Vec<_>>());
         assert!(io.poll().is_none() && !io.congested());
+    }
+
+    #[test]
+    fn a_span_of_two_disks_reads_and_writes_across_the_seam() {
+        let (first, second) = (disk(16, 2), disk(64, 3));
+        let (first_view, second_view) = (first.handle(), second.handle());
+        let (a, b) = (
+            SharedDisk::new(Box::new(first)),
+            SharedDisk::new(Box::new(second)),
+        );
+        // Sectors 0..100 are sectors 500..600 of the first disk, 100..300 are 40..240
+        // of the second.
+        let span = Span::new(alloc::vec![
+            a.region(500, 100, false),
+            b.region(40, 200, false)
+        ]);
+        let mut io = LinearIo::new(span);
+        assert_eq!(io.sectors(), 300);
+        let data = pattern(120, 9);
+        let expected: Vec<u8> = data.to_vec();
+        run(
+            &mut io,
+            1,
+            IoOp::Write {
+                sector: 50,
+                buf: data,
+                fua: true,
+            },
+        )
+        .unwrap();
+        let mut raw = alloc::vec![0; 50 * 512];
+        first_view.read_at(550 * 512, &mut raw);
+        assert_eq!(raw, expected[..50 * 512]);
+        let mut raw = alloc::vec![0; 70 * 512];
+        second_view.read_at(40 * 512, &mut raw);
+        assert_eq!(raw, expected[50 * 512..]);
+        let Ok(IoOutput::Read { buf, .. }) = run(
+            &mut io,
+            2,
+            IoOp::Read {
+                sector: 50,
+                buf: IoBuf::with_sectors(120),
+            },
+        ) else {
+            panic!("read failed");
+        };
+        assert_eq!(&buf[..], &expected[..]);
+        let past_end = IoOp::Read {
+            sector: 299,
+            buf: IoBuf::with_sectors(2),
+        };
+        assert_eq!(
+            run(&mut io, 3, past_end).unwrap_err(),
+            BackendError::Invalid
+        );
+        assert!(matches!(run(&mut io, 4, IoOp::Flush), Ok(IoOutput::Done)));
     }
 }

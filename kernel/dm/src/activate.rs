@@ -1,0 +1,310 @@
+//! Activation: turning a table into a running target over regions of the disks, with
+//! dm's checks (sizes, read-only devices, pools sharing no sectors).
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use blockdev::{BlockDevice, Command};
+use thin_pool::{PoolTable, ThinTable};
+
+use crate::device::{Active, State};
+use crate::mapper::DeviceMapper;
+use crate::region::read_sectors;
+use crate::span::Span;
+use crate::table::{Table, Target};
+use crate::targets::{LinearIo, TargetIo, ThinIo};
+
+/// Whether activating a pool may format its metadata device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Open existing metadata only (bringing up the saved configuration: a blank
+    /// metadata device there means the disk was replaced, not that it is new).
+    Never,
+    /// Format an all-zero metadata device, as dm does.
+    IfBlank,
+    /// Format whatever is there (`pool create --format`).
+    Force,
+}
+
+/// A run of a disk's sectors that a device occupies.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Window {
+    pub disk: usize,
+    pub offset: u64,
+    pub sectors: u64,
+    pub read_only: bool,
+}
+
+impl Window {
+    /// Whether two windows share sectors of one disk.
+    fn overlaps(&self, other: &Window) -> bool {
+        self.disk == other.disk
+            && self.offset < other.offset + other.sectors
+            && other.offset < self.offset + self.sectors
+    }
+}
+
+/// Sectors `offset..offset + sectors` of a device made of `windows` (in its sector
+/// order), or `None` when the device is shorter.
+fn slice(windows: &[Window], offset: u64, sectors: u64) -> Option<Vec<Window>> {
+    let end = offset.checked_add(sectors)?;
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for window in windows {
+        let (from, to) = (offset.max(at), end.min(at + window.sectors));
+        if from < to {
+            pieces.push(Window {
+                offset: window.offset + (from - at),
+                sectors: to - from,
+                ..*window
+            });
+        }
+        at += window.sectors;
+    }
+    (end <= at).then_some(pieces)
+}
+
+impl DeviceMapper {
+    /// The disk windows a disk or linear device stands for, in its sector order.
+    pub(crate) fn windows(&self, name: &str) -> Result<Vec<Window>, String> {
+        if let Some(index) = self.disk_index(name) {
+            let disk = &self.disks[index];
+            return Ok(alloc::vec![Window {
+                disk: index,
+                offset: 0,
+                sectors: disk.sectors(),
+                read_only: disk.info().read_only,
+            }]);
+        }
+        let Some(device) = self.find(name) else {
+            return Err(format!(
+                "no disk or device is called '{name}' (see disks and ls)"
+            ));
+        };
+        if let State::Inactive(why) = &device.state {
+            return Err(format!("device {name} is inactive ({why})"));
+        }
+        if !matches!(device.table.target(), Target::Linear { .. }) {
+            return Err(format!(
+                "{name} is a {} device; only disks and linear devices can be used here",
+                device.table.kind()
+            ));
+        }
+        self.linear_windows(&device.table, device.read_only)
+    }
+
+    /// The disk windows of a linear table's segments, end to end.
+    fn linear_windows(&self, table: &Table, read_only: bool) -> Result<Vec<Window>, String> {
+        let mut windows = Vec::new();
+        for segment in table.segments() {
+            let Target::Linear { device, offset } = &segment.target else {
+                return Err(format!("{} is not linear", segment.target.kind()));
+            };
+            windows.extend(self.fit(device, *offset, segment.length)?);
+        }
+        for window in &mut windows {
+            window.read_only |= read_only;
+        }
+        Ok(windows)
+    }
+
+    /// The windows of `sectors` sectors at `offset` in a disk or linear device.
+    fn fit(&self, device: &str, offset: u64, sectors: u64) -> Result<Vec<Window>, String> {
+        let base = self.windows(device)?;
+        slice(&base, offset, sectors).ok_or_else(|| {
+            format!(
+                "{device} is too small for this table: it holds {} sectors, the table needs \
+                 {offset}+{sectors}",
+                base.iter().map(|window| window.sectors).sum::<u64>()
+            )
+        })
+    }
+
+    /// A device over windows, end to end; `read_only` makes all of it read-only.
+    pub(crate) fn span(&self, windows: &[Window], read_only: bool) -> Span {
+        Span::new(
+            windows
+                .iter()
+                .map(|window| {
+                    self.disks[window.disk].region(
+                        window.offset,
+                        window.sectors,
+                        window.read_only || read_only,
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Starts a device from its table without registering it. Returns the running
+    /// device and what the operator should know (a formatted metadata device, warnings).
+    pub(crate) fn activate(
+        &mut self,
+        table: &Table,
+        read_only: bool,
+        format: Format,
+    ) -> Result<(Active, Vec<String>), String> {
+        let mut notes = Vec::new();
+        let io = match table.target() {
+            Target::Linear { .. } => {
+                let windows = self.linear_windows(table, false)?;
+                TargetIo::Linear(LinearIo::new(self.span(&windows, read_only)))
+            }
+            Target::Pool(pool) => {
+                let (engine, more) = self.open_pool(pool, table.length(), format)?;
+                notes = more;
+                TargetIo::Pool(engine)
+            }
+            Target::Thin(thin) => {
+                let volume = self.thin_volume(thin, table.length())?;
+                TargetIo::Thin(ThinIo::new(volume, read_only))
+            }
+        };
+        Ok((Active::new(io), notes))
+    }
+
+    /// Opens (or formats) a pool's metadata over its devices.
+    fn open_pool(
+        &self,
+        pool: &PoolTable,
+        length: u64,
+        format: Format,
+    ) -> Result<(thin_pool::Pool, Vec<String>), String> {
+        let features = pool.config.features;
+        let metadata = self.span(&self.windows(&pool.metadata_dev)?, false);
+        let data = self.span(&self.fit(&pool.data_dev, 0, length)?, false);
+        for (name, region) in [(&pool.metadata_dev, &metadata), (&pool.data_dev, &data)] {
+            if region.info().read_only && !features.read_only {
+                return Err(format!(
+                    "{name} is read-only; a pool needs writable devices (or the read_only \
+                     feature)"
+                ));
+            }
+        }
+        self.check_pool_windows(pool)?;
+        let mut metadata = metadata;
+        prepare_metadata(&mut metadata, &pool.metadata_dev, format)?;
+        let mut config = pool.config.clone();
+        config.length = length;
+        let (engine, report) = thin_pool::Pool::open(Box::new(metadata), Box::new(data), config)
+            .map_err(|error| error.0)?;
+        let mut notes = Vec::new();
+        if report.formatted {
+            notes.push(format!(
+                "formatted new pool metadata on {}",
+                pool.metadata_dev
+            ));
+        }
+        if let Some(blocks) = report.grown_from {
+            notes.push(format!("data space grown from {blocks} blocks"));
+        }
+        notes.extend(report.warnings);
+        Ok((engine, notes))
+    }
+
+    /// Refuses a pool whose metadata or data overlaps its own other half or a running
+    /// pool's devices (dm: "metadata device already in use by a pool").
+    fn check_pool_windows(&self, pool: &PoolTable) -> Result<(), String> {
+        let metadata = self.windows(&pool.metadata_dev)?;
+        let data = self.windows(&pool.data_dev)?;
+        if let Some(shared) = overlap(&metadata, &data) {
+            return Err(format!(
+                "metadata device {} and data device {} overlap on disk {}",
+                pool.metadata_dev, pool.data_dev, self.disks[shared].name
+            ));
+        }
+        for device in self.devices() {
+            let (Target::Pool(other), State::Active(_)) = (device.table.target(), &device.state)
+            else {
+                continue;
+            };
+            for name in [&other.metadata_dev, &other.data_dev] {
+                let used = self.windows(name)?;
+                for (mine, windows) in [(&pool.metadata_dev, &metadata), (&pool.data_dev, &data)] {
+                    if overlap(windows, &used).is_some() {
+                        return Err(format!("{mine} is already in use by pool {}", device.name));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Activates a thin device of a running pool, over its external origin if any.
+    pub(crate) fn thin_volume(
+        &self,
+        thin: &ThinTable,
+        sectors: u64,
+    ) -> Result<thin_pool::ThinVolume, String> {
+        let pool_device = self
+            .find(&thin.pool_dev)
+            .ok_or_else(|| format!("no pool called '{}' (see ls)", thin.pool_dev))?;
+        let active = match &pool_device.state {
+            State::Active(active) => active,
+            State::Inactive(why) => {
+                return Err(format!("pool {} is inactive ({why})", pool_device.name));
+            }
+        };
+        let Some(pool) = active.io.pool() else {
+            return Err(format!(
+                "{} is a {} device, not a thin-pool",
+                pool_device.name,
+                pool_device.table.kind()
+            ));
+        };
+        if active.suspended {
+            return Err(format!(
+                "Unable to activate thin device while pool {} is suspended (resume it first)",
+                pool_device.name
+            ));
+        }
+        let origin = match &thin.origin_dev {
+            Some(name) => {
+                let origin = self.span(&self.windows(name)?, true);
+                Some(Box::new(origin) as Box<dyn BlockDevice>)
+            }
+            None => None,
+        };
+        pool.activate(thin.dev_id, sectors, origin)
+            .map_err(|error| error.0)
+    }
+}
+
+/// The disk two sets of windows share sectors of, if any.
+fn overlap(a: &[Window], b: &[Window]) -> Option<usize> {
+    a.iter()
+        .find(|one| b.iter().any(|other| one.overlaps(other)))
+        .map(|window| window.disk)
+}
+
+/// Applies the format policy to a metadata device before the pool opens it: with
+/// `Never`, a blank device is refused; with `Force`, its first block is zeroed so the
+/// engine formats it.
+fn prepare_metadata(metadata: &mut Span, name: &str, format: Format) -> Result<(), String> {
+    const BLOCK_SECTORS: usize = 8;
+    match format {
+        Format::IfBlank => Ok(()),
+        Format::Never => {
+            let block = read_sectors(metadata, 0, BLOCK_SECTORS)
+                .map_err(|error| format!("reading metadata device {name} failed: {error}"))?;
+            if block.iter().all(|&b| b == 0) {
+                return Err(format!(
+                    "metadata device {name} is blank (was the disk replaced?); it is not \
+                     formatted automatically: remove the pool and create it again to start empty"
+                ));
+            }
+            Ok(())
+        }
+        Format::Force => blockdev::run_sync(
+            metadata,
+            Command::Write {
+                sector: 0,
+                buf: blockdev::IoBuf::with_sectors(BLOCK_SECTORS),
+                fua: true,
+            },
+        )
+        .map(drop)
+        .map_err(|error| format!("clearing metadata device {name} failed: {error}")),
+    }
+}

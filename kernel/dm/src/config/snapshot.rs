@@ -1,0 +1,155 @@
+//! The saved configuration's content: the disks the devices are built on and each
+//! device's table line, as text lines (the payload of a configuration area slot).
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt::Write;
+
+/// A disk a configuration refers to, as it was when the configuration was saved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskRecord {
+    pub name: String,
+    /// Usable sectors (after the configuration area, on the configuration disk).
+    pub sectors: u64,
+    /// Empty when the disk reports none.
+    pub serial: String,
+}
+
+/// A device as saved: its name, whether it is read-only, its table line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub name: String,
+    pub read_only: bool,
+    pub table: String,
+}
+
+/// Everything a configuration holds. Encoded as text lines:
+/// `disk NAME SECTORS SERIAL` (serial percent-encoded, `-` when empty) and
+/// `device NAME rw|ro TABLE` (segments separated by `; `), devices in creation order
+/// (each only refers to disks and to devices before it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub disks: Vec<DiskRecord>,
+    pub devices: Vec<DeviceRecord>,
+}
+
+impl Snapshot {
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        for disk in &self.disks {
+            let _ = writeln!(
+                text,
+                "disk {} {} {}",
+                disk.name,
+                disk.sectors,
+                encode_serial(&disk.serial)
+            );
+        }
+        for device in &self.devices {
+            let mode = if device.read_only { "ro" } else { "rw" };
+            let _ = writeln!(text, "device {} {mode} {}", device.name, device.table);
+        }
+        text
+    }
+
+    pub fn decode(text: &str) -> Result<Self, String> {
+        let mut snapshot = Snapshot::default();
+        for (number, line) in text.lines().enumerate() {
+            let bad = || format!("line {} is malformed: {line}", number + 1);
+            let mut words = line.splitn(4, ' ');
+            match (words.next(), words.next(), words.next(), words.next()) {
+                (Some("disk"), Some(name), Some(sectors), Some(serial)) => {
+                    snapshot.disks.push(DiskRecord {
+                        name: name.to_string(),
+                        sectors: sectors.parse().map_err(|_| bad())?,
+                        serial: decode_serial(serial).ok_or_else(bad)?,
+                    })
+                }
+                (Some("device"), Some(name), Some(mode @ ("rw" | "ro")), Some(table)) => {
+                    snapshot.devices.push(DeviceRecord {
+                        name: name.to_string(),
+                        read_only: mode == "ro",
+                        table: table.to_string(),
+                    })
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(snapshot)
+    }
+}
+
+fn encode_serial(serial: &str) -> String {
+    if serial.is_empty() {
+        return "-".to_string();
+    }
+    let mut out = String::new();
+    for byte in serial.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'+' | b':') {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+fn decode_serial(text: &str) -> Option<String> {
+    if text == "-" {
+        return Some(String::new());
+    }
+    let mut bytes = Vec::new();
+    let mut rest = text.as_bytes();
+    while let Some((&first, tail)) = rest.split_first() {
+        if first == b'%' {
+            let hex = core::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(first);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            disks: alloc::vec![
+                DiskRecord {
+                    name: "vda".into(),
+                    sectors: 131072,
+                    serial: "QM 0001/x".into(),
+                },
+                DiskRecord {
+                    name: "vdb".into(),
+                    sectors: 4096,
+                    serial: String::new(),
+                },
+            ],
+            devices: alloc::vec![DeviceRecord {
+                name: "base".into(),
+                read_only: true,
+                table: "0 4096 linear vdb 0".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn snapshot_text_round_trips() {
+        let text = sample().encode();
+        assert_eq!(
+            text,
+            "disk vda 131072 QM%200001%2Fx\ndisk vdb 4096 -\ndevice base ro 0 4096 linear vdb 0\n"
+        );
+        assert_eq!(Snapshot::decode(&text).unwrap(), sample());
+        assert!(Snapshot::decode("disk vda x -\n").is_err());
+        assert!(Snapshot::decode("device a maybe 0 1 linear vda 0\n").is_err());
+        assert!(Snapshot::decode("disk vda 1 %4").is_err());
+    }
+}

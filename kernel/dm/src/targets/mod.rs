@@ -1,0 +1,101 @@
+//! The targets of a running device: a data device (`linear`, `thin`) that serves I/O,
+//! or a pool (`thin-pool`) that thin devices are activated from.
+
+mod linear;
+mod thin;
+
+use nbd::{BackendError, IoCompletion, IoOp};
+use thin_pool::Pool;
+
+pub(crate) use linear::LinearIo;
+pub(crate) use thin::ThinIo;
+
+pub(crate) enum TargetIo {
+    Linear(LinearIo),
+    Thin(ThinIo),
+    Pool(Pool),
+}
+
+impl TargetIo {
+    /// Size in sectors, for devices that carry data.
+    pub(crate) fn data_sectors(&self) -> Option<u64> {
+        match self {
+            TargetIo::Linear(io) => Some(io.sectors()),
+            TargetIo::Thin(io) => Some(io.sectors()),
+            TargetIo::Pool(_) => None,
+        }
+    }
+
+    pub(crate) fn read_only(&self) -> bool {
+        match self {
+            TargetIo::Linear(io) => io.read_only(),
+            TargetIo::Thin(io) => io.read_only(),
+            TargetIo::Pool(pool) => pool.config().features.read_only,
+        }
+    }
+
+    pub(crate) fn discard(&self) -> bool {
+        match self {
+            TargetIo::Linear(io) => io.discard(),
+            TargetIo::Thin(io) => io.discard(),
+            TargetIo::Pool(_) => false,
+        }
+    }
+
+    pub(crate) fn congested(&self) -> bool {
+        match self {
+            TargetIo::Linear(io) => io.congested(),
+            TargetIo::Thin(io) => io.congested(),
+            TargetIo::Pool(_) => false,
+        }
+    }
+
+    /// The pool, for pool devices.
+    pub(crate) fn pool(&self) -> Option<&Pool> {
+        match self {
+            TargetIo::Pool(pool) => Some(pool),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn submit(&mut self, tag: u64, op: IoOp, refused: &mut impl FnMut(IoCompletion)) {
+        match self {
+            TargetIo::Linear(io) => io.submit(tag, op),
+            TargetIo::Thin(io) => io.submit(tag, op),
+            TargetIo::Pool(_) => refused(IoCompletion {
+                tag,
+                result: Err(BackendError::Invalid),
+            }),
+        }
+    }
+
+    pub(crate) fn poll(&mut self) -> Option<IoCompletion> {
+        match self {
+            TargetIo::Linear(io) => io.poll(),
+            TargetIo::Thin(io) => io.poll(),
+            TargetIo::Pool(pool) => {
+                pool.poll();
+                None
+            }
+        }
+    }
+
+    /// Finishes the I/O in flight (completions stay queued for [`TargetIo::poll`]).
+    pub(crate) fn drain(&mut self) {
+        match self {
+            TargetIo::Linear(io) => io.drain(),
+            TargetIo::Thin(io) => io.drain(),
+            TargetIo::Pool(pool) => while pool.poll() {},
+        }
+    }
+
+    /// Makes what was written durable: data flushed (pools and thin devices also
+    /// commit their metadata).
+    pub(crate) fn flush(&mut self) -> Result<(), alloc::string::String> {
+        match self {
+            TargetIo::Linear(io) => io.flush().map_err(|error| alloc::format!("{error}")),
+            TargetIo::Thin(io) => io.flush().map_err(|error| alloc::format!("{error}")),
+            TargetIo::Pool(pool) => pool.commit().map_err(|error| error.text),
+        }
+    }
+}
