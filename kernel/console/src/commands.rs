@@ -57,8 +57,13 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "snapshot a thin device into a new active device",
     ),
     (
-        "thin delete NAME",
-        "remove a thin device and delete it from its pool",
+        "thin delete NAME [--background]",
+        "remove a thin device and delete it from its pool; follows the release of its \
+         blocks (Ctrl-C detaches) unless --background",
+    ),
+    (
+        "jobs [cancel ID]",
+        "list the pools' background work (deletes releasing blocks)",
     ),
     (
         "thin ls POOL",
@@ -96,6 +101,19 @@ pub(crate) const HELP: &[(&str, &str)] = &[
 const DEFAULT_TEST_MIB: u64 = 16;
 
 impl<P: Platform> Console<P> {
+    /// `jobs` lists what the pools do in the background; `jobs cancel ID`.
+    fn jobs(&mut self, args: &[String], out: &mut dyn Write) -> Result<(), CommandError> {
+        let dm = self.dm.borrow();
+        match args {
+            [] => {
+                crate::background::list(&dm, self.platform.now_ns(), out);
+                Ok(())
+            }
+            [verb, id] if verb == "cancel" => crate::background::cancel(&dm, id),
+            _ => Err("usage: jobs | jobs cancel ID".into()),
+        }
+    }
+
     pub(crate) fn run_words(
         &mut self,
         words: &[String],
@@ -118,6 +136,7 @@ impl<P: Platform> Console<P> {
             "net" => self.net(args, out),
             "shutdown" => self.shutdown(args, out),
             "debug" => self.debug(args),
+            "jobs" => self.jobs(args, out),
             other => self.run_dm(other, args, out),
         }
     }

@@ -22,6 +22,7 @@
 
 extern crate alloc;
 
+mod background;
 mod commands;
 mod disk_test;
 mod dm_commands;

@@ -3,13 +3,16 @@
 //! pool messages an operator could type, so the configuration and `table` show
 //! nothing new.
 
+use alloc::boxed::Box;
 use alloc::format;
+use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 
 use dm::{DeviceMapper, Format, Target, bare_name, human_bytes};
 
+use crate::background::DeleteWatch;
 use crate::{CommandError, Console, Platform, outln};
 
 /// Sectors per data block unless `--block-size` says otherwise (64 KiB, dm's minimum).
@@ -85,7 +88,7 @@ impl<P: Platform> Console<P> {
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
         const USAGE: &str = "usage: thin create NAME POOL [--size SIZE] [--origin DEVICE] | thin \
-                             delete NAME | thin ls POOL";
+                             delete NAME [--background] | thin ls POOL";
         let Some((verb, rest)) = args.split_first() else {
             return Err(USAGE.into());
         };
@@ -118,10 +121,31 @@ impl<P: Platform> Console<P> {
                 Ok(())
             }
             "delete" => {
-                let [name] = rest else {
+                let options = Options::parse(rest, &[], &["--background"], USAGE)?;
+                let [name] = options.positional.as_slice() else {
                     return Err(USAGE.into());
                 };
-                Ok(self.dm.borrow_mut().thin_delete(bare_name(name))?)
+                let name = bare_name(name);
+                let (pool, dev) = self.dm.borrow_mut().thin_delete(name)?;
+                let in_background = self
+                    .dm
+                    .borrow()
+                    .background_deletes()
+                    .iter()
+                    .any(|(p, progress)| *p == pool && progress.dev == dev);
+                if !in_background {
+                    return Ok(());
+                }
+                if options.flag("--background") {
+                    outln!(
+                        out,
+                        "{name}: deleted; {pool} releases its blocks in the background (see jobs)"
+                    );
+                } else {
+                    let watch = DeleteWatch::new(Rc::clone(&self.dm), name, &pool, dev);
+                    self.job = Some(Box::new(watch));
+                }
+                Ok(())
             }
             "ls" => {
                 let [pool] = rest else {

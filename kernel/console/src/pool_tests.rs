@@ -542,3 +542,71 @@ fn thin_exports_wait_while_suspended_and_fail_once_removed() {
     backend.close(t);
     ok(&mut console, "message pool 0 delete 0");
 }
+
+/// A thin device with more blocks of its own than a delete releases in one step:
+/// `thin delete` follows the release with progress lines until it is done, and with
+/// `--background` returns at once while `jobs` shows the work.
+#[test]
+fn thin_delete_of_a_large_device_follows_the_release_of_its_blocks() {
+    let disks = alloc::vec![
+        ("vda", mem_disk(16, "disk", "meta")),
+        ("vdb", mem_disk(544, "disk", "data")),
+    ];
+    let (mut console, _) = boot(&disks);
+    // No discards, so disk-test leaves what it wrote mapped.
+    ok(
+        &mut console,
+        "create pool --table \"0 1114112 thin-pool vda vdb 128 0 1 ignore_discard\"",
+    );
+    ok(&mut console, "thin create big pool --size 264M");
+    ok(&mut console, "thin create other pool --size 264M");
+    // 264 MiB of 64 KiB blocks: 4224 mappings each.
+    ok(&mut console, "disk-test big 264");
+    ok(&mut console, "disk-test other 264");
+    assert_eq!(ok(&mut console, "jobs"), "no background jobs\r\n");
+
+    let out = ok(&mut console, "thin delete big");
+    let printed = lines(&out);
+    assert!(
+        printed[0].starts_with("big: releasing blocks: ")
+            && printed[0].contains(" of 4224 mappings), "),
+        "{printed:?}"
+    );
+    assert!(printed.contains(&"event: pool: thin device 0 deleted: all its blocks are released"));
+    assert_eq!(
+        printed.last().copied(),
+        Some("big: thin device 0 deleted, all its blocks released")
+    );
+    assert!(error(&mut console, "thin delete big").contains("big"));
+
+    let out = ok(&mut console, "thin delete other --background");
+    assert!(
+        out.starts_with("other: deleted; pool releases its blocks in the background (see jobs)"),
+        "{out}"
+    );
+    let jobs = ok(&mut console, "jobs");
+    assert!(
+        jobs.starts_with("pool/1  delete of thin device 1: releasing its blocks, "),
+        "{jobs}"
+    );
+    // (Events of the delete finishing may follow the answer.)
+    let refused = crate::tests::run(&mut console, "jobs cancel pool/1");
+    assert!(
+        refused.starts_with("error: pool/1 cannot be cancelled"),
+        "{refused}"
+    );
+    assert_eq!(
+        error(&mut console, "jobs cancel pool/9"),
+        "error: no background job pool/9 (jobs lists them)"
+    );
+    let mut rounds = 0;
+    while !ok(&mut console, "jobs").contains("no background jobs") {
+        rounds += 1;
+        assert!(rounds < 10, "the delete never finished");
+    }
+    let status = pool_status(&mut console, "pool");
+    assert!(
+        status[2].starts_with("0/"),
+        "data blocks in use: {status:?}"
+    );
+}

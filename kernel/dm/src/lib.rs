@@ -41,6 +41,7 @@ pub use disk::{Disk, DiskEntry};
 pub use mapper::DeviceMapper;
 pub use nbd_backend::NbdBackend;
 pub use table::{Segment, Table, Target, bare_name};
+pub use thin_pool::DeleteProgress;
 pub use units::human_bytes;
 
 use alloc::string::String;

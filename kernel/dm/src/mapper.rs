@@ -12,6 +12,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use blockdev::{BlockDevice, Command};
+use thin_pool::DeleteProgress;
 
 use crate::Error;
 use crate::activate::Format;
@@ -195,8 +196,10 @@ impl DeviceMapper {
     }
 
     /// `thin delete NAME`: removes the thin device and deletes it from its pool. If the
-    /// pool refuses the delete, the device is activated again as it was.
-    pub fn thin_delete(&mut self, name: &str) -> Result<(), Error> {
+    /// pool refuses the delete, the device is activated again as it was. Returns the
+    /// pool's name and the id, whose blocks the pool may go on releasing in the
+    /// background (see [`DeviceMapper::background_deletes`]).
+    pub fn thin_delete(&mut self, name: &str) -> Result<(String, u64), Error> {
         let device = self.device(name)?;
         let Target::Thin(thin) = device.table.target() else {
             return Err(format!(
@@ -217,7 +220,22 @@ impl DeviceMapper {
                 })?;
             return Err(error);
         }
-        Ok(())
+        Ok((pool, dev))
+    }
+
+    /// Deletes whose blocks pools are still releasing, with each pool's name.
+    pub fn background_deletes(&self) -> Vec<(String, DeleteProgress)> {
+        let mut deletes = Vec::new();
+        for device in self.devices() {
+            if let State::Active(active) = &device.state
+                && let Some(pool) = active.io.pool()
+            {
+                for progress in pool.deletes() {
+                    deletes.push((device.name.clone(), progress));
+                }
+            }
+        }
+        deletes
     }
 
     /// `suspend NAME`: finishes the device's I/O in flight, flushes, and holds new

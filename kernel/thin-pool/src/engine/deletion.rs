@@ -22,6 +22,8 @@ pub struct DeleteProgress {
     /// Mappings it had when this run of the pool started releasing them.
     pub total: u64,
     pub released: u64,
+    /// When this run of the pool started releasing them (the pool's clock).
+    pub started_ns: u64,
 }
 
 impl Core {
@@ -43,6 +45,7 @@ impl Core {
             dev: pending.dev,
             total: pending.remaining,
             released: 0,
+            started_ns: self.now_ns,
         };
         self.deletes.push_back((pending.id, progress));
     }
@@ -135,6 +138,12 @@ impl Core {
             return;
         }
         self.requests_at_last_step = self.requests_accepted;
+        if let Some((_, first)) = self.deletes.front_mut()
+            && first.released == 0
+        {
+            // Rates count from the first step (a delete resumed at open waited).
+            first.started_ns = start;
+        }
         if self.delete_step() {
             let end = clock();
             self.next_delete_step_ns = end + end.saturating_sub(start) * BUSY_PAUSE_FACTOR;
