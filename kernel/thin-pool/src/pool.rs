@@ -342,7 +342,7 @@ impl Pool {
     /// Timer work at the time `clock` gives (monotonic nanoseconds): the periodic
     /// commit, the no-space timeout, the held-metadata-snapshot warning, a step of a
     /// background delete (timed with `clock`, so that while requests are in flight
-    /// deleting takes at most a third of the time); then runs whatever I/O is ready.
+    /// deleting takes at most a quarter of the time); then runs whatever I/O is ready.
     pub fn service(&self, clock: &dyn Fn() -> u64) {
         self.core.borrow_mut().service(clock);
     }

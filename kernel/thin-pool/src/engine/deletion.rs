@@ -10,9 +10,9 @@ use super::*;
 /// Mappings a delete releases per step (and a device may have to be deleted in one
 /// go): about a millisecond of CPU on a desktop core.
 const DELETE_STEP_MAPPINGS: u64 = 4096;
-/// While requests come in, a step is followed by twice its own time without steps,
-/// so deleting takes at most a third of the time from I/O.
-const BUSY_PAUSE_FACTOR: u64 = 2;
+/// While requests come in, a step is followed by three times its own time without
+/// steps, so deleting takes at most a quarter of the time from I/O.
+const BUSY_PAUSE_FACTOR: u64 = 3;
 
 /// How far a background delete has come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

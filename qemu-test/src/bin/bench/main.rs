@@ -11,7 +11,8 @@
 //! nbd engine cannot send FUA). The numbers and their ratios are printed; nothing is
 //! asserted.
 //!
-//! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`
+//! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`; with `--delete`,
+//! reads while a large device is deleted instead ([`delete`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -44,15 +45,23 @@ struct Figures {
     fua_randwrite_iops: f64,
 }
 
+mod delete;
+
 fn main() {
-    if let Err(why) = bench() {
+    let result = parse_args().and_then(|(seconds, delete)| {
+        if delete {
+            delete::bench(seconds)
+        } else {
+            bench(seconds)
+        }
+    });
+    if let Err(why) = result {
         eprintln!("bench: {why}");
         std::process::exit(1);
     }
 }
 
-fn bench() -> Result<()> {
-    let seconds = parse_seconds()?;
+fn bench(seconds: u32) -> Result<()> {
     host_tools::require(&[
         Tool::Qemu,
         Tool::QemuImg,
@@ -173,17 +182,21 @@ fn thin_pool_commands() -> [String; 3] {
     ]
 }
 
-fn parse_seconds() -> Result<u32> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.as_slice() {
+/// `[--delete] [--seconds N]`: which benchmark, and fio's run time per workload.
+fn parse_args() -> Result<(u32, bool)> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let delete = args.iter().any(|arg| arg == "--delete");
+    args.retain(|arg| arg != "--delete");
+    let seconds = match args.as_slice() {
         [] => Ok(10),
         [flag, value] if flag == "--seconds" => value
             .parse()
             .ok()
             .filter(|&seconds| seconds > 0)
             .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
-        _ => Err("usage: bench [--seconds N] (fio run time per random workload)".into()),
-    }
+        _ => Err("usage: bench [--delete] [--seconds N] (fio run time per random workload)".into()),
+    }?;
+    Ok((seconds, delete))
 }
 
 /// Writes `bytes` of pseudo-random data (incompressible, no holes).
