@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../tests/support/feed.rs"]
+#[path = "../../kernel/nbd/tests/support/feed.rs"]
 mod feed;
 
 use feed::{Start, feed_and_check};
