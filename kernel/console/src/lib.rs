@@ -264,6 +264,8 @@ impl<P: Platform> Console<P> {
 }
 
 #[cfg(test)]
+mod delete_tests;
+#[cfg(test)]
 mod dm_tests;
 #[cfg(test)]
 mod pool_tests;
