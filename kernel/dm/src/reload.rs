@@ -123,7 +123,12 @@ impl DeviceMapper {
         match table.target() {
             Target::Linear { .. } => self.linear_windows(table, false).map(drop),
             Target::Thin(thin) => match live.table.target() {
-                Target::Thin(now) if now == thin => Ok(()),
+                Target::Thin(now)
+                    if (&now.pool_dev, now.dev_id, &now.origin_dev)
+                        == (&thin.pool_dev, thin.dev_id, &thin.origin_dev) =>
+                {
+                    Ok(())
+                }
                 Target::Thin(now) => Err(format!(
                     "a thin device's reload may change only its length (keep pool {}, device \
                      id {}{})",
