@@ -140,16 +140,21 @@ fn a_grown_metadata_device_adds_free_space() {
     assert_thin_check(&path, &[]);
 }
 
+/// Maps each of `blocks` of thin device 1 to a newly allocated data block.
+fn map_blocks(md: &mut persistent_data::ThinMetadata, blocks: std::ops::Range<u64>) {
+    for v in blocks {
+        let b = md.alloc_data_block().unwrap();
+        md.insert(1, v, b).unwrap();
+    }
+}
+
 #[test]
 fn live_metadata_moves_onto_a_grown_device() {
     let disk = MemDisk::new(1 << 11);
     let mut md = open(&disk, 128);
     md.resize_data(100_000).unwrap();
     md.create_thin(1).unwrap();
-    for v in 0..10_000 {
-        let b = md.alloc_data_block().unwrap();
-        md.insert(1, v, b).unwrap();
-    }
+    map_blocks(&mut md, 0..10_000);
     md.commit().unwrap();
     assert_eq!(md.metadata_nr_blocks(), 256);
     // A smaller device is refused and the metadata stays where it was.
@@ -169,10 +174,7 @@ fn live_metadata_moves_onto_a_grown_device() {
     grown.write_at(0, &image);
     let (blocks, warning) = md.grow_onto(Box::new(grown.handle())).unwrap();
     assert_eq!((blocks, warning), (10_240, None));
-    for v in 10_000..60_000 {
-        let b = md.alloc_data_block().unwrap();
-        md.insert(1, v, b).unwrap();
-    }
+    map_blocks(&mut md, 10_000..60_000);
     md.commit().unwrap();
     let report = persistent_data::check::check(&mut md).unwrap();
     assert!(report.is_clean(), "{:#?}", report.problems);

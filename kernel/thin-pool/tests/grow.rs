@@ -17,6 +17,22 @@ fn grown(disk: &CrashDisk, sectors: u64) -> CrashDisk {
     bigger
 }
 
+/// Reopens the pool on the rig's devices, checks that thin device `dev` reads
+/// `pattern(block)` at each of `blocks`, closes it and runs `thin_check`.
+fn reopen_and_check(rig: &mut Rig, dev: u64, blocks: impl Iterator<Item = u64>) {
+    let pool = rig.open();
+    let mut vol = pool.activate(dev, 1024 * BS, None).unwrap();
+    for block in blocks {
+        assert_eq!(read(&mut vol, block * BS, 1), pattern(block, 512));
+    }
+    drop(vol);
+    pool.close().map_err(|(_, e)| e).unwrap();
+    require_tools();
+    let scratch = Scratch::new("grown");
+    save(&rig.meta, &scratch.path("meta"));
+    thin_check(&scratch.path("meta"));
+}
+
 #[test]
 fn a_live_pool_grows_onto_a_larger_data_device_and_waiting_writes_proceed() {
     let mut rig = Rig::new(8, 4096);
@@ -75,17 +91,7 @@ fn a_live_pool_grows_onto_a_larger_data_device_and_waiting_writes_proceed() {
     pool.close().map_err(|(_, e)| e).unwrap();
     rig.data = bigger;
     rig.config.length = 16 * BS;
-    let pool = rig.open();
-    let mut vol = pool.activate(0, 64 * BS, None).unwrap();
-    for block in (0..8).chain([20]).chain(30..36) {
-        assert_eq!(read(&mut vol, block * BS, 1), pattern(block, 512));
-    }
-    drop(vol);
-    pool.close().map_err(|(_, e)| e).unwrap();
-    require_tools();
-    let scratch = Scratch::new("grow-data");
-    save(&rig.meta, &scratch.path("meta"));
-    thin_check(&scratch.path("meta"));
+    reopen_and_check(&mut rig, 0, (0..8).chain([20]).chain(30..36));
 }
 
 #[test]
@@ -126,14 +132,6 @@ fn a_live_pool_grows_its_metadata_onto_a_larger_device() {
     rig.meta = bigger;
     let pool = rig.open();
     assert_eq!(pool.status().metadata_total, 1024);
-    let mut vol = pool.activate(1, 1024 * BS, None).unwrap();
-    for block in [0, 299, 300, 899] {
-        assert_eq!(read(&mut vol, block * BS, 1), pattern(block, 512));
-    }
-    drop(vol);
     pool.close().map_err(|(_, e)| e).unwrap();
-    require_tools();
-    let scratch = Scratch::new("grow-metadata");
-    save(&rig.meta, &scratch.path("meta"));
-    thin_check(&scratch.path("meta"));
+    reopen_and_check(&mut rig, 1, [0, 299, 300, 899].into_iter());
 }
