@@ -212,7 +212,20 @@ impl DeviceMapper {
                 }
                 Ok(Swap::Linear(self.span(&windows, device.read_only)))
             }
-            (Target::Thin(thin), _) => Ok(Swap::Thin(self.thin_volume(thin, table.length())?)),
+            (Target::Thin(thin), _) => {
+                // Suspending waits for the device's writes, and writes waiting for pool
+                // space finish only once the pool has grown.
+                if self.pool(&thin.pool_dev).map_err(String::from)?.mode()
+                    == thin_pool::PoolMode::OutOfDataSpace
+                {
+                    return Err(format!(
+                        "pool {} is out of data space and writes may be waiting for it; grow \
+                         the pool first (pool extend)",
+                        thin.pool_dev
+                    ));
+                }
+                Ok(Swap::Thin(self.thin_volume(thin, table.length())?))
+            }
             (Target::Pool(new), Target::Pool(now)) => {
                 let same = |mut config: thin_pool::PoolConfig| {
                     config.length = now.config.length;

@@ -120,6 +120,12 @@ fn writes_waiting_for_space_complete_when_the_data_device_gets_a_second_disk() {
         dm.status_lines(dm.device("pool").unwrap())
     );
 
+    assert_eq!(
+        dm.thin_resize("thin", 131072).unwrap_err().0,
+        "resume thin: pool pool is out of data space and writes may be waiting for it; grow \
+         the pool first (pool extend); the live table stays"
+    );
+    assert!(dm.device("thin").unwrap().inactive_table().is_none());
     let lines = dm.pool_extend("pool", PoolPart::Data, "vdc").unwrap();
     assert_eq!(
         lines,
@@ -185,6 +191,10 @@ fn writes_waiting_for_space_complete_when_the_data_device_gets_a_second_disk() {
         "0 6144 thin-pool vda pool_tdata 128 2 0"
     );
     dm.clear("pool").unwrap();
+    assert_eq!(
+        dm.thin_resize("thin", 131072).unwrap(),
+        ["thin: 0 131072 thin pool 0"]
+    );
     assert_eq!(
         dm.pool_extend("pool", PoolPart::Data, "vdc").unwrap_err().0,
         "pool extend: vdc is in use by pool_tdata; give a disk or linear device nothing uses"
