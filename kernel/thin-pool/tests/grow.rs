@@ -5,7 +5,7 @@ mod common;
 
 use blockdev::{BlockDevice, CrashDisk};
 use common::*;
-use thin_pool::{PoolMode, ThinOutput};
+use thin_pool::{PoolEvent, PoolMode, ThinOutput};
 
 /// A copy of `disk`'s sectors at the start of a larger disk of `sectors` sectors
 /// (what a reloaded table's device holds: the old sectors first, then new ones).
@@ -134,4 +134,38 @@ fn a_live_pool_grows_its_metadata_onto_a_larger_device() {
     assert_eq!(pool.status().metadata_total, 1024);
     pool.close().map_err(|(_, e)| e).unwrap();
     reopen_and_check(&mut rig, 1, [0, 299, 300, 899].into_iter());
+}
+
+#[test]
+fn a_live_pool_out_of_metadata_space_writes_again_once_its_metadata_grows() {
+    let (mut rig, pool, mut vol, expected) = metadata_exhausted();
+    assert_eq!(pool.mode(), PoolMode::OutOfMetadataSpace);
+    assert!(write(&mut vol, 700 * BS, &[1; 512]).is_err());
+    let bigger = grown(&rig.meta, 1024 * 8);
+    let (blocks, warning) = pool
+        .grow_metadata_onto(Box::new(device(&bigger, 3, false)))
+        .unwrap();
+    assert_eq!((blocks, warning), (1024, None));
+    assert_eq!(pool.mode(), PoolMode::Write);
+    assert!(
+        std::iter::from_fn(|| pool.next_event()).any(|event| matches!(
+            event,
+            PoolEvent::ModeChanged {
+                mode: PoolMode::Write,
+                ..
+            }
+        ))
+    );
+    pool.message("create_snap 500 1").unwrap();
+    write(&mut vol, 700 * BS, &pattern(700, 512)).unwrap();
+    for (block, value) in expected.iter().enumerate() {
+        assert_eq!(
+            read(&mut vol, block as u64 * BS, 1),
+            value.to_le_bytes().repeat(128)
+        );
+    }
+    drop(vol);
+    pool.close().map_err(|(_, e)| e).unwrap();
+    rig.meta = bigger;
+    reopen_and_check(&mut rig, 1, [700].into_iter());
 }
