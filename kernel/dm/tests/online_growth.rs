@@ -276,3 +276,35 @@ fn the_metadata_grows_onto_a_second_disk_while_the_pool_runs() {
     // thin_check reads the metadata device as dm has it: vda, then vdd.
     close_and_check(dm, &["thin"], &[(&meta, 2048), (&more, 6144)]);
 }
+
+#[test]
+fn metadata_grows_up_to_the_format_limit_with_dms_warning_beyond_16_gib() {
+    let (meta, data) = (MemDisk::new(2048), MemDisk::new(64 * BLOCK));
+    let huge = MemDisk::new(17 << 21);
+    let mut dm = mapper(&[("vda", &meta), ("vdb", &data), ("vdc", &huge)]);
+    dm.create(
+        "pool",
+        false,
+        "0 8192 thin-pool vda vdb 128 0 0",
+        Format::IfBlank,
+    )
+    .unwrap();
+    dm.message("pool", "create_thin 0").unwrap();
+    let lines = dm.pool_extend("pool", PoolPart::Metadata, "vdc").unwrap();
+    assert_eq!(
+        lines,
+        [
+            "pool_tmeta: created over vda so that the pool's metadata device can have a \
+             second segment",
+            "pool_tmeta: 0 2048 linear vda 0",
+            "pool_tmeta: 2048 35651584 linear vdc 0",
+            "pool: 0 8192 thin-pool pool_tmeta vdb 128 0 0",
+            "pool: metadata grown from 256 to 4161600 blocks",
+            "pool: metadata device is 35653632 sectors, larger than 33292800 sectors: excess \
+             space will not be used",
+        ]
+    );
+    let status = &dm.status_lines(dm.device("pool").unwrap())[0];
+    assert!(status.contains("/4161600 0/64 "), "{status}");
+    dm.message("pool", "create_thin 1").unwrap();
+}
