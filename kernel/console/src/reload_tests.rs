@@ -231,7 +231,26 @@ fn refused_reloads_and_resumes_change_nothing() {
             "Tables present:    LIVE"
         );
     }
-    // Refused at resume: the live table stays serving, the inactive one stays loaded.
+    // Refused at resume: the live table stays serving (I/O held by an earlier suspend
+    // runs), the inactive one stays loaded.
+    let mut backend = nbd_backend(&console);
+    let (handle, _) = backend.open("base").unwrap();
+    ok(&mut console, "suspend base");
+    let mut buf = IoBuf::with_sectors(8);
+    buf.fill(0x5e);
+    let op = IoOp::Write {
+        sector: 4000,
+        buf,
+        fua: false,
+    };
+    backend
+        .submit(nbd::IoRequest {
+            tag: 77,
+            export: handle,
+            op,
+        })
+        .unwrap();
+    assert!((0..100).all(|_| backend.poll().is_none()), "held");
     ok(&mut console, "reload base --table \"0 2048 linear vdc 0\"");
     assert_eq!(
         error(&mut console, "resume base"),
@@ -242,6 +261,11 @@ fn refused_reloads_and_resumes_change_nothing() {
         tables_present(&mut console, "base"),
         "Tables present:    LIVE & INACTIVE"
     );
+    let done = (0..100).find_map(|_| backend.poll()).expect("released");
+    assert_eq!(done.tag, 77);
+    assert!(done.result.is_ok());
+    assert_eq!(read(&mut backend, handle, 4000), [0x5e; 4096]);
+    assert_eq!(lines(&run(&mut console, "ls"))[0], "base   (linear)");
     ok(&mut console, "clear base");
     ok(
         &mut console,
@@ -449,14 +473,23 @@ fn pool_extend_adds_segments_that_survive_reboots() {
              extend POOL --data DEVICE | pool extend POOL --metadata DEVICE)",
         ),
         (
+            "pool extend pool --data spare",
+            "error: pool extend: spare has NBD clients connected; the pool would overwrite their \
+             data (disconnect them and remove spare, or give another device)",
+        ),
+        (
             "pool extend pool --data pool",
             "error: pool extend: pool is a thin-pool device; only disks and linear devices can \
              be used here; the new segment must be a disk or linear device",
         ),
     ];
+    ok(&mut console, "create spare --table \"0 2048 linear vde 0\"");
+    let (spare, _) = backend.open("spare").unwrap();
     for (line, expected) in cases {
         assert_eq!(error(&mut console, line), expected, "{line}");
     }
+    backend.close(spare);
+    ok(&mut console, "remove spare");
     backend.close(handle);
     ok(&mut console, "shutdown");
     let config = run(&mut console, "config show");

@@ -90,6 +90,16 @@ impl DeviceMapper {
         let sectors = self.size_of(added).map_err(|Error(why)| {
             format!("pool extend: {why}; the new segment must be a disk or linear device")
         })?;
+        if let Some(device) = self.find(added)
+            && let crate::State::Active(active) = &device.state
+            && active.clients > 0
+        {
+            return Err(format!(
+                "pool extend: {added} has NBD clients connected; the pool would overwrite their \
+                 data (disconnect them and remove {added}, or give another device)"
+            )
+            .into());
+        }
         let users = self.users_of(added);
         if !users.is_empty() || added == pool {
             return Err(format!(

@@ -57,16 +57,17 @@ impl DeviceMapper {
     }
 
     /// `resume NAME`: swaps in the inactive table if there is one, then releases the
-    /// I/O held while suspended. Returns what the operator should know (how a pool
-    /// grew).
+    /// I/O held while suspended — also when the swap was refused, so the live table
+    /// goes on serving (the inactive one stays loaded). Returns what the operator
+    /// should know (how a pool grew).
     pub fn resume(&mut self, name: &str) -> Result<Vec<String>, Error> {
         let id = self.device_id(name).ok_or_else(|| unknown_device(name))?;
-        let mut notes = Vec::new();
-        if self.devices[&id].inactive.is_some() {
-            notes = self.swap(id)?;
-        }
+        let swapped = match self.devices[&id].inactive {
+            Some(_) => self.swap(id),
+            None => Ok(Vec::new()),
+        };
         self.release_held(id)?;
-        Ok(notes)
+        swapped
     }
 
     /// `rename OLD NEW`: the device and every table that refers to it take the new
@@ -176,8 +177,11 @@ impl DeviceMapper {
             device.inactive = Some(core::mem::replace(&mut device.table, old));
             return Err(error);
         }
-        self.suspend(&name)?;
-        match self.put_in_place(id, swap) {
+        let swapped = self
+            .suspend(&name)
+            .map_err(String::from)
+            .and_then(|()| self.put_in_place(id, swap));
+        match swapped {
             Ok(notes) => Ok(notes),
             Err(why) => {
                 let device = self.devices.get_mut(&id).expect("found above");
