@@ -287,6 +287,18 @@ fn refused_reloads_and_resumes_change_nothing() {
          its block size, low water mark and features); the live table stays"
     );
     ok(&mut console, "clear pool");
+    ok(&mut console, "create short --table \"0 1024 linear vda 0\"");
+    ok(
+        &mut console,
+        "reload pool --table \"0 16384 thin-pool short vdb 128 0 0\"",
+    );
+    assert_eq!(
+        error(&mut console, "resume pool"),
+        "error: resume pool: metadata device (128 blocks) too small: expected 4096; the live \
+         table stays"
+    );
+    ok(&mut console, "clear pool");
+    ok(&mut console, "remove short");
     ok(
         &mut console,
         "reload pool --table \"0 16384 thin-pool vdc vdb 128 0 0\"",

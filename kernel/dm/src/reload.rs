@@ -255,6 +255,13 @@ impl DeviceMapper {
                     .as_ref()
                     .expect("a running pool's windows");
                 let windows = self.pool_windows(new, table.length(), Some(&device.name))?;
+                let metadata_blocks = engine.status().metadata_total;
+                let offered = sectors(&windows.metadata) / 8;
+                if offered < metadata_blocks {
+                    return Err(format!(
+                        "metadata device ({offered} blocks) too small: expected {metadata_blocks}"
+                    ));
+                }
                 if !begins_with(&windows.metadata, &current.metadata) {
                     return Err(format!(
                         "the new metadata device {} must begin with the blocks the metadata is \
