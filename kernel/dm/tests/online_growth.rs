@@ -120,6 +120,12 @@ fn writes_waiting_for_space_complete_when_the_data_device_gets_a_second_disk() {
         dm.status_lines(dm.device("pool").unwrap())
     );
 
+    let events = dm.tick(&|| 0);
+    assert_eq!(
+        events[0],
+        "pool: data low water mark reached: 2 data blocks free (mark 2); grow the pool or \
+         discard unused space"
+    );
     assert_eq!(
         dm.thin_resize("thin", 131072).unwrap_err().0,
         "resume thin: pool pool is out of data space and writes may be waiting for it; grow \
@@ -172,6 +178,23 @@ fn writes_waiting_for_space_complete_when_the_data_device_gets_a_second_disk() {
     while written < 20 {
         written += completions(&mut dm, 100).len();
     }
+    // 39 of 48 blocks used: the low water mark is armed again and fires at 46.
+    assert!(
+        !dm.tick(&|| 0)
+            .iter()
+            .any(|event| event.contains("low water"))
+    );
+    for block in 120..127 {
+        submit_write(&mut dm, export, 200 + block, block * BLOCK, 0x5b);
+        assert!(completions(&mut dm, 1000)[0].result.is_ok());
+    }
+    assert_eq!(
+        dm.tick(&|| 0),
+        [
+            "pool: data low water mark reached: 2 data blocks free (mark 2); grow the pool or \
+          discard unused space"
+        ]
+    );
     let second: Vec<u8> = {
         let mut bytes = vec![0u8; 4096 * 512];
         more.read_at(0, &mut bytes);
