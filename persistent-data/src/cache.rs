@@ -83,6 +83,12 @@ impl Cache {
         self.device.info().sectors / BLOCK_SECTORS
     }
 
+    /// The device under the cache (its I/O is synchronous, so it may be replaced by
+    /// one holding the same blocks between any two calls).
+    pub fn device_mut(&mut self) -> &mut Box<dyn BlockDevice> {
+        &mut self.device
+    }
+
     /// Counters since open.
     pub fn stats(&self) -> CacheStats {
         self.stats

@@ -899,6 +899,34 @@ impl ThinMetadata {
         Ok(nr_blocks)
     }
 
+    /// Moves the metadata onto `device`, a larger device that begins with the
+    /// current one's blocks (a live pool's metadata device grown by a table reload),
+    /// and grows the space map onto it as [`ThinMetadata::resize_metadata`] does.
+    /// Returns the new number of metadata blocks and, above 16 GiB, the warning that
+    /// the excess is unused. A device smaller than the metadata is refused and the
+    /// current one kept.
+    pub fn grow_onto(
+        &mut self,
+        device: Box<dyn BlockDevice>,
+    ) -> Result<(u64, Option<SizeWarning>)> {
+        let device_sectors = device.info().sectors;
+        let old = core::mem::replace(self.tm.cache_mut().device_mut(), device);
+        match self.resize_metadata() {
+            Ok(nr_blocks) => {
+                let warning =
+                    (device_sectors * 512 > METADATA_WARNING_BYTES).then_some(SizeWarning {
+                        device_sectors,
+                        used_sectors: MAX_METADATA_BLOCKS * 8,
+                    });
+                Ok((nr_blocks, warning))
+            }
+            Err(error) => {
+                *self.tm.cache_mut().device_mut() = old;
+                Err(error)
+            }
+        }
+    }
+
     /// Metadata blocks managed (the usable size of the metadata device).
     pub fn metadata_nr_blocks(&self) -> u64 {
         self.tm.nr_blocks()

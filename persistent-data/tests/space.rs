@@ -140,6 +140,49 @@ fn a_grown_metadata_device_adds_free_space() {
     assert_thin_check(&path, &[]);
 }
 
+/// Maps each of `blocks` of thin device 1 to a newly allocated data block.
+fn map_blocks(md: &mut persistent_data::ThinMetadata, blocks: std::ops::Range<u64>) {
+    for v in blocks {
+        let b = md.alloc_data_block().unwrap();
+        md.insert(1, v, b).unwrap();
+    }
+}
+
+#[test]
+fn live_metadata_moves_onto_a_grown_device() {
+    let disk = MemDisk::new(1 << 11);
+    let mut md = open(&disk, 128);
+    md.resize_data(100_000).unwrap();
+    md.create_thin(1).unwrap();
+    map_blocks(&mut md, 0..10_000);
+    md.commit().unwrap();
+    assert_eq!(md.metadata_nr_blocks(), 256);
+    // A smaller device is refused and the metadata stays where it was.
+    let small = MemDisk::new(1 << 10);
+    assert!(matches!(
+        md.grow_onto(Box::new(small.handle())),
+        Err(Error::DeviceTooSmall {
+            device_blocks: 128,
+            needed_blocks: 256
+        })
+    ));
+    assert_eq!(md.metadata_nr_blocks(), 256);
+    // The grown device holds the same blocks first (as a reloaded table's device does).
+    let grown = MemDisk::new(40 << 11);
+    let mut image = vec![0u8; 1 << 20];
+    disk.read_at(0, &mut image);
+    grown.write_at(0, &image);
+    let (blocks, warning) = md.grow_onto(Box::new(grown.handle())).unwrap();
+    assert_eq!((blocks, warning), (10_240, None));
+    map_blocks(&mut md, 10_000..60_000);
+    md.commit().unwrap();
+    let report = persistent_data::check::check(&mut md).unwrap();
+    assert!(report.is_clean(), "{:#?}", report.problems);
+    let mut md = open(&grown, 128);
+    assert_eq!(md.metadata_nr_blocks(), 10_240);
+    assert_eq!(md.mapped_blocks(1).unwrap(), 60_000);
+}
+
 /// Index entries of the data space map are cached (64 at a time) and written back
 /// when evicted or before a commit: touching many more bitmaps than that in one
 /// transaction, with overflow counts, frees and an abort, keeps every count right.

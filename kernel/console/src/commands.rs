@@ -37,7 +37,20 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "suspend NAME",
         "finish and flush the device's I/O, then hold new I/O",
     ),
-    ("resume NAME", "release I/O held by suspend"),
+    (
+        "reload NAME --table T",
+        "load an inactive table (alias load; same checks as create); resume swaps it in",
+    ),
+    (
+        "resume NAME",
+        "swap in the inactive table if there is one (suspending first), then release I/O \
+         held by suspend",
+    ),
+    ("clear NAME", "drop the inactive table"),
+    (
+        "rename OLD NEW",
+        "rename a device (tables that use it follow; NBD clients stay connected)",
+    ),
     (
         "message NAME 0 MESSAGE",
         "send a pool message: create_thin ID, create_snap ID ORIGIN_ID, delete ID, \
@@ -51,6 +64,15 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     (
         "thin create NAME POOL",
         "create a thin device with the next free id [--size SIZE] [--origin DEVICE]",
+    ),
+    (
+        "thin resize NAME SIZE",
+        "grow or shrink a thin device (reload with the new length and resume)",
+    ),
+    (
+        "pool extend POOL --data|--metadata DEV",
+        "append a disk or linear device to the pool's data or metadata device and grow the \
+         pool onto it",
     ),
     (
         "snap create NAME ORIGIN",
@@ -74,7 +96,10 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "print the pool's metadata (or the held metadata snapshot) as thin_dump XML",
     ),
     ("ls", "list the devices and their kinds"),
-    ("table [NAME]", "show table lines"),
+    (
+        "table [--inactive] [NAME]",
+        "show table lines (--inactive: the tables reload loaded)",
+    ),
     ("status [NAME]", "show status lines"),
     (
         "info [NAME]",

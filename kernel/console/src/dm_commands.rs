@@ -1,5 +1,6 @@
-//! Device-mapper commands (`create`, `remove`, `suspend`, `resume`, `message`,
-//! `status`, `table`, `ls`, `info`) and `config`, spoken the way `dmsetup` speaks:
+//! Device-mapper commands (`create`, `reload`, `clear`, `remove`, `suspend`, `resume`,
+//! `rename`, `message`, `status`, `table`, `ls`, `info`) and `config`, spoken the way
+//! `dmsetup` speaks:
 //! a leading `dmsetup` and `/dev/` or `/dev/mapper/` in front of names are accepted.
 
 use alloc::format;
@@ -29,8 +30,26 @@ impl<P: Platform> Console<P> {
             }
             "resume" => {
                 let name = one_name("resume", args)?;
-                Ok(self.dm.borrow_mut().resume(name)?)
+                let notes = self.dm.borrow_mut().resume(name)?;
+                for note in notes {
+                    outln!(out, "{}: {note}", bare_name(name));
+                }
+                Ok(())
             }
+            "reload" | "load" => {
+                let (name, _, table) = name_and_table(command, args, false)?;
+                Ok(self.dm.borrow_mut().reload(name, &table)?)
+            }
+            "clear" => {
+                let name = one_name("clear", args)?;
+                Ok(self.dm.borrow_mut().clear(name)?)
+            }
+            "rename" => match args {
+                [old, new] if !old.starts_with('-') && !new.starts_with('-') => {
+                    Ok(self.dm.borrow_mut().rename(old, bare_name(new))?)
+                }
+                _ => Err("usage: rename OLD_NAME NEW_NAME".into()),
+            },
             "message" => self.message(args),
             "ls" => match args {
                 [] => {
@@ -50,36 +69,7 @@ impl<P: Platform> Console<P> {
     }
 
     fn create(&mut self, args: &[String], out: &mut dyn Write) -> Result<(), CommandError> {
-        const USAGE: &str = "usage: create NAME [--readonly] --table \"0 LENGTH TARGET ARGS...\"";
-        let mut name = None;
-        let mut read_only = false;
-        let mut table: Option<String> = None;
-        let mut words = args.iter();
-        while let Some(word) = words.next() {
-            match word.as_str() {
-                "--readonly" | "-r" => read_only = true,
-                "--table" => {
-                    // Unquoted, the rest of the line is the table.
-                    let rest: Vec<&str> = words.by_ref().map(String::as_str).collect();
-                    if rest.is_empty() {
-                        return Err(
-                            format!("create: --table needs the table line ({USAGE})").into()
-                        );
-                    }
-                    table = Some(rest.join(" "));
-                }
-                flag if flag.starts_with('-') => {
-                    return Err(format!("create: unknown option '{flag}' ({USAGE})").into());
-                }
-                device if name.is_none() => name = Some(bare_name(device)),
-                extra => {
-                    return Err(format!("create: unexpected '{extra}' ({USAGE})").into());
-                }
-            }
-        }
-        let (Some(name), Some(table)) = (name, table) else {
-            return Err(format!("create: name and --table are both needed ({USAGE})").into());
-        };
+        let (name, read_only, table) = name_and_table("create", args, true)?;
         let notes = self
             .dm
             .borrow_mut()
@@ -129,6 +119,22 @@ impl<P: Platform> Console<P> {
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
         let dm = self.dm.borrow();
+        let inactive = command == "table" && args.first().is_some_and(|word| word == "--inactive");
+        let args = if inactive { &args[1..] } else { args };
+        if let Some(flag) = args.iter().find(|word| word.starts_with('-')) {
+            return Err(format!(
+                "{command}: unknown option '{flag}' (usage: {command}{} [NAME])",
+                if command == "table" {
+                    " [--inactive]"
+                } else {
+                    ""
+                }
+            )
+            .into());
+        }
+        if inactive {
+            return show_inactive(&dm, args, out);
+        }
         match args {
             [] => {
                 if dm.devices().next().is_none() {
@@ -213,6 +219,55 @@ impl<P: Platform> Console<P> {
     }
 }
 
+/// `NAME [--readonly] --table LINE` of `create` (and of `reload`, which keeps the
+/// device's read-only setting, without `--readonly`).
+fn name_and_table<'a>(
+    command: &str,
+    args: &'a [String],
+    read_only_allowed: bool,
+) -> Result<(&'a str, bool, String), CommandError> {
+    let usage = if read_only_allowed {
+        format!("usage: {command} NAME [--readonly] --table \"0 LENGTH TARGET ARGS...\"")
+    } else {
+        format!("usage: {command} NAME --table \"0 LENGTH TARGET ARGS...\"")
+    };
+    let mut name = None;
+    let mut read_only = false;
+    let mut table: Option<String> = None;
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        match word.as_str() {
+            "--readonly" | "-r" if read_only_allowed => read_only = true,
+            "--readonly" | "-r" => {
+                return Err(format!(
+                    "{command}: a reload keeps the device's read-only setting (remove the \
+                     device and create it with --readonly to change it)"
+                )
+                .into());
+            }
+            "--table" => {
+                // Unquoted, the rest of the line is the table.
+                let rest: Vec<&str> = words.by_ref().map(String::as_str).collect();
+                if rest.is_empty() {
+                    return Err(format!("{command}: --table needs the table line ({usage})").into());
+                }
+                table = Some(rest.join(" "));
+            }
+            flag if flag.starts_with('-') => {
+                return Err(format!("{command}: unknown option '{flag}' ({usage})").into());
+            }
+            device if name.is_none() => name = Some(bare_name(device)),
+            extra => {
+                return Err(format!("{command}: unexpected '{extra}' ({usage})").into());
+            }
+        }
+    }
+    match (name, table) {
+        (Some(name), Some(table)) => Ok((name, read_only, table)),
+        _ => Err(format!("{command}: name and --table are both needed ({usage})").into()),
+    }
+}
+
 fn one_name<'a>(command: &str, args: &'a [String]) -> Result<&'a str, CommandError> {
     match args {
         [name] if !name.starts_with('-') => Ok(name),
@@ -227,6 +282,42 @@ fn kind_and_state(device: &Device) -> String {
         State::Inactive(_) => format!("{kind}, inactive"),
         State::Active(active) if active.suspended() => format!("{kind}, suspended"),
         State::Active(_) => kind.into(),
+    }
+}
+
+/// `table --inactive [NAME]`: the tables `reload` loaded, as `table` shows live ones.
+fn show_inactive(
+    dm: &DeviceMapper,
+    args: &[String],
+    out: &mut dyn Write,
+) -> Result<(), CommandError> {
+    match args {
+        [] => {
+            for device in dm.devices() {
+                for segment in device
+                    .inactive_table()
+                    .into_iter()
+                    .flat_map(|t| t.segments())
+                {
+                    outln!(out, "{}: {segment}", device.name());
+                }
+            }
+            Ok(())
+        }
+        [name] => {
+            let device = dm.device(name)?;
+            for segment in device
+                .inactive_table()
+                .into_iter()
+                .flat_map(|t| t.segments())
+            {
+                outln!(out, "{segment}");
+            }
+            Ok(())
+        }
+        [_, extra, ..] => {
+            Err(format!("table takes at most one device name (got '{extra}')").into())
+        }
     }
 }
 
@@ -260,6 +351,15 @@ fn info(dm: &DeviceMapper, device: &Device, out: &mut dyn Write) {
     let sectors = table.length();
     outln!(out, "Name:              {}", device.name());
     outln!(out, "State:             {state}");
+    outln!(
+        out,
+        "Tables present:    {}",
+        if device.inactive_table().is_some() {
+            "LIVE & INACTIVE"
+        } else {
+            "LIVE"
+        }
+    );
     outln!(
         out,
         "Read only:         {}",
@@ -343,7 +443,7 @@ fn show_config(dm: &DeviceMapper, out: &mut dyn Write) {
             }
         );
     }
-    for device in dm.devices() {
+    for device in dm.devices_in_dependency_order() {
         outln!(
             out,
             "create {}{} --table \"{}\"",

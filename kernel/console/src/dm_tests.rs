@@ -65,6 +65,7 @@ fn linear_devices_seen_through_every_listing() {
         [
             "Name:              base",
             "State:             ACTIVE",
+            "Tables present:    LIVE",
             "Read only:         yes",
             "Size:              4096 sectors (2.00 MiB)",
             "Table:             0 4096 linear vdb 2048",

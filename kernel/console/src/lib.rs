@@ -270,6 +270,8 @@ mod dm_tests;
 #[cfg(test)]
 mod pool_tests;
 #[cfg(test)]
+mod reload_tests;
+#[cfg(test)]
 mod segment_tests;
 #[cfg(test)]
 mod tests;

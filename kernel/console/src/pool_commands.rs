@@ -1,5 +1,5 @@
-//! Conveniences on top of the dm commands — `pool create`, `thin create`, `thin
-//! delete`, `thin ls`, `snap create`, `dump` — each written as the same table lines and
+//! Conveniences on top of the dm commands — `pool create`, `pool extend`, `thin
+//! create`, `thin resize`, `thin delete`, `thin ls`, `snap create`, `dump` — each written as the same table lines and
 //! pool messages an operator could type, so the configuration and `table` show
 //! nothing new.
 
@@ -10,7 +10,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 
-use dm::{DeviceMapper, Format, Target, bare_name, human_bytes};
+use dm::{DeviceMapper, Format, PoolPart, Target, bare_name, human_bytes};
 
 use crate::background::DeleteWatch;
 use crate::{CommandError, Console, Platform, outln};
@@ -25,10 +25,14 @@ impl<P: Platform> Console<P> {
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
         const USAGE: &str = "usage: pool create NAME METADATA_DISK DATA_DISK [--block-size \
-                             SECTORS] [--low-water-mark BLOCKS] [--format]";
+                             SECTORS] [--low-water-mark BLOCKS] [--format] | pool extend POOL \
+                             --data|--metadata DEVICE";
         let Some((verb, rest)) = args.split_first() else {
             return Err(USAGE.into());
         };
+        if verb == "extend" {
+            return self.pool_extend(rest, out);
+        }
         if verb != "create" {
             return Err(USAGE.into());
         }
@@ -82,13 +86,41 @@ impl<P: Platform> Console<P> {
         Ok(())
     }
 
+    /// `pool extend POOL --data|--metadata DEVICE`.
+    fn pool_extend(&mut self, args: &[String], out: &mut dyn Write) -> Result<(), CommandError> {
+        const USAGE: &str = "usage: pool extend POOL --data DEVICE | pool extend POOL \
+                             --metadata DEVICE";
+        let options = Options::parse(args, &["--data", "--metadata"], &[], USAGE)?;
+        let [pool] = options.positional.as_slice() else {
+            return Err(format!("pool extend: which pool? ({USAGE})").into());
+        };
+        let (part, device) = match (options.value("--data"), options.value("--metadata")) {
+            (Some(device), None) => (PoolPart::Data, device),
+            (None, Some(device)) => (PoolPart::Metadata, device),
+            _ => {
+                return Err(format!(
+                    "pool extend: give one of --data DEVICE or --metadata DEVICE ({USAGE})"
+                )
+                .into());
+            }
+        };
+        let lines = self
+            .dm
+            .borrow_mut()
+            .pool_extend(bare_name(pool), part, device)?;
+        for line in lines {
+            outln!(out, "{line}");
+        }
+        Ok(())
+    }
+
     pub(crate) fn thin_command(
         &mut self,
         args: &[String],
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
         const USAGE: &str = "usage: thin create NAME POOL [--size SIZE] [--origin DEVICE] | thin \
-                             delete NAME [--background] | thin ls POOL";
+                             resize NAME SIZE | thin delete NAME [--background] | thin ls POOL";
         let Some((verb, rest)) = args.split_first() else {
             return Err(USAGE.into());
         };
@@ -118,6 +150,17 @@ impl<P: Platform> Console<P> {
                     "{name}: thin device {dev} of {pool}, {}: {table}",
                     human_bytes(sectors * 512)
                 );
+                Ok(())
+            }
+            "resize" => {
+                let [name, size] = rest else {
+                    return Err(format!("thin resize: name and size are needed ({USAGE})").into());
+                };
+                let sectors = parse_size(size)?;
+                let lines = self.dm.borrow_mut().thin_resize(bare_name(name), sectors)?;
+                for line in lines {
+                    outln!(out, "{line}");
+                }
                 Ok(())
             }
             "delete" => {

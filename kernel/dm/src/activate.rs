@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 use blockdev::{BlockDevice, Command};
 use thin_pool::{PoolTable, ThinTable};
 
-use crate::device::{Active, State};
+use crate::device::{Active, PoolWindows, State};
 use crate::mapper::DeviceMapper;
 use crate::region::read_sectors;
 use crate::span::Span;
@@ -47,7 +47,7 @@ impl Window {
 
 /// Sectors `offset..offset + sectors` of a device made of `windows` (in its sector
 /// order), or `None` when the device is shorter.
-fn slice(windows: &[Window], offset: u64, sectors: u64) -> Option<Vec<Window>> {
+pub(crate) fn slice(windows: &[Window], offset: u64, sectors: u64) -> Option<Vec<Window>> {
     let end = offset.checked_add(sectors)?;
     let mut pieces = Vec::new();
     let mut at = 0;
@@ -95,7 +95,11 @@ impl DeviceMapper {
     }
 
     /// The disk windows of a linear table's segments, end to end.
-    fn linear_windows(&self, table: &Table, read_only: bool) -> Result<Vec<Window>, String> {
+    pub(crate) fn linear_windows(
+        &self,
+        table: &Table,
+        read_only: bool,
+    ) -> Result<Vec<Window>, String> {
         let mut windows = Vec::new();
         for segment in table.segments() {
             let Target::Linear { device, offset } = &segment.target else {
@@ -110,7 +114,12 @@ impl DeviceMapper {
     }
 
     /// The windows of `sectors` sectors at `offset` in a disk or linear device.
-    fn fit(&self, device: &str, offset: u64, sectors: u64) -> Result<Vec<Window>, String> {
+    pub(crate) fn fit(
+        &self,
+        device: &str,
+        offset: u64,
+        sectors: u64,
+    ) -> Result<Vec<Window>, String> {
         let base = self.windows(device)?;
         slice(&base, offset, sectors).ok_or_else(|| {
             format!(
@@ -146,14 +155,16 @@ impl DeviceMapper {
         format: Format,
     ) -> Result<(Active, Vec<String>), String> {
         let mut notes = Vec::new();
+        let mut pool_windows = None;
         let io = match table.target() {
             Target::Linear { .. } => {
                 let windows = self.linear_windows(table, false)?;
                 TargetIo::Linear(LinearIo::new(self.span(&windows, read_only)))
             }
             Target::Pool(pool) => {
-                let (engine, more) = self.open_pool(pool, table.length(), format)?;
+                let (engine, windows, more) = self.open_pool(pool, table.length(), format)?;
                 notes = more;
+                pool_windows = Some(windows);
                 TargetIo::Pool(engine)
             }
             Target::Thin(thin) => {
@@ -161,7 +172,38 @@ impl DeviceMapper {
                 TargetIo::Thin(ThinIo::new(volume, read_only))
             }
         };
-        Ok((Active::new(io), notes))
+        let mut active = Active::new(io);
+        active.pool_windows = pool_windows;
+        Ok((active, notes))
+    }
+
+    /// The windows of a pool table's metadata device (all of it) and data device (its
+    /// first `length` sectors), checked as dm checks a pool's devices: writable unless
+    /// the pool is read-only, not overlapping each other or another running pool's
+    /// devices (`except` names the pool being reloaded).
+    pub(crate) fn pool_windows(
+        &self,
+        pool: &PoolTable,
+        length: u64,
+        except: Option<&str>,
+    ) -> Result<PoolWindows, String> {
+        let windows = PoolWindows {
+            metadata: self.windows(&pool.metadata_dev)?,
+            data: self.fit(&pool.data_dev, 0, length)?,
+        };
+        for (name, part) in [
+            (&pool.metadata_dev, &windows.metadata),
+            (&pool.data_dev, &windows.data),
+        ] {
+            if !pool.config.features.read_only && part.iter().any(|window| window.read_only) {
+                return Err(format!(
+                    "{name} is read-only; a pool needs writable devices (or the read_only \
+                     feature)"
+                ));
+            }
+        }
+        self.check_pool_windows(pool, except)?;
+        Ok(windows)
     }
 
     /// Opens (or formats) a pool's metadata over its devices.
@@ -170,20 +212,10 @@ impl DeviceMapper {
         pool: &PoolTable,
         length: u64,
         format: Format,
-    ) -> Result<(thin_pool::Pool, Vec<String>), String> {
-        let features = pool.config.features;
-        let metadata = self.span(&self.windows(&pool.metadata_dev)?, false);
-        let data = self.span(&self.fit(&pool.data_dev, 0, length)?, false);
-        for (name, region) in [(&pool.metadata_dev, &metadata), (&pool.data_dev, &data)] {
-            if region.info().read_only && !features.read_only {
-                return Err(format!(
-                    "{name} is read-only; a pool needs writable devices (or the read_only \
-                     feature)"
-                ));
-            }
-        }
-        self.check_pool_windows(pool)?;
-        let mut metadata = metadata;
+    ) -> Result<(thin_pool::Pool, PoolWindows, Vec<String>), String> {
+        let windows = self.pool_windows(pool, length, None)?;
+        let mut metadata = self.span(&windows.metadata, false);
+        let data = self.span(&windows.data, false);
         prepare_metadata(&mut metadata, &pool.metadata_dev, format)?;
         let mut config = pool.config.clone();
         config.length = length;
@@ -200,12 +232,12 @@ impl DeviceMapper {
             notes.push(format!("data space grown from {blocks} blocks"));
         }
         notes.extend(report.warnings);
-        Ok((engine, notes))
+        Ok((engine, windows, notes))
     }
 
     /// Refuses a pool whose metadata or data overlaps its own other half or a running
     /// pool's devices (dm: "metadata device already in use by a pool").
-    fn check_pool_windows(&self, pool: &PoolTable) -> Result<(), String> {
+    fn check_pool_windows(&self, pool: &PoolTable, except: Option<&str>) -> Result<(), String> {
         let metadata = self.windows(&pool.metadata_dev)?;
         let data = self.windows(&pool.data_dev)?;
         if let Some(shared) = overlap(&metadata, &data) {
@@ -219,6 +251,9 @@ impl DeviceMapper {
             else {
                 continue;
             };
+            if except == Some(device.name.as_str()) {
+                continue;
+            }
             for name in [&other.metadata_dev, &other.data_dev] {
                 let used = self.windows(name)?;
                 for (mine, windows) in [(&pool.metadata_dev, &metadata), (&pool.data_dev, &data)] {

@@ -1,10 +1,11 @@
-//! A device in the device table: its name, read-only flag, live table and whether it
-//! is running.
+//! A device in the device table: its name, read-only flag, live table, the inactive
+//! table loaded by `reload` and whether it is running.
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 
+use crate::activate::Window;
 use crate::table::Table;
 use crate::targets::TargetIo;
 
@@ -19,6 +20,8 @@ pub struct Device {
     pub(crate) name: String,
     pub(crate) read_only: bool,
     pub(crate) table: Table,
+    /// Loaded by `reload`, swapped in by `resume`, dropped by `clear`.
+    pub(crate) inactive: Option<Table>,
     pub(crate) state: State,
 }
 
@@ -35,6 +38,11 @@ impl Device {
     /// The live table.
     pub fn table(&self) -> &Table {
         &self.table
+    }
+
+    /// The table `reload` loaded for the next `resume`.
+    pub fn inactive_table(&self) -> Option<&Table> {
+        self.inactive.as_ref()
     }
 
     pub fn state(&self) -> &State {
@@ -64,6 +72,16 @@ pub struct Active {
     pub(crate) held: VecDeque<nbd::IoRequest>,
     /// NBD connections that have the device open.
     pub(crate) clients: usize,
+    /// A pool's metadata and data windows as the engine has them (a reload that
+    /// extends them hands the engine the larger devices).
+    pub(crate) pool_windows: Option<PoolWindows>,
+}
+
+/// The disk windows under a running pool.
+#[derive(Clone, Debug)]
+pub(crate) struct PoolWindows {
+    pub metadata: alloc::vec::Vec<Window>,
+    pub data: alloc::vec::Vec<Window>,
 }
 
 impl Active {
@@ -73,6 +91,7 @@ impl Active {
             io,
             held: VecDeque::new(),
             clients: 0,
+            pool_windows: None,
         }
     }
 

@@ -2,10 +2,11 @@
 //!
 //! A [`DeviceMapper`] holds the disks it was given and the devices built on them: each
 //! device has a name, a live [`Table`] (`linear` segments end to end, or one
-//! `thin-pool` or `thin` segment), an open count (devices built on it and NBD
-//! clients), its dependencies and whether it is suspended. Changes are made the way `dmsetup` makes
-//! them — `create` (load a table and resume), `remove`, `suspend`, `resume`, `message`
-//! — and every change is checked completely, then saved in the configuration area
+//! `thin-pool` or `thin` segment) and perhaps an inactive one loaded by `reload`, an
+//! open count (devices built on it and NBD clients), its dependencies and whether it
+//! is suspended. Changes are made the way `dmsetup` makes them — `create` (load a
+//! table and resume), `reload`, `clear`, `remove`, `suspend`, `resume` (swapping in
+//! the inactive table), `rename`, `message` — and every change is checked completely, then saved in the configuration area
 //! (when one was designated) before it takes effect, so a failed change leaves
 //! devices, exports and configuration exactly as they were.
 //!
@@ -27,9 +28,11 @@ mod activate;
 pub mod config;
 mod device;
 mod disk;
+mod grow;
 mod mapper;
 mod nbd_backend;
 mod region;
+mod reload;
 mod span;
 pub mod table;
 mod targets;
@@ -38,6 +41,7 @@ mod units;
 pub use activate::Format;
 pub use device::{Active, Device, State};
 pub use disk::{Disk, DiskEntry};
+pub use grow::PoolPart;
 pub use mapper::DeviceMapper;
 pub use nbd_backend::NbdBackend;
 pub use table::{Segment, Table, Target, bare_name};

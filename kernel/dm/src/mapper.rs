@@ -1,5 +1,6 @@
 //! The device table: the disks, the devices built on them and the changes dmsetup
-//! makes (`create`, `remove`, `suspend`, `resume`, `message`), with `status` lines.
+//! makes (`create`, `remove`, `suspend`, `message`; `reload`, `resume` and `rename`
+//! are in the reload module), with `status` lines.
 //!
 //! Every change is checked completely before anything happens, then saved to the
 //! configuration area (when there is one) before it takes effect in memory, so a
@@ -60,6 +61,35 @@ impl DeviceMapper {
         self.devices.values()
     }
 
+    /// The devices, each after the devices its table refers to and otherwise in
+    /// creation order: the order in which `create` brings them up again (a device
+    /// may come to depend on a later one through a reload).
+    pub fn devices_in_dependency_order(&self) -> Vec<&Device> {
+        let mut ordered: Vec<&Device> = Vec::with_capacity(self.devices.len());
+        while ordered.len() < self.devices.len() {
+            let placed = |name: &str| ordered.iter().any(|device| device.name == name);
+            let next = self
+                .devices()
+                .filter(|device| !placed(&device.name))
+                .find(|device| {
+                    device
+                        .table
+                        .dependencies()
+                        .into_iter()
+                        .all(|name| self.find(name).is_none() || placed(name))
+                });
+            // Tables never refer around a cycle (reload refuses one); if they did,
+            // the rest would follow in creation order.
+            let next = next.unwrap_or_else(|| {
+                self.devices()
+                    .find(|device| !placed(&device.name))
+                    .expect("some device is left")
+            });
+            ordered.push(next);
+        }
+        ordered
+    }
+
     pub(crate) fn disk_index(&self, name: &str) -> Option<usize> {
         let bare = bare_name(name);
         self.disks.iter().position(|disk| disk.name == bare)
@@ -90,10 +120,14 @@ impl DeviceMapper {
         id
     }
 
-    /// Names of the devices whose tables refer to `name`.
+    /// Names of the devices whose live or inactive tables refer to `name`.
     pub fn users_of(&self, name: &str) -> Vec<&str> {
         self.devices()
-            .filter(|device| device.table.dependencies().contains(&name))
+            .filter(|device| {
+                core::iter::once(&device.table)
+                    .chain(&device.inactive)
+                    .any(|table| table.dependencies().contains(&name))
+            })
             .map(|device| device.name.as_str())
             .collect()
     }
@@ -135,6 +169,7 @@ impl DeviceMapper {
             name: name.to_string(),
             read_only,
             table,
+            inactive: None,
             state: State::Active(Box::new(active)),
         });
         if let Err(error) = self.save() {
@@ -256,10 +291,9 @@ impl DeviceMapper {
         Ok(())
     }
 
-    /// `resume NAME`: releases the I/O held while suspended.
-    pub fn resume(&mut self, name: &str) -> Result<(), Error> {
-        let id = self.device_id(name).ok_or_else(|| unknown_device(name))?;
-        let device = self.devices.get_mut(&id).expect("found above");
+    /// Releases the I/O held while the device was suspended.
+    pub(crate) fn release_held(&mut self, id: DeviceId) -> Result<(), Error> {
+        let device = self.devices.get_mut(&id).expect("a registered device");
         let active = device.active_mut()?;
         active.suspended = false;
         let ready = &mut self.ready;
@@ -442,6 +476,6 @@ impl DeviceMapper {
     }
 }
 
-fn unknown_device(name: &str) -> Error {
+pub(crate) fn unknown_device(name: &str) -> Error {
     format!("no device called '{name}' (see ls)").into()
 }

@@ -213,6 +213,38 @@ impl Pool {
         Ok(())
     }
 
+    /// Grows the pool to `length` sectors onto `data`, a larger data device that
+    /// begins with the current one's sectors (what reloading the pool with an
+    /// extended data device does). The current device's I/O in flight finishes
+    /// first; writes waiting for space proceed once the space has grown.
+    pub fn grow_onto(&self, data: Box<dyn BlockDevice>, length: u64) -> Result<(), MessageError> {
+        let data_sectors = data.info().sectors;
+        if length > data_sectors {
+            return Err(MessageError::new(
+                Errno::Einval,
+                format!(
+                    "data device ({data_sectors} sectors) is smaller than the pool length ({length} sectors)"
+                ),
+            ));
+        }
+        let mut core = self.core.borrow_mut();
+        let bs = core.block_sectors();
+        core.grow_data_onto(data, length / bs)?;
+        core.config.length = length;
+        Ok(())
+    }
+
+    /// Moves the metadata onto `metadata`, a larger device that begins with the
+    /// current one's blocks, and grows the metadata space onto it (up to the
+    /// format's 15.875 GiB). Returns the number of metadata blocks and, for a
+    /// device larger than 16 GiB, the warning that the excess is unused.
+    pub fn grow_metadata_onto(
+        &self,
+        metadata: Box<dyn BlockDevice>,
+    ) -> Result<(u64, Option<String>), MessageError> {
+        self.core.borrow_mut().grow_metadata_onto(metadata)
+    }
+
     /// The pool status in dm's format (its [`fmt::Display`]). As dm does, the pool
     /// first commits when its metadata changed since the last commit, so the
     /// numbers are those of a commit (plus the blocks of writes still being

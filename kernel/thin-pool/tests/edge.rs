@@ -707,38 +707,7 @@ fn read_only_pool() {
 #[test]
 fn metadata_exhaustion_then_a_larger_metadata_device() {
     require_tools();
-    // A tiny metadata device (128 blocks); snapshots make every round of writes
-    // copy mapping leaves until the metadata is full.
-    let mut rig = Rig::new(1024, 128 * 8);
-    let pool = rig.open();
-    pool.message("create_thin 1").unwrap();
-    let mut vol = pool.activate(1, 1024 * BS, None).unwrap();
-    let mut expected = vec![0u32; 600];
-    for block in 0..600u64 {
-        write(&mut vol, block * BS, &[0; 512]).unwrap();
-    }
-    'rounds: for round in 1..200u32 {
-        if pool.mode() == PoolMode::OutOfMetadataSpace {
-            break;
-        }
-        if let Err(error) = pool.message(&format!("create_snap {} 1", round + 1)) {
-            assert!(
-                matches!(error.errno, Errno::Enospc | Errno::Eopnotsupp),
-                "{error}"
-            );
-        }
-        for block in [0u64, 150, 300, 450, 599] {
-            let value = round * 1000 + block as u32;
-            match write(&mut vol, block * BS, &value.to_le_bytes().repeat(128)) {
-                Ok(()) => expected[block as usize] = value,
-                Err(error) => {
-                    assert!(matches!(error, IoError::Device(_)), "{error:?}");
-                    break 'rounds;
-                }
-            }
-        }
-        flush(&mut vol).unwrap();
-    }
+    let (mut rig, pool, mut vol, mut expected) = metadata_exhausted();
     assert_eq!(pool.mode(), PoolMode::OutOfMetadataSpace);
     // New blocks are refused with EIO; exclusive blocks are still written in place.
     assert!(matches!(

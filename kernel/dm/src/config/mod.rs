@@ -66,7 +66,8 @@ impl DeviceMapper {
             })
             .collect();
         let devices = self
-            .devices()
+            .devices_in_dependency_order()
+            .into_iter()
             .map(|device| DeviceRecord {
                 name: device.name.clone(),
                 read_only: device.read_only,
@@ -274,6 +275,7 @@ impl DeviceMapper {
                 name: record.name.clone(),
                 read_only: record.read_only,
                 table,
+                inactive: None,
                 state,
             });
         }

@@ -148,6 +148,77 @@ impl Core {
         Ok(())
     }
 
+    /// Puts `device` in place of the data device once the I/O in flight on it has
+    /// finished, then grows the data space to `blocks`. The device must begin with
+    /// the current one's sectors (a table reload that extends the data device).
+    pub fn grow_data_onto(
+        &mut self,
+        device: alloc::boxed::Box<dyn BlockDevice>,
+        blocks: u64,
+    ) -> Result<(), MessageError> {
+        let current = self.md.data_nr_blocks();
+        if blocks < current {
+            return Err(MessageError::new(
+                Errno::Einval,
+                format!("pool target ({blocks} blocks) too small: expected {current}"),
+            ));
+        }
+        self.drain_all();
+        self.data = Queue::new(device);
+        self.grow_data(blocks)
+    }
+
+    /// Moves the metadata onto a larger `device` that begins with the current one's
+    /// blocks, grows the metadata space map onto it and commits; a pool that was out
+    /// of metadata space writes again. Returns the new number of metadata blocks and
+    /// the warning for a device larger than the format can use.
+    pub fn grow_metadata_onto(
+        &mut self,
+        device: alloc::boxed::Box<dyn BlockDevice>,
+    ) -> Result<(u64, Option<String>), MessageError> {
+        if self.md.needs_check()
+            || !matches!(
+                self.mode,
+                PoolMode::Write | PoolMode::OutOfDataSpace | PoolMode::OutOfMetadataSpace
+            )
+        {
+            return Err(MessageError::new(
+                Errno::Einval,
+                format!(
+                    "unable to grow the metadata while the pool is {}",
+                    if self.md.needs_check() {
+                        "marked needs_check"
+                    } else {
+                        self.mode.status_word()
+                    }
+                ),
+            ));
+        }
+        self.drain_preps();
+        let (blocks, warning) = self
+            .md
+            .grow_onto(device)
+            .map_err(|e| md_error_to_message(&e, "growing the metadata failed"))?;
+        self.md_dirty = true;
+        let leaving = self.mode == PoolMode::OutOfMetadataSpace && !self.metadata_exhausted();
+        if leaving {
+            self.set_mode(
+                PoolMode::Write,
+                String::from("the metadata device was grown"),
+            );
+        }
+        self.commit_now()?;
+        self.check_metadata_space();
+        if leaving {
+            self.after_commit();
+        }
+        let warning = warning.map(|warning| format!("{warning}"));
+        if let Some(text) = &warning {
+            self.push_event(PoolEvent::MetadataDeviceTooLarge(text.clone()));
+        }
+        Ok((blocks, warning))
+    }
+
     pub fn status(&self) -> PoolStatus {
         let metadata_total = self.md.metadata_nr_blocks();
         let data_total = self.md.data_nr_blocks();

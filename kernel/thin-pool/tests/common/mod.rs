@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 
 use blockdev::{BlockDevice, CrashDisk, IoBuf, IoError, Unflushed};
-use thin_pool::{Pool, PoolConfig, ThinOp, ThinOutput, ThinRequest, ThinVolume};
+use thin_pool::{Errno, Pool, PoolConfig, PoolMode, ThinOp, ThinOutput, ThinRequest, ThinVolume};
 
 /// A handle on a test disk as the pool sees it: at most 1 MiB per request, 32 in
 /// flight, completions in random order when `reorder` is set.
@@ -292,4 +292,42 @@ pub fn thin_ls(image: &Path, extra: &[&str]) -> BTreeMap<u64, (u64, u64, u64)> {
             (v[0], (v[1], v[2], v[3]))
         })
         .collect()
+}
+
+/// A pool on a tiny metadata device (128 blocks) whose metadata is filled up:
+/// snapshots make every round of writes copy mapping leaves until no more fit. Returns
+/// the rig, the pool, thin device 1's volume and what each of its first 600 blocks
+/// holds (a `u32` repeated).
+pub fn metadata_exhausted() -> (Rig, Pool, ThinVolume, Vec<u32>) {
+    let mut rig = Rig::new(1024, 128 * 8);
+    let pool = rig.open();
+    pool.message("create_thin 1").unwrap();
+    let mut vol = pool.activate(1, 1024 * BS, None).unwrap();
+    let mut expected = vec![0u32; 600];
+    for block in 0..600u64 {
+        write(&mut vol, block * BS, &[0; 512]).unwrap();
+    }
+    'rounds: for round in 1..200u32 {
+        if pool.mode() == PoolMode::OutOfMetadataSpace {
+            break;
+        }
+        if let Err(error) = pool.message(&format!("create_snap {} 1", round + 1)) {
+            assert!(
+                matches!(error.errno, Errno::Enospc | Errno::Eopnotsupp),
+                "{error}"
+            );
+        }
+        for block in [0u64, 150, 300, 450, 599] {
+            let value = round * 1000 + block as u32;
+            match write(&mut vol, block * BS, &value.to_le_bytes().repeat(128)) {
+                Ok(()) => expected[block as usize] = value,
+                Err(error) => {
+                    assert!(matches!(error, IoError::Device(_)), "{error:?}");
+                    break 'rounds;
+                }
+            }
+        }
+        flush(&mut vol).unwrap();
+    }
+    (rig, pool, vol, expected)
 }
