@@ -272,9 +272,9 @@ fn check(cut: &Cut, metadata: &Path, data: &Path) -> Option<String> {
     let map = mappings(metadata);
     let data = fs::read(data).unwrap();
     for (&page, allowed) in &cut.allowed {
-        let offset = map.get(&(page / PAGES_PER_BLOCK)).map(|&block| {
-            (block * BLOCK + page % PAGES_PER_BLOCK * PAGE) as usize
-        });
+        let offset = map
+            .get(&(page / PAGES_PER_BLOCK))
+            .map(|&block| (block * BLOCK + page % PAGES_PER_BLOCK * PAGE) as usize);
         let zeros = [0u8; PAGE as usize];
         let held = offset.map_or(&zeros[..], |at| &data[at..at + PAGE as usize]);
         if !allowed.iter().any(|content| content.matches(held)) {
@@ -326,7 +326,12 @@ fn a_random_workload_survives_power_cuts_at_every_reply() {
     let mut failures = Vec::new();
     let mut checked = 0;
     for (number, cut) in cuts.iter().enumerate() {
-        for how in [Unflushed::Lost, Unflushed::Some { seed: number as u64 }] {
+        for how in [
+            Unflushed::Lost,
+            Unflushed::Some {
+                seed: number as u64,
+            },
+        ] {
             let [metadata_entries, data_entries] = cut.entries;
             let metadata = rebuilt(
                 scratch.path().join("cut-metadata.img"),
