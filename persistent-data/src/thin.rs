@@ -610,6 +610,13 @@ impl ThinMetadata {
     /// Deletes a device and drops its references (its blocks become free at the next
     /// commit unless something else still maps them).
     pub fn delete(&mut self, dev: u64) -> Result<()> {
+        let root = self.detach(dev)?;
+        btree::delete_tree(&mut self.tm, root, &mut DataRefs(&mut self.dsm))
+    }
+
+    /// Takes device `dev` out of both trees; returns its mapping tree's root, whose
+    /// reference the caller now owns.
+    fn detach(&mut self, dev: u64) -> Result<u64> {
         Self::check_dev_id(dev)?;
         let (mapping_root, removed) = btree::remove(
             &mut self.tm,
@@ -619,7 +626,6 @@ impl ThinMetadata {
         )?;
         let root = removed.ok_or(Error::NoSuchDevice(dev))?.u64();
         self.mapping_root = mapping_root;
-        btree::delete_tree(&mut self.tm, root, &mut DataRefs(&mut self.dsm))?;
         self.details.remove(&dev);
         self.details_root = btree::remove(
             &mut self.tm,
@@ -628,7 +634,7 @@ impl ThinMetadata {
             &mut NoRefs(DETAILS_VALUE_SIZE),
         )?
         .0;
-        Ok(())
+        Ok(root)
     }
 
     /// The mapping of one virtual block.

@@ -7,15 +7,16 @@
 //! no FUA of its own), and the pool must pass `thin_check` and serve, through
 //! `thinbox offline`, the data of every FUA request acknowledged so far.
 
-use std::fs::{self, File};
+use std::fs;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use host_tools::Tool;
 use qemu_test::write_log::{Unflushed, WriteLog};
-use qemu_test::{Appliance, HostServer, Options, Scratch, run_nbdsh, run_tool, wait_for_greeting};
+use qemu_test::{HostServer, Scratch, run_nbdsh, run_tool};
+
+mod logged;
 
 const THINBOX: &str = env!("CARGO_BIN_FILE_THINBOX");
 const MIB: u64 = 1 << 20;
@@ -310,14 +311,6 @@ fn prepare(uri: &str, cases: &[Case], pick: impl Fn(Before) -> Option<u8>) {
     run_nbdsh(uri, &format!("{}\nh.flush()\n", writes.join("\n")));
 }
 
-/// A disk image of `bytes` as `log` leaves it after a power cut behind `entries`.
-fn rebuilt(path: PathBuf, bytes: u64, log: &WriteLog, entries: usize) -> PathBuf {
-    let image = File::create(&path).unwrap();
-    image.set_len(bytes).unwrap();
-    log.rebuild(&image, entries, Unflushed::Lost).unwrap();
-    path
-}
-
 /// The console commands that bring up the pool on `vda`/`vdb` and thin device 0.
 fn activation() -> [String; 2] {
     [
@@ -350,16 +343,13 @@ fn read_offline(metadata: &Path, data: &Path, copy: &Path) -> Result<Vec<u8>, St
 fn fua_requests_survive_a_power_cut_at_their_reply() {
     host_tools::require_for_test(&[Tool::Qemu, Tool::ThinCheck, Tool::NbdCopy, Tool::NbdSh]);
     let scratch = Scratch::new().unwrap();
-    let metadata = scratch.disk("metadata.img", METADATA_BYTES).unwrap();
-    let data = scratch.disk("data.img", DATA_BYTES).unwrap();
-    let metadata_log = scratch.disk("metadata.log", 0).unwrap();
-    let data_log = scratch.disk("data.log", 0).unwrap();
-    let options = Options::bios()
-        .logged_disk(&metadata, &metadata_log)
-        .logged_disk(&data, &data_log)
-        .nbd();
-    let mut appliance = Appliance::boot(options).unwrap();
-    wait_for_greeting(appliance.nbd_port().unwrap(), Duration::from_secs(60)).unwrap();
+    let logged::Logged {
+        mut appliance,
+        metadata,
+        data,
+        metadata_log,
+        data_log,
+    } = logged::boot(&scratch, METADATA_BYTES, DATA_BYTES);
     let [pool, thin] = activation();
     for command in [&pool, "message pool 0 \"create_thin 0\"", &thin] {
         appliance.console_ok(command).unwrap();
@@ -416,11 +406,12 @@ fn fua_requests_survive_a_power_cut_at_their_reply() {
             log.entries()[entries - 1].is_flush(),
             "{name} log ends unflushed"
         );
-        let replayed = rebuilt(
+        let replayed = logged::rebuilt(
             scratch.path().join(format!("{name}-all.img")),
             bytes,
             log,
             entries,
+            Unflushed::Lost,
         );
         assert!(
             fs::read(replayed).unwrap() == fs::read(disk).unwrap(),
@@ -431,17 +422,19 @@ fn fua_requests_survive_a_power_cut_at_their_reply() {
     let mut failures = Vec::new();
     for (number, (cut, [metadata_entries, data_entries])) in cases.iter().zip(moments).enumerate() {
         let at = format!("power cut at the FUA reply of case {}", cut.name);
-        let metadata = rebuilt(
+        let metadata = logged::rebuilt(
             scratch.path().join(format!("metadata-{number}.img")),
             METADATA_BYTES,
             &metadata_log,
             metadata_entries,
+            Unflushed::Lost,
         );
-        let data = rebuilt(
+        let data = logged::rebuilt(
             scratch.path().join(format!("data-{number}.img")),
             DATA_BYTES,
             &data_log,
             data_entries,
+            Unflushed::Lost,
         );
         let checked = Command::new("thin_check").arg(&metadata).output().unwrap();
         if !checked.status.success() {

@@ -14,14 +14,15 @@
 //! Pages are read straight from the rebuilt images through `thin_dump`'s mappings.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use host_tools::Tool;
 use qemu_test::write_log::{Unflushed, WriteLog};
-use qemu_test::{Appliance, Options, Scratch, run_nbdsh, wait_for_greeting};
+use qemu_test::{Scratch, run_nbdsh};
+
+mod logged;
 
 const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
@@ -253,13 +254,6 @@ fn mappings(metadata: &Path) -> BTreeMap<u64, u64> {
     map
 }
 
-fn rebuilt(path: PathBuf, bytes: u64, log: &WriteLog, entries: usize, how: Unflushed) -> PathBuf {
-    let image = File::create(&path).unwrap();
-    image.set_len(bytes).unwrap();
-    log.rebuild(&image, entries, how).unwrap();
-    path
-}
-
 /// What is wrong with the disks of one cut, if anything.
 fn check(cut: &Cut, metadata: &Path, data: &Path) -> Option<String> {
     let checked = Command::new("thin_check").arg(metadata).output().unwrap();
@@ -291,16 +285,13 @@ fn check(cut: &Cut, metadata: &Path, data: &Path) -> Option<String> {
 fn a_random_workload_survives_power_cuts_at_every_reply() {
     host_tools::require_for_test(&[Tool::Qemu, Tool::ThinCheck, Tool::NbdSh]);
     let scratch = Scratch::new().unwrap();
-    let metadata = scratch.disk("metadata.img", METADATA_BYTES).unwrap();
-    let data = scratch.disk("data.img", DATA_BYTES).unwrap();
-    let metadata_log = scratch.disk("metadata.log", 0).unwrap();
-    let data_log = scratch.disk("data.log", 0).unwrap();
-    let options = Options::bios()
-        .logged_disk(&metadata, &metadata_log)
-        .logged_disk(&data, &data_log)
-        .nbd();
-    let mut appliance = Appliance::boot(options).unwrap();
-    wait_for_greeting(appliance.nbd_port().unwrap(), Duration::from_secs(60)).unwrap();
+    let logged::Logged {
+        mut appliance,
+        metadata,
+        data,
+        metadata_log,
+        data_log,
+    } = logged::boot(&scratch, METADATA_BYTES, DATA_BYTES);
     for command in [
         format!(
             "create pool --table \"0 {} thin-pool vda vdb {} 0\"",
@@ -333,20 +324,15 @@ fn a_random_workload_survives_power_cuts_at_every_reply() {
             },
         ] {
             let [metadata_entries, data_entries] = cut.entries;
-            let metadata = rebuilt(
-                scratch.path().join("cut-metadata.img"),
+            // The disks are not needed after the run: each cut is rebuilt over them.
+            let metadata = logged::rebuilt(
+                metadata.clone(),
                 METADATA_BYTES,
                 &metadata_log,
                 metadata_entries,
                 how,
             );
-            let data = rebuilt(
-                scratch.path().join("cut-data.img"),
-                DATA_BYTES,
-                &data_log,
-                data_entries,
-                how,
-            );
+            let data = logged::rebuilt(data.clone(), DATA_BYTES, &data_log, data_entries, how);
             if let Some(wrong) = check(cut, &metadata, &data) {
                 failures.push(format!("cut after reply {number} ({how:?}): {wrong}"));
             }

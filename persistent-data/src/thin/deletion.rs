@@ -57,28 +57,14 @@ impl ThinMetadata {
             self.delete(dev)?;
             return Ok(None);
         }
-        let (mapping_root, removed) = btree::remove(
-            &mut self.tm,
-            self.mapping_root,
-            dev,
-            &mut SubtreeRefs(&mut self.dsm),
-        )?;
-        debug_assert_eq!(removed.map(|value| value.u64()), Some(root));
-        // The reference the removed entry held passes to the new one.
+        // The reference the old entry held passes to the new one.
+        let root = self.detach(dev)?;
         self.mapping_root = btree::insert(
             &mut self.tm,
-            mapping_root,
+            self.mapping_root,
             id,
             &root.to_le_bytes(),
             &mut SubtreeRefs(&mut self.dsm),
-        )?
-        .0;
-        self.details.remove(&dev);
-        self.details_root = btree::remove(
-            &mut self.tm,
-            self.details_root,
-            dev,
-            &mut NoRefs(DETAILS_VALUE_SIZE),
         )?
         .0;
         self.details.insert(
