@@ -132,6 +132,14 @@ fn writes_waiting_for_space_complete_when_the_data_device_gets_a_second_disk() {
          the pool first (pool extend); the live table stays"
     );
     assert!(dm.device("thin").unwrap().inactive_table().is_none());
+    // A suspend finishes what can finish and leaves the writes waiting for space
+    // queued in the pool (it used to wait for them for ever).
+    dm.suspend("thin").unwrap();
+    assert!(
+        completions(&mut dm, 1000).is_empty(),
+        "the writes still wait"
+    );
+    dm.resume("thin").unwrap();
     let lines = dm.pool_extend("pool", PoolPart::Data, "vdc").unwrap();
     assert_eq!(
         lines,

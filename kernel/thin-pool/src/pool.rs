@@ -451,6 +451,13 @@ impl ThinVolume {
         Ok(())
     }
 
+    /// Whether every request of this volume still in the engine waits for data
+    /// space (queue_if_no_space): only growing the pool or discarding finishes them,
+    /// so waiting for them to drain would wait for ever.
+    pub fn only_waiting_for_space(&self) -> bool {
+        self.core.borrow().volume_only_parked(self.vol)
+    }
+
     /// One finished request, if any (advances the engine first).
     pub fn poll_op(&mut self) -> Option<ThinCompletion> {
         let mut core = self.core.borrow_mut();

@@ -4,7 +4,11 @@
 use alloc::collections::VecDeque;
 use blockdev::BlockDevice;
 use nbd::{BackendError, IoCompletion, IoOp, IoOutput};
-use thin_pool::{NOT_FAST, ThinOp, ThinOutput, ThinRequest, ThinVolume};
+use thin_pool::{NOT_FAST, ThinCompletion, ThinOp, ThinOutput, ThinRequest, ThinVolume};
+
+/// The tag of the flush a suspend sends (NBD requests never use it: the server
+/// numbers its requests from 0).
+const FLUSH_TAG: u64 = u64::MAX;
 
 pub(crate) struct ThinIo {
     volume: ThinVolume,
@@ -129,39 +133,50 @@ impl ThinIo {
 
     /// The volume's next completion, in NBD terms.
     fn volume_completion(&mut self) -> Option<IoCompletion> {
-        let done = self.volume.poll_op()?;
-        let result = match done.result {
-            // Only fast zeroing completes with NOT_FAST.
-            Err(NOT_FAST) => Err(BackendError::NotFast),
-            Err(error) => Err(BackendError::from(error)),
-            Ok(ThinOutput::Done) => Ok(IoOutput::Done),
-            Ok(ThinOutput::Read { zero_holes }) => Ok(IoOutput::Read {
-                buf: done.buf,
-                zero_holes,
-            }),
-            Ok(ThinOutput::Extents(extents)) => Ok(IoOutput::Extents(extents)),
-        };
-        Some(IoCompletion {
-            tag: done.tag,
-            result,
-        })
+        self.volume.poll_op().map(nbd_completion)
     }
 
     /// Waits until every request handed to the volume has finished (completions stay
-    /// queued for [`ThinIo::poll`]).
+    /// queued for [`ThinIo::poll`]), except writes waiting for pool space: those stay
+    /// queued in the pool, as dm keeps them across a suspend, and finish once the pool
+    /// grows.
     pub(crate) fn drain(&mut self) {
-        while !self.waiting.is_empty() || self.volume.in_flight() > 0 {
+        loop {
             self.pump();
-            match self.volume_completion() {
-                Some(done) => self.done.push_back(done),
-                None => core::hint::spin_loop(),
+            if let Some(done) = self.volume_completion() {
+                self.done.push_back(done);
+                continue;
             }
+            if self.waiting.is_empty() && self.volume.in_flight() == 0 {
+                return;
+            }
+            if self.volume.only_waiting_for_space() {
+                return;
+            }
+            core::hint::spin_loop();
         }
     }
 
-    /// Makes completed writes durable (data flushed, metadata committed).
+    /// Makes completed writes durable (data flushed, metadata committed). Writes
+    /// still waiting for pool space may be in flight; their completions, if any come
+    /// meanwhile, are kept for [`ThinIo::poll`].
     pub(crate) fn flush(&mut self) -> Result<(), blockdev::IoError> {
-        blockdev::run_sync(&mut self.volume, blockdev::Command::Flush).map(drop)
+        let request = ThinRequest {
+            tag: FLUSH_TAG,
+            op: ThinOp::Flush,
+        };
+        if self.volume.submit_op(request).is_err() {
+            return Err(blockdev::IoError::Device(
+                "the volume's queue is full of writes waiting for pool space",
+            ));
+        }
+        loop {
+            match self.volume.poll_op() {
+                Some(done) if done.tag == FLUSH_TAG => return done.result.map(drop),
+                Some(done) => self.done.push_back(nbd_completion(done)),
+                None => core::hint::spin_loop(),
+            }
+        }
     }
 
     fn finish(&mut self, tag: u64, result: Result<IoOutput, BackendError>) {
@@ -175,5 +190,24 @@ impl ThinIo {
                 return;
             }
         }
+    }
+}
+
+/// A volume's completion in NBD terms.
+fn nbd_completion(done: ThinCompletion) -> IoCompletion {
+    let result = match done.result {
+        // Only fast zeroing completes with NOT_FAST.
+        Err(NOT_FAST) => Err(BackendError::NotFast),
+        Err(error) => Err(BackendError::from(error)),
+        Ok(ThinOutput::Done) => Ok(IoOutput::Done),
+        Ok(ThinOutput::Read { zero_holes }) => Ok(IoOutput::Read {
+            buf: done.buf,
+            zero_holes,
+        }),
+        Ok(ThinOutput::Extents(extents)) => Ok(IoOutput::Extents(extents)),
+    };
+    IoCompletion {
+        tag: done.tag,
+        result,
     }
 }

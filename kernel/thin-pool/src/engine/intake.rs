@@ -36,6 +36,14 @@ impl Core {
         volume.requests + volume.completions.len()
     }
 
+    /// Whether every unfinished request of the volume waits only for data space.
+    pub fn volume_only_parked(&self, vol: VolId) -> bool {
+        self.reqs
+            .iter()
+            .filter(|(_, r)| r.vol == vol)
+            .all(|(_, r)| r.outstanding == r.parked)
+    }
+
     pub fn take_completion(&mut self, vol: VolId) -> Option<ThinCompletion> {
         self.volumes[vol].completions.pop_front()
     }
