@@ -161,8 +161,14 @@ impl Concat {
         let mut pieces = Vec::with_capacity(touched.len());
         for index in touched {
             let part = &self.parts[index];
-            let from = sector.max(part.start);
-            let to = end.min(part.start + part.region.info().sectors);
+            // A flush covers no sectors: every part gets an empty one.
+            let (from, to) = match kind {
+                Kind::Flush => (part.start, part.start),
+                _ => (
+                    sector.max(part.start),
+                    end.min(part.start + part.region.info().sectors),
+                ),
+            };
             let local = from - part.start;
             let byte_offset = (from - sector) as usize * SECTOR_SIZE;
             let bytes = (to - from) as usize * SECTOR_SIZE;
