@@ -13,13 +13,13 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use blockdev::{BlockDevice, Command};
-use thin_pool::DeleteProgress;
 
 use crate::Error;
 use crate::activate::Format;
 use crate::config::{ConfigDisk, DiskRecord};
 use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
+use crate::jobs::Job;
 use crate::table::{Table, Target, bare_name, check_name};
 use crate::targets::TargetIo;
 
@@ -35,6 +35,8 @@ pub struct DeviceMapper {
     /// Saved disks that were not found at boot, kept so saving the configuration again
     /// does not forget how to recognise them.
     pub(crate) missing_disks: Vec<DiskRecord>,
+    /// Long work the device mapper drives itself (see [`DeviceMapper::start_job`]).
+    pub(crate) jobs: Vec<Box<dyn Job>>,
 }
 
 impl DeviceMapper {
@@ -48,6 +50,7 @@ impl DeviceMapper {
             config: None,
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
+            jobs: Vec::new(),
         }
     }
 
@@ -233,7 +236,7 @@ impl DeviceMapper {
     /// `thin delete NAME`: removes the thin device and deletes it from its pool. If the
     /// pool refuses the delete, the device is activated again as it was. Returns the
     /// pool's name and the id, whose blocks the pool may go on releasing in the
-    /// background (see [`DeviceMapper::background_deletes`]).
+    /// background (a job, see [`DeviceMapper::jobs`]).
     pub fn thin_delete(&mut self, name: &str) -> Result<(String, u64), Error> {
         let device = self.device(name)?;
         let Target::Thin(thin) = device.table.target() else {
@@ -256,21 +259,6 @@ impl DeviceMapper {
             return Err(error);
         }
         Ok((pool, dev))
-    }
-
-    /// Deletes whose blocks pools are still releasing, with each pool's name.
-    pub fn background_deletes(&self) -> Vec<(String, DeleteProgress)> {
-        let mut deletes = Vec::new();
-        for device in self.devices() {
-            if let State::Active(active) = &device.state
-                && let Some(pool) = active.io.pool()
-            {
-                for progress in pool.deletes() {
-                    deletes.push((device.name.clone(), progress));
-                }
-            }
-        }
-        deletes
     }
 
     /// `suspend NAME`: finishes the device's I/O in flight, flushes, and holds new
@@ -305,8 +293,8 @@ impl DeviceMapper {
         Ok(())
     }
 
-    /// Timer work of every pool at the time `clock` gives; returns the events to
-    /// print.
+    /// Timer work of every pool and a step of each background job at the time `clock`
+    /// gives; returns the events to print.
     pub fn tick(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
         for device in self.devices() {
@@ -319,6 +307,7 @@ impl DeviceMapper {
                 }
             }
         }
+        events.extend(self.step_jobs(clock));
         events
     }
 
