@@ -21,7 +21,8 @@ use crate::config::{ConfigDisk, DiskRecord};
 use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
 use crate::table::{Table, Target, bare_name, check_name};
-use crate::targets::TargetIo;
+use crate::targets::{SnapshotList, TargetIo};
+use core::cell::RefCell;
 
 /// Disks, devices and their configuration.
 pub struct DeviceMapper {
@@ -35,6 +36,8 @@ pub struct DeviceMapper {
     /// Saved disks that were not found at boot, kept so saving the configuration again
     /// does not forget how to recognise them.
     pub(crate) missing_disks: Vec<DiskRecord>,
+    /// The snapshots of each origin, by the origin's name.
+    pub(crate) snapshot_origins: RefCell<BTreeMap<String, SnapshotList>>,
 }
 
 impl DeviceMapper {
@@ -48,6 +51,7 @@ impl DeviceMapper {
             config: None,
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
+            snapshot_origins: RefCell::default(),
         }
     }
 
@@ -305,8 +309,8 @@ impl DeviceMapper {
         Ok(())
     }
 
-    /// Timer work of every pool at the time `clock` gives; returns the events to
-    /// print.
+    /// Timer work of every pool at the time `clock` gives, and a bounded step of
+    /// every snapshot merge; returns the events to print.
     pub fn tick(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
         for device in self.devices() {
@@ -319,6 +323,7 @@ impl DeviceMapper {
                 }
             }
         }
+        self.step_snapshot_targets(clock, &mut events);
         events
     }
 
@@ -396,6 +401,9 @@ impl DeviceMapper {
                     Err(error) => Err(error.text),
                 }
             }
+            Target::SnapshotOrigin { .. } | Target::Snapshot(_) | Target::SnapshotMerge(_) => {
+                self.snapshot_status(&device.name)
+            }
         }
     }
 
@@ -457,6 +465,13 @@ impl DeviceMapper {
                     let span = self.span(&self.windows(&device.name)?, false);
                     Ok((device.name.clone(), Box::new(span)))
                 }
+                kind @ (Target::SnapshotOrigin { .. }
+                | Target::Snapshot(_)
+                | Target::SnapshotMerge(_)) => Err(format!(
+                    "{} is a {} device; test the disks under it before building snapshots",
+                    device.name,
+                    kind.kind()
+                )),
             },
         }
     }

@@ -20,7 +20,7 @@
 
 extern crate alloc;
 
-mod chunk_io;
+pub mod chunk_io;
 mod format;
 mod merge;
 mod origin;

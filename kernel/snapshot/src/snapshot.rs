@@ -217,6 +217,13 @@ impl Snapshot {
         self.events.push(event);
     }
 
+    /// A handover: another target took this snapshot's store over (a merge), so
+    /// this one fails every request from now on. Nothing is written: the store
+    /// stays valid on disk for its new owner.
+    pub fn hand_over(&mut self) {
+        self.valid = false;
+    }
+
     /// Reads the snapshot device: chunks with an exception from the COW, the rest
     /// from the origin.
     pub fn read(&mut self, sector: u64, out: &mut [u8]) -> Result<(), IoError> {
