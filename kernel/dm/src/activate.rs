@@ -171,6 +171,11 @@ impl DeviceMapper {
                 let volume = self.thin_volume(thin, table.length())?;
                 TargetIo::Thin(ThinIo::new(volume, read_only))
             }
+            Target::SnapshotOrigin { .. } | Target::Snapshot(_) | Target::SnapshotMerge(_) => {
+                let (io, more) = self.snapshot_target(None, table, read_only)?;
+                notes = more;
+                TargetIo::Snapshot(io)
+            }
         };
         let mut active = Active::new(io);
         active.pool_windows = pool_windows;

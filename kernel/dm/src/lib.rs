@@ -38,6 +38,7 @@ mod mapper;
 mod nbd_backend;
 mod region;
 mod reload;
+mod snapshots;
 mod span;
 pub mod table;
 mod targets;
@@ -50,6 +51,7 @@ pub use grow::PoolPart;
 pub use jobs::{Job, JobStatus, JobStep, delete_job_id};
 pub use mapper::DeviceMapper;
 pub use nbd_backend::NbdBackend;
+pub use snapshots::SnapshotMergeJob;
 pub use table::{Segment, Table, Target, bare_name};
 pub use units::human_bytes;
 

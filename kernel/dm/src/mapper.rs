@@ -21,7 +21,8 @@ use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
 use crate::jobs::Job;
 use crate::table::{Table, Target, bare_name, check_name};
-use crate::targets::TargetIo;
+use crate::targets::{SnapshotList, TargetIo};
+use core::cell::RefCell;
 
 /// Disks, devices and their configuration.
 pub struct DeviceMapper {
@@ -37,6 +38,8 @@ pub struct DeviceMapper {
     pub(crate) missing_disks: Vec<DiskRecord>,
     /// Long work the device mapper drives itself (see [`DeviceMapper::start_job`]).
     pub(crate) jobs: Vec<Box<dyn Job>>,
+    /// The snapshots of each origin, by the origin's name.
+    pub(crate) snapshot_origins: RefCell<BTreeMap<String, SnapshotList>>,
 }
 
 impl DeviceMapper {
@@ -51,6 +54,7 @@ impl DeviceMapper {
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
             jobs: Vec::new(),
+            snapshot_origins: RefCell::default(),
         }
     }
 
@@ -293,8 +297,8 @@ impl DeviceMapper {
         Ok(())
     }
 
-    /// Timer work of every pool and a step of each background job at the time `clock`
-    /// gives; returns the events to print.
+    /// Timer work of every pool, a bounded step of every snapshot merge and a step
+    /// of each background job at the time `clock` gives; returns the events to print.
     pub fn tick(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
         for device in self.devices() {
@@ -307,6 +311,7 @@ impl DeviceMapper {
                 }
             }
         }
+        self.step_snapshot_targets(clock, &mut events);
         events.extend(self.step_jobs(clock));
         events
     }
@@ -385,6 +390,9 @@ impl DeviceMapper {
                     Err(error) => Err(error.text),
                 }
             }
+            Target::SnapshotOrigin { .. } | Target::Snapshot(_) | Target::SnapshotMerge(_) => {
+                self.snapshot_status(&device.name)
+            }
         }
     }
 
@@ -446,6 +454,13 @@ impl DeviceMapper {
                     let span = self.span(&self.windows(&device.name)?, false);
                     Ok((device.name.clone(), Box::new(span)))
                 }
+                kind @ (Target::SnapshotOrigin { .. }
+                | Target::Snapshot(_)
+                | Target::SnapshotMerge(_)) => Err(format!(
+                    "{} is a {} device; test the disks under it before building snapshots",
+                    device.name,
+                    kind.kind()
+                )),
             },
         }
     }
