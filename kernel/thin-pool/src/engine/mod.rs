@@ -36,6 +36,7 @@ mod discard;
 mod intake;
 mod main_loop;
 mod management;
+mod merge;
 mod prep;
 mod provision;
 mod space;
