@@ -16,6 +16,12 @@ impl Core {
     pub fn merge_snapshot(&mut self, snap: u64, origin: u64) -> Result<(), MessageError> {
         self.require_writable_metadata()?;
         let context = format!("Merge of thin device {snap} into thin device {origin} failed");
+        if snap == origin {
+            return Err(md_error_to_message(
+                &MdError::MergeIntoItself(snap),
+                &context,
+            ));
+        }
         if self.volumes.iter().any(|(_, v)| v.dev == snap && v.open) {
             return Err(MessageError::new(
                 Errno::Ebusy,
