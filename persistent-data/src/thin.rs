@@ -58,6 +58,7 @@ use crate::superblock::{METADATA_VERSION, NEEDS_CHECK, Superblock};
 use crate::tm::{COUNT_VALUE_SIZE, Tm};
 
 mod deletion;
+mod merge;
 pub use deletion::{FIRST_DELETING_ID, PendingDelete};
 
 /// Largest thin device id (24 bits).
