@@ -20,7 +20,7 @@ use super::*;
 /// First of the ids reserved for devices being deleted (the last 256 ids).
 pub const FIRST_DELETING_ID: u64 = MAX_DEV_ID - 255;
 /// The creation time marking a device being deleted.
-const DELETING_MARK: u32 = u32::MAX;
+pub(super) const DELETING_MARK: u32 = u32::MAX;
 
 /// A device whose mappings are being released.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,13 +100,13 @@ impl ThinMetadata {
     }
 
     /// The lowest reserved id not in use.
-    fn free_reserved_id(&mut self) -> Result<Option<u64>> {
+    pub(super) fn free_reserved_id(&mut self) -> Result<Option<u64>> {
         let used = self.devices_from(FIRST_DELETING_ID)?;
         Ok((FIRST_DELETING_ID..=MAX_DEV_ID).find(|id| !used.contains(id)))
     }
 
     /// Device ids from `first` on, ascending.
-    fn devices_from(&mut self, first: u64) -> Result<Vec<u64>> {
+    pub(super) fn devices_from(&mut self, first: u64) -> Result<Vec<u64>> {
         let mut out = Vec::new();
         let mut cursor = Cursor::seek(&mut self.tm, self.mapping_root, first, MAPPING_VALUE_SIZE)?;
         while let Some((dev, _)) = cursor.entry() {
