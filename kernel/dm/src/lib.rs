@@ -31,6 +31,7 @@ mod disk;
 mod grow;
 mod mapper;
 mod nbd_backend;
+mod origins;
 mod region;
 mod reload;
 mod span;

@@ -17,7 +17,7 @@ use thin_pool::DeleteProgress;
 
 use crate::Error;
 use crate::activate::Format;
-use crate::config::{ConfigDisk, DiskRecord};
+use crate::config::{ConfigDisk, DiskRecord, OriginRecord};
 use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
 use crate::table::{Table, Target, bare_name, check_name};
@@ -35,6 +35,9 @@ pub struct DeviceMapper {
     /// Saved disks that were not found at boot, kept so saving the configuration again
     /// does not forget how to recognise them.
     pub(crate) missing_disks: Vec<DiskRecord>,
+    /// The external origin each thin device was created over (see the origins
+    /// module).
+    pub(crate) origins: Vec<OriginRecord>,
 }
 
 impl DeviceMapper {
@@ -48,6 +51,7 @@ impl DeviceMapper {
             config: None,
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
+            origins: Vec::new(),
         }
     }
 
@@ -168,12 +172,16 @@ impl DeviceMapper {
         let id = self.register(Device {
             name: name.to_string(),
             read_only,
-            table,
+            table: table.clone(),
             inactive: None,
             state: State::Active(Box::new(active)),
         });
+        let recorded = self.record_origin(name, &table);
         if let Err(error) = self.save() {
             self.devices.remove(&id);
+            if recorded {
+                self.origins.pop();
+            }
             return Err(error);
         }
         Ok(notes)
@@ -349,16 +357,16 @@ impl DeviceMapper {
             )
             .into());
         }
-        let pool = self.pool(name)?;
+        let name = device.name.clone();
+        let pool = self.pool(&name)?;
         pool.message(text).map_err(|error| {
-            format!(
-                "{}: message '{text}' failed: {} ({})",
-                device.name,
+            Error(format!(
+                "{name}: message '{text}' failed: {} ({})",
                 error.text,
                 error.errno.name()
-            )
-            .into()
-        })
+            ))
+        })?;
+        self.origins_after_message(&name, text)
     }
 
     /// dm's status lines, one per segment: `START LENGTH TARGET` followed by the
