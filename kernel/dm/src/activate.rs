@@ -300,12 +300,11 @@ impl DeviceMapper {
             ));
         }
         let origin = match &thin.origin_dev {
-            Some(name) => {
-                let origin = self.span(&self.windows(name)?, true);
-                Some(Box::new(origin) as Box<dyn BlockDevice>)
-            }
+            Some(name) => Some(self.span(&self.windows(name)?, true)),
             None => None,
         };
+        self.check_origin(thin, origin.as_ref().map(|span| span.info().sectors))?;
+        let origin = origin.map(|span| Box::new(span) as Box<dyn BlockDevice>);
         pool.activate(thin.dev_id, sectors, origin)
             .map_err(|error| error.0)
     }

@@ -36,6 +36,7 @@ mod grow;
 mod jobs;
 mod mapper;
 mod nbd_backend;
+mod origins;
 mod region;
 mod reload;
 mod snapshots;

@@ -16,7 +16,7 @@ use blockdev::{BlockDevice, Command};
 
 use crate::Error;
 use crate::activate::Format;
-use crate::config::{ConfigDisk, DiskRecord};
+use crate::config::{ConfigDisk, DiskRecord, OriginRecord};
 use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
 use crate::jobs::Job;
@@ -40,6 +40,9 @@ pub struct DeviceMapper {
     pub(crate) jobs: Vec<Box<dyn Job>>,
     /// The snapshots of each origin, by the origin's name.
     pub(crate) snapshot_origins: RefCell<BTreeMap<String, SnapshotList>>,
+    /// The external origin each thin device was created over (see the origins
+    /// module).
+    pub(crate) origins: Vec<OriginRecord>,
 }
 
 impl DeviceMapper {
@@ -55,6 +58,7 @@ impl DeviceMapper {
             missing_disks: Vec::new(),
             jobs: Vec::new(),
             snapshot_origins: RefCell::default(),
+            origins: Vec::new(),
         }
     }
 
@@ -175,12 +179,16 @@ impl DeviceMapper {
         let id = self.register(Device {
             name: name.to_string(),
             read_only,
-            table,
+            table: table.clone(),
             inactive: None,
             state: State::Active(Box::new(active)),
         });
+        let recorded = self.record_origin(name, &table);
         if let Err(error) = self.save() {
             self.devices.remove(&id);
+            if recorded {
+                self.origins.pop();
+            }
             return Err(error);
         }
         Ok(notes)
@@ -343,16 +351,16 @@ impl DeviceMapper {
             )
             .into());
         }
-        let pool = self.pool(name)?;
+        let name = device.name.clone();
+        let pool = self.pool(&name)?;
         pool.message(text).map_err(|error| {
-            format!(
-                "{}: message '{text}' failed: {} ({})",
-                device.name,
+            Error(format!(
+                "{name}: message '{text}' failed: {} ({})",
                 error.text,
                 error.errno.name()
-            )
-            .into()
-        })
+            ))
+        })?;
+        self.origins_after_message(&name, text)
     }
 
     /// dm's status lines, one per segment: `START LENGTH TARGET` followed by the

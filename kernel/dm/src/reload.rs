@@ -94,6 +94,7 @@ impl DeviceMapper {
             }
         }
         self.devices.get_mut(&id).expect("renamed device").name = to.to_string();
+        self.rename_in_origins(from, to);
     }
 
     /// What `reload` checks, as dm's table load does: the table's devices exist and
