@@ -68,7 +68,10 @@ impl DeviceMapper {
                 }
                 false
             }
-            Target::Linear { .. } => false,
+            Target::Linear { .. }
+            | Target::SnapshotOrigin { .. }
+            | Target::Snapshot(_)
+            | Target::SnapshotMerge(_) => false,
         }
     }
 
