@@ -19,7 +19,7 @@ use crate::activate::Format;
 use crate::config::{ConfigDisk, DiskRecord};
 use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
-use crate::jobs::Job;
+use crate::jobs::{Job, Pacing};
 use crate::table::{Table, Target, bare_name, check_name};
 use crate::targets::TargetIo;
 
@@ -37,6 +37,9 @@ pub struct DeviceMapper {
     pub(crate) missing_disks: Vec<DiskRecord>,
     /// Long work the device mapper drives itself (see [`DeviceMapper::start_job`]).
     pub(crate) jobs: Vec<Box<dyn Job>>,
+    /// NBD requests submitted so far: background steps give way while they come.
+    pub(crate) requests_submitted: u64,
+    pub(crate) pacing: Pacing,
 }
 
 impl DeviceMapper {
@@ -51,6 +54,8 @@ impl DeviceMapper {
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
             jobs: Vec::new(),
+            requests_submitted: 0,
+            pacing: Pacing::default(),
         }
     }
 
@@ -293,8 +298,8 @@ impl DeviceMapper {
         Ok(())
     }
 
-    /// Timer work of every pool and a step of each background job at the time `clock`
-    /// gives; returns the events to print.
+    /// Timer work of every pool, and a step of each metadata format and background
+    /// job, at the time `clock` gives; returns the events to print.
     pub fn tick(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
         for device in self.devices() {
@@ -307,7 +312,7 @@ impl DeviceMapper {
                 }
             }
         }
-        events.extend(self.step_jobs(clock));
+        events.extend(self.background_steps(clock));
         events
     }
 
@@ -315,6 +320,9 @@ impl DeviceMapper {
     pub fn pool(&self, name: &str) -> Result<&thin_pool::Pool, Error> {
         let device = self.device(name)?;
         match &device.state {
+            State::Active(active) if matches!(active.io, TargetIo::Formatting(_)) => {
+                Err(crate::format::not_formatted_yet(&device.name).into())
+            }
             State::Active(active) => active.io.pool().ok_or_else(|| {
                 format!(
                     "{} is a {} device, not a thin-pool",

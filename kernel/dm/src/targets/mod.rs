@@ -1,11 +1,15 @@
 //! The targets of a running device: a data device (`linear`, `thin`) that serves I/O,
-//! or a pool (`thin-pool`) that thin devices are activated from.
+//! or a pool (`thin-pool`) that thin devices are activated from — once its metadata
+//! is formatted.
 
 mod linear;
 mod thin;
 
+use alloc::boxed::Box;
 use nbd::{BackendError, IoCompletion, IoOp};
 use thin_pool::Pool;
+
+use crate::format::Formatting;
 
 pub(crate) use linear::LinearIo;
 pub(crate) use thin::ThinIo;
@@ -14,6 +18,8 @@ pub(crate) enum TargetIo {
     Linear(LinearIo),
     Thin(ThinIo),
     Pool(Pool),
+    /// A pool whose metadata is being formatted (in the background).
+    Formatting(Box<Formatting>),
 }
 
 impl TargetIo {
@@ -22,7 +28,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => Some(io.sectors()),
             TargetIo::Thin(io) => Some(io.sectors()),
-            TargetIo::Pool(_) => None,
+            TargetIo::Pool(_) | TargetIo::Formatting(_) => None,
         }
     }
 
@@ -31,6 +37,7 @@ impl TargetIo {
             TargetIo::Linear(io) => io.read_only(),
             TargetIo::Thin(io) => io.read_only(),
             TargetIo::Pool(pool) => pool.config().features.read_only,
+            TargetIo::Formatting(_) => false,
         }
     }
 
@@ -38,7 +45,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.discard(),
             TargetIo::Thin(io) => io.discard(),
-            TargetIo::Pool(_) => false,
+            TargetIo::Pool(_) | TargetIo::Formatting(_) => false,
         }
     }
 
@@ -46,7 +53,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.congested(),
             TargetIo::Thin(io) => io.congested(),
-            TargetIo::Pool(_) => false,
+            TargetIo::Pool(_) | TargetIo::Formatting(_) => false,
         }
     }
 
@@ -62,7 +69,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.submit(tag, op),
             TargetIo::Thin(io) => io.submit(tag, op),
-            TargetIo::Pool(_) => refused(IoCompletion {
+            TargetIo::Pool(_) | TargetIo::Formatting(_) => refused(IoCompletion {
                 tag,
                 result: Err(BackendError::Invalid),
             }),
@@ -77,6 +84,7 @@ impl TargetIo {
                 pool.poll();
                 None
             }
+            TargetIo::Formatting(_) => None,
         }
     }
 
@@ -86,6 +94,7 @@ impl TargetIo {
             TargetIo::Linear(io) => io.drain(),
             TargetIo::Thin(io) => io.drain(),
             TargetIo::Pool(pool) => while pool.poll() {},
+            TargetIo::Formatting(_) => {}
         }
     }
 
@@ -96,6 +105,8 @@ impl TargetIo {
             TargetIo::Linear(io) => io.flush().map_err(|error| alloc::format!("{error}")),
             TargetIo::Thin(io) => io.flush().map_err(|error| alloc::format!("{error}")),
             TargetIo::Pool(pool) => pool.commit().map_err(|error| error.text),
+            // Each step is written before the next; the superblock comes last.
+            TargetIo::Formatting(_) => Ok(()),
         }
     }
 }
