@@ -183,6 +183,21 @@ impl<P: Platform> Console<P> {
     }
 }
 
+impl<P: Platform> Console<P> {
+    /// After `create` of pool `name`: follows the format of its metadata, if that
+    /// goes on in the background.
+    pub(crate) fn follow_format(&mut self, name: &str, background: bool, out: &mut dyn Write) {
+        self.follow_job(
+            name,
+            &dm::format_job_id(name),
+            background,
+            "usable once its metadata is formatted",
+            "metadata formatted, the pool is ready",
+            out,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,10 +24,11 @@ pub(crate) const HELP: &[(&str, &str)] = &[
          device; destroys data",
     ),
     (
-        "create NAME [--readonly] --table T",
+        "create NAME [--readonly] [--background] --table T",
         "create a device from a table \"START LENGTH TARGET ARGS\" (segments end to end, \
          separated by ;): linear DEV OFFSET, thin-pool META DATA BLOCK_SECTORS LOW_WATER \
-         [N FEATURES], thin POOL ID [ORIGIN]",
+         [N FEATURES], thin POOL ID [ORIGIN]; follows a large pool's metadata format unless \
+         --background",
     ),
     (
         "remove NAME [--force]",
@@ -59,7 +60,7 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     (
         "pool create NAME META DATA",
         "create a pool on whole devices [--block-size SECTORS] [--low-water-mark BLOCKS] \
-         [--format]",
+         [--format] [--background]",
     ),
     (
         "thin create NAME POOL",

@@ -270,6 +270,8 @@ mod delete_tests;
 #[cfg(test)]
 mod dm_tests;
 #[cfg(test)]
+mod format_tests;
+#[cfg(test)]
 mod pool_tests;
 #[cfg(test)]
 mod reload_tests;

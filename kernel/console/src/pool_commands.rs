@@ -22,7 +22,8 @@ impl<P: Platform> Console<P> {
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
         const USAGE: &str = "usage: pool create NAME METADATA_DISK DATA_DISK [--block-size \
-                             SECTORS] [--low-water-mark BLOCKS] [--format] | pool extend POOL \
+                             SECTORS] [--low-water-mark BLOCKS] [--format] [--background] | pool \
+                             extend POOL \
                              --data|--metadata DEVICE";
         let Some((verb, rest)) = args.split_first() else {
             return Err(USAGE.into());
@@ -36,7 +37,7 @@ impl<P: Platform> Console<P> {
         let options = Options::parse(
             rest,
             &["--block-size", "--low-water-mark"],
-            &["--format"],
+            &["--format", "--background"],
             USAGE,
         )?;
         let [name, metadata, data] = options.positional.as_slice() else {
@@ -76,10 +77,12 @@ impl<P: Platform> Console<P> {
             Format::IfBlank
         };
         let notes = dm.create(name, false, &table, format)?;
+        drop(dm);
         for note in notes {
             outln!(out, "{name}: {note}");
         }
         outln!(out, "{name}: {table}");
+        self.follow_format(name, options.flag("--background"), out);
         Ok(())
     }
 

@@ -14,6 +14,7 @@ use alloc::vec::Vec;
 
 use crate::Error;
 use crate::device::State;
+use crate::format::format_job_id;
 use crate::mapper::DeviceMapper;
 use crate::targets::TargetIo;
 
@@ -89,6 +90,7 @@ impl DeviceMapper {
                 target_jobs(&device.name, &active.io, &mut jobs);
             }
         }
+        jobs.extend(self.snapshot_merges());
         jobs.extend(self.jobs.iter().map(|job| job.status()));
         jobs
     }
@@ -120,7 +122,7 @@ impl DeviceMapper {
 
     /// One step of each of the device mapper's own jobs; returns the events of the
     /// ones that finished.
-    pub(crate) fn step_jobs(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
+    fn step_jobs(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
         let mut running = core::mem::take(&mut self.jobs);
         running.retain_mut(|job| match job.step(self, clock) {
@@ -144,30 +146,78 @@ pub fn delete_job_id(pool: &str, dev: u64) -> String {
 
 /// The work of the target of device `name`.
 fn target_jobs(name: &str, io: &TargetIo, jobs: &mut Vec<JobStatus>) {
-    let TargetIo::Pool(pool) = io else {
-        return;
-    };
-    for delete in pool.deletes() {
-        jobs.push(JobStatus {
-            id: delete_job_id(name, delete.dev),
-            device: String::from(name),
-            what: format!("delete of thin device {}", delete.dev),
-            done: delete.released,
-            total: delete.total,
-            unit: "mappings",
-            started_ns: delete.started_ns,
-            cancellable: false,
-        });
+    match io {
+        TargetIo::Pool(pool) => {
+            for delete in pool.deletes() {
+                jobs.push(JobStatus {
+                    id: delete_job_id(name, delete.dev),
+                    device: String::from(name),
+                    what: format!("delete of thin device {}", delete.dev),
+                    done: delete.released,
+                    total: delete.total,
+                    unit: "mappings",
+                    started_ns: delete.started_ns,
+                    cancellable: false,
+                });
+            }
+        }
+        TargetIo::Formatting(formatting) => jobs.push(formatting.status(name)),
+        TargetIo::Linear(_) | TargetIo::Thin(_) | TargetIo::Snapshot(_) => {}
     }
 }
 
 /// Why a target's job cannot be cancelled.
 fn target_refusal(status: &JobStatus) -> String {
+    if status.id == format_job_id(&status.device) {
+        return format!(
+            "{} cannot be cancelled: a half-formatted pool is of no use; remove {} to stop \
+             it (its metadata device is formatted again when the pool is created again)",
+            status.id, status.device
+        );
+    }
     format!(
         "{} cannot be cancelled: the thin device is deleted already and only its blocks are \
          left to release; it finishes on its own",
         status.id
     )
+}
+
+/// While NBD requests come in, a round of background steps is followed by three
+/// times its own time without steps, so the steps take at most a quarter of the
+/// time from I/O (as a pool's deletes do).
+const BUSY_PAUSE_FACTOR: u64 = 3;
+
+/// When the device mapper's own background steps may run again.
+#[derive(Default)]
+pub(crate) struct Pacing {
+    next_step_ns: u64,
+    requests_at_last_step: u64,
+}
+
+impl DeviceMapper {
+    /// A step of each metadata format and each of the device mapper's own jobs,
+    /// unless requests came in since the last round and it was too recent. Returns
+    /// the events to print.
+    pub(crate) fn background_steps(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
+        let formatting = self.devices().any(|device| {
+            matches!(&device.state, State::Active(active)
+                if matches!(active.io, TargetIo::Formatting(_)))
+        });
+        if !formatting && self.jobs.is_empty() {
+            return Vec::new();
+        }
+        let start = clock();
+        let busy = self.requests_submitted != self.pacing.requests_at_last_step;
+        if busy && start < self.pacing.next_step_ns {
+            return Vec::new();
+        }
+        self.pacing.requests_at_last_step = self.requests_submitted;
+        let mut events = self.step_formats(start);
+        events.extend(self.step_jobs(clock));
+        let end = clock();
+        self.pacing.next_step_ns = end + end.saturating_sub(start) * BUSY_PAUSE_FACTOR;
+        events
+    }
 }
 
 #[cfg(test)]

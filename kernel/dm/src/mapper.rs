@@ -19,7 +19,7 @@ use crate::activate::Format;
 use crate::config::{ConfigDisk, DiskRecord, OriginRecord};
 use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
-use crate::jobs::Job;
+use crate::jobs::{Job, Pacing};
 use crate::table::{Table, Target, bare_name, check_name};
 use crate::targets::{SnapshotList, TargetIo};
 use core::cell::RefCell;
@@ -43,6 +43,9 @@ pub struct DeviceMapper {
     /// The external origin each thin device was created over (see the origins
     /// module).
     pub(crate) origins: Vec<OriginRecord>,
+    /// NBD requests submitted so far: background steps give way while they come.
+    pub(crate) requests_submitted: u64,
+    pub(crate) pacing: Pacing,
 }
 
 impl DeviceMapper {
@@ -59,6 +62,8 @@ impl DeviceMapper {
             jobs: Vec::new(),
             snapshot_origins: RefCell::default(),
             origins: Vec::new(),
+            requests_submitted: 0,
+            pacing: Pacing::default(),
         }
     }
 
@@ -305,8 +310,9 @@ impl DeviceMapper {
         Ok(())
     }
 
-    /// Timer work of every pool, a bounded step of every snapshot merge and a step
-    /// of each background job at the time `clock` gives; returns the events to print.
+    /// Timer work of every pool, a bounded step of every snapshot merge, and a step
+    /// of each metadata format and background job, at the time `clock` gives; returns
+    /// the events to print.
     pub fn tick(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
         for device in self.devices() {
@@ -320,7 +326,7 @@ impl DeviceMapper {
             }
         }
         self.step_snapshot_targets(clock, &mut events);
-        events.extend(self.step_jobs(clock));
+        events.extend(self.background_steps(clock));
         events
     }
 
@@ -328,6 +334,9 @@ impl DeviceMapper {
     pub fn pool(&self, name: &str) -> Result<&thin_pool::Pool, Error> {
         let device = self.device(name)?;
         match &device.state {
+            State::Active(active) if matches!(active.io, TargetIo::Formatting(_)) => {
+                Err(crate::format::not_formatted_yet(&device.name).into())
+            }
             State::Active(active) => active.io.pool().ok_or_else(|| {
                 format!(
                     "{} is a {} device, not a thin-pool",

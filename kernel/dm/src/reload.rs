@@ -252,7 +252,7 @@ impl DeviceMapper {
                             .into(),
                     );
                 }
-                let engine = active.io.pool().expect("a pool device runs a pool");
+                let engine = self.pool(&device.name).map_err(String::from)?;
                 let used = engine.status().data_total;
                 let blocks = table.length() / u64::from(new.config.data_block_size);
                 if blocks < used {
