@@ -49,7 +49,8 @@ fn describe(progress: &DeleteProgress, now_ns: u64) -> String {
 /// `jobs`: the background work of every pool, one line each.
 pub(crate) fn list(dm: &DeviceMapper, now_ns: u64, out: &mut dyn Write) {
     let deletes = dm.background_deletes();
-    if deletes.is_empty() {
+    let merges = crate::cow_commands::list_merges(dm, now_ns, out);
+    if deletes.is_empty() && merges == 0 {
         outln!(out, "no background jobs");
         return;
     }

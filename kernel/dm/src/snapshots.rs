@@ -294,12 +294,8 @@ impl DeviceMapper {
 
     /// Whether `name` is a merging origin whose merge has finished.
     pub fn snapshot_merge_finished(&self, name: &str) -> bool {
-        self.snapshot_devices().any(|(device, _, io, _)| {
-            device == name
-                && io
-                    .merge_progress()
-                    .is_some_and(|(progress, _)| progress.merged == progress.total)
-        })
+        self.snapshot_devices()
+            .any(|(device, _, io, _)| device == name && io.merge_finished())
     }
 }
 

@@ -167,6 +167,11 @@ impl SnapshotIo {
         }
     }
 
+    /// Whether this is a merging origin whose merge is complete.
+    pub(crate) fn merge_finished(&self) -> bool {
+        matches!(&self.role, Role::Merge { merging, .. } if merging.borrow().merge_finished())
+    }
+
     /// The merge's progress and when it started, for a merging origin.
     pub(crate) fn merge_progress(&self) -> Option<(MergeProgress, u64)> {
         let Role::Merge {
