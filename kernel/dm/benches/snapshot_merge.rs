@@ -187,7 +187,7 @@ fn scenario(name: &str, seq_write: f64, make: &dyn Fn(&mut DeviceMapper, ExportH
     hand_over(&mut dm);
     let (busy, reads) = foreground(&mut dm, vol, true);
     println!(
-        "| {name} | {:.1} MB in {seconds:.2} s: {rate:.0} MB/s | {:.2} | {idle:.0} | {busy:.0} ({reads} reads) | {:.2} |",
+        "| {name} | {:.1} MB in {seconds:.2} s: {rate:.2} MB/s | {:.3} | {idle:.0} | {busy:.0} ({reads} reads) | {:.2} |",
         bytes as f64 / 1e6,
         rate / seq_write,
         busy / idle
