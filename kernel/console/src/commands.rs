@@ -80,6 +80,20 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "snapshot a thin device into a new active device",
     ),
     (
+        "snap create NAME ORIGIN --cow DEV",
+        "snapshot a linear device, copying changed chunks to DEV (dm-snapshot, LVM's \
+         ORIGIN-real stack) [--chunk-size SECTORS] [--force: DEV holds data]",
+    ),
+    (
+        "snap merge NAME [--background]",
+        "merge a COW snapshot back into its origin while it serves I/O; follows the merge \
+         (Ctrl-C detaches) unless --background",
+    ),
+    (
+        "snap remove NAME [--force]",
+        "remove a COW snapshot (the origin returns to its own table with the last one)",
+    ),
+    (
         "thin delete NAME [--background]",
         "remove a thin device and delete it from its pool; follows the release of its \
          blocks (Ctrl-C detaches) unless --background",

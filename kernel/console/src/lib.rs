@@ -24,6 +24,7 @@ extern crate alloc;
 
 mod background;
 mod commands;
+mod cow_commands;
 mod disk_test;
 mod dm_commands;
 mod editor;
@@ -206,7 +207,8 @@ impl<P: Platform> Console<P> {
     /// (call again soon, without sleeping); false when the console is idle.
     pub fn poll(&mut self, out: &mut dyn Write) -> bool {
         let platform = &self.platform;
-        let events = self.dm.borrow_mut().tick(&|| platform.now_ns());
+        let mut events = self.dm.borrow_mut().tick(&|| platform.now_ns());
+        events.extend(cow_commands::finish_merges(&mut self.dm.borrow_mut()));
         for event in events {
             self.event(&event, out);
         }
@@ -265,6 +267,8 @@ impl<P: Platform> Console<P> {
     }
 }
 
+#[cfg(test)]
+mod cow_tests;
 #[cfg(test)]
 mod delete_tests;
 #[cfg(test)]

@@ -195,6 +195,9 @@ impl<P: Platform> Console<P> {
         args: &[String],
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
+        if let Some(result) = self.cow_snap_command(args, out) {
+            return result;
+        }
         const USAGE: &str = "usage: snap create NAME ORIGIN_THIN_DEVICE";
         let [verb, name, origin] = args else {
             return Err(USAGE.into());

@@ -12,22 +12,13 @@ use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use snapshot::{MergeStep, Snapshot, SnapshotTable};
+use snapshot::{Snapshot, SnapshotTable};
 
 use crate::device::State;
 use crate::jobs::JobStatus;
 use crate::mapper::DeviceMapper;
 use crate::table::{Table, Target, bare_name};
 use crate::targets::{Role, SnapshotIo, SnapshotList, TargetIo};
-
-/// Sectors a merge step copies at most.
-const MERGE_STEP_SECTORS: u64 = 2048;
-
-/// Time a tick gives each merging device.
-const MERGE_TICK_NS: u64 = 2_000_000;
-
-/// Steps per tick at most (bounds a tick whatever the clock says).
-const MERGE_STEPS_PER_TICK: usize = 64;
 
 /// The target of a `snapshot-origin`, `snapshot` or `snapshot-merge` segment.
 pub(crate) fn parse_target(kind: &str, args: &[&str]) -> Result<Target, String> {
@@ -228,14 +219,7 @@ impl DeviceMapper {
                 continue;
             };
             if !active.suspended {
-                let start = clock();
-                io.note_merge_start(start);
-                for _ in 0..MERGE_STEPS_PER_TICK {
-                    let working = io.merge_step(MERGE_STEP_SECTORS) == Some(MergeStep::Working);
-                    if !working || clock().saturating_sub(start) > MERGE_TICK_NS {
-                        break;
-                    }
-                }
+                io.paced_merge(clock);
             }
             if let Some(snapshot) = io.snapshot() {
                 for event in snapshot.borrow_mut().take_events() {
@@ -280,12 +264,8 @@ impl DeviceMapper {
 
     /// Whether `name` is a merging origin whose merge has finished.
     pub fn snapshot_merge_finished(&self, name: &str) -> bool {
-        self.snapshot_devices().any(|(device, _, io, _)| {
-            device == name
-                && io
-                    .merge_progress()
-                    .is_some_and(|(progress, _)| progress.merged == progress.total)
-        })
+        self.snapshot_devices()
+            .any(|(device, _, io, _)| device == name && io.merge_finished())
     }
 }
 

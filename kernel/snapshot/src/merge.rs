@@ -79,6 +79,11 @@ impl Snapshot {
         self.merge.is_some()
     }
 
+    /// Whether the merge has found nothing left to merge.
+    pub fn merge_finished(&self) -> bool {
+        self.merge.as_ref().is_some_and(|merge| merge.finished)
+    }
+
     pub fn merge_progress(&self) -> Option<MergeProgress> {
         self.merge.as_ref().map(|merge| MergeProgress {
             merged: merge.total - (self.exceptions.len() as u64).min(merge.total),

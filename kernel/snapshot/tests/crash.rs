@@ -7,7 +7,7 @@
 mod common;
 
 use blockdev::{BlockDevice, CrashDisk, MemDisk, Unflushed};
-use common::PERSISTENT;
+use common::{PERSISTENT, contents};
 use snapshot::{MergeStep, Snapshot, write_origin};
 
 /// A handle as a driver would give it: 1 MiB per request, 32 in flight.
@@ -167,7 +167,7 @@ fn power_cut_at_every_io_of_exception_commits() {
     assert_eq!(run_ops(&disks, &[], None), 0);
     let (cow_a, cow_b) = (disks[1].contents(), disks[2].contents());
     // The model after each prefix of operations: origin and both views.
-    let mut states = vec![[bytes_of(&origin), bytes_of(&origin), bytes_of(&origin)]];
+    let mut states = vec![[contents(&origin), contents(&origin), contents(&origin)]];
     for op in &ops {
         let mut next = states.last().unwrap().clone();
         match *op {
@@ -228,12 +228,6 @@ fn power_cut_at_every_io_of_exception_commits() {
     }
 }
 
-fn bytes_of(disk: &MemDisk) -> Vec<u8> {
-    let mut out = vec![0u8; disk.info().bytes() as usize];
-    disk.read_at(0, &mut out);
-    out
-}
-
 /// A merge set-up with `P 1` (32 records per area): 60 shuffled origin copy-outs and
 /// a run of 20 snapshot writes, so three areas and runs of one and many chunks.
 /// Returns origin, the merging COW, the other snapshot's COW, and the views.
@@ -266,7 +260,7 @@ fn merge_setup() -> (MemDisk, MemDisk, MemDisk, Vec<u8>, Vec<u8>) {
     assert_eq!(snap.exception_count(), 80);
     let mut view = vec![0u8; 512 * 512];
     snap.read(0, &mut view).unwrap();
-    let other_view = bytes_of(&origin);
+    let other_view = contents(&origin);
     (origin, cow, MemDisk::new(2048), view, other_view)
 }
 

@@ -26,8 +26,19 @@ pub(crate) type SharedSnapshot = Rc<RefCell<Snapshot>>;
 /// device drops out by itself.
 pub(crate) type SnapshotList = Rc<RefCell<Vec<Weak<RefCell<Snapshot>>>>>;
 
-/// Sectors per piece of a write-zeroes.
+/// Sectors per piece of a write-zeroes, and at most per merge step.
 const ZERO_PIECE_SECTORS: u64 = 2048;
+
+/// Time one call of [`SnapshotIo::paced_merge`] may step an unloaded merge for.
+const MERGE_TICK_NS: u64 = 2_000_000;
+
+/// Steps per call at most (bounds a call whatever the clock says).
+const MERGE_STEPS_PER_TICK: usize = 64;
+
+/// While requests come in, a merge step is followed by three times its own time
+/// without steps, so merging takes at most a quarter of the time from I/O (the
+/// pool's delete pacing).
+const BUSY_PAUSE_FACTOR: u64 = 3;
 
 /// Calls `f` with every live snapshot of `list`, mutably.
 fn with_snapshots<R>(list: &SnapshotList, f: impl FnOnce(&mut [&mut Snapshot]) -> R) -> R {
@@ -59,6 +70,11 @@ pub(crate) struct SnapshotIo {
     sectors: u64,
     read_only: bool,
     done: VecDeque<IoCompletion>,
+    /// Requests submitted so far, and as many at the last merge step.
+    requests: u64,
+    requests_at_last_step: u64,
+    /// While requests come in, no merge step before this time.
+    next_step_ns: u64,
 }
 
 impl SnapshotIo {
@@ -68,6 +84,9 @@ impl SnapshotIo {
             sectors,
             read_only,
             done: VecDeque::new(),
+            requests: 0,
+            requests_at_last_step: 0,
+            next_step_ns: 0,
         }
     }
 
@@ -95,6 +114,7 @@ impl SnapshotIo {
     }
 
     pub(crate) fn submit(&mut self, tag: u64, op: IoOp) {
+        self.requests += 1;
         if let Role::Merge { merging, held, .. } = &mut self.role {
             let range = match &op {
                 IoOp::Write { sector, buf, .. } => Some((*sector, buf.sectors())),
@@ -160,11 +180,36 @@ impl SnapshotIo {
         Some(step)
     }
 
-    /// Notes the platform clock at the merge's first step (for its rate).
-    pub(crate) fn note_merge_start(&mut self, now_ns: u64) {
-        if let Role::Merge { started_ns, .. } = &mut self.role {
-            started_ns.get_or_insert(now_ns);
+    /// Steps a merge for a bounded time: unloaded, for a couple of milliseconds;
+    /// while requests come in, one step and then a pause of three times its length
+    /// (unless writes wait for the run being merged, which must end first).
+    pub(crate) fn paced_merge(&mut self, clock: &dyn Fn() -> u64) {
+        let Role::Merge { started_ns, .. } = &mut self.role else {
+            return;
+        };
+        let start = clock();
+        started_ns.get_or_insert(start);
+        let busy = self.requests != self.requests_at_last_step;
+        if busy && start < self.next_step_ns && !self.holds_writes() {
+            return;
         }
+        self.requests_at_last_step = self.requests;
+        let steps = if busy { 1 } else { MERGE_STEPS_PER_TICK };
+        for _ in 0..steps {
+            let working = self.merge_step(ZERO_PIECE_SECTORS) == Some(MergeStep::Working);
+            if !working || clock().saturating_sub(start) > MERGE_TICK_NS {
+                break;
+            }
+        }
+        if busy {
+            let end = clock();
+            self.next_step_ns = end + end.saturating_sub(start) * BUSY_PAUSE_FACTOR;
+        }
+    }
+
+    /// Whether this is a merging origin whose merge is complete.
+    pub(crate) fn merge_finished(&self) -> bool {
+        matches!(&self.role, Role::Merge { merging, .. } if merging.borrow().merge_finished())
     }
 
     /// The merge's progress and when it started, for a merging origin.
