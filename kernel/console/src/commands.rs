@@ -79,6 +79,11 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "snapshot a thin device into a new active device",
     ),
     (
+        "snap merge SNAP [--into THIN]",
+        "give the device a thin snapshot was taken of (or THIN) the snapshot's content, \
+         online, and remove the snapshot",
+    ),
+    (
         "thin delete NAME [--background]",
         "remove a thin device and delete it from its pool; follows the release of its \
          blocks (Ctrl-C detaches) unless --background",

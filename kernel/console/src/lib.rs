@@ -28,6 +28,7 @@ mod disk_test;
 mod dm_commands;
 mod editor;
 mod job;
+mod merge_commands;
 mod net;
 mod pool_commands;
 mod tokenize;
@@ -267,6 +268,8 @@ impl<P: Platform> Console<P> {
 mod delete_tests;
 #[cfg(test)]
 mod dm_tests;
+#[cfg(test)]
+mod merge_tests;
 #[cfg(test)]
 mod pool_tests;
 #[cfg(test)]

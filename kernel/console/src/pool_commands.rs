@@ -205,7 +205,13 @@ impl<P: Platform> Console<P> {
         args: &[String],
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
-        const USAGE: &str = "usage: snap create NAME ORIGIN_THIN_DEVICE";
+        const USAGE: &str =
+            "usage: snap create NAME ORIGIN_THIN_DEVICE | snap merge SNAPSHOT [--into THIN_DEVICE]";
+        if let Some((verb, rest)) = args.split_first()
+            && verb == "merge"
+        {
+            return self.snap_merge(rest, out);
+        }
         let [verb, name, origin] = args else {
             return Err(USAGE.into());
         };
@@ -289,6 +295,7 @@ fn new_thin(
         None => format!("create_thin {dev}"),
     };
     dm.message(pool, &message)?;
+    dm.record_new_thin(pool, dev, snapshot_of);
     let table = match origin {
         Some(origin) => format!("0 {sectors} thin {pool} {dev} {origin}"),
         None => format!("0 {sectors} thin {pool} {dev}"),

@@ -36,6 +36,7 @@ mod reload;
 mod span;
 pub mod table;
 mod targets;
+mod thin_merge;
 mod units;
 
 pub use activate::Format;
@@ -45,6 +46,7 @@ pub use grow::PoolPart;
 pub use mapper::DeviceMapper;
 pub use nbd_backend::NbdBackend;
 pub use table::{Segment, Table, Target, bare_name};
+pub use thin_merge::ThinMerge;
 pub use thin_pool::DeleteProgress;
 pub use units::human_bytes;
 

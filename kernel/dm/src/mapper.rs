@@ -17,7 +17,7 @@ use thin_pool::DeleteProgress;
 
 use crate::Error;
 use crate::activate::Format;
-use crate::config::{ConfigDisk, DiskRecord};
+use crate::config::{ConfigDisk, DiskRecord, ThinLink};
 use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
 use crate::table::{Table, Target, bare_name, check_name};
@@ -35,6 +35,8 @@ pub struct DeviceMapper {
     /// Saved disks that were not found at boot, kept so saving the configuration again
     /// does not forget how to recognise them.
     pub(crate) missing_disks: Vec<DiskRecord>,
+    /// Snapshot origins and merges under way, by pool and thin id.
+    pub(crate) thin_links: Vec<ThinLink>,
 }
 
 impl DeviceMapper {
@@ -48,6 +50,7 @@ impl DeviceMapper {
             config: None,
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
+            thin_links: Vec::new(),
         }
     }
 
@@ -209,6 +212,13 @@ impl DeviceMapper {
             self.devices.insert(id, device);
             return Err(error);
         }
+        self.shut_down(device)
+    }
+
+    /// Stops a device taken out of the table: its I/O in flight finishes, requests
+    /// held while it was suspended fail as for a removed export, a pool is closed.
+    pub(crate) fn shut_down(&mut self, device: Device) -> Result<(), Error> {
+        let name = device.name;
         if let State::Active(mut active) = device.state {
             active.io.drain();
             while let Some(done) = active.io.poll() {
@@ -255,6 +265,7 @@ impl DeviceMapper {
                 })?;
             return Err(error);
         }
+        self.forget_thin_id(&pool, dev);
         Ok((pool, dev))
     }
 
@@ -357,8 +368,15 @@ impl DeviceMapper {
                 error.text,
                 error.errno.name()
             )
-            .into()
-        })
+        })?;
+        if let Some(dev) = text
+            .strip_prefix("delete ")
+            .and_then(|id| id.trim().parse().ok())
+        {
+            let pool = bare_name(name).to_string();
+            self.forget_thin_id(&pool, dev);
+        }
+        Ok(())
     }
 
     /// dm's status lines, one per segment: `START LENGTH TARGET` followed by the

@@ -4,9 +4,11 @@
 
 mod area;
 mod snapshot;
+mod thin_links;
 
 pub use area::{AREA_SECTORS, Area, MAX_PAYLOAD, SlotState};
 pub use snapshot::{DeviceRecord, DiskRecord, Snapshot};
+pub use thin_links::{LinkKind, ThinLink};
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -74,7 +76,11 @@ impl DeviceMapper {
                 table: device.table.to_string(),
             })
             .collect();
-        Snapshot { disks, devices }
+        Snapshot {
+            disks,
+            devices,
+            thin_links: self.thin_links.clone(),
+        }
     }
 
     /// Writes the configuration as it stands in memory, if there is a configuration
@@ -221,7 +227,11 @@ impl DeviceMapper {
         };
         self.config = Some(ConfigDisk { disk, area });
         match Snapshot::decode(&text) {
-            Ok(snapshot) => self.bring_up(&snapshot, &mut notes),
+            Ok(snapshot) => {
+                self.bring_up(&snapshot, &mut notes);
+                self.thin_links = snapshot.thin_links;
+                self.finish_thin_merges(&mut notes);
+            }
             Err(why) => notes.push(format!("config: cannot read the configuration: {why}")),
         }
         notes

@@ -6,6 +6,8 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 
+use super::thin_links::ThinLink;
+
 /// A disk a configuration refers to, as it was when the configuration was saved.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskRecord {
@@ -27,11 +29,14 @@ pub struct DeviceRecord {
 /// Everything a configuration holds. Encoded as text lines:
 /// `disk NAME SECTORS SERIAL` (serial percent-encoded, `-` when empty) and
 /// `device NAME rw|ro TABLE` (segments separated by `; `), devices in creation order
-/// (each only refers to disks and to devices before it).
+/// (each only refers to disks and to devices before it), then the links between
+/// thin devices (see [`ThinLink`]). A configuration without links (written before
+/// they existed) loads with none.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub disks: Vec<DiskRecord>,
     pub devices: Vec<DeviceRecord>,
+    pub thin_links: Vec<ThinLink>,
 }
 
 impl Snapshot {
@@ -49,6 +54,9 @@ impl Snapshot {
         for device in &self.devices {
             let mode = if device.read_only { "ro" } else { "rw" };
             let _ = writeln!(text, "device {} {mode} {}", device.name, device.table);
+        }
+        for link in &self.thin_links {
+            let _ = writeln!(text, "{}", link.encode());
         }
         text
     }
@@ -72,6 +80,10 @@ impl Snapshot {
                         read_only: mode == "ro",
                         table: table.to_string(),
                     })
+                }
+                (Some(kind), Some(pool), Some(snap), Some(origin)) => {
+                    let link = ThinLink::decode(kind, pool, snap, origin).ok_or_else(bad)?;
+                    snapshot.thin_links.push(link);
                 }
                 _ => return Err(bad()),
             }
@@ -137,6 +149,7 @@ mod tests {
                 read_only: true,
                 table: "0 4096 linear vdb 0".into(),
             }],
+            thin_links: Vec::new(),
         }
     }
 
