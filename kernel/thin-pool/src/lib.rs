@@ -33,7 +33,7 @@ mod usage;
 
 pub use blockdev::{Extent, SectorRun};
 pub use config::{Features, PoolConfig, PoolTable, TableError, ThinTable};
-pub use engine::DeleteProgress;
+pub use engine::{DeleteProgress, OriginMergeProgress};
 pub use io::{NOT_FAST, QueueFull, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 pub use message::{Errno, Message, MessageError};
 pub use pool::{OpenReport, Pool, PoolError, ThinVolume};
