@@ -49,7 +49,19 @@ fn describe(progress: &DeleteProgress, now_ns: u64) -> String {
 /// `jobs`: the background work of every pool, one line each.
 pub(crate) fn list(dm: &DeviceMapper, now_ns: u64, out: &mut dyn Write) {
     let deletes = dm.background_deletes();
-    if deletes.is_empty() {
+    let merges = dm.origin_merge_jobs();
+    for job in &merges {
+        outln!(
+            out,
+            "{}  {}: {} of {} {} copied",
+            job.id,
+            job.what,
+            job.done,
+            job.total,
+            job.unit
+        );
+    }
+    if deletes.is_empty() && merges.is_empty() {
         outln!(out, "no background jobs");
         return;
     }

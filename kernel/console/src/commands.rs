@@ -79,6 +79,11 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "snapshot a thin device into a new active device",
     ),
     (
+        "thin merge-origin NAME",
+        "copy the thin device's blocks into its external origin in the background, until \
+         it maps nothing",
+    ),
+    (
         "snap merge SNAP [--into THIN]",
         "give the device a thin snapshot was taken of (or THIN) the snapshot's content, \
          online, and remove the snapshot",

@@ -1,5 +1,7 @@
 //! `snap merge` — a snapshot's content goes back into the device it was taken of —
-//! dispatched on the snapshot's kind; thin snapshots merge by metadata alone.
+//! dispatched on the snapshot's kind; thin snapshots merge by metadata alone. And
+//! `thin merge-origin`, which copies a thin device's blocks into its external origin
+//! in the background.
 
 use alloc::string::String;
 use core::fmt::Write;
@@ -36,6 +38,24 @@ impl<P: Platform> Console<P> {
             );
         }
         self.thin_snap_merge(name, into, out)
+    }
+
+    /// `thin merge-origin NAME`.
+    pub(crate) fn thin_merge_origin(
+        &mut self,
+        args: &[String],
+        out: &mut dyn Write,
+    ) -> Result<(), CommandError> {
+        let [name] = args else {
+            return Err("usage: thin merge-origin NAME".into());
+        };
+        let name = bare_name(name);
+        let origin = self.dm.borrow_mut().thin_merge_origin(name)?;
+        outln!(
+            out,
+            "{name}: merging its blocks into {origin} in the background (jobs shows merge-origin/{name}); it keeps serving I/O"
+        );
+        Ok(())
     }
 
     fn thin_snap_merge(

@@ -193,3 +193,143 @@ fn thin_merges_refuse_what_cannot_merge_and_name_the_target_when_unrecorded() {
         "{listing}"
     );
 }
+
+/// The image disk's first 8 MiB, one byte per page.
+fn image_pages(image: &blockdev::MemDisk) -> Vec<u8> {
+    let mut bytes = alloc::vec![0u8; (PAGES * 4096) as usize];
+    image.read_at(0, &mut bytes);
+    bytes.chunks(4096).map(|page| page[0]).collect()
+}
+
+#[test]
+fn a_thin_device_merges_into_its_external_origin_while_serving_and_across_a_reboot() {
+    let disks = alloc::vec![
+        ("vda", mem_disk(8, "disk", "meta")),
+        ("vdb", mem_disk(32, "disk", "data")),
+        ("vdc", mem_disk(8, "disk", "image")),
+        ("vdd", mem_disk(4, "disk", "config")),
+        ("vde", mem_disk(8, "disk", "other")),
+    ];
+    let image = disks[2].1.handle();
+    let mut model: Vec<u8> = (0..PAGES).map(|page| (page % 200) as u8 + 1).collect();
+    for (page, &byte) in model.iter().enumerate() {
+        image.write_at(page as u64 * 4096, &[byte; 4096]);
+    }
+    let (mut console, _) = boot(&disks);
+    ok(&mut console, "config init vdd");
+    ok(&mut console, "pool create pool vda vdb");
+    ok(
+        &mut console,
+        "create image --table \"0 16384 linear vdc 0\"",
+    );
+    ok(
+        &mut console,
+        "create frozen --readonly --table \"0 16384 linear vde 0\"",
+    );
+    ok(&mut console, "thin create vol pool --origin image");
+    ok(&mut console, "thin create other pool --origin image");
+    ok(&mut console, "thin create cold pool --origin frozen");
+    ok(&mut console, "thin create plain pool --size 8M");
+    let refusals = [
+        (
+            "thin merge-origin image",
+            "error: thin merge-origin: image is a linear device, not a thin device",
+        ),
+        (
+            "thin merge-origin plain",
+            "error: thin merge-origin: plain has no external origin to merge into",
+        ),
+        (
+            "thin merge-origin vol",
+            "error: thin merge-origin: image is also used by other; merging would change what it reads",
+        ),
+        (
+            "thin merge-origin cold",
+            "error: thin merge-origin: frozen is read-only (created with --readonly); the merge writes to it",
+        ),
+    ];
+    for (line, expected) in refusals {
+        assert_eq!(error(&mut console, line), expected, "{line}");
+    }
+    ok(&mut console, "thin delete other");
+    let mut backend = nbd_backend(&console);
+    let (vol, _) = backend.open("vol").unwrap();
+    let mut rng = fastrand::Rng::with_seed(8);
+    for _ in 0..300 {
+        let page = rng.u64(..PAGES);
+        let byte = rng.u8(1..);
+        write_page(&mut backend, vol, page, byte);
+        model[page as usize] = byte;
+    }
+    assert_eq!(
+        ok(&mut console, "thin merge-origin vol"),
+        "vol: merging its blocks into image in the background (jobs shows merge-origin/vol); it keeps serving I/O\r\n"
+    );
+    let jobs = ok(&mut console, "jobs");
+    assert!(
+        jobs.starts_with("merge-origin/vol  merge of vol into its external origin: ")
+            && jobs.ends_with(" blocks copied\r\n"),
+        "{jobs}"
+    );
+    let config = ok(&mut console, "config show");
+    assert!(
+        config.contains("thin device 0 of pool is being merged into its external origin"),
+        "{config}"
+    );
+    // A reboot in the middle: the merge starts again and completes.
+    drop(backend);
+    drop(console);
+    let (mut console, notes) = boot(&disks);
+    assert!(
+        notes.contains("config: vol: merging into its origin again"),
+        "{notes}"
+    );
+    let mut backend = nbd_backend(&console);
+    let (vol, _) = backend.open("vol").unwrap();
+    // Writes and reads while the merge runs, then only reads until it is done (a
+    // write after it finished would be an ordinary write again).
+    let mut events = alloc::string::String::new();
+    let mut writes_during = 0;
+    for round in 0..10_000 {
+        let jobs = ok(&mut console, "jobs");
+        events.push_str(&jobs);
+        if jobs.contains("no background jobs") {
+            break;
+        }
+        // Checked without polling: once a write is in the pool, the merge cannot
+        // finish before it has copied that block again.
+        for _ in 0..4 {
+            if round >= 40 || console.dm.borrow().origin_merge_jobs().is_empty() {
+                break;
+            }
+            let page = rng.u64(..PAGES);
+            let byte = rng.u8(1..);
+            write_page(&mut backend, vol, page, byte);
+            model[page as usize] = byte;
+            writes_during += 1;
+        }
+        let check = rng.u64(..PAGES);
+        let data = read_page(&mut backend, vol, check).unwrap();
+        assert!(
+            data.iter().all(|&b| b == model[check as usize]),
+            "page {check}"
+        );
+    }
+    assert!(
+        writes_during >= 4,
+        "only {writes_during} writes during the merge"
+    );
+    assert!(
+        events.contains("pool: thin device 0 is merged into its origin ("),
+        "{events}"
+    );
+    assert_eq!(pages(&mut backend, vol), model);
+    assert_eq!(image_pages(&image), model);
+    let status = ok(&mut console, "status vol");
+    assert_eq!(status, "0 16384 thin 0 -\r\n");
+    let config = ok(&mut console, "config show");
+    assert!(
+        !config.contains("merged into its external origin"),
+        "{config}"
+    );
+}

@@ -125,6 +125,7 @@ impl<P: Platform> Console<P> {
             return Err(USAGE.into());
         };
         match verb.as_str() {
+            "merge-origin" => self.thin_merge_origin(rest, out),
             "create" => {
                 let options = Options::parse(rest, &["--size", "--origin"], &[], USAGE)?;
                 let [name, pool] = options.positional.as_slice() else {

@@ -320,15 +320,22 @@ impl DeviceMapper {
     /// print.
     pub fn tick(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
+        let mut merged = Vec::new();
         for device in self.devices() {
             if let State::Active(active) = &device.state
                 && let Some(pool) = active.io.pool()
             {
                 pool.service(clock);
                 while let Some(event) = pool.next_event() {
+                    if let thin_pool::PoolEvent::OriginMergeFinished { dev, .. } = event {
+                        merged.push((device.name.clone(), dev));
+                    }
                     events.push(format!("{}: {event}", device.name));
                 }
             }
+        }
+        for (pool, dev) in merged {
+            self.origin_merge_finished(&pool, dev);
         }
         events
     }

@@ -74,6 +74,10 @@ impl DeviceMapper {
                     "thin device {} of {} is being merged into thin device {}",
                     link.snap, link.pool, link.origin
                 ),
+                LinkKind::IntoExternalOrigin => format!(
+                    "thin device {} of {} is being merged into its external origin",
+                    link.snap, link.pool
+                ),
             })
             .collect()
     }

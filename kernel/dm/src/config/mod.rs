@@ -231,6 +231,7 @@ impl DeviceMapper {
                 self.bring_up(&snapshot, &mut notes);
                 self.thin_links = snapshot.thin_links;
                 self.finish_thin_merges(&mut notes);
+                self.resume_origin_merges(&mut notes);
             }
             Err(why) => notes.push(format!("config: cannot read the configuration: {why}")),
         }

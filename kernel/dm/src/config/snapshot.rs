@@ -81,7 +81,7 @@ impl Snapshot {
                         table: table.to_string(),
                     })
                 }
-                (Some(kind), Some(pool), Some(snap), Some(origin)) => {
+                (Some(kind), Some(pool), Some(snap), origin) => {
                     let link = ThinLink::decode(kind, pool, snap, origin).ok_or_else(bad)?;
                     snapshot.thin_links.push(link);
                 }

@@ -15,6 +15,8 @@ pub enum LinkKind {
     SnapshotOf,
     /// `snap` is being merged into `origin`.
     Merging,
+    /// `snap` is being merged into its external origin (`origin` is `snap` too).
+    IntoExternalOrigin,
 }
 
 /// Two thin devices of one pool and how they are linked.
@@ -30,26 +32,32 @@ pub struct ThinLink {
 impl ThinLink {
     /// The record's line (no newline).
     pub fn encode(&self) -> String {
-        let kind = match self.kind {
-            LinkKind::SnapshotOf => "thin-origin",
-            LinkKind::Merging => "thin-merge",
-        };
-        format!("{kind} {} {} {}", self.pool, self.snap, self.origin)
+        match self.kind {
+            LinkKind::SnapshotOf => {
+                format!("thin-origin {} {} {}", self.pool, self.snap, self.origin)
+            }
+            LinkKind::Merging => format!("thin-merge {} {} {}", self.pool, self.snap, self.origin),
+            LinkKind::IntoExternalOrigin => {
+                format!("thin-merge-origin {} {}", self.pool, self.snap)
+            }
+        }
     }
 
     /// Parses the words of a record line; `None` when `kind` is not a link record
     /// or a field is malformed.
-    pub fn decode(kind: &str, pool: &str, snap: &str, origin: &str) -> Option<Self> {
-        let kind = match kind {
-            "thin-origin" => LinkKind::SnapshotOf,
-            "thin-merge" => LinkKind::Merging,
+    pub fn decode(kind: &str, pool: &str, snap: &str, origin: Option<&str>) -> Option<Self> {
+        let snap: u64 = snap.parse().ok()?;
+        let (kind, origin) = match (kind, origin) {
+            ("thin-origin", Some(origin)) => (LinkKind::SnapshotOf, origin.parse().ok()?),
+            ("thin-merge", Some(origin)) => (LinkKind::Merging, origin.parse().ok()?),
+            ("thin-merge-origin", None) => (LinkKind::IntoExternalOrigin, snap),
             _ => return None,
         };
         Some(ThinLink {
             kind,
             pool: pool.to_string(),
-            snap: snap.parse().ok()?,
-            origin: origin.parse().ok()?,
+            snap,
+            origin,
         })
     }
 }
@@ -68,10 +76,22 @@ mod tests {
         };
         assert_eq!(link.encode(), "thin-merge pool0 7 2");
         assert_eq!(
-            ThinLink::decode("thin-merge", "pool0", "7", "2"),
+            ThinLink::decode("thin-merge", "pool0", "7", Some("2")),
             Some(link)
         );
-        assert_eq!(ThinLink::decode("thin-origin", "p", "x", "2"), None);
-        assert_eq!(ThinLink::decode("device", "p", "1", "2"), None);
+        let into_origin = ThinLink {
+            kind: LinkKind::IntoExternalOrigin,
+            pool: "p".into(),
+            snap: 3,
+            origin: 3,
+        };
+        assert_eq!(into_origin.encode(), "thin-merge-origin p 3");
+        assert_eq!(
+            ThinLink::decode("thin-merge-origin", "p", "3", None),
+            Some(into_origin)
+        );
+        assert_eq!(ThinLink::decode("thin-origin", "p", "x", Some("2")), None);
+        assert_eq!(ThinLink::decode("thin-origin", "p", "1", None), None);
+        assert_eq!(ThinLink::decode("device", "p", "1", Some("2")), None);
     }
 }
