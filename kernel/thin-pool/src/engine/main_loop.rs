@@ -10,7 +10,7 @@ impl Core {
     /// happened.
     pub fn progress(&mut self) -> bool {
         let mut any = self.run_ready();
-        if self.origin_merge_steps(false) {
+        if self.origin_merge_steps(None) {
             self.run_ready();
             any = true;
         }
@@ -87,7 +87,7 @@ impl Core {
             }
         }
         self.paced_delete_step(clock);
-        if self.origin_merge_steps(true) {
+        if self.origin_merge_steps(Some(clock())) {
             self.run_ready();
         }
         self.progress();

@@ -7,8 +7,8 @@
 //! the bio prison (requests touching them wait, as for a block being provisioned),
 //! after the I/O already in flight on their data blocks has finished; reads each
 //! block from the data device and writes it to the origin; flushes the origin; then
-//! unmaps the blocks in the current transaction, asks for a commit and releases the
-//! waiting requests, which now find the blocks unmapped: reads go to the origin,
+//! unmaps the blocks in the current transaction (committed with the next commit) and
+//! releases the waiting requests, which now find the blocks unmapped: reads go to the origin,
 //! writes provision again (copying from the origin, which has the data). So at any
 //! power cut the committed metadata either still maps a block — whose data block is
 //! untouched — or the origin has durably received it before the unmapping was
@@ -16,13 +16,20 @@
 //! over the device; the merge is complete when a pass finds no mapping at all.
 //!
 //! Each poll of the pool takes at most one step (finishing a batch, starting the
-//! next), and while clients have requests in the pool a batch starts only from the
-//! timer (`service`), so copying takes a bounded share of the devices.
+//! next). While clients have requests in the pool, a batch starts only from the
+//! timer (`service`), and not before three times the last batch's duration has
+//! passed, so copying takes at most about a quarter of the devices' time. The
+//! unmappings are committed with the pool's next commit, not one per batch.
 
 use super::*;
 
-/// Blocks copied per batch (each batch ends with an origin flush and a commit).
-const BATCH_BLOCKS: usize = 16;
+/// Sectors copied per batch, at most (each batch ends with an origin flush), and
+/// at most this many blocks.
+const BATCH_SECTORS: u64 = 8192;
+const BATCH_BLOCKS: u64 = 64;
+/// While requests come in, a batch is followed by three times its own time
+/// without batches, as deletes are paced.
+const BUSY_PAUSE_FACTOR: u64 = 3;
 
 /// How far a merge into an external origin has come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +57,15 @@ pub(crate) struct OriginMerge {
     batch: Vec<(u64, u64)>,
     /// Reads, writes and the flush of the batch not finished yet.
     in_flight: u32,
+    /// When the batch started (the pool's clock at the last timer call); the last
+    /// batch ended since the last timer call; while requests come in, no batch
+    /// before `next_batch_ns`.
+    batch_started_ns: u64,
+    pause_pending: bool,
+    next_batch_ns: u64,
+    /// Requests the pool had accepted when the batch started: more now means
+    /// clients are doing I/O, even if none is in the pool at this moment.
+    requests_at_batch: u64,
     flushed: bool,
     error: Option<IoError>,
 }
@@ -111,6 +127,10 @@ impl Core {
             cursor: 0,
             batch: Vec::new(),
             in_flight: 0,
+            batch_started_ns: 0,
+            pause_pending: false,
+            next_batch_ns: 0,
+            requests_at_batch: self.requests_accepted,
             flushed: false,
             error: None,
         });
@@ -157,8 +177,9 @@ impl Core {
     }
 
     /// Finishes batches whose I/O is done and starts new ones (while requests are
-    /// in the pool, only when `from_timer`). Returns whether anything happened.
-    pub(super) fn origin_merge_steps(&mut self, from_timer: bool) -> bool {
+    /// in the pool, only from the timer, which gives the time `timer_ns`, and
+    /// paced). Returns whether anything happened.
+    pub(super) fn origin_merge_steps(&mut self, timer_ns: Option<u64>) -> bool {
         let mut did = false;
         let mut index = 0;
         while index < self.origin_merges.len() {
@@ -174,8 +195,18 @@ impl Core {
                     continue;
                 }
             }
-            let idle = self.reqs.is_empty();
-            if (idle || from_timer) && self.mode.metadata_writable() {
+            let job = &mut self.origin_merges[index];
+            let idle = self.reqs.is_empty() && self.requests_accepted == job.requests_at_batch;
+            if let Some(now) = timer_ns
+                && job.pause_pending
+            {
+                // The batch took at most from its start to this timer call.
+                let took = now.saturating_sub(job.batch_started_ns);
+                job.next_batch_ns = now + took * BUSY_PAUSE_FACTOR;
+                job.pause_pending = false;
+            }
+            let paced = timer_ns.is_some_and(|now| !job.pause_pending && now >= job.next_batch_ns);
+            if (idle || paced) && self.mode.metadata_writable() {
                 match self.start_batch(index) {
                     Ok(true) => did = true,
                     Ok(false) => {}
@@ -211,9 +242,10 @@ impl Core {
             .map_err(md_error)?
             .map_or(0, |h| h + 1);
         let bs = self.block_sectors;
+        let most = (BATCH_SECTORS / bs).clamp(1, BATCH_BLOCKS) as usize;
         let mut batch = Vec::new();
         let mut position = cursor;
-        'runs: while position < end && batch.len() < BATCH_BLOCKS {
+        'runs: while position < end && batch.len() < most {
             let runs = self
                 .md
                 .lookup_range(dev, position, end, LOOKUP_RUNS)
@@ -243,7 +275,7 @@ impl Core {
                         continue;
                     }
                     batch.push((vblock, data));
-                    if batch.len() == BATCH_BLOCKS {
+                    if batch.len() == most {
                         break 'runs;
                     }
                 }
@@ -291,6 +323,8 @@ impl Core {
         let job = &mut self.origin_merges[index];
         job.batch = batch;
         job.flushed = false;
+        job.batch_started_ns = self.now_ns;
+        job.requests_at_batch = self.requests_accepted;
         Ok(true)
     }
 
@@ -375,11 +409,13 @@ impl Core {
             self.release_cell(dev, vblock);
         }
         if unmapped > 0 {
+            // Committed with the next commit (periodic, or one a request needs):
+            // until then the mappings stand, over data the origin has too.
             self.md_dirty = true;
             self.frees_since_commit = true;
-            self.commit.requested = true;
             self.origin_merges[index].copied += unmapped;
         }
+        self.origin_merges[index].pause_pending = true;
         match failure.or(md_failure) {
             Some(why) => {
                 self.end_origin_merge(index, Some(why));
@@ -404,6 +440,8 @@ impl Core {
     /// copied and unmapped so far stays so).
     fn end_origin_merge(&mut self, index: usize, failure: Option<String>) {
         let job = self.origin_merges.remove(index);
+        // What was unmapped becomes durable soon, whatever comes next.
+        self.commit.requested |= self.md_dirty;
         self.events.push_back(match failure {
             None => PoolEvent::OriginMergeFinished {
                 dev: job.dev,
