@@ -85,13 +85,19 @@ pub(crate) const HELP: &[(&str, &str)] = &[
          ORIGIN-real stack) [--chunk-size SECTORS] [--force: DEV holds data]",
     ),
     (
-        "snap merge NAME [--background]",
-        "merge a COW snapshot back into its origin while it serves I/O; follows the merge \
-         (Ctrl-C detaches) unless --background",
+        "snap merge NAME [--into THIN] [--background]",
+        "merge a snapshot back: a thin snapshot's content goes to the device it was taken \
+         of (or THIN) at once, online; a COW snapshot merges into its origin in the \
+         background while it serves I/O, followed (Ctrl-C detaches) unless --background",
     ),
     (
         "snap remove NAME [--force]",
         "remove a COW snapshot (the origin returns to its own table with the last one)",
+    ),
+    (
+        "thin merge-origin NAME",
+        "copy the thin device's blocks into its external origin in the background, until \
+         it maps nothing",
     ),
     (
         "thin delete NAME [--background]",

@@ -463,6 +463,9 @@ fn show_config(dm: &DeviceMapper, out: &mut dyn Write) {
             device.table()
         );
     }
+    for line in dm.thin_link_lines() {
+        outln!(out, "{line}");
+    }
 }
 
 /// An identifier for a new configuration area, different for every disk and moment

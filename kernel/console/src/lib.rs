@@ -29,6 +29,7 @@ mod disk_test;
 mod dm_commands;
 mod editor;
 mod job;
+mod merge_commands;
 mod net;
 mod pool_commands;
 mod tokenize;
@@ -275,6 +276,8 @@ mod delete_tests;
 mod dm_tests;
 #[cfg(test)]
 mod format_tests;
+#[cfg(test)]
+mod merge_tests;
 #[cfg(test)]
 mod pool_tests;
 #[cfg(test)]

@@ -125,6 +125,7 @@ impl<P: Platform> Console<P> {
             return Err(USAGE.into());
         };
         match verb.as_str() {
+            "merge-origin" => self.thin_merge_origin(rest, out),
             "create" => {
                 let options = Options::parse(rest, &["--size", "--origin"], &[], USAGE)?;
                 let [name, pool] = options.positional.as_slice() else {
@@ -198,7 +199,13 @@ impl<P: Platform> Console<P> {
         if let Some(result) = self.cow_snap_command(args, out) {
             return result;
         }
-        const USAGE: &str = "usage: snap create NAME ORIGIN_THIN_DEVICE";
+        const USAGE: &str =
+            "usage: snap create NAME ORIGIN_THIN_DEVICE | snap merge SNAPSHOT [--into THIN_DEVICE]";
+        if let Some((verb, rest)) = args.split_first()
+            && verb == "merge"
+        {
+            return self.snap_merge(rest, out);
+        }
         let [verb, name, origin] = args else {
             return Err(USAGE.into());
         };
@@ -282,6 +289,7 @@ fn new_thin(
         None => format!("create_thin {dev}"),
     };
     dm.message(pool, &message)?;
+    dm.record_new_thin(pool, dev, snapshot_of);
     let table = match origin {
         Some(origin) => format!("0 {sectors} thin {pool} {dev} {origin}"),
         None => format!("0 {sectors} thin {pool} {dev}"),

@@ -91,6 +91,7 @@ impl DeviceMapper {
             }
         }
         jobs.extend(self.snapshot_merges());
+        jobs.extend(self.origin_merge_jobs());
         jobs.extend(self.jobs.iter().map(|job| job.status()));
         jobs
     }

@@ -37,6 +37,7 @@ mod grow;
 mod jobs;
 mod mapper;
 mod nbd_backend;
+mod origin_merge;
 mod origins;
 mod region;
 mod reload;
@@ -44,6 +45,7 @@ mod snapshots;
 mod span;
 pub mod table;
 mod targets;
+mod thin_merge;
 mod units;
 
 pub use activate::Format;
@@ -55,6 +57,8 @@ pub use jobs::{Job, JobStatus, JobStep, delete_job_id};
 pub use mapper::DeviceMapper;
 pub use nbd_backend::NbdBackend;
 pub use table::{Segment, Table, Target, bare_name};
+pub use thin_merge::ThinMerge;
+pub use thin_pool::DeleteProgress;
 pub use units::human_bytes;
 
 use alloc::string::String;

@@ -16,7 +16,7 @@ use blockdev::{BlockDevice, Command};
 
 use crate::Error;
 use crate::activate::Format;
-use crate::config::{ConfigDisk, DiskRecord, OriginRecord};
+use crate::config::{ConfigDisk, DiskRecord, OriginRecord, ThinLink};
 use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
 use crate::jobs::{Job, Pacing};
@@ -46,6 +46,8 @@ pub struct DeviceMapper {
     /// NBD requests submitted so far: background steps give way while they come.
     pub(crate) requests_submitted: u64,
     pub(crate) pacing: Pacing,
+    /// Snapshot origins and merges under way, by pool and thin id.
+    pub(crate) thin_links: Vec<ThinLink>,
 }
 
 impl DeviceMapper {
@@ -64,6 +66,7 @@ impl DeviceMapper {
             origins: Vec::new(),
             requests_submitted: 0,
             pacing: Pacing::default(),
+            thin_links: Vec::new(),
         }
     }
 
@@ -229,6 +232,13 @@ impl DeviceMapper {
             self.devices.insert(id, device);
             return Err(error);
         }
+        self.shut_down(device)
+    }
+
+    /// Stops a device taken out of the table: its I/O in flight finishes, requests
+    /// held while it was suspended fail as for a removed export, a pool is closed.
+    pub(crate) fn shut_down(&mut self, device: Device) -> Result<(), Error> {
+        let name = device.name;
         if let State::Active(mut active) = device.state {
             active.io.drain();
             while let Some(done) = active.io.poll() {
@@ -275,6 +285,7 @@ impl DeviceMapper {
                 })?;
             return Err(error);
         }
+        self.forget_thin_id(&pool, dev);
         Ok((pool, dev))
     }
 
@@ -315,15 +326,22 @@ impl DeviceMapper {
     /// the events to print.
     pub fn tick(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
+        let mut merged = Vec::new();
         for device in self.devices() {
             if let State::Active(active) = &device.state
                 && let Some(pool) = active.io.pool()
             {
                 pool.service(clock);
                 while let Some(event) = pool.next_event() {
+                    if let thin_pool::PoolEvent::OriginMergeFinished { dev, .. } = event {
+                        merged.push((device.name.clone(), dev));
+                    }
                     events.push(format!("{}: {event}", device.name));
                 }
             }
+        }
+        for (pool, dev) in merged {
+            self.origin_merge_finished(&pool, dev);
         }
         self.step_snapshot_targets(clock, &mut events);
         events.extend(self.background_steps(clock));
@@ -369,6 +387,13 @@ impl DeviceMapper {
                 error.errno.name()
             ))
         })?;
+        if let Some(dev) = text
+            .strip_prefix("delete ")
+            .and_then(|id| id.trim().parse().ok())
+        {
+            let pool = bare_name(&name).to_string();
+            self.forget_thin_id(&pool, dev);
+        }
         self.origins_after_message(&name, text)
     }
 

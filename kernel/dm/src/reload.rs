@@ -93,6 +93,11 @@ impl DeviceMapper {
                 inactive.rename(from, to);
             }
         }
+        for link in &mut self.thin_links {
+            if link.pool == from {
+                link.pool = to.to_string();
+            }
+        }
         self.devices.get_mut(&id).expect("renamed device").name = to.to_string();
         self.rename_in_origins(from, to);
     }

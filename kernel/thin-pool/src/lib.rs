@@ -34,7 +34,7 @@ mod usage;
 
 pub use blockdev::{Extent, SectorRun};
 pub use config::{Features, PoolConfig, PoolTable, TableError, ThinTable};
-pub use engine::DeleteProgress;
+pub use engine::{DeleteProgress, OriginMergeProgress};
 pub use format::PoolFormat;
 pub use io::{NOT_FAST, QueueFull, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 pub use message::{Errno, Message, MessageError};

@@ -13,7 +13,7 @@ use persistent_data::Error as MdError;
 use persistent_data::thin::{FormatPolicy, OpenOptions, ThinMetadata};
 
 use crate::config::{MAX_DATA_BLOCK_SIZE, MIN_DATA_BLOCK_SIZE, PoolConfig, valid_block_size};
-use crate::engine::{Core, DeleteProgress, VolId};
+use crate::engine::{Core, DeleteProgress, OriginMergeProgress, VolId};
 use crate::io::{QueueFull, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 use crate::message::{Errno, Message, MessageError};
 use crate::status::{PoolEvent, PoolMode, PoolStatus, ThinStatus, ThinUsage};
@@ -290,6 +290,12 @@ impl Pool {
         self.core.borrow().deletes().copied().collect()
     }
 
+    /// Thin devices being merged into their external origins (see
+    /// [`ThinVolume::start_origin_merge`]).
+    pub fn origin_merges(&self) -> Vec<OriginMergeProgress> {
+        self.core.borrow_mut().origin_merges()
+    }
+
     /// The live metadata (`metadata_snap = false`) or the held metadata snapshot as
     /// `thin_dump` XML.
     pub fn dump_xml(
@@ -437,6 +443,17 @@ impl ThinVolume {
     /// Whether unprovisioned blocks read from an external origin.
     pub fn has_origin(&self) -> bool {
         self.core.borrow().has_origin(self.vol)
+    }
+
+    /// Starts merging this thin device into its external origin in the background
+    /// (steps run from [`Pool::poll`] and [`Pool::service`]): every provisioned
+    /// block is copied to `target` — the origin's sectors, writable — and then
+    /// unmapped, until the device maps nothing; an event says when it is done.
+    /// Requests go on meanwhile (a block being copied holds them back briefly).
+    /// Refused when a mapped block ends past the origin's end. The merge state is
+    /// the mappings themselves: after a power cut, starting again goes on.
+    pub fn start_origin_merge(&mut self, target: Box<dyn BlockDevice>) -> Result<(), MessageError> {
+        self.core.borrow_mut().start_origin_merge(self.vol, target)
     }
 
     /// Queues a request; refused only when the volume's queue is full.

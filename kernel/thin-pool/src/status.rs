@@ -167,6 +167,10 @@ pub enum PoolEvent {
     DeleteFinished { dev: u64 },
     /// The blocks only a merged origin's old content used are all released.
     MergeReleased { dev: u64 },
+    /// Thin device `dev` is merged into its external origin: it maps nothing now.
+    OriginMergeFinished { dev: u64, blocks: u64 },
+    /// Merging thin device `dev` into its external origin stopped.
+    OriginMergeFailed { dev: u64, why: String },
 }
 
 impl fmt::Display for PoolEvent {
@@ -211,6 +215,14 @@ impl fmt::Display for PoolEvent {
             PoolEvent::MergeReleased { dev } => write!(
                 f,
                 "thin device {dev} merged: the blocks of its content before the merge are released"
+            ),
+            PoolEvent::OriginMergeFinished { dev, blocks } => write!(
+                f,
+                "thin device {dev} is merged into its origin ({blocks} blocks copied); it maps nothing now"
+            ),
+            PoolEvent::OriginMergeFailed { dev, why } => write!(
+                f,
+                "merging thin device {dev} into its origin stopped: {why} (run it again to go on)"
             ),
         }
     }

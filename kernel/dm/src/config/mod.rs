@@ -5,10 +5,12 @@
 mod area;
 mod origins;
 mod snapshot;
+mod thin_links;
 
 pub use area::{AREA_SECTORS, Area, MAX_PAYLOAD, SlotState};
 pub use origins::OriginRecord;
 pub use snapshot::{DeviceRecord, DiskRecord, Snapshot};
+pub use thin_links::{LinkKind, ThinLink};
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -80,6 +82,7 @@ impl DeviceMapper {
             disks,
             devices,
             origins: self.origins.clone(),
+            thin_links: self.thin_links.clone(),
         }
     }
 
@@ -227,7 +230,12 @@ impl DeviceMapper {
         };
         self.config = Some(ConfigDisk { disk, area });
         match Snapshot::decode(&text) {
-            Ok(snapshot) => self.bring_up(&snapshot, &mut notes),
+            Ok(snapshot) => {
+                self.bring_up(&snapshot, &mut notes);
+                self.thin_links = snapshot.thin_links;
+                self.finish_thin_merges(&mut notes);
+                self.resume_origin_merges(&mut notes);
+            }
             Err(why) => notes.push(format!("config: cannot read the configuration: {why}")),
         }
         notes

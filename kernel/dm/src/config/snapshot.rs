@@ -7,6 +7,7 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use super::origins::OriginRecord;
+use super::thin_links::ThinLink;
 
 /// A disk a configuration refers to, as it was when the configuration was saved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,12 +30,15 @@ pub struct DeviceRecord {
 /// Everything a configuration holds. Encoded as text lines:
 /// `disk NAME SECTORS SERIAL` (serial percent-encoded, `-` when empty) and
 /// `device NAME rw|ro TABLE` (segments separated by `; `), devices in creation order
-/// (each only refers to disks and to devices before it), then the `origin` records.
+/// (each only refers to disks and to devices before it), then the `origin` records,
+/// then the links between thin devices (see [`ThinLink`]). A configuration without
+/// either (written before they existed) loads with none.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub disks: Vec<DiskRecord>,
     pub devices: Vec<DeviceRecord>,
     pub origins: Vec<OriginRecord>,
+    pub thin_links: Vec<ThinLink>,
 }
 
 impl Snapshot {
@@ -55,6 +59,9 @@ impl Snapshot {
         }
         for origin in &self.origins {
             let _ = writeln!(text, "{}", origin.encode());
+        }
+        for link in &self.thin_links {
+            let _ = writeln!(text, "{}", link.encode());
         }
         text
     }
@@ -82,6 +89,10 @@ impl Snapshot {
                 (Some("origin"), ..) => snapshot
                     .origins
                     .push(OriginRecord::decode(line).ok_or_else(bad)?),
+                (Some(kind), Some(pool), Some(snap), origin) => {
+                    let link = ThinLink::decode(kind, pool, snap, origin).ok_or_else(bad)?;
+                    snapshot.thin_links.push(link);
+                }
                 _ => return Err(bad()),
             }
         }
@@ -147,6 +158,7 @@ mod tests {
                 table: "0 4096 linear vdb 0".into(),
             }],
             origins: Vec::new(),
+            thin_links: Vec::new(),
         }
     }
 

@@ -41,6 +41,15 @@ impl ThinIo {
         self.volume.info().discard
     }
 
+    /// Starts merging the thin device into its external origin, written through
+    /// `target`.
+    pub(crate) fn start_origin_merge(
+        &mut self,
+        target: alloc::boxed::Box<dyn BlockDevice>,
+    ) -> Result<(), thin_pool::MessageError> {
+        self.volume.start_origin_merge(target)
+    }
+
     pub(crate) fn congested(&self) -> bool {
         !self.waiting.is_empty()
     }

@@ -52,7 +52,7 @@ impl Core {
 
     pub(super) fn delete(&mut self, dev: u64) -> Result<(), MessageError> {
         let context = format!("Deletion of thin device {dev} failed");
-        if self.device_active(dev) {
+        if self.device_active(dev) || self.origin_merging(dev) {
             return Err(MessageError::new(
                 Errno::Ebusy,
                 format!("{context}: the device is active (open); deactivate it first"),

@@ -5,9 +5,21 @@
 use super::*;
 
 impl Core {
-    /// Reaps device completions and runs everything that became ready. Returns
-    /// whether anything happened.
+    /// Reaps device completions and runs everything that became ready, then takes
+    /// one step of the merges into external origins. Returns whether anything
+    /// happened.
     pub fn progress(&mut self) -> bool {
+        let mut any = self.run_ready();
+        if self.origin_merge_steps(None) {
+            self.run_ready();
+            any = true;
+        }
+        any
+    }
+
+    /// Reaps device completions and runs everything that became ready, until
+    /// nothing is left to do. Returns whether anything happened.
+    fn run_ready(&mut self) -> bool {
         let mut any = false;
         loop {
             let mut did = false;
@@ -29,6 +41,7 @@ impl Core {
                 self.on_completion(completion);
             }
             did |= self.data.pump();
+            did |= self.poll_merge_targets();
             while let Some(span) = self.ready.pop_front() {
                 self.process_span(span);
                 did = true;
@@ -74,6 +87,9 @@ impl Core {
             }
         }
         self.paced_delete_step(clock);
+        if !self.origin_merges.is_empty() && self.origin_merge_steps(Some(clock())) {
+            self.run_ready();
+        }
         self.progress();
     }
 
@@ -155,6 +171,9 @@ impl Core {
                 }
             }
             DevOp::Flush => self.flush_done(result),
+            DevOp::MergeRead { dev, sector } => self.merge_read_done(dev, sector, buf, result),
+            DevOp::MergeWrite { dev } => self.merge_write_done(dev, result, false),
+            DevOp::MergeFlush { dev } => self.merge_write_done(dev, result, true),
         }
     }
 

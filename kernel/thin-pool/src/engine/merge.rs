@@ -22,6 +22,12 @@ impl Core {
                 &context,
             ));
         }
+        if self.origin_merging(snap) || self.origin_merging(origin) {
+            return Err(MessageError::new(
+                Errno::Ebusy,
+                format!("{context}: a merge into an external origin is running on it"),
+            ));
+        }
         if self.volumes.iter().any(|(_, v)| v.dev == snap && v.open) {
             return Err(MessageError::new(
                 Errno::Ebusy,

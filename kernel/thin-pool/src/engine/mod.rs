@@ -37,6 +37,7 @@ mod intake;
 mod main_loop;
 mod management;
 mod merge;
+mod origin_merge;
 mod prep;
 mod provision;
 mod space;
@@ -63,6 +64,8 @@ use crate::status::{DiscardMode, PoolEvent, PoolMode, PoolStatus, ThinStatus};
 use crate::uncommitted::Uncommitted;
 use blockdev::{Extent, SectorRun};
 pub use deletion::DeleteProgress;
+use origin_merge::OriginMerge;
+pub use origin_merge::OriginMergeProgress;
 
 /// Largest piece a prep copies or zeroes at once (1 MiB), bounding its memory.
 const SEGMENT_SECTORS: u64 = 2048;
@@ -285,6 +288,18 @@ enum DevOp {
         begin: u64,
     },
     Flush,
+    /// A read of a block being merged into `dev`'s origin, for origin `sector`.
+    MergeRead {
+        dev: u64,
+        sector: u64,
+    },
+    /// A write of that block to the origin, and the origin flush after a batch.
+    MergeWrite {
+        dev: u64,
+    },
+    MergeFlush {
+        dev: u64,
+    },
 }
 
 /// A discard for the data device, waiting until no I/O to its blocks is in flight.
@@ -358,6 +373,8 @@ pub(crate) struct Core {
     md_dirty: bool,
     /// Devices whose mappings are released in the background (their reserved id).
     deletes: VecDeque<(u64, DeleteProgress)>,
+    /// Thin devices being merged into their external origins.
+    origin_merges: Vec<OriginMerge>,
     /// While requests come in, no delete step before this time.
     next_delete_step_ns: u64,
     /// Requests accepted so far, and the count at the last delete step's check:
@@ -450,6 +467,7 @@ impl Core {
             commit: CommitState::default(),
             md_dirty: false,
             deletes: VecDeque::new(),
+            origin_merges: Vec::new(),
             next_delete_step_ns: 0,
             requests_accepted: 0,
             requests_at_last_step: 0,
