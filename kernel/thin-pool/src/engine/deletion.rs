@@ -9,7 +9,7 @@ use super::*;
 
 /// Mappings a delete releases per step (and a device may have to be deleted in one
 /// go): about a millisecond of CPU on a desktop core.
-const DELETE_STEP_MAPPINGS: u64 = 4096;
+pub(super) const DELETE_STEP_MAPPINGS: u64 = 4096;
 /// While requests come in, a step is followed by three times its own time without
 /// steps, so deleting takes at most a quarter of the time from I/O.
 const BUSY_PAUSE_FACTOR: u64 = 3;
@@ -28,7 +28,13 @@ pub struct DeleteProgress {
 
 impl Core {
     /// Queues the deletes a previous run of the pool left unfinished.
+    /// Views pinned by a previous run are released the same way.
     pub fn resume_deletes(&mut self) -> Result<(), MdError> {
+        if self.mode.metadata_writable() {
+            for view in self.md.views()? {
+                self.unpin_view(view);
+            }
+        }
         for pending in self.md.pending_deletes()? {
             self.queue_delete(pending);
         }
@@ -40,7 +46,7 @@ impl Core {
         self.deletes.iter().map(|(_, progress)| progress)
     }
 
-    fn queue_delete(&mut self, pending: PendingDelete) {
+    pub(super) fn queue_delete(&mut self, pending: PendingDelete) {
         let progress = DeleteProgress {
             dev: pending.dev,
             total: pending.remaining,
@@ -168,7 +174,10 @@ impl Core {
         };
         self.md_dirty = true;
         if runs.is_empty() {
-            if let Some((_, done)) = self.deletes.pop_front() {
+            if let Some((_, done)) = self.deletes.pop_front()
+                && !ThinMetadata::is_reserved_id(done.dev)
+            {
+                // (Released views are housekeeping, not an operator's delete.)
                 self.events
                     .push_back(PoolEvent::DeleteFinished { dev: done.dev });
             }

@@ -40,6 +40,7 @@ mod prep;
 mod provision;
 mod space;
 mod spans;
+mod views;
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
