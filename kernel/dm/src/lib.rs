@@ -25,6 +25,7 @@
 extern crate alloc;
 
 mod activate;
+mod changed;
 pub mod config;
 mod device;
 mod disk;
@@ -39,6 +40,7 @@ mod targets;
 mod units;
 
 pub use activate::Format;
+pub use changed::CHANGED_CONTEXT_PREFIX;
 pub use device::{Active, Device, State};
 pub use disk::{Disk, DiskEntry};
 pub use grow::PoolPart;

@@ -35,6 +35,9 @@ pub struct DeviceMapper {
     /// Saved disks that were not found at boot, kept so saving the configuration again
     /// does not forget how to recognise them.
     pub(crate) missing_disks: Vec<DiskRecord>,
+    /// Changed-block views NBD connections hold, by context handle.
+    pub(crate) views: BTreeMap<u64, thin_pool::ChangedView>,
+    pub(crate) next_view: u64,
 }
 
 impl DeviceMapper {
@@ -48,6 +51,8 @@ impl DeviceMapper {
             config: None,
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
+            views: BTreeMap::new(),
+            next_view: 0,
         }
     }
 
