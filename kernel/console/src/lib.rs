@@ -24,6 +24,7 @@ extern crate alloc;
 
 mod background;
 mod commands;
+mod delta_commands;
 mod disk_test;
 mod dm_commands;
 mod editor;
@@ -265,6 +266,8 @@ impl<P: Platform> Console<P> {
 
 #[cfg(test)]
 mod delete_tests;
+#[cfg(test)]
+mod delta_tests;
 #[cfg(test)]
 mod dm_tests;
 #[cfg(test)]

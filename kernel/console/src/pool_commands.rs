@@ -120,7 +120,8 @@ impl<P: Platform> Console<P> {
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
         const USAGE: &str = "usage: thin create NAME POOL [--size SIZE] [--origin DEVICE] | thin \
-                             resize NAME SIZE | thin delete NAME [--background] | thin ls POOL";
+                             resize NAME SIZE | thin delete NAME [--background] | thin ls POOL | \
+                             thin delta A B [--xml] [--verbose] [--metadata-snap]";
         let Some((verb, rest)) = args.split_first() else {
             return Err(USAGE.into());
         };
@@ -190,6 +191,7 @@ impl<P: Platform> Console<P> {
                 }
                 Ok(())
             }
+            "delta" => self.thin_delta(rest, out),
             "ls" => {
                 let [pool] = rest else {
                     return Err(USAGE.into());

@@ -47,7 +47,7 @@ pub use grow::PoolPart;
 pub use mapper::DeviceMapper;
 pub use nbd_backend::NbdBackend;
 pub use table::{Segment, Table, Target, bare_name};
-pub use thin_pool::DeleteProgress;
+pub use thin_pool::{DeleteProgress, DeltaKind, DeltaPiece, DeltaXml, SnapDelta};
 pub use units::human_bytes;
 
 use alloc::string::String;

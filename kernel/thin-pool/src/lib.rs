@@ -41,6 +41,7 @@ pub use delta::{ChangedView, SnapDelta};
 pub use engine::DeleteProgress;
 pub use io::{NOT_FAST, QueueFull, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 pub use message::{Errno, Message, MessageError};
+pub use persistent_data::delta_xml::DeltaXml;
 pub use persistent_data::thin::{DeltaKind, DeltaPiece, DeltaSource};
 pub use pool::{OpenReport, Pool, PoolError, ThinVolume};
 pub use status::{DiscardMode, PoolEvent, PoolMode, PoolStatus, ThinStatus, ThinUsage};
