@@ -136,6 +136,11 @@ impl ChangedView {
 
 impl Drop for ChangedView {
     fn drop(&mut self) {
+        if Rc::strong_count(&self.core) == 1 {
+            // The pool was shut down (its metadata device may serve another pool by
+            // now): leave the views to the next open of this one, which unpins them.
+            return;
+        }
         let mut core = self.core.borrow_mut();
         core.unpin_view(self.base);
         core.unpin_view(self.this);
