@@ -15,7 +15,15 @@ impl Core {
     /// this returns, so a rollback cannot take the views away); returns their ids.
     pub fn pin_views(&mut self, devs: &[u64]) -> Result<Vec<u64>, MessageError> {
         const CONTEXT: &str = "pinning a view of the mappings failed";
-        self.require_writable_metadata()?;
+        if !self.mode.metadata_writable() {
+            return Err(MessageError::new(
+                Errno::Eopnotsupp,
+                format!(
+                    "the pool is in {} mode: its mappings cannot be pinned for a view of what changed",
+                    self.mode.status_word()
+                ),
+            ));
+        }
         self.drain_preps();
         let mut ids = Vec::with_capacity(devs.len());
         for &dev in devs {
