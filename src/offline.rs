@@ -88,6 +88,30 @@ impl nbd::Backend for Plane {
     fn poll(&mut self) -> Option<nbd::IoCompletion> {
         self.backend.poll()
     }
+    fn meta_contexts(&self, export: &str) -> Vec<String> {
+        self.backend.meta_contexts(export)
+    }
+    fn open_context(
+        &mut self,
+        export: nbd::ExportHandle,
+        name: &str,
+    ) -> Result<nbd::ContextHandle, String> {
+        self.backend.open_context(export, name)
+    }
+    fn close_context(&mut self, context: nbd::ContextHandle) {
+        self.backend.close_context(context)
+    }
+    fn context_status(
+        &mut self,
+        context: nbd::ContextHandle,
+        sector: u64,
+        sectors: u64,
+        max_extents: u32,
+        extent: &mut dyn FnMut(u64, u32),
+    ) -> Result<(), nbd::BackendError> {
+        self.backend
+            .context_status(context, sector, sectors, max_extents, extent)
+    }
 }
 
 /// How long one turn of the console may run before the NBD server gets its thread back.

@@ -424,3 +424,243 @@ fn an_idle_pool_commits_unflushed_writes() {
         "{dump}"
     );
 }
+
+/// Per thin device, per 64 KiB block: a token naming its data block (None =
+/// unmapped); equal tokens in two devices are the same data block.
+type Blocks = std::collections::BTreeMap<String, Vec<Option<u64>>>;
+
+const CHANGED_BLOCKS: usize = 64;
+
+/// Writes `blocks` of `dev` (whole blocks; a block shared with another device or
+/// unmapped gets a new data block) and trims `trims`, flushing; updates the model.
+fn write_blocks(served: &Served, model: &mut Blocks, dev: &str, blocks: &[usize], trims: &[usize]) {
+    let mut script = String::new();
+    for &block in blocks {
+        script.push_str(&format!(
+            "h.pwrite(bytes([{}]) * 65536, {})\n",
+            block % 251 + 1,
+            block << 16
+        ));
+        model_write(model, dev, block);
+    }
+    for &block in trims {
+        script.push_str(&format!("h.trim(65536, {})\n", block << 16));
+        model.get_mut(dev).unwrap()[block] = None;
+    }
+    script.push_str("h.flush()\nh.shutdown()\n");
+    run_nbdsh(&served.uri(dev), &script);
+}
+
+/// A whole-block write in the model: a block shared with another device, or
+/// unmapped, gets a new data block; an exclusive one is written in place.
+fn model_write(model: &mut Blocks, dev: &str, block: usize) {
+    let token = model[dev][block];
+    let shared = token.is_some()
+        && model
+            .iter()
+            .any(|(other, map)| other != dev && map[block] == token);
+    if token.is_none() || shared {
+        let next = model
+            .values()
+            .flatten()
+            .flatten()
+            .max()
+            .map_or(1, |t| t + 1);
+        model.get_mut(dev).unwrap()[block] = Some(next);
+    }
+}
+
+/// `nbdinfo --map=CONTEXT` as one flag per block.
+fn changed_map(served: &Served, dev: &str, base: &str) -> Vec<bool> {
+    let context = format!("--map=thinbox:changed:{base}");
+    let map = run_tool("nbdinfo", &[&context, &served.uri(dev)]);
+    let mut blocks = Vec::new();
+    for line in map.lines() {
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .take(3)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        let [offset, length, flags] = fields[..] else {
+            panic!("unexpected map line {line}")
+        };
+        assert_eq!(offset, (blocks.len() as u64) << 16, "{map}");
+        assert_eq!(
+            length % 65536,
+            0,
+            "extents follow the pool's blocks here: {map}"
+        );
+        blocks.extend(std::iter::repeat_n(flags & 1 == 1, (length >> 16) as usize));
+    }
+    blocks
+}
+
+fn expected_changed(model: &Blocks, dev: &str, base: &str) -> Vec<bool> {
+    (0..CHANGED_BLOCKS)
+        .map(|b| model[dev][b] != model[base][b])
+        .collect()
+}
+
+#[test]
+fn the_changed_context_shows_what_differs_from_every_other_thin_device() {
+    host_tools::require_for_test(&[Tool::NbdInfo, Tool::NbdSh, Tool::QemuImg]);
+    let (_scratch, disks) = images(&[8, 16, 64, 16]);
+    let setup = exec(
+        &disks,
+        &[
+            "config init vda",
+            "pool create pool vdb vdc --block-size 128",
+            "thin create vol pool --size 4M",
+            "thin create other pool --size 4M",
+            "create lin --table \"0 128 linear vda 4096\"",
+            "create m2 --table \"0 4096 linear vdd 0\"",
+            "create d2 --table \"0 28672 linear vdd 4096\"",
+            "pool create pool2 m2 d2",
+            "thin create far pool2 --size 4M",
+        ],
+    );
+    assert!(setup.status.success(), "{}", stdout(&setup));
+    let mut model = Blocks::new();
+    for dev in ["vol", "other"] {
+        model.insert(dev.to_string(), vec![None; CHANGED_BLOCKS]);
+    }
+    // A small linear congruential sequence of block numbers.
+    let mut seed = 13u64;
+    let mut next_block = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize % CHANGED_BLOCKS
+    };
+    for round in 1..=3 {
+        let snap = format!("s{round}");
+        let served = Served::start(&disks, &[&format!("snap create {snap} vol")]);
+        model.insert(snap, model["vol"].clone());
+        for dev in ["vol", "other"] {
+            let writes: Vec<usize> = (0..12).map(|_| next_block()).collect();
+            let trims: Vec<usize> = (0..2).map(|_| next_block()).collect();
+            write_blocks(&served, &mut model, dev, &writes, &trims);
+        }
+    }
+
+    let served = Served::start(&disks, &[]);
+    for dev in model.keys() {
+        for base in model.keys() {
+            assert_eq!(
+                changed_map(&served, dev, base),
+                expected_changed(&model, dev, base),
+                "{dev} against {base}"
+            );
+        }
+    }
+
+    // libnbd: the view is the one of the moment the export was opened, while
+    // another connection writes; a new connection sees the write.
+    let before = expected_changed(&model, "vol", "s1");
+    let untouched = before.iter().position(|changed| !changed).unwrap();
+    let script = format!(
+        "import nbd\n\
+         def changed(handle):\n\
+         \x20   out = []\n\
+         \x20   def extents(context, offset, entries, error):\n\
+         \x20       for i in range(0, len(entries), 2):\n\
+         \x20           out.extend([entries[i + 1] & 1 == 1] * (entries[i] // 65536))\n\
+         \x20   handle.block_status(4 << 20, 0, extents)\n\
+         \x20   return out\n\
+         reader = nbd.NBD()\n\
+         reader.add_meta_context('thinbox:changed:s1')\n\
+         reader.connect_uri('{uri}')\n\
+         first = changed(reader)\n\
+         writer = nbd.NBD()\n\
+         writer.connect_uri('{uri}')\n\
+         writer.pwrite(b'\\x77' * 65536, {offset})\n\
+         writer.flush()\n\
+         writer.shutdown()\n\
+         again = changed(reader)\n\
+         fresh = nbd.NBD()\n\
+         fresh.add_meta_context('thinbox:changed:s1')\n\
+         fresh.connect_uri('{uri}')\n\
+         print(first == {before}, again == first, changed(fresh)[{untouched}])\n",
+        uri = served.uri("vol"),
+        offset = untouched << 16,
+        before = python_bools(&before),
+    );
+    let printed = run_nbdsh(&served.uri("vol"), &script);
+    assert_eq!(printed.trim(), "True True True", "{printed}");
+    model_write(&mut model, "vol", untouched);
+
+    // Listing: everything, prefixes, exact names; bases that are unknown, in another
+    // pool or not thin devices match nothing.
+    let list = "import nbd\n\
+                l = nbd.NBD()\n\
+                l.set_opt_mode(True)\n\
+                l.connect_uri(URI)\n\
+                for queries in [[], ['thinbox:changed:'], ['thinbox:'], ['base:'], \
+                ['thinbox:changed:s2'], ['thinbox:changed:nope', 'thinbox:changed:far', \
+                'thinbox:changed:lin', 'other:', 'thinbox:changed:s2x']]:\n\
+                \x20   l.clear_meta_contexts()\n\
+                \x20   for q in queries:\n\
+                \x20       l.add_meta_context(q)\n\
+                \x20   names = []\n\
+                \x20   l.opt_list_meta_context(lambda name: names.append(name))\n\
+                \x20   print(' '.join(sorted(names)) or '-')\n\
+                l.opt_abort()\n"
+        .replace("URI", &format!("'{}'", served.uri("vol")));
+    let listed = run_nbdsh(&served.uri("vol"), &list);
+    let changed = "thinbox:changed:other thinbox:changed:s1 thinbox:changed:s2 \
+                   thinbox:changed:s3 thinbox:changed:vol";
+    assert_eq!(
+        listed,
+        format!(
+            "base:allocation {changed}\n{changed}\n{changed}\nbase:allocation\nthinbox:changed:s2\n-\n"
+        ),
+    );
+    for bad in ["nope", "far", "lin"] {
+        let context = format!("--map=thinbox:changed:{bad}");
+        let output = Command::new("nbdinfo")
+            .args([&context, &served.uri("vol")])
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("does not support metadata context"),
+            "{output:?}"
+        );
+    }
+
+    // QEMU reads the context as a dirty bitmap: changed extents are "not present".
+    let opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=vol,\
+         x-dirty-bitmap=thinbox:changed:s2",
+        served.address.rsplit(':').next().unwrap()
+    );
+    let map = run_tool("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    let mut dirty = Vec::new();
+    for line in map.lines() {
+        let number = |key: &str| -> u64 {
+            let at = line.find(&format!("\"{key}\": ")).unwrap() + key.len() + 4;
+            line[at..]
+                .split([',', '}'])
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let absent = line.contains("\"present\": false");
+        dirty.extend(std::iter::repeat_n(
+            absent,
+            (number("length") >> 16) as usize,
+        ));
+        assert_eq!(number("start") % 65536, 0);
+    }
+    assert_eq!(dirty, expected_changed(&model, "vol", "s2"), "{map}");
+}
+
+fn python_bools(flags: &[bool]) -> String {
+    let items: Vec<&str> = flags
+        .iter()
+        .map(|&f| if f { "True" } else { "False" })
+        .collect();
+    format!("[{}]", items.join(", "))
+}

@@ -236,14 +236,18 @@ fn views_stay_as_pinned_while_the_pool_changes_and_leave_nothing_behind() {
             );
         }
     }
-    // A power cut with views held: the next open turns them into deletes.
+    // A power cut with views held: the next open finds and unpins them.
     let reopened = load(&path);
     let mut again = open(&reopened, 256);
-    again.abandon_views().unwrap();
-    let pending = again.pending_deletes().unwrap();
-    assert_eq!(pending.len(), views.len());
-    for delete in pending {
-        release(&mut again, delete.id);
+    let left_behind = again.views().unwrap();
+    assert_eq!(
+        left_behind,
+        views.iter().map(|(_, view)| *view).collect::<Vec<_>>()
+    );
+    for view in left_behind {
+        if let Some(delete) = again.unpin_view(view, 10).unwrap() {
+            release(&mut again, delete.id);
+        }
     }
     again.commit().unwrap();
     let report = persistent_data::check::check(&mut again).unwrap();

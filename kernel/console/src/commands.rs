@@ -109,6 +109,11 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "list background jobs (progress, rate, time left); cancel one where that is safe",
     ),
     (
+        "thin delta A B [--xml] [--verbose]",
+        "where thin devices A and B of a pool differ, from a metadata snapshot (taken and \
+         released, or the held one with --metadata-snap); --xml prints thin_delta's XML",
+    ),
+    (
         "thin ls POOL",
         "mapped, exclusive and shared space of each thin device",
     ),

@@ -25,6 +25,7 @@ extern crate alloc;
 mod background;
 mod commands;
 mod cow_commands;
+mod delta_commands;
 mod disk_test;
 mod dm_commands;
 mod editor;
@@ -272,6 +273,8 @@ impl<P: Platform> Console<P> {
 mod cow_tests;
 #[cfg(test)]
 mod delete_tests;
+#[cfg(test)]
+mod delta_tests;
 #[cfg(test)]
 mod dm_tests;
 #[cfg(test)]

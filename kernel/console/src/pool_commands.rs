@@ -181,6 +181,7 @@ impl<P: Platform> Console<P> {
                 );
                 Ok(())
             }
+            "delta" => self.thin_delta(rest, out),
             "ls" => {
                 let [pool] = rest else {
                     return Err(USAGE.into());

@@ -29,6 +29,7 @@
 extern crate alloc;
 
 mod activate;
+mod changed;
 pub mod config;
 mod device;
 mod disk;
@@ -49,6 +50,7 @@ mod thin_merge;
 mod units;
 
 pub use activate::Format;
+pub use changed::CHANGED_CONTEXT_PREFIX;
 pub use device::{Active, Device, State};
 pub use disk::{Disk, DiskEntry};
 pub use format::format_job_id;
@@ -58,7 +60,7 @@ pub use mapper::DeviceMapper;
 pub use nbd_backend::NbdBackend;
 pub use table::{Segment, Table, Target, bare_name};
 pub use thin_merge::ThinMerge;
-pub use thin_pool::DeleteProgress;
+pub use thin_pool::{DeleteProgress, DeltaKind, DeltaPiece, DeltaXml, SnapDelta};
 pub use units::human_bytes;
 
 use alloc::string::String;

@@ -48,6 +48,9 @@ pub struct DeviceMapper {
     pub(crate) pacing: Pacing,
     /// Snapshot origins and merges under way, by pool and thin id.
     pub(crate) thin_links: Vec<ThinLink>,
+    /// Changed-block views NBD connections hold, by context handle.
+    pub(crate) views: BTreeMap<u64, thin_pool::ChangedView>,
+    pub(crate) next_view: u64,
 }
 
 impl DeviceMapper {
@@ -67,6 +70,8 @@ impl DeviceMapper {
             requests_submitted: 0,
             pacing: Pacing::default(),
             thin_links: Vec::new(),
+            views: BTreeMap::new(),
+            next_view: 0,
         }
     }
 

@@ -5,11 +5,13 @@
 
 use alloc::format;
 use alloc::rc::Rc;
+use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::SECTOR_SIZE;
 use core::cell::RefCell;
 use nbd::{
-    Backend, BackendError, ExportHandle, ExportInfo, IoCompletion, IoRequest, OpenError, QueueFull,
+    Backend, BackendError, ContextHandle, ExportHandle, ExportInfo, IoCompletion, IoRequest,
+    OpenError, QueueFull,
 };
 
 use crate::device::{Device, DeviceId, State};
@@ -120,6 +122,29 @@ impl Backend for DeviceMapper {
                 State::Inactive(_) => None,
             })
     }
+
+    fn meta_contexts(&self, export: &str) -> Vec<String> {
+        self.changed_contexts(export)
+    }
+
+    fn open_context(&mut self, export: ExportHandle, name: &str) -> Result<ContextHandle, String> {
+        self.open_changed(export, name)
+    }
+
+    fn close_context(&mut self, context: ContextHandle) {
+        self.close_changed(context)
+    }
+
+    fn context_status(
+        &mut self,
+        context: ContextHandle,
+        sector: u64,
+        sectors: u64,
+        max_extents: u32,
+        extent: &mut dyn FnMut(u64, u32),
+    ) -> Result<(), BackendError> {
+        self.changed_status(context, (sector, sectors), max_extents, extent)
+    }
 }
 
 /// The device mapper as an NBD backend, shared with the console that manages it (the
@@ -152,6 +177,31 @@ impl Backend for NbdBackend {
 
     fn poll(&mut self) -> Option<IoCompletion> {
         self.0.borrow_mut().poll()
+    }
+
+    fn meta_contexts(&self, export: &str) -> Vec<String> {
+        self.0.borrow().meta_contexts(export)
+    }
+
+    fn open_context(&mut self, export: ExportHandle, name: &str) -> Result<ContextHandle, String> {
+        self.0.borrow_mut().open_context(export, name)
+    }
+
+    fn close_context(&mut self, context: ContextHandle) {
+        self.0.borrow_mut().close_context(context)
+    }
+
+    fn context_status(
+        &mut self,
+        context: ContextHandle,
+        sector: u64,
+        sectors: u64,
+        max_extents: u32,
+        extent: &mut dyn FnMut(u64, u32),
+    ) -> Result<(), BackendError> {
+        self.0
+            .borrow_mut()
+            .context_status(context, sector, sectors, max_extents, extent)
     }
 }
 

@@ -53,6 +53,11 @@ impl ExportInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ExportHandle(pub u64);
 
+/// The backend's name for a metadata context (other than `base:allocation`) opened
+/// for one connection; returned by [`Backend::open_context`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ContextHandle(pub u64);
+
 /// Why an export could not be opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpenError {
@@ -222,4 +227,39 @@ pub trait Backend {
 
     /// One finished request, if any, without blocking; any order.
     fn poll(&mut self) -> Option<IoCompletion>;
+
+    /// Metadata contexts export `export` offers besides `base:allocation`, as full
+    /// names (`namespace:leaf`). The server lists and selects among them.
+    fn meta_contexts(&self, export: &str) -> Vec<String> {
+        let _ = export;
+        Vec::new()
+    }
+
+    /// Opens context `name` (one [`Backend::meta_contexts`] offered) for a
+    /// connection that has just opened `export`: whatever the context shows is
+    /// fixed now, for the connection's life. The error text refuses the export.
+    fn open_context(&mut self, export: ExportHandle, name: &str) -> Result<ContextHandle, String> {
+        let _ = export;
+        Err(alloc::format!("metadata context {name} is not available"))
+    }
+
+    /// The connection that opened `context` is gone.
+    fn close_context(&mut self, context: ContextHandle) {
+        let _ = context;
+    }
+
+    /// Block status of an opened context from `sector` on, answered at once:
+    /// consecutive extents `(sectors, status flags)` given to `extent`, at least one
+    /// and at most `max_extents`; the last may run past `sector + sectors`.
+    fn context_status(
+        &mut self,
+        context: ContextHandle,
+        sector: u64,
+        sectors: u64,
+        max_extents: u32,
+        extent: &mut dyn FnMut(u64, u32),
+    ) -> Result<(), BackendError> {
+        let _ = (context, sector, sectors, max_extents, extent);
+        Err(BackendError::Invalid)
+    }
 }

@@ -14,6 +14,7 @@ use alloc::vec::Vec;
 use blockdev::IoBuf;
 
 use crate::backend::{Backend, ExportHandle, ExportInfo, IoRequest};
+use crate::contexts::{OpenContexts, Selection};
 use crate::output::OutQueue;
 use crate::wire::*;
 
@@ -100,8 +101,8 @@ pub(crate) struct OpenExport {
     pub handle: ExportHandle,
     pub info: ExportInfo,
     pub flags: u16,
-    /// `base:allocation` was selected for this export: BLOCK_STATUS is allowed.
-    pub block_status: bool,
+    /// The metadata contexts selected for this export (BLOCK_STATUS needs one).
+    pub contexts: OpenContexts,
 }
 
 /// Whether and how the connection is ending.
@@ -136,9 +137,8 @@ pub(crate) struct Connection {
     pub fixed_newstyle: bool,
     pub no_zeroes: bool,
     pub structured: bool,
-    /// Canonical name of the export whose `base:allocation` context the last
-    /// `NBD_OPT_SET_META_CONTEXT` selected.
-    pub meta_export: Option<String>,
+    /// What the last `NBD_OPT_SET_META_CONTEXT` selected.
+    pub meta: Option<Selection>,
     pub export: Option<OpenExport>,
 
     /// Requests parsed but not yet accepted by the backend, oldest first.
@@ -147,6 +147,8 @@ pub(crate) struct Connection {
     pub in_flight: BTreeMap<u64, InFlight>,
     /// Bytes held by request buffers (payloads being received included).
     pub buffered: usize,
+    /// Block-status descriptors being built, kept to be reused.
+    pub descriptors: Vec<(u32, u32)>,
 }
 
 impl Connection {
@@ -169,11 +171,12 @@ impl Connection {
             fixed_newstyle: false,
             no_zeroes: false,
             structured: false,
-            meta_export: None,
+            meta: None,
             export: None,
             queued: VecDeque::new(),
             in_flight: BTreeMap::new(),
             buffered: 0,
+            descriptors: Vec::new(),
         }
     }
 

@@ -9,7 +9,8 @@
 //!
 //! Spoken: fixed newstyle handshake with `NO_ZEROES`; options `EXPORT_NAME`, `LIST`,
 //! `INFO`, `GO`, `ABORT`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
-//! `SET_META_CONTEXT` (`base:allocation`); `STARTTLS` is refused by policy and
+//! `SET_META_CONTEXT` (`base:allocation` and whatever contexts the backend offers,
+//! [`Backend::meta_contexts`]); `STARTTLS` is refused by policy and
 //! extended headers are unsupported. Commands `READ`, `WRITE`, `FLUSH`, `TRIM`,
 //! `CACHE`, `WRITE_ZEROES` and `BLOCK_STATUS` with simple or structured replies,
 //! completed out of order; `DISC`. The minimum block size is 512 bytes and the maximum
@@ -24,6 +25,7 @@ extern crate std;
 
 mod backend;
 mod connection;
+mod contexts;
 mod memory;
 mod options;
 mod output;
@@ -35,8 +37,8 @@ pub mod tcp;
 pub mod wire;
 
 pub use backend::{
-    Backend, BackendError, ExportHandle, ExportInfo, IoCompletion, IoOp, IoOutput, IoRequest,
-    OpenError, QueueFull,
+    Backend, BackendError, ContextHandle, ExportHandle, ExportInfo, IoCompletion, IoOp, IoOutput,
+    IoRequest, OpenError, QueueFull,
 };
 pub use blockdev::{Extent, SectorRun};
 pub use connection::Limits;

@@ -7,6 +7,7 @@ use alloc::vec::Vec;
 
 use crate::backend::{Backend, ExportHandle, ExportInfo, OpenError};
 use crate::connection::{Connection, OpenExport, Phase, Shared};
+use crate::contexts::OpenContexts;
 use crate::reply::{info_reply, option_error, option_reply};
 use crate::wire::*;
 
@@ -126,22 +127,32 @@ impl Connection {
             self.stop(false);
             return;
         };
+        let Ok(contexts) = self.open_contexts(handle, &info, shared) else {
+            shared.backend.close(handle);
+            self.stop(false);
+            return;
+        };
         let flags = self.transmission_flags(&info);
         self.out.push(&info.bytes().to_be_bytes());
         self.out.push(&flags.to_be_bytes());
         if !self.no_zeroes {
             self.out.push(&[0; 124]);
         }
-        self.attach(handle, info, flags);
+        self.attach(handle, info, flags, contexts);
     }
 
-    fn attach(&mut self, handle: ExportHandle, info: ExportInfo, flags: u16) {
-        let block_status = self.structured && self.meta_export.as_deref() == Some(&info.name);
+    fn attach(
+        &mut self,
+        handle: ExportHandle,
+        info: ExportInfo,
+        flags: u16,
+        contexts: OpenContexts,
+    ) {
         self.export = Some(OpenExport {
             handle,
             info,
             flags,
-            block_status,
+            contexts,
         });
         self.phase = Phase::RequestHeader;
     }
@@ -180,7 +191,15 @@ impl Connection {
             info.map(|info| (None, info)).ok_or(OpenError::NotFound)
         };
         let (handle, info) = match found {
-            Ok(found) => found,
+            Ok((Some(handle), info)) => match self.open_contexts(handle, &info, shared) {
+                Ok(contexts) => (Some((handle, contexts)), info),
+                Err(why) => {
+                    shared.backend.close(handle);
+                    option_error(&mut self.out, code, REP_ERR_POLICY, &why);
+                    return;
+                }
+            },
+            Ok((None, info)) => (None, info),
             Err(OpenError::NotFound) => {
                 let message = format!("export '{}' not present", shorten(&name));
                 option_error(&mut self.out, code, REP_ERR_UNKNOWN, &message);
@@ -209,47 +228,9 @@ impl Connection {
         sizes[8..].copy_from_slice(&MAX_PAYLOAD.to_be_bytes());
         info_reply(&mut self.out, code, INFO_BLOCK_SIZE, &sizes);
         option_reply(&mut self.out, code, REP_ACK, &[]);
-        if let Some(handle) = handle {
-            self.attach(handle, info, flags);
+        if let Some((handle, contexts)) = handle {
+            self.attach(handle, info, flags, contexts);
         }
-    }
-
-    fn meta_context<B: Backend>(&mut self, code: u32, data: &[u8], shared: &mut Shared<'_, B>) {
-        let set = code == OPT_SET_META_CONTEXT;
-        if set {
-            // Every SET replaces the selection, even one that fails.
-            self.meta_export = None;
-        }
-        if !self.structured {
-            let message = "negotiate structured replies before metadata contexts";
-            option_error(&mut self.out, code, REP_ERR_INVALID, message);
-            return;
-        }
-        let (name, queries) = match parse_meta_request(data) {
-            Ok(parsed) => parsed,
-            Err(message) => {
-                option_error(&mut self.out, code, REP_ERR_INVALID, message);
-                return;
-            }
-        };
-        let Some(info) = shared.backend.lookup(name) else {
-            let message = format!("export '{}' not present", shorten(name));
-            option_error(&mut self.out, code, REP_ERR_UNKNOWN, &message);
-            return;
-        };
-        let matches =
-            |query: &[u8]| query == BASE_ALLOCATION.as_bytes() || (!set && query == b"base:");
-        if (!set && queries.is_empty()) || queries.iter().any(|query| matches(query)) {
-            let id = if set { BASE_ALLOCATION_ID } else { 0 };
-            let mut reply = Vec::with_capacity(4 + BASE_ALLOCATION.len());
-            reply.extend_from_slice(&id.to_be_bytes());
-            reply.extend_from_slice(BASE_ALLOCATION.as_bytes());
-            option_reply(&mut self.out, code, REP_META_CONTEXT, &reply);
-            if set {
-                self.meta_export = Some(info.name);
-            }
-        }
-        option_reply(&mut self.out, code, REP_ACK, &[]);
     }
 
     /// Transmission flags for `info` as this connection has negotiated so far.
@@ -313,7 +294,7 @@ fn parse_info_request(data: &[u8]) -> Result<(String, Vec<u16>), &'static str> {
 }
 
 /// Splits `NBD_OPT_{LIST,SET}_META_CONTEXT` data into the export name and the queries.
-fn parse_meta_request(data: &[u8]) -> Result<(&str, Vec<&[u8]>), &'static str> {
+pub(crate) fn parse_meta_request(data: &[u8]) -> Result<(&str, Vec<&[u8]>), &'static str> {
     const MALFORMED: &str = "malformed metadata context request";
     let (name, mut rest) = take_string(data).ok_or(MALFORMED)?;
     if rest.len() < 4 {
@@ -345,7 +326,7 @@ fn take_string(data: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// A name short enough to quote in an error message.
-fn shorten(name: &str) -> &str {
+pub(crate) fn shorten(name: &str) -> &str {
     match name.char_indices().nth(NAME_IN_MESSAGE) {
         Some((end, _)) => &name[..end],
         None => name,

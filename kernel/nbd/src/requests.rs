@@ -146,8 +146,8 @@ impl Connection {
                 let message = "write-zeroes is not supported by this export";
                 return reject(EINVAL, String::from(message));
             }
-            CMD_BLOCK_STATUS if !export.block_status => {
-                let message = "block-status needs the base:allocation context selected";
+            CMD_BLOCK_STATUS if !export.contexts.any() => {
+                let message = "block-status needs a metadata context selected";
                 return reject(EINVAL, String::from(message));
             }
             _ => {}
@@ -262,6 +262,22 @@ impl Connection {
                 let req_one = header.flags & CMD_FLAG_REQ_ONE != 0;
                 let kind = ReplyKind::BlockStatus { len, req_one };
                 let max_extents = if req_one { 1 } else { MAX_EXTENTS };
+                // The backend's contexts answer at once; base:allocation, if
+                // selected, follows through the queue with the final chunk.
+                let base_allocation = self
+                    .export
+                    .as_ref()
+                    .is_some_and(|export| export.contexts.base_allocation);
+                let done = !base_allocation;
+                let answered =
+                    self.context_chunks(header.cookie, (sector, len), max_extents, done, shared);
+                if let Err(error) = answered {
+                    self.reply_error(header.cookie, error.nbd_error(), error.message());
+                    return;
+                }
+                if done {
+                    return;
+                }
                 let op = IoOp::BlockStatus {
                     sector,
                     sectors,

@@ -220,6 +220,9 @@ impl<B: Backend> Server<B> {
             .collect();
         for id in done {
             if let Some(export) = self.connections.remove(&id).and_then(|c| c.export) {
+                for (_, context) in export.contexts.others {
+                    self.backend.close_context(context);
+                }
                 self.backend.close(export.handle);
             }
         }

@@ -34,7 +34,13 @@ fn message() -> impl Strategy<Value = Vec<u8>> {
     )
         .prop_map(|(code, name, infos)| support::option(code, &support::info_data(&name, &infos)));
     let queries = prop::collection::vec(
-        prop_oneof![Just("base:allocation"), Just("base:"), Just("x:y")],
+        prop_oneof![
+            Just("base:allocation"),
+            Just("base:"),
+            Just("x:y"),
+            Just("thinbox:changed:vol0"),
+            Just("thinbox:"),
+        ],
         0..3,
     );
     let meta = (

@@ -57,7 +57,7 @@ pub struct OpenReport {
 /// Dropping a pool without [`Pool::close`] is like a power cut: the metadata stays at
 /// its last commit.
 pub struct Pool {
-    core: Rc<RefCell<Core>>,
+    pub(crate) core: Rc<RefCell<Core>>,
 }
 
 impl Pool {
@@ -287,7 +287,12 @@ impl Pool {
     /// Deletes whose blocks are still being released in the background (one step
     /// per [`Pool::service`] call), oldest first.
     pub fn deletes(&self) -> Vec<DeleteProgress> {
-        self.core.borrow().deletes().copied().collect()
+        // Released views of what changed (reserved ids) are housekeeping, not deletes.
+        let core = self.core.borrow();
+        let deletes = core
+            .deletes()
+            .filter(|d| !ThinMetadata::is_reserved_id(d.dev));
+        deletes.copied().collect()
     }
 
     /// Thin devices being merged into their external origins (see

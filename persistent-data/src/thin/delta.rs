@@ -84,16 +84,19 @@ struct RunReader {
     /// A complete run not taken yet.
     ready: Option<MapRun>,
     at_end: bool,
+    /// Runs are cut at this length.
+    max_run: u64,
 }
 
 impl RunReader {
-    fn new(root: u64, from: u64) -> Self {
+    fn new(root: u64, from: u64, max_run: u64) -> Self {
         RunReader {
             root,
             next_key: from,
             gathering: None,
             ready: None,
             at_end: false,
+            max_run,
         }
     }
 
@@ -117,7 +120,11 @@ impl RunReader {
             let (data, _) = unpack_block_time(le64(value, 0));
             self.next_key = key.saturating_add(1);
             match &mut self.gathering {
-                Some(run) if run.begin + run.len == key && run.data + run.len == data => {
+                Some(run)
+                    if run.begin + run.len == key
+                        && run.data + run.len == data
+                        && run.len < self.max_run =>
+                {
                     run.len += 1;
                 }
                 gathering => {
@@ -150,19 +157,34 @@ pub struct Delta {
     left_run: Option<MapRun>,
     right_run: Option<MapRun>,
     finished: bool,
+    mappings_read: u64,
 }
 
 impl Delta {
     /// The delta of the mapping trees at `left_root` and `right_root`, from virtual
     /// block `from` on.
     pub fn new(left_root: u64, right_root: u64, from: u64) -> Self {
+        Self::with_run_limit(left_root, right_root, from, u64::MAX)
+    }
+
+    /// The same, with runs cut at `max_run` blocks, so that each step that reads
+    /// twice that many mappings produces a piece. The classification of every block
+    /// is the same; only piece boundaries (which `--verbose` shows) differ.
+    pub fn with_run_limit(left_root: u64, right_root: u64, from: u64, max_run: u64) -> Self {
+        let max_run = max_run.max(1);
         Delta {
-            left: RunReader::new(left_root, from),
-            right: RunReader::new(right_root, from),
+            left: RunReader::new(left_root, from, max_run),
+            right: RunReader::new(right_root, from, max_run),
             left_run: None,
             right_run: None,
             finished: false,
+            mappings_read: 0,
         }
+    }
+
+    /// Mappings of both devices read so far (for progress).
+    pub fn mappings_read(&self) -> u64 {
+        self.mappings_read
     }
 
     /// Whether every piece has been produced.
@@ -176,19 +198,30 @@ impl Delta {
     pub fn step(
         &mut self,
         md: &mut ThinMetadata,
-        mut budget: u64,
+        budget: u64,
         piece: &mut dyn FnMut(DeltaPiece) -> bool,
     ) -> Result<bool> {
-        let tm = &mut md.tm;
+        let mut left_over = budget;
+        let result = self.walk(&mut md.tm, &mut left_over, piece);
+        self.mappings_read += budget - left_over;
+        result
+    }
+
+    fn walk(
+        &mut self,
+        tm: &mut Tm,
+        budget: &mut u64,
+        piece: &mut dyn FnMut(DeltaPiece) -> bool,
+    ) -> Result<bool> {
         while !self.finished {
             if self.left_run.is_none() {
-                if !self.left.fill(tm, &mut budget)? {
+                if !self.left.fill(tm, budget)? {
                     return Ok(false);
                 }
                 self.left_run = self.left.take();
             }
             if self.right_run.is_none() {
-                if !self.right.fill(tm, &mut budget)? {
+                if !self.right.fill(tm, budget)? {
                     return Ok(false);
                 }
                 self.right_run = self.right.take();
@@ -275,6 +308,9 @@ pub struct DeltaSource {
     pub roots: Roots,
     pub left_root: u64,
     pub right_root: u64,
+    /// The devices' mapped blocks in that view.
+    pub left_mapped: u64,
+    pub right_mapped: u64,
     /// The held metadata snapshot, printed when reading the live metadata.
     pub metadata_snap: Option<u64>,
 }
@@ -294,16 +330,24 @@ impl ThinMetadata {
         } else {
             (self.live_roots()?, self.held_root())
         };
-        let mut root_of = |dev: u64| -> Result<u64> {
+        let mut device = |dev: u64| -> Result<(u64, u64)> {
             Self::check_dev_id(dev)?;
-            btree::lookup(&mut self.tm, roots.mapping_root, dev, MAPPING_VALUE_SIZE)?
-                .map(|value| value.u64())
-                .ok_or(Error::NoSuchDevice(dev))
+            let root = btree::lookup(&mut self.tm, roots.mapping_root, dev, MAPPING_VALUE_SIZE)?
+                .ok_or(Error::NoSuchDevice(dev))?
+                .u64();
+            let details = btree::lookup(&mut self.tm, roots.details_root, dev, DETAILS_VALUE_SIZE)?
+                .map(|value| DeviceDetails::decode(value.bytes()))
+                .ok_or(Error::NoSuchDevice(dev))?;
+            Ok((root, details.mapped_blocks))
         };
+        let (left_root, left_mapped) = device(left)?;
+        let (right_root, right_mapped) = device(right)?;
         Ok(DeltaSource {
             roots,
-            left_root: root_of(left)?,
-            right_root: root_of(right)?,
+            left_root,
+            right_root,
+            left_mapped,
+            right_mapped,
             metadata_snap,
         })
     }

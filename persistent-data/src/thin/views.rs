@@ -8,10 +8,12 @@
 //! they change instead of changing the shared ones, and the data blocks the view
 //! still maps stay allocated while it is held — so `thin_check` finds every count
 //! explained and nothing leaks. Unpinning deletes the clone; a pool opened after a
-//! power cut turns the views it finds into deletes.
+//! power cut unpins the views it finds.
 //!
 //! Views take ids from the same reserved range as devices being deleted and carry
 //! their own creation-time mark; the transaction id field keeps the device's id.
+//! A view being released is a device being deleted whose original id is its own
+//! reserved id, so the pool can tell it from a delete the operator asked for.
 
 use super::deletion::DELETING_MARK;
 use super::*;
@@ -80,22 +82,32 @@ impl ThinMetadata {
             self.delete(id)?;
             return Ok(None);
         }
-        self.update_details(id, |details| details.creation_time = DELETING_MARK)?;
+        self.mark_deleting(id)?;
         Ok(Some(PendingDelete {
             id,
-            dev: details.transaction_id,
+            dev: id,
             remaining: details.mapped_blocks,
         }))
     }
 
-    /// Views left behind by a previous run (nobody reads them any more) become
-    /// devices being deleted, for [`ThinMetadata::pending_deletes`] to find.
-    pub fn abandon_views(&mut self) -> Result<()> {
+    /// Turns a view into a device being deleted whose original id is its own (no
+    /// device the operator knows goes away).
+    fn mark_deleting(&mut self, id: u64) -> Result<()> {
+        self.update_details(id, |details| {
+            details.creation_time = DELETING_MARK;
+            details.transaction_id = id;
+        })
+    }
+
+    /// The views in the metadata, e.g. left behind by a previous run of the pool
+    /// (nobody reads them any more: unpin them).
+    pub fn views(&mut self) -> Result<Vec<u64>> {
+        let mut views = Vec::new();
         for id in self.devices_from(FIRST_DELETING_ID)? {
             if self.device_details(id)?.creation_time == VIEW_MARK {
-                self.update_details(id, |details| details.creation_time = DELETING_MARK)?;
+                views.push(id);
             }
         }
-        Ok(())
+        Ok(views)
     }
 }

@@ -28,7 +28,13 @@ pub struct DeleteProgress {
 
 impl Core {
     /// Queues the deletes a previous run of the pool left unfinished.
+    /// Views pinned by a previous run are released the same way.
     pub fn resume_deletes(&mut self) -> Result<(), MdError> {
+        if self.mode.metadata_writable() {
+            for view in self.md.views()? {
+                self.unpin_view(view);
+            }
+        }
         for pending in self.md.pending_deletes()? {
             self.queue_delete(pending);
         }
@@ -168,8 +174,11 @@ impl Core {
         };
         self.md_dirty = true;
         if runs.is_empty() {
-            if let Some((_, done)) = self.deletes.pop_front() {
-                // A device still there had its old content released by a merge.
+            if let Some((_, done)) = self.deletes.pop_front()
+                && !ThinMetadata::is_reserved_id(done.dev)
+            {
+                // (Released views are housekeeping, not an operator's delete; a device
+                // still there had its old content released by a merge.)
                 let event = match self.md.device_exists(done.dev) {
                     Ok(true) => PoolEvent::MergeReleased { dev: done.dev },
                     _ => PoolEvent::DeleteFinished { dev: done.dev },

@@ -42,6 +42,7 @@ mod prep;
 mod provision;
 mod space;
 mod spans;
+mod views;
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
