@@ -49,7 +49,17 @@ fn describe(progress: &DeleteProgress, now_ns: u64) -> String {
 /// `jobs`: the background work of every pool, one line each.
 pub(crate) fn list(dm: &DeviceMapper, now_ns: u64, out: &mut dyn Write) {
     let deletes = dm.background_deletes();
-    if deletes.is_empty() {
+    let copies = dm.imports();
+    for copy in &copies {
+        outln!(
+            out,
+            "{}  {}: {}",
+            copy.id,
+            copy.what,
+            crate::import_commands::describe(copy, now_ns)
+        );
+    }
+    if deletes.is_empty() && copies.is_empty() {
         outln!(out, "no background jobs");
         return;
     }
@@ -64,9 +74,12 @@ pub(crate) fn list(dm: &DeviceMapper, now_ns: u64, out: &mut dyn Write) {
     }
 }
 
-/// `jobs cancel ID`: nothing running in the background can be cancelled safely
-/// (a delete's device is gone already); says so, or that there is no such job.
-pub(crate) fn cancel(dm: &DeviceMapper, id: &str) -> Result<(), CommandError> {
+/// `jobs cancel ID`: imports and syncs stop (an import stays resumable); a delete
+/// cannot be cancelled (its device is gone already), which is said.
+pub(crate) fn cancel(dm: &mut DeviceMapper, id: &str) -> Result<(), CommandError> {
+    if let Some(copy) = dm.imports().into_iter().find(|copy| copy.id == id) {
+        return Ok(dm.cancel_import(&copy.device)?);
+    }
     let deleting = dm
         .background_deletes()
         .into_iter()

@@ -92,6 +92,18 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "mapped, exclusive and shared space of each thin device",
     ),
     (
+        "thin import NAME POOL --from nbd://HOST[:PORT]/EXPORT|DEVICE [--size SIZE]",
+        "new thin volume copied from an NBD export or a thin device, holes left unmapped",
+    ),
+    (
+        "thin import --resume NAME",
+        "continue an import stopped by a power cut or a lost connection",
+    ),
+    (
+        "thin sync NAME --from nbd://HOST[:PORT]/EXPORT --changed-since BASE",
+        "copy what the export changed since BASE (thinbox:changed:BASE) into NAME",
+    ),
+    (
         "dump POOL [--metadata-snap]",
         "print the pool's metadata (or the held metadata snapshot) as thin_dump XML",
     ),
@@ -128,13 +140,13 @@ const DEFAULT_TEST_MIB: u64 = 16;
 impl<P: Platform> Console<P> {
     /// `jobs` lists what the pools do in the background; `jobs cancel ID`.
     fn jobs(&mut self, args: &[String], out: &mut dyn Write) -> Result<(), CommandError> {
-        let dm = self.dm.borrow();
+        let mut dm = self.dm.borrow_mut();
         match args {
             [] => {
                 crate::background::list(&dm, self.platform.now_ns(), out);
                 Ok(())
             }
-            [verb, id] if verb == "cancel" => crate::background::cancel(&dm, id),
+            [verb, id] if verb == "cancel" => crate::background::cancel(&mut dm, id),
             _ => Err("usage: jobs | jobs cancel ID".into()),
         }
     }

@@ -35,6 +35,7 @@ pub struct DeviceMapper {
     /// Saved disks that were not found at boot, kept so saving the configuration again
     /// does not forget how to recognise them.
     pub(crate) missing_disks: Vec<DiskRecord>,
+    pub(crate) imports: crate::import::Imports,
 }
 
 impl DeviceMapper {
@@ -48,6 +49,7 @@ impl DeviceMapper {
             config: None,
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
+            imports: Default::default(),
         }
     }
 
@@ -319,6 +321,7 @@ impl DeviceMapper {
                 }
             }
         }
+        events.extend(self.step_imports(clock()));
         events
     }
 

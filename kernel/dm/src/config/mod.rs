@@ -74,7 +74,11 @@ impl DeviceMapper {
                 table: device.table.to_string(),
             })
             .collect();
-        Snapshot { disks, devices }
+        Snapshot {
+            disks,
+            devices,
+            imports: self.imports.records.clone(),
+        }
     }
 
     /// Writes the configuration as it stands in memory, if there is a configuration
@@ -221,7 +225,10 @@ impl DeviceMapper {
         };
         self.config = Some(ConfigDisk { disk, area });
         match Snapshot::decode(&text) {
-            Ok(snapshot) => self.bring_up(&snapshot, &mut notes),
+            Ok(snapshot) => {
+                self.bring_up(&snapshot, &mut notes);
+                self.imports.records = snapshot.imports;
+            }
             Err(why) => notes.push(format!("config: cannot read the configuration: {why}")),
         }
         notes

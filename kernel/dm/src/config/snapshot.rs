@@ -6,6 +6,8 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 
+use crate::import::ImportRecord;
+
 /// A disk a configuration refers to, as it was when the configuration was saved.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskRecord {
@@ -27,11 +29,14 @@ pub struct DeviceRecord {
 /// Everything a configuration holds. Encoded as text lines:
 /// `disk NAME SECTORS SERIAL` (serial percent-encoded, `-` when empty) and
 /// `device NAME rw|ro TABLE` (segments separated by `; `), devices in creation order
-/// (each only refers to disks and to devices before it).
+/// (each only refers to disks and to devices before it), then one
+/// [`ImportRecord`] line per unfinished import.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub disks: Vec<DiskRecord>,
     pub devices: Vec<DeviceRecord>,
+    /// Unfinished imports (`import NAME CHECKPOINT SOURCE` lines).
+    pub imports: Vec<ImportRecord>,
 }
 
 impl Snapshot {
@@ -49,6 +54,9 @@ impl Snapshot {
         for device in &self.devices {
             let mode = if device.read_only { "ro" } else { "rw" };
             let _ = writeln!(text, "device {} {mode} {}", device.name, device.table);
+        }
+        for import in &self.imports {
+            let _ = writeln!(text, "{}", import.encode());
         }
         text
     }
@@ -73,6 +81,9 @@ impl Snapshot {
                         table: table.to_string(),
                     })
                 }
+                (Some("import"), Some(name), Some(checkpoint), Some(source)) => snapshot
+                    .imports
+                    .push(ImportRecord::decode(name, checkpoint, source).ok_or_else(bad)?),
                 _ => return Err(bad()),
             }
         }
@@ -137,6 +148,11 @@ mod tests {
                 read_only: true,
                 table: "0 4096 linear vdb 0".into(),
             }],
+            imports: alloc::vec![ImportRecord {
+                name: "vm1".into(),
+                source: "nbd://10.0.2.2:10809/disk%201".into(),
+                checkpoint: 67108864,
+            }],
         }
     }
 
@@ -145,7 +161,8 @@ mod tests {
         let text = sample().encode();
         assert_eq!(
             text,
-            "disk vda 131072 QM%200001%2Fx\ndisk vdb 4096 -\ndevice base ro 0 4096 linear vdb 0\n"
+            "disk vda 131072 QM%200001%2Fx\ndisk vdb 4096 -\ndevice base ro 0 4096 linear vdb 0\n\
+             import vm1 67108864 nbd://10.0.2.2:10809/disk%201\n"
         );
         assert_eq!(Snapshot::decode(&text).unwrap(), sample());
         assert!(Snapshot::decode("disk vda x -\n").is_err());

@@ -315,7 +315,7 @@ fn status_chunk(
     let length = u64::from(pending.length);
     let mut extents = Vec::new();
     let mut sum = 0u64;
-    for descriptor in payload[4..].chunks_exact(8) {
+    for descriptor in payload[4..].as_chunks::<8>().0 {
         let extent = u64::from(be_u32(descriptor));
         let flags = be_u32(&descriptor[4..]);
         if extent == 0 {

@@ -71,6 +71,11 @@ fn status_chunk(cookie: u64, id: u32, extents: &[(u32, u32)]) -> Vec<u8> {
 
 const SIZE: u64 = 1 << 20;
 
+/// The server's bytes answering the request with a cookie.
+type ReplyFor = fn(u64) -> Vec<u8>;
+/// A block-status descriptor: length and flags.
+type Descriptor = (u32, u32);
+
 /// A client through a full handshake with structured replies, `base:allocation` as
 /// context id 7 and a 512-byte minimum block, byte by byte.
 fn ready_client() -> Client {
@@ -198,7 +203,7 @@ fn an_error_chunk_fails_only_its_request() {
 
 #[test]
 fn broken_replies_are_protocol_errors() {
-    let cases: Vec<(&str, fn(u64) -> Vec<u8>)> = alloc::vec![
+    let cases: Vec<(&str, ReplyFor)> = alloc::vec![
         ("unknown cookie", |cookie| data_chunk(
             true,
             cookie + 9,
@@ -284,7 +289,7 @@ fn client_with_status() -> (Client, u64) {
 
 #[test]
 fn block_status_extents_are_checked() {
-    let cases: [(&str, &[(u32, u32)], u32); 3] = [
+    let cases: [(&str, &[Descriptor], u32); 3] = [
         ("empty extent", &[(0, 0)], 7),
         ("past the end", &[(4096, 0), (512, 0)], 7),
         ("unknown context", &[(4096, 0)], 8),
