@@ -120,8 +120,7 @@ impl<P: Platform> Console<P> {
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
         const USAGE: &str = "usage: thin create NAME POOL [--size SIZE] [--origin DEVICE] | thin \
-                             resize NAME SIZE | thin delete NAME [--background] | thin ls POOL | thin import ... | \
-                             thin sync ...";
+                             resize NAME SIZE | thin delete NAME [--background] | thin ls POOL";
         let Some((verb, rest)) = args.split_first() else {
             return Err(USAGE.into());
         };
