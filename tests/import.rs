@@ -265,9 +265,12 @@ fn a_qcow2_image_is_adopted_with_its_content_and_only_its_data_provisioned() {
     assert!(volume_content(&scratch, &disks, "copy") == expected);
 }
 
+/// What a hostile server does on a connection.
+type Script = fn(&mut TcpStream);
+
 /// Answers every connection on `listener` with `script`'s bytes after the
 /// greeting's reply, then closes.
-fn hostile_server(listener: TcpListener, script: fn(&mut TcpStream)) {
+fn hostile_server(listener: TcpListener, script: Script) {
     thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
@@ -347,7 +350,7 @@ fn chunk(stream: &mut TcpStream, chunk_type: u16, cookie: u64, payload: &[u8], l
 
 #[test]
 fn hostile_servers_give_one_error_line_and_never_a_panic() {
-    let scripts: [(fn(&mut TcpStream), &str); 6] = [
+    let scripts: [(Script, &str); 6] = [
         (
             |stream| {
                 let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
