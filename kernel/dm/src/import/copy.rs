@@ -19,7 +19,7 @@ pub(crate) const WINDOW: u64 = 64 << 20;
 /// Largest read.
 const MAX_READ: u64 = 1 << 20;
 /// Reads and writes kept in flight.
-const DEPTH: usize = 16;
+const DEPTH: usize = 64;
 /// Rounds of reaping and issuing per step.
 const ROUNDS: usize = 32;
 /// Tag of the destination's checkpoint flush (writes are numbered from 0).
