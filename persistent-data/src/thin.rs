@@ -58,7 +58,11 @@ use crate::superblock::{METADATA_VERSION, NEEDS_CHECK, Superblock};
 use crate::tm::{COUNT_VALUE_SIZE, Tm};
 
 mod deletion;
+mod delta;
+mod merge;
+mod views;
 pub use deletion::{FIRST_DELETING_ID, PendingDelete};
+pub use delta::{Delta, DeltaKind, DeltaPiece, DeltaSource};
 
 /// Largest thin device id (24 bits).
 pub const MAX_DEV_ID: u64 = (1 << 24) - 1;

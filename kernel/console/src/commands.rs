@@ -85,7 +85,7 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     ),
     (
         "jobs [cancel ID]",
-        "list the pools' background work (deletes releasing blocks)",
+        "list background jobs (progress, rate, time left); cancel one where that is safe",
     ),
     (
         "thin ls POOL",
@@ -138,15 +138,16 @@ pub(crate) const HELP: &[(&str, &str)] = &[
 const DEFAULT_TEST_MIB: u64 = 16;
 
 impl<P: Platform> Console<P> {
-    /// `jobs` lists what the pools do in the background; `jobs cancel ID`.
+    /// `jobs` lists the background jobs; `jobs cancel ID`.
     fn jobs(&mut self, args: &[String], out: &mut dyn Write) -> Result<(), CommandError> {
-        let mut dm = self.dm.borrow_mut();
         match args {
             [] => {
-                crate::background::list(&dm, self.platform.now_ns(), out);
+                crate::background::list(&self.dm.borrow(), self.platform.now_ns(), out);
                 Ok(())
             }
-            [verb, id] if verb == "cancel" => crate::background::cancel(&mut dm, id),
+            [verb, id] if verb == "cancel" => {
+                crate::background::cancel(&mut self.dm.borrow_mut(), id, out)
+            }
             _ => Err("usage: jobs | jobs cancel ID".into()),
         }
     }

@@ -10,12 +10,12 @@ use alloc::string::String;
 use core::cell::RefCell;
 use core::fmt::Write;
 
-use dm::{DeviceMapper, ImportFrom, ImportProgress, bare_name, human_bytes};
+use dm::{DeviceMapper, ImportFrom, bare_name};
 use nbd::client::NbdUri;
 
+use crate::background::describe;
 use crate::job::{Context, Job, Progress};
 use crate::pool_commands::{Options, parse_size};
-use crate::units::mib_per_second;
 use crate::{CommandError, Console, Platform, outln};
 
 /// At most this long between progress lines.
@@ -138,30 +138,6 @@ impl<P: Platform> Console<P> {
     }
 }
 
-/// "34% (340.00 MiB of 1.00 GiB), 120.50 MiB/s, about 5 s left" at `now_ns`.
-pub(crate) fn describe(progress: &ImportProgress, now_ns: u64) -> String {
-    if progress.total == 0 {
-        return String::from("connecting");
-    }
-    let percent = progress.done * 100 / progress.total;
-    let elapsed = now_ns.saturating_sub(progress.started_ns).max(1);
-    let rate = u128::from(progress.done) * 1_000_000_000 / u128::from(elapsed);
-    let left = match rate {
-        0 => String::from("time left unknown"),
-        rate => format!(
-            "about {} s left",
-            u128::from(progress.total - progress.done).div_ceil(rate)
-        ),
-    };
-    format!(
-        "{percent}% ({} of {}), {} copied at {}, {left}",
-        human_bytes(progress.done),
-        human_bytes(progress.total),
-        human_bytes(progress.written),
-        mib_per_second(progress.written, elapsed)
-    )
-}
-
 /// Follows one import or sync until it finishes.
 struct CopyWatch {
     dm: Rc<RefCell<DeviceMapper>>,
@@ -183,7 +159,12 @@ impl Job for CopyWatch {
                 Err(why) => Progress::Finished(Err(why.into())),
             };
         }
-        let Some(progress) = dm.imports().into_iter().find(|job| job.device == self.name) else {
+        let id = dm.import_job_id(&self.name);
+        let Some(status) = dm
+            .jobs()
+            .into_iter()
+            .find(|status| Some(&status.id) == id.as_ref())
+        else {
             return Progress::Finished(Err(format!("{}: the copy vanished", self.name).into()));
         };
         if self.detached {
@@ -192,7 +173,7 @@ impl Job for CopyWatch {
                 out,
                 "{}: detached; the copy goes on in the background (jobs shows it as {})",
                 self.name,
-                progress.id
+                status.id
             );
             return Progress::Finished(Ok(()));
         }
@@ -201,7 +182,12 @@ impl Job for CopyWatch {
             .is_none_or(|last| now_ns.saturating_sub(last) >= PROGRESS_NS)
         {
             self.last_report_ns = Some(now_ns);
-            outln!(out, "{}: {}", self.name, describe(&progress, now_ns));
+            let progress = if status.total == 0 {
+                String::from("connecting")
+            } else {
+                describe(&status, now_ns)
+            };
+            outln!(out, "{}: {}: {progress}", self.name, status.what);
         }
         Progress::Running
     }

@@ -13,15 +13,16 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use blockdev::{BlockDevice, Command};
-use thin_pool::DeleteProgress;
 
 use crate::Error;
 use crate::activate::Format;
-use crate::config::{ConfigDisk, DiskRecord};
+use crate::config::{ConfigDisk, DiskRecord, OriginRecord};
 use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
+use crate::jobs::Job;
 use crate::table::{Table, Target, bare_name, check_name};
-use crate::targets::TargetIo;
+use crate::targets::{SnapshotList, TargetIo};
+use core::cell::RefCell;
 
 /// Disks, devices and their configuration.
 pub struct DeviceMapper {
@@ -36,6 +37,13 @@ pub struct DeviceMapper {
     /// does not forget how to recognise them.
     pub(crate) missing_disks: Vec<DiskRecord>,
     pub(crate) imports: crate::import::Imports,
+    /// Long work the device mapper drives itself (see [`DeviceMapper::start_job`]).
+    pub(crate) jobs: Vec<Box<dyn Job>>,
+    /// The snapshots of each origin, by the origin's name.
+    pub(crate) snapshot_origins: RefCell<BTreeMap<String, SnapshotList>>,
+    /// The external origin each thin device was created over (see the origins
+    /// module).
+    pub(crate) origins: Vec<OriginRecord>,
 }
 
 impl DeviceMapper {
@@ -50,6 +58,9 @@ impl DeviceMapper {
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
             imports: Default::default(),
+            jobs: Vec::new(),
+            snapshot_origins: RefCell::default(),
+            origins: Vec::new(),
         }
     }
 
@@ -170,12 +181,16 @@ impl DeviceMapper {
         let id = self.register(Device {
             name: name.to_string(),
             read_only,
-            table,
+            table: table.clone(),
             inactive: None,
             state: State::Active(Box::new(active)),
         });
+        let recorded = self.record_origin(name, &table);
         if let Err(error) = self.save() {
             self.devices.remove(&id);
+            if recorded {
+                self.origins.pop();
+            }
             return Err(error);
         }
         Ok(notes)
@@ -235,7 +250,7 @@ impl DeviceMapper {
     /// `thin delete NAME`: removes the thin device and deletes it from its pool. If the
     /// pool refuses the delete, the device is activated again as it was. Returns the
     /// pool's name and the id, whose blocks the pool may go on releasing in the
-    /// background (see [`DeviceMapper::background_deletes`]).
+    /// background (a job, see [`DeviceMapper::jobs`]).
     pub fn thin_delete(&mut self, name: &str) -> Result<(String, u64), Error> {
         let device = self.device(name)?;
         let Target::Thin(thin) = device.table.target() else {
@@ -258,21 +273,6 @@ impl DeviceMapper {
             return Err(error);
         }
         Ok((pool, dev))
-    }
-
-    /// Deletes whose blocks pools are still releasing, with each pool's name.
-    pub fn background_deletes(&self) -> Vec<(String, DeleteProgress)> {
-        let mut deletes = Vec::new();
-        for device in self.devices() {
-            if let State::Active(active) = &device.state
-                && let Some(pool) = active.io.pool()
-            {
-                for progress in pool.deletes() {
-                    deletes.push((device.name.clone(), progress));
-                }
-            }
-        }
-        deletes
     }
 
     /// `suspend NAME`: finishes the device's I/O in flight, flushes, and holds new
@@ -307,8 +307,8 @@ impl DeviceMapper {
         Ok(())
     }
 
-    /// Timer work of every pool at the time `clock` gives; returns the events to
-    /// print.
+    /// Timer work of every pool, a bounded step of every snapshot merge and a step
+    /// of each background job at the time `clock` gives; returns the events to print.
     pub fn tick(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
         for device in self.devices() {
@@ -321,7 +321,8 @@ impl DeviceMapper {
                 }
             }
         }
-        events.extend(self.step_imports(clock()));
+        self.step_snapshot_targets(clock, &mut events);
+        events.extend(self.step_jobs(clock));
         events
     }
 
@@ -352,16 +353,16 @@ impl DeviceMapper {
             )
             .into());
         }
-        let pool = self.pool(name)?;
+        let name = device.name.clone();
+        let pool = self.pool(&name)?;
         pool.message(text).map_err(|error| {
-            format!(
-                "{}: message '{text}' failed: {} ({})",
-                device.name,
+            Error(format!(
+                "{name}: message '{text}' failed: {} ({})",
                 error.text,
                 error.errno.name()
-            )
-            .into()
-        })
+            ))
+        })?;
+        self.origins_after_message(&name, text)
     }
 
     /// dm's status lines, one per segment: `START LENGTH TARGET` followed by the
@@ -398,6 +399,9 @@ impl DeviceMapper {
                     Ok(status) => Ok(format!(" {status}")),
                     Err(error) => Err(error.text),
                 }
+            }
+            Target::SnapshotOrigin { .. } | Target::Snapshot(_) | Target::SnapshotMerge(_) => {
+                self.snapshot_status(&device.name)
             }
         }
     }
@@ -460,6 +464,13 @@ impl DeviceMapper {
                     let span = self.span(&self.windows(&device.name)?, false);
                     Ok((device.name.clone(), Box::new(span)))
                 }
+                kind @ (Target::SnapshotOrigin { .. }
+                | Target::Snapshot(_)
+                | Target::SnapshotMerge(_)) => Err(format!(
+                    "{} is a {} device; test the disks under it before building snapshots",
+                    device.name,
+                    kind.kind()
+                )),
             },
         }
     }

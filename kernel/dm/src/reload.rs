@@ -33,6 +33,7 @@ enum Swap {
     Linear(Span),
     Thin(thin_pool::ThinVolume),
     Pool(PoolWindows),
+    Snapshot(crate::targets::SnapshotIo),
 }
 
 impl DeviceMapper {
@@ -93,6 +94,7 @@ impl DeviceMapper {
             }
         }
         self.devices.get_mut(&id).expect("renamed device").name = to.to_string();
+        self.rename_in_origins(from, to);
     }
 
     /// What `reload` checks, as dm's table load does: the table's devices exist and
@@ -104,7 +106,7 @@ impl DeviceMapper {
                 "{name} is inactive ({why}); remove it and create it again"
             ));
         }
-        if table.kind() != live.table.kind() {
+        if table.kind() != live.table.kind() && !origin_kinds(table.kind(), live.table.kind()) {
             return Err(format!(
                 "the table is {}, the live one {}: a reload keeps the target type (remove \
                  {name} and create it again to change it)",
@@ -144,6 +146,14 @@ impl DeviceMapper {
             Target::Pool(pool) => {
                 self.windows(&pool.metadata_dev)?;
                 self.fit(&pool.data_dev, 0, table.length()).map(drop)
+            }
+            Target::SnapshotOrigin { origin } => self.fit(origin, 0, table.length()).map(drop),
+            Target::Snapshot(_) => {
+                Err("a snapshot device keeps its table (remove it and create it again)".into())
+            }
+            Target::SnapshotMerge(args) => {
+                self.fit(&args.origin, 0, table.length())?;
+                self.windows(&args.cow).map(drop)
             }
         }
     }
@@ -277,6 +287,10 @@ impl DeviceMapper {
                 }
                 Ok(Swap::Pool(windows))
             }
+            (Target::SnapshotOrigin { .. } | Target::Snapshot(_) | Target::SnapshotMerge(_), _) => {
+                let (io, _) = self.snapshot_target(Some(&device.name), table, device.read_only)?;
+                Ok(Swap::Snapshot(io))
+            }
             (_, kind) => Err(format!("{} is not a thin-pool", kind.kind())),
         }
     }
@@ -298,6 +312,7 @@ impl DeviceMapper {
         let io = match swap {
             Swap::Linear(span) => TargetIo::Linear(LinearIo::new(span)),
             Swap::Thin(volume) => TargetIo::Thin(ThinIo::new(volume, read_only)),
+            Swap::Snapshot(io) => TargetIo::Snapshot(io),
             Swap::Pool(windows) => {
                 let (metadata, data) = spans.expect("built above");
                 let pool = active.io.pool().expect("a pool device runs a pool");
@@ -334,6 +349,14 @@ impl DeviceMapper {
         active.io = io;
         Ok(Vec::new())
     }
+}
+
+/// Whether a reload may turn one of these target types into the other: an origin
+/// device goes from `linear` to `snapshot-origin` when it gets a snapshot, to
+/// `snapshot-merge` for a merge and back to `linear` after it (LVM's sequences).
+fn origin_kinds(new: &str, live: &str) -> bool {
+    let origin = |kind| matches!(kind, "linear" | "snapshot-origin" | "snapshot-merge");
+    origin(new) && origin(live)
 }
 
 fn sectors(windows: &[Window]) -> u64 {

@@ -6,6 +6,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 
+use super::origins::OriginRecord;
 use crate::import::ImportRecord;
 
 /// A disk a configuration refers to, as it was when the configuration was saved.
@@ -30,13 +31,14 @@ pub struct DeviceRecord {
 /// `disk NAME SECTORS SERIAL` (serial percent-encoded, `-` when empty) and
 /// `device NAME rw|ro TABLE` (segments separated by `; `), devices in creation order
 /// (each only refers to disks and to devices before it), then one
-/// [`ImportRecord`] line per unfinished import.
+/// [`ImportRecord`] line per unfinished import, then the `origin` records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub disks: Vec<DiskRecord>,
     pub devices: Vec<DeviceRecord>,
     /// Unfinished imports (`import NAME CHECKPOINT SOURCE` lines).
     pub imports: Vec<ImportRecord>,
+    pub origins: Vec<OriginRecord>,
 }
 
 impl Snapshot {
@@ -57,6 +59,9 @@ impl Snapshot {
         }
         for import in &self.imports {
             let _ = writeln!(text, "{}", import.encode());
+        }
+        for origin in &self.origins {
+            let _ = writeln!(text, "{}", origin.encode());
         }
         text
     }
@@ -84,6 +89,9 @@ impl Snapshot {
                 (Some("import"), Some(name), Some(checkpoint), Some(source)) => snapshot
                     .imports
                     .push(ImportRecord::decode(name, checkpoint, source).ok_or_else(bad)?),
+                (Some("origin"), ..) => snapshot
+                    .origins
+                    .push(OriginRecord::decode(line).ok_or_else(bad)?),
                 _ => return Err(bad()),
             }
         }
@@ -153,6 +161,7 @@ mod tests {
                 source: "nbd://10.0.2.2:10809/disk%201".into(),
                 checkpoint: 67108864,
             }],
+            origins: Vec::new(),
         }
     }
 

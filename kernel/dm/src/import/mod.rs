@@ -1,6 +1,6 @@
 //! Imports and syncs: thin volumes filled from another NBD server's export or from
-//! a thin device of this appliance, as background work advanced by
-//! [`DeviceMapper::tick`].
+//! a thin device of this appliance, as background [`Job`]s (`import/NAME`,
+//! `sync/NAME`) advanced by [`DeviceMapper::tick`].
 //!
 //! `thin import` creates the volume once the source's size is known and copies only
 //! what the source reports as data (`base:allocation`), so the copy stays thin. The
@@ -25,6 +25,7 @@ pub use record::ImportRecord;
 
 use crate::Error;
 use crate::device::State;
+use crate::jobs::{Job, JobStatus, JobStep};
 use crate::mapper::DeviceMapper;
 use crate::table::{Target, bare_name};
 use crate::units::human_bytes;
@@ -62,24 +63,6 @@ impl ImportFrom {
     }
 }
 
-/// One import or sync in progress, for `jobs` and progress lines.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ImportProgress {
-    /// `import/NAME` or `sync/NAME`.
-    pub id: String,
-    pub device: String,
-    /// "import from nbd://…", "sync from nbd://… changed since BASE".
-    pub what: String,
-    /// Bytes of the source finished (checked, and copied where needed).
-    pub done: u64,
-    pub total: u64,
-    pub unit: &'static str,
-    pub started_ns: u64,
-    pub cancellable: bool,
-    /// Bytes actually read and written so far.
-    pub written: u64,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Kind {
     /// A new volume in this pool, of this many sectors if the operator said so.
@@ -109,19 +92,18 @@ struct ImportJob {
     phase: Option<Phase>,
     started_ns: u64,
     last_moved_ns: u64,
-    /// A console command follows it and takes the outcome; otherwise the outcome
-    /// is an event line.
-    watched: bool,
     cancelled: bool,
 }
 
-/// The imports and syncs of a device mapper.
+/// What the device mapper keeps of imports and syncs besides the jobs themselves.
 #[derive(Default)]
 pub(crate) struct Imports {
-    jobs: Vec<ImportJob>,
     /// Imports saved in the configuration (unfinished).
     pub(crate) records: Vec<ImportRecord>,
-    /// Finished watched jobs: name → summary or reason.
+    /// Devices whose job a console command follows: it takes the outcome (see
+    /// [`DeviceMapper::import_outcome`]) instead of an event line.
+    watched: Vec<String>,
+    /// Finished followed jobs: name → summary or reason.
     outcomes: VecDeque<(String, Result<String, String>)>,
 }
 
@@ -155,7 +137,7 @@ impl DeviceMapper {
             pool: String::from(bare_name(pool)),
             sectors,
         };
-        self.start_job(name, from, kind, now_ns)
+        self.start_copy(name, from, kind, now_ns)
     }
 
     /// `thin import --resume NAME`: continues a saved import from its checkpoint;
@@ -184,7 +166,7 @@ impl DeviceMapper {
         let kind = Kind::Resume {
             from: record.checkpoint,
         };
-        self.start_job(&record.name, from, kind, now_ns)
+        self.start_copy(&record.name, from, kind, now_ns)
     }
 
     /// `thin sync NAME --from nbd://… --changed-since BASE`: copies into the thin
@@ -202,39 +184,7 @@ impl DeviceMapper {
         let kind = Kind::Sync {
             base: String::from(base),
         };
-        self.start_job(name, ImportFrom::Remote { uri, stream }, kind, now_ns)
-    }
-
-    /// The imports and syncs running.
-    pub fn imports(&self) -> Vec<ImportProgress> {
-        self.imports
-            .jobs
-            .iter()
-            .map(|job| {
-                let (done, total, written) = match &job.phase {
-                    Some(Phase::Copying(copier)) => (copier.done(), copier.size(), copier.written),
-                    _ => (0, 0, 0),
-                };
-                let (prefix, what) = match &job.kind {
-                    Kind::Sync { base } => (
-                        "sync",
-                        format!("sync from {} changed since {base}", job.source_text),
-                    ),
-                    _ => ("import", format!("import from {}", job.source_text)),
-                };
-                ImportProgress {
-                    id: format!("{prefix}/{}", job.name),
-                    device: job.name.clone(),
-                    what,
-                    done,
-                    total,
-                    unit: "bytes",
-                    started_ns: job.started_ns,
-                    cancellable: true,
-                    written,
-                }
-            })
-            .collect()
+        self.start_copy(name, ImportFrom::Remote { uri, stream }, kind, now_ns)
     }
 
     /// The outcome of the watched job into `name`, once it has finished: a summary
@@ -253,64 +203,20 @@ impl DeviceMapper {
 
     /// Stops following the job into `name`: its outcome becomes an event line.
     pub fn detach_import(&mut self, name: &str) {
-        for job in &mut self.imports.jobs {
-            if job.name == name {
-                job.watched = false;
-            }
-        }
+        self.imports.watched.retain(|watched| watched != name);
     }
 
-    /// Stops the job into `name`; an import stays resumable from its checkpoint.
-    pub fn cancel_import(&mut self, name: &str) -> Result<(), Error> {
-        let job = self
-            .imports
-            .jobs
-            .iter_mut()
-            .find(|job| job.name == name)
-            .ok_or_else(|| format!("no import or sync into {name} is running"))?;
-        job.cancelled = true;
-        Ok(())
-    }
-
-    /// Unfinished imports saved in the configuration.
-    pub fn saved_imports(&self) -> &[ImportRecord] {
-        &self.imports.records
-    }
-
-    /// Advances every job a bounded step; returns event lines for jobs nobody
-    /// follows.
-    pub(crate) fn step_imports(&mut self, now_ns: u64) -> Vec<String> {
-        let mut events = Vec::new();
-        let jobs = core::mem::take(&mut self.imports.jobs);
-        for mut job in jobs {
-            let outcome = if job.cancelled {
-                Some(Err(self.job_stopped(&job, "cancelled")))
-            } else {
-                match self.step_job(&mut job, now_ns) {
-                    Ok(None) => None,
-                    Ok(Some(summary)) => Some(Ok(summary)),
-                    Err(why) => Some(Err(self.job_stopped(&job, &why))),
-                }
-            };
-            match outcome {
-                None => self.imports.jobs.push(job),
-                Some(outcome) if job.watched => {
-                    self.imports.outcomes.push_back((job.name, outcome));
-                }
-                Some(Ok(summary)) => events.push(summary),
-                Some(Err(why)) => events.push(format!("{}: {why}", job.name)),
-            }
-        }
-        events
+    /// The `jobs` id of the import or sync into `name`, if one runs.
+    pub fn import_job_id(&self, name: &str) -> Option<String> {
+        let ids = [format!("import/{name}"), format!("sync/{name}")];
+        self.jobs()
+            .into_iter()
+            .map(|status| status.id)
+            .find(|id| ids.contains(id))
     }
 
     fn refuse_second_job(&self, name: &str) -> Result<(), Error> {
-        if self
-            .imports
-            .jobs
-            .iter()
-            .any(|job| job.name == bare_name(name))
-        {
+        if self.import_job_id(bare_name(name)).is_some() {
             return Err(
                 format!("an import or sync into {name} is running already (see jobs)").into(),
             );
@@ -318,7 +224,7 @@ impl DeviceMapper {
         Ok(())
     }
 
-    fn start_job(
+    fn start_copy(
         &mut self,
         name: &str,
         from: ImportFrom,
@@ -344,15 +250,14 @@ impl DeviceMapper {
             phase: Some(Phase::Connecting(source)),
             started_ns: now_ns,
             last_moved_ns: now_ns,
-            watched: true,
             cancelled: false,
         };
         // A local source knows its size at once: refuse a bad copy now, not later.
         if matches!(job.phase, Some(Phase::Connecting(Source::Local { .. }))) {
             self.step_job(&mut job, now_ns).map_err(Error)?;
         }
-        self.imports.jobs.push(job);
-        Ok(())
+        self.imports.watched.push(job.name.clone());
+        self.start_job(Box::new(job))
     }
 
     fn local_source(&self, device: &str, name: &str) -> Result<Source, Error> {
@@ -573,6 +478,59 @@ impl DeviceMapper {
                 _ => format!("import from {} failed: {why}", job.source_text),
             }
         }
+    }
+}
+
+impl Job for ImportJob {
+    fn status(&self) -> JobStatus {
+        let (done, total) = match &self.phase {
+            Some(Phase::Copying(copier)) => (copier.done(), copier.size()),
+            _ => (0, 0),
+        };
+        let (prefix, what) = match &self.kind {
+            Kind::Sync { base } => (
+                "sync",
+                format!("sync from {} changed since {base}", self.source_text),
+            ),
+            _ => ("import", format!("import from {}", self.source_text)),
+        };
+        JobStatus {
+            id: format!("{prefix}/{}", self.name),
+            device: self.name.clone(),
+            what,
+            done,
+            total,
+            unit: "bytes",
+            started_ns: self.started_ns,
+            cancellable: true,
+        }
+    }
+
+    fn step(&mut self, dm: &mut DeviceMapper, clock: &dyn Fn() -> u64) -> JobStep {
+        let outcome = if self.cancelled {
+            Err(dm.job_stopped(self, "cancelled"))
+        } else {
+            match dm.step_job(self, clock()) {
+                Ok(None) => return JobStep::Running,
+                Ok(Some(summary)) => Ok(summary),
+                Err(why) => Err(dm.job_stopped(self, &why)),
+            }
+        };
+        let watched = &mut dm.imports.watched;
+        if let Some(index) = watched.iter().position(|name| *name == self.name) {
+            watched.remove(index);
+            dm.imports.outcomes.push_back((self.name.clone(), outcome));
+            return JobStep::Finished(Vec::new());
+        }
+        JobStep::Finished(alloc::vec![match outcome {
+            Ok(summary) => summary,
+            Err(why) => format!("{}: {why}", self.name),
+        }])
+    }
+
+    fn cancel(&mut self, _dm: &mut DeviceMapper) -> Result<(), Error> {
+        self.cancelled = true;
+        Ok(())
     }
 }
 

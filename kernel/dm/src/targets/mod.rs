@@ -1,19 +1,23 @@
-//! The targets of a running device: a data device (`linear`, `thin`) that serves I/O,
-//! or a pool (`thin-pool`) that thin devices are activated from.
+//! The targets of a running device: a data device (`linear`, `thin`, the snapshot
+//! targets) that serves I/O, or a pool (`thin-pool`) that thin devices are activated
+//! from.
 
 mod linear;
+mod snapshot;
 mod thin;
 
 use nbd::{BackendError, IoCompletion, IoOp};
 use thin_pool::Pool;
 
 pub(crate) use linear::LinearIo;
+pub(crate) use snapshot::{Role, SnapshotIo, SnapshotList};
 pub(crate) use thin::ThinIo;
 
 pub(crate) enum TargetIo {
     Linear(LinearIo),
     Thin(ThinIo),
     Pool(Pool),
+    Snapshot(SnapshotIo),
 }
 
 impl TargetIo {
@@ -22,6 +26,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => Some(io.sectors()),
             TargetIo::Thin(io) => Some(io.sectors()),
+            TargetIo::Snapshot(io) => Some(io.sectors()),
             TargetIo::Pool(_) => None,
         }
     }
@@ -30,6 +35,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.read_only(),
             TargetIo::Thin(io) => io.read_only(),
+            TargetIo::Snapshot(io) => io.read_only(),
             TargetIo::Pool(pool) => pool.config().features.read_only,
         }
     }
@@ -38,7 +44,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.discard(),
             TargetIo::Thin(io) => io.discard(),
-            TargetIo::Pool(_) => false,
+            TargetIo::Snapshot(_) | TargetIo::Pool(_) => false,
         }
     }
 
@@ -46,7 +52,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.congested(),
             TargetIo::Thin(io) => io.congested(),
-            TargetIo::Pool(_) => false,
+            TargetIo::Snapshot(_) | TargetIo::Pool(_) => false,
         }
     }
 
@@ -62,6 +68,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.submit(tag, op),
             TargetIo::Thin(io) => io.submit(tag, op),
+            TargetIo::Snapshot(io) => io.submit(tag, op),
             TargetIo::Pool(_) => refused(IoCompletion {
                 tag,
                 result: Err(BackendError::Invalid),
@@ -73,6 +80,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.poll(),
             TargetIo::Thin(io) => io.poll(),
+            TargetIo::Snapshot(io) => io.poll(),
             TargetIo::Pool(pool) => {
                 pool.poll();
                 None
@@ -85,6 +93,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.drain(),
             TargetIo::Thin(io) => io.drain(),
+            TargetIo::Snapshot(io) => io.drain(),
             TargetIo::Pool(pool) => while pool.poll() {},
         }
     }
@@ -95,6 +104,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.flush().map_err(|error| alloc::format!("{error}")),
             TargetIo::Thin(io) => io.flush().map_err(|error| alloc::format!("{error}")),
+            TargetIo::Snapshot(io) => io.flush().map_err(|error| alloc::format!("{error}")),
             TargetIo::Pool(pool) => pool.commit().map_err(|error| error.text),
         }
     }
