@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use host_tools::Tool;
@@ -489,4 +490,224 @@ fn an_import_cut_off_mid_copy_resumes_from_its_checkpoint() {
     );
     let again = exec(&disks, &["thin import --resume vm1"]);
     assert!(text(&again).contains("no unfinished import into vm1 is saved"));
+}
+
+/// A test NBD server over an image in memory that offers `base:allocation` (a block
+/// of zeroes is a hole) and `thinbox:changed:BASE` (the blocks marked changed), as
+/// an appliance's thin export does for the changes since snapshot BASE.
+struct Model {
+    image: Vec<u8>,
+    changed: Vec<bool>,
+    base: &'static str,
+}
+
+impl Model {
+    fn zero(&self, block: usize) -> bool {
+        let start = block * BLOCK as usize;
+        self.image[start..start + BLOCK as usize]
+            .iter()
+            .all(|&b| b == 0)
+    }
+}
+
+/// Serves `model` on a free port until the test ends; returns the port.
+fn model_server(model: Arc<Mutex<Model>>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let model = Arc::clone(&model);
+            thread::spawn(move || serve_model(stream, &model));
+        }
+    });
+    port
+}
+
+fn serve_model(mut stream: TcpStream, model: &Mutex<Model>) {
+    let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    stream.write_all(&greeting).unwrap();
+    let mut flags = [0; 4];
+    stream.read_exact(&mut flags).unwrap();
+    // Selected contexts: id 1 allocation, id 2 changed.
+    let mut selected: Vec<u32> = Vec::new();
+    loop {
+        let mut header = [0; 16];
+        stream.read_exact(&mut header).unwrap();
+        let option = be_u32(&header[8..]);
+        let mut data = vec![0; be_u32(&header[12..]) as usize];
+        stream.read_exact(&mut data).unwrap();
+        match option {
+            OPT_SET_META_CONTEXT => {
+                let name_len = be_u32(&data) as usize;
+                let mut at = 4 + name_len + 4;
+                while at < data.len() {
+                    let len = be_u32(&data[at..]) as usize;
+                    let query = String::from_utf8_lossy(&data[at + 4..at + 4 + len]).into_owned();
+                    at += 4 + len;
+                    let changed = format!("thinbox:changed:{}", model.lock().unwrap().base);
+                    let id = if query == BASE_ALLOCATION {
+                        1
+                    } else if query == changed {
+                        2
+                    } else {
+                        continue;
+                    };
+                    selected.push(id);
+                    let mut reply = id.to_be_bytes().to_vec();
+                    reply.extend_from_slice(query.as_bytes());
+                    option_reply(&mut stream, option, REP_META_CONTEXT, &reply);
+                }
+                option_reply(&mut stream, option, REP_ACK, &[]);
+            }
+            OPT_GO => {
+                let size = model.lock().unwrap().image.len() as u64;
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend_from_slice(&size.to_be_bytes());
+                info.extend_from_slice(&(TFLAG_HAS_FLAGS | TFLAG_READ_ONLY).to_be_bytes());
+                option_reply(&mut stream, option, REP_INFO, &info);
+                option_reply(&mut stream, option, REP_ACK, &[]);
+                break;
+            }
+            _ => option_reply(&mut stream, option, REP_ACK, &[]),
+        }
+    }
+    loop {
+        let mut header = [0; REQUEST_HEADER_LEN];
+        if stream.read_exact(&mut header).is_err() {
+            return;
+        }
+        let command = be_u16(&header[6..]);
+        let cookie = be_u64(&header[8..]);
+        let offset = be_u64(&header[16..]);
+        let length = u64::from(be_u32(&header[24..]));
+        let model = model.lock().unwrap();
+        match command {
+            CMD_READ => {
+                let mut payload = offset.to_be_bytes().to_vec();
+                payload
+                    .extend_from_slice(&model.image[offset as usize..(offset + length) as usize]);
+                let len = payload.len() as u32;
+                chunk(&mut stream, REPLY_TYPE_OFFSET_DATA, cookie, &payload, len);
+            }
+            CMD_BLOCK_STATUS => {
+                for (index, &id) in selected.iter().enumerate() {
+                    let mut payload = id.to_be_bytes().to_vec();
+                    let mut at = offset;
+                    while at < offset + length {
+                        let block = (at / BLOCK) as usize;
+                        let flags = if id == 1 {
+                            if model.zero(block) {
+                                STATE_HOLE | STATE_ZERO
+                            } else {
+                                0
+                            }
+                        } else {
+                            u32::from(model.changed[block])
+                        };
+                        let end = ((block as u64 + 1) * BLOCK).min(offset + length);
+                        payload.extend_from_slice(&((end - at) as u32).to_be_bytes());
+                        payload.extend_from_slice(&flags.to_be_bytes());
+                        at = end;
+                    }
+                    let done = if index + 1 == selected.len() {
+                        REPLY_FLAG_DONE
+                    } else {
+                        0
+                    };
+                    let mut bytes = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+                    bytes.extend_from_slice(&done.to_be_bytes());
+                    bytes.extend_from_slice(&REPLY_TYPE_BLOCK_STATUS.to_be_bytes());
+                    bytes.extend_from_slice(&cookie.to_be_bytes());
+                    bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                    bytes.extend_from_slice(&payload);
+                    stream.write_all(&bytes).unwrap();
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+#[test]
+fn sync_rounds_copy_only_what_changed_and_unmap_what_became_zero() {
+    let scratch = Scratch::new().unwrap();
+    let blocks = 512;
+    let mut rng = Lcg(5);
+    let mut image = vec![0u8; blocks * BLOCK as usize];
+    for block in 0..blocks {
+        if rng.below(3) == 0 {
+            let fill = rng.below(255) as u8 + 1;
+            image[block * BLOCK as usize..][..BLOCK as usize].fill(fill);
+        }
+    }
+    let model = Arc::new(Mutex::new(Model {
+        image,
+        changed: vec![false; blocks],
+        base: "s1",
+    }));
+    let port = model_server(Arc::clone(&model));
+    let uri = format!("nbd://127.0.0.1:{port}/s2");
+    let disks = appliance(&scratch, "s");
+    let import = format!("thin import replica pool --from {uri}");
+    let output = exec(&disks, &[SETUP[0], SETUP[1], &import]);
+    assert!(output.status.success(), "{}", text(&output));
+
+    let sync = format!("thin sync replica --from {uri} --changed-since s1");
+    for round in 0..3 {
+        let mut changed = 0;
+        {
+            let mut model = model.lock().unwrap();
+            for _ in 0..40 {
+                let block = rng.below(blocks as u64) as usize;
+                if !model.changed[block] {
+                    changed += 1;
+                }
+                model.changed[block] = true;
+                let fill = match rng.below(3) {
+                    0 => 0,
+                    // Changed mappings need not change the content.
+                    1 => model.image[block * BLOCK as usize],
+                    _ => rng.below(255) as u8 + 1,
+                };
+                model.image[block * BLOCK as usize..][..BLOCK as usize].fill(fill);
+            }
+        }
+        let output = exec(&disks, &[&sync, "thin ls pool"]);
+        let transcript = text(&output);
+        assert!(output.status.success(), "round {round}: {transcript}");
+        let copied = dm::human_bytes(changed * BLOCK);
+        assert!(
+            transcript.contains(&format!(": {copied} copied")),
+            "round {round}: {copied} expected in {transcript}"
+        );
+        let mut state = model.lock().unwrap();
+        let data = (0..blocks).filter(|&block| !state.zero(block)).count() as u64;
+        assert_eq!(
+            mapped_column(ls_row(&transcript, "replica")),
+            dm::human_bytes(data * BLOCK),
+            "round {round}: zeroed blocks are unmapped"
+        );
+        assert!(
+            volume_content(&scratch, &disks, "replica") == state.image,
+            "round {round}: content differs"
+        );
+        state.changed.fill(false);
+    }
+
+    let output = exec(
+        &disks,
+        &[&format!(
+            "thin sync replica --from {uri} --changed-since nope"
+        )],
+    );
+    let transcript = text(&output);
+    assert!(!output.status.success());
+    assert_eq!(error_lines(&transcript), 1, "{transcript}");
+    assert!(
+        transcript.contains("offers no metadata context thinbox:changed:nope"),
+        "{transcript}"
+    );
 }
