@@ -132,10 +132,21 @@ impl Stream for ClientStream {
 }
 
 impl Drop for ClientStream {
+    /// Resets the connection (the reset goes out at the next poll, which then
+    /// removes the socket).
     fn drop(&mut self) {
         if let Ok(mut stack) = self.stack.try_borrow_mut() {
             stack.sockets.get_mut::<tcp::Socket>(self.handle).abort();
-            stack.sockets.remove(self.handle);
+            stack.closing.push(self.handle);
+        }
+    }
+}
+
+impl NetStack {
+    /// Removes the sockets of dropped connections once their reset is out.
+    pub(super) fn remove_closed(&mut self) {
+        for handle in self.closing.drain(..) {
+            self.sockets.remove(handle);
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct NetStack {
     nbd: NbdSockets,
     /// Counts outgoing connections, for their local ports.
     next_local_port: u16,
+    /// Sockets of dropped outgoing connections, removed after the next poll.
+    closing: alloc::vec::Vec<SocketHandle>,
 }
 
 /// Sets up a NIC's driver.
@@ -112,6 +114,7 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
         dhcp: None,
         nbd,
         next_local_port: 0,
+        closing: alloc::vec::Vec::new(),
     };
     stack.use_dhcp();
     Some(stack)
@@ -148,6 +151,7 @@ impl NetStack {
             let now = now();
             let changed =
                 self.iface.poll(now, &mut self.device, &mut self.sockets) != PollResult::None;
+            self.remove_closed();
             self.dhcp_events();
             let moved = self.nbd.pump(&mut self.sockets, server, admit, now);
             if !changed && !moved {

@@ -167,6 +167,17 @@ impl Source {
     }
 }
 
+/// Says goodbye to a server (`NBD_CMD_DISC`), so it does not wait for a client that
+/// is gone; what cannot be sent now is dropped with the connection.
+impl Drop for Source {
+    fn drop(&mut self) {
+        if let Source::Remote(connection) = self {
+            connection.client().disconnect();
+            let _ = connection.pump();
+        }
+    }
+}
+
 fn take(next_tag: &mut u64) -> u64 {
     let tag = *next_tag;
     *next_tag += 1;
