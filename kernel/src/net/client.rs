@@ -127,7 +127,10 @@ impl Stream for ClientStream {
     fn connecting(&self) -> bool {
         let stack = self.stack.borrow();
         let socket = stack.sockets.get::<tcp::Socket>(self.handle);
-        matches!(socket.state(), tcp::State::SynSent | tcp::State::SynReceived)
+        matches!(
+            socket.state(),
+            tcp::State::SynSent | tcp::State::SynReceived
+        )
     }
 }
 
