@@ -64,6 +64,30 @@ impl Platform for HostPlatform {
     fn crash(&mut self, how: Crash) {
         panic!("deliberate crash requested on the console: {how:?}")
     }
+    fn connect(&mut self, host: &str, port: u16) -> Result<Box<dyn nbd::client::Stream>, String> {
+        connect_tcp(host, port).map_err(|error| format!("cannot connect to {host}:{port}: {error}"))
+    }
+}
+
+/// How long connecting to an NBD server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A non-blocking TCP stream to `host`:`port`, Nagle off (NBD replies are small
+/// messages answered at once).
+fn connect_tcp(host: &str, port: u16) -> io::Result<Box<dyn nbd::client::Stream>> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
+    for address in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&address, CONNECT_TIMEOUT) {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                stream.set_nonblocking(true)?;
+                return Ok(Box::new(stream));
+            }
+            Err(error) => last = error,
+        }
+    }
+    Err(last)
 }
 
 /// The console and the device mapper it manages, whose NBD backend serves the devices.

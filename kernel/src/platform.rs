@@ -61,6 +61,17 @@ impl Platform for KernelPlatform {
             .as_mut()
             .map(|network| network as &mut dyn Network)
     }
+
+    fn connect(
+        &mut self,
+        host: &str,
+        port: u16,
+    ) -> Result<alloc::boxed::Box<dyn nbd::client::Stream>, alloc::string::String> {
+        let Some(network) = &self.network else {
+            return Err("the appliance has no network interface".into());
+        };
+        crate::net::connect(&network.0, host, port)
+    }
 }
 
 /// Recurses with a large frame until the stack overflows (the depth can never reach

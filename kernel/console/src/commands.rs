@@ -118,6 +118,18 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "mapped, exclusive and shared space of each thin device",
     ),
     (
+        "thin import NAME POOL --from nbd://HOST[:PORT]/EXPORT|DEVICE [--size SIZE]",
+        "new thin volume copied from an NBD export or a thin device, holes left unmapped",
+    ),
+    (
+        "thin import --resume NAME",
+        "continue an import stopped by a power cut or a lost connection",
+    ),
+    (
+        "thin sync NAME --from nbd://HOST[:PORT]/EXPORT --changed-since BASE",
+        "copy what the export changed since BASE (thinbox:changed:BASE) into NAME",
+    ),
+    (
         "dump POOL [--metadata-snap]",
         "print the pool's metadata (or the held metadata snapshot) as thin_dump XML",
     ),

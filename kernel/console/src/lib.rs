@@ -29,6 +29,7 @@ mod delta_commands;
 mod disk_test;
 mod dm_commands;
 mod editor;
+mod import_commands;
 mod job;
 mod merge_commands;
 mod net;
@@ -105,6 +106,16 @@ pub trait Platform {
     /// The network interface, if the machine has one (for `net`).
     fn network(&mut self) -> Option<&mut dyn Network> {
         None
+    }
+    /// Opens a TCP connection to `host`:`port` for `thin import` and `thin sync`
+    /// (the stream may still be connecting when returned); the error is one line.
+    fn connect(
+        &mut self,
+        host: &str,
+        port: u16,
+    ) -> Result<alloc::boxed::Box<dyn nbd::client::Stream>, String> {
+        let _ = (host, port);
+        Err(String::from("this machine cannot open network connections"))
     }
 }
 

@@ -145,7 +145,7 @@ impl<P: Platform> Console<P> {
                     }
                 };
                 let pool = bare_name(pool);
-                let (dev, table) = new_thin(&mut dm, name, pool, sectors, origin, None)?;
+                let (dev, table) = dm.new_thin(name, pool, sectors, origin, None)?;
                 outln!(
                     out,
                     "{name}: thin device {dev} of {pool}, {}: {table}",
@@ -182,6 +182,8 @@ impl<P: Platform> Console<P> {
                 Ok(())
             }
             "delta" => self.thin_delta(rest, out),
+            "import" => self.thin_import(rest, out),
+            "sync" => self.thin_sync(rest, out),
             "ls" => {
                 let [pool] = rest else {
                     return Err(USAGE.into());
@@ -227,14 +229,8 @@ impl<P: Platform> Console<P> {
         let external = thin.origin_dev.clone();
         let sectors = origin_device.table().length();
         let origin_id = thin.dev_id;
-        let (dev, table) = new_thin(
-            &mut dm,
-            name,
-            &pool,
-            sectors,
-            external.as_deref(),
-            Some(origin_id),
-        )?;
+        let (dev, table) =
+            dm.new_thin(name, &pool, sectors, external.as_deref(), Some(origin_id))?;
         outln!(
             out,
             "{name}: snapshot {dev} of thin device {origin_id} in {pool}: {table}"
@@ -264,42 +260,6 @@ impl<P: Platform> Console<P> {
         }
         Ok(())
     }
-}
-
-/// Allocates the next free device id of `pool`, creates it there (`create_thin`, or
-/// `create_snap` of `snapshot_of`) and activates it as `name`. If activation fails, the
-/// new thin device is deleted again, so nothing changes.
-fn new_thin(
-    dm: &mut DeviceMapper,
-    name: &str,
-    pool: &str,
-    sectors: u64,
-    origin: Option<&str>,
-    snapshot_of: Option<u64>,
-) -> Result<(u64, String), CommandError> {
-    dm.check_new_name(name)?;
-    let engine = dm.pool(pool)?;
-    let dev = engine
-        .devices()
-        .map_err(|error| format!("{pool}: {}", error.text))?
-        .into_iter()
-        .max()
-        .map_or(0, |highest| highest + 1);
-    let message = match snapshot_of {
-        Some(origin_id) => format!("create_snap {dev} {origin_id}"),
-        None => format!("create_thin {dev}"),
-    };
-    dm.message(pool, &message)?;
-    dm.record_new_thin(pool, dev, snapshot_of);
-    let table = match origin {
-        Some(origin) => format!("0 {sectors} thin {pool} {dev} {origin}"),
-        None => format!("0 {sectors} thin {pool} {dev}"),
-    };
-    if let Err(error) = dm.create(name, false, &table, Format::IfBlank) {
-        let _ = dm.message(pool, &format!("delete {dev}"));
-        return Err(error.into());
-    }
-    Ok((dev, table))
 }
 
 fn thin_ls(dm: &DeviceMapper, name: &str, out: &mut dyn Write) -> Result<(), CommandError> {
@@ -379,14 +339,14 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, CommandError> {
 }
 
 /// Command-line options: `--name VALUE` pairs, flags, positional words.
-struct Options<'a> {
-    positional: Vec<&'a str>,
+pub(crate) struct Options<'a> {
+    pub(crate) positional: Vec<&'a str>,
     values: Vec<(&'a str, &'a str)>,
     flags: Vec<&'a str>,
 }
 
 impl<'a> Options<'a> {
-    fn parse(
+    pub(crate) fn parse(
         args: &'a [String],
         with_value: &[&str],
         flags: &[&str],
@@ -416,14 +376,14 @@ impl<'a> Options<'a> {
         Ok(options)
     }
 
-    fn value(&self, name: &str) -> Option<&'a str> {
+    pub(crate) fn value(&self, name: &str) -> Option<&'a str> {
         self.values
             .iter()
             .find(|(option, _)| *option == name)
             .map(|(_, value)| *value)
     }
 
-    fn flag(&self, name: &str) -> bool {
+    pub(crate) fn flag(&self, name: &str) -> bool {
         self.flags.contains(&name)
     }
 }

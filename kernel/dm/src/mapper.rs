@@ -36,6 +36,7 @@ pub struct DeviceMapper {
     /// Saved disks that were not found at boot, kept so saving the configuration again
     /// does not forget how to recognise them.
     pub(crate) missing_disks: Vec<DiskRecord>,
+    pub(crate) imports: crate::import::Imports,
     /// Long work the device mapper drives itself (see [`DeviceMapper::start_job`]).
     pub(crate) jobs: Vec<Box<dyn Job>>,
     /// The snapshots of each origin, by the origin's name.
@@ -64,6 +65,7 @@ impl DeviceMapper {
             config: None,
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
+            imports: Default::default(),
             jobs: Vec::new(),
             snapshot_origins: RefCell::default(),
             origins: Vec::new(),

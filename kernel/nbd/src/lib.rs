@@ -1,4 +1,5 @@
-//! NBD (Network Block Device) server.
+//! NBD (Network Block Device) server, and the client the appliance imports with
+//! ([`client`]).
 //!
 //! The protocol is a state machine over byte streams ([`Server`]): bytes in, bytes out,
 //! no blocking, bounded memory per connection. It serves the exports of a [`Backend`],
@@ -24,6 +25,7 @@ extern crate alloc;
 extern crate std;
 
 mod backend;
+pub mod client;
 mod connection;
 mod contexts;
 mod memory;

@@ -49,6 +49,8 @@ pub const REP_ERR_INVALID: u32 = 0x8000_0003;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 pub const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
 pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
+/// Bit 31 marks every option reply that is an error.
+pub const REP_ERR_BIT: u32 = 0x8000_0000;
 
 /// Information types in `NBD_REP_INFO`.
 pub const INFO_EXPORT: u16 = 0;
@@ -92,6 +94,9 @@ pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = 0x8001;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = 0x8002;
+/// Bit 15 marks every chunk type that is an error.
+pub const REPLY_TYPE_ERROR_BIT: u16 = 0x8000;
 
 /// Error values (independent of any host's errno numbering).
 pub const EPERM: u32 = 1;

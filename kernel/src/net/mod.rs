@@ -7,6 +7,7 @@
 //! idle loop, so a request arriving while the CPU sleeps is served at once rather
 //! than at the next timer tick.
 
+mod client;
 mod nbd_sockets;
 mod nic;
 
@@ -31,6 +32,7 @@ use console::{AddressMode, Ipv4Config, LinkSettings, NetCounters, NetStatus, Net
 use nbd_sockets::NbdSockets;
 use nic::Nic;
 
+pub use client::connect;
 pub use nbd_sockets::NBD_PORT;
 
 /// Rounds of stack polling and socket pumping per [`NetStack::poll`] before the
@@ -46,6 +48,10 @@ pub struct NetStack {
     mode: AddressMode,
     dhcp: Option<SocketHandle>,
     nbd: NbdSockets,
+    /// Counts outgoing connections, for their local ports.
+    next_local_port: u16,
+    /// Sockets of dropped outgoing connections, removed after the next poll.
+    closing: alloc::vec::Vec<SocketHandle>,
 }
 
 /// Sets up a NIC's driver.
@@ -107,6 +113,8 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
         mode: AddressMode::Dhcp,
         dhcp: None,
         nbd,
+        next_local_port: 0,
+        closing: alloc::vec::Vec::new(),
     };
     stack.use_dhcp();
     Some(stack)
@@ -143,6 +151,7 @@ impl NetStack {
             let now = now();
             let changed =
                 self.iface.poll(now, &mut self.device, &mut self.sockets) != PollResult::None;
+            self.remove_closed();
             self.dhcp_events();
             let moved = self.nbd.pump(&mut self.sockets, server, admit, now);
             if !changed && !moved {

@@ -81,6 +81,7 @@ impl DeviceMapper {
         Snapshot {
             disks,
             devices,
+            imports: self.imports.records.clone(),
             origins: self.origins.clone(),
             thin_links: self.thin_links.clone(),
         }
@@ -235,6 +236,7 @@ impl DeviceMapper {
                 self.thin_links = snapshot.thin_links;
                 self.finish_thin_merges(&mut notes);
                 self.resume_origin_merges(&mut notes);
+                self.imports.records = snapshot.imports;
             }
             Err(why) => notes.push(format!("config: cannot read the configuration: {why}")),
         }

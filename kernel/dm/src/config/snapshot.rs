@@ -8,6 +8,7 @@ use core::fmt::Write;
 
 use super::origins::OriginRecord;
 use super::thin_links::ThinLink;
+use crate::import::ImportRecord;
 
 /// A disk a configuration refers to, as it was when the configuration was saved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,13 +31,16 @@ pub struct DeviceRecord {
 /// Everything a configuration holds. Encoded as text lines:
 /// `disk NAME SECTORS SERIAL` (serial percent-encoded, `-` when empty) and
 /// `device NAME rw|ro TABLE` (segments separated by `; `), devices in creation order
-/// (each only refers to disks and to devices before it), then the `origin` records,
-/// then the links between thin devices (see [`ThinLink`]). A configuration without
-/// either (written before they existed) loads with none.
+/// (each only refers to disks and to devices before it), then one
+/// [`ImportRecord`] line per unfinished import, then the `origin` records, then the
+/// links between thin devices (see [`ThinLink`]). A configuration without any of
+/// these (written before they existed) loads with none.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub disks: Vec<DiskRecord>,
     pub devices: Vec<DeviceRecord>,
+    /// Unfinished imports (`import NAME CHECKPOINT SOURCE` lines).
+    pub imports: Vec<ImportRecord>,
     pub origins: Vec<OriginRecord>,
     pub thin_links: Vec<ThinLink>,
 }
@@ -56,6 +60,9 @@ impl Snapshot {
         for device in &self.devices {
             let mode = if device.read_only { "ro" } else { "rw" };
             let _ = writeln!(text, "device {} {mode} {}", device.name, device.table);
+        }
+        for import in &self.imports {
+            let _ = writeln!(text, "{}", import.encode());
         }
         for origin in &self.origins {
             let _ = writeln!(text, "{}", origin.encode());
@@ -86,6 +93,9 @@ impl Snapshot {
                         table: table.to_string(),
                     })
                 }
+                (Some("import"), Some(name), Some(checkpoint), Some(source)) => snapshot
+                    .imports
+                    .push(ImportRecord::decode(name, checkpoint, source).ok_or_else(bad)?),
                 (Some("origin"), ..) => snapshot
                     .origins
                     .push(OriginRecord::decode(line).ok_or_else(bad)?),
@@ -157,6 +167,11 @@ mod tests {
                 read_only: true,
                 table: "0 4096 linear vdb 0".into(),
             }],
+            imports: alloc::vec![ImportRecord {
+                name: "vm1".into(),
+                source: "nbd://10.0.2.2:10809/disk%201".into(),
+                checkpoint: 67108864,
+            }],
             origins: Vec::new(),
             thin_links: Vec::new(),
         }
@@ -167,7 +182,8 @@ mod tests {
         let text = sample().encode();
         assert_eq!(
             text,
-            "disk vda 131072 QM%200001%2Fx\ndisk vdb 4096 -\ndevice base ro 0 4096 linear vdb 0\n"
+            "disk vda 131072 QM%200001%2Fx\ndisk vdb 4096 -\ndevice base ro 0 4096 linear vdb 0\n\
+             import vm1 67108864 nbd://10.0.2.2:10809/disk%201\n"
         );
         assert_eq!(Snapshot::decode(&text).unwrap(), sample());
         assert!(Snapshot::decode("disk vda x -\n").is_err());

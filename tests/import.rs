@@ -1,0 +1,713 @@
+//! `thin import` in offline mode against real and hostile NBD servers: a qcow2
+//! image served by `qemu-nbd` (data, zero clusters, holes) is adopted with its
+//! content and only its data provisioned; broken servers and lost connections give
+//! one `error:` line, and an interrupted import resumes from its checkpoint.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use host_tools::Tool;
+use nbd::wire::*;
+use qemu_test::{HostServer, Scratch, free_port, qemu_img_read, run_tool};
+
+const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
+/// Pool data block: 64 KiB.
+const BLOCK: u64 = 64 << 10;
+
+/// Configuration, metadata and data images for one appliance.
+fn appliance(scratch: &Scratch, tag: &str) -> Vec<PathBuf> {
+    [("cfg", 4u64), ("meta", 16), ("data", 512)]
+        .iter()
+        .map(|(name, mib)| {
+            let path = scratch.path().join(format!("{tag}-{name}.img"));
+            fs::File::create(&path).unwrap().set_len(mib << 20).unwrap();
+            path
+        })
+        .collect()
+}
+
+fn exec(disks: &[PathBuf], commands: &[&str]) -> Output {
+    let mut command = Command::new(THINBOX);
+    command.arg("offline");
+    for disk in disks {
+        command.arg("--disk").arg(disk);
+    }
+    for line in commands {
+        command.args(["--exec", line]);
+    }
+    command.output().unwrap()
+}
+
+fn text(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The `thin ls` row of `name`.
+fn ls_row<'a>(transcript: &'a str, name: &str) -> &'a str {
+    transcript
+        .lines()
+        .find(|line| {
+            let mut words = line.split_whitespace();
+            words.next().is_some_and(|dev| dev.parse::<u64>().is_ok()) && words.next() == Some(name)
+        })
+        .unwrap_or_else(|| panic!("no {name} in {transcript}"))
+}
+
+/// The MAPPED column of a `thin ls` row ("20.00 MiB").
+fn mapped_column(row: &str) -> String {
+    row.split_whitespace()
+        .skip(2)
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn error_lines(transcript: &str) -> usize {
+    transcript
+        .lines()
+        .filter(|line| line.starts_with("error:"))
+        .count()
+}
+
+const SETUP: [&str; 2] = ["config init vda", "pool create pool vdb vdc"];
+
+/// A qcow2 image of `mib` MiB written by qemu-io as `commands` say.
+fn qcow2(scratch: &Scratch, mib: u64, commands: &[String]) -> PathBuf {
+    let path = scratch.path().join("source.qcow2");
+    run_tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            path.to_str().unwrap(),
+            &format!("{mib}M"),
+        ],
+    );
+    let mut args = vec!["-f", "qcow2", path.to_str().unwrap()];
+    for command in commands {
+        args.extend(["-c", command]);
+    }
+    run_tool("qemu-io", &args);
+    path
+}
+
+/// `qemu-nbd` serving `image` read-only as export `disk`.
+fn serve_qcow2(image: &Path) -> HostServer {
+    let port = free_port().unwrap();
+    let mut command = Command::new("qemu-nbd");
+    command.args([
+        "--read-only",
+        "--persistent",
+        "--format=qcow2",
+        "--bind=127.0.0.1",
+        &format!("--port={port}"),
+        "--export-name=disk",
+        image.to_str().unwrap(),
+    ]);
+    HostServer::start(command, port).unwrap()
+}
+
+/// The image's content as raw bytes.
+fn raw_content(scratch: &Scratch, image: &Path) -> Vec<u8> {
+    let raw = scratch.path().join("source.raw");
+    run_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            image.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    fs::read(raw).unwrap()
+}
+
+/// Pool blocks holding data according to `qemu-img map`, in bytes.
+fn data_blocks(image: &Path) -> u64 {
+    let map = run_tool(
+        "qemu-img",
+        &[
+            "map",
+            "-f",
+            "qcow2",
+            "--output=json",
+            image.to_str().unwrap(),
+        ],
+    );
+    let mut blocks = std::collections::BTreeSet::new();
+    for line in map.lines().filter(|line| line.contains("\"data\": true")) {
+        let number = |key: &str| -> u64 {
+            let rest = &line[line.find(key).unwrap() + key.len()..];
+            rest.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (start, length) = (number("\"start\":"), number("\"length\":"));
+        blocks.extend(start / BLOCK..(start + length).div_ceil(BLOCK));
+    }
+    blocks.len() as u64 * BLOCK
+}
+
+/// The thin volume `name` of the appliance on `disks`, read over NBD.
+fn volume_content(scratch: &Scratch, disks: &[PathBuf], name: &str) -> Vec<u8> {
+    let paths: Vec<&Path> = disks.iter().map(PathBuf::as_path).collect();
+    let served = HostServer::offline(Path::new(THINBOX), &paths, &[]).unwrap();
+    qemu_img_read(
+        &served.uri(name),
+        &scratch.path().join(format!("{name}.raw")),
+    )
+}
+
+/// A small deterministic generator, so failures replay.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn a_qcow2_image_is_adopted_with_its_content_and_only_its_data_provisioned() {
+    host_tools::require_for_test(&[Tool::QemuImg, Tool::QemuIo, Tool::QemuNbd]);
+    let scratch = Scratch::new().unwrap();
+    let mut rng = Lcg(13);
+    let mut commands = Vec::new();
+    for round in 0..40 {
+        let offset = rng.below(150 << 11) * 512;
+        let length = (rng.below(4096) + 1) * 512;
+        commands.push(match round % 4 {
+            0 | 1 => format!("write -P {} {offset} {length}", rng.below(255) + 1),
+            2 => format!("write -z {offset} {length}"),
+            _ => format!("discard {offset} {length}"),
+        });
+    }
+    let image = qcow2(&scratch, 160, &commands);
+    let expected = raw_content(&scratch, &image);
+    let server = serve_qcow2(&image);
+    let disks = appliance(&scratch, "a");
+    let import = format!("thin import vm1 pool --from {}", server.uri("disk"));
+    let output = exec(&disks, &[SETUP[0], SETUP[1], &import, "thin ls pool"]);
+    let transcript = text(&output);
+    assert!(output.status.success(), "{transcript}");
+    assert!(
+        transcript.contains(&format!(
+            "vm1: imported 160.00 MiB from {}",
+            server.uri("disk")
+        )),
+        "{transcript}"
+    );
+    let mapped = dm::human_bytes(data_blocks(&image));
+    let row = ls_row(&transcript, "vm1");
+    assert_eq!(mapped_column(row), mapped, "{row}");
+    assert!(
+        volume_content(&scratch, &disks, "vm1") == expected,
+        "content differs"
+    );
+
+    // A second import of the same export into another pool device name works, the
+    // taken name, an unreachable server and an unknown export are one error each.
+    let closed = free_port().unwrap();
+    let nope = server.uri("nope");
+    let cases = [
+        (import.clone(), "device vm1 already exists".to_string()),
+        (
+            format!("thin import vm2 pool --from nbd://127.0.0.1:{closed}/disk"),
+            format!("error: thin import: cannot connect to 127.0.0.1:{closed}: Connection refused"),
+        ),
+        (
+            format!("thin import vm2 pool --from {nope}"),
+            format!("error: import from {nope} failed: the server has no export 'nope'"),
+        ),
+        (
+            format!(
+                "thin import vm2 pool --from {} --size 1G",
+                server.uri("disk")
+            ),
+            "holds 160.00 MiB (167772160 bytes) but --size says 1.00 GiB".to_string(),
+        ),
+    ];
+    for (command, error) in cases {
+        let output = exec(&disks, &[&command]);
+        let transcript = text(&output);
+        assert!(!output.status.success(), "{transcript}");
+        assert_eq!(error_lines(&transcript), 1, "{transcript}");
+        assert!(transcript.contains(&error), "{transcript}");
+    }
+    let listed = text(&exec(&disks, &["thin ls pool"]));
+    assert!(!listed.contains("vm2"), "{listed}");
+
+    // A local thin device copies the same way, into the same mapped space.
+    let output = exec(
+        &disks,
+        &["thin import copy pool --from vm1", "thin ls pool"],
+    );
+    let transcript = text(&output);
+    assert!(output.status.success(), "{transcript}");
+    let row = ls_row(&transcript, "copy");
+    assert_eq!(mapped_column(row), mapped, "{row}");
+    assert!(volume_content(&scratch, &disks, "copy") == expected);
+}
+
+/// What a hostile server does on a connection.
+type Script = fn(&mut TcpStream);
+
+/// Answers every connection on `listener` with `script`'s bytes after the
+/// greeting's reply, then closes.
+fn hostile_server(listener: TcpListener, script: Script) {
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            script(&mut stream);
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    });
+}
+
+fn option_reply(stream: &mut TcpStream, option: u32, reply_type: u32, data: &[u8]) {
+    let mut bytes = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&option.to_be_bytes());
+    bytes.extend_from_slice(&reply_type.to_be_bytes());
+    bytes.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(data);
+    let _ = stream.write_all(&bytes);
+}
+
+/// Reads one option from the client; returns its code.
+fn read_option(stream: &mut TcpStream) -> u32 {
+    let mut header = [0; 16];
+    if stream.read_exact(&mut header).is_err() {
+        return 0;
+    }
+    let mut data = vec![0; be_u32(&header[12..]) as usize];
+    let _ = stream.read_exact(&mut data);
+    be_u32(&header[8..])
+}
+
+/// A fixed-newstyle handshake offering structured replies, `base:allocation` and a
+/// 16 MiB export.
+fn handshake(stream: &mut TcpStream) {
+    let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    let _ = stream.write_all(&greeting);
+    let mut flags = [0; 4];
+    let _ = stream.read_exact(&mut flags);
+    loop {
+        match read_option(stream) {
+            OPT_STRUCTURED_REPLY => option_reply(stream, OPT_STRUCTURED_REPLY, REP_ACK, &[]),
+            OPT_SET_META_CONTEXT => {
+                let mut data = 1u32.to_be_bytes().to_vec();
+                data.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                option_reply(stream, OPT_SET_META_CONTEXT, REP_META_CONTEXT, &data);
+                option_reply(stream, OPT_SET_META_CONTEXT, REP_ACK, &[]);
+            }
+            OPT_GO => {
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend_from_slice(&(16u64 << 20).to_be_bytes());
+                info.extend_from_slice(&TFLAG_HAS_FLAGS.to_be_bytes());
+                option_reply(stream, OPT_GO, REP_INFO, &info);
+                option_reply(stream, OPT_GO, REP_ACK, &[]);
+                return;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Reads one request header; returns its cookie.
+fn read_request(stream: &mut TcpStream) -> u64 {
+    let mut header = [0; REQUEST_HEADER_LEN];
+    let _ = stream.read_exact(&mut header);
+    be_u64(&header[8..])
+}
+
+fn chunk(stream: &mut TcpStream, chunk_type: u16, cookie: u64, payload: &[u8], len: u32) {
+    let mut bytes = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    bytes.extend_from_slice(&chunk_type.to_be_bytes());
+    bytes.extend_from_slice(&cookie.to_be_bytes());
+    bytes.extend_from_slice(&len.to_be_bytes());
+    bytes.extend_from_slice(payload);
+    let _ = stream.write_all(&bytes);
+}
+
+#[test]
+fn hostile_servers_give_one_error_line_and_never_a_panic() {
+    let scripts: [(Script, &str); 6] = [
+        (
+            |stream| {
+                let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+            },
+            "did not greet with NBDMAGIC",
+        ),
+        (
+            |stream| {
+                handshake(stream);
+                let cookie = read_request(stream);
+                // Block status for a context never selected.
+                let mut payload = 9u32.to_be_bytes().to_vec();
+                payload.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+                chunk(stream, REPLY_TYPE_BLOCK_STATUS, cookie, &payload, 12);
+            },
+            "block status for unknown context id 9",
+        ),
+        (
+            |stream| {
+                handshake(stream);
+                let cookie = read_request(stream);
+                chunk(stream, REPLY_TYPE_BLOCK_STATUS, cookie, &[], u32::MAX);
+            },
+            "is too long",
+        ),
+        (
+            |stream| {
+                handshake(stream);
+                let cookie = read_request(stream);
+                chunk(stream, REPLY_TYPE_NONE, cookie + 1000, &[], 0);
+            },
+            "which is not in flight",
+        ),
+        (
+            |stream| {
+                handshake(stream);
+                read_request(stream);
+            },
+            "closed the connection while requests were in flight",
+        ),
+        (
+            |stream| {
+                let _ = stream.write_all(&NBDMAGIC.to_be_bytes());
+            },
+            "closed the connection during the handshake",
+        ),
+    ];
+    let scratch = Scratch::new().unwrap();
+    let disks = appliance(&scratch, "h");
+    assert!(exec(&disks, &SETUP).status.success());
+    for (index, (script, error)) in scripts.into_iter().enumerate() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        hostile_server(listener, script);
+        let command = format!("thin import bad{index} pool --from nbd://127.0.0.1:{port}/x");
+        let output = exec(&disks, &[&command]);
+        let transcript = text(&output);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{transcript}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(error_lines(&transcript), 1, "{transcript}");
+        assert!(transcript.contains(error), "{error}: {transcript}");
+    }
+}
+
+/// Forwards connections on `listener` to `port`; the first one is cut after
+/// `limit` bytes from the server.
+fn cutting_proxy(listener: TcpListener, port: u16, limit: u64) {
+    thread::spawn(move || {
+        for (index, client) in listener.incoming().enumerate() {
+            let Ok(mut client) = client else { return };
+            let mut server = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut upstream = client.try_clone().unwrap();
+            let mut server_reader = server.try_clone().unwrap();
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut upstream, &mut server);
+            });
+            let cap = if index == 0 { limit } else { u64::MAX };
+            let _ = std::io::copy(&mut (&mut server_reader).take(cap), &mut client);
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = server_reader.shutdown(Shutdown::Both);
+        }
+    });
+}
+
+#[test]
+fn an_import_cut_off_mid_copy_resumes_from_its_checkpoint() {
+    host_tools::require_for_test(&[Tool::QemuImg, Tool::QemuIo, Tool::QemuNbd]);
+    let scratch = Scratch::new().unwrap();
+    let commands: Vec<String> = (0..10)
+        .map(|mib| format!("write -P {} {}M 15M", mib + 1, mib * 15))
+        .collect();
+    let image = qcow2(&scratch, 192, &commands);
+    let expected = raw_content(&scratch, &image);
+    let server = serve_qcow2(&image);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = listener.local_addr().unwrap().port();
+    let upstream = server.uri("");
+    let upstream = upstream
+        .trim_start_matches("nbd://127.0.0.1:")
+        .trim_end_matches('/');
+    cutting_proxy(listener, upstream.parse().unwrap(), 100 << 20);
+    let disks = appliance(&scratch, "r");
+    let uri = format!("nbd://127.0.0.1:{proxy}/disk");
+    let output = exec(
+        &disks,
+        &[
+            SETUP[0],
+            SETUP[1],
+            &format!("thin import vm1 pool --from {uri}"),
+        ],
+    );
+    let transcript = text(&output);
+    assert!(!output.status.success(), "{transcript}");
+    assert!(
+        transcript.contains("thin import --resume vm1 continues it"),
+        "{transcript}"
+    );
+
+    let output = exec(&disks, &["thin import --resume vm1"]);
+    let transcript = text(&output);
+    assert!(output.status.success(), "{transcript}");
+    // "vm1: imported 192.00 MiB from ... in 0.500 s: 70.00 MiB copied (...)".
+    let copied = transcript
+        .split(" s: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" copied").next())
+        .unwrap_or_else(|| panic!("{transcript}"));
+    assert_ne!(
+        copied, "150.00 MiB",
+        "the resumed import started over: {transcript}"
+    );
+    assert!(
+        volume_content(&scratch, &disks, "vm1") == expected,
+        "content differs"
+    );
+    let again = exec(&disks, &["thin import --resume vm1"]);
+    assert!(text(&again).contains("no unfinished import into vm1 is saved"));
+}
+
+/// A test NBD server over an image in memory that offers `base:allocation` (a block
+/// of zeroes is a hole) and `thinbox:changed:BASE` (the blocks marked changed), as
+/// an appliance's thin export does for the changes since snapshot BASE.
+struct Model {
+    image: Vec<u8>,
+    changed: Vec<bool>,
+    base: &'static str,
+}
+
+impl Model {
+    fn zero(&self, block: usize) -> bool {
+        let start = block * BLOCK as usize;
+        self.image[start..start + BLOCK as usize]
+            .iter()
+            .all(|&b| b == 0)
+    }
+}
+
+/// Serves `model` on a free port until the test ends; returns the port.
+fn model_server(model: Arc<Mutex<Model>>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let model = Arc::clone(&model);
+            thread::spawn(move || serve_model(stream, &model));
+        }
+    });
+    port
+}
+
+fn serve_model(mut stream: TcpStream, model: &Mutex<Model>) {
+    let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    stream.write_all(&greeting).unwrap();
+    let mut flags = [0; 4];
+    stream.read_exact(&mut flags).unwrap();
+    // Selected contexts: id 1 allocation, id 2 changed.
+    let mut selected: Vec<u32> = Vec::new();
+    loop {
+        let mut header = [0; 16];
+        stream.read_exact(&mut header).unwrap();
+        let option = be_u32(&header[8..]);
+        let mut data = vec![0; be_u32(&header[12..]) as usize];
+        stream.read_exact(&mut data).unwrap();
+        match option {
+            OPT_SET_META_CONTEXT => {
+                let name_len = be_u32(&data) as usize;
+                let mut at = 4 + name_len + 4;
+                while at < data.len() {
+                    let len = be_u32(&data[at..]) as usize;
+                    let query = String::from_utf8_lossy(&data[at + 4..at + 4 + len]).into_owned();
+                    at += 4 + len;
+                    let changed = format!("thinbox:changed:{}", model.lock().unwrap().base);
+                    let id = if query == BASE_ALLOCATION {
+                        1
+                    } else if query == changed {
+                        2
+                    } else {
+                        continue;
+                    };
+                    selected.push(id);
+                    let mut reply = id.to_be_bytes().to_vec();
+                    reply.extend_from_slice(query.as_bytes());
+                    option_reply(&mut stream, option, REP_META_CONTEXT, &reply);
+                }
+                option_reply(&mut stream, option, REP_ACK, &[]);
+            }
+            OPT_GO => {
+                let size = model.lock().unwrap().image.len() as u64;
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend_from_slice(&size.to_be_bytes());
+                info.extend_from_slice(&(TFLAG_HAS_FLAGS | TFLAG_READ_ONLY).to_be_bytes());
+                option_reply(&mut stream, option, REP_INFO, &info);
+                option_reply(&mut stream, option, REP_ACK, &[]);
+                break;
+            }
+            _ => option_reply(&mut stream, option, REP_ACK, &[]),
+        }
+    }
+    loop {
+        let mut header = [0; REQUEST_HEADER_LEN];
+        if stream.read_exact(&mut header).is_err() {
+            return;
+        }
+        let command = be_u16(&header[6..]);
+        let cookie = be_u64(&header[8..]);
+        let offset = be_u64(&header[16..]);
+        let length = u64::from(be_u32(&header[24..]));
+        let model = model.lock().unwrap();
+        match command {
+            CMD_READ => {
+                let mut payload = offset.to_be_bytes().to_vec();
+                payload
+                    .extend_from_slice(&model.image[offset as usize..(offset + length) as usize]);
+                let len = payload.len() as u32;
+                chunk(&mut stream, REPLY_TYPE_OFFSET_DATA, cookie, &payload, len);
+            }
+            CMD_BLOCK_STATUS => {
+                for (index, &id) in selected.iter().enumerate() {
+                    let mut payload = id.to_be_bytes().to_vec();
+                    let mut at = offset;
+                    while at < offset + length {
+                        let block = (at / BLOCK) as usize;
+                        let flags = if id == 1 {
+                            if model.zero(block) {
+                                STATE_HOLE | STATE_ZERO
+                            } else {
+                                0
+                            }
+                        } else {
+                            u32::from(model.changed[block])
+                        };
+                        let end = ((block as u64 + 1) * BLOCK).min(offset + length);
+                        payload.extend_from_slice(&((end - at) as u32).to_be_bytes());
+                        payload.extend_from_slice(&flags.to_be_bytes());
+                        at = end;
+                    }
+                    let done = if index + 1 == selected.len() {
+                        REPLY_FLAG_DONE
+                    } else {
+                        0
+                    };
+                    let mut bytes = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+                    bytes.extend_from_slice(&done.to_be_bytes());
+                    bytes.extend_from_slice(&REPLY_TYPE_BLOCK_STATUS.to_be_bytes());
+                    bytes.extend_from_slice(&cookie.to_be_bytes());
+                    bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                    bytes.extend_from_slice(&payload);
+                    stream.write_all(&bytes).unwrap();
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+#[test]
+fn sync_rounds_copy_only_what_changed_and_unmap_what_became_zero() {
+    let scratch = Scratch::new().unwrap();
+    let blocks = 512;
+    let mut rng = Lcg(5);
+    let mut image = vec![0u8; blocks * BLOCK as usize];
+    for block in 0..blocks {
+        if rng.below(3) == 0 {
+            let fill = rng.below(255) as u8 + 1;
+            image[block * BLOCK as usize..][..BLOCK as usize].fill(fill);
+        }
+    }
+    let model = Arc::new(Mutex::new(Model {
+        image,
+        changed: vec![false; blocks],
+        base: "s1",
+    }));
+    let port = model_server(Arc::clone(&model));
+    let uri = format!("nbd://127.0.0.1:{port}/s2");
+    let disks = appliance(&scratch, "s");
+    let import = format!("thin import replica pool --from {uri}");
+    let output = exec(&disks, &[SETUP[0], SETUP[1], &import]);
+    assert!(output.status.success(), "{}", text(&output));
+
+    let sync = format!("thin sync replica --from {uri} --changed-since s1");
+    for round in 0..3 {
+        let mut changed = 0;
+        {
+            let mut model = model.lock().unwrap();
+            for _ in 0..40 {
+                let block = rng.below(blocks as u64) as usize;
+                if !model.changed[block] {
+                    changed += 1;
+                }
+                model.changed[block] = true;
+                let fill = match rng.below(3) {
+                    0 => 0,
+                    // Changed mappings need not change the content.
+                    1 => model.image[block * BLOCK as usize],
+                    _ => rng.below(255) as u8 + 1,
+                };
+                model.image[block * BLOCK as usize..][..BLOCK as usize].fill(fill);
+            }
+        }
+        let output = exec(&disks, &[&sync, "thin ls pool"]);
+        let transcript = text(&output);
+        assert!(output.status.success(), "round {round}: {transcript}");
+        let copied = dm::human_bytes(changed * BLOCK);
+        assert!(
+            transcript.contains(&format!(": {copied} copied")),
+            "round {round}: {copied} expected in {transcript}"
+        );
+        let mut state = model.lock().unwrap();
+        let data = (0..blocks).filter(|&block| !state.zero(block)).count() as u64;
+        assert_eq!(
+            mapped_column(ls_row(&transcript, "replica")),
+            dm::human_bytes(data * BLOCK),
+            "round {round}: zeroed blocks are unmapped"
+        );
+        assert!(
+            volume_content(&scratch, &disks, "replica") == state.image,
+            "round {round}: content differs"
+        );
+        state.changed.fill(false);
+    }
+
+    let output = exec(
+        &disks,
+        &[&format!(
+            "thin sync replica --from {uri} --changed-since nope"
+        )],
+    );
+    let transcript = text(&output);
+    assert!(!output.status.success());
+    assert_eq!(error_lines(&transcript), 1, "{transcript}");
+    assert!(
+        transcript.contains("offers no metadata context thinbox:changed:nope"),
+        "{transcript}"
+    );
+}
