@@ -43,7 +43,10 @@ fn patch(disk: &MemDisk, patches: &[u8]) {
             (SLOTS[usize::from(flags & 1)] * SECTOR, 512 * SECTOR)
         };
         let offset = u64::from(u16::from_le_bytes([*low, *high])) % limit;
-        disk.write_at(start + offset, &bytes[..bytes.len().min((limit - offset) as usize)]);
+        disk.write_at(
+            start + offset,
+            &bytes[..bytes.len().min((limit - offset) as usize)],
+        );
         if flags & 8 != 0 {
             reseal(disk, 0, 4092, 4092);
             continue;
