@@ -456,6 +456,9 @@ fn show_config(dm: &DeviceMapper, out: &mut dyn Write) {
             device.table()
         );
     }
+    for record in dm.origin_records() {
+        outln!(out, "{}", record.encode());
+    }
 }
 
 /// An identifier for a new configuration area, different for every disk and moment
