@@ -19,12 +19,14 @@ extern crate std;
 
 mod buf;
 mod crash;
+mod faulty;
 #[cfg(feature = "std")]
 mod file;
 mod memory;
 
 pub use buf::IoBuf;
 pub use crash::{CrashDisk, CrashStats, Unflushed};
+pub use faulty::{FaultOp, FaultRule, Faults, FaultyDisk, INJECTED};
 #[cfg(feature = "std")]
 pub use file::FileDisk;
 pub use memory::MemDisk;

@@ -15,7 +15,9 @@ use crate::{BlockDevice, Busy, Command, Completion, DeviceInfo, Request, SECTOR_
 /// and take no memory.
 const CHUNK: usize = 64 * 1024;
 
-type Store = BTreeMap<u64, Box<[u8; CHUNK]>>;
+/// Chunks are shared between a disk and its snapshots until one of them writes to
+/// it, so a snapshot costs a pointer per chunk (crash sweeps take one per cut).
+type Store = BTreeMap<u64, Rc<Box<[u8; CHUNK]>>>;
 
 /// An in-memory disk. Handles made with [`MemDisk::handle`] share the contents but
 /// have their own request queues, so a test can keep a view of a disk it gave away.
@@ -67,7 +69,8 @@ impl MemDisk {
         self.handle_with_info(self.info.clone())
     }
 
-    /// An independent copy of the current contents.
+    /// An independent copy of the current contents (cheap: chunks are copied when
+    /// either side first writes to them).
     pub fn snapshot(&self) -> Self {
         let copy = self.store.borrow().clone();
         MemDisk {
@@ -100,8 +103,8 @@ impl MemDisk {
     pub fn write_at(&self, offset: u64, data: &[u8]) {
         let mut store = self.store.borrow_mut();
         for_each_piece(offset, data.len(), |chunk, within, at, len| {
-            let slot = store.entry(chunk).or_insert_with(new_chunk);
-            slot[within..within + len].copy_from_slice(&data[at..at + len]);
+            let slot = store.entry(chunk).or_insert_with(|| Rc::new(new_chunk()));
+            Rc::make_mut(slot)[within..within + len].copy_from_slice(&data[at..at + len]);
         });
     }
 
@@ -121,7 +124,7 @@ impl MemDisk {
             if piece == CHUNK {
                 store.remove(&chunk);
             } else if let Some(data) = store.get_mut(&chunk) {
-                data[within..within + piece].fill(0);
+                Rc::make_mut(data)[within..within + piece].fill(0);
             }
             pos += piece as u64;
         }
@@ -250,6 +253,28 @@ mod tests {
         .unwrap();
         assert!(back.iter().all(|&b| b == 0));
         assert_eq!(disk.resident_bytes(), 0);
+    }
+
+    #[test]
+    fn a_snapshot_and_its_disk_change_independently() {
+        let disk = MemDisk::new(1024);
+        disk.write_at(0, &[1; 1000]);
+        let copy = disk.snapshot();
+        disk.write_at(10, &[2; 5]);
+        copy.write_at(500, &[3; 5]);
+        copy.discard(0, 8);
+        let (mut mine, mut theirs) = ([0u8; 1000], [0u8; 1000]);
+        disk.read_at(0, &mut mine);
+        copy.read_at(0, &mut theirs);
+        assert_eq!((mine[10], mine[500], mine[0]), (2, 1, 1));
+        assert_eq!(
+            (theirs[10], theirs[500], theirs[0], theirs[8]),
+            (1, 3, 0, 1)
+        );
+        let later = copy.handle();
+        later.write_at(20, &[4]);
+        copy.read_at(20, &mut theirs[..1]);
+        assert_eq!(theirs[0], 4, "a handle shares its disk's contents");
     }
 
     #[test]

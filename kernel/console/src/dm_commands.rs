@@ -466,6 +466,9 @@ fn show_config(dm: &DeviceMapper, out: &mut dyn Write) {
     for line in dm.thin_link_lines() {
         outln!(out, "{line}");
     }
+    for record in dm.origin_records() {
+        outln!(out, "{}", record.encode());
+    }
 }
 
 /// An identifier for a new configuration area, different for every disk and moment

@@ -605,3 +605,34 @@ fn a_power_loss_at_any_point_of_an_update_leaves_the_old_or_the_new_configuratio
     }
     assert!(index > 0, "the update was interrupted at least once");
 }
+
+#[test]
+fn config_show_lists_the_external_origin_of_each_thin_device() {
+    let disks = machine();
+    let (mut console, _) = boot(&disks);
+    ok(&mut console, "config init vdc");
+    ok(&mut console, "create org --table \"0 2048 linear vdc 0\"");
+    ok(
+        &mut console,
+        "create pool --table \"0 65536 thin-pool vda vdb 128 0\"",
+    );
+    ok(&mut console, "message pool 0 create_thin 0");
+    ok(&mut console, "message pool 0 create_thin 1");
+    ok(
+        &mut console,
+        "create over --table \"0 4096 thin pool 0 org\"",
+    );
+    ok(&mut console, "create bare --table \"0 4096 thin pool 1\"");
+    let shown = run(&mut console, "config show");
+    let shown = lines(&shown);
+    assert_eq!(
+        shown[shown.len() - 2..],
+        ["origin pool 0 org 2048", "origin pool 1 -"]
+    );
+    ok(&mut console, "remove over");
+    assert_eq!(
+        error(&mut console, "create over --table \"0 4096 thin pool 0\""),
+        "error: create over: thin device 0 of pool pool was created over external origin org \
+         (2048 sectors); its table must name that origin"
+    );
+}

@@ -966,6 +966,47 @@ fn blocks_freed_by_breaking_sharing_are_discarded_after_the_commit() {
     }
 }
 
+/// A discard passes the freed block down to the data device only once the commit
+/// that unmaps it is durable, as dm's passdown does: a power cut at any I/O of the
+/// discard finds the block either still mapped with its data intact, or unmapped.
+#[test]
+fn a_discarded_block_is_passed_down_only_after_its_unmapping_is_committed() {
+    let old = pattern(6, (BS * 512) as usize);
+    for cut in 0.. {
+        let mut rig = Rig::new(16, 4096);
+        rig.meta.share_power(&rig.data);
+        let pool = rig.open();
+        pool.message("create_thin 1").unwrap();
+        let mut vol = pool.activate(1, 4 * BS, None).unwrap();
+        write(&mut vol, 0, &old).unwrap();
+        flush(&mut vol).unwrap();
+        rig.meta.fail_at(Some(rig.meta.operations() + cut));
+        let discarded = discard(&mut vol, 0, BS).is_ok();
+        let finished = !rig.meta.power_lost();
+        drop(vol);
+        drop(pool);
+        rig.meta.power_cut(Unflushed::DropAll);
+        rig.data.power_cut(Unflushed::KeepAll);
+        let pool = rig.open();
+        let mut vol = pool.activate(1, 4 * BS, None).unwrap();
+        let mapped = pool.thin_status(1).unwrap().mapped_sectors > 0;
+        let expected = if mapped {
+            old.clone()
+        } else {
+            vec![0; old.len()]
+        };
+        assert!(
+            read(&mut vol, 0, BS) == expected,
+            "cut at I/O {cut}: the block (mapped: {mapped}) lost its data"
+        );
+        if finished {
+            assert!(discarded);
+            assert!(cut >= 2, "the discard commits and passes down");
+            return;
+        }
+    }
+}
+
 /// Writes waiting for data space when their volume is snapshotted are ordered
 /// after the snapshot: it holds exactly what reading the origin returned when the
 /// message ran (parts of those writes already done included, parts still waiting

@@ -10,126 +10,12 @@
 mod common;
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::rc::Rc;
 
-use blockdev::{
-    BlockDevice, Busy, Command, Completion, CrashDisk, DeviceInfo, IoBuf, IoError, Request,
-};
+use blockdev::{CrashDisk, FaultOp as Op, FaultRule as Rule, Faults, FaultyDisk, IoBuf, IoError};
 use common::*;
 use persistent_data::thin::{OpenOptions, ThinMetadata};
 use thin_pool::{Pool, PoolConfig, PoolEvent, PoolMode, ThinOp, ThinVolume};
-
-const INJECTED: IoError = IoError::Device("injected fault");
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    Read,
-    Write,
-    Flush,
-}
-
-/// Which requests fail.
-#[derive(Clone, Copy, Debug)]
-struct Rule {
-    op: Op,
-    /// Only requests touching these sectors (all when `None`).
-    sectors: Option<(u64, u64)>,
-    /// Matching requests to let through first.
-    skip: u64,
-    /// Keeps failing after the first failure (else the fault clears).
-    permanent: bool,
-}
-
-/// The faults of a [`FaultyDisk`], changed by the test while the pool runs.
-#[derive(Default)]
-struct Faults {
-    rules: Vec<Rule>,
-    injected: u64,
-}
-
-impl Faults {
-    fn fail(faults: &Rc<RefCell<Faults>>, rule: Rule) {
-        faults.borrow_mut().rules.push(rule);
-    }
-
-    /// Whether `command` fails (counting it against the rules it matches).
-    fn decide(&mut self, command: &Command) -> bool {
-        let (op, range) = match command {
-            Command::Read { sector, buf } => (Op::Read, Some((*sector, *sector + buf.sectors()))),
-            Command::Write { sector, buf, .. } => {
-                (Op::Write, Some((*sector, *sector + buf.sectors())))
-            }
-            Command::Flush => (Op::Flush, None),
-            Command::Discard { .. } => return false,
-        };
-        let hit = self.rules.iter().position(|rule| {
-            rule.op == op
-                && match (rule.sectors, range) {
-                    (Some((b, e)), Some((s0, s1))) => s0 < e && b < s1,
-                    _ => true,
-                }
-        });
-        let Some(index) = hit else {
-            return false;
-        };
-        let rule = &mut self.rules[index];
-        if rule.skip > 0 {
-            rule.skip -= 1;
-            return false;
-        }
-        if !rule.permanent {
-            self.rules.remove(index);
-        }
-        self.injected += 1;
-        true
-    }
-}
-
-/// A disk whose requests fail as its [`Faults`] say.
-struct FaultyDisk {
-    inner: CrashDisk,
-    faults: Rc<RefCell<Faults>>,
-    failed: VecDeque<Completion>,
-}
-
-impl FaultyDisk {
-    fn new(inner: CrashDisk) -> (FaultyDisk, Rc<RefCell<Faults>>) {
-        let faults = Rc::new(RefCell::new(Faults::default()));
-        let disk = FaultyDisk {
-            inner,
-            faults: Rc::clone(&faults),
-            failed: VecDeque::new(),
-        };
-        (disk, faults)
-    }
-}
-
-impl BlockDevice for FaultyDisk {
-    fn info(&self) -> &DeviceInfo {
-        self.inner.info()
-    }
-
-    fn submit(&mut self, request: Request) -> Result<(), Busy> {
-        if self.faults.borrow_mut().decide(&request.command) {
-            self.failed.push_back(Completion {
-                tag: request.tag,
-                result: Err(INJECTED),
-                buf: request.command.into_buf(),
-            });
-            return Ok(());
-        }
-        self.inner.submit(request)
-    }
-
-    fn poll(&mut self) -> Option<Completion> {
-        self.failed.pop_front().or_else(|| self.inner.poll())
-    }
-
-    fn in_flight(&self) -> usize {
-        self.failed.len() + self.inner.in_flight()
-    }
-}
 
 /// A pool whose metadata and data disks can fail, and the handles to make them.
 struct FaultyPool {
@@ -171,15 +57,6 @@ fn mode_events(pool: &Pool) -> Vec<PoolMode> {
         .collect()
 }
 
-fn every(op: Op) -> Rule {
-    Rule {
-        op,
-        sectors: None,
-        skip: 0,
-        permanent: false,
-    }
-}
-
 #[test]
 fn a_failed_metadata_commit_rolls_back_and_turns_the_pool_read_only() {
     require_tools();
@@ -195,7 +72,7 @@ fn a_failed_metadata_commit_rolls_back_and_turns_the_pool_read_only() {
     flush(&mut vol).unwrap();
     write(&mut vol, 2 * BS, &pattern(2, 4096)).unwrap();
     // The commit's first metadata write fails.
-    Faults::fail(&meta_faults, every(Op::Write));
+    Faults::fail(&meta_faults, Rule::every(Op::Write));
     assert!(
         fua_write(&mut vol, 2 * BS + 8, &pattern(3, 4096)).is_err(),
         "a FUA write acknowledged over a failed commit"
@@ -236,7 +113,7 @@ fn a_commit_that_cannot_even_roll_back_fails_the_pool() {
         &meta_faults,
         Rule {
             permanent: true,
-            ..every(Op::Write)
+            ..Rule::every(Op::Write)
         },
     );
     assert!(flush(&mut vol).is_err());
@@ -274,7 +151,7 @@ fn a_failed_metadata_read_rolls_back_and_turns_the_pool_read_only() {
     let (meta, meta_faults) = FaultyDisk::new(meta_disk.handle());
     let (pool, _) = Pool::open(Box::new(meta), Box::new(data_disk.handle()), config).unwrap();
     let mut vol = pool.activate(0, MAPPINGS * BS, None).unwrap();
-    Faults::fail(&meta_faults, every(Op::Read));
+    Faults::fail(&meta_faults, Rule::every(Op::Read));
     let failed = (0..MAPPINGS)
         .step_by(997)
         .filter(|&block| {
@@ -301,9 +178,9 @@ fn a_failed_data_write_fails_only_its_request() {
     flush(&mut vol).unwrap();
     let used = pool.status().data_used;
     // A write to a provisioned block, then one that provisions a new block.
-    Faults::fail(&data_faults, every(Op::Write));
+    Faults::fail(&data_faults, Rule::every(Op::Write));
     assert!(write(&mut vol, 8, &pattern(2, 4096)).is_err());
-    Faults::fail(&data_faults, every(Op::Write));
+    Faults::fail(&data_faults, Rule::every(Op::Write));
     assert!(write(&mut vol, 3 * BS, &pattern(3, 4096)).is_err());
     assert_eq!(data_faults.borrow().injected, 2);
     assert_eq!(pool.mode(), PoolMode::Write);
@@ -327,7 +204,7 @@ fn a_failed_data_flush_fails_the_commit_and_turns_the_pool_read_only() {
     } = faulty_pool();
     let mut vol = pool.activate(0, 16 * BS, None).unwrap();
     write(&mut vol, 0, &pattern(1, 4096)).unwrap();
-    Faults::fail(&data_faults, every(Op::Flush));
+    Faults::fail(&data_faults, Rule::every(Op::Flush));
     assert!(flush(&mut vol).is_err());
     assert_eq!(mode_events(&pool), [PoolMode::ReadOnly]);
     assert!(pool.status_noflush().needs_check);
@@ -340,7 +217,7 @@ fn a_failed_origin_read_fails_only_that_request() {
     origin_disk.write_at(0, &pattern(9, (16 * BS * 512) as usize));
     let (origin, origin_faults) = FaultyDisk::new(origin_disk.handle());
     let mut vol = pool.activate(0, 16 * BS, Some(Box::new(origin))).unwrap();
-    Faults::fail(&origin_faults, every(Op::Read));
+    Faults::fail(&origin_faults, Rule::every(Op::Read));
     let (result, _) = run(
         &mut vol,
         ThinOp::Read {
@@ -351,7 +228,7 @@ fn a_failed_origin_read_fails_only_that_request() {
     assert!(result.is_err());
     assert_eq!(read(&mut vol, 0, 8), pattern(9, 4096 * 2)[..4096]);
     // A partial write needs the rest of the block from the origin.
-    Faults::fail(&origin_faults, every(Op::Read));
+    Faults::fail(&origin_faults, Rule::every(Op::Read));
     assert!(write(&mut vol, BS, &pattern(5, 4096)).is_err());
     assert_eq!(
         read(&mut vol, BS, 8),

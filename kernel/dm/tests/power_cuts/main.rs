@@ -287,8 +287,9 @@ struct Tally {
 }
 
 /// Runs workloads from seed 0 on, each with a cut at every device I/O, until at least
-/// `cuts` rebuilt disk sets were checked.
+/// `cuts` rebuilt disk sets were checked; long runs print their progress.
 fn sweep(cuts: u64) -> Tally {
+    let started = Instant::now();
     host_tools::require_for_test(&[host_tools::Tool::ThinCheck]);
     let prepared = [Policy::Queue, Policy::ErrorIfNoSpace].map(|policy| (policy, prepared(policy)));
     let origin = origin_image();
@@ -332,6 +333,9 @@ fn sweep(cuts: u64) -> Tally {
             }
         }
         tally.workloads += 1;
+        if cuts > CI_CUTS && tally.workloads % 20 == 0 {
+            tally.print(started.elapsed().as_secs_f64());
+        }
     }
     tally
 }
@@ -344,13 +348,19 @@ fn the_whole_stack_survives_a_power_cut_at_every_io() {
         .unwrap_or(CI_CUTS);
     let started = Instant::now();
     let tally = sweep(cuts);
-    let seconds = started.elapsed().as_secs_f64();
-    println!(
-        "{} workloads: {} power cuts checked ({} with thin_check) in {seconds:.1} s ({:.0} per second)",
-        tally.workloads,
-        tally.cuts,
-        tally.thin_checks,
-        tally.cuts as f64 / seconds
-    );
+    tally.print(started.elapsed().as_secs_f64());
     assert!(tally.cuts >= cuts);
+}
+
+impl Tally {
+    fn print(&self, seconds: f64) {
+        println!(
+            "{} workloads: {} power cuts checked ({} with thin_check) in {seconds:.1} s ({:.0} \
+             per second)",
+            self.workloads,
+            self.cuts,
+            self.thin_checks,
+            self.cuts as f64 / seconds
+        );
+    }
 }

@@ -54,8 +54,8 @@ impl Core {
         }
         self.md.commit()?;
         self.uncommitted.clear();
-        for (begin, end) in mem::take(&mut self.discard_after_commit) {
-            self.queue_passdown(None, begin, end);
+        for passdown in mem::take(&mut self.discard_after_commit) {
+            self.queue_passdown(passdown);
         }
         for &block in &provisional {
             self.md.inc_data_block(block)?;
@@ -118,7 +118,7 @@ impl Core {
         self.quarantine.clear();
         self.md_dirty = false;
         self.mappings.clear();
-        self.discard_after_commit.clear();
+        self.drop_discards_after_commit(EIO_METADATA);
         let rolled_back = self.md.abort().and_then(|()| {
             self.md.set_needs_check();
             self.md.commit()

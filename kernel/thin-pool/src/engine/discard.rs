@@ -63,8 +63,14 @@ impl Core {
             }
             if self.passdown {
                 for (begin, end) in freed {
-                    self.queue_passdown(Some(span.req), begin, end);
+                    self.reqs[span.req].outstanding += 1;
+                    self.discard_after_commit.push(Passdown {
+                        req: Some(span.req),
+                        begin,
+                        end,
+                    });
                 }
+                self.commit.requested = true;
             }
         }
         self.finish_unit(span.req, Ok(()));
@@ -78,17 +84,29 @@ impl Core {
             return;
         }
         match self.discard_after_commit.last_mut() {
-            Some((_, last)) if *last == begin => *last = end,
-            _ => self.discard_after_commit.push((begin, end)),
+            Some(last) if last.req.is_none() && last.end == begin => last.end = end,
+            _ => self.discard_after_commit.push(Passdown {
+                req: None,
+                begin,
+                end,
+            }),
         }
     }
 
-    pub(super) fn queue_passdown(&mut self, req: Option<ReqId>, begin: u64, end: u64) {
-        if let Some(req) = req {
-            self.reqs[req].outstanding += 1;
+    /// The commit that freed the blocks is durable: their passdown may go.
+    pub(super) fn queue_passdown(&mut self, passdown: Passdown) {
+        self.passdown_ranges.insert(passdown.begin, passdown.end);
+        self.passdowns.push(passdown);
+    }
+
+    /// The changes that freed blocks were rolled back: no passdown, and the discard
+    /// requests waiting for one fail with `error`.
+    pub(super) fn drop_discards_after_commit(&mut self, error: IoError) {
+        for passdown in mem::take(&mut self.discard_after_commit) {
+            if let Some(req) = passdown.req {
+                self.finish_unit(req, Err(error));
+            }
         }
-        self.passdown_ranges.insert(begin, end);
-        self.passdowns.push(Passdown { req, begin, end });
     }
 
     /// Sends queued passdown discards whose blocks have no I/O in flight.

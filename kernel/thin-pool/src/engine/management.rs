@@ -103,7 +103,7 @@ impl Core {
         if !refused {
             self.mappings.clear();
             self.uncommitted.clear();
-            self.discard_after_commit.clear();
+            self.drop_discards_after_commit(EIO_METADATA);
             match self.md.abort() {
                 Ok(()) if *error == MdError::NoMetadataSpace => self.after_commit(),
                 _ => self.metadata_failed(error),

@@ -358,11 +358,12 @@ pub(crate) struct Core {
     /// Data ranges freed and queued or in flight as passdown discards (begin → end).
     passdown_ranges: BTreeMap<u64, u64>,
     passdowns: Vec<Passdown>,
-    /// Data ranges freed by changes the last commit does not have (mappings
-    /// replaced when breaking sharing, deleted devices): the committed metadata may
-    /// still map them to data a power cut must find intact, so they are discarded on
-    /// the data device only once the next commit is durable.
-    discard_after_commit: Vec<(u64, u64)>,
+    /// Data ranges freed by changes the last commit does not have (discards,
+    /// mappings replaced when breaking sharing, deleted devices): the committed
+    /// metadata may still map them to data a power cut must find intact, so they are
+    /// discarded on the data device only once the next commit is durable. A discard
+    /// request waits for its own (it counts them as outstanding).
+    discard_after_commit: Vec<Passdown>,
     /// Allocated for preps in flight, not mapped yet.
     provisional: HashSet<u64>,
     /// Allocated only to keep busy blocks away from preps; freed at the next commit.
