@@ -22,6 +22,7 @@
 
 extern crate alloc;
 
+mod acl_commands;
 mod background;
 mod commands;
 mod disk_test;

@@ -16,6 +16,7 @@ use blockdev::{BlockDevice, Command};
 use thin_pool::DeleteProgress;
 
 use crate::Error;
+use crate::access::AccessList;
 use crate::activate::Format;
 use crate::config::{ConfigDisk, DiskRecord};
 use crate::device::{Device, DeviceId, State};
@@ -35,6 +36,10 @@ pub struct DeviceMapper {
     /// Saved disks that were not found at boot, kept so saving the configuration again
     /// does not forget how to recognise them.
     pub(crate) missing_disks: Vec<DiskRecord>,
+    /// Which NBD clients may use which exports.
+    pub(crate) access: AccessList,
+    /// Counts changes of `access`, so the NBD server checks its open connections again.
+    pub(crate) access_generation: u64,
 }
 
 impl DeviceMapper {
@@ -48,6 +53,8 @@ impl DeviceMapper {
             config: None,
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
+            access: AccessList::default(),
+            access_generation: 0,
         }
     }
 
@@ -193,14 +200,18 @@ impl DeviceMapper {
             .into());
         }
         if let State::Active(active) = &self.devices[&id].state
-            && active.clients > 0
+            && !active.clients.is_empty()
             && !force
         {
             return Err(format!(
                 "{name} has {} NBD client{} connected (disconnect {} or use remove --force)",
-                active.clients,
-                if active.clients == 1 { "" } else { "s" },
-                if active.clients == 1 { "it" } else { "them" }
+                active.clients.len(),
+                if active.clients.len() == 1 { "" } else { "s" },
+                if active.clients.len() == 1 {
+                    "it"
+                } else {
+                    "them"
+                }
             )
             .into());
         }
@@ -440,7 +451,7 @@ impl DeviceMapper {
             State::Active(active) if active.suspended => {
                 Err(format!("{} is suspended (resume it first)", device.name))
             }
-            State::Active(active) if active.clients > 0 => Err(format!(
+            State::Active(active) if !active.clients.is_empty() => Err(format!(
                 "{} has NBD clients connected; testing it would destroy their data",
                 device.name
             )),

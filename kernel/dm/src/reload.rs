@@ -92,6 +92,7 @@ impl DeviceMapper {
                 inactive.rename(from, to);
             }
         }
+        self.access.rename(from, to);
         self.devices.get_mut(&id).expect("renamed device").name = to.to_string();
     }
 

@@ -2,6 +2,7 @@
 //! disks they were built on, saved in the configuration area of one disk after every
 //! change, so the appliance comes back after a reboot with the same devices.
 
+mod acl;
 mod area;
 mod snapshot;
 
@@ -74,7 +75,11 @@ impl DeviceMapper {
                 table: device.table.to_string(),
             })
             .collect();
-        Snapshot { disks, devices }
+        Snapshot {
+            disks,
+            devices,
+            access: self.access.clone(),
+        }
     }
 
     /// Writes the configuration as it stands in memory, if there is a configuration
@@ -221,7 +226,10 @@ impl DeviceMapper {
         };
         self.config = Some(ConfigDisk { disk, area });
         match Snapshot::decode(&text) {
-            Ok(snapshot) => self.bring_up(&snapshot, &mut notes),
+            Ok(snapshot) => {
+                self.access = snapshot.access.clone();
+                self.bring_up(&snapshot, &mut notes);
+            }
             Err(why) => notes.push(format!("config: cannot read the configuration: {why}")),
         }
         notes

@@ -1,10 +1,14 @@
-//! The saved configuration's content: the disks the devices are built on and each
-//! device's table line, as text lines (the payload of a configuration area slot).
+//! The saved configuration's content: the disks the devices are built on, each
+//! device's table line and the NBD access list, as text lines (the payload of a
+//! configuration area slot).
 
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
+
+use super::acl;
+use crate::access::AccessList;
 
 /// A disk a configuration refers to, as it was when the configuration was saved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,11 +31,13 @@ pub struct DeviceRecord {
 /// Everything a configuration holds. Encoded as text lines:
 /// `disk NAME SECTORS SERIAL` (serial percent-encoded, `-` when empty) and
 /// `device NAME rw|ro TABLE` (segments separated by `; `), devices in creation order
-/// (each only refers to disks and to devices before it).
+/// (each only refers to disks and to devices before it), then the access list's
+/// records (see `acl.rs`; a configuration without them allows everything).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub disks: Vec<DiskRecord>,
     pub devices: Vec<DeviceRecord>,
+    pub access: AccessList,
 }
 
 impl Snapshot {
@@ -50,6 +56,7 @@ impl Snapshot {
             let mode = if device.read_only { "ro" } else { "rw" };
             let _ = writeln!(text, "device {} {mode} {}", device.name, device.table);
         }
+        acl::encode(&self.access, &mut text);
         text
     }
 
@@ -73,7 +80,10 @@ impl Snapshot {
                         table: table.to_string(),
                     })
                 }
-                _ => return Err(bad()),
+                _ => match acl::decode(line, &mut snapshot.access) {
+                    Some(true) => {}
+                    Some(false) | None => return Err(bad()),
+                },
             }
         }
         Ok(snapshot)
@@ -137,6 +147,7 @@ mod tests {
                 read_only: true,
                 table: "0 4096 linear vdb 0".into(),
             }],
+            access: AccessList::default(),
         }
     }
 
