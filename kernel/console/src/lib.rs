@@ -265,6 +265,8 @@ impl<P: Platform> Console<P> {
 }
 
 #[cfg(test)]
+mod acl_tests;
+#[cfg(test)]
 mod delete_tests;
 #[cfg(test)]
 mod dm_tests;

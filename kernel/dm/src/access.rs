@@ -308,3 +308,175 @@ impl DeviceMapper {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Disk, Format};
+    use alloc::boxed::Box;
+    use alloc::vec;
+    use blockdev::MemDisk;
+    use core::net::Ipv4Addr;
+
+    fn host(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 1, 2, last))
+    }
+
+    fn rule(export: &str, network: &str, access: Access) -> Rule {
+        Rule {
+            export: export.into(),
+            network: Network::parse(network).unwrap(),
+            access,
+        }
+    }
+
+    #[test]
+    fn networks_parse_strictly_and_contain_their_hosts() {
+        let net = Network::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains(host(3)));
+        assert!(!net.contains(IpAddr::V4(Ipv4Addr::new(10, 2, 0, 1))));
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert!(net.contains(mapped), "IPv4-mapped IPv6 counts as IPv4");
+        assert!(!Network::parse("::/0").unwrap().contains(host(3)));
+        assert!(Network::parse("0.0.0.0/0").unwrap().contains(host(3)));
+        assert!(
+            Network::parse("fd00::/8")
+                .unwrap()
+                .contains("fd12::1".parse().unwrap())
+        );
+        assert_eq!(Network::parse("10.1.2.3").unwrap().to_string(), "10.1.2.3");
+        assert_eq!(
+            Network::parse("10.1.2.3/32").unwrap().to_string(),
+            "10.1.2.3"
+        );
+        assert_eq!(net.to_string(), "10.1.0.0/16");
+        for (bad, why) in [
+            ("10.1.2", "'10.1.2' is not an IPv4 or IPv6 address"),
+            (
+                "10.1.2.3/33",
+                "prefix length '33' must be a number from 0 to 32",
+            ),
+            (
+                "10.1.2.3/",
+                "prefix length '' must be a number from 0 to 32",
+            ),
+            (
+                "10.1.2.3/+8",
+                "prefix length '+8' must be a number from 0 to 32",
+            ),
+            (
+                "fd00::/129",
+                "prefix length '129' must be a number from 0 to 128",
+            ),
+            (
+                "10.1.2.3/16",
+                "10.1.2.3/16 has bits set past the prefix (the network is 10.1.0.0/16)",
+            ),
+        ] {
+            assert_eq!(Network::parse(bad).unwrap_err(), why);
+        }
+    }
+
+    #[test]
+    fn the_most_specific_rule_decides_and_the_default_covers_the_rest() {
+        let mut list = AccessList::default();
+        assert_eq!(list.decide("vol0", host(1)), Access::ReadWrite);
+        list.default = Access::Refused;
+        list.set(rule("*", "10.0.0.0/8", Access::ReadOnly));
+        list.set(rule("*", "10.1.2.0/24", Access::Hidden));
+        list.set(rule("vol0", "10.0.0.0/8", Access::ReadWrite));
+        list.set(rule("vol0", "10.1.2.7", Access::Refused));
+        // An export's own rules beat the `*` ones, whatever their prefixes.
+        assert_eq!(list.decide("vol0", host(1)), Access::ReadWrite);
+        assert_eq!(list.decide("vol0", host(7)), Access::Refused);
+        // Among `*` rules the longer prefix wins.
+        assert_eq!(list.decide("vol1", host(1)), Access::Hidden);
+        let elsewhere = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9));
+        assert_eq!(list.decide("vol1", elsewhere), Access::ReadOnly);
+        let outside = IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1));
+        assert_eq!(list.decide("vol0", outside), Access::Refused);
+
+        // Setting the same pair again replaces the rule; forgetting it falls back.
+        list.set(rule("vol0", "10.1.2.7", Access::ReadOnly));
+        assert_eq!(list.rules.len(), 4);
+        assert_eq!(list.decide("vol0", host(7)), Access::ReadOnly);
+        assert!(list.forget("vol0", Network::parse("10.1.2.7").unwrap()));
+        assert!(!list.forget("vol0", Network::parse("10.1.2.7").unwrap()));
+        assert_eq!(list.decide("vol0", host(7)), Access::ReadWrite);
+        let names: Vec<&str> = list.rules_for("vol1").map(|r| r.export.as_str()).collect();
+        assert_eq!(names, ["*", "*"]);
+    }
+
+    fn mapper(disk: &MemDisk) -> DeviceMapper {
+        let mut dm = DeviceMapper::new(vec![Disk {
+            name: "vda".into(),
+            device: Box::new(disk.handle()),
+        }]);
+        dm.restore();
+        dm
+    }
+
+    #[test]
+    fn changes_are_checked_saved_and_survive_a_restart_and_a_rename() {
+        let disk = MemDisk::new(8192);
+        let mut dm = mapper(&disk);
+        dm.config_init("vda", [7; 16], false).unwrap();
+        dm.create("vol0", false, "0 64 linear vda 0", Format::IfBlank)
+            .unwrap();
+        let before = dm.access_list().clone();
+        for (export, network, why) in [
+            ("nope", "10.0.0.0/8", "no device called 'nope' (see ls)"),
+            (
+                "vol0",
+                "10.0.0.1/8",
+                "10.0.0.1/8 has bits set past the prefix (the network is 10.0.0.0/8)",
+            ),
+            ("vol0", "ten", "'ten' is not an IPv4 or IPv6 address"),
+        ] {
+            let error = dm
+                .set_access(export, network, Access::ReadOnly)
+                .unwrap_err();
+            assert_eq!(error.0, why);
+        }
+        assert_eq!(
+            dm.forget_access("vol0", "10.0.0.0/8").unwrap_err().0,
+            "there is no rule for vol0 and 10.0.0.0/8 (see nbd acl)"
+        );
+        assert_eq!(*dm.access_list(), before);
+        assert_eq!(dm.access_generation, 0, "nothing changed");
+
+        dm.set_access("/dev/mapper/vol0", "10.0.0.0/8", Access::ReadOnly)
+            .unwrap();
+        dm.set_access("*", "10.1.2.3", Access::Hidden).unwrap();
+        dm.set_default_access(Access::Refused).unwrap();
+        assert_eq!(dm.access_generation, 3);
+        dm.rename("vol0", "data").unwrap();
+        let saved = dm.access_list().clone();
+        assert_eq!(saved.rules[0].export, "data");
+        drop(dm);
+
+        let dm = mapper(&disk);
+        assert_eq!(*dm.access_list(), saved);
+        assert_eq!(dm.access.decide("data", host(3)), Access::ReadOnly);
+        assert_eq!(
+            dm.access.decide("data", IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            Access::Refused
+        );
+    }
+
+    #[test]
+    fn a_configuration_without_access_records_allows_everything() {
+        let disk = MemDisk::new(8192);
+        let mut dm = mapper(&disk);
+        dm.config_init("vda", [7; 16], false).unwrap();
+        dm.create("vol0", false, "0 64 linear vda 0", Format::IfBlank)
+            .unwrap();
+        drop(dm);
+        let dm = mapper(&disk);
+        assert_eq!(*dm.access_list(), AccessList::default());
+        assert_eq!(
+            dm.access.decide("vol0", "192.0.2.1".parse().unwrap()),
+            Access::ReadWrite
+        );
+    }
+}
