@@ -520,17 +520,7 @@ fn access_lists_decide_what_each_loopback_client_may_do_and_survive_a_restart() 
     ];
     commands.extend(rules);
     let served = Served::start(&disks, &commands);
-    let second = Relay::start(
-        scratch.path(),
-        std::net::Ipv4Addr::new(127, 0, 0, 2),
-        &served.address,
-    );
-    let first = Relay::start(
-        scratch.path(),
-        std::net::Ipv4Addr::LOCALHOST,
-        &served.address,
-    );
-    check_access(&served, &first, &second);
+    let (first, second) = check_access(&served, scratch.path());
 
     // python3-libnbd: 127.0.0.1 writes vol0; 127.0.0.2 reads it, and its writes (sent
     // with libnbd's checks off) come back EPERM.
@@ -569,17 +559,7 @@ print('refused')
         "{text}"
     );
     let served = Served::start(&disks, &[]);
-    let second = Relay::start(
-        scratch.path(),
-        std::net::Ipv4Addr::new(127, 0, 0, 2),
-        &served.address,
-    );
-    let first = Relay::start(
-        scratch.path(),
-        std::net::Ipv4Addr::LOCALHOST,
-        &served.address,
-    );
-    check_access(&served, &first, &second);
+    check_access(&served, scratch.path());
 }
 
 /// Export names in `nbdinfo --list --json` output.
@@ -591,8 +571,11 @@ fn listed_names(list: &str) -> Vec<String> {
 }
 
 /// What the access test's rules give 127.0.0.1 (directly and relayed) and
-/// 127.0.0.2 (relayed), seen through nbdinfo.
-fn check_access(served: &Served, first: &Relay, second: &Relay) {
+/// 127.0.0.2 (relayed), seen through nbdinfo; returns the relays (from 127.0.0.1, from
+/// 127.0.0.2), their sockets in `dir`.
+fn check_access(served: &Served, dir: &Path) -> (Relay, Relay) {
+    let first = Relay::start(dir, std::net::Ipv4Addr::LOCALHOST, &served.address);
+    let second = Relay::start(dir, std::net::Ipv4Addr::new(127, 0, 0, 2), &served.address);
     let list = run_tool("nbdinfo", &["--list", "--json", &served.uri("")]);
     assert_eq!(listed_names(&list), ["vol0", "vol1", "secret"], "{list}");
     let list = run_tool("nbdinfo", &["--list", "--json", &first.uri("")]);
@@ -623,4 +606,5 @@ fn check_access(served: &Served, first: &Relay, second: &Relay) {
         hidden.contains("opt_go request: No such file or directory"),
         "{hidden}"
     );
+    (first, second)
 }

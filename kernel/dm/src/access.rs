@@ -416,13 +416,19 @@ mod tests {
         dm
     }
 
-    #[test]
-    fn changes_are_checked_saved_and_survive_a_restart_and_a_rename() {
-        let disk = MemDisk::new(8192);
-        let mut dm = mapper(&disk);
+    /// A configuration on the disk and one export, `vol0`.
+    fn configured(disk: &MemDisk) -> DeviceMapper {
+        let mut dm = mapper(disk);
         dm.config_init("vda", [7; 16], false).unwrap();
         dm.create("vol0", false, "0 64 linear vda 0", Format::IfBlank)
             .unwrap();
+        dm
+    }
+
+    #[test]
+    fn changes_are_checked_saved_and_survive_a_restart_and_a_rename() {
+        let disk = MemDisk::new(8192);
+        let mut dm = configured(&disk);
         let before = dm.access_list().clone();
         for (export, network, why) in [
             ("nope", "10.0.0.0/8", "no device called 'nope' (see ls)"),
@@ -467,11 +473,7 @@ mod tests {
     #[test]
     fn a_configuration_without_access_records_allows_everything() {
         let disk = MemDisk::new(8192);
-        let mut dm = mapper(&disk);
-        dm.config_init("vda", [7; 16], false).unwrap();
-        dm.create("vol0", false, "0 64 linear vda 0", Format::IfBlank)
-            .unwrap();
-        drop(dm);
+        drop(configured(&disk));
         let dm = mapper(&disk);
         assert_eq!(*dm.access_list(), AccessList::default());
         assert_eq!(
