@@ -100,11 +100,24 @@ impl nbd::Backend for Plane {
     fn exports(&self) -> Vec<nbd::ExportInfo> {
         self.backend.exports()
     }
-    fn open(&mut self, name: &str) -> Result<(nbd::ExportHandle, nbd::ExportInfo), nbd::OpenError> {
-        self.backend.open(name)
+    fn access(&self, name: &str, peer: SocketAddr) -> nbd::Access {
+        self.backend.access(name, peer)
     }
-    fn close(&mut self, export: nbd::ExportHandle) {
-        self.backend.close(export)
+    fn open_access(&self, export: nbd::ExportHandle, peer: SocketAddr) -> nbd::Access {
+        self.backend.open_access(export, peer)
+    }
+    fn access_generation(&self) -> u64 {
+        self.backend.access_generation()
+    }
+    fn open(
+        &mut self,
+        name: &str,
+        peer: SocketAddr,
+    ) -> Result<(nbd::ExportHandle, nbd::ExportInfo), nbd::OpenError> {
+        self.backend.open(name, peer)
+    }
+    fn close(&mut self, export: nbd::ExportHandle, peer: SocketAddr) {
+        self.backend.close(export, peer)
     }
     fn submit(&mut self, request: nbd::IoRequest) -> Result<(), nbd::QueueFull> {
         self.backend.submit(request)

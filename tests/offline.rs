@@ -664,3 +664,187 @@ fn python_bools(flags: &[bool]) -> String {
         .collect();
     format!("[{}]", items.join(", "))
 }
+
+/// Relays the connections made to a Unix socket to the NBD server from a chosen
+/// loopback address: real clients cannot pick their source address, so they connect
+/// through this to reach the server as 127.0.0.2.
+struct Relay {
+    socket: PathBuf,
+}
+
+impl Relay {
+    fn start(dir: &Path, from: std::net::Ipv4Addr, server: &str) -> Relay {
+        use std::os::unix::net::UnixListener;
+        let server: std::net::SocketAddr = server.parse().unwrap();
+        let socket = dir.join(format!("from-{from}-to-{}.sock", server.port()));
+        let listener = UnixListener::bind(&socket).unwrap();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let upstream = connect_from(from, server);
+                for (mut reader, mut writer) in [
+                    (
+                        Box::new(client.try_clone().unwrap()) as Box<dyn std::io::Read + Send>,
+                        Box::new(upstream.try_clone().unwrap()) as Box<dyn HalfClose + Send>,
+                    ),
+                    (Box::new(upstream), Box::new(client)),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut reader, &mut writer);
+                        writer.close_write();
+                    });
+                }
+            }
+        });
+        Relay { socket }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+}
+
+/// A stream whose sending side can be shut while its receiving side stays open.
+trait HalfClose: Write {
+    fn close_write(&self);
+}
+
+impl HalfClose for std::net::TcpStream {
+    fn close_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl HalfClose for std::os::unix::net::UnixStream {
+    fn close_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// A TCP connection to `server` from `from` (any port).
+fn connect_from(from: std::net::Ipv4Addr, server: std::net::SocketAddr) -> std::net::TcpStream {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&fd, &std::net::SocketAddr::from((from, 0))).unwrap();
+    connect(&fd, &server).unwrap();
+    std::net::TcpStream::from(fd)
+}
+
+/// What `nbdinfo ARGS` printed on standard error, expecting it to fail. With libnbd's
+/// debug output on, as libnbd 1.14 shows the server's error message only there.
+fn nbdinfo_refused(args: &[&str]) -> String {
+    let output = Command::new("nbdinfo")
+        .args(args)
+        .env("LIBNBD_DEBUG", "1")
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "nbdinfo {args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn access_lists_decide_what_each_loopback_client_may_do_and_survive_a_restart() {
+    host_tools::require_for_test(&[Tool::NbdInfo, Tool::NbdSh]);
+    let (scratch, disks) = images(&[4, 16]);
+    let rules = [
+        "nbd default deny",
+        "nbd allow * 127.0.0.1",
+        "nbd allow vol0 127.0.0.2 ro",
+        "nbd deny secret 127.0.0.2 hide",
+    ];
+    let mut commands = vec![
+        "config init vda",
+        "create vol0 --table \"0 8192 linear vdb 0\"",
+        "create vol1 --table \"0 8192 linear vdb 8192\"",
+        "create secret --table \"0 8192 linear vdb 16384\"",
+    ];
+    commands.extend(rules);
+    let served = Served::start(&disks, &commands);
+    let (first, second) = check_access(&served, scratch.path());
+
+    // python3-libnbd: 127.0.0.1 writes vol0; 127.0.0.2 reads it, and its writes (sent
+    // with libnbd's checks off) come back EPERM.
+    run_nbdsh(&first.uri("vol0"), "h.pwrite(b'\\x3c' * 4096, 8192)");
+    let script = "\
+import errno
+assert h.is_read_only()
+assert h.pread(4096, 8192) == b'\\x3c' * 4096
+h.set_strict_mode(0)
+for write in (lambda: h.pwrite(b'x' * 4096, 0), lambda: h.zero(4096, 0), lambda: h.trim(4096, 0)):
+    try:
+        write()
+        raise SystemExit('a write on a read-only grant succeeded')
+    except nbd.Error as e:
+        assert e.errnum == errno.EPERM, e
+print('refused')
+";
+    assert_eq!(run_nbdsh(&second.uri("vol0"), script), "refused\n");
+    drop(served);
+    let raw = fs::read(&disks[1]).unwrap();
+    assert!(raw[8192..8192 + 4096].iter().all(|&b| b == 0x3c));
+    assert!(
+        raw[..4096].iter().all(|&b| b == 0),
+        "the refused write reached the disk"
+    );
+
+    // The rules were saved with the devices: the next run serves the same way.
+    let shown = exec(&disks, &["nbd acl"]);
+    let text = stdout(&shown);
+    assert!(
+        text.contains(
+            "thinbox> nbd acl\ndefault: deny\nEXPORT  CLIENTS    ACCESS\n\
+             *       127.0.0.1  allow\nvol0    127.0.0.2  allow ro\n\
+             secret  127.0.0.2  deny hide\n"
+        ),
+        "{text}"
+    );
+    let served = Served::start(&disks, &[]);
+    check_access(&served, scratch.path());
+}
+
+/// Export names in `nbdinfo --list --json` output.
+fn listed_names(list: &str) -> Vec<String> {
+    list.lines()
+        .filter_map(|line| line.trim().strip_prefix("\"export-name\": \""))
+        .map(|name| name.trim_end_matches("\",").to_string())
+        .collect()
+}
+
+/// What the access test's rules give 127.0.0.1 (directly and relayed) and
+/// 127.0.0.2 (relayed), seen through nbdinfo; returns the relays (from 127.0.0.1, from
+/// 127.0.0.2), their sockets in `dir`.
+fn check_access(served: &Served, dir: &Path) -> (Relay, Relay) {
+    let first = Relay::start(dir, std::net::Ipv4Addr::LOCALHOST, &served.address);
+    let second = Relay::start(dir, std::net::Ipv4Addr::new(127, 0, 0, 2), &served.address);
+    let list = run_tool("nbdinfo", &["--list", "--json", &served.uri("")]);
+    assert_eq!(listed_names(&list), ["vol0", "vol1", "secret"], "{list}");
+    let list = run_tool("nbdinfo", &["--list", "--json", &first.uri("")]);
+    assert_eq!(listed_names(&list), ["vol0", "vol1", "secret"], "{list}");
+    let list = run_tool("nbdinfo", &["--list", "--json", &second.uri("")]);
+    assert_eq!(listed_names(&list), ["vol0"], "{list}");
+
+    let info = run_tool("nbdinfo", &["--json", &served.uri("vol0")]);
+    assert!(info.contains("\"is_read_only\": false"), "{info}");
+    let info = run_tool("nbdinfo", &["--json", &second.uri("vol0")]);
+    assert!(info.contains("\"is_read_only\": true"), "{info}");
+    // libnbd reports NBD_REP_ERR_POLICY as ENOTSUP and NBD_REP_ERR_UNKNOWN as ENOENT.
+    let refused = nbdinfo_refused(&[&second.uri("vol1")]);
+    assert!(
+        refused.contains("server error message: access to export 'vol1' is denied to 127.0.0.2"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("opt_go request: Operation not supported"),
+        "{refused}"
+    );
+    let hidden = nbdinfo_refused(&[&second.uri("secret")]);
+    assert!(
+        hidden.contains("server error message: export 'secret' not present"),
+        "{hidden}"
+    );
+    assert!(
+        hidden.contains("opt_go request: No such file or directory"),
+        "{hidden}"
+    );
+    (first, second)
+}

@@ -74,6 +74,19 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         }
     );
 
+    match arch::random::probe() {
+        Ok(source) => {
+            let _ = write!(
+                serial,
+                "thinbox: randomness from {}, health check passed\r\n",
+                source.name()
+            );
+        }
+        Err(why) => {
+            let _ = write!(serial, "thinbox: no hardware randomness: {why}\r\n");
+        }
+    }
+
     let acpi = match boot_info.rsdp_addr.into_option().map(acpi::parse) {
         Some(Ok(tables)) => tables,
         Some(Err(why)) => {

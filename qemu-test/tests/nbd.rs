@@ -719,3 +719,94 @@ fn bad_clients_on(nic: Nic) {
     create_thin(appliance, "vol", 0, 64 * MIB, None);
     bad_clients_do_not_disturb_a_good_one(appliance, "vol");
 }
+
+/// Export names in `nbdinfo --list --json` output.
+fn listed_exports(uri: &str) -> Vec<String> {
+    run_tool("nbdinfo", &["--list", "--json", uri])
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("\"export-name\": \""))
+        .map(|name| name.trim_end_matches("\",").to_string())
+        .collect()
+}
+
+/// What `nbdinfo URI` printed on standard error, expecting it to be refused.
+fn nbdinfo_refused(uri: &str) -> String {
+    let output = std::process::Command::new("nbdinfo")
+        .arg(uri)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "nbdinfo {uri} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn access_lists_hold_on_the_appliance_and_survive_a_reboot() {
+    let scratch = Scratch::new().unwrap();
+    let raw = scratch.disk("raw.img", 8 * MIB).unwrap();
+    let config = scratch.disk("config.img", 4 * MIB).unwrap();
+    let mut appliance = boot(Nic::Virtio, &[&raw, &config]);
+    appliance.console_ok("config init vdb").unwrap();
+    appliance
+        .console_ok("create vm1 --table \"0 4096 linear vda 0\"")
+        .unwrap();
+    appliance
+        .console_ok("create vm2 --table \"0 4096 linear vda 4096\"")
+        .unwrap();
+    // QEMU's user networking delivers every host connection from 10.0.2.2.
+    for line in [
+        "nbd default deny",
+        "nbd allow vm1 10.0.2.2 ro",
+        "nbd deny vm2 10.0.2.0/24 hide",
+    ] {
+        appliance.console_ok(line).unwrap();
+    }
+    let uri = |appliance: &Appliance, export: &str| appliance.nbd_uri(export).unwrap();
+    assert_eq!(listed_exports(&uri(&appliance, "")), ["vm1"]);
+    let info = run_tool("nbdinfo", &["--json", &uri(&appliance, "vm1")]);
+    assert!(info.contains("\"is_read_only\": true"), "{info}");
+    let hidden = nbdinfo_refused(&uri(&appliance, "vm2"));
+    assert!(hidden.contains("No such file or directory"), "{hidden}");
+
+    // A connected client is shown with its address and loses its connection when
+    // its grant is taken away.
+    let port = appliance.nbd_port().unwrap();
+    raw_client(port, &export_name_handshake("vm1"), |mut stream| {
+        assert_eq!(read_export_reply(&mut stream), 2 * MIB);
+        let clients = appliance.console_ok("nbd clients").unwrap();
+        assert!(
+            clients
+                .lines()
+                .any(|line| line.starts_with("vm1     10.0.2.2:")),
+            "{clients}"
+        );
+        appliance.console_ok("nbd deny vm1 10.0.2.2").unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(stream.read(&mut byte).unwrap(), 0, "connection closed");
+    });
+    let clients = appliance.console_ok("nbd clients").unwrap();
+    assert!(clients.contains("no NBD clients"), "{clients}");
+    appliance.shutdown().unwrap();
+
+    let mut appliance = boot(Nic::Virtio, &[&raw, &config]);
+    let acl = appliance.console_ok("nbd acl").unwrap();
+    let rows: Vec<&str> = acl.lines().map(str::trim_end).collect();
+    assert!(
+        rows.ends_with(&[
+            "default: deny",
+            "EXPORT  CLIENTS      ACCESS",
+            "vm1     10.0.2.2     deny",
+            "vm2     10.0.2.0/24  deny hide",
+        ]),
+        "{acl}"
+    );
+    assert_eq!(listed_exports(&uri(&appliance, "")), Vec::<String>::new());
+    let refused = nbdinfo_refused(&uri(&appliance, "vm1"));
+    assert!(refused.contains("Operation not supported"), "{refused}");
+    // Without its own rule vm1 falls under a `*` grant; vm2's own rule still hides it.
+    appliance.console_ok("nbd forget vm1 10.0.2.2").unwrap();
+    appliance.console_ok("nbd allow * 10.0.2.2").unwrap();
+    assert_eq!(listed_exports(&uri(&appliance, "")), ["vm1"]);
+    let info = run_tool("nbdinfo", &["--json", &uri(&appliance, "vm1")]);
+    assert!(info.contains("\"is_read_only\": false"), "{info}");
+    appliance.shutdown().unwrap();
+}

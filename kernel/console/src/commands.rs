@@ -157,6 +157,29 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "use a static IPv4 address, e.g. net set 10.0.2.15/24 10.0.2.2",
     ),
     ("net dhcp", "get the IPv4 address by DHCP (the default)"),
+    (
+        "nbd allow EXPORT NET [ro]",
+        "let the clients in NET (ADDRESS or ADDRESS/PREFIX) use EXPORT (a device, or * for \
+         all), read-only with ro",
+    ),
+    (
+        "nbd deny EXPORT NET [hide]",
+        "refuse EXPORT to the clients in NET (hide: tell them it does not exist); their \
+         connections close",
+    ),
+    (
+        "nbd forget EXPORT NET",
+        "drop the rule for EXPORT and NET: broader rules or the default apply",
+    ),
+    (
+        "nbd default allow [ro]|deny [hide]",
+        "what clients no rule matches get (allow unless set)",
+    ),
+    (
+        "nbd acl [EXPORT]",
+        "show the default and the rules (those concerning EXPORT)",
+    ),
+    ("nbd clients", "show the NBD clients of each export"),
     ("shutdown [--force]", "flush every disk and power off"),
 ];
 
@@ -198,6 +221,7 @@ impl<P: Platform> Console<P> {
             "uptime" => no_args(command, args).map(|()| self.uptime(out)),
             "disk-test" => self.disk_test(args),
             "net" => self.net(args, out),
+            "nbd" => self.nbd_command(args, out),
             "shutdown" => self.shutdown(args, out),
             "debug" => self.debug(args),
             "jobs" => self.jobs(args, out),

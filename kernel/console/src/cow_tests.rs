@@ -8,6 +8,7 @@ use alloc::vec::Vec;
 use blockdev::{IoBuf, MemDisk};
 use nbd::{Backend, ExportHandle, IoOp, IoOutput};
 
+use crate::tests::CLIENT;
 use crate::tests::{boot, error, io, lines, mem_disk, nbd_backend, ok, run};
 
 /// 4 MiB volume.
@@ -56,7 +57,7 @@ fn volume_with_snapshot(console: &mut crate::Console<crate::tests::FakePlatform>
         &format!("create vol --table \"0 {SECTORS} linear vda 0\""),
     );
     let mut backend = nbd_backend(console);
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     write(&mut backend, vol, 0, &pattern(1, SECTORS));
     assert_eq!(
         ok(console, "snap create snap vol --cow vdb"),
@@ -68,10 +69,10 @@ fn volume_with_snapshot(console: &mut crate::Console<crate::tests::FakePlatform>
     for k in 0..100u64 {
         write(&mut backend, vol, (k * 80) % SECTORS, &pattern(10 + k, 8));
     }
-    let (snap, _) = backend.open("snap").unwrap();
+    let (snap, _) = backend.open("snap", CLIENT).unwrap();
     assert_eq!(read_all(&mut backend, snap), view);
-    backend.close(snap);
-    backend.close(vol);
+    backend.close(snap, CLIENT);
+    backend.close(vol, CLIENT);
     view
 }
 
@@ -101,7 +102,7 @@ fn snapshot_stack_has_lvms_names_and_the_client_stays_connected() {
         run(&mut console, "status snap"),
         "0 8192 snapshot 816/8192 16\r\n"
     );
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     let before = read_all(&mut backend, vol);
     assert_eq!(
         ok(&mut console, "snap remove snap"),
@@ -117,7 +118,7 @@ fn merge_while_the_client_writes_then_the_volume_is_linear_again() {
     let (mut console, _) = boot(&disks);
     let mut view = volume_with_snapshot(&mut console);
     let mut backend = nbd_backend(&console);
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     assert_eq!(
         ok(&mut console, "snap merge snap --background"),
         "snap: merging into vol (100 chunks); snap removed\r\n\
@@ -176,7 +177,7 @@ fn a_merge_cut_by_a_reboot_resumes_and_completes() {
     let (mut console, notes) = boot(&disks);
     assert!(notes.contains("2 of 2 devices active"), "{notes}");
     let mut backend = nbd_backend(&console);
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     assert!(read_all(&mut backend, vol) == view);
     let mut polls = 0;
     while !ok(&mut console, "jobs").contains("no background jobs") {
@@ -264,7 +265,7 @@ fn refusals_are_one_error_line_and_change_nothing() {
     // A full COW invalidates the snapshot; it cannot be merged.
     ok(&mut console, "snap create tiny vol --cow small");
     let mut backend = nbd_backend(&console);
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     for chunk in 0..8u64 {
         write(&mut backend, vol, chunk * 8, &pattern(chunk, 8));
     }

@@ -6,7 +6,7 @@ use blockdev::IoBuf;
 use nbd::{Backend, IoOp, IoOutput};
 use persistent_data::thin::{OpenOptions, ThinMetadata};
 
-use crate::tests::{boot, io, mem_disk, nbd_backend, ok};
+use crate::tests::{CLIENT, boot, io, mem_disk, nbd_backend, ok};
 
 const MAPPINGS: u64 = 1_000_000;
 /// Pool data blocks (64 KiB): the big device's and 1024 more.
@@ -44,7 +44,7 @@ fn a_million_mapping_delete_runs_in_the_background_while_nbd_requests_are_served
     );
     ok(&mut console, "thin create vol pool --size 32M");
     let mut backend = nbd_backend(&console);
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     ok(&mut console, "thin delete big --background");
 
     let mut rng = fastrand::Rng::with_seed(3);

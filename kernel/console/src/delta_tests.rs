@@ -7,6 +7,7 @@ use blockdev::{IoBuf, MemDisk};
 use nbd::{Backend, BackendError, ContextHandle, ExportHandle, IoOp};
 
 use crate::Console;
+use crate::tests::CLIENT;
 use crate::tests::{FakePlatform, boot, error, io, lines, mem_disk, nbd_backend, ok};
 
 /// 64 KiB blocks.
@@ -39,7 +40,7 @@ fn written() -> (Console<FakePlatform>, Vec<(&'static str, MemDisk)>) {
     ok(&mut console, "pool create pool vda vdb --block-size 128");
     ok(&mut console, "thin create vol pool --size 1M");
     let mut backend = nbd_backend(&console);
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     for block in [0, 1, 2, 5] {
         write_block(&mut backend, vol, block);
     }
@@ -55,7 +56,7 @@ fn written() -> (Console<FakePlatform>, Vec<(&'static str, MemDisk)>) {
     };
     io(&mut backend, vol, 3, trim).unwrap();
     io(&mut backend, vol, 4, IoOp::Flush).unwrap();
-    backend.close(vol);
+    backend.close(vol, CLIENT);
     (console, disks)
 }
 
@@ -183,7 +184,7 @@ fn the_changed_context_is_frozen_when_opened_and_refuses_other_bases() {
         ["thinbox:changed:vol", "thinbox:changed:s1"]
     );
     assert!(backend.meta_contexts("lin").is_empty());
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     let context = backend.open_context(vol, "thinbox:changed:s1").unwrap();
     let expected = [
         (BLOCK, 0),
@@ -222,7 +223,7 @@ fn the_changed_context_is_frozen_when_opened_and_refuses_other_bases() {
         backend.context_status(context, 0, 8, 1, &mut |_, _| {}),
         Err(BackendError::Gone)
     );
-    backend.close(vol);
+    backend.close(vol, CLIENT);
     // The views are gone from the metadata once the pool commits.
     ok(&mut console, "message pool 0 reserve_metadata_snap");
     let dump = ok(&mut console, "dump pool --metadata-snap");

@@ -394,12 +394,21 @@ fn info(dm: &DeviceMapper, device: &Device, out: &mut dyn Write) {
         }
     );
     match device.state() {
-        State::Active(active) if active.carries_data() => outln!(
-            out,
-            "NBD export:        {} ({clients} client{})",
-            device.name(),
-            if clients == 1 { "" } else { "s" }
-        ),
+        State::Active(active) if active.carries_data() => {
+            let from: Vec<String> = active
+                .client_addresses()
+                .iter()
+                .map(|peer| format!("{peer}"))
+                .collect();
+            outln!(
+                out,
+                "NBD export:        {} ({clients} client{}{}{})",
+                device.name(),
+                if clients == 1 { "" } else { "s" },
+                if from.is_empty() { "" } else { ": " },
+                from.join(", ")
+            )
+        }
         State::Active(_) => outln!(
             out,
             "NBD export:        - (pools carry no data of their own)"

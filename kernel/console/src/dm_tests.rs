@@ -10,8 +10,8 @@ use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput, IoRequest};
 
 use crate::Console;
 use crate::tests::{
-    FakePlatform, NO_CONFIG, boot, console_over, disk, error, io, lines, mem_disk, nbd_backend, ok,
-    run,
+    CLIENT, FakePlatform, NO_CONFIG, boot, console_over, disk, error, io, lines, mem_disk,
+    nbd_backend, ok, run,
 };
 
 /// Three disks with serials: a 64 MiB one (vda), a 32 MiB one (vdb), an 8 MiB one
@@ -480,7 +480,7 @@ fn devices_are_nbd_exports() {
     );
     assert_eq!(exports[0].description, "linear 0 4096 linear vdb 0");
 
-    let (base, info) = backend.open("base").unwrap();
+    let (base, info) = backend.open("base", CLIENT).unwrap();
     assert!(info.read_only);
     assert_eq!(&read(&mut backend, base, 1)[..10], b"base image");
     let write = |sector| IoOp::Write {
@@ -492,9 +492,12 @@ fn devices_are_nbd_exports() {
         io(&mut backend, base, 1, write(0)).unwrap_err(),
         BackendError::ReadOnly
     );
-    assert!(run(&mut console, "info base").contains("NBD export:        base (1 client)"));
+    assert!(
+        run(&mut console, "info base")
+            .contains("NBD export:        base (1 client: 127.0.0.1:40000)")
+    );
 
-    let (guest, _) = backend.open("guest").unwrap();
+    let (guest, _) = backend.open("guest", CLIENT).unwrap();
     io(&mut backend, guest, 2, write(5)).unwrap();
     assert_eq!(read(&mut backend, guest, 5), [7; 512]);
 
@@ -543,10 +546,10 @@ fn devices_are_nbd_exports() {
         io(&mut backend, guest, 6, IoOp::Flush).unwrap_err(),
         BackendError::Gone
     );
-    backend.close(guest);
+    backend.close(guest, CLIENT);
     assert!(run(&mut console, "info guest").contains("(0 clients)"));
-    assert!(backend.open("nothing").is_err());
-    backend.close(base);
+    assert!(backend.open("nothing", CLIENT).is_err());
+    backend.close(base, CLIENT);
     ok(&mut console, "remove base");
     assert!(nbd_names(&console).eq(["guest"]));
 }

@@ -22,6 +22,7 @@
 
 extern crate alloc;
 
+mod acl_commands;
 mod background;
 mod commands;
 mod cow_commands;
@@ -280,6 +281,8 @@ impl<P: Platform> Console<P> {
     }
 }
 
+#[cfg(test)]
+mod acl_tests;
 #[cfg(test)]
 mod cow_tests;
 #[cfg(test)]

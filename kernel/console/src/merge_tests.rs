@@ -6,6 +6,7 @@ use alloc::vec::Vec;
 use blockdev::IoBuf;
 use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput};
 
+use crate::tests::CLIENT;
 use crate::tests::{boot, error, io, mem_disk, nbd_backend, ok};
 
 /// 4 KiB pages of the 8 MiB volumes.
@@ -61,7 +62,7 @@ fn a_thin_snapshot_merges_into_its_origin_under_connected_clients_and_stays_merg
     ok(&mut console, "pool create pool vda vdb");
     ok(&mut console, "thin create vol pool --size 8M");
     let mut backend = nbd_backend(&console);
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     let mut expected_vol = alloc::vec![0u8; PAGES as usize];
     for page in (0..PAGES).step_by(3) {
         write_page(&mut backend, vol, page, 1);
@@ -71,7 +72,7 @@ fn a_thin_snapshot_merges_into_its_origin_under_connected_clients_and_stays_merg
         ok(&mut console, "snap create snap vol"),
         "snap: snapshot 1 of thin device 0 in pool: 0 16384 thin pool 1\r\n"
     );
-    let (snap, _) = backend.open("snap").unwrap();
+    let (snap, _) = backend.open("snap", CLIENT).unwrap();
     let mut expected_snap = expected_vol.clone();
     for page in (0..PAGES).step_by(5) {
         write_page(&mut backend, snap, page, 2);
@@ -111,7 +112,7 @@ fn a_thin_snapshot_merges_into_its_origin_under_connected_clients_and_stays_merg
     let (mut console, notes) = boot(&disks);
     assert!(!notes.contains("merg"), "{notes}");
     let mut backend = nbd_backend(&console);
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     assert_eq!(pages(&mut backend, vol), expected_snap);
     assert!(error(&mut console, "snap merge snap").contains("no device called 'snap'"));
 }
@@ -253,7 +254,7 @@ fn a_thin_device_merges_into_its_external_origin_while_serving_and_across_a_rebo
     }
     ok(&mut console, "thin delete other");
     let mut backend = nbd_backend(&console);
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     let mut rng = fastrand::Rng::with_seed(8);
     for _ in 0..300 {
         let page = rng.u64(..PAGES);
@@ -290,7 +291,7 @@ fn a_thin_device_merges_into_its_external_origin_while_serving_and_across_a_rebo
         "{notes}"
     );
     let mut backend = nbd_backend(&console);
-    let (vol, _) = backend.open("vol").unwrap();
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
     // Writes and reads while the merge runs, then only reads until it is done (a
     // write after it finished would be an ordinary write again).
     let mut events = alloc::string::String::new();

@@ -8,7 +8,7 @@ use blockdev::{IoBuf, MemDisk};
 use nbd::{Backend, BackendError, ExportHandle, Extent, IoOp, IoOutput, IoRequest};
 
 use crate::Console;
-use crate::tests::{FakePlatform, boot, error, io, lines, mem_disk, nbd_backend, ok};
+use crate::tests::{CLIENT, FakePlatform, boot, error, io, lines, mem_disk, nbd_backend, ok};
 
 /// vda 16 MiB (metadata), vdb 64 MiB (data), vdc 8 MiB (base image), vdd 4 MiB
 /// (configuration).
@@ -258,7 +258,7 @@ fn thin_exports_report_holes_and_origin_data_and_survive_reboots() {
     let guest_info = backend.lookup("guest").unwrap();
     assert_eq!(guest_info.preferred_block_size, 65536);
 
-    let (guest, _) = backend.open("guest").unwrap();
+    let (guest, _) = backend.open("guest", CLIENT).unwrap();
     write(&mut backend, guest, 256, 128, 0x11);
     io(&mut backend, guest, 2, IoOp::Flush).unwrap();
     let status = io(
@@ -307,7 +307,7 @@ fn thin_exports_report_holes_and_origin_data_and_survive_reboots() {
     );
     assert!(zero_holes.is_empty(), "origin data is not a zero hole");
 
-    let (empty, _) = backend.open("empty").unwrap();
+    let (empty, _) = backend.open("empty", CLIENT).unwrap();
     let read = io(
         &mut backend,
         empty,
@@ -323,8 +323,8 @@ fn thin_exports_report_holes_and_origin_data_and_survive_reboots() {
     assert_eq!(zero_holes.len(), 1);
     assert_eq!((zero_holes[0].start, zero_holes[0].sectors), (0, 8));
     assert_eq!(ok(&mut console, "status guest"), "0 16384 thin 128 383\r\n");
-    backend.close(guest);
-    backend.close(empty);
+    backend.close(guest, CLIENT);
+    backend.close(empty, CLIENT);
     ok(&mut console, "shutdown");
     drop(backend);
     drop(console);
@@ -336,7 +336,7 @@ fn thin_exports_report_holes_and_origin_data_and_survive_reboots() {
     );
     assert_eq!(ok(&mut console, "status guest"), "0 16384 thin 128 383\r\n");
     let mut backend = nbd_backend(&console);
-    let (guest, _) = backend.open("guest").unwrap();
+    let (guest, _) = backend.open("guest", CLIENT).unwrap();
     let read = io(
         &mut backend,
         guest,
@@ -380,7 +380,7 @@ fn fast_zero_unmaps_whole_blocks_of_thin_exports_and_refuses_the_rest() {
     assert!(backend.lookup("t").unwrap().fast_zero);
     assert!(!backend.lookup("lin").unwrap().fast_zero);
 
-    let (t, _) = backend.open("t").unwrap();
+    let (t, _) = backend.open("t", CLIENT).unwrap();
     write(&mut backend, t, 0, 256, 0x22);
     // Blocks 0 and 1 are provisioned: zeroing all of block 1 unmaps it at once.
     assert!(matches!(
@@ -455,7 +455,7 @@ fn low_water_mark_event_interrupts_the_prompt_without_garbling_the_line() {
     );
     ok(&mut console, "thin create t pool --size 32M");
     let mut backend = nbd_backend(&console);
-    let (t, _) = backend.open("t").unwrap();
+    let (t, _) = backend.open("t", CLIENT).unwrap();
     let mut out = String::new();
     for byte in b"stat" {
         console.input(*byte, &mut out);
@@ -504,7 +504,7 @@ fn thin_exports_wait_while_suspended_and_fail_once_removed() {
     ok(&mut console, "pool create pool vda vdb");
     ok(&mut console, "thin create t pool --size 4M");
     let mut backend = nbd_backend(&console);
-    let (t, _) = backend.open("t").unwrap();
+    let (t, _) = backend.open("t", CLIENT).unwrap();
     ok(&mut console, "suspend t");
     assert!(ok(&mut console, "ls").contains("t     (thin, suspended)"));
     let mut buf = IoBuf::with_sectors(8);
@@ -539,7 +539,7 @@ fn thin_exports_wait_while_suspended_and_fail_once_removed() {
         io(&mut backend, t, 8, IoOp::Flush).unwrap_err(),
         BackendError::Gone
     );
-    backend.close(t);
+    backend.close(t, CLIENT);
     ok(&mut console, "message pool 0 delete 0");
 }
 

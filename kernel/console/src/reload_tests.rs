@@ -9,7 +9,7 @@ use blockdev::{IoBuf, MemDisk};
 use nbd::{Backend, ExportHandle, IoOp, IoOutput};
 
 use crate::Console;
-use crate::tests::{FakePlatform, boot, error, io, lines, mem_disk, nbd_backend, ok, run};
+use crate::tests::{CLIENT, FakePlatform, boot, error, io, lines, mem_disk, nbd_backend, ok, run};
 
 /// vda 16 MiB (metadata), vdb 8 MiB (data), vdc 16 MiB (more data), vdd 4 MiB
 /// (configuration), vde 8 MiB (yet more data).
@@ -62,7 +62,7 @@ fn reload_loads_an_inactive_table_that_resume_swaps_in() {
     ok(&mut console, "config init vdd");
     ok(&mut console, "create lin --table \"0 2048 linear vdc 0\"");
     let mut backend = nbd_backend(&console);
-    let (old, info) = backend.open("lin").unwrap();
+    let (old, info) = backend.open("lin", CLIENT).unwrap();
     assert_eq!(info.sectors, 2048);
     write(&mut backend, old, 8, 0x3c);
 
@@ -120,10 +120,13 @@ fn reload_loads_an_inactive_table_that_resume_swaps_in() {
     let mut byte = [0u8];
     disks[1].1.read_at(0, &mut byte);
     assert_eq!(byte, [0x4d]);
-    let (new, info) = backend.open("lin").unwrap();
+    let (new, info) = backend.open("lin", CLIENT).unwrap();
     assert_eq!(info.sectors, 6144);
     assert_eq!(read(&mut backend, new, 2048), [0x4d; 4096]);
-    assert!(run(&mut console, "info lin").contains("NBD export:        lin (2 clients)"));
+    assert!(
+        run(&mut console, "info lin")
+            .contains("NBD export:        lin (2 clients: 127.0.0.1:40000, 127.0.0.1:40000)")
+    );
     assert!(
         run(&mut console, "config show")
             .contains("create lin --table \"0 2048 linear vdc 0; 2048 4096 linear vdb 0\"")
@@ -234,7 +237,7 @@ fn refused_reloads_and_resumes_change_nothing() {
     // Refused at resume: the live table stays serving (I/O held by an earlier suspend
     // runs), the inactive one stays loaded.
     let mut backend = nbd_backend(&console);
-    let (handle, _) = backend.open("base").unwrap();
+    let (handle, _) = backend.open("base", CLIENT).unwrap();
     ok(&mut console, "suspend base");
     let mut buf = IoBuf::with_sectors(8);
     buf.fill(0x5e);
@@ -354,7 +357,7 @@ fn thin_resize_shows_to_new_connections_while_old_ones_keep_working() {
     ok(&mut console, "pool create pool vda vdb");
     ok(&mut console, "thin create guest pool --size 1M");
     let mut backend = nbd_backend(&console);
-    let (old, info) = backend.open("guest").unwrap();
+    let (old, info) = backend.open("guest", CLIENT).unwrap();
     assert_eq!(info.sectors, 2048);
     write(&mut backend, old, 1024, 0x61);
 
@@ -363,7 +366,7 @@ fn thin_resize_shows_to_new_connections_while_old_ones_keep_working() {
         "guest: 0 8192 thin pool 0\r\n"
     );
     assert_eq!(backend.lookup("guest").unwrap().sectors, 8192);
-    let (new, info) = backend.open("guest").unwrap();
+    let (new, info) = backend.open("guest", CLIENT).unwrap();
     assert_eq!(info.sectors, 8192);
     write(&mut backend, new, 6000, 0x62);
     assert_eq!(read(&mut backend, old, 1024), [0x61; 4096]);
@@ -374,7 +377,7 @@ fn thin_resize_shows_to_new_connections_while_old_ones_keep_working() {
         ok(&mut console, "thin resize guest 512K"),
         "guest: 0 1024 thin pool 0\r\n"
     );
-    let (small, info) = backend.open("guest").unwrap();
+    let (small, info) = backend.open("guest", CLIENT).unwrap();
     assert_eq!(info.sectors, 1024);
     let beyond = io(
         &mut backend,
@@ -400,7 +403,7 @@ fn rename_keeps_clients_connected_and_follows_into_tables_and_reboots() {
     ok(&mut console, "pool create pool vda vdb");
     ok(&mut console, "thin create guest pool --size 1M");
     let mut backend = nbd_backend(&console);
-    let (handle, _) = backend.open("guest").unwrap();
+    let (handle, _) = backend.open("guest", CLIENT).unwrap();
     write(&mut backend, handle, 0, 0x71);
 
     assert_eq!(ok(&mut console, "rename guest web"), "");
@@ -410,16 +413,19 @@ fn rename_keeps_clients_connected_and_follows_into_tables_and_reboots() {
         ["tank  (thin-pool)", "web   (thin)"]
     );
     assert_eq!(run(&mut console, "table web"), "0 2048 thin tank 0\r\n");
-    assert!(run(&mut console, "info web").contains("NBD export:        web (1 client)"));
+    assert!(
+        run(&mut console, "info web")
+            .contains("NBD export:        web (1 client: 127.0.0.1:40000)")
+    );
     write(&mut backend, handle, 8, 0x72);
     assert_eq!(read(&mut backend, handle, 0), [0x71; 4096]);
     let names: Vec<String> = backend.exports().into_iter().map(|e| e.name).collect();
     assert_eq!(names, ["web"]);
-    assert!(backend.open("guest").is_err());
-    let (again, _) = backend.open("web").unwrap();
+    assert!(backend.open("guest", CLIENT).is_err());
+    let (again, _) = backend.open("web", CLIENT).unwrap();
     assert_eq!(read(&mut backend, again, 8), [0x72; 4096]);
-    backend.close(handle);
-    backend.close(again);
+    backend.close(handle, CLIENT);
+    backend.close(again, CLIENT);
     ok(&mut console, "shutdown");
     drop(backend);
     drop(console);
@@ -428,7 +434,7 @@ fn rename_keeps_clients_connected_and_follows_into_tables_and_reboots() {
     assert_eq!(lines(&notes)[1], "config: 2 of 2 devices active");
     assert_eq!(run(&mut console, "table web"), "0 2048 thin tank 0\r\n");
     let mut backend = nbd_backend(&console);
-    let (handle, _) = backend.open("web").unwrap();
+    let (handle, _) = backend.open("web", CLIENT).unwrap();
     assert_eq!(read(&mut backend, handle, 8), [0x72; 4096]);
 }
 
@@ -440,7 +446,7 @@ fn pool_extend_adds_segments_that_survive_reboots() {
     ok(&mut console, "pool create pool vda vdb");
     ok(&mut console, "thin create guest pool --size 64M");
     let mut backend = nbd_backend(&console);
-    let (handle, _) = backend.open("guest").unwrap();
+    let (handle, _) = backend.open("guest", CLIENT).unwrap();
     write(&mut backend, handle, 0, 0x81);
     assert_eq!(
         lines(&ok(&mut console, "pool extend pool --data vdc")),
@@ -496,13 +502,13 @@ fn pool_extend_adds_segments_that_survive_reboots() {
         ),
     ];
     ok(&mut console, "create spare --table \"0 2048 linear vde 0\"");
-    let (spare, _) = backend.open("spare").unwrap();
+    let (spare, _) = backend.open("spare", CLIENT).unwrap();
     for (line, expected) in cases {
         assert_eq!(error(&mut console, line), expected, "{line}");
     }
-    backend.close(spare);
+    backend.close(spare, CLIENT);
     ok(&mut console, "remove spare");
-    backend.close(handle);
+    backend.close(handle, CLIENT);
     ok(&mut console, "shutdown");
     let config = run(&mut console, "config show");
     let creates: Vec<&str> = lines(&config)
@@ -525,7 +531,7 @@ fn pool_extend_adds_segments_that_survive_reboots() {
     assert_eq!(lines(&notes)[1], "config: 3 of 3 devices active");
     assert!(ok(&mut console, "status pool").contains(" 200/384 "));
     let mut backend = nbd_backend(&console);
-    let (handle, _) = backend.open("guest").unwrap();
+    let (handle, _) = backend.open("guest", CLIENT).unwrap();
     assert_eq!(read(&mut backend, handle, 0), [0x81; 4096]);
     assert_eq!(read(&mut backend, handle, 199 * 128 + 8), [0x82; 4096]);
     // The data device is linear now: a third disk becomes its third segment.

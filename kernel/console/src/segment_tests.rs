@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use blockdev::{IoBuf, MemDisk};
 use nbd::{Backend, ExportHandle, IoOp, IoOutput};
 
-use crate::tests::{boot, error, io, lines, mem_disk, nbd_backend, ok, run};
+use crate::tests::{CLIENT, boot, error, io, lines, mem_disk, nbd_backend, ok, run};
 
 /// vda 16 MiB (metadata), vdb and vdc 4 MiB each (data), vdd 4 MiB (configuration).
 fn machine() -> Vec<(&'static str, MemDisk)> {
@@ -107,14 +107,14 @@ fn a_concatenation_lists_one_line_per_segment_and_serves_across_the_seam() {
     );
 
     let mut backend = nbd_backend(&console);
-    let (cat, info) = backend.open("cat").unwrap();
+    let (cat, info) = backend.open("cat", CLIENT).unwrap();
     assert_eq!(info.sectors, 3072);
     let data: Vec<u8> = (0..16 * 512).map(|i| (i / 512) as u8 + 1).collect();
     write(&mut backend, cat, 2040, &data);
     assert_eq!(sector_bytes(&disks[1].1, 1024 + 2040, 8), data[..8 * 512]);
     assert_eq!(sector_bytes(&disks[2].1, 0, 8), data[8 * 512..]);
     assert_eq!(read(&mut backend, cat, 2040, 16), data);
-    let (inner, _) = backend.open("inner").unwrap();
+    let (inner, _) = backend.open("inner", CLIENT).unwrap();
     assert_eq!(read(&mut backend, inner, 0, 16), data);
 }
 
@@ -188,10 +188,10 @@ fn a_pool_on_a_concatenated_data_device_comes_back_after_a_reboot() {
     ok(&mut console, "thin create volume pool --size 6M");
     let pattern: Vec<u8> = (0..12288 * 512).map(|i| (i / 4096 % 251) as u8).collect();
     let mut backend = nbd_backend(&console);
-    let (volume, _) = backend.open("volume").unwrap();
+    let (volume, _) = backend.open("volume", CLIENT).unwrap();
     write(&mut backend, volume, 0, &pattern);
     io(&mut backend, volume, 7, IoOp::Flush).unwrap();
-    backend.close(volume);
+    backend.close(volume, CLIENT);
     let status = ok(&mut console, "status pool");
     assert!(
         status.contains(" 96/96 "),
@@ -216,6 +216,6 @@ fn a_pool_on_a_concatenated_data_device_comes_back_after_a_reboot() {
         "0 6144 linear vdb 0\r\n6144 6144 linear vdc 0\r\n"
     );
     let mut backend = nbd_backend(&console);
-    let (volume, _) = backend.open("volume").unwrap();
+    let (volume, _) = backend.open("volume", CLIENT).unwrap();
     assert!(read(&mut backend, volume, 0, 12288) == pattern);
 }

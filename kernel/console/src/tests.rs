@@ -154,6 +154,10 @@ pub(crate) fn console_over<P: Platform>(platform: P, disks: Vec<Disk>) -> Consol
 }
 
 /// The NBD backend of the console's device mapper, as the kernel wires it.
+/// Where the NBD clients of these tests connect from, unless a test says otherwise.
+pub(crate) const CLIENT: core::net::SocketAddr =
+    core::net::SocketAddr::new(core::net::IpAddr::V4(core::net::Ipv4Addr::LOCALHOST), 40000);
+
 pub(crate) fn nbd_backend<P: Platform>(console: &Console<P>) -> NbdBackend {
     NbdBackend::new(Rc::clone(&console.dm))
 }

@@ -4,6 +4,8 @@
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
+use alloc::vec::Vec;
+use core::net::SocketAddr;
 
 use crate::activate::Window;
 use crate::table::Table;
@@ -70,8 +72,8 @@ pub struct Active {
     pub(crate) io: TargetIo,
     /// NBD requests that arrived while suspended.
     pub(crate) held: VecDeque<nbd::IoRequest>,
-    /// NBD connections that have the device open.
-    pub(crate) clients: usize,
+    /// The addresses of the NBD connections that have the device open.
+    pub(crate) clients: Vec<SocketAddr>,
     /// A pool's metadata and data windows as the engine has them (a reload that
     /// extends them hands the engine the larger devices).
     pub(crate) pool_windows: Option<PoolWindows>,
@@ -90,7 +92,7 @@ impl Active {
             suspended: false,
             io,
             held: VecDeque::new(),
-            clients: 0,
+            clients: Vec::new(),
             pool_windows: None,
         }
     }
@@ -102,7 +104,12 @@ impl Active {
 
     /// NBD connections that have the device open.
     pub fn clients(&self) -> usize {
-        self.clients
+        self.clients.len()
+    }
+
+    /// Where the NBD connections that have the device open come from.
+    pub fn client_addresses(&self) -> &[SocketAddr] {
+        &self.clients
     }
 
     /// Whether the device carries data (and so is an NBD export); pools do not.

@@ -92,7 +92,7 @@ impl DeviceMapper {
         })?;
         if let Some(device) = self.find(added)
             && let crate::State::Active(active) = &device.state
-            && active.clients > 0
+            && !active.clients.is_empty()
         {
             return Err(format!(
                 "pool extend: {added} has NBD clients connected; the pool would overwrite their \

@@ -11,7 +11,7 @@
 //! devices, exports and configuration exactly as they were.
 //!
 //! Data-carrying devices are NBD exports: [`NbdBackend`] serves them to
-//! `nbd::Server`. An export handle is the device's id, so a request reaches its
+//! `nbd::Server`, to the clients the [`access`] list lets in. An export handle is the device's id, so a request reaches its
 //! device's target without a name lookup, and a request for a removed device fails
 //! with `ESHUTDOWN`.
 //!
@@ -28,6 +28,7 @@
 
 extern crate alloc;
 
+pub mod access;
 mod activate;
 mod changed;
 pub mod config;

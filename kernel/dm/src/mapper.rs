@@ -15,6 +15,7 @@ use alloc::vec::Vec;
 use blockdev::{BlockDevice, Command};
 
 use crate::Error;
+use crate::access::AccessList;
 use crate::activate::Format;
 use crate::config::{ConfigDisk, DiskRecord, OriginRecord, ThinLink};
 use crate::device::{Device, DeviceId, State};
@@ -52,6 +53,10 @@ pub struct DeviceMapper {
     /// Changed-block views NBD connections hold, by context handle.
     pub(crate) views: BTreeMap<u64, thin_pool::ChangedView>,
     pub(crate) next_view: u64,
+    /// Which NBD clients may use which exports.
+    pub(crate) access: AccessList,
+    /// Counts changes of `access`, so the NBD server checks its open connections again.
+    pub(crate) access_generation: u64,
 }
 
 impl DeviceMapper {
@@ -74,6 +79,8 @@ impl DeviceMapper {
             thin_links: Vec::new(),
             views: BTreeMap::new(),
             next_view: 0,
+            access: AccessList::default(),
+            access_generation: 0,
         }
     }
 
@@ -223,14 +230,18 @@ impl DeviceMapper {
             .into());
         }
         if let State::Active(active) = &self.devices[&id].state
-            && active.clients > 0
+            && !active.clients.is_empty()
             && !force
         {
             return Err(format!(
                 "{name} has {} NBD client{} connected (disconnect {} or use remove --force)",
-                active.clients,
-                if active.clients == 1 { "" } else { "s" },
-                if active.clients == 1 { "it" } else { "them" }
+                active.clients.len(),
+                if active.clients.len() == 1 { "" } else { "s" },
+                if active.clients.len() == 1 {
+                    "it"
+                } else {
+                    "them"
+                }
             )
             .into());
         }
@@ -486,7 +497,7 @@ impl DeviceMapper {
             State::Active(active) if active.suspended => {
                 Err(format!("{} is suspended (resume it first)", device.name))
             }
-            State::Active(active) if active.clients > 0 => Err(format!(
+            State::Active(active) if !active.clients.is_empty() => Err(format!(
                 "{} has NBD clients connected; testing it would destroy their data",
                 device.name
             )),

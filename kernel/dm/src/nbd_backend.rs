@@ -1,7 +1,7 @@
 //! The devices as NBD exports. Every active device that carries data (`linear`,
 //! `thin`) is an export named after it; an export handle is the device's id, so each
 //! request goes straight to its device's target, and requests for a removed device
-//! fail with `ESHUTDOWN`.
+//! fail with `ESHUTDOWN`. Who may use which export is the access list's decision.
 
 use alloc::format;
 use alloc::rc::Rc;
@@ -9,9 +9,10 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::SECTOR_SIZE;
 use core::cell::RefCell;
+use core::net::SocketAddr;
 use nbd::{
-    Backend, BackendError, ContextHandle, ExportHandle, ExportInfo, IoCompletion, IoRequest,
-    OpenError, QueueFull,
+    Access, Backend, BackendError, ContextHandle, ExportHandle, ExportInfo, IoCompletion,
+    IoRequest, OpenError, QueueFull,
 };
 
 use crate::device::{Device, DeviceId, State};
@@ -57,7 +58,23 @@ impl Backend for DeviceMapper {
             .collect()
     }
 
-    fn open(&mut self, name: &str) -> Result<(ExportHandle, ExportInfo), OpenError> {
+    fn access(&self, name: &str, peer: SocketAddr) -> Access {
+        self.access.decide(name, peer.ip())
+    }
+
+    fn open_access(&self, export: ExportHandle, peer: SocketAddr) -> Access {
+        self.access_of(DeviceId(export.0), peer)
+    }
+
+    fn access_generation(&self) -> u64 {
+        self.access_generation
+    }
+
+    fn open(
+        &mut self,
+        name: &str,
+        peer: SocketAddr,
+    ) -> Result<(ExportHandle, ExportInfo), OpenError> {
         let id = self
             .devices
             .iter()
@@ -71,15 +88,16 @@ impl Backend for DeviceMapper {
         let State::Active(active) = &mut device.state else {
             return Err(OpenError::NotFound);
         };
-        active.clients += 1;
+        active.clients.push(peer);
         Ok((ExportHandle(id.0), info))
     }
 
-    fn close(&mut self, export: ExportHandle) {
+    fn close(&mut self, export: ExportHandle, peer: SocketAddr) {
         if let Some(device) = self.devices.get_mut(&DeviceId(export.0))
             && let State::Active(active) = &mut device.state
+            && let Some(at) = active.clients.iter().position(|client| *client == peer)
         {
-            active.clients -= 1;
+            active.clients.remove(at);
         }
     }
 
@@ -163,12 +181,28 @@ impl Backend for NbdBackend {
         self.0.borrow().exports()
     }
 
-    fn open(&mut self, name: &str) -> Result<(ExportHandle, ExportInfo), OpenError> {
-        self.0.borrow_mut().open(name)
+    fn access(&self, name: &str, peer: SocketAddr) -> Access {
+        self.0.borrow().access(name, peer)
     }
 
-    fn close(&mut self, export: ExportHandle) {
-        self.0.borrow_mut().close(export)
+    fn open_access(&self, export: ExportHandle, peer: SocketAddr) -> Access {
+        self.0.borrow().open_access(export, peer)
+    }
+
+    fn access_generation(&self) -> u64 {
+        self.0.borrow().access_generation()
+    }
+
+    fn open(
+        &mut self,
+        name: &str,
+        peer: SocketAddr,
+    ) -> Result<(ExportHandle, ExportInfo), OpenError> {
+        self.0.borrow_mut().open(name, peer)
+    }
+
+    fn close(&mut self, export: ExportHandle, peer: SocketAddr) {
+        self.0.borrow_mut().close(export, peer)
     }
 
     fn submit(&mut self, request: IoRequest) -> Result<(), QueueFull> {
@@ -212,7 +246,10 @@ mod tests {
     use alloc::boxed::Box;
     use alloc::string::ToString;
     use blockdev::{IoBuf, MemDisk};
+    use core::net::{IpAddr, Ipv4Addr};
     use nbd::{IoOp, IoOutput};
+
+    const PEER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
 
     fn mapper(disk: &MemDisk) -> DeviceMapper {
         DeviceMapper::new(alloc::vec![Disk {
@@ -253,7 +290,7 @@ mod tests {
         let mut dm = mapper(&disk);
         dm.create("a", false, "0 8 linear vda 16", Format::IfBlank)
             .unwrap();
-        let (old, info) = dm.open("a").unwrap();
+        let (old, info) = dm.open("a", PEER).unwrap();
         assert_eq!((info.name.as_str(), info.sectors), ("a", 8));
         write(&mut dm, old, 1, 0xa1);
         assert!(next(&mut dm).result.is_ok());
@@ -265,7 +302,7 @@ mod tests {
         dm.remove("a", true).unwrap();
         dm.create("a", false, "0 8 linear vda 32", Format::IfBlank)
             .unwrap();
-        let (new, _) = dm.open("a").unwrap();
+        let (new, _) = dm.open("a", PEER).unwrap();
         assert_ne!(new, old);
         write(&mut dm, old, 2, 0xb2);
         let done = next(&mut dm);
@@ -276,15 +313,15 @@ mod tests {
         disk.read_at(32 * 512, &mut byte);
         assert_eq!(byte, [0], "the old client's write reached no disk");
 
-        dm.close(old);
+        dm.close(old, PEER);
         assert_eq!(
             clients(&dm, "a"),
             1,
             "closing the old handle leaves the new one"
         );
-        dm.close(new);
+        dm.close(new, PEER);
         assert_eq!(clients(&dm, "a"), 0);
-        assert_eq!(dm.open("vda").unwrap_err(), OpenError::NotFound);
+        assert_eq!(dm.open("vda", PEER).unwrap_err(), OpenError::NotFound);
     }
 
     #[test]
@@ -293,7 +330,7 @@ mod tests {
         let mut dm = mapper(&disk);
         dm.create("a", false, "0 8 linear vda 0", Format::IfBlank)
             .unwrap();
-        let (export, _) = dm.open("a").unwrap();
+        let (export, _) = dm.open("a", PEER).unwrap();
         dm.suspend("a").unwrap();
         write(&mut dm, export, 7, 0x5a);
         for _ in 0..100 {

@@ -74,7 +74,7 @@ impl DeviceMapper {
                 .into());
             }
             if let State::Active(active) = &origin_device.state
-                && active.clients > 0
+                && !active.clients.is_empty()
             {
                 return Err(format!(
                     "thin merge-origin: {origin} has NBD clients connected; the merge would change their data"

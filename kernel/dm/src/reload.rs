@@ -98,6 +98,7 @@ impl DeviceMapper {
                 link.pool = to.to_string();
             }
         }
+        self.access.rename(from, to);
         self.devices.get_mut(&id).expect("renamed device").name = to.to_string();
         self.rename_in_origins(from, to);
     }

@@ -335,6 +335,9 @@ mod tests {
     use super::*;
     use crate::Disk;
 
+    const CLIENT: core::net::SocketAddr =
+        core::net::SocketAddr::new(core::net::IpAddr::V4(core::net::Ipv4Addr::LOCALHOST), 40000);
+
     fn mapper(disks: &[(&str, &MemDisk)]) -> DeviceMapper {
         DeviceMapper::new(
             disks
@@ -348,14 +351,14 @@ mod tests {
     }
 
     fn run(dm: &mut DeviceMapper, name: &str, op: IoOp) -> IoOutput {
-        let (export, _) = dm.open(name).unwrap();
+        let (export, _) = dm.open(name, CLIENT).unwrap();
         dm.submit(IoRequest { tag: 1, export, op }).unwrap();
         let result = loop {
             if let Some(done) = dm.poll() {
                 break done.result.unwrap();
             }
         };
-        dm.close(export);
+        dm.close(export, CLIENT);
         result
     }
 

@@ -12,6 +12,10 @@ use blockdev::{FaultOp, FaultRule, Faults, FaultyDisk, IoBuf, MemDisk};
 use dm::{DeviceMapper, Disk, Format, NbdBackend};
 use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput, IoRequest};
 
+/// The address NBD clients of these tests connect from.
+const CLIENT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
+
 /// Data block size (64 KiB).
 const BS: u64 = 128;
 const ORIGIN_SECTORS: u64 = 4 * BS;
@@ -74,7 +78,7 @@ impl Rig {
             .unwrap();
         let dm = Rc::new(RefCell::new(dm));
         let mut nbd = NbdBackend::new(Rc::clone(&dm));
-        let (export, _) = nbd.open("thin").unwrap();
+        let (export, _) = nbd.open("thin", CLIENT).unwrap();
         Rig {
             disks,
             meta,
@@ -190,7 +194,7 @@ fn a_failed_metadata_write_turns_the_pool_read_only_and_nbd_writes_fail() {
     );
     let status = dm.status_lines(dm.device("pool").unwrap()).join("\n");
     assert!(status.contains(" needs_check "), "{status}");
-    let (export, _) = dm.open("thin").unwrap();
+    let (export, _) = dm.open("thin", CLIENT).unwrap();
     let op = IoOp::Read {
         sector: 0,
         buf: IoBuf::with_sectors(8),

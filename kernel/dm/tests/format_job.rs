@@ -8,6 +8,10 @@ use blockdev::{BlockDevice, CrashDisk, IoBuf, MemDisk, Unflushed};
 use dm::{DeviceMapper, Disk, Format, JobStatus};
 use nbd::{Backend, IoOp, IoRequest};
 
+/// The address NBD clients of these tests connect from.
+const CLIENT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
+
 /// Data block size of the pools here (64 KiB).
 const BLOCK: u64 = 128;
 /// Blocks one space-map bitmap covers.
@@ -80,7 +84,7 @@ fn a_large_pool_is_formatted_in_bounded_steps_while_another_device_serves_io() {
     ]);
     dm.create("other", false, "0 2048 linear vdc 0", Format::IfBlank)
         .unwrap();
-    let (export, _) = dm.open("other").unwrap();
+    let (export, _) = dm.open("other", CLIENT).unwrap();
 
     let before = meta.stats();
     let notes = dm

@@ -2,9 +2,14 @@
 //! metadata device, a table reload, a resume — seen through the NBD backend, with
 //! the metadata checked by the real `thin_check` afterwards.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
 use blockdev::{IoBuf, MemDisk};
 use dm::{DeviceMapper, Disk, Format, PoolPart};
 use nbd::{Backend, ExportHandle, IoCompletion, IoOp, IoOutput, IoRequest};
+
+/// Where the NBD client of these tests connects from.
+const CLIENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
 
 /// Data block size of the pools here (64 KiB).
 const BLOCK: u64 = 128;
@@ -104,7 +109,7 @@ fn writes_waiting_for_space_complete_when_the_data_device_gets_a_second_disk() {
     dm.message("pool", "create_thin 0").unwrap();
     dm.create("thin", false, "0 65536 thin pool 0", Format::IfBlank)
         .unwrap();
-    let (export, _) = dm.open("thin").unwrap();
+    let (export, _) = dm.open("thin", CLIENT).unwrap();
     for block in 0..16 {
         submit_write(&mut dm, export, block, block * BLOCK, block as u8 + 1);
         assert!(completions(&mut dm, 1000)[0].result.is_ok());
@@ -231,7 +236,7 @@ fn writes_waiting_for_space_complete_when_the_data_device_gets_a_second_disk() {
         "pool extend: vdc is in use by pool_tdata; give a disk or linear device nothing uses"
     );
     run(&mut dm, export, 5000, IoOp::Flush);
-    dm.close(export);
+    dm.close(export, CLIENT);
     close_and_check(dm, &["thin"], &[(&meta, 8192)]);
 }
 
@@ -253,7 +258,7 @@ fn the_metadata_grows_onto_a_second_disk_while_the_pool_runs() {
     dm.message("pool", "create_thin 0").unwrap();
     dm.create("thin", false, "0 1048576 thin pool 0", Format::IfBlank)
         .unwrap();
-    let (export, _) = dm.open("thin").unwrap();
+    let (export, _) = dm.open("thin", CLIENT).unwrap();
     for block in 0..1000 {
         submit_write(&mut dm, export, block, block * BLOCK, 7);
         assert!(completions(&mut dm, 1000)[0].result.is_ok());
@@ -289,7 +294,7 @@ fn the_metadata_grows_onto_a_second_disk_while_the_pool_runs() {
         }
     }
     run(&mut dm, export, 5000, IoOp::Flush);
-    dm.close(export);
+    dm.close(export, CLIENT);
     let status = &dm.status_lines(dm.device("pool").unwrap())[0];
     let used: u64 = status
         .split_whitespace()

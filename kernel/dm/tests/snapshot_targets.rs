@@ -8,6 +8,10 @@ use blockdev::{IoBuf, MemDisk};
 use dm::{DeviceMapper, Disk, Format};
 use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput, IoRequest};
 
+/// The address NBD clients of these tests connect from.
+const CLIENT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
+
 const SECTORS: u64 = 4096;
 
 fn mapper(disks: &[(&str, &MemDisk)]) -> DeviceMapper {
@@ -70,7 +74,7 @@ fn with_snapshot(origin: &MemDisk, cow: &MemDisk) -> (DeviceMapper, ExportHandle
     let mut dm = mapper(&[("vda", origin), ("vdb", cow)]);
     dm.create("base", false, "0 4096 linear vda 0", Format::IfBlank)
         .unwrap();
-    let (client, _) = dm.open("base").unwrap();
+    let (client, _) = dm.open("base", CLIENT).unwrap();
     dm.create("base-real", false, "0 4096 linear vda 0", Format::IfBlank)
         .unwrap();
     dm.suspend("base").unwrap();
@@ -99,7 +103,7 @@ fn origin_writes_copy_out_and_the_snapshot_keeps_the_old_data() {
     );
     write(&mut dm, client, 12, &pattern(2, 16));
     assert_eq!(status(&dm, "snap"), "0 4096 snapshot 40/2048 16");
-    let (snap, _) = dm.open("snap").unwrap();
+    let (snap, _) = dm.open("snap", CLIENT).unwrap();
     assert_eq!(read(&mut dm, snap, 0, 64), pattern(1, 64));
     assert_eq!(read(&mut dm, client, 12, 16), pattern(2, 16));
     write(&mut dm, snap, 96, &pattern(3, 8));
@@ -114,7 +118,7 @@ fn origin_writes_copy_out_and_the_snapshot_keeps_the_old_data() {
 fn merge_hand_over_runs_in_the_background_while_the_client_writes() {
     let (origin, cow) = (MemDisk::new(SECTORS), MemDisk::new(2048));
     let (mut dm, client) = with_snapshot(&origin, &cow);
-    let (snap, _) = dm.open("snap").unwrap();
+    let (snap, _) = dm.open("snap", CLIENT).unwrap();
     let mut view = pattern(1, SECTORS);
     for k in 0..40u64 {
         let sector = (k * 56) % SECTORS;
@@ -206,7 +210,7 @@ fn merge_hand_over_runs_in_the_background_while_the_client_writes() {
 fn a_merge_cut_by_a_reboot_resumes_at_activation() {
     let (origin, cow) = (MemDisk::new(SECTORS), MemDisk::new(2048));
     let (mut dm, _) = with_snapshot(&origin, &cow);
-    let (snap, _) = dm.open("snap").unwrap();
+    let (snap, _) = dm.open("snap", CLIENT).unwrap();
     for k in 0..200u64 {
         write(&mut dm, snap, k * 72 % SECTORS, &pattern(k, 8));
     }
@@ -234,7 +238,7 @@ fn a_merge_cut_by_a_reboot_resumes_at_activation() {
         Format::IfBlank,
     )
     .unwrap();
-    let (client, _) = dm.open("base").unwrap();
+    let (client, _) = dm.open("base", CLIENT).unwrap();
     assert_eq!(read(&mut dm, client, 0, SECTORS as usize), view);
     let mut ticks = 0;
     while !dm.snapshot_merge_finished("base") {

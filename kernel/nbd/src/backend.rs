@@ -12,6 +12,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::{Extent, IoBuf, IoError, SectorRun};
+use core::net::SocketAddr;
 
 /// Description of one export, as listed to clients.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +66,29 @@ pub enum OpenError {
     NotFound,
     /// The export exists but may not be opened now; the text tells the client why.
     Refused(String),
+}
+
+/// What one client may do with one export, as the backend's access rules decide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Read and write, as far as the export itself allows.
+    ReadWrite,
+    /// Served with `NBD_FLAG_READ_ONLY`; writes, trims and write-zeroes fail with
+    /// `EPERM`.
+    ReadOnly,
+    /// Left out of `NBD_OPT_LIST`; `NBD_OPT_INFO`/`NBD_OPT_GO` fail with
+    /// `NBD_REP_ERR_POLICY`.
+    Refused,
+    /// Refused, and the client is told the export does not exist
+    /// (`NBD_REP_ERR_UNKNOWN`), so it learns nothing about it.
+    Hidden,
+}
+
+impl Access {
+    /// The client may open the export.
+    pub fn admits(self) -> bool {
+        matches!(self, Access::ReadWrite | Access::ReadOnly)
+    }
 }
 
 /// One operation on an open export.
@@ -213,12 +237,37 @@ pub trait Backend {
             .find(|export| export.name == name)
     }
 
-    /// Opens an export for a connection. The returned info is what the client is told
-    /// (the server keeps it for the connection's lifetime).
-    fn open(&mut self, name: &str) -> Result<(ExportHandle, ExportInfo), OpenError>;
+    /// What the client at `peer` may do with the export called `name` (its canonical
+    /// name). Everything, unless the backend keeps access rules.
+    fn access(&self, name: &str, peer: SocketAddr) -> Access {
+        let _ = (name, peer);
+        Access::ReadWrite
+    }
 
-    /// The connection is gone and none of its requests is in flight any more.
-    fn close(&mut self, export: ExportHandle);
+    /// What the client at `peer` may now do with an export it has open: asked again for
+    /// every open connection whenever [`Backend::access_generation`] changes, and a
+    /// connection that lost what it was given is closed.
+    fn open_access(&self, export: ExportHandle, peer: SocketAddr) -> Access {
+        let _ = (export, peer);
+        Access::ReadWrite
+    }
+
+    /// Changes whenever the access rules change.
+    fn access_generation(&self) -> u64 {
+        0
+    }
+
+    /// Opens an export for the client at `peer`. The returned info is what the client
+    /// is told (the server keeps it for the connection's lifetime).
+    fn open(
+        &mut self,
+        name: &str,
+        peer: SocketAddr,
+    ) -> Result<(ExportHandle, ExportInfo), OpenError>;
+
+    /// The connection from `peer` is gone and none of its requests is in flight any
+    /// more.
+    fn close(&mut self, export: ExportHandle, peer: SocketAddr);
 
     /// Queues a request. Invalid requests (including requests on an export removed
     /// since it was opened, which fail with [`BackendError::Gone`]) are accepted and

@@ -12,6 +12,7 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::IoBuf;
+use core::net::SocketAddr;
 
 use crate::backend::{Backend, ExportHandle, ExportInfo, IoRequest};
 use crate::contexts::{OpenContexts, Selection};
@@ -123,6 +124,8 @@ pub(crate) struct Shared<'a, B> {
 }
 
 pub(crate) struct Connection {
+    /// The client's address and port, for the backend's access rules.
+    pub peer: SocketAddr,
     pub phase: Phase,
     /// Bytes of a fixed-size header (or of option data) gathered so far.
     pub header: [u8; REQUEST_HEADER_LEN],
@@ -152,8 +155,8 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// A new connection with its greeting queued.
-    pub fn new() -> Self {
+    /// A new connection from `peer` with its greeting queued.
+    pub fn new(peer: SocketAddr) -> Self {
         let mut out = OutQueue::default();
         let mut greeting = [0u8; GREETING_LEN];
         greeting[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
@@ -161,6 +164,7 @@ impl Connection {
         greeting[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
         out.push(&greeting);
         Connection {
+            peer,
             phase: Phase::ClientFlags,
             header: [0; REQUEST_HEADER_LEN],
             header_len: 0,

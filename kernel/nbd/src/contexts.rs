@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 
 use crate::backend::{Backend, BackendError, ContextHandle, ExportHandle, ExportInfo};
 use crate::connection::{Connection, Shared};
-use crate::options::{BASE_ALLOCATION_ID, parse_meta_request, shorten};
+use crate::options::{BASE_ALLOCATION_ID, parse_meta_request};
 use crate::reply::{chunk_header, option_error, option_reply};
 use crate::wire::*;
 
@@ -73,10 +73,12 @@ impl Connection {
                 return;
             }
         };
-        let Some(info) = shared.backend.lookup(name) else {
-            let message = format!("export '{}' not present", shorten(name));
-            option_error(&mut self.out, code, REP_ERR_UNKNOWN, &message);
-            return;
+        let info = match self.permitted(name, shared.backend) {
+            Ok((info, _)) => info,
+            Err((error, message)) => {
+                option_error(&mut self.out, code, error, &message);
+                return;
+            }
         };
         let mut available = shared.backend.meta_contexts(&info.name);
         available.insert(0, BASE_ALLOCATION.to_string());

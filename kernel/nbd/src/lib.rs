@@ -16,6 +16,11 @@
 //! `CACHE`, `WRITE_ZEROES` and `BLOCK_STATUS` with simple or structured replies,
 //! completed out of order; `DISC`. The minimum block size is 512 bytes and the maximum
 //! payload 32 MiB; a write longer than that has its payload skipped and gets `EINVAL`.
+//!
+//! Every connection knows its peer's address, and the backend decides per export and
+//! peer what it may do ([`Access`]): exports a client may not use are left out of its
+//! list and refused (or reported missing) when it asks for them, read-only grants are
+//! served read-only, and when the rules change every open connection is checked again.
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -39,8 +44,8 @@ pub mod tcp;
 pub mod wire;
 
 pub use backend::{
-    Backend, BackendError, ContextHandle, ExportHandle, ExportInfo, IoCompletion, IoOp, IoOutput,
-    IoRequest, OpenError, QueueFull,
+    Access, Backend, BackendError, ContextHandle, ExportHandle, ExportInfo, IoCompletion, IoOp,
+    IoOutput, IoRequest, OpenError, QueueFull,
 };
 pub use blockdev::{Extent, SectorRun};
 pub use connection::Limits;

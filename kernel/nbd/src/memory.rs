@@ -11,6 +11,7 @@ use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::{BlockDevice, Command, Extent, MemDisk, SECTOR_SIZE, SectorRun, run_sync};
+use core::net::SocketAddr;
 
 use crate::backend::{
     Backend, BackendError, ExportHandle, ExportInfo, IoCompletion, IoOp, IoOutput, IoRequest,
@@ -596,7 +597,11 @@ impl Backend for MemoryBackend {
         self.resolve(name).map(|id| self.volumes[&id].info())
     }
 
-    fn open(&mut self, name: &str) -> Result<(ExportHandle, ExportInfo), OpenError> {
+    fn open(
+        &mut self,
+        name: &str,
+        _peer: SocketAddr,
+    ) -> Result<(ExportHandle, ExportInfo), OpenError> {
         let id = self.resolve(name).ok_or(OpenError::NotFound)?;
         let handle = self.next_id;
         self.next_id += 1;
@@ -604,7 +609,7 @@ impl Backend for MemoryBackend {
         Ok((ExportHandle(handle), self.volumes[&id].info()))
     }
 
-    fn close(&mut self, export: ExportHandle) {
+    fn close(&mut self, export: ExportHandle, _peer: SocketAddr) {
         self.handles.remove(&export.0);
     }
 

@@ -5,7 +5,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::backend::{Backend, ExportHandle, ExportInfo, OpenError};
+use crate::backend::{Access, Backend, ExportHandle, ExportInfo, OpenError};
 use crate::connection::{Connection, OpenExport, Phase, Shared};
 use crate::contexts::OpenContexts;
 use crate::reply::{info_reply, option_error, option_reply};
@@ -123,12 +123,17 @@ impl Connection {
             self.stop(false);
             return;
         };
-        let Ok((handle, info)) = shared.backend.open(name) else {
+        let Ok((_, access)) = self.permitted(name, shared.backend) else {
             self.stop(false);
             return;
         };
+        let Ok((handle, mut info)) = shared.backend.open(name, self.peer) else {
+            self.stop(false);
+            return;
+        };
+        info.read_only |= access == Access::ReadOnly;
         let Ok(contexts) = self.open_contexts(handle, &info, shared) else {
-            shared.backend.close(handle);
+            shared.backend.close(handle, self.peer);
             self.stop(false);
             return;
         };
@@ -163,7 +168,11 @@ impl Connection {
             option_error(&mut self.out, OPT_LIST, REP_ERR_INVALID, message);
             return;
         }
-        for export in shared.backend.exports() {
+        let exports = shared.backend.exports();
+        let visible = exports
+            .iter()
+            .filter(|export| shared.backend.access(&export.name, self.peer).admits());
+        for export in visible {
             let mut entry = Vec::with_capacity(4 + export.name.len() + export.description.len());
             entry.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
             entry.extend_from_slice(export.name.as_bytes());
@@ -181,34 +190,39 @@ impl Connection {
                 return;
             }
         };
-        let found = if code == OPT_GO {
-            shared
-                .backend
-                .open(&name)
-                .map(|(handle, info)| (Some(handle), info))
-        } else {
-            let info = shared.backend.lookup(&name);
-            info.map(|info| (None, info)).ok_or(OpenError::NotFound)
+        let (info, access) = match self.permitted(&name, shared.backend) {
+            Ok(permitted) => permitted,
+            Err((error, message)) => {
+                option_error(&mut self.out, code, error, &message);
+                return;
+            }
         };
-        let (handle, info) = match found {
-            Ok((Some(handle), info)) => match self.open_contexts(handle, &info, shared) {
-                Ok(contexts) => (Some((handle, contexts)), info),
+        let (handle, mut info) = if code == OPT_GO {
+            match shared.backend.open(&name, self.peer) {
+                Ok((handle, info)) => (Some(handle), info),
+                Err(OpenError::NotFound) => {
+                    option_error(&mut self.out, code, REP_ERR_UNKNOWN, &not_present(&name));
+                    return;
+                }
+                Err(OpenError::Refused(why)) => {
+                    option_error(&mut self.out, code, REP_ERR_POLICY, &why);
+                    return;
+                }
+            }
+        } else {
+            (None, info)
+        };
+        info.read_only |= access == Access::ReadOnly;
+        let handle = match handle {
+            Some(handle) => match self.open_contexts(handle, &info, shared) {
+                Ok(contexts) => Some((handle, contexts)),
                 Err(why) => {
-                    shared.backend.close(handle);
+                    shared.backend.close(handle, self.peer);
                     option_error(&mut self.out, code, REP_ERR_POLICY, &why);
                     return;
                 }
             },
-            Ok((None, info)) => (None, info),
-            Err(OpenError::NotFound) => {
-                let message = format!("export '{}' not present", shorten(&name));
-                option_error(&mut self.out, code, REP_ERR_UNKNOWN, &message);
-                return;
-            }
-            Err(OpenError::Refused(why)) => {
-                option_error(&mut self.out, code, REP_ERR_POLICY, &why);
-                return;
-            }
+            None => None,
         };
         let flags = self.transmission_flags(&info);
         let mut export = [0u8; 10];
@@ -230,6 +244,31 @@ impl Connection {
         option_reply(&mut self.out, code, REP_ACK, &[]);
         if let Some((handle, contexts)) = handle {
             self.attach(handle, info, flags, contexts);
+        }
+    }
+
+    /// What this connection's client may do with the export a client calls `name`, or
+    /// the error reply when it may not use it (or it does not exist): a hidden export
+    /// gets the same reply as a missing one.
+    pub(crate) fn permitted<B: Backend>(
+        &self,
+        name: &str,
+        backend: &B,
+    ) -> Result<(ExportInfo, Access), (u32, String)> {
+        let Some(info) = backend.lookup(name) else {
+            return Err((REP_ERR_UNKNOWN, not_present(name)));
+        };
+        match backend.access(&info.name, self.peer) {
+            Access::Hidden => Err((REP_ERR_UNKNOWN, not_present(name))),
+            Access::Refused => Err((
+                REP_ERR_POLICY,
+                format!(
+                    "access to export '{}' is denied to {}",
+                    shorten(name),
+                    self.peer.ip()
+                ),
+            )),
+            access => Ok((info, access)),
         }
     }
 
@@ -323,6 +362,11 @@ fn take_string(data: &[u8]) -> Option<(&[u8], &[u8])> {
     let len = be_u32(data) as usize;
     let rest = &data[4..];
     (len <= rest.len()).then(|| rest.split_at(len))
+}
+
+/// The reply text for an export that does not exist (or is hidden).
+fn not_present(name: &str) -> String {
+    format!("export '{}' not present", shorten(name))
 }
 
 /// A name short enough to quote in an error message.

@@ -9,9 +9,10 @@
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
+use core::net::SocketAddr;
 
-use crate::backend::{Backend, QueueFull};
-use crate::connection::{Connection, Limits, Shared};
+use crate::backend::{Access, Backend, QueueFull};
+use crate::connection::{Connection, Ending, Limits, Shared};
 
 /// Names one connection of a [`Server`]; never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -29,11 +30,14 @@ pub struct Server<B> {
     /// The connection whose request the backend last refused goes first next time.
     submit_first: ConnectionId,
     shutting_down: bool,
+    /// The backend's access generation the open connections were last checked at.
+    access_generation: u64,
 }
 
 impl<B: Backend> Server<B> {
     pub fn new(backend: B, limits: Limits) -> Self {
         Server {
+            access_generation: backend.access_generation(),
             backend,
             limits,
             connections: BTreeMap::new(),
@@ -54,11 +58,11 @@ impl<B: Backend> Server<B> {
         &mut self.backend
     }
 
-    /// A client connected; its greeting is queued as output.
-    pub fn connect(&mut self) -> ConnectionId {
+    /// A client connected from `peer`; its greeting is queued as output.
+    pub fn connect(&mut self, peer: SocketAddr) -> ConnectionId {
         let id = ConnectionId(self.next_connection);
         self.next_connection += 1;
-        let mut connection = Connection::new();
+        let mut connection = Connection::new(peer);
         if self.shutting_down {
             connection.stop(false);
         }
@@ -137,7 +141,8 @@ impl<B: Backend> Server<B> {
     /// Moves queued requests to the backend and completions back to their
     /// connections. Returns whether anything happened.
     pub fn poll(&mut self) -> bool {
-        let mut progress = self.submit();
+        let mut progress = self.check_access();
+        progress |= self.submit();
         while let Some(done) = self.backend.poll() {
             progress = true;
             let Some(id) = self.routes.remove(&done.tag) else {
@@ -168,6 +173,33 @@ impl<B: Backend> Server<B> {
     /// Requests handed to the backend and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.routes.len()
+    }
+
+    /// After the backend's access rules changed: every connection whose client lost
+    /// what its export was opened with (all access, or writing) stops taking requests,
+    /// finishes the ones it has and closes. Returns whether any did.
+    fn check_access(&mut self) -> bool {
+        let generation = self.backend.access_generation();
+        if generation == self.access_generation {
+            return false;
+        }
+        self.access_generation = generation;
+        let mut closed = false;
+        for connection in self.connections.values_mut() {
+            let Some(export) = &connection.export else {
+                continue;
+            };
+            let keeps = match self.backend.open_access(export.handle, connection.peer) {
+                Access::ReadWrite => true,
+                Access::ReadOnly => export.info.read_only,
+                Access::Refused | Access::Hidden => false,
+            };
+            if !keeps && connection.ending == Ending::No {
+                connection.stop(false);
+                closed = true;
+            }
+        }
+        closed
     }
 
     /// Submits queued requests, one per connection in turn, until the backend is full.
@@ -219,11 +251,13 @@ impl<B: Backend> Server<B> {
             .map(|(id, _)| *id)
             .collect();
         for id in done {
-            if let Some(export) = self.connections.remove(&id).and_then(|c| c.export) {
+            if let Some(connection) = self.connections.remove(&id)
+                && let Some(export) = connection.export
+            {
                 for (_, context) in export.contexts.others {
                     self.backend.close_context(context);
                 }
-                self.backend.close(export.handle);
+                self.backend.close(export.handle, connection.peer);
             }
         }
     }

@@ -192,7 +192,7 @@ impl<B: Backend + 'static> TcpServer<B> {
 
     fn accept(&mut self) -> io::Result<()> {
         loop {
-            let (mut stream, _) = match self.listener.accept() {
+            let (mut stream, peer) = match self.listener.accept() {
                 Ok(accepted) => accepted,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -209,7 +209,7 @@ impl<B: Backend + 'static> TcpServer<B> {
                 token,
                 Interest::READABLE | Interest::WRITABLE,
             )?;
-            let id = self.server.connect();
+            let id = self.server.connect(peer);
             self.sockets.insert(
                 token,
                 Socket {

@@ -2,6 +2,8 @@
 
 mod support;
 
+use std::net::SocketAddr;
+
 use nbd::wire::*;
 use nbd::{
     Backend, ExportHandle, ExportInfo, IoCompletion, IoRequest, Limits, MemoryBackend,
@@ -457,16 +459,20 @@ impl Backend for Refusing {
     fn exports(&self) -> Vec<ExportInfo> {
         self.0.exports()
     }
-    fn open(&mut self, name: &str) -> Result<(ExportHandle, ExportInfo), OpenError> {
+    fn open(
+        &mut self,
+        name: &str,
+        peer: SocketAddr,
+    ) -> Result<(ExportHandle, ExportInfo), OpenError> {
         if name == "ro" {
             return Err(OpenError::Refused(String::from(
                 "export 'ro' is being resized",
             )));
         }
-        self.0.open(name)
+        self.0.open(name, peer)
     }
-    fn close(&mut self, export: ExportHandle) {
-        self.0.close(export)
+    fn close(&mut self, export: ExportHandle, peer: SocketAddr) {
+        self.0.close(export, peer)
     }
     fn submit(&mut self, request: IoRequest) -> Result<(), QueueFull> {
         self.0.submit(request)

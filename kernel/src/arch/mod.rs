@@ -1,8 +1,10 @@
-//! The x86_64 machine layer: CPU tables, interrupts, clock, serial line, power.
+//! The x86_64 machine layer: CPU tables, interrupts, clock, serial line, power,
+//! hardware randomness.
 
 pub mod clock;
 pub mod gdt;
 pub mod interrupts;
 pub mod port;
 pub mod power;
+pub mod random;
 pub mod serial;

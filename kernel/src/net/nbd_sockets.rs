@@ -12,6 +12,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::net::SocketAddr;
 use nbd::{Backend, ConnectionId, Server};
 use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
@@ -164,8 +165,11 @@ fn accept<B: Backend>(
     match socket.state() {
         tcp::State::Listen | tcp::State::SynReceived => false,
         tcp::State::Established | tcp::State::CloseWait => {
+            let Some(peer) = socket.remote_endpoint() else {
+                return false;
+            };
             slot.role = Role::Serving {
-                id: server.connect(),
+                id: server.connect(SocketAddr::new(peer.addr.into(), peer.port)),
                 peer_closed: false,
             };
             *accepted += 1;

@@ -2,6 +2,7 @@
 //! disks they were built on, saved in the configuration area of one disk after every
 //! change, so the appliance comes back after a reboot with the same devices.
 
+mod acl;
 mod area;
 mod origins;
 mod snapshot;
@@ -84,6 +85,7 @@ impl DeviceMapper {
             imports: self.imports.records.clone(),
             origins: self.origins.clone(),
             thin_links: self.thin_links.clone(),
+            access: self.access.clone(),
         }
     }
 
@@ -232,6 +234,7 @@ impl DeviceMapper {
         self.config = Some(ConfigDisk { disk, area });
         match Snapshot::decode(&text) {
             Ok(snapshot) => {
+                self.access = snapshot.access.clone();
                 self.bring_up(&snapshot, &mut notes);
                 self.thin_links = snapshot.thin_links;
                 self.finish_thin_merges(&mut notes);

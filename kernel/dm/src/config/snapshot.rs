@@ -1,13 +1,16 @@
-//! The saved configuration's content: the disks the devices are built on and each
-//! device's table line, as text lines (the payload of a configuration area slot).
+//! The saved configuration's content: the disks the devices are built on, each
+//! device's table line and the NBD access list, as text lines (the payload of a
+//! configuration area slot).
 
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 
+use super::acl;
 use super::origins::OriginRecord;
 use super::thin_links::ThinLink;
+use crate::access::AccessList;
 use crate::import::ImportRecord;
 
 /// A disk a configuration refers to, as it was when the configuration was saved.
@@ -33,8 +36,9 @@ pub struct DeviceRecord {
 /// `device NAME rw|ro TABLE` (segments separated by `; `), devices in creation order
 /// (each only refers to disks and to devices before it), then one
 /// [`ImportRecord`] line per unfinished import, then the `origin` records, then the
-/// links between thin devices (see [`ThinLink`]). A configuration without any of
-/// these (written before they existed) loads with none.
+/// links between thin devices (see [`ThinLink`]), then the access list's records (see
+/// `acl.rs`). A configuration without any of these (written before they existed) loads
+/// with none (and allows every client everything).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub disks: Vec<DiskRecord>,
@@ -43,6 +47,7 @@ pub struct Snapshot {
     pub imports: Vec<ImportRecord>,
     pub origins: Vec<OriginRecord>,
     pub thin_links: Vec<ThinLink>,
+    pub access: AccessList,
 }
 
 impl Snapshot {
@@ -70,6 +75,7 @@ impl Snapshot {
         for link in &self.thin_links {
             let _ = writeln!(text, "{}", link.encode());
         }
+        acl::encode(&self.access, &mut text);
         text
     }
 
@@ -99,11 +105,19 @@ impl Snapshot {
                 (Some("origin"), ..) => snapshot
                     .origins
                     .push(OriginRecord::decode(line).ok_or_else(bad)?),
-                (Some(kind), Some(pool), Some(snap), origin) => {
+                (
+                    Some(kind @ ("thin-origin" | "thin-merge" | "thin-merge-origin")),
+                    Some(pool),
+                    Some(snap),
+                    origin,
+                ) => {
                     let link = ThinLink::decode(kind, pool, snap, origin).ok_or_else(bad)?;
                     snapshot.thin_links.push(link);
                 }
-                _ => return Err(bad()),
+                _ => match acl::decode(line, &mut snapshot.access) {
+                    Some(true) => {}
+                    Some(false) | None => return Err(bad()),
+                },
             }
         }
         Ok(snapshot)
@@ -174,6 +188,7 @@ mod tests {
             }],
             origins: Vec::new(),
             thin_links: Vec::new(),
+            access: AccessList::default(),
         }
     }
 

@@ -37,6 +37,10 @@ use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput, IoRequest};
 use persistent_data::thin::{FormatPolicy, OpenOptions, ThinMetadata};
 use workload::{DeviceModel, Policy, Runner, Step, pattern, pool_table, thin_table, workload};
 
+/// The address NBD clients of these tests connect from.
+const CLIENT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
+
 /// Data block size (64 KiB).
 const BS: u64 = 128;
 const CONFIG_SECTORS: u64 = 4096;
@@ -223,7 +227,7 @@ fn check_cut(
             _ => return Err(format!("{name} did not come back: {notes:?}")),
         }
         let (export, _) = dm
-            .open(&name)
+            .open(&name, CLIENT)
             .map_err(|error| format!("{name}: {error:?}"))?;
         for at in (0..VOLUME_SECTORS).step_by(512) {
             let op = IoOp::Read {

@@ -12,6 +12,10 @@ use thin_pool::PoolMode;
 
 use crate::{BS, DATA_BLOCKS, FIRST_POOL_BLOCKS, GROWTH_BLOCKS, VOLUME_SECTORS};
 
+/// The address NBD clients of these tests connect from.
+const CLIENT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
+
 /// Steps per workload: at most 3 new blocks each (a request covers at most 2
 /// blocks' worth of sectors), so the data disk always has room for what a queueing
 /// pool waits for.
@@ -250,7 +254,7 @@ impl Runner {
     ) -> Self {
         let mut nbd = NbdBackend::new(Rc::clone(&dm));
         let exports = [0, 1]
-            .map(|dev| (dev, nbd.open(&format!("t{dev}")).expect("export").0))
+            .map(|dev| (dev, nbd.open(&format!("t{dev}"), CLIENT).expect("export").0))
             .into();
         let models = [0, 1]
             .map(|dev| {
@@ -627,7 +631,10 @@ impl Runner {
                         .create(&format!("t{dev}"), false, &table, Format::Never);
                 match created {
                     Ok(_) => {
-                        let (export, _) = self.nbd.open(&format!("t{dev}")).expect("a new export");
+                        let (export, _) = self
+                            .nbd
+                            .open(&format!("t{dev}"), CLIENT)
+                            .expect("a new export");
                         self.exports.insert(dev, export);
                         self.models.insert(dev, model);
                     }
@@ -642,7 +649,7 @@ impl Runner {
                 let dev = self.pick(pick);
                 let export = self.exports.remove(&dev).expect("live");
                 self.models.remove(&dev);
-                self.nbd.close(export);
+                self.nbd.close(export, CLIENT);
                 // Whether or not the delete got through, the device is not checked.
                 let deleted = self.dm.borrow_mut().thin_delete(&format!("t{dev}"));
                 if let Err(error) = deleted {

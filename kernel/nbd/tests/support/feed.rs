@@ -2,8 +2,13 @@
 //! Shared by the proptest suite and the cargo-fuzz target (`fuzz/`), so both check the
 //! same properties.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
 use nbd::wire::*;
 use nbd::{CompletionOrder, Limits, MemoryBackend, MemoryExport, Server};
+
+/// Where the fed client connects from.
+const CLIENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40001);
 
 /// How far a well-behaved client has got before the arbitrary bytes start.
 #[derive(Clone, Copy, Debug)]
@@ -74,7 +79,7 @@ pub fn prologue(start: Start) -> Vec<u8> {
 /// when, after the peer closes, it does not end; or when it leaks an open export.
 pub fn feed_and_check(seed: u64, start: Start, input: &[u8], pieces: &[usize], reads: &[bool]) {
     let mut server = small_server(seed);
-    let id = server.connect();
+    let id = server.connect(CLIENT);
     let mut bytes = prologue(start);
     bytes.extend_from_slice(input);
     let mut used = 0;

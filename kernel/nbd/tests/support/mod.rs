@@ -6,6 +6,7 @@
 pub mod feed;
 
 use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use nbd::wire::*;
 use nbd::{Backend, ConnectionId, Server};
@@ -21,9 +22,17 @@ pub fn settle<B: Backend>(server: &mut Server<B>) {
     while server.poll() {}
 }
 
+/// The address test clients connect from unless they name one.
+pub const LOOPBACK: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
+
 impl Peer {
     pub fn connect<B: Backend>(server: &mut Server<B>) -> Peer {
-        let id = server.connect();
+        Peer::connect_from(server, LOOPBACK)
+    }
+
+    /// A client at `address`, its greeting collected.
+    pub fn connect_from<B: Backend>(server: &mut Server<B>, address: SocketAddr) -> Peer {
+        let id = server.connect(address);
         let mut peer = Peer {
             id,
             inbox: VecDeque::new(),
@@ -34,7 +43,16 @@ impl Peer {
 
     /// A connected peer past the greeting, with client flags `flags` sent.
     pub fn handshake<B: Backend>(server: &mut Server<B>, flags: u32) -> Peer {
-        let mut peer = Peer::connect(server);
+        Peer::handshake_from(server, LOOPBACK, flags)
+    }
+
+    /// [`Peer::handshake`] for a client at `address`.
+    pub fn handshake_from<B: Backend>(
+        server: &mut Server<B>,
+        address: SocketAddr,
+        flags: u32,
+    ) -> Peer {
+        let mut peer = Peer::connect_from(server, address);
         let greeting = peer.take(GREETING_LEN);
         assert_eq!(&greeting[..8], &NBDMAGIC.to_be_bytes());
         assert_eq!(&greeting[8..16], &IHAVEOPT.to_be_bytes());
