@@ -81,6 +81,19 @@ impl TapNetwork {
         command
     }
 
+    /// `inner` (program, arguments, environment) run inside the namespace instead.
+    pub fn wrap(&self, inner: Command) -> Command {
+        let mut command = self.command(&inner.get_program().to_string_lossy());
+        command.args(inner.get_args());
+        for (key, value) in inner.get_envs() {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        command
+    }
+
     /// Runs `program` with `args` inside the namespace and returns its standard
     /// output; panics like [`crate::run_tool`].
     pub fn run(&self, program: &str, args: &[&str]) -> String {
