@@ -119,6 +119,14 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "use a static IPv4 address, e.g. net set 10.0.2.15/24 10.0.2.2",
     ),
     ("net dhcp", "get the IPv4 address by DHCP (the default)"),
+    (
+        "net mtu BYTES",
+        "set the MTU, 68 to 9000 (jumbo frames need a network that carries them)",
+    ),
+    (
+        "net offload on|off",
+        "let the NIC compute and check TCP/UDP checksums, where it can",
+    ),
     ("shutdown [--force]", "flush every disk and power off"),
 ];
 

@@ -143,6 +143,7 @@ impl NetStack {
             let now = now();
             let changed =
                 self.iface.poll(now, &mut self.device, &mut self.sockets) != PollResult::None;
+            self.device.flush();
             self.dhcp_events();
             let moved = self.nbd.pump(&mut self.sockets, server, admit, now);
             if !changed && !moved {

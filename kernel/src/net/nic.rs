@@ -62,6 +62,13 @@ impl Nic {
         each!(self, nic => nic.has_input())
     }
 
+    /// Hands queued frames to the device (the e1000e batches them).
+    pub fn flush(&mut self) {
+        if let Nic::E1000e(nic) = self {
+            nic.flush();
+        }
+    }
+
     /// Resets a transmit ring that stopped moving; returns whether it did.
     pub fn recover_stall(&mut self) -> bool {
         match self {
