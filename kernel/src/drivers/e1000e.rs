@@ -271,9 +271,12 @@ impl E1000e {
             return Err("the MTU must be between 68 and 9000");
         }
         if mtu != self.mtu {
+            // Allocated first: without memory for them the old rings stay in use.
+            let (rx, tx) = (RxRing::new(mtu)?, TxRing::new(mtu)?);
+            // The device stops using the old buffers before they are freed.
             self.reset();
-            self.rx = RxRing::new(mtu)?;
-            self.tx = TxRing::new(mtu)?;
+            self.rx = rx;
+            self.tx = tx;
             self.mtu = mtu;
         }
         self.checksum_offload = checksum_offload;

@@ -34,6 +34,12 @@ impl Nic {
         }
     }
 
+    /// Whether the driver takes its interrupt as an MSI (the e1000e; virtio-drivers
+    /// reads virtio's interrupt status register, which only INTx sets).
+    pub fn takes_msi(&self) -> bool {
+        matches!(self, Nic::E1000e(_))
+    }
+
     pub fn mac(&self) -> [u8; 6] {
         each!(self, nic => nic.mac())
     }

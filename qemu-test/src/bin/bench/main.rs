@@ -126,42 +126,19 @@ fn bench(seconds: u32) -> Result<()> {
             .map_err(|e| format!("{command}: {e:?}"))?;
     }
 
-    let thin = measure(
-        Client::Host,
-        "thin",
-        &format!("nbd://127.0.0.1:{port}/thin"),
-        &source,
-        seconds,
-    )?;
-    let linear = measure(
-        Client::Host,
-        "linear",
-        &format!("nbd://127.0.0.1:{port}/linear"),
-        &source,
-        seconds,
-    )?;
+    let on_host = |name: &str, uri: &str| measure(Client::Host, name, uri, &source, seconds);
+    let thin = on_host("thin", &format!("nbd://127.0.0.1:{port}/thin"))?;
+    let linear = on_host("linear", &format!("nbd://127.0.0.1:{port}/linear"))?;
     appliance
         .shutdown()
         .map_err(|e| format!("shutdown: {e:?}"))?;
 
     let offline = start_offline(scratch.path())?;
-    let host_thin = measure(
-        Client::Host,
-        "offline thin",
-        &offline.uri("thin"),
-        &source,
-        seconds,
-    )?;
+    let host_thin = on_host("offline thin", &offline.uri("thin"))?;
     drop(offline);
 
     let qemu_nbd = start_qemu_nbd(scratch.path())?;
-    let qcow2 = measure(
-        Client::Host,
-        "qemu-nbd",
-        &qemu_nbd.uri(""),
-        &source,
-        seconds,
-    )?;
+    let qcow2 = on_host("qemu-nbd", &qemu_nbd.uri(""))?;
     drop(qemu_nbd);
 
     println!();
