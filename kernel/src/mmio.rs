@@ -34,6 +34,12 @@ impl Mmio {
         unsafe { self.base.as_ptr().add(offset).cast() }
     }
 
+    /// The virtual address of the register at `offset`, for an interrupt handler
+    /// that cannot reach this value.
+    pub fn address(&self, offset: usize) -> usize {
+        self.at::<u32>(offset) as usize
+    }
+
     pub fn read_u32(&self, offset: usize) -> u32 {
         // SAFETY: `at` checks bounds and alignment; the block is mapped device memory.
         unsafe { self.at::<u32>(offset).read_volatile() }

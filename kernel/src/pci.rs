@@ -25,6 +25,12 @@ pub enum ConfigAccess {
 const CONFIG_ADDRESS: u16 = 0xcf8;
 /// Interrupt line (low byte) and interrupt pin (next byte) in the configuration header.
 const INTERRUPT_REGISTER: u8 = 0x3c;
+/// Capability ID of message-signalled interrupts.
+const CAPABILITY_MSI: u8 = 0x05;
+/// MSI message control: 64-bit address capable, enable, multiple-message enable.
+const MSI_64_BIT: u16 = 1 << 7;
+const MSI_ENABLE: u16 = 1;
+const MSI_MULTIPLE: u16 = 0x7 << 4;
 const CONFIG_DATA: u16 = 0xcfc;
 
 impl ConfigAccess {
@@ -157,6 +163,35 @@ impl Pci {
         self.root
             .set_command(function, command - Command::INTERRUPT_DISABLE);
         Some(line)
+    }
+
+    /// Points the function's MSI capability at `address` with `data` (one vector)
+    /// and switches MSI on and INTx off; false when the function has no MSI.
+    pub fn enable_msi(&mut self, function: DeviceFunction, address: u64, data: u32) -> bool {
+        let Some(msi) = self
+            .root
+            .capabilities(function)
+            .find(|capability| capability.id == CAPABILITY_MSI)
+        else {
+            return false;
+        };
+        let (at, control) = (msi.offset, msi.private_header);
+        self.config.write_word(function, at + 4, address as u32);
+        if control & MSI_64_BIT != 0 {
+            self.config
+                .write_word(function, at + 8, (address >> 32) as u32);
+            self.config.write_word(function, at + 12, data);
+        } else {
+            self.config.write_word(function, at + 8, data);
+        }
+        let control = (control & !MSI_MULTIPLE) | MSI_ENABLE;
+        let header = self.config.read_word(function, at) & 0xffff;
+        self.config
+            .write_word(function, at, header | u32::from(control) << 16);
+        let (_, command) = self.root.get_status_command(function);
+        self.root
+            .set_command(function, command | Command::INTERRUPT_DISABLE);
+        true
     }
 
     /// Stops every function but `except` that the firmware routed to `line` from

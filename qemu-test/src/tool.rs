@@ -30,7 +30,7 @@ pub fn nbdsh_command(uri: &str, script: &str) -> Command {
     command
 }
 
-fn run_command(mut command: Command) -> String {
+pub(crate) fn run_command(mut command: Command) -> String {
     let done = command
         .output()
         .unwrap_or_else(|error| panic!("running {command:?}: {error}"));

@@ -415,6 +415,18 @@ fn runner_refuses_bad_arguments_without_booting() {
         "is already in use; choose another --nbd-port",
     );
     one_line_error(&runner(&["--accel", "hvf"]), "unknown accelerator 'hvf'");
+    one_line_error(
+        &runner(&["--disk", disk, "--nic", "rtl8139"]),
+        "unknown NIC 'rtl8139' (use virtio or e1000e)",
+    );
+    one_line_error(
+        &runner(&["--disk", disk, "--net", "bridge:br0"]),
+        "unknown network 'bridge:br0' (use user or tap:IFNAME)",
+    );
+    one_line_error(
+        &runner(&["--disk", disk, "--net", "tap:tbmissing9"]),
+        "tap interface tbmissing9 does not exist; create it first",
+    );
     one_line_error(&runner(&["--disk", disk, "--image", missing]), "boot image");
     one_line_error(
         &runner(&["--disk", disk, "--exec", "shutdown", "--exec", "help"]),

@@ -158,6 +158,14 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     ),
     ("net dhcp", "get the IPv4 address by DHCP (the default)"),
     (
+        "net mtu BYTES",
+        "set the MTU, 68 to 9000 (jumbo frames need a network that carries them)",
+    ),
+    (
+        "net offload on|off",
+        "let the NIC compute and check TCP/UDP checksums, where it can",
+    ),
+    (
         "nbd allow EXPORT NET [ro]",
         "let the clients in NET (ADDRESS or ADDRESS/PREFIX) use EXPORT (a device, or * for \
          all), read-only with ro",

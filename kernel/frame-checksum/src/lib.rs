@@ -128,6 +128,25 @@ pub fn prepare_tx(frame: &mut [u8]) -> Option<TxChecksum> {
     })
 }
 
+/// Completes a partial checksum (the pseudo-header's sum in the field, as
+/// [`prepare_tx`] leaves it and as a host hands over frames it did not finish):
+/// sums from `start` to the end of the IP packet and stores the complement at
+/// `start + offset`. Frames whose offsets do not fit are left alone.
+pub fn complete(frame: &mut [u8], start: usize, offset: usize) {
+    let Some(segment) = segment(frame) else {
+        return;
+    };
+    let field = start + offset;
+    if start < segment.start || field + 2 > segment.end {
+        return;
+    }
+    let mut value = !(sum(&frame[start..segment.end]) as u16);
+    if value == 0 && segment.transport == Transport::Udp {
+        value = 0xffff;
+    }
+    frame[field..field + 2].copy_from_slice(&value.to_be_bytes());
+}
+
 /// Whether a received frame's TCP or UDP checksum is right (frames without one,
 /// and UDP datagrams sent without a checksum, pass: smoltcp checks the rest).
 pub fn verify_rx(frame: &[u8]) -> bool {

@@ -3,7 +3,7 @@
 //! does (sum from the start offset, complement into the field), must equal byte
 //! for byte the frame smoltcp emits with the checksum it computes itself.
 
-use frame_checksum::{Transport, TxChecksum, prepare_tx, verify_rx};
+use frame_checksum::{Transport, TxChecksum, complete, prepare_tx, verify_rx};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol,
@@ -149,6 +149,31 @@ fn offloaded_udp_frames_equal_smoltcps_own() {
         assert_eq!(offloaded, expected, "{len}-byte payload");
         assert!(verify_rx(&expected));
     }
+}
+
+#[test]
+fn completing_a_partial_checksum_gives_smoltcps_frame() {
+    for (expected, mut partial) in [
+        (
+            tcp_frame(&payload(777, 5), false),
+            tcp_frame(&payload(777, 5), true),
+        ),
+        (
+            udp_frame(&payload(99, 6), false),
+            udp_frame(&payload(99, 6), true),
+        ),
+    ] {
+        let checksum = prepare_tx(&mut partial).unwrap();
+        assert!(!verify_rx(&partial));
+        complete(&mut partial, checksum.start, checksum.offset);
+        assert_eq!(partial, expected);
+    }
+    // Offsets outside the segment change nothing.
+    let frame = tcp_frame(&payload(10, 1), false);
+    let mut copy = frame.clone();
+    complete(&mut copy, 20, 16);
+    complete(&mut copy, 34, 4000);
+    assert_eq!(copy, frame);
 }
 
 #[test]

@@ -5,15 +5,18 @@
 //! A device interrupt only wakes the idle loop: its handler masks the line (PCI
 //! interrupts are level-triggered and stay asserted until the driver acknowledges
 //! the device) and marks it fired; the main loop's driver then services the
-//! device and unmasks the line with [`rearm_device_irq`].
+//! device and unmasks the line with [`rearm_device_irq`]. A NIC that can send a
+//! message-signalled interrupt (MSI) instead gets [`MSI_VECTOR`] through the local
+//! APIC ([`enable_msi`]): edge-triggered, nothing to mask, only marked fired.
 
 use core::fmt::Write;
-use core::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use spin::Lazy;
 use x86_64::registers::control::Cr2;
 use x86_64::structures::idt::{InterruptDescriptorTable, InterruptStackFrame, PageFaultErrorCode};
 
 use super::{gdt, port, serial::Serial};
+use crate::mmio::Mmio;
 
 /// Vector of IRQ 0 after remapping the PIC (IRQ n is vector 32 + n).
 const IRQ_BASE: u8 = 32;
@@ -40,6 +43,23 @@ static DEVICE_LINES: AtomicU16 = AtomicU16::new(0);
 static FIRED: AtomicU16 = AtomicU16::new(0);
 /// The PIC mask registers (bit set = line masked), master in the low byte.
 static PIC_MASK: AtomicU16 = AtomicU16::new(0xffff);
+/// The message-signalled interrupt's vector, after the PIC's sixteen.
+pub const MSI_VECTOR: u8 = IRQ_BASE + 16;
+/// The MSI fired and awaits its driver.
+static MSI_FIRED: AtomicBool = AtomicBool::new(false);
+/// Virtual address of the local APIC's end-of-interrupt register (0: no MSI).
+static LAPIC_EOI: AtomicUsize = AtomicUsize::new(0);
+/// The `IA32_APIC_BASE` model-specific register and its bits.
+const APIC_BASE_MSR: u32 = 0x1b;
+const APIC_GLOBAL_ENABLE: u64 = 1 << 11;
+const APIC_X2APIC_MODE: u64 = 1 << 10;
+/// Local APIC registers: ID, end of interrupt, spurious-interrupt vector.
+const LAPIC_ID: usize = 0x20;
+const LAPIC_EOI_REGISTER: usize = 0xb0;
+const LAPIC_SPURIOUS: usize = 0xf0;
+const LAPIC_SOFTWARE_ENABLE: u32 = 1 << 8;
+/// Where MSI writes go: the local APICs' window, destination ID in bits 12–19.
+const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
 
 /// Timer interrupts since [`init`].
 pub fn ticks() -> u64 {
@@ -148,6 +168,40 @@ extern "x86-interrupt" fn irq<const LINE: u8>(_frame: InterruptStackFrame) {
     port::write_u8(PIC1_COMMAND, END_OF_INTERRUPT);
 }
 
+/// The MSI: marks it fired (it wakes the idle loop) and ends it at the local APIC.
+extern "x86-interrupt" fn msi(_frame: InterruptStackFrame) {
+    MSI_FIRED.store(true, Ordering::Relaxed);
+    let eoi = LAPIC_EOI.load(Ordering::Relaxed);
+    if eoi != 0 {
+        // SAFETY: the address is the mapped local APIC's EOI register (set once by
+        // `enable_msi` before any device was told to send this vector).
+        unsafe { (eoi as *mut u32).write_volatile(0) };
+    }
+}
+
+/// Readies the boot CPU's local APIC for [`MSI_VECTOR`] and returns the message
+/// address and data a device must write to raise it; `None` without a local APIC
+/// in memory-mapped (xAPIC) mode.
+pub fn enable_msi() -> Option<(u64, u32)> {
+    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; reading it has no effect.
+    let base = unsafe { x86_64::registers::model_specific::Msr::new(APIC_BASE_MSR).read() };
+    if base & APIC_GLOBAL_ENABLE == 0 || base & APIC_X2APIC_MODE != 0 {
+        return None;
+    }
+    // SAFETY: the MSR names the local APIC's register page.
+    let lapic = unsafe { Mmio::map(base & 0xf_ffff_f000, 4096) }?;
+    let spurious = lapic.read_u32(LAPIC_SPURIOUS);
+    lapic.write_u32(LAPIC_SPURIOUS, spurious | LAPIC_SOFTWARE_ENABLE);
+    let id = u64::from(lapic.read_u32(LAPIC_ID) >> 24);
+    LAPIC_EOI.store(lapic.address(LAPIC_EOI_REGISTER), Ordering::Relaxed);
+    Some((MSI_ADDRESS_BASE | id << 12, u32::from(MSI_VECTOR)))
+}
+
+/// Whether the MSI fired since the last call.
+pub fn take_msi() -> bool {
+    MSI_FIRED.swap(false, Ordering::Relaxed)
+}
+
 const IRQ_HANDLERS: [extern "x86-interrupt" fn(InterruptStackFrame); 16] = [
     irq::<0>, irq::<1>, irq::<2>, irq::<3>, irq::<4>, irq::<5>, irq::<6>, irq::<7>, irq::<8>,
     irq::<9>, irq::<10>, irq::<11>, irq::<12>, irq::<13>, irq::<14>, irq::<15>,
@@ -192,7 +246,7 @@ pub fn rearm_device_irq(line: u8) {
 /// Whether any device line fired and awaits its driver. The idle loop checks
 /// this with interrupts off before `hlt`.
 pub fn device_irq_pending() -> bool {
-    FIRED.load(Ordering::Relaxed) != 0
+    FIRED.load(Ordering::Relaxed) != 0 || MSI_FIRED.load(Ordering::Relaxed)
 }
 
 static IDT: Lazy<InterruptDescriptorTable> = Lazy::new(|| {
@@ -233,6 +287,7 @@ static IDT: Lazy<InterruptDescriptorTable> = Lazy::new(|| {
     for (line, handler) in (0u8..).zip(IRQ_HANDLERS) {
         idt[IRQ_BASE + line].set_handler_fn(handler);
     }
+    idt[MSI_VECTOR].set_handler_fn(msi);
     idt
 });
 

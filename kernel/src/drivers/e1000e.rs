@@ -33,6 +33,10 @@ const STANDARD_FRAME: usize = 1514;
 /// Largest IP MTU `set_mtu` takes (jumbo frames).
 pub const MAX_MTU: usize = 9000;
 const ETHERNET_HEADER: usize = 14;
+/// Receive descriptors handed back to the device with one tail write: every
+/// register write is a trap into the emulator (or a bus transaction), and the device
+/// keeps all but this many buffers meanwhile.
+const RX_GIVE_BACK_BATCH: usize = 16;
 /// Longest time a transmit ring may hold frames without finishing one.
 const TX_STALL_NS: u64 = 2_000_000_000;
 
@@ -152,8 +156,10 @@ struct TxRing {
     descriptors: DmaBuffer,
     buffers: DmaBuffer,
     buffer_len: usize,
-    /// The next descriptor to fill (the tail the device was given).
+    /// The next descriptor to fill.
     tail: usize,
+    /// The tail the device was last given (frames up to it are being sent).
+    told: usize,
     /// The oldest descriptor the device has not been seen to finish.
     clean: usize,
     in_flight: usize,
@@ -238,6 +244,15 @@ impl E1000e {
             != 0
     }
 
+    /// Hands the frames queued since the last call to the device, with one tail
+    /// write for all of them.
+    pub fn flush(&mut self) {
+        if self.tx.told != self.tx.tail {
+            self.tx.told = self.tx.tail;
+            self.regs.write_u32(TDT, self.tx.tail as u32);
+        }
+    }
+
     /// Resets the rings if the transmit ring has stopped moving; returns whether it
     /// did.
     pub fn recover_stall(&mut self) -> bool {
@@ -256,9 +271,12 @@ impl E1000e {
             return Err("the MTU must be between 68 and 9000");
         }
         if mtu != self.mtu {
+            // Allocated first: without memory for them the old rings stay in use.
+            let (rx, tx) = (RxRing::new(mtu)?, TxRing::new(mtu)?);
+            // The device stops using the old buffers before they are freed.
             self.reset();
-            self.rx = RxRing::new(mtu)?;
-            self.tx = TxRing::new(mtu)?;
+            self.rx = rx;
+            self.tx = tx;
             self.mtu = mtu;
         }
         self.checksum_offload = checksum_offload;
@@ -467,13 +485,16 @@ impl RxRing {
         self.discarding = false;
     }
 
-    /// Returns descriptor `slot` (the oldest the driver holds) to the device.
+    /// Returns descriptor `slot` (the oldest the driver holds) to the device, which
+    /// learns of it with the batch it belongs to.
     fn give_back(&mut self, regs: &Mmio, slot: usize) {
         self.descriptors.write_u64(slot * DESCRIPTOR + RX_LENGTH, 0);
         self.next = (slot + 1) % RING_LEN;
         // The tail is one past the last descriptor the device may fill: `slot`
-        // becomes the one kept back, the previous one the device's again.
-        regs.write_u32(RDT, slot as u32);
+        // becomes the one kept back, the ones before it the device's again.
+        if slot % RX_GIVE_BACK_BATCH == RX_GIVE_BACK_BATCH - 1 {
+            regs.write_u32(RDT, slot as u32);
+        }
     }
 }
 
@@ -485,6 +506,7 @@ impl TxRing {
             buffers: DmaBuffer::on_heap(RING_LEN * buffer_len).ok_or("heap exhausted")?,
             buffer_len,
             tail: 0,
+            told: 0,
             clean: 0,
             in_flight: 0,
             context: None,
@@ -499,6 +521,7 @@ impl TxRing {
             self.descriptors.write_u64(slot * DESCRIPTOR + TX_LOWER, 0);
         }
         self.tail = 0;
+        self.told = 0;
         self.clean = 0;
         self.in_flight = 0;
         self.context = None;
@@ -550,7 +573,6 @@ impl Device for E1000e {
             },
             TxToken {
                 ring: &mut self.tx,
-                regs: &self.regs,
                 offload: self.checksum_offload,
                 counters: &mut self.counters,
             },
@@ -563,7 +585,6 @@ impl Device for E1000e {
         }
         Some(TxToken {
             ring: &mut self.tx,
-            regs: &self.regs,
             offload: self.checksum_offload,
             counters: &mut self.counters,
         })
@@ -610,10 +631,10 @@ impl Drop for RxToken<'_> {
     }
 }
 
-/// Permission to send one frame: two free descriptors exist.
+/// Permission to queue one frame (two free descriptors exist); the device gets it
+/// at the next [`E1000e::flush`].
 pub struct TxToken<'a> {
     ring: &'a mut TxRing,
-    regs: &'a Mmio,
     offload: bool,
     counters: &'a mut NicCounters,
 }
@@ -669,7 +690,6 @@ impl phy::TxToken for TxToken<'_> {
         }
         let address = ring.buffers.phys() + offset(data_slot) as u64;
         ring.push(address, lower, upper);
-        self.regs.write_u32(TDT, ring.tail as u32);
         self.counters.tx_packets += 1;
         self.counters.tx_bytes += len as u64;
         result

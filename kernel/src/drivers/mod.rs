@@ -6,6 +6,7 @@ pub mod nvme;
 pub mod virtio_blk;
 mod virtio_hal;
 pub mod virtio_net;
+mod virtio_offload;
 
 use alloc::boxed::Box;
 use alloc::format;

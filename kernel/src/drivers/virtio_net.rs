@@ -7,28 +7,39 @@
 //! each in a buffer of its own that returns to the free list when the device hands
 //! the descriptor back. The NIC interrupts on used buffers of either queue; the
 //! interrupt only wakes the main loop, which acknowledges it here.
+//!
+//! Where the device offers checksum offload (on a tap network; QEMU's user network
+//! does not) it is negotiated and on by default: frames go out with partial
+//! checksums, and frames come in checked by the host or partial (see
+//! [`virtio_offload`](super::virtio_offload)). Buffers hold jumbo frames, so the
+//! MTU can be raised to 9000 without touching the queues.
 
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 use console::NicCounters;
-use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::Transport;
 use virtio_drivers::transport::pci::PciTransport;
 
 use super::virtio_hal::KernelHal;
+use super::virtio_offload::{
+    DATA_VALID, HEADER_CSUM_OFFSET, HEADER_CSUM_START, HEADER_FLAGS, NEEDS_CSUM, OffloadTransport,
+};
 use crate::pci::{Pci, PciFunction};
 
 /// Descriptors per queue (QEMU's default and maximum ring size for virtio-net).
 pub const QUEUE_SIZE: usize = 256;
-/// Ethernet frame without FCS, as smoltcp counts the MTU.
-const FRAME_LEN: usize = 1514;
 const ETHERNET_HEADER: usize = 14;
+/// The IP MTU at start-up.
+const STANDARD_MTU: usize = 1500;
+/// The largest IP MTU (jumbo frames).
+const MAX_MTU: usize = 9000;
 /// virtio-net header (version 1 layout, 12 bytes; the legacy one is shorter) plus
-/// a frame, rounded up.
-const BUFFER_LEN: usize = 1536;
+/// a jumbo frame, rounded up.
+const BUFFER_LEN: usize = 9216;
 /// Offset of the `status` field in the device configuration (after the MAC).
 const CONFIG_STATUS: usize = 6;
 /// `VIRTIO_NET_F_STATUS`: the device reports link state.
@@ -36,7 +47,7 @@ const FEATURE_STATUS: u64 = 1 << 16;
 /// `VIRTIO_NET_S_LINK_UP`.
 const STATUS_LINK_UP: u16 = 1;
 
-type Raw = VirtIONetRaw<KernelHal, PciTransport, QUEUE_SIZE>;
+type Raw = VirtIONetRaw<KernelHal, OffloadTransport, QUEUE_SIZE>;
 /// Transmit buffers the device holds, by descriptor token, with their length.
 type PostedTx = Vec<Option<(Box<[u8]>, usize)>>;
 
@@ -54,6 +65,11 @@ pub struct VirtioNet {
     tx_free: Vec<Box<[u8]>>,
     header_len: usize,
     counters: NicCounters,
+    mtu: usize,
+    /// The device negotiated checksum offload.
+    can_offload: bool,
+    /// Checksum offload in use.
+    offload: bool,
 }
 
 impl VirtioNet {
@@ -65,6 +81,8 @@ impl VirtioNet {
         let reports_link = config_view.read_device_features() & FEATURE_STATUS != 0;
         let transport = PciTransport::new::<KernelHal, _>(&mut pci.root, function.address)
             .map_err(|_| "virtio PCI transport setup failed")?;
+        let transport = OffloadTransport::new(transport);
+        let can_offload = transport.offloads();
         let raw = Raw::new(transport).map_err(|_| "virtio-net initialisation failed")?;
         let mut probe_header = [0u8; 32];
         let header_len = raw
@@ -84,6 +102,9 @@ impl VirtioNet {
                 .collect(),
             header_len,
             counters: NicCounters::default(),
+            mtu: STANDARD_MTU,
+            can_offload,
+            offload: can_offload,
         };
         net.repost_rx_buffers();
         if net.rx_returned.len() == QUEUE_SIZE {
@@ -111,21 +132,27 @@ impl VirtioNet {
     }
 
     pub fn mtu(&self) -> usize {
-        FRAME_LEN - ETHERNET_HEADER
+        self.mtu
     }
 
     pub fn checksum_offload(&self) -> bool {
-        false
+        self.offload
     }
 
-    /// Only the settings the device has: the standard MTU, no offload.
+    /// Sets the MTU (68 to 9000: the buffers hold jumbo frames) and checksum
+    /// offload, where the device negotiated it.
     pub fn reconfigure(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), &'static str> {
-        if checksum_offload {
-            return Err("this virtio-net device offers no checksum offload");
+        if checksum_offload && !self.can_offload {
+            return Err(
+                "this virtio-net device offers no checksum offload (QEMU's user \
+                        network does not; tap does)",
+            );
         }
-        if mtu != self.mtu() {
-            return Err("virtio-net frames are limited to the standard MTU of 1500");
+        if !(68..=MAX_MTU).contains(&mtu) {
+            return Err("the MTU must be between 68 and 9000");
         }
+        self.mtu = mtu;
+        self.offload = checksum_offload;
         Ok(())
     }
 
@@ -177,7 +204,10 @@ impl VirtioNet {
             };
             // SAFETY: the same buffer that was queued with `token`.
             match unsafe { self.raw.receive_complete(token, &mut buffer) } {
-                Ok((header_len, frame_len)) if frame_len <= buffer.len() - header_len => {
+                Ok((header_len, frame_len))
+                    if frame_len <= buffer.len() - header_len
+                        && self.checksum_ok(&mut buffer, header_len, frame_len) =>
+                {
                     self.counters.rx_packets += 1;
                     self.counters.rx_bytes += frame_len as u64;
                     return Some((buffer, header_len, frame_len));
@@ -187,6 +217,24 @@ impl VirtioNet {
                     self.rx_returned.push(buffer);
                 }
             }
+        }
+    }
+
+    /// Settles a received frame's TCP/UDP checksum: a partial one (from a sender
+    /// on the host) is completed unless offload lets smoltcp skip it, and with
+    /// offload a frame the device did not check is checked here.
+    fn checksum_ok(&self, buffer: &mut [u8], header_len: usize, frame_len: usize) -> bool {
+        let flags = buffer[HEADER_FLAGS];
+        let field = |at: usize| usize::from(u16::from_le_bytes([buffer[at], buffer[at + 1]]));
+        let (start, offset) = (field(HEADER_CSUM_START), field(HEADER_CSUM_OFFSET));
+        let frame = &mut buffer[header_len..header_len + frame_len];
+        if flags & NEEDS_CSUM != 0 {
+            if !self.offload {
+                frame_checksum::complete(frame, start, offset);
+            }
+            true
+        } else {
+            !self.offload || flags & DATA_VALID != 0 || frame_checksum::verify_rx(frame)
         }
     }
 
@@ -218,6 +266,7 @@ impl Device for VirtioNet {
             tx_free,
             header_len,
             counters,
+            offload,
             ..
         } = self;
         Some((
@@ -233,6 +282,7 @@ impl Device for VirtioNet {
                 tx_free,
                 header_len: *header_len,
                 counters,
+                offload: *offload,
             },
         ))
     }
@@ -247,15 +297,20 @@ impl Device for VirtioNet {
             tx_free: &mut self.tx_free,
             header_len: self.header_len,
             counters: &mut self.counters,
+            offload: self.offload,
         })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = FRAME_LEN;
+        caps.max_transmission_unit = self.mtu + ETHERNET_HEADER;
         // A peer may send at most a receive queue's worth of frames unacknowledged.
         caps.max_burst_size = Some(QUEUE_SIZE);
+        if self.offload {
+            caps.checksum.tcp = Checksum::None;
+            caps.checksum.udp = Checksum::None;
+        }
         caps
     }
 }
@@ -290,6 +345,7 @@ pub struct TxToken<'a> {
     tx_free: &'a mut Vec<Box<[u8]>>,
     header_len: usize,
     counters: &'a mut NicCounters,
+    offload: bool,
 }
 
 impl phy::TxToken for TxToken<'_> {
@@ -305,6 +361,15 @@ impl phy::TxToken for TxToken<'_> {
             panic!("virtio-net header: {error:?}");
         }
         let result = f(&mut buffer[self.header_len..total]);
+        if self.offload
+            && let Some(checksum) = frame_checksum::prepare_tx(&mut buffer[self.header_len..total])
+        {
+            buffer[HEADER_FLAGS] = NEEDS_CSUM;
+            let start = (checksum.start as u16).to_le_bytes();
+            let offset = (checksum.offset as u16).to_le_bytes();
+            buffer[HEADER_CSUM_START..HEADER_CSUM_START + 2].copy_from_slice(&start);
+            buffer[HEADER_CSUM_OFFSET..HEADER_CSUM_OFFSET + 2].copy_from_slice(&offset);
+        }
         // SAFETY: the buffer is kept in `tx_posted` (its heap contents do not move)
         // until `reap_tx` takes it back after the device returned the descriptor.
         match unsafe { self.raw.transmit_begin(&buffer[..total]) } {

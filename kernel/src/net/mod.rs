@@ -41,8 +41,8 @@ const ROUNDS_PER_POLL: usize = 16;
 
 pub struct NetStack {
     device: Nic,
-    /// The NIC's interrupt line, when the firmware routed one to the PIC.
-    irq: Option<u8>,
+    /// How the NIC wakes the idle loop.
+    wakeup: Wakeup,
     iface: Interface,
     sockets: SocketSet<'static>,
     mode: AddressMode,
@@ -52,6 +52,36 @@ pub struct NetStack {
     next_local_port: u16,
     /// Sockets of dropped outgoing connections, removed after the next poll.
     closing: alloc::vec::Vec<SocketHandle>,
+}
+
+/// How the NIC's interrupt arrives.
+#[derive(Clone, Copy)]
+enum Wakeup {
+    /// A message-signalled interrupt.
+    Msi,
+    /// A legacy line the firmware routed to the PIC.
+    Line(u8),
+    /// None: the stack is polled on the timer tick.
+    Polled,
+}
+
+/// Asks for an MSI where the driver takes one and the function has the capability,
+/// else the legacy line.
+fn wakeup(pci: &mut Pci, function: &PciFunction, device: &Nic) -> Wakeup {
+    if device.takes_msi()
+        && let Some((address, data)) = interrupts::enable_msi()
+        && pci.enable_msi(function.address, address, data)
+    {
+        return Wakeup::Msi;
+    }
+    let Some(line) = pci
+        .legacy_interrupt_line(function.address)
+        .filter(|&line| interrupts::enable_device_irq(line))
+    else {
+        return Wakeup::Polled;
+    };
+    pci.silence_legacy_interrupts(line, function.address);
+    Wakeup::Line(line)
 }
 
 /// Sets up a NIC's driver.
@@ -84,20 +114,16 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
             return None;
         }
     };
-    let irq = pci
-        .legacy_interrupt_line(function.address)
-        .filter(|&line| interrupts::enable_device_irq(line));
-    if let Some(line) = irq {
-        pci.silence_legacy_interrupts(line, function.address);
-    }
+    let wakeup = wakeup(pci, &function, &device);
     let mac = device.mac();
-    let wakeup = match irq {
-        Some(line) => format!("IRQ {line}"),
-        None => "no interrupt line, polled on the timer tick".into(),
+    let wakeup_text = match wakeup {
+        Wakeup::Msi => "MSI".into(),
+        Wakeup::Line(line) => format!("IRQ {line}"),
+        Wakeup::Polled => "no interrupt line, polled on the timer tick".into(),
     };
     let _ = write!(
         log,
-        "thinbox: NIC {} ({}) at {}, {wakeup}\r\n",
+        "thinbox: NIC {} ({}) at {}, {wakeup_text}\r\n",
         EthernetAddress(mac),
         device.driver(),
         function.address
@@ -107,7 +133,7 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
     let nbd = NbdSockets::new(&mut sockets);
     let mut stack = NetStack {
         device,
-        irq,
+        wakeup,
         iface,
         sockets,
         mode: AddressMode::Dhcp,
@@ -140,17 +166,20 @@ impl NetStack {
     /// when memory is short: sockets then back-pressure their clients). Returns true
     /// while there is work the main loop should come back for without sleeping.
     pub fn poll<B: nbd::Backend>(&mut self, server: &mut nbd::Server<B>, admit: bool) -> bool {
-        if let Some(line) = self.irq
-            && interrupts::take_device_irq(line)
-        {
-            self.device.ack_interrupt();
-            interrupts::rearm_device_irq(line);
+        match self.wakeup {
+            Wakeup::Msi if interrupts::take_msi() => self.device.ack_interrupt(),
+            Wakeup::Line(line) if interrupts::take_device_irq(line) => {
+                self.device.ack_interrupt();
+                interrupts::rearm_device_irq(line);
+            }
+            _ => {}
         }
         self.device.recover_stall();
         for _ in 0..ROUNDS_PER_POLL {
             let now = now();
             let changed =
                 self.iface.poll(now, &mut self.device, &mut self.sockets) != PollResult::None;
+            self.device.flush();
             self.remove_closed();
             self.dhcp_events();
             let moved = self.nbd.pump(&mut self.sockets, server, admit, now);

@@ -34,6 +34,12 @@ impl Nic {
         }
     }
 
+    /// Whether the driver takes its interrupt as an MSI (the e1000e; virtio-drivers
+    /// reads virtio's interrupt status register, which only INTx sets).
+    pub fn takes_msi(&self) -> bool {
+        matches!(self, Nic::E1000e(_))
+    }
+
     pub fn mac(&self) -> [u8; 6] {
         each!(self, nic => nic.mac())
     }
@@ -60,6 +66,13 @@ impl Nic {
 
     pub fn has_input(&self) -> bool {
         each!(self, nic => nic.has_input())
+    }
+
+    /// Hands queued frames to the device (the e1000e batches them).
+    pub fn flush(&mut self) {
+        if let Nic::E1000e(nic) = self {
+            nic.flush();
+        }
     }
 
     /// Resets a transmit ring that stopped moving; returns whether it did.

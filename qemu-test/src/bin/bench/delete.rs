@@ -12,7 +12,7 @@ use std::time::Duration;
 use host_tools::Tool;
 use qemu_test::{Appliance, HostServer, Options, Scratch, wait_for_greeting};
 
-use crate::{BLOCK_SECTORS, EXPORT_BYTES, MIB, Result, SECTOR, build_thinbox, fio_iops};
+use crate::{BLOCK_SECTORS, Client, EXPORT_BYTES, MIB, Result, SECTOR, build_thinbox, fio_iops};
 
 /// Mappings of the device that is deleted.
 const MAPPINGS: u64 = 8 << 20;
@@ -98,12 +98,12 @@ fn appliance(metadata: &Path, data: &Path, seconds: u32) -> Result<Figures> {
     }
     let uri = format!("nbd://127.0.0.1:{port}/vol");
     eprintln!("delete: appliance, reads alone");
-    let idle = fio_iops(&uri, "randread", seconds)?;
+    let idle = fio_iops(Client::Host, &uri, "randread", seconds)?;
     appliance
         .console_ok("thin delete big --background")
         .map_err(|e| format!("thin delete: {e:?}"))?;
     eprintln!("delete: appliance, reads during the delete");
-    let deleting = fio_iops(&uri, "randread", seconds)?;
+    let deleting = fio_iops(Client::Host, &uri, "randread", seconds)?;
     let jobs = appliance
         .console_ok("jobs")
         .map_err(|e| format!("jobs: {e:?}"))?;
@@ -126,7 +126,7 @@ fn offline(metadata: &Path, data: &Path, seconds: u32) -> Result<Figures> {
         }
         let server = HostServer::offline(&thinbox, &disks, &commands)?;
         eprintln!("delete: offline, reads (delete running: {deleting})");
-        let iops = fio_iops(&server.uri("vol"), "randread", seconds)?;
+        let iops = fio_iops(Client::Host, &server.uri("vol"), "randread", seconds)?;
         if deleting {
             figures.deleting = iops;
         } else {

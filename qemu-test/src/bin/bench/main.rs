@@ -12,7 +12,8 @@
 //! asserted.
 //!
 //! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`; with `--delete`,
-//! reads while a large device is deleted instead ([`delete`]).
+//! reads while a large device is deleted instead ([`delete`]); with `--network`, the
+//! appliance on each NIC over the user network and over tap instead ([`network`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -21,7 +22,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, HostServer, Options, Scratch, free_port, wait_for_greeting};
+use qemu_test::{
+    Appliance, HostServer, Options, Scratch, TapNetwork, free_port, wait_for_greeting,
+};
 
 const MIB: u64 = 1 << 20;
 /// Size of every export: copied in and out whole with nbdcopy, covered by the
@@ -46,14 +49,37 @@ struct Figures {
 }
 
 mod delete;
+mod network;
+
+/// Where the NBD clients run: on this host, or inside a tap network's namespace.
+#[derive(Clone, Copy)]
+enum Client<'a> {
+    Host,
+    Namespace(&'a TapNetwork),
+}
+
+impl Client<'_> {
+    fn run(self, command: Command) -> Command {
+        match self {
+            Client::Host => command,
+            Client::Namespace(network) => network.wrap(command),
+        }
+    }
+}
+
+/// Which benchmark to run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Compare,
+    Delete,
+    Network,
+}
 
 fn main() {
-    let result = parse_args().and_then(|(seconds, delete)| {
-        if delete {
-            delete::bench(seconds)
-        } else {
-            bench(seconds)
-        }
+    let result = parse_args().and_then(|(seconds, mode)| match mode {
+        Mode::Compare => bench(seconds),
+        Mode::Delete => delete::bench(seconds),
+        Mode::Network => network::bench(seconds),
     });
     if let Err(why) = result {
         eprintln!("bench: {why}");
@@ -100,28 +126,19 @@ fn bench(seconds: u32) -> Result<()> {
             .map_err(|e| format!("{command}: {e:?}"))?;
     }
 
-    let thin = measure(
-        "thin",
-        &format!("nbd://127.0.0.1:{port}/thin"),
-        &source,
-        seconds,
-    )?;
-    let linear = measure(
-        "linear",
-        &format!("nbd://127.0.0.1:{port}/linear"),
-        &source,
-        seconds,
-    )?;
+    let on_host = |name: &str, uri: &str| measure(Client::Host, name, uri, &source, seconds);
+    let thin = on_host("thin", &format!("nbd://127.0.0.1:{port}/thin"))?;
+    let linear = on_host("linear", &format!("nbd://127.0.0.1:{port}/linear"))?;
     appliance
         .shutdown()
         .map_err(|e| format!("shutdown: {e:?}"))?;
 
     let offline = start_offline(scratch.path())?;
-    let host_thin = measure("offline thin", &offline.uri("thin"), &source, seconds)?;
+    let host_thin = on_host("offline thin", &offline.uri("thin"))?;
     drop(offline);
 
     let qemu_nbd = start_qemu_nbd(scratch.path())?;
-    let qcow2 = measure("qemu-nbd", &qemu_nbd.uri(""), &source, seconds)?;
+    let qcow2 = on_host("qemu-nbd", &qemu_nbd.uri(""))?;
     drop(qemu_nbd);
 
     println!();
@@ -182,11 +199,18 @@ fn thin_pool_commands() -> [String; 3] {
     ]
 }
 
-/// `[--delete] [--seconds N]`: which benchmark, and fio's run time per workload.
-fn parse_args() -> Result<(u32, bool)> {
+/// `[--delete|--network] [--seconds N]`: which benchmark, and fio's run time per
+/// workload.
+fn parse_args() -> Result<(u32, Mode)> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let delete = args.iter().any(|arg| arg == "--delete");
-    args.retain(|arg| arg != "--delete");
+    let mode = if args.iter().any(|arg| arg == "--delete") {
+        Mode::Delete
+    } else if args.iter().any(|arg| arg == "--network") {
+        Mode::Network
+    } else {
+        Mode::Compare
+    };
+    args.retain(|arg| arg != "--delete" && arg != "--network");
     let seconds = match args.as_slice() {
         [] => Ok(10),
         [flag, value] if flag == "--seconds" => value
@@ -194,9 +218,12 @@ fn parse_args() -> Result<(u32, bool)> {
             .ok()
             .filter(|&seconds| seconds > 0)
             .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
-        _ => Err("usage: bench [--delete] [--seconds N] (fio run time per random workload)".into()),
+        _ => Err(
+            "usage: bench [--delete|--network] [--seconds N] (fio run time per random workload)"
+                .into(),
+        ),
     }?;
-    Ok((seconds, delete))
+    Ok((seconds, mode))
 }
 
 /// Writes `bytes` of pseudo-random data (incompressible, no holes).
@@ -212,17 +239,21 @@ fn write_random(path: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// Copies in and out, then random reads and writes, against `uri`.
-fn measure(name: &str, uri: &str, source: &Path, seconds: u32) -> Result<Figures> {
+/// Copies in and out, then random reads and writes, against `uri`, with the clients
+/// run by `client`.
+fn measure(client: Client, name: &str, uri: &str, source: &Path, seconds: u32) -> Result<Figures> {
     eprintln!("{name}: copying {} MiB in", EXPORT_BYTES / MIB);
-    let write = timed(&["nbdcopy", "--flush", &source.display().to_string(), uri])?;
+    let write = timed(
+        client,
+        &["nbdcopy", "--flush", &source.display().to_string(), uri],
+    )?;
     eprintln!("{name}: copying {} MiB out", EXPORT_BYTES / MIB);
-    let read = timed(&["nbdcopy", uri, "null:"])?;
+    let read = timed(client, &["nbdcopy", uri, "null:"])?;
     eprintln!("{name}: 4 KiB random reads and writes, queue depth 16, {seconds} s each");
-    let randread_iops = fio_iops(uri, "randread", seconds)?;
-    let randwrite_iops = fio_iops(uri, "randwrite", seconds)?;
+    let randread_iops = fio_iops(client, uri, "randread", seconds)?;
+    let randwrite_iops = fio_iops(client, uri, "randwrite", seconds)?;
     eprintln!("{name}: 4 KiB random FUA writes, queue depth 16, {seconds} s");
-    let fua_randwrite_iops = fua_write_iops(uri, seconds)?;
+    let fua_randwrite_iops = fua_write_iops(client, uri, seconds)?;
     let mb = EXPORT_BYTES as f64 / 1e6;
     Ok(Figures {
         write_mb_s: mb / write.as_secs_f64(),
@@ -235,7 +266,7 @@ fn measure(name: &str, uri: &str, source: &Path, seconds: u32) -> Result<Figures
 
 /// IOPS of 4 KiB writes with FUA at random 4 KiB-aligned offsets of the copied range,
 /// 16 in flight, sent by libnbd in `nbdsh` for `seconds`.
-fn fua_write_iops(uri: &str, seconds: u32) -> Result<f64> {
+fn fua_write_iops(client: Client, uri: &str, seconds: u32) -> Result<f64> {
     let script = format!(
         r#"
 import os, random, time
@@ -263,7 +294,10 @@ print(done / (time.monotonic() - start))
 "#,
         pages = EXPORT_BYTES / 4096
     );
-    let text = output_of(qemu_test::nbdsh_command(uri, &script), "FUA writes")?;
+    let text = output_of(
+        client.run(qemu_test::nbdsh_command(uri, &script)),
+        "FUA writes",
+    )?;
     text.trim()
         .parse()
         .map_err(|_| format!("unexpected nbdsh output: {text}"))
@@ -282,10 +316,12 @@ fn output_of(mut command: Command, what: &str) -> Result<String> {
     Ok(text)
 }
 
-fn timed(command: &[&str]) -> Result<Duration> {
+fn timed(client: Client, command: &[&str]) -> Result<Duration> {
     let started = Instant::now();
-    let done = Command::new(command[0])
-        .args(&command[1..])
+    let mut program = Command::new(command[0]);
+    program.args(&command[1..]);
+    let done = client
+        .run(program)
         .output()
         .map_err(|e| format!("{}: {e}", command[0]))?;
     if !done.status.success() {
@@ -298,7 +334,7 @@ fn timed(command: &[&str]) -> Result<Duration> {
 }
 
 /// IOPS of a fio run with its nbd engine over the copied range.
-fn fio_iops(uri: &str, pattern: &str, seconds: u32) -> Result<f64> {
+fn fio_iops(client: Client, uri: &str, pattern: &str, seconds: u32) -> Result<f64> {
     let mut fio = Command::new("fio");
     fio.args([
         "--name=bench",
@@ -312,7 +348,7 @@ fn fio_iops(uri: &str, pattern: &str, seconds: u32) -> Result<f64> {
         "--time_based",
         "--minimal",
     ]);
-    let text = output_of(fio, &format!("fio {pattern}"))?;
+    let text = output_of(client.run(fio), &format!("fio {pattern}"))?;
     // Terse format version 3: read IOPS is field 8, write IOPS field 49 (1-based).
     let terse = text
         .lines()
@@ -369,18 +405,21 @@ fn start_qemu_nbd(dir: &Path) -> Result<HostServer> {
     let base = dir.join("base.raw");
     let overlay = dir.join("overlay.qcow2");
     qemu_test::create_disk(&base, EXPORT_BYTES).map_err(|e| format!("base image: {e}"))?;
-    timed(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        &base.display().to_string(),
-        &overlay.display().to_string(),
-    ])?;
+    timed(
+        Client::Host,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            &base.display().to_string(),
+            &overlay.display().to_string(),
+        ],
+    )?;
     let port = free_port().map_err(|e| format!("picking a port: {e}"))?;
     let mut command = Command::new("qemu-nbd");
     command.args([

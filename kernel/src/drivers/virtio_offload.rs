@@ -1,0 +1,125 @@
+//! virtio-net checksum offload, which `virtio-drivers` does not negotiate itself: a
+//! transport that passes everything through to the PCI transport but adds the
+//! checksum features to what the driver accepts (when the device offers them), and
+//! the header fields that carry a frame's checksum either way.
+
+use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
+use virtio_drivers::{PhysAddr, Result};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+/// `VIRTIO_NET_F_CSUM`: the device completes checksums of frames the driver sends.
+pub const FEATURE_CSUM: u64 = 1 << 0;
+/// `VIRTIO_NET_F_GUEST_CSUM`: the driver accepts frames with partial checksums.
+pub const FEATURE_GUEST_CSUM: u64 = 1 << 1;
+/// Header flag: the checksum from `csum_start` on is still to be computed.
+pub const NEEDS_CSUM: u8 = 1;
+/// Header flag: the device checked the checksum.
+pub const DATA_VALID: u8 = 2;
+/// Header offsets of `flags`, `csum_start` and `csum_offset`.
+pub const HEADER_FLAGS: usize = 0;
+pub const HEADER_CSUM_START: usize = 6;
+pub const HEADER_CSUM_OFFSET: usize = 8;
+
+/// The PCI transport, accepting the checksum features too.
+pub struct OffloadTransport {
+    inner: PciTransport,
+    /// The checksum features the device offers (both, or none is used).
+    offered: u64,
+}
+
+impl OffloadTransport {
+    pub fn new(mut inner: PciTransport) -> OffloadTransport {
+        let both = FEATURE_CSUM | FEATURE_GUEST_CSUM;
+        let offered = if inner.read_device_features() & both == both {
+            both
+        } else {
+            0
+        };
+        OffloadTransport { inner, offered }
+    }
+
+    /// Whether checksum offload is negotiated.
+    pub fn offloads(&self) -> bool {
+        self.offered != 0
+    }
+}
+
+impl Transport for OffloadTransport {
+    fn device_type(&self) -> DeviceType {
+        self.inner.device_type()
+    }
+
+    fn read_device_features(&mut self) -> u64 {
+        self.inner.read_device_features()
+    }
+
+    fn write_driver_features(&mut self, driver_features: u64) {
+        self.inner
+            .write_driver_features(driver_features | self.offered)
+    }
+
+    fn max_queue_size(&mut self, queue: u16) -> u32 {
+        self.inner.max_queue_size(queue)
+    }
+
+    fn notify(&mut self, queue: u16) {
+        self.inner.notify(queue)
+    }
+
+    fn get_status(&self) -> DeviceStatus {
+        self.inner.get_status()
+    }
+
+    fn set_status(&mut self, status: DeviceStatus) {
+        self.inner.set_status(status)
+    }
+
+    fn set_guest_page_size(&mut self, guest_page_size: u32) {
+        self.inner.set_guest_page_size(guest_page_size)
+    }
+
+    fn requires_legacy_layout(&self) -> bool {
+        self.inner.requires_legacy_layout()
+    }
+
+    fn queue_set(
+        &mut self,
+        queue: u16,
+        size: u32,
+        descriptors: PhysAddr,
+        driver_area: PhysAddr,
+        device_area: PhysAddr,
+    ) {
+        self.inner
+            .queue_set(queue, size, descriptors, driver_area, device_area)
+    }
+
+    fn queue_unset(&mut self, queue: u16) {
+        self.inner.queue_unset(queue)
+    }
+
+    fn queue_used(&mut self, queue: u16) -> bool {
+        self.inner.queue_used(queue)
+    }
+
+    fn ack_interrupt(&mut self) -> InterruptStatus {
+        self.inner.ack_interrupt()
+    }
+
+    fn read_config_generation(&self) -> u32 {
+        self.inner.read_config_generation()
+    }
+
+    fn read_config_space<T: FromBytes + IntoBytes>(&self, offset: usize) -> Result<T> {
+        self.inner.read_config_space(offset)
+    }
+
+    fn write_config_space<T: IntoBytes + Immutable>(
+        &mut self,
+        offset: usize,
+        value: T,
+    ) -> Result<()> {
+        self.inner.write_config_space(offset, value)
+    }
+}
