@@ -136,6 +136,13 @@ impl Plane {
         while busy && self.console.busy() && Instant::now() < deadline {
             busy = self.console.poll(&mut output);
         }
+        // A command that ran as a job ends with the console's prompt; the transcript
+        // prints its own.
+        if !self.console.busy()
+            && let Some(rest) = output.strip_suffix(console::PROMPT)
+        {
+            output.truncate(rest.len());
+        }
         Turn {
             output,
             busy: self.console.busy(),

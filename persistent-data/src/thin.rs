@@ -58,7 +58,13 @@ use crate::superblock::{METADATA_VERSION, NEEDS_CHECK, Superblock};
 use crate::tm::{COUNT_VALUE_SIZE, Tm};
 
 mod deletion;
+mod delta;
+mod format;
+mod merge;
+mod views;
 pub use deletion::{FIRST_DELETING_ID, PendingDelete};
+pub use delta::{Delta, DeltaKind, DeltaPiece, DeltaSource};
+pub use format::{MetadataFormat, is_format_marker};
 
 /// Largest thin device id (24 bits).
 pub const MAX_DEV_ID: u64 = (1 << 24) - 1;
@@ -294,55 +300,39 @@ pub struct ThinMetadata {
 }
 
 impl ThinMetadata {
-    /// Opens (or, per `options.format`, formats) the metadata on `device`.
+    /// Opens (or, per `options.format`, formats) the metadata on `device`. A device
+    /// whose format was interrupted counts as blank.
     pub fn open(device: Box<dyn BlockDevice>, options: &OpenOptions) -> Result<(Self, OpenReport)> {
-        let size = options.data_block_size;
-        if !(128..=2_097_152).contains(&size) || !size.is_multiple_of(128) {
-            return Err(Error::BadDataBlockSize(size));
-        }
-        let mut cache = Cache::new(device, options.cache_blocks);
-        let device_blocks = cache.device_blocks();
-        if device_blocks == 0 {
-            return Err(Error::DeviceTooSmall {
-                device_blocks,
-                needed_blocks: MIN_METADATA_BLOCKS,
-            });
-        }
-        let usable = device_blocks.min(MAX_METADATA_BLOCKS);
-        let device_bytes = device_blocks * crate::block::BLOCK_SIZE as u64;
-        let warning = (device_bytes > METADATA_WARNING_BYTES).then_some(SizeWarning {
-            device_sectors: device_bytes / 512,
-            used_sectors: MAX_METADATA_BLOCKS * 8,
-        });
+        let (mut cache, geometry) = open_device(device, options)?;
         let block0 = cache.read_raw(0)?;
+        let blank = is_zero(&block0) || is_format_marker(&block0);
         let format = match options.format {
             FormatPolicy::Force => true,
-            FormatPolicy::IfBlank => is_zero(&block0),
-            FormatPolicy::Never if is_zero(&block0) => return Err(Error::Unformatted),
+            FormatPolicy::IfBlank => blank,
+            FormatPolicy::Never if blank => return Err(Error::Unformatted),
             FormatPolicy::Never => false,
         };
-        let metadata = if format {
-            ThinMetadata::format(cache, usable, size)?
-        } else {
-            let sb = Superblock::decode(0, &block0)?;
-            ThinMetadata::from_superblock(cache, sb, size, device_blocks)?
-        };
+        if format {
+            return MetadataFormat::begin(cache, &geometry, options.data_block_size, 0)?.run();
+        }
+        let sb = Superblock::decode(0, &block0)?;
+        let metadata = ThinMetadata::from_superblock(
+            cache,
+            sb,
+            options.data_block_size,
+            geometry.device_blocks,
+        )?;
         let report = OpenReport {
-            formatted: format,
-            device_blocks,
+            formatted: false,
+            device_blocks: geometry.device_blocks,
             metadata_blocks: metadata.tm.nr_blocks(),
-            warning,
+            warning: geometry.warning,
         };
         Ok((metadata, report))
     }
 
-    fn format(cache: Cache, nr_blocks: u64, data_block_size: u32) -> Result<Self> {
-        if nr_blocks < MIN_METADATA_BLOCKS {
-            return Err(Error::DeviceTooSmall {
-                device_blocks: nr_blocks,
-                needed_blocks: MIN_METADATA_BLOCKS,
-            });
-        }
+    /// Empty metadata of `nr_blocks` blocks and no data blocks, not yet written.
+    fn empty(cache: Cache, nr_blocks: u64, data_block_size: u32) -> Result<Self> {
         let mut tm = Tm::blank(cache, nr_blocks);
         tm.claim_superblock();
         let overflow = btree::empty_tree(&mut tm, COUNT_VALUE_SIZE)?;
@@ -367,16 +357,14 @@ impl ThinMetadata {
             compat_ro_flags: 0,
             incompat_flags: 0,
         };
-        let mut metadata = ThinMetadata {
+        Ok(ThinMetadata {
             tm,
             dsm,
             sb,
             mapping_root,
             details_root,
             details: BTreeMap::new(),
-        };
-        metadata.commit()?;
-        Ok(metadata)
+        })
     }
 
     fn from_superblock(
@@ -400,19 +388,33 @@ impl ThinMetadata {
     /// Makes the current transaction durable: writes every changed block, flushes,
     /// writes the superblock, flushes.
     pub fn commit(&mut self) -> Result<()> {
+        self.seal_transaction(true)
+    }
+
+    /// Writes every changed block and starts a new transaction as a commit does,
+    /// but leaves block 0 alone: for a format, whose last step writes the superblock.
+    fn write_transaction(&mut self) -> Result<()> {
+        self.seal_transaction(false)
+    }
+
+    fn seal_transaction(&mut self, superblock: bool) -> Result<()> {
         // Deferred index entries are ordinary changes of this transaction: they are
         // written before the commit may use the blocks kept back for it.
         self.dsm.write_back(&mut self.tm)?;
         self.tm.begin_commit();
         self.flush_details()?;
         let prepared = self.tm.prepare_commit()?;
-        self.tm.write_dirty_and_flush()?;
         let mut sb = self.sb.clone();
         sb.data_sm_root = self.dsm.root();
         sb.metadata_sm_root = prepared.root;
         sb.data_mapping_root = self.mapping_root;
         sb.device_details_root = self.details_root;
-        self.tm.write_superblock(0, &sb.encode(0))?;
+        if superblock {
+            self.tm.write_dirty_and_flush()?;
+            self.tm.write_superblock(0, &sb.encode(0))?;
+        } else {
+            self.tm.cache_mut().write_dirty()?;
+        }
         self.sb = sb;
         self.tm.finish_commit(prepared);
         self.dsm.finish_commit();
@@ -1094,6 +1096,47 @@ fn check_superblock(sb: &Superblock, data_block_size: u32, device_blocks: u64) -
         });
     }
     Ok(())
+}
+
+/// The size of a metadata device and what the format can use of it.
+struct Geometry {
+    device_blocks: u64,
+    warning: Option<SizeWarning>,
+}
+
+impl Geometry {
+    /// Blocks the metadata may use (at most the format's limit).
+    fn usable_blocks(&self) -> u64 {
+        self.device_blocks.min(MAX_METADATA_BLOCKS)
+    }
+}
+
+/// Checks the options against `device` and puts a cache in front of it.
+fn open_device(device: Box<dyn BlockDevice>, options: &OpenOptions) -> Result<(Cache, Geometry)> {
+    let size = options.data_block_size;
+    if !(128..=2_097_152).contains(&size) || !size.is_multiple_of(128) {
+        return Err(Error::BadDataBlockSize(size));
+    }
+    let cache = Cache::new(device, options.cache_blocks);
+    let device_blocks = cache.device_blocks();
+    if device_blocks == 0 {
+        return Err(Error::DeviceTooSmall {
+            device_blocks,
+            needed_blocks: MIN_METADATA_BLOCKS,
+        });
+    }
+    let device_bytes = device_blocks * crate::block::BLOCK_SIZE as u64;
+    let warning = (device_bytes > METADATA_WARNING_BYTES).then_some(SizeWarning {
+        device_sectors: device_bytes / 512,
+        used_sectors: MAX_METADATA_BLOCKS * 8,
+    });
+    Ok((
+        cache,
+        Geometry {
+            device_blocks,
+            warning,
+        },
+    ))
 }
 
 #[cfg(test)]

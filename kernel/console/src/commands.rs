@@ -24,10 +24,11 @@ pub(crate) const HELP: &[(&str, &str)] = &[
          device; destroys data",
     ),
     (
-        "create NAME [--readonly] --table T",
+        "create NAME [--readonly] [--background] --table T",
         "create a device from a table \"START LENGTH TARGET ARGS\" (segments end to end, \
          separated by ;): linear DEV OFFSET, thin-pool META DATA BLOCK_SECTORS LOW_WATER \
-         [N FEATURES], thin POOL ID [ORIGIN]",
+         [N FEATURES], thin POOL ID [ORIGIN]; follows a large pool's metadata format unless \
+         --background",
     ),
     (
         "remove NAME [--force]",
@@ -59,7 +60,7 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     (
         "pool create NAME META DATA",
         "create a pool on whole devices [--block-size SECTORS] [--low-water-mark BLOCKS] \
-         [--format]",
+         [--format] [--background]",
     ),
     (
         "thin create NAME POOL",
@@ -99,7 +100,7 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     ),
     (
         "jobs [cancel ID]",
-        "list the background work (pools releasing deleted blocks, snapshot merges)",
+        "list background jobs (progress, rate, time left); cancel one where that is safe",
     ),
     (
         "thin ls POOL",
@@ -140,15 +141,16 @@ pub(crate) const HELP: &[(&str, &str)] = &[
 const DEFAULT_TEST_MIB: u64 = 16;
 
 impl<P: Platform> Console<P> {
-    /// `jobs` lists what the pools do in the background; `jobs cancel ID`.
+    /// `jobs` lists the background jobs; `jobs cancel ID`.
     fn jobs(&mut self, args: &[String], out: &mut dyn Write) -> Result<(), CommandError> {
-        let dm = self.dm.borrow();
         match args {
             [] => {
-                crate::background::list(&dm, self.platform.now_ns(), out);
+                crate::background::list(&self.dm.borrow(), self.platform.now_ns(), out);
                 Ok(())
             }
-            [verb, id] if verb == "cancel" => crate::background::cancel(&dm, id),
+            [verb, id] if verb == "cancel" => {
+                crate::background::cancel(&mut self.dm.borrow_mut(), id, out)
+            }
             _ => Err("usage: jobs | jobs cancel ID".into()),
         }
     }

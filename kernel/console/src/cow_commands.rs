@@ -10,16 +10,13 @@
 //! snapshot); when it ends, the origin goes back to its own table.
 
 use alloc::format;
-use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use blockdev::{Command, IoBuf};
-use core::cell::RefCell;
 use core::fmt::Write;
-use dm::{DeviceMapper, Format, SnapshotMergeJob, Target};
+use dm::{DeviceMapper, Format, JobStatus, Target};
 use snapshot::StoreKind;
 
-use crate::job::{Context, Job, Progress};
 use crate::{CommandError, Console, Platform, outln};
 
 /// Chunk size of a new COW snapshot unless `--chunk-size` says otherwise (LVM's
@@ -29,9 +26,6 @@ const DEFAULT_CHUNK: u32 = 8;
 /// Bytes at the start of a COW device that must be blank (or are cleared with
 /// `--force`): a stale snapshot header there would be taken over.
 const HEADER_SECTORS: usize = 8;
-
-/// At most this long between progress lines.
-const PROGRESS_NS: u64 = 1_000_000_000;
 
 impl<P: Platform> Console<P> {
     /// The `snap` commands for COW snapshots; `None` when `args` are about thin
@@ -113,7 +107,7 @@ impl<P: Platform> Console<P> {
             [name, flag] if flag == "--background" => (name, true),
             _ => return Err("usage: snap merge NAME [--background]".into()),
         };
-        let origin = {
+        let (origin, id) = {
             let mut dm = self.dm.borrow_mut();
             let origin = hand_over(&mut dm, name)?;
             let job = merge_of(&dm, &origin).ok_or("the merge did not start")?;
@@ -122,16 +116,16 @@ impl<P: Platform> Console<P> {
                 "{name}: merging into {origin} ({} chunks); {name} removed",
                 job.total
             );
-            origin
+            (origin, job.id)
         };
-        if !background {
-            self.job = Some(alloc::boxed::Box::new(MergeWatch {
-                dm: Rc::clone(&self.dm),
-                origin,
-                last_report_ns: None,
-                detached: false,
-            }));
-        }
+        self.follow_job(
+            &origin,
+            &id,
+            background,
+            "merging in the background",
+            "merge complete",
+            out,
+        );
         Ok(())
     }
 
@@ -408,30 +402,10 @@ fn hand_over(dm: &mut DeviceMapper, name: &str) -> Result<String, CommandError> 
     Ok(origin)
 }
 
-fn merge_of(dm: &DeviceMapper, origin: &str) -> Option<SnapshotMergeJob> {
+fn merge_of(dm: &DeviceMapper, origin: &str) -> Option<JobStatus> {
     dm.snapshot_merges()
         .into_iter()
         .find(|job| job.device == origin)
-}
-
-/// "40% (32 of 80 chunks), 12 chunks/s" at time `now_ns`.
-fn describe(job: &SnapshotMergeJob, now_ns: u64) -> String {
-    let percent = job.done * 100 / job.total.max(1);
-    let elapsed_ns = now_ns.saturating_sub(job.started_ns).max(1);
-    let rate = u128::from(job.done) * 1_000_000_000 / u128::from(elapsed_ns);
-    format!(
-        "{percent}% ({} of {} {}), {rate} {}/s",
-        job.done, job.total, job.unit, job.unit
-    )
-}
-
-/// `jobs` lines for the merges; returns how many there are.
-pub(crate) fn list_merges(dm: &DeviceMapper, now_ns: u64, out: &mut dyn Write) -> usize {
-    let merges = dm.snapshot_merges();
-    for job in &merges {
-        outln!(out, "{}  {}: {}", job.id, job.what, describe(job, now_ns));
-    }
-    merges.len()
 }
 
 /// Finished merges of stacks `snap create` built: the origin goes back to its own
@@ -472,44 +446,4 @@ pub(crate) fn finish_merges(dm: &mut DeviceMapper) -> Vec<String> {
         });
     }
     events
-}
-
-/// Follows a merge with a progress line every second until it is complete (Ctrl-C
-/// detaches; the merge goes on).
-struct MergeWatch {
-    dm: Rc<RefCell<DeviceMapper>>,
-    origin: String,
-    last_report_ns: Option<u64>,
-    detached: bool,
-}
-
-impl Job for MergeWatch {
-    fn step(&mut self, context: &mut Context<'_>, out: &mut dyn Write) -> Progress {
-        let now_ns = (context.clock)();
-        let Some(job) = merge_of(&self.dm.borrow(), &self.origin) else {
-            outln!(out, "{}: merge complete", self.origin);
-            return Progress::Finished(Ok(()));
-        };
-        if self.detached {
-            outln!(
-                out,
-                "{}: detached; the merge goes on in the background (jobs shows it as {})",
-                self.origin,
-                job.id
-            );
-            return Progress::Finished(Ok(()));
-        }
-        if self
-            .last_report_ns
-            .is_none_or(|last| now_ns.saturating_sub(last) >= PROGRESS_NS)
-        {
-            self.last_report_ns = Some(now_ns);
-            outln!(out, "{}: merging: {}", self.origin, describe(&job, now_ns));
-        }
-        Progress::Running
-    }
-
-    fn cancel(&mut self) {
-        self.detached = true;
-    }
 }

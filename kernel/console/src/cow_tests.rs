@@ -120,10 +120,12 @@ fn merge_while_the_client_writes_then_the_volume_is_linear_again() {
     let (vol, _) = backend.open("vol").unwrap();
     assert_eq!(
         ok(&mut console, "snap merge snap --background"),
-        "snap: merging into vol (100 chunks); snap removed\r\n"
+        "snap: merging into vol (100 chunks); snap removed\r\n\
+         vol: merging in the background (jobs shows it as merge/vol)\r\n"
     );
     assert!(
-        ok(&mut console, "jobs").starts_with("merge/vol  merge of snapshot COW vdb into vol: ")
+        ok(&mut console, "jobs")
+            .starts_with("merge/vol  vol: merge of snapshot COW vdb into vol, ")
     );
     assert_eq!(
         read_all(&mut backend, vol),
@@ -198,7 +200,7 @@ fn a_merge_is_followed_until_complete() {
     );
     // The first step ran before the first progress line.
     assert!(
-        printed[1].starts_with("vol: merging: 1% (1 of 100 chunks), "),
+        printed[1].starts_with("vol: merge of snapshot COW vdb into vol: 1% (1 of 100 chunks), "),
         "{out}"
     );
     assert!(out.contains("event: vol: merge finished\r\n"), "{out}");

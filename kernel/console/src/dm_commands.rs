@@ -69,7 +69,13 @@ impl<P: Platform> Console<P> {
     }
 
     fn create(&mut self, args: &[String], out: &mut dyn Write) -> Result<(), CommandError> {
-        let (name, read_only, table) = name_and_table("create", args, true)?;
+        let background = args.iter().any(|word| word == "--background");
+        let args: Vec<String> = args
+            .iter()
+            .filter(|word| *word != "--background")
+            .cloned()
+            .collect();
+        let (name, read_only, table) = name_and_table("create", &args, true)?;
         let notes = self
             .dm
             .borrow_mut()
@@ -77,6 +83,7 @@ impl<P: Platform> Console<P> {
         for note in notes {
             outln!(out, "{name}: {note}");
         }
+        self.follow_format(name, background, out);
         Ok(())
     }
 

@@ -35,7 +35,9 @@ mod tokenize;
 mod units;
 
 pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
-pub use net::{AddressMode, Ipv4Config, NetCounters, NetStatus, Network, NicCounters};
+pub use net::{
+    AddressMode, Ipv4Config, LinkSettings, NetCounters, NetStatus, Network, NicCounters,
+};
 pub use tokenize::{TokenizeError, tokenize};
 
 use alloc::boxed::Box;
@@ -271,6 +273,8 @@ mod cow_tests;
 mod delete_tests;
 #[cfg(test)]
 mod dm_tests;
+#[cfg(test)]
+mod format_tests;
 #[cfg(test)]
 mod pool_tests;
 #[cfg(test)]

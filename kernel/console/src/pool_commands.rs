@@ -3,16 +3,13 @@
 //! pool messages an operator could type, so the configuration and `table` show
 //! nothing new.
 
-use alloc::boxed::Box;
 use alloc::format;
-use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 
 use dm::{DeviceMapper, Format, PoolPart, Target, bare_name, human_bytes};
 
-use crate::background::DeleteWatch;
 use crate::{CommandError, Console, Platform, outln};
 
 /// Sectors per data block unless `--block-size` says otherwise (64 KiB, dm's minimum).
@@ -25,7 +22,8 @@ impl<P: Platform> Console<P> {
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
         const USAGE: &str = "usage: pool create NAME METADATA_DISK DATA_DISK [--block-size \
-                             SECTORS] [--low-water-mark BLOCKS] [--format] | pool extend POOL \
+                             SECTORS] [--low-water-mark BLOCKS] [--format] [--background] | pool \
+                             extend POOL \
                              --data|--metadata DEVICE";
         let Some((verb, rest)) = args.split_first() else {
             return Err(USAGE.into());
@@ -39,7 +37,7 @@ impl<P: Platform> Console<P> {
         let options = Options::parse(
             rest,
             &["--block-size", "--low-water-mark"],
-            &["--format"],
+            &["--format", "--background"],
             USAGE,
         )?;
         let [name, metadata, data] = options.positional.as_slice() else {
@@ -79,10 +77,12 @@ impl<P: Platform> Console<P> {
             Format::IfBlank
         };
         let notes = dm.create(name, false, &table, format)?;
+        drop(dm);
         for note in notes {
             outln!(out, "{name}: {note}");
         }
         outln!(out, "{name}: {table}");
+        self.follow_format(name, options.flag("--background"), out);
         Ok(())
     }
 
@@ -170,24 +170,14 @@ impl<P: Platform> Console<P> {
                 };
                 let name = bare_name(name);
                 let (pool, dev) = self.dm.borrow_mut().thin_delete(name)?;
-                let in_background = self
-                    .dm
-                    .borrow()
-                    .background_deletes()
-                    .iter()
-                    .any(|(p, progress)| *p == pool && progress.dev == dev);
-                if !in_background {
-                    return Ok(());
-                }
-                if options.flag("--background") {
-                    outln!(
-                        out,
-                        "{name}: deleted; {pool} releases its blocks in the background (see jobs)"
-                    );
-                } else {
-                    let watch = DeleteWatch::new(Rc::clone(&self.dm), name, &pool, dev);
-                    self.job = Some(Box::new(watch));
-                }
+                self.follow_job(
+                    name,
+                    &dm::delete_job_id(&pool, dev),
+                    options.flag("--background"),
+                    &format!("deleted; {pool} releases its blocks in the background"),
+                    &format!("thin device {dev} deleted, all its blocks released"),
+                    out,
+                );
                 Ok(())
             }
             "ls" => {

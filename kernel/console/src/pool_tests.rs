@@ -568,7 +568,7 @@ fn thin_delete_of_a_large_device_follows_the_release_of_its_blocks() {
     let out = ok(&mut console, "thin delete big");
     let printed = lines(&out);
     assert!(
-        printed[0].starts_with("big: releasing blocks: ")
+        printed[0].starts_with("big: delete of thin device 0: ")
             && printed[0].contains(" of 4224 mappings), "),
         "{printed:?}"
     );
@@ -581,12 +581,14 @@ fn thin_delete_of_a_large_device_follows_the_release_of_its_blocks() {
 
     let out = ok(&mut console, "thin delete other --background");
     assert!(
-        out.starts_with("other: deleted; pool releases its blocks in the background (see jobs)"),
+        out.starts_with(
+            "other: deleted; pool releases its blocks in the background (jobs shows it as pool/1)"
+        ),
         "{out}"
     );
     let jobs = ok(&mut console, "jobs");
     assert!(
-        jobs.starts_with("pool/1  delete of thin device 1: releasing its blocks, "),
+        jobs.starts_with("pool/1  pool: delete of thin device 1, "),
         "{jobs}"
     );
     // (Events of the delete finishing may follow the answer.)

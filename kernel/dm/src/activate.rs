@@ -5,10 +5,11 @@ use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use blockdev::{BlockDevice, Command};
+use blockdev::BlockDevice;
 use thin_pool::{PoolTable, ThinTable};
 
 use crate::device::{Active, PoolWindows, State};
+use crate::format::Formatting;
 use crate::mapper::DeviceMapper;
 use crate::region::read_sectors;
 use crate::span::Span;
@@ -162,10 +163,10 @@ impl DeviceMapper {
                 TargetIo::Linear(LinearIo::new(self.span(&windows, read_only)))
             }
             Target::Pool(pool) => {
-                let (engine, windows, more) = self.open_pool(pool, table.length(), format)?;
+                let (io, windows, more) = self.open_pool(pool, table.length(), format)?;
                 notes = more;
                 pool_windows = Some(windows);
-                TargetIo::Pool(engine)
+                io
             }
             Target::Thin(thin) => {
                 let volume = self.thin_volume(thin, table.length())?;
@@ -211,33 +212,44 @@ impl DeviceMapper {
         Ok(windows)
     }
 
-    /// Opens (or formats) a pool's metadata over its devices.
+    /// Opens a pool's metadata over its devices, or starts formatting it (a format
+    /// small enough for one step is done at once).
     fn open_pool(
         &self,
         pool: &PoolTable,
         length: u64,
         format: Format,
-    ) -> Result<(thin_pool::Pool, PoolWindows, Vec<String>), String> {
+    ) -> Result<(TargetIo, PoolWindows, Vec<String>), String> {
         let windows = self.pool_windows(pool, length, None)?;
         let mut metadata = self.span(&windows.metadata, false);
         let data = self.span(&windows.data, false);
-        prepare_metadata(&mut metadata, &pool.metadata_dev, format)?;
         let mut config = pool.config.clone();
         config.length = length;
+        let name = &pool.metadata_dev;
+        if needs_format(&mut metadata, name, format)? {
+            let format = thin_pool::PoolFormat::start(Box::new(metadata), Box::new(data), config)
+                .map_err(|error| error.0)?;
+            if format.progress().0 < format.progress().1 {
+                let note = format!("formatting new pool metadata on {name}");
+                let io = TargetIo::Formatting(Box::new(Formatting::new(format, name)));
+                return Ok((io, windows, alloc::vec![note]));
+            }
+            let (engine, report) = format.finish().map_err(|error| error.0)?;
+            let mut notes = alloc::vec![format!("formatted new pool metadata on {name}")];
+            notes.extend(report.warnings);
+            return Ok((TargetIo::Pool(engine), windows, notes));
+        }
         let (engine, report) = thin_pool::Pool::open(Box::new(metadata), Box::new(data), config)
             .map_err(|error| error.0)?;
         let mut notes = Vec::new();
         if report.formatted {
-            notes.push(format!(
-                "formatted new pool metadata on {}",
-                pool.metadata_dev
-            ));
+            notes.push(format!("formatted new pool metadata on {name}"));
         }
         if let Some(blocks) = report.grown_from {
             notes.push(format!("data space grown from {blocks} blocks"));
         }
         notes.extend(report.warnings);
-        Ok((engine, windows, notes))
+        Ok((TargetIo::Pool(engine), windows, notes))
     }
 
     /// Refuses a pool whose metadata or data overlaps its own other half or a running
@@ -286,6 +298,9 @@ impl DeviceMapper {
                 return Err(format!("pool {} is inactive ({why})", pool_device.name));
             }
         };
+        if matches!(active.io, TargetIo::Formatting(_)) {
+            return Err(crate::format::not_formatted_yet(&pool_device.name));
+        }
         let Some(pool) = active.io.pool() else {
             return Err(format!(
                 "{} is a {} device, not a thin-pool",
@@ -300,12 +315,11 @@ impl DeviceMapper {
             ));
         }
         let origin = match &thin.origin_dev {
-            Some(name) => {
-                let origin = self.span(&self.windows(name)?, true);
-                Some(Box::new(origin) as Box<dyn BlockDevice>)
-            }
+            Some(name) => Some(self.span(&self.windows(name)?, true)),
             None => None,
         };
+        self.check_origin(thin, origin.as_ref().map(|span| span.info().sectors))?;
+        let origin = origin.map(|span| Box::new(span) as Box<dyn BlockDevice>);
         pool.activate(thin.dev_id, sectors, origin)
             .map_err(|error| error.0)
     }
@@ -318,33 +332,25 @@ fn overlap(a: &[Window], b: &[Window]) -> Option<usize> {
         .map(|window| window.disk)
 }
 
-/// Applies the format policy to a metadata device before the pool opens it: with
-/// `Never`, a blank device is refused; with `Force`, its first block is zeroed so the
-/// engine formats it.
-fn prepare_metadata(metadata: &mut Span, name: &str, format: Format) -> Result<(), String> {
-    const BLOCK_SECTORS: usize = 8;
-    match format {
-        Format::IfBlank => Ok(()),
-        Format::Never => {
-            let block = read_sectors(metadata, 0, BLOCK_SECTORS)
-                .map_err(|error| format!("reading metadata device {name} failed: {error}"))?;
-            if block.iter().all(|&b| b == 0) {
-                return Err(format!(
-                    "metadata device {name} is blank (was the disk replaced?); it is not \
-                     formatted automatically: remove the pool and create it again to start empty"
-                ));
-            }
-            Ok(())
-        }
-        Format::Force => blockdev::run_sync(
-            metadata,
-            Command::Write {
-                sector: 0,
-                buf: blockdev::IoBuf::with_sectors(BLOCK_SECTORS),
-                fua: true,
-            },
-        )
-        .map(drop)
-        .map_err(|error| format!("clearing metadata device {name} failed: {error}")),
+/// Whether a pool's metadata device is to be formatted under `format`: with
+/// `Never` only when a format was interrupted (a blank device is refused), with
+/// `IfBlank` also when it is blank, with `Force` always.
+fn needs_format(metadata: &mut Span, name: &str, format: Format) -> Result<bool, String> {
+    if format == Format::Force {
+        return Ok(true);
     }
+    let block = read_sectors(metadata, 0, 8)
+        .map_err(|error| format!("reading metadata device {name} failed: {error}"))?;
+    let first: &[u8; 4096] = block[..].try_into().expect("eight sectors");
+    if thin_pool::is_format_marker(first) {
+        return Ok(true);
+    }
+    let blank = first.iter().all(|&b| b == 0);
+    if blank && format == Format::Never {
+        return Err(format!(
+            "metadata device {name} is blank (was the disk replaced?); it is not formatted \
+             automatically: remove the pool and create it again to start empty"
+        ));
+    }
+    Ok(blank)
 }

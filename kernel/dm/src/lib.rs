@@ -18,6 +18,10 @@
 //! Devices share disks through regions: windows of a disk with their own request
 //! queues. A linear device's windows, end to end, form one block device (a span),
 //! which is what its NBD clients, a pool over it or a device above it use.
+//!
+//! Long work — a pool releasing a deleted device's blocks, and the like — runs in
+//! bounded steps from [`DeviceMapper::tick`] between requests, and is listed and
+//! cancelled as [jobs](JobStatus) whatever its kind.
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -28,9 +32,12 @@ mod activate;
 pub mod config;
 mod device;
 mod disk;
+mod format;
 mod grow;
+mod jobs;
 mod mapper;
 mod nbd_backend;
+mod origins;
 mod region;
 mod reload;
 mod snapshots;
@@ -42,12 +49,12 @@ mod units;
 pub use activate::Format;
 pub use device::{Active, Device, State};
 pub use disk::{Disk, DiskEntry};
+pub use format::format_job_id;
 pub use grow::PoolPart;
+pub use jobs::{Job, JobStatus, JobStep, delete_job_id};
 pub use mapper::DeviceMapper;
 pub use nbd_backend::NbdBackend;
-pub use snapshots::SnapshotMergeJob;
 pub use table::{Segment, Table, Target, bare_name};
-pub use thin_pool::DeleteProgress;
 pub use units::human_bytes;
 
 use alloc::string::String;

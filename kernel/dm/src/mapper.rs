@@ -13,13 +13,13 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use blockdev::{BlockDevice, Command};
-use thin_pool::DeleteProgress;
 
 use crate::Error;
 use crate::activate::Format;
-use crate::config::{ConfigDisk, DiskRecord};
+use crate::config::{ConfigDisk, DiskRecord, OriginRecord};
 use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
+use crate::jobs::{Job, Pacing};
 use crate::table::{Table, Target, bare_name, check_name};
 use crate::targets::{SnapshotList, TargetIo};
 use core::cell::RefCell;
@@ -36,8 +36,16 @@ pub struct DeviceMapper {
     /// Saved disks that were not found at boot, kept so saving the configuration again
     /// does not forget how to recognise them.
     pub(crate) missing_disks: Vec<DiskRecord>,
+    /// Long work the device mapper drives itself (see [`DeviceMapper::start_job`]).
+    pub(crate) jobs: Vec<Box<dyn Job>>,
     /// The snapshots of each origin, by the origin's name.
     pub(crate) snapshot_origins: RefCell<BTreeMap<String, SnapshotList>>,
+    /// The external origin each thin device was created over (see the origins
+    /// module).
+    pub(crate) origins: Vec<OriginRecord>,
+    /// NBD requests submitted so far: background steps give way while they come.
+    pub(crate) requests_submitted: u64,
+    pub(crate) pacing: Pacing,
 }
 
 impl DeviceMapper {
@@ -51,7 +59,11 @@ impl DeviceMapper {
             config: None,
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
+            jobs: Vec::new(),
             snapshot_origins: RefCell::default(),
+            origins: Vec::new(),
+            requests_submitted: 0,
+            pacing: Pacing::default(),
         }
     }
 
@@ -172,12 +184,16 @@ impl DeviceMapper {
         let id = self.register(Device {
             name: name.to_string(),
             read_only,
-            table,
+            table: table.clone(),
             inactive: None,
             state: State::Active(Box::new(active)),
         });
+        let recorded = self.record_origin(name, &table);
         if let Err(error) = self.save() {
             self.devices.remove(&id);
+            if recorded {
+                self.origins.pop();
+            }
             return Err(error);
         }
         Ok(notes)
@@ -237,7 +253,7 @@ impl DeviceMapper {
     /// `thin delete NAME`: removes the thin device and deletes it from its pool. If the
     /// pool refuses the delete, the device is activated again as it was. Returns the
     /// pool's name and the id, whose blocks the pool may go on releasing in the
-    /// background (see [`DeviceMapper::background_deletes`]).
+    /// background (a job, see [`DeviceMapper::jobs`]).
     pub fn thin_delete(&mut self, name: &str) -> Result<(String, u64), Error> {
         let device = self.device(name)?;
         let Target::Thin(thin) = device.table.target() else {
@@ -260,21 +276,6 @@ impl DeviceMapper {
             return Err(error);
         }
         Ok((pool, dev))
-    }
-
-    /// Deletes whose blocks pools are still releasing, with each pool's name.
-    pub fn background_deletes(&self) -> Vec<(String, DeleteProgress)> {
-        let mut deletes = Vec::new();
-        for device in self.devices() {
-            if let State::Active(active) = &device.state
-                && let Some(pool) = active.io.pool()
-            {
-                for progress in pool.deletes() {
-                    deletes.push((device.name.clone(), progress));
-                }
-            }
-        }
-        deletes
     }
 
     /// `suspend NAME`: finishes the device's I/O in flight, flushes, and holds new
@@ -309,8 +310,9 @@ impl DeviceMapper {
         Ok(())
     }
 
-    /// Timer work of every pool at the time `clock` gives, and a bounded step of
-    /// every snapshot merge; returns the events to print.
+    /// Timer work of every pool, a bounded step of every snapshot merge, and a step
+    /// of each metadata format and background job, at the time `clock` gives; returns
+    /// the events to print.
     pub fn tick(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
         for device in self.devices() {
@@ -324,6 +326,7 @@ impl DeviceMapper {
             }
         }
         self.step_snapshot_targets(clock, &mut events);
+        events.extend(self.background_steps(clock));
         events
     }
 
@@ -331,6 +334,9 @@ impl DeviceMapper {
     pub fn pool(&self, name: &str) -> Result<&thin_pool::Pool, Error> {
         let device = self.device(name)?;
         match &device.state {
+            State::Active(active) if matches!(active.io, TargetIo::Formatting(_)) => {
+                Err(crate::format::not_formatted_yet(&device.name).into())
+            }
             State::Active(active) => active.io.pool().ok_or_else(|| {
                 format!(
                     "{} is a {} device, not a thin-pool",
@@ -354,16 +360,16 @@ impl DeviceMapper {
             )
             .into());
         }
-        let pool = self.pool(name)?;
+        let name = device.name.clone();
+        let pool = self.pool(&name)?;
         pool.message(text).map_err(|error| {
-            format!(
-                "{}: message '{text}' failed: {} ({})",
-                device.name,
+            Error(format!(
+                "{name}: message '{text}' failed: {} ({})",
                 error.text,
                 error.errno.name()
-            )
-            .into()
-        })
+            ))
+        })?;
+        self.origins_after_message(&name, text)
     }
 
     /// dm's status lines, one per segment: `START LENGTH TARGET` followed by the

@@ -82,6 +82,7 @@ impl Backend for DeviceMapper {
     }
 
     fn submit(&mut self, request: IoRequest) -> Result<(), QueueFull> {
+        self.requests_submitted += 1;
         let DeviceMapper { devices, ready, .. } = self;
         let active = devices
             .get_mut(&DeviceId(request.export.0))

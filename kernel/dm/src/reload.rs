@@ -94,6 +94,7 @@ impl DeviceMapper {
             }
         }
         self.devices.get_mut(&id).expect("renamed device").name = to.to_string();
+        self.rename_in_origins(from, to);
     }
 
     /// What `reload` checks, as dm's table load does: the table's devices exist and
@@ -251,7 +252,7 @@ impl DeviceMapper {
                             .into(),
                     );
                 }
-                let engine = active.io.pool().expect("a pool device runs a pool");
+                let engine = self.pool(&device.name).map_err(String::from)?;
                 let used = engine.status().data_total;
                 let blocks = table.length() / u64::from(new.config.data_block_size);
                 if blocks < used {

@@ -15,25 +15,10 @@ use core::cell::RefCell;
 use snapshot::{Snapshot, SnapshotTable};
 
 use crate::device::State;
+use crate::jobs::JobStatus;
 use crate::mapper::DeviceMapper;
 use crate::table::{Table, Target, bare_name};
 use crate::targets::{Role, SnapshotIo, SnapshotList, TargetIo};
-
-/// A merge in progress, as `jobs` lists background work.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SnapshotMergeJob {
-    /// `merge/ORIGIN`.
-    pub id: String,
-    /// The origin device the snapshot merges into.
-    pub device: String,
-    pub what: String,
-    pub done: u64,
-    pub total: u64,
-    pub unit: &'static str,
-    pub started_ns: u64,
-    /// A merge runs to its end (dm has no way back either).
-    pub cancellable: bool,
-}
 
 /// The target of a `snapshot-origin`, `snapshot` or `snapshot-merge` segment.
 pub(crate) fn parse_target(kind: &str, args: &[&str]) -> Result<Target, String> {
@@ -257,12 +242,12 @@ impl DeviceMapper {
     }
 
     /// Merges running into origin devices, with their progress in chunks.
-    pub fn snapshot_merges(&self) -> Vec<SnapshotMergeJob> {
+    pub fn snapshot_merges(&self) -> Vec<JobStatus> {
         self.snapshot_devices()
             .filter_map(|(name, target, io, _)| {
                 let (progress, started_ns) = io.merge_progress()?;
                 let cow = cow_of(target)?;
-                Some(SnapshotMergeJob {
+                Some(JobStatus {
                     id: format!("merge/{name}"),
                     device: name.to_string(),
                     what: format!("merge of snapshot COW {cow} into {name}"),
@@ -270,6 +255,7 @@ impl DeviceMapper {
                     total: progress.total,
                     unit: "chunks",
                     started_ns,
+                    // A merge runs to its end (dm has no way back either).
                     cancellable: false,
                 })
             })

@@ -69,45 +69,30 @@ impl Pool {
         data: Box<dyn BlockDevice>,
         config: PoolConfig,
     ) -> Result<(Pool, OpenReport), PoolError> {
-        if !valid_block_size(config.data_block_size) {
-            return Err(PoolError(format!(
-                "Invalid block size {} (sectors: a multiple of {MIN_DATA_BLOCK_SIZE} from {MIN_DATA_BLOCK_SIZE} to {MAX_DATA_BLOCK_SIZE})",
-                config.data_block_size
-            )));
-        }
-        let blocks = config.data_blocks();
-        if blocks == 0 {
-            return Err(PoolError(format!(
-                "pool length {} sectors is smaller than one data block ({} sectors)",
-                config.length, config.data_block_size
-            )));
-        }
-        let data_sectors = data.info().sectors;
-        if config.length > data_sectors {
-            return Err(PoolError(format!(
-                "data device ({data_sectors} sectors) is smaller than the pool length ({} sectors)",
-                config.length
-            )));
-        }
-        let read_only = config.features.read_only;
+        check_open(&config, data.as_ref())?;
         let options = OpenOptions {
             data_block_size: config.data_block_size,
             cache_blocks: config.cache_blocks,
-            format: if read_only {
+            format: if config.features.read_only {
                 FormatPolicy::Never
             } else {
                 FormatPolicy::IfBlank
             },
         };
-        let (mut md, opened) = ThinMetadata::open(metadata, &options).map_err(|error| match error {
-            MdError::Unformatted => PoolError(String::from(
-                "metadata device is blank and the pool is read_only: it can only be formatted by a read-write load",
-            )),
-            MdError::DataBlockSizeMismatch { on_disk, requested } => PoolError(format!(
-                "changing the data block size (from {on_disk} to {requested}) is not supported"
-            )),
-            other => PoolError(format!("Error opening metadata: {other}")),
-        })?;
+        let (md, opened) = ThinMetadata::open(metadata, &options).map_err(open_error)?;
+        Pool::assemble(md, &opened, data, config)
+    }
+
+    /// The pool over opened (or just formatted) metadata: grows the metadata onto a
+    /// larger device and the data space to the pool length, and resumes deletes.
+    pub(crate) fn assemble(
+        mut md: ThinMetadata,
+        opened: &persistent_data::OpenReport,
+        data: Box<dyn BlockDevice>,
+        config: PoolConfig,
+    ) -> Result<(Pool, OpenReport), PoolError> {
+        let blocks = config.data_blocks();
+        let read_only = config.features.read_only;
         let mut report = OpenReport {
             formatted: opened.formatted,
             ..OpenReport::default()
@@ -202,6 +187,19 @@ impl Pool {
         core.require_writable_metadata()?;
         let message = Message::parse(text)?;
         core.message(message)
+    }
+
+    /// Merges thin snapshot `snap` into `origin`: the origin takes the snapshot's
+    /// content (and keeps its id; an active volume of it stays active and reads the
+    /// new content from the moment this returns) and `snap` is deleted, in one
+    /// commit, so a power cut leaves either both devices as they were or the merged
+    /// origin. No data is copied. The snapshot must not be active; the origin's
+    /// requests in flight finish first. Blocks only the origin's old content used
+    /// are released in the background when there are many (see [`Pool::deletes`]).
+    /// `snap` need not be a snapshot of `origin`: any device of the pool may be
+    /// merged into any other of the same size (the caller checks sizes).
+    pub fn merge_snapshot(&self, snap: u64, origin: u64) -> Result<(), MessageError> {
+        self.core.borrow_mut().merge_snapshot(snap, origin)
     }
 
     /// Grows the pool to `length` sectors (the data device must be that large).
@@ -516,5 +514,43 @@ impl BlockDevice for ThinVolume {
 impl Drop for ThinVolume {
     fn drop(&mut self) {
         self.core.borrow_mut().close_volume(self.vol);
+    }
+}
+
+/// Checks a pool's parameters against its data device, as dm does before it reads
+/// the metadata.
+pub(crate) fn check_open(config: &PoolConfig, data: &dyn BlockDevice) -> Result<(), PoolError> {
+    if !valid_block_size(config.data_block_size) {
+        return Err(PoolError(format!(
+            "Invalid block size {} (sectors: a multiple of {MIN_DATA_BLOCK_SIZE} from {MIN_DATA_BLOCK_SIZE} to {MAX_DATA_BLOCK_SIZE})",
+            config.data_block_size
+        )));
+    }
+    if config.data_blocks() == 0 {
+        return Err(PoolError(format!(
+            "pool length {} sectors is smaller than one data block ({} sectors)",
+            config.length, config.data_block_size
+        )));
+    }
+    let data_sectors = data.info().sectors;
+    if config.length > data_sectors {
+        return Err(PoolError(format!(
+            "data device ({data_sectors} sectors) is smaller than the pool length ({} sectors)",
+            config.length
+        )));
+    }
+    Ok(())
+}
+
+/// Says why metadata could not be opened or formatted, as dm does.
+pub(crate) fn open_error(error: MdError) -> PoolError {
+    match error {
+        MdError::Unformatted => PoolError(String::from(
+            "metadata device is blank and the pool is read_only: it can only be formatted by a read-write load",
+        )),
+        MdError::DataBlockSizeMismatch { on_disk, requested } => PoolError(format!(
+            "changing the data block size (from {on_disk} to {requested}) is not supported"
+        )),
+        other => PoolError(format!("Error opening metadata: {other}")),
     }
 }

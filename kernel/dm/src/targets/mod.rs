@@ -1,13 +1,16 @@
 //! The targets of a running device: a data device (`linear`, `thin`, the snapshot
 //! targets) that serves I/O, or a pool (`thin-pool`) that thin devices are activated
-//! from.
+//! from — once its metadata is formatted.
 
 mod linear;
 mod snapshot;
 mod thin;
 
+use alloc::boxed::Box;
 use nbd::{BackendError, IoCompletion, IoOp};
 use thin_pool::Pool;
+
+use crate::format::Formatting;
 
 pub(crate) use linear::LinearIo;
 pub(crate) use snapshot::{Role, SnapshotIo, SnapshotList};
@@ -18,6 +21,8 @@ pub(crate) enum TargetIo {
     Thin(ThinIo),
     Pool(Pool),
     Snapshot(SnapshotIo),
+    /// A pool whose metadata is being formatted (in the background).
+    Formatting(Box<Formatting>),
 }
 
 impl TargetIo {
@@ -27,7 +32,7 @@ impl TargetIo {
             TargetIo::Linear(io) => Some(io.sectors()),
             TargetIo::Thin(io) => Some(io.sectors()),
             TargetIo::Snapshot(io) => Some(io.sectors()),
-            TargetIo::Pool(_) => None,
+            TargetIo::Pool(_) | TargetIo::Formatting(_) => None,
         }
     }
 
@@ -37,6 +42,7 @@ impl TargetIo {
             TargetIo::Thin(io) => io.read_only(),
             TargetIo::Snapshot(io) => io.read_only(),
             TargetIo::Pool(pool) => pool.config().features.read_only,
+            TargetIo::Formatting(_) => false,
         }
     }
 
@@ -44,7 +50,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.discard(),
             TargetIo::Thin(io) => io.discard(),
-            TargetIo::Snapshot(_) | TargetIo::Pool(_) => false,
+            TargetIo::Snapshot(_) | TargetIo::Pool(_) | TargetIo::Formatting(_) => false,
         }
     }
 
@@ -52,7 +58,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.congested(),
             TargetIo::Thin(io) => io.congested(),
-            TargetIo::Snapshot(_) | TargetIo::Pool(_) => false,
+            TargetIo::Snapshot(_) | TargetIo::Pool(_) | TargetIo::Formatting(_) => false,
         }
     }
 
@@ -69,7 +75,7 @@ impl TargetIo {
             TargetIo::Linear(io) => io.submit(tag, op),
             TargetIo::Thin(io) => io.submit(tag, op),
             TargetIo::Snapshot(io) => io.submit(tag, op),
-            TargetIo::Pool(_) => refused(IoCompletion {
+            TargetIo::Pool(_) | TargetIo::Formatting(_) => refused(IoCompletion {
                 tag,
                 result: Err(BackendError::Invalid),
             }),
@@ -85,6 +91,7 @@ impl TargetIo {
                 pool.poll();
                 None
             }
+            TargetIo::Formatting(_) => None,
         }
     }
 
@@ -95,6 +102,7 @@ impl TargetIo {
             TargetIo::Thin(io) => io.drain(),
             TargetIo::Snapshot(io) => io.drain(),
             TargetIo::Pool(pool) => while pool.poll() {},
+            TargetIo::Formatting(_) => {}
         }
     }
 
@@ -106,6 +114,8 @@ impl TargetIo {
             TargetIo::Thin(io) => io.flush().map_err(|error| alloc::format!("{error}")),
             TargetIo::Snapshot(io) => io.flush().map_err(|error| alloc::format!("{error}")),
             TargetIo::Pool(pool) => pool.commit().map_err(|error| error.text),
+            // Each step is written before the next; the superblock comes last.
+            TargetIo::Formatting(_) => Ok(()),
         }
     }
 }
