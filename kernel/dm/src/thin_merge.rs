@@ -21,6 +21,21 @@ use crate::device::{Device, State};
 use crate::mapper::DeviceMapper;
 use crate::table::Target;
 
+impl Device {
+    /// Refuses (for `command`) a device that is inactive or suspended.
+    pub(crate) fn require_running(&self, command: &str) -> Result<(), Error> {
+        match &self.state {
+            State::Active(active) if active.suspended => {
+                Err(format!("{command}: {} is suspended (resume it first)", self.name).into())
+            }
+            State::Inactive(why) => {
+                Err(format!("{command}: {} is inactive ({why})", self.name).into())
+            }
+            State::Active(_) => Ok(()),
+        }
+    }
+}
+
 /// What a thin merge did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ThinMerge {
@@ -145,17 +160,7 @@ impl DeviceMapper {
             )
             .into());
         }
-        match &target.state {
-            State::Active(active) if active.suspended => {
-                return Err(
-                    format!("snap merge: {target_name} is suspended (resume it first)").into(),
-                );
-            }
-            State::Inactive(why) => {
-                return Err(format!("snap merge: {target_name} is inactive ({why})").into());
-            }
-            State::Active(_) => {}
-        }
+        target.require_running("snap merge")?;
         let users = self.users_of(&snap_name);
         if !users.is_empty() {
             return Err(format!(
