@@ -122,6 +122,7 @@ impl DeviceMapper {
             .into());
         };
         let (pool, snap_id) = (snap_thin.pool_dev.clone(), snap_thin.dev_id);
+        let snap_origin = snap_thin.origin_dev.clone();
         let (snap_table, snap_read_only) = (snap_device.table.to_string(), snap_device.read_only);
         let snap_sectors = snap_device.table.length();
         let target = match into {
@@ -151,6 +152,18 @@ impl DeviceMapper {
             return Err(format!(
                 "snap merge: {snap_name} has {snap_sectors} sectors and {target_name} {}; only devices of the same size merge",
                 target.table.length()
+            )
+            .into());
+        }
+        if target_thin.origin_dev != snap_origin {
+            let reads = |origin: &Option<String>| match origin {
+                Some(origin) => format!("from {origin}"),
+                None => String::from("as zeros"),
+            };
+            return Err(format!(
+                "snap merge: {snap_name} reads unprovisioned blocks {} and {target_name} {}; only devices with the same external origin merge",
+                reads(&snap_origin),
+                reads(&target_thin.origin_dev)
             )
             .into());
         }
