@@ -136,6 +136,7 @@ fn thin_merges_refuse_what_cannot_merge_and_name_the_target_when_unrecorded() {
         &mut console,
         "create image --table \"0 16384 linear vdc 0\"",
     );
+    ok(&mut console, "thin create over pool --origin image");
     ok(&mut console, "snap create snap vol");
     ok(&mut console, "message pool 0 create_thin 9");
     ok(
@@ -158,6 +159,10 @@ fn thin_merges_refuse_what_cannot_merge_and_name_the_target_when_unrecorded() {
         (
             "snap merge snap --into small",
             "error: snap merge: snap has 16384 sectors and small 8192; only devices of the same size merge",
+        ),
+        (
+            "snap merge snap --into over",
+            "error: snap merge: snap reads unprovisioned blocks as zeros and over from image; only devices with the same external origin merge",
         ),
         (
             "snap merge snap --into frozen",

@@ -41,17 +41,7 @@ impl DeviceMapper {
             );
         };
         let (pool, dev) = (thin.pool_dev.clone(), thin.dev_id);
-        match &device.state {
-            State::Active(active) if active.suspended => {
-                return Err(
-                    format!("thin merge-origin: {name} is suspended (resume it first)").into(),
-                );
-            }
-            State::Inactive(why) => {
-                return Err(format!("thin merge-origin: {name} is inactive ({why})").into());
-            }
-            State::Active(_) => {}
-        }
+        device.require_running("thin merge-origin")?;
         let others: Vec<&str> = self
             .users_of(&origin)
             .into_iter()

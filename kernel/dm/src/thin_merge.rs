@@ -21,6 +21,21 @@ use crate::device::{Device, State};
 use crate::mapper::DeviceMapper;
 use crate::table::Target;
 
+impl Device {
+    /// Refuses (for `command`) a device that is inactive or suspended.
+    pub(crate) fn require_running(&self, command: &str) -> Result<(), Error> {
+        match &self.state {
+            State::Active(active) if active.suspended => {
+                Err(format!("{command}: {} is suspended (resume it first)", self.name).into())
+            }
+            State::Inactive(why) => {
+                Err(format!("{command}: {} is inactive ({why})", self.name).into())
+            }
+            State::Active(_) => Ok(()),
+        }
+    }
+}
+
 /// What a thin merge did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ThinMerge {
@@ -107,6 +122,7 @@ impl DeviceMapper {
             .into());
         };
         let (pool, snap_id) = (snap_thin.pool_dev.clone(), snap_thin.dev_id);
+        let snap_origin = snap_thin.origin_dev.clone();
         let (snap_table, snap_read_only) = (snap_device.table.to_string(), snap_device.read_only);
         let snap_sectors = snap_device.table.length();
         let target = match into {
@@ -139,23 +155,25 @@ impl DeviceMapper {
             )
             .into());
         }
+        if target_thin.origin_dev != snap_origin {
+            let reads = |origin: &Option<String>| match origin {
+                Some(origin) => format!("from {origin}"),
+                None => String::from("as zeros"),
+            };
+            return Err(format!(
+                "snap merge: {snap_name} reads unprovisioned blocks {} and {target_name} {}; only devices with the same external origin merge",
+                reads(&snap_origin),
+                reads(&target_thin.origin_dev)
+            )
+            .into());
+        }
         if target.read_only {
             return Err(format!(
                 "snap merge: {target_name} is read-only; it cannot take {snap_name}'s content"
             )
             .into());
         }
-        match &target.state {
-            State::Active(active) if active.suspended => {
-                return Err(
-                    format!("snap merge: {target_name} is suspended (resume it first)").into(),
-                );
-            }
-            State::Inactive(why) => {
-                return Err(format!("snap merge: {target_name} is inactive ({why})").into());
-            }
-            State::Active(_) => {}
-        }
+        target.require_running("snap merge")?;
         let users = self.users_of(&snap_name);
         if !users.is_empty() {
             return Err(format!(
