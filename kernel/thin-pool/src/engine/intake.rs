@@ -22,6 +22,11 @@ impl Core {
         })
     }
 
+    /// Gives a volume a new size; requests already taken keep going.
+    pub fn resize_volume(&mut self, vol: VolId, sectors: u64) {
+        self.volumes[vol].sectors = sectors;
+    }
+
     pub fn has_origin(&self, vol: VolId) -> bool {
         self.volumes[vol].origin.is_some()
     }
@@ -66,7 +71,10 @@ impl Core {
     }
 
     pub(super) fn forget_volume_if_idle(&mut self, vol: VolId) {
-        let volume = &self.volumes[vol];
+        // Failing a closed volume's last waiting request forgets it already.
+        let Some(volume) = self.volumes.get(vol) else {
+            return;
+        };
         if !volume.open && volume.requests == 0 {
             self.volumes.remove(vol);
         }

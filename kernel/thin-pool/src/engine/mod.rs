@@ -38,6 +38,7 @@ mod main_loop;
 mod management;
 mod prep;
 mod provision;
+mod reconfigure;
 mod space;
 mod spans;
 
