@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
-use qemu_test::Accel;
+use qemu_test::{Accel, NetBackend, Nic};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -62,9 +62,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "tcg|kvm", default_value = "tcg")]
     pub accel: Accel,
     /// Forward 127.0.0.1:PORT on this host to the appliance's NBD server (default:
-    /// 10809 if it is free, else a free port).
+    /// 10809 if it is free, else a free port; user network only).
     #[arg(long, value_name = "PORT")]
     pub nbd_port: Option<u16>,
+    /// The appliance's NIC: virtio-net or an Intel 82574L (e1000e).
+    #[arg(long, value_name = "virtio|e1000e", default_value = "virtio")]
+    pub nic: Nic,
+    /// What the NIC is plugged into: QEMU's user network, or an existing tap
+    /// interface (give the appliance an address with `net set`).
+    #[arg(long, value_name = "user|tap:IFNAME", default_value = "user")]
+    pub net: NetBackend,
     /// Run this console command instead of an interactive session (repeatable): boot,
     /// run the commands in order, print the transcript, shut down; the exit status is
     /// non-zero if any command answered with an error.

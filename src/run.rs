@@ -100,6 +100,8 @@ fn exec_commands(exec: &[String]) -> Result<&[String], Failure> {
 }
 
 fn options(args: &RunArgs) -> Result<Options, Failure> {
+    // Before any default disk is made.
+    args.net.check().map_err(Failure::usage)?;
     let mut options = if args.uefi {
         Options::uefi()
     } else {
@@ -108,6 +110,8 @@ fn options(args: &RunArgs) -> Result<Options, Failure> {
     options.image = args.image.clone();
     options.memory_mib = args.memory;
     options.accel = args.accel;
+    options.nic = args.nic;
+    options.net = args.net.clone();
     options.nbd = Some(
         args.nbd_port
             .map_or(NbdForward::Preferred(DEFAULT_NBD_PORT), NbdForward::Port),
@@ -241,8 +245,8 @@ fn describe(options: &Options, nbd_port: Option<u16>) {
         None => format!("the {firmware} image"),
     };
     eprintln!(
-        "thinbox: booting {image} under QEMU ({}, {} MiB)",
-        options.accel, options.memory_mib
+        "thinbox: booting {image} under QEMU ({}, {} MiB, {} NIC on the {} network)",
+        options.accel, options.memory_mib, options.nic, options.net
     );
     let virtio = options.disks.iter().enumerate().map(|(index, path)| {
         let letter = char::from(b'a' + (index % 26) as u8);
@@ -256,6 +260,12 @@ fn describe(options: &Options, nbd_port: Option<u16>) {
     }
     if let Some(port) = nbd_port {
         announce_nbd(port);
+    } else if options.net.is_tap() {
+        eprintln!(
+            "thinbox: NBD clients connect to the address `net set` gives the appliance, \
+             port {}",
+            qemu_test::NBD_GUEST_PORT
+        );
     }
     eprintln!(
         "thinbox: this terminal is the serial console; `shutdown` powers off, Ctrl-A x quits \

@@ -1,17 +1,26 @@
-//! DMA memory for device queues and descriptor lists: frames from the pool with a
-//! known device address, accessed with volatile reads and writes because the
-//! device changes them behind the compiler's back.
+//! DMA memory for device queues, descriptor lists and packet buffers: frames from
+//! the pool (or, for large packet buffers, the heap, which is physically
+//! contiguous) with a known device address, accessed with volatile reads and writes
+//! because the device changes them behind the compiler's back.
 
+use alloc::alloc::{Layout, alloc_zeroed, dealloc};
 use core::ptr::NonNull;
 use core::sync::atomic::{Ordering, fence};
 
 use crate::memory::{self, FRAME_SIZE};
 
-/// Zeroed, physically contiguous frames shared with a device; freed on drop.
+/// Where a buffer's memory came from, so that drop returns it there.
+enum Source {
+    Pool { frames: usize },
+    Heap { layout: Layout },
+}
+
+/// Zeroed, physically contiguous memory shared with a device; freed on drop.
 pub struct DmaBuffer {
     phys: u64,
     virt: NonNull<u8>,
-    frames: usize,
+    len: usize,
+    source: Source,
 }
 
 impl DmaBuffer {
@@ -21,7 +30,28 @@ impl DmaBuffer {
         Some(DmaBuffer {
             phys,
             virt: NonNull::new(memory::phys_to_virt(phys))?,
-            frames,
+            len: frames * FRAME_SIZE,
+            source: Source::Pool { frames },
+        })
+    }
+
+    /// `len` page-aligned bytes from the heap (for packet buffers, which would
+    /// take more of the frame pool than the disks can spare), or `None` when the
+    /// heap is exhausted.
+    pub fn on_heap(len: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(len.max(1), FRAME_SIZE).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let virt = NonNull::new(unsafe { alloc_zeroed(layout) })?;
+        let Some(phys) = memory::dma_address(virt.as_ptr(), len) else {
+            // SAFETY: allocated just above with this layout.
+            unsafe { dealloc(virt.as_ptr(), layout) };
+            return None;
+        };
+        Some(DmaBuffer {
+            phys,
+            virt,
+            len,
+            source: Source::Heap { layout },
         })
     }
 
@@ -31,7 +61,34 @@ impl DmaBuffer {
     }
 
     pub fn len(&self) -> usize {
-        self.frames * FRAME_SIZE
+        self.len
+    }
+
+    /// The bytes at `offset..offset + len`, for reading a packet the device has
+    /// handed back. Panics outside the buffer.
+    ///
+    /// # Safety
+    /// The device must not write the range while the slice lives (its descriptor
+    /// is owned by the driver).
+    pub unsafe fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset + len <= self.len, "DMA slice outside the buffer");
+        fence(Ordering::SeqCst);
+        // SAFETY: inside the allocation (checked above); the caller guarantees the
+        // device leaves the range alone meanwhile.
+        unsafe { core::slice::from_raw_parts(self.virt.as_ptr().add(offset), len) }
+    }
+
+    /// The bytes at `offset..offset + len`, for writing a packet before the device
+    /// is given it. Panics outside the buffer.
+    ///
+    /// # Safety
+    /// The device must not access the range while the slice lives, and no other
+    /// slice of the range may exist.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn bytes_mut(&self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset + len <= self.len, "DMA slice outside the buffer");
+        // SAFETY: as in `bytes`, and the caller guarantees the slice is the only one.
+        unsafe { core::slice::from_raw_parts_mut(self.virt.as_ptr().add(offset), len) }
     }
 
     fn at<T>(&self, offset: usize) -> *mut T {
@@ -85,7 +142,11 @@ impl DmaBuffer {
 
 impl Drop for DmaBuffer {
     fn drop(&mut self) {
-        memory::free_frames(self.phys, self.frames);
+        match self.source {
+            Source::Pool { frames } => memory::free_frames(self.phys, frames),
+            // SAFETY: allocated in `on_heap` with this layout and freed only here.
+            Source::Heap { layout } => unsafe { dealloc(self.virt.as_ptr(), layout) },
+        }
     }
 }
 

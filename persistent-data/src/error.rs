@@ -82,6 +82,8 @@ pub enum Error {
     CountUnderflow { block: u64, data: bool },
     /// The pool's time counter is at its 24-bit limit.
     TimeExhausted,
+    /// A device cannot be merged into itself.
+    MergeIntoItself(u64),
     /// The writer an XML dump was going to failed.
     Output,
 }
@@ -158,6 +160,7 @@ impl fmt::Display for Error {
                 if *data { "data" } else { "metadata" }
             ),
             Error::TimeExhausted => f.write_str("pool time counter exhausted (2^24 snapshots)"),
+            Error::MergeIntoItself(id) => write!(f, "thin device {id} cannot be merged into itself"),
             Error::Output => f.write_str("writing the metadata dump failed"),
         }
     }

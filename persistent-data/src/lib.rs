@@ -25,6 +25,9 @@
 //! * [`data_sm`]: the data space map (index b-tree, bitmaps, overflow b-tree).
 //! * [`superblock`], [`thin`]: the superblock, the device-details tree, the
 //!   two-level mapping tree, snapshots, the metadata snapshot and the commit.
+//! * [`thin::Delta`], [`delta_xml`]: the delta of two devices' mappings in bounded
+//!   steps, and `thin_delta`'s XML of it; pinned views of a device's mappings for
+//!   readers that outlive a transaction.
 //! * [`xml`]: `thin_dump`-compatible output; [`check`]: a full consistency check
 //!   (exact metadata and data reference counts), for tests and offline use.
 //!
@@ -50,6 +53,7 @@ pub mod cache;
 pub mod check;
 pub mod checksum;
 pub mod data_sm;
+pub mod delta_xml;
 pub mod error;
 pub mod space_map;
 pub mod superblock;

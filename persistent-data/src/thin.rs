@@ -58,8 +58,12 @@ use crate::superblock::{METADATA_VERSION, NEEDS_CHECK, Superblock};
 use crate::tm::{COUNT_VALUE_SIZE, Tm};
 
 mod deletion;
+mod delta;
 mod format;
+mod merge;
+mod views;
 pub use deletion::{FIRST_DELETING_ID, PendingDelete};
+pub use delta::{Delta, DeltaKind, DeltaPiece, DeltaSource};
 pub use format::{MetadataFormat, is_format_marker};
 
 /// Largest thin device id (24 bits).

@@ -29,6 +29,7 @@ mod disk;
 mod error;
 mod host_server;
 mod nbd_ready;
+mod network;
 mod options;
 mod process;
 mod protocol;
@@ -40,6 +41,7 @@ pub use disk::{Scratch, create_disk};
 pub use error::{Error, qemu_complaint};
 pub use host_server::HostServer;
 pub use nbd_ready::{read_greeting, wait_for_greeting};
+pub use network::{NetBackend, Nic};
 pub use options::{
     Accel, ConsoleMode, Firmware, NBD_GUEST_PORT, NbdForward, Options, PORT_ATTEMPTS, Timeouts,
     disk_serial, free_port, require_host_tools,

@@ -16,6 +16,7 @@ use std::time::Duration;
 use host_tools::{OVMF_CODE, Tool};
 
 use crate::Error;
+use crate::network::{self, NetBackend, Nic};
 
 /// The TCP port the appliance's NBD server listens on inside the guest.
 pub const NBD_GUEST_PORT: u16 = 10809;
@@ -157,8 +158,13 @@ pub struct Options {
     pub nvme: Vec<PathBuf>,
     pub memory_mib: u32,
     pub accel: Accel,
-    /// Forward a host port to the guest's NBD port; the NIC is attached either way.
+    /// Forward a host port to the guest's NBD port (user network only); the NIC is
+    /// attached either way.
     pub nbd: Option<NbdForward>,
+    pub nic: Nic,
+    pub net: NetBackend,
+    /// A Unix socket for QEMU's monitor (e.g. `set_link`), instead of none.
+    pub monitor: Option<PathBuf>,
     pub timeouts: Timeouts,
 }
 
@@ -173,6 +179,9 @@ impl Default for Options {
             memory_mib: DEFAULT_MEMORY_MIB,
             accel: Accel::Tcg,
             nbd: None,
+            nic: Nic::Virtio,
+            net: NetBackend::User,
+            monitor: None,
             timeouts: Timeouts::default(),
         }
     }
@@ -237,6 +246,23 @@ impl Options {
         self
     }
 
+    pub fn nic(mut self, nic: Nic) -> Options {
+        self.nic = nic;
+        self
+    }
+
+    /// Plugs the NIC into an existing tap interface instead of the user network.
+    pub fn tap(mut self, interface: &str) -> Options {
+        self.net = NetBackend::Tap(interface.to_string());
+        self
+    }
+
+    /// Lets QEMU's monitor listen on Unix socket `path`.
+    pub fn monitor(mut self, path: impl Into<PathBuf>) -> Options {
+        self.monitor = Some(path.into());
+        self
+    }
+
     pub fn timeouts(mut self, timeouts: Timeouts) -> Options {
         self.timeouts = timeouts;
         self
@@ -291,7 +317,10 @@ impl Options {
                 "KVM is not available on this host ({KVM_DEVICE} is missing); use --accel tcg"
             )));
         }
-        if let Some(NbdForward::Port(port)) = self.nbd {
+        self.net.check().map_err(Error::Config)?;
+        if let Some(NbdForward::Port(port)) = self.nbd
+            && !self.net.is_tap()
+        {
             check_port(port).map_err(Error::Config)?;
         }
         Ok(())
@@ -299,9 +328,11 @@ impl Options {
 
     /// The QEMU command for these options and the host port forwarded to the guest's
     /// NBD server (picking one now for [`NbdForward::AnyFree`] and
-    /// [`NbdForward::Preferred`]).
+    /// [`NbdForward::Preferred`]; none on a tap interface, where clients reach the
+    /// appliance's own address).
     pub fn qemu_command(&self, console: ConsoleMode) -> Result<(Command, Option<u16>), Error> {
-        let picked = match self.nbd {
+        let nbd = if self.net.is_tap() { None } else { self.nbd };
+        let picked = match nbd {
             None => Ok(None),
             Some(NbdForward::Port(port)) => Ok(Some(port)),
             Some(NbdForward::AnyFree) => free_port().map(Some),
@@ -346,8 +377,12 @@ impl Options {
         if self.firmware == Firmware::Uefi {
             push(&["-bios", OVMF_CODE]);
         }
+        let monitor = match &self.monitor {
+            Some(path) => format!("unix:{},server=on,wait=off", drive_file(path)),
+            None => String::from("none"),
+        };
         match console {
-            ConsoleMode::Pipes => push(&["-serial", "stdio", "-monitor", "none"]),
+            ConsoleMode::Pipes => push(&["-serial", "stdio", "-monitor", &monitor]),
             ConsoleMode::Terminal => push(&[
                 "-chardev",
                 "stdio,id=console,mux=on,signal=off",
@@ -396,15 +431,7 @@ impl Options {
         let forward = nbd_port
             .map(|port| format!(",hostfwd=tcp:127.0.0.1:{port}-:{NBD_GUEST_PORT}"))
             .unwrap_or_default();
-        // No option ROM: the kernel drives the NIC itself and firmware network boot
-        // would only slow the boot down.
-        let netdev = format!("user,id=n0{forward}");
-        push(&[
-            "-netdev",
-            &netdev,
-            "-device",
-            "virtio-net-pci,netdev=n0,romfile=",
-        ]);
+        args.extend(network::qemu_args(self.nic, &self.net, &forward));
         args
     }
 }

@@ -1,6 +1,8 @@
-//! The appliance's NBD service on its virtio-net NIC, driven by the real clients
-//! (qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh) through QEMU's port forward, and
-//! the `net` console command.
+//! The appliance's NBD service, driven by the real clients (qemu-img, qemu-io,
+//! nbdinfo, nbdcopy, nbdsh) through QEMU's port forward, and the `net` console
+//! command. Every test runs on virtio-net; a representative set (listing and
+//! mapping, copies in and out, bad clients, DHCP and static addresses) runs on the
+//! e1000e NIC too.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -9,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Options, Scratch, read_greeting, run_tool, wait_for_greeting};
+use qemu_test::{Appliance, Nic, Options, Scratch, read_greeting, run_tool, wait_for_greeting};
 
 const MIB: u64 = 1 << 20;
 /// How long the NBD server may take to answer after boot.
@@ -26,11 +28,11 @@ fn tools() {
     ]);
 }
 
-/// Boots with `disks` (virtio-blk, `vda`, `vdb`, ...) and an NBD forward, and waits
-/// for the NBD server's greeting.
-fn boot(disks: &[&Path]) -> Appliance {
+/// Boots with `disks` (virtio-blk, `vda`, `vdb`, ...), `nic` and an NBD forward, and
+/// waits for the NBD server's greeting.
+fn boot(nic: Nic, disks: &[&Path]) -> Appliance {
     tools();
-    let mut options = Options::bios().nbd();
+    let mut options = Options::bios().nic(nic).nbd();
     for disk in disks {
         options = options.disk(disk);
     }
@@ -69,7 +71,16 @@ fn field<'a>(text: &'a str, label: &str) -> &'a str {
 
 #[test]
 fn net_shows_the_lease_and_switches_between_static_and_dhcp() {
-    let appliance = &mut boot(&[]);
+    net_shows_the_lease_and_switches(Nic::Virtio, "virtio-net");
+}
+
+#[test]
+fn net_on_e1000e_shows_the_lease_and_switches_between_static_and_dhcp() {
+    net_shows_the_lease_and_switches(Nic::E1000e, "e1000e");
+}
+
+fn net_shows_the_lease_and_switches(nic: Nic, driver: &str) {
+    let appliance = &mut boot(nic, &[]);
     let port = appliance.nbd_port().unwrap();
     let shown = appliance.console_ok("net").unwrap();
     assert_eq!(field(&shown, "mac:"), "52:54:00:12:34:56  link up");
@@ -83,6 +94,10 @@ fn net_shows_the_lease_and_switches_between_static_and_dhcp() {
         .parse()
         .unwrap();
     assert!(received > 0, "{shown}");
+    assert!(
+        field(&shown, "link:").starts_with(&format!("{driver}, mtu 1500, ")),
+        "{shown}"
+    );
 
     // Bad input: one error line, nothing changes.
     for bad in [
@@ -154,7 +169,7 @@ fn an_idle_appliance_sleeps_after_disk_io_on_a_line_it_shares_with_the_nic() {
         .map(|name| scratch.disk(&format!("{name}.img"), 16 * MIB).unwrap())
         .collect();
     let paths: Vec<&Path> = disks.iter().map(PathBuf::as_path).collect();
-    let appliance = &mut boot(&paths);
+    let appliance = &mut boot(Nic::Virtio, &paths);
     for disk in ["vda", "vdb", "vdc"] {
         appliance
             .console_ok(&format!("disk-test {disk} 4 --force"))
@@ -326,8 +341,8 @@ impl PoolDisks {
         }
     }
 
-    fn boot(&self) -> Appliance {
-        boot(&[&self.metadata, &self.data, &self.raw])
+    fn boot(&self, nic: Nic) -> Appliance {
+        boot(nic, &[&self.metadata, &self.data, &self.raw])
     }
 
     fn file(&self, name: &str) -> PathBuf {
@@ -401,8 +416,17 @@ fn kind_at(map: &[(u64, u64, String)], offset: u64) -> &str {
 
 #[test]
 fn exports_are_listed_and_thin_allocation_is_mapped() {
+    exports_are_listed_and_mapped(Nic::Virtio);
+}
+
+#[test]
+fn exports_on_e1000e_are_listed_and_thin_allocation_is_mapped() {
+    exports_are_listed_and_mapped(Nic::E1000e);
+}
+
+fn exports_are_listed_and_mapped(nic: Nic) {
     let disks = PoolDisks::new(32 * MIB);
-    let appliance = &mut disks.boot();
+    let appliance = &mut disks.boot(nic);
     create_pool(appliance);
     create_thin(appliance, "thin0", 0, 64 * MIB, None);
     appliance
@@ -464,12 +488,21 @@ fn exports_are_listed_and_thin_allocation_is_mapped() {
 
 #[test]
 fn data_written_by_clients_reads_back_and_survives_a_reboot() {
+    data_reads_back_and_survives_a_reboot(Nic::Virtio);
+}
+
+#[test]
+fn data_written_by_clients_on_e1000e_reads_back_and_survives_a_reboot() {
+    data_reads_back_and_survives_a_reboot(Nic::E1000e);
+}
+
+fn data_reads_back_and_survives_a_reboot(nic: Nic) {
     let disks = PoolDisks::new(2 * MIB);
     let source = disks.file("source.img");
     fs::write(&source, random_bytes(64 * MIB as usize, 7)).unwrap();
     let expected = disks.file("expected.img");
     fs::copy(&source, &expected).unwrap();
-    let mut appliance = disks.boot();
+    let mut appliance = disks.boot(nic);
     // The device configuration is kept on vdc, so the volume is back after a reboot.
     appliance.console_ok("config init vdc").unwrap();
     create_pool(&mut appliance);
@@ -507,14 +540,14 @@ fn data_written_by_clients_reads_back_and_survives_a_reboot() {
     qemu_io(&uri, &["flush"]);
     appliance.shutdown().unwrap();
 
-    let appliance = disks.boot();
+    let appliance = disks.boot(nic);
     compare(&appliance.nbd_uri("vol").unwrap());
 }
 
 #[test]
 fn trim_and_write_zeroes_change_the_map_and_read_zeroes() {
     let disks = PoolDisks::new(MIB);
-    let appliance = &mut disks.boot();
+    let appliance = &mut disks.boot(Nic::Virtio);
     create_pool(appliance);
     create_thin(appliance, "vol", 0, 16 * MIB, None);
     let uri = appliance.nbd_uri("vol").unwrap();
@@ -549,7 +582,7 @@ fn trim_and_write_zeroes_change_the_map_and_read_zeroes() {
 fn a_snapshot_taken_while_a_client_writes_holds_the_data_as_of_the_command() {
     const CHUNKS: u64 = 96;
     let disks = PoolDisks::new(MIB);
-    let appliance = &mut disks.boot();
+    let appliance = &mut disks.boot(Nic::Virtio);
     create_pool(appliance);
     create_thin(appliance, "origin", 0, CHUNKS * MIB, None);
     let uri = appliance.nbd_uri("origin").unwrap();
@@ -632,7 +665,7 @@ fn two_vms_share_a_read_only_base_image() {
     let disks = PoolDisks::new(32 * MIB);
     let base = random_bytes(32 * MIB as usize, 99);
     fs::write(&disks.raw, &base).unwrap();
-    let appliance = &mut disks.boot();
+    let appliance = &mut disks.boot(Nic::Virtio);
     create_pool(appliance);
     appliance
         .console_ok(&format!(
@@ -671,8 +704,17 @@ fn two_vms_share_a_read_only_base_image() {
 
 #[test]
 fn bad_clients_do_not_disturb_a_thin_export() {
+    bad_clients_on(Nic::Virtio);
+}
+
+#[test]
+fn bad_clients_on_e1000e_do_not_disturb_a_thin_export() {
+    bad_clients_on(Nic::E1000e);
+}
+
+fn bad_clients_on(nic: Nic) {
     let disks = PoolDisks::new(MIB);
-    let appliance = &mut disks.boot();
+    let appliance = &mut disks.boot(nic);
     create_pool(appliance);
     create_thin(appliance, "vol", 0, 64 * MIB, None);
     bad_clients_do_not_disturb_a_good_one(appliance, "vol");

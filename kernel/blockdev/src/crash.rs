@@ -47,6 +47,10 @@ pub enum Unflushed {
     KeepAll,
     /// A pseudo-random subset of their sectors (seeded).
     Random(u64),
+    /// All of them, and the write the power failed at lands in part: its sectors up
+    /// to a seeded one (at least one, never all), as a disk writes a multi-sector
+    /// request sector by sector. Without such a write, the same as `KeepAll`.
+    Torn(u64),
 }
 
 /// Requests the disk has carried out since it was made.
@@ -75,6 +79,9 @@ struct Power {
     operations: u64,
     /// Power fails at the operation with this index (0-based).
     fail_at: Option<u64>,
+    /// Whether an operation has met the failed power yet (the first one is the one
+    /// the power failed at).
+    hit: bool,
 }
 
 impl Power {
@@ -92,6 +99,8 @@ struct State {
     stats: CrashStats,
     power: Rc<RefCell<Power>>,
     held: bool,
+    /// The write the power failed at, if it was on this disk.
+    cut_write: Option<Logged>,
 }
 
 /// A queued request and, for a flush, the writes it covers (those with a smaller
@@ -137,6 +146,7 @@ impl CrashDisk {
                 stats: CrashStats::default(),
                 power: Rc::default(),
                 held: false,
+                cut_write: None,
             })),
             queue: VecDeque::new(),
             failed: VecDeque::new(),
@@ -195,7 +205,10 @@ impl CrashDisk {
     /// (that one and every later request fail with [`IoError::Gone`]); `None` keeps
     /// it on.
     pub fn fail_at(&self, index: Option<u64>) {
-        self.state.borrow().power.borrow_mut().fail_at = index;
+        let state = self.state.borrow();
+        let mut power = state.power.borrow_mut();
+        power.fail_at = index;
+        power.hit = false;
     }
 
     /// Whether the power has failed.
@@ -209,7 +222,7 @@ impl CrashDisk {
         let disk = state.durable.snapshot();
         let mut rng = match unflushed {
             Unflushed::DropAll => return disk,
-            Unflushed::KeepAll => None,
+            Unflushed::KeepAll | Unflushed::Torn(_) => None,
             Unflushed::Random(seed) => Some(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
         };
         for entry in &state.unflushed {
@@ -218,6 +231,15 @@ impl CrashDisk {
                 if keep {
                     disk.write_at((entry.sector + n as u64) * SECTOR_SIZE as u64, piece);
                 }
+            }
+        }
+        if let (Unflushed::Torn(seed), Some(cut)) = (unflushed, &state.cut_write) {
+            let sectors = (cut.data.len() / SECTOR_SIZE) as u64;
+            if sectors > 1 {
+                let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let landed = 1 + xorshift(&mut rng) % (sectors - 1);
+                let bytes = landed as usize * SECTOR_SIZE;
+                disk.write_at(cut.sector * SECTOR_SIZE as u64, &cut.data[..bytes]);
             }
         }
         disk
@@ -232,7 +254,10 @@ impl CrashDisk {
         state.durable = after.snapshot();
         state.live = after;
         state.unflushed.clear();
-        state.power.borrow_mut().fail_at = None;
+        state.cut_write = None;
+        let mut power = state.power.borrow_mut();
+        power.fail_at = None;
+        power.hit = false;
     }
 
     /// Copies bytes from byte `offset` of the live contents (no queue).
@@ -258,6 +283,17 @@ impl CrashDisk {
         {
             let mut power = state.power.borrow_mut();
             if power.lost() {
+                let first = !power.hit;
+                power.hit = true;
+                drop(power);
+                if let (true, Command::Write { sector, buf, .. }) = (first, command) {
+                    state.cut_write = Some(Logged {
+                        seq: state.completed,
+                        sector: *sector,
+                        data: buf.to_vec(),
+                        durable: false,
+                    });
+                }
                 return Err(IoError::Gone);
             }
             if !matches!(command, Command::Read { .. }) {
@@ -455,6 +491,29 @@ mod tests {
         assert_eq!(out[0], 3, "kept by the cut");
         first.read_at(0, &mut out);
         assert_eq!(out[0], 6, "power is back");
+    }
+
+    #[test]
+    fn a_torn_write_lands_in_part_over_the_kept_ones() {
+        let mut disk = CrashDisk::new(64);
+        write(&mut disk, 0, 1).unwrap();
+        disk.fail_at(Some(1));
+        assert_eq!(write(&mut disk, 0, 2).unwrap_err(), IoError::Gone);
+        // A later request that fails is not the one the power failed at.
+        assert_eq!(write(&mut disk, 8, 3).unwrap_err(), IoError::Gone);
+        for seed in 0..16 {
+            let after = disk.after_power_loss(Unflushed::Torn(seed));
+            assert_eq!(
+                (byte_at(&after, 0), byte_at(&after, 1), byte_at(&after, 8)),
+                (2, 1, 0),
+                "seed {seed}: the first of two sectors landed over the kept write"
+            );
+        }
+        assert_eq!(byte_at(&disk.after_power_loss(Unflushed::KeepAll), 0), 1);
+        disk.power_cut(Unflushed::Torn(0));
+        let mut out = [0u8; 2];
+        disk.read_at(511, &mut out);
+        assert_eq!(out, [2, 1]);
     }
 
     #[test]

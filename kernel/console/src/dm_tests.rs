@@ -109,7 +109,7 @@ fn refused_creates_leave_nothing_behind() {
         ),
         (
             "create b --table \"0 8 striped 2 8 vda 0 vdb 0\"",
-            "error: create b: unknown target type 'striped' (use linear, thin-pool or thin)",
+            "error: create b: unknown target type 'striped' (use linear, thin-pool, thin, snapshot-origin, snapshot or snapshot-merge)",
         ),
         (
             "create b --table \"0 8 thin-pool vda vdb 100 0\"",

@@ -34,7 +34,9 @@ mod tokenize;
 mod units;
 
 pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
-pub use net::{AddressMode, Ipv4Config, NetCounters, NetStatus, Network, NicCounters};
+pub use net::{
+    AddressMode, Ipv4Config, LinkSettings, NetCounters, NetStatus, Network, NicCounters,
+};
 pub use tokenize::{TokenizeError, tokenize};
 
 use alloc::boxed::Box;

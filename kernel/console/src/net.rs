@@ -11,6 +11,8 @@ use core::fmt::Write;
 use core::net::Ipv4Addr;
 
 use crate::{CommandError, Console, Platform, outln};
+
+mod link;
 use dm::human_bytes;
 
 /// How the interface gets its address.
@@ -39,6 +41,22 @@ pub struct NicCounters {
     pub rx_dropped: u64,
     /// Times a frame waited because every transmit buffer was in flight.
     pub tx_queue_full: u64,
+    /// Frames the NIC had no receive buffer for.
+    pub rx_missed: u64,
+    /// Frames to send the driver had to drop.
+    pub tx_dropped: u64,
+    /// Times the driver reset its rings (a stalled ring, a new MTU).
+    pub ring_resets: u64,
+}
+
+/// The NIC's driver and what it was set to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkSettings {
+    pub driver: &'static str,
+    /// IP MTU (Ethernet payload) in bytes.
+    pub mtu: usize,
+    /// The NIC computes and checks TCP/UDP checksums.
+    pub checksum_offload: bool,
 }
 
 /// Traffic figures since start-up.
@@ -56,6 +74,7 @@ pub struct NetCounters {
 pub struct NetStatus {
     pub mac: [u8; 6],
     pub link_up: bool,
+    pub link: LinkSettings,
     pub mode: AddressMode,
     /// `None` while DHCP has no lease yet.
     pub ipv4: Option<Ipv4Config>,
@@ -71,9 +90,12 @@ pub trait Network {
     fn set_static(&mut self, config: Ipv4Config);
     /// Drops the current address and asks DHCP for one.
     fn use_dhcp(&mut self);
+    /// Sets the MTU and checksum offload; the error says what the NIC cannot do.
+    fn configure_link(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), String>;
 }
 
-const USAGE: &str = "usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp";
+const USAGE: &str = "usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp | net mtu BYTES | \
+                     net offload on|off";
 
 impl<P: Platform> Console<P> {
     pub(crate) fn net(&mut self, args: &[String], out: &mut dyn Write) -> Result<(), CommandError> {
@@ -96,6 +118,9 @@ impl<P: Platform> Console<P> {
             [dhcp] if dhcp == "dhcp" => {
                 network.use_dhcp();
                 outln!(out, "address: requesting one by DHCP");
+            }
+            [setting, value] if setting == "mtu" || setting == "offload" => {
+                link::configure(network, setting, value, out)?;
             }
             [set, ..] if set == "set" => {
                 return Err(format!("net set needs an address and a gateway ({USAGE})").into());
@@ -154,6 +179,7 @@ fn show(status: &NetStatus, out: &mut dyn Write) {
         human_bytes(c.nic.tx_bytes),
         c.nic.tx_queue_full
     );
+    link::show(status, out);
 }
 
 /// Checks `ADDRESS/PREFIX GATEWAY`: a unicast host address inside its subnet and a

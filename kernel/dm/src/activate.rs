@@ -172,6 +172,11 @@ impl DeviceMapper {
                 let volume = self.thin_volume(thin, table.length())?;
                 TargetIo::Thin(ThinIo::new(volume, read_only))
             }
+            Target::SnapshotOrigin { .. } | Target::Snapshot(_) | Target::SnapshotMerge(_) => {
+                let (io, more) = self.snapshot_target(None, table, read_only)?;
+                notes = more;
+                TargetIo::Snapshot(io)
+            }
         };
         let mut active = Active::new(io);
         active.pool_windows = pool_windows;
@@ -310,12 +315,11 @@ impl DeviceMapper {
             ));
         }
         let origin = match &thin.origin_dev {
-            Some(name) => {
-                let origin = self.span(&self.windows(name)?, true);
-                Some(Box::new(origin) as Box<dyn BlockDevice>)
-            }
+            Some(name) => Some(self.span(&self.windows(name)?, true)),
             None => None,
         };
+        self.check_origin(thin, origin.as_ref().map(|span| span.info().sectors))?;
+        let origin = origin.map(|span| Box::new(span) as Box<dyn BlockDevice>);
         pool.activate(thin.dev_id, sectors, origin)
             .map_err(|error| error.0)
     }

@@ -90,6 +90,7 @@ impl DeviceMapper {
                 target_jobs(&device.name, &active.io, &mut jobs);
             }
         }
+        jobs.extend(self.snapshot_merges());
         jobs.extend(self.jobs.iter().map(|job| job.status()));
         jobs
     }
@@ -161,7 +162,7 @@ fn target_jobs(name: &str, io: &TargetIo, jobs: &mut Vec<JobStatus>) {
             }
         }
         TargetIo::Formatting(formatting) => jobs.push(formatting.status(name)),
-        TargetIo::Linear(_) | TargetIo::Thin(_) => {}
+        TargetIo::Linear(_) | TargetIo::Thin(_) | TargetIo::Snapshot(_) => {}
     }
 }
 

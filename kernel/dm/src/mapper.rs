@@ -16,12 +16,13 @@ use blockdev::{BlockDevice, Command};
 
 use crate::Error;
 use crate::activate::Format;
-use crate::config::{ConfigDisk, DiskRecord};
+use crate::config::{ConfigDisk, DiskRecord, OriginRecord};
 use crate::device::{Device, DeviceId, State};
 use crate::disk::{Disk, DiskEntry};
 use crate::jobs::{Job, Pacing};
 use crate::table::{Table, Target, bare_name, check_name};
-use crate::targets::TargetIo;
+use crate::targets::{SnapshotList, TargetIo};
+use core::cell::RefCell;
 
 /// Disks, devices and their configuration.
 pub struct DeviceMapper {
@@ -37,6 +38,11 @@ pub struct DeviceMapper {
     pub(crate) missing_disks: Vec<DiskRecord>,
     /// Long work the device mapper drives itself (see [`DeviceMapper::start_job`]).
     pub(crate) jobs: Vec<Box<dyn Job>>,
+    /// The snapshots of each origin, by the origin's name.
+    pub(crate) snapshot_origins: RefCell<BTreeMap<String, SnapshotList>>,
+    /// The external origin each thin device was created over (see the origins
+    /// module).
+    pub(crate) origins: Vec<OriginRecord>,
     /// NBD requests submitted so far: background steps give way while they come.
     pub(crate) requests_submitted: u64,
     pub(crate) pacing: Pacing,
@@ -54,6 +60,8 @@ impl DeviceMapper {
             ready: VecDeque::new(),
             missing_disks: Vec::new(),
             jobs: Vec::new(),
+            snapshot_origins: RefCell::default(),
+            origins: Vec::new(),
             requests_submitted: 0,
             pacing: Pacing::default(),
         }
@@ -176,12 +184,16 @@ impl DeviceMapper {
         let id = self.register(Device {
             name: name.to_string(),
             read_only,
-            table,
+            table: table.clone(),
             inactive: None,
             state: State::Active(Box::new(active)),
         });
+        let recorded = self.record_origin(name, &table);
         if let Err(error) = self.save() {
             self.devices.remove(&id);
+            if recorded {
+                self.origins.pop();
+            }
             return Err(error);
         }
         Ok(notes)
@@ -298,8 +310,9 @@ impl DeviceMapper {
         Ok(())
     }
 
-    /// Timer work of every pool, and a step of each metadata format and background
-    /// job, at the time `clock` gives; returns the events to print.
+    /// Timer work of every pool, a bounded step of every snapshot merge, and a step
+    /// of each metadata format and background job, at the time `clock` gives; returns
+    /// the events to print.
     pub fn tick(&mut self, clock: &dyn Fn() -> u64) -> Vec<String> {
         let mut events = Vec::new();
         for device in self.devices() {
@@ -312,6 +325,7 @@ impl DeviceMapper {
                 }
             }
         }
+        self.step_snapshot_targets(clock, &mut events);
         events.extend(self.background_steps(clock));
         events
     }
@@ -346,16 +360,16 @@ impl DeviceMapper {
             )
             .into());
         }
-        let pool = self.pool(name)?;
+        let name = device.name.clone();
+        let pool = self.pool(&name)?;
         pool.message(text).map_err(|error| {
-            format!(
-                "{}: message '{text}' failed: {} ({})",
-                device.name,
+            Error(format!(
+                "{name}: message '{text}' failed: {} ({})",
                 error.text,
                 error.errno.name()
-            )
-            .into()
-        })
+            ))
+        })?;
+        self.origins_after_message(&name, text)
     }
 
     /// dm's status lines, one per segment: `START LENGTH TARGET` followed by the
@@ -392,6 +406,9 @@ impl DeviceMapper {
                     Ok(status) => Ok(format!(" {status}")),
                     Err(error) => Err(error.text),
                 }
+            }
+            Target::SnapshotOrigin { .. } | Target::Snapshot(_) | Target::SnapshotMerge(_) => {
+                self.snapshot_status(&device.name)
             }
         }
     }
@@ -454,6 +471,13 @@ impl DeviceMapper {
                     let span = self.span(&self.windows(&device.name)?, false);
                     Ok((device.name.clone(), Box::new(span)))
                 }
+                kind @ (Target::SnapshotOrigin { .. }
+                | Target::Snapshot(_)
+                | Target::SnapshotMerge(_)) => Err(format!(
+                    "{} is a {} device; test the disks under it before building snapshots",
+                    device.name,
+                    kind.kind()
+                )),
             },
         }
     }

@@ -40,6 +40,7 @@ enum Swap {
     ThinLength(u64),
     /// A pool's devices, and its new low water mark and features.
     Pool(PoolWindows, thin_pool::PoolConfig),
+    Snapshot(crate::targets::SnapshotIo),
 }
 
 impl DeviceMapper {
@@ -100,6 +101,7 @@ impl DeviceMapper {
             }
         }
         self.devices.get_mut(&id).expect("renamed device").name = to.to_string();
+        self.rename_in_origins(from, to);
     }
 
     /// What `reload` checks, as dm's table load does: the table's devices exist and
@@ -111,7 +113,7 @@ impl DeviceMapper {
                 "{name} is inactive ({why}); remove it and create it again"
             ));
         }
-        if table.kind() != live.table.kind() {
+        if table.kind() != live.table.kind() && !origin_kinds(table.kind(), live.table.kind()) {
             return Err(format!(
                 "the table is {}, the live one {}: a reload keeps the target type (remove \
                  {name} and create it again to change it)",
@@ -151,6 +153,14 @@ impl DeviceMapper {
             Target::Pool(pool) => {
                 self.windows(&pool.metadata_dev)?;
                 self.fit(&pool.data_dev, 0, table.length()).map(drop)
+            }
+            Target::SnapshotOrigin { origin } => self.fit(origin, 0, table.length()).map(drop),
+            Target::Snapshot(_) => {
+                Err("a snapshot device keeps its table (remove it and create it again)".into())
+            }
+            Target::SnapshotMerge(args) => {
+                self.fit(&args.origin, 0, table.length())?;
+                self.windows(&args.cow).map(drop)
             }
         }
     }
@@ -223,7 +233,15 @@ impl DeviceMapper {
                 }
                 Ok(Swap::Linear(self.span(&windows, device.read_only)))
             }
-            (Target::Thin(_), _) => Ok(Swap::ThinLength(table.length())),
+            (Target::Thin(thin), _) => {
+                // The origin is looked at again, as at every activation.
+                let origin_sectors = match &thin.origin_dev {
+                    Some(origin) => Some(self.size_of(origin).map_err(String::from)?),
+                    None => None,
+                };
+                self.check_origin(thin, origin_sectors)?;
+                Ok(Swap::ThinLength(table.length()))
+            }
             (Target::Pool(new), Target::Pool(_)) => {
                 let engine = self.pool(&device.name).map_err(String::from)?;
                 engine
@@ -263,6 +281,10 @@ impl DeviceMapper {
                 }
                 Ok(Swap::Pool(windows, new.config.clone()))
             }
+            (Target::SnapshotOrigin { .. } | Target::Snapshot(_) | Target::SnapshotMerge(_), _) => {
+                let (io, _) = self.snapshot_target(Some(&device.name), table, device.read_only)?;
+                Ok(Swap::Snapshot(io))
+            }
             (_, kind) => Err(format!("{} is not a thin-pool", kind.kind())),
         }
     }
@@ -288,6 +310,7 @@ impl DeviceMapper {
                 }
                 return Ok(Vec::new());
             }
+            Swap::Snapshot(io) => TargetIo::Snapshot(io),
             Swap::Pool(windows, config) => {
                 let (metadata, data) = spans.expect("built above");
                 let pool = active.io.pool().expect("a pool device runs a pool");
@@ -340,6 +363,14 @@ impl DeviceMapper {
         active.io = io;
         Ok(Vec::new())
     }
+}
+
+/// Whether a reload may turn one of these target types into the other: an origin
+/// device goes from `linear` to `snapshot-origin` when it gets a snapshot, to
+/// `snapshot-merge` for a merge and back to `linear` after it (LVM's sequences).
+fn origin_kinds(new: &str, live: &str) -> bool {
+    let origin = |kind| matches!(kind, "linear" | "snapshot-origin" | "snapshot-merge");
+    origin(new) && origin(live)
 }
 
 fn sectors(windows: &[Window]) -> u64 {

@@ -6,6 +6,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
+use snapshot::SnapshotTable;
 use thin_pool::{PoolTable, ThinTable};
 
 /// Longest device name (dm's limit is 127 bytes plus the terminator).
@@ -46,6 +47,13 @@ pub enum Target {
     Pool(PoolTable),
     /// `thin POOL DEV_ID [EXTERNAL_ORIGIN]`.
     Thin(ThinTable),
+    /// `snapshot-origin ORIGIN`: the origin's writes copy out into its snapshots.
+    SnapshotOrigin { origin: String },
+    /// `snapshot ORIGIN COW P|PO|N CHUNK [N FEATURE...]`.
+    Snapshot(SnapshotTable),
+    /// `snapshot-merge ORIGIN COW P CHUNK [N FEATURE...]`: the origin device while a
+    /// snapshot merges into it.
+    SnapshotMerge(SnapshotTable),
 }
 
 impl Target {
@@ -55,14 +63,20 @@ impl Target {
             Target::Linear { .. } => "linear",
             Target::Pool(_) => "thin-pool",
             Target::Thin(_) => "thin",
+            Target::SnapshotOrigin { .. } => "snapshot-origin",
+            Target::Snapshot(_) => "snapshot",
+            Target::SnapshotMerge(_) => "snapshot-merge",
         }
     }
 }
 
-/// Target types that must be a table's only segment: a pool, and a thin device (whose
-/// volume is the whole device).
+/// Target types that must be a table's only segment: a pool, a thin device (whose
+/// volume is the whole device) and the snapshot targets (which cover their origin).
 fn stands_alone(kind: &str) -> bool {
-    matches!(kind, "thin-pool" | "thin")
+    matches!(
+        kind,
+        "thin-pool" | "thin" | "snapshot-origin" | "snapshot" | "snapshot-merge"
+    )
 }
 
 /// One segment of a table: sectors `start..start+length` of the device.
@@ -141,6 +155,10 @@ impl Table {
                 Target::Thin(thin) => core::iter::once(thin.pool_dev.as_str())
                     .chain(thin.origin_dev.as_deref())
                     .collect(),
+                Target::SnapshotOrigin { origin } => alloc::vec![origin.as_str()],
+                Target::Snapshot(snap) | Target::SnapshotMerge(snap) => {
+                    alloc::vec![snap.origin.as_str(), snap.cow.as_str()]
+                }
             };
             for name in refers {
                 if !names.contains(&name) {
@@ -161,6 +179,10 @@ impl Table {
                 Target::Thin(thin) => core::iter::once(&mut thin.pool_dev)
                     .chain(thin.origin_dev.as_mut())
                     .collect(),
+                Target::SnapshotOrigin { origin } => alloc::vec![origin],
+                Target::Snapshot(snap) | Target::SnapshotMerge(snap) => {
+                    alloc::vec![&mut snap.origin, &mut snap.cow]
+                }
             };
             for name in names {
                 if name == from {
@@ -190,9 +212,13 @@ fn parse_segment(line: &str, before: &[Segment]) -> Result<Segment, String> {
     if length == 0 {
         return Err("table length is 0: give the device's size in sectors".to_string());
     }
-    if !matches!(*kind, "linear" | "thin-pool" | "thin") {
+    if !matches!(
+        *kind,
+        "linear" | "thin-pool" | "thin" | "snapshot-origin" | "snapshot" | "snapshot-merge"
+    ) {
         return Err(format!(
-            "unknown target type '{kind}' (use linear, thin-pool or thin)"
+            "unknown target type '{kind}' (use linear, thin-pool, thin, snapshot-origin, \
+             snapshot or snapshot-merge)"
         ));
     }
     if stands_alone(kind) && !before.is_empty() {
@@ -230,6 +256,9 @@ fn parse_segment(line: &str, before: &[Segment]) -> Result<Segment, String> {
                 ));
             }
         },
+        "snapshot-origin" | "snapshot" | "snapshot-merge" => {
+            crate::snapshots::parse_target(kind, args)?
+        }
         "thin-pool" => {
             let mut table =
                 PoolTable::parse(line).map_err(|error| format!("thin-pool: {error}"))?;
@@ -288,6 +317,8 @@ impl fmt::Display for Segment {
                     None => Ok(()),
                 }
             }
+            Target::SnapshotOrigin { origin } => write!(f, " {origin}"),
+            Target::Snapshot(snap) | Target::SnapshotMerge(snap) => write!(f, " {snap}"),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Disk drivers. Each implements [`blockdev::BlockDevice`] with several requests in
-//! flight and completions found by polling. The NIC driver serves smoltcp.
+//! flight and completions found by polling. The NIC drivers serve smoltcp.
 
+pub mod e1000e;
 pub mod nvme;
 pub mod virtio_blk;
 mod virtio_hal;

@@ -25,6 +25,7 @@ use crate::pci::{Pci, PciFunction};
 pub const QUEUE_SIZE: usize = 256;
 /// Ethernet frame without FCS, as smoltcp counts the MTU.
 const FRAME_LEN: usize = 1514;
+const ETHERNET_HEADER: usize = 14;
 /// virtio-net header (version 1 layout, 12 bytes; the legacy one is shorter) plus
 /// a frame, rounded up.
 const BUFFER_LEN: usize = 1536;
@@ -107,6 +108,25 @@ impl VirtioNet {
 
     pub fn counters(&self) -> NicCounters {
         self.counters
+    }
+
+    pub fn mtu(&self) -> usize {
+        FRAME_LEN - ETHERNET_HEADER
+    }
+
+    pub fn checksum_offload(&self) -> bool {
+        false
+    }
+
+    /// Only the settings the device has: the standard MTU, no offload.
+    pub fn reconfigure(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), &'static str> {
+        if checksum_offload {
+            return Err("this virtio-net device offers no checksum offload");
+        }
+        if mtu != self.mtu() {
+            return Err("virtio-net frames are limited to the standard MTU of 1500");
+        }
+        Ok(())
     }
 
     /// Acknowledges the device's interrupt so it lowers its line.

@@ -1,6 +1,6 @@
-//! The appliance's network: the virtio-net NIC, smoltcp's IPv4 stack with a DHCP
-//! client (or a static address from the console), and the NBD service's TCP
-//! sockets (see [`nbd_sockets`]).
+//! The appliance's network: the first NIC (virtio-net or e1000e, see [`nic`]),
+//! smoltcp's IPv4 stack with a DHCP client (or a static address from the console),
+//! and the NBD service's TCP sockets (see [`nbd_sockets`]).
 //!
 //! Everything runs from the main loop: [`NetStack::poll`] moves frames, socket
 //! bytes and NBD requests until nothing moves. The NIC's interrupt only wakes the
@@ -8,9 +8,12 @@
 //! than at the next timer tick.
 
 mod nbd_sockets;
+mod nic;
 
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::rc::Rc;
+use alloc::string::String;
 use core::cell::RefCell;
 use core::fmt::Write;
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
@@ -21,10 +24,12 @@ use virtio_drivers::transport::DeviceType;
 use virtio_drivers::transport::pci::virtio_device_type;
 
 use crate::arch::{clock, interrupts};
+use crate::drivers::e1000e::{self, E1000e};
 use crate::drivers::virtio_net::VirtioNet;
-use crate::pci::Pci;
-use console::{AddressMode, Ipv4Config, NetCounters, NetStatus, Network};
+use crate::pci::{Pci, PciFunction};
+use console::{AddressMode, Ipv4Config, LinkSettings, NetCounters, NetStatus, Network};
 use nbd_sockets::NbdSockets;
+use nic::Nic;
 
 pub use nbd_sockets::NBD_PORT;
 
@@ -33,7 +38,7 @@ pub use nbd_sockets::NBD_PORT;
 const ROUNDS_PER_POLL: usize = 16;
 
 pub struct NetStack {
-    device: VirtioNet,
+    device: Nic,
     /// The NIC's interrupt line, when the firmware routed one to the PIC.
     irq: Option<u8>,
     iface: Interface,
@@ -43,14 +48,30 @@ pub struct NetStack {
     nbd: NbdSockets,
 }
 
-/// Finds the first virtio-net NIC and brings the stack up on it (DHCP, NBD
-/// listeners). Problems are reported on `log`; without a NIC there is no network.
+/// Sets up a NIC's driver.
+type Probe = fn(&mut Pci, &PciFunction) -> Result<Nic, &'static str>;
+
+/// Which driver serves a PCI function, if it is a NIC.
+fn nic_kind(function: &PciFunction) -> Option<Probe> {
+    let info = &function.info;
+    if virtio_device_type(info) == Some(DeviceType::Network) {
+        Some(|pci, function| VirtioNet::probe(pci, function).map(|nic| Nic::Virtio(Box::new(nic))))
+    } else if (info.vendor_id, info.device_id) == (e1000e::VENDOR_INTEL, e1000e::DEVICE_82574L) {
+        Some(|pci, function| E1000e::probe(pci, function).map(|nic| Nic::E1000e(Box::new(nic))))
+    } else {
+        None
+    }
+}
+
+/// Finds the first NIC (virtio-net or e1000e) and brings the stack up on it (DHCP,
+/// NBD listeners). Problems are reported on `log`; without a NIC there is no
+/// network.
 pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
-    let function = pci
+    let (function, probe) = pci
         .functions()
         .into_iter()
-        .find(|function| virtio_device_type(&function.info) == Some(DeviceType::Network))?;
-    let mut device = match VirtioNet::probe(pci, &function) {
+        .find_map(|function| nic_kind(&function).map(|probe| (function, probe)))?;
+    let mut device = match probe(pci, &function) {
         Ok(device) => device,
         Err(why) => {
             let _ = write!(log, "thinbox: NIC at {}: {why}\r\n", function.address);
@@ -70,14 +91,12 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
     };
     let _ = write!(
         log,
-        "thinbox: NIC {} at {}, {wakeup}\r\n",
+        "thinbox: NIC {} ({}) at {}, {wakeup}\r\n",
         EthernetAddress(mac),
+        device.driver(),
         function.address
     );
-    let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
-    config.random_seed = clock::now_ns()
-        ^ u64::from_le_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]);
-    let iface = Interface::new(config, &mut device, now());
+    let iface = new_interface(&mut device);
     let mut sockets = SocketSet::new(alloc::vec::Vec::new());
     let nbd = NbdSockets::new(&mut sockets);
     let mut stack = NetStack {
@@ -91,6 +110,16 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
     };
     stack.use_dhcp();
     Some(stack)
+}
+
+/// A smoltcp interface for `device`, which takes the device's MTU and checksum
+/// capabilities as they are now.
+fn new_interface(device: &mut Nic) -> Interface {
+    let mac = device.mac();
+    let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+    config.random_seed = clock::now_ns()
+        ^ u64::from_le_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]);
+    Interface::new(config, device, now())
 }
 
 fn now() -> Instant {
@@ -109,6 +138,7 @@ impl NetStack {
             self.device.ack_interrupt();
             interrupts::rearm_device_irq(line);
         }
+        self.device.recover_stall();
         for _ in 0..ROUNDS_PER_POLL {
             let now = now();
             let changed =
@@ -179,6 +209,11 @@ impl Network for NetStack {
         NetStatus {
             mac: self.device.mac(),
             link_up: self.device.link_up(),
+            link: LinkSettings {
+                driver: self.device.driver(),
+                mtu: self.device.mtu(),
+                checksum_offload: self.device.checksum_offload(),
+            },
             mode: self.mode,
             ipv4,
             nbd_port: NBD_PORT,
@@ -209,6 +244,35 @@ impl Network for NetStack {
         self.mode = AddressMode::Dhcp;
         self.dhcp = Some(self.sockets.add(dhcpv4::Socket::new()));
     }
+
+    /// Reconfigures the NIC and starts a new interface on it with the same
+    /// addresses and route: smoltcp takes the MTU (and so the MSS it offers) and the
+    /// checksum capabilities when an interface is made. Open connections keep the
+    /// segment size they agreed on.
+    fn configure_link(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), String> {
+        self.device.reconfigure(mtu, checksum_offload)?;
+        let addresses = self.iface.ip_addrs().to_vec();
+        let gateway =
+            self.iface
+                .routes()
+                .get_default_ipv4_route()
+                .map(|route| match route.via_router {
+                    IpAddress::Ipv4(router) => router,
+                });
+        self.iface = new_interface(&mut self.device);
+        self.iface.update_ip_addrs(|current| {
+            for address in addresses {
+                current.push(address).expect("room for the same addresses");
+            }
+        });
+        if let Some(gateway) = gateway {
+            self.iface
+                .routes_mut()
+                .add_default_ipv4_route(gateway)
+                .expect("room for the default route");
+        }
+        Ok(())
+    }
 }
 
 /// The console's handle on the stack the main loop polls.
@@ -225,5 +289,9 @@ impl Network for NetHandle {
 
     fn use_dhcp(&mut self) {
         self.0.borrow_mut().use_dhcp()
+    }
+
+    fn configure_link(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), String> {
+        self.0.borrow_mut().configure_link(mtu, checksum_offload)
     }
 }

@@ -189,6 +189,19 @@ impl Pool {
         core.message(message)
     }
 
+    /// Merges thin snapshot `snap` into `origin`: the origin takes the snapshot's
+    /// content (and keeps its id; an active volume of it stays active and reads the
+    /// new content from the moment this returns) and `snap` is deleted, in one
+    /// commit, so a power cut leaves either both devices as they were or the merged
+    /// origin. No data is copied. The snapshot must not be active; the origin's
+    /// requests in flight finish first. Blocks only the origin's old content used
+    /// are released in the background when there are many (see [`Pool::deletes`]).
+    /// `snap` need not be a snapshot of `origin`: any device of the pool may be
+    /// merged into any other of the same size (the caller checks sizes).
+    pub fn merge_snapshot(&self, snap: u64, origin: u64) -> Result<(), MessageError> {
+        self.core.borrow_mut().merge_snapshot(snap, origin)
+    }
+
     /// Grows the pool to `length` sectors (the data device must be that large).
     pub fn resize(&self, length: u64) -> Result<(), MessageError> {
         let mut core = self.core.borrow_mut();

@@ -165,6 +165,8 @@ pub enum PoolEvent {
     MetadataDeviceTooLarge(String),
     /// A deleted thin device's blocks are all released.
     DeleteFinished { dev: u64 },
+    /// The blocks only a merged origin's old content used are all released.
+    MergeReleased { dev: u64 },
 }
 
 impl fmt::Display for PoolEvent {
@@ -206,6 +208,10 @@ impl fmt::Display for PoolEvent {
             PoolEvent::DeleteFinished { dev } => {
                 write!(f, "thin device {dev} deleted: all its blocks are released")
             }
+            PoolEvent::MergeReleased { dev } => write!(
+                f,
+                "thin device {dev} merged: the blocks of its content before the merge are released"
+            ),
         }
     }
 }

@@ -13,31 +13,6 @@ use persistent_data::thin::{OpenOptions, ThinMetadata};
 use thin_pool::{DeleteProgress, Pool, PoolConfig, PoolEvent};
 
 const MILLISECOND: u64 = 1_000_000;
-/// Metadata and data disks whose pool has device 0 mapping `mappings` blocks (built
-/// through the metadata layer, which is much faster than writing them) and room
-/// for `spare` more blocks.
-fn pool_disks(meta_sectors: u64, mappings: u64, spare: u64) -> (MemDisk, MemDisk, PoolConfig) {
-    let blocks = mappings + spare;
-    let meta = MemDisk::new(meta_sectors);
-    let data = MemDisk::new(blocks * BS);
-    let (mut md, _) = ThinMetadata::open(Box::new(meta.handle()), &OpenOptions::new(BS as u32))
-        .expect("formatting");
-    md.resize_data(blocks).unwrap();
-    md.create_thin(0).unwrap();
-    for vblock in 0..mappings {
-        let block = md.alloc_data_block().unwrap();
-        md.insert(0, vblock, block).unwrap();
-    }
-    md.commit().unwrap();
-    (meta, data, PoolConfig::new(blocks * BS, BS as u32))
-}
-
-fn thin_check_disk(disk: &CrashDisk, name: &str) {
-    let scratch = Scratch::new(name);
-    save(disk, &scratch.path("meta"));
-    thin_check(&scratch.path("meta"));
-}
-
 #[test]
 fn a_million_mappings_are_released_in_steps_while_another_volume_serves_io() {
     require_tools();

@@ -155,6 +155,28 @@ fn out_of_space_with_error_if_no_space_then_grow() {
     assert!(pool.resize(4 * BS).unwrap_err().text.contains("too small"));
 }
 
+#[test]
+fn a_volume_dropped_while_its_writes_wait_for_space_goes_quietly() {
+    let (_rig, pool) = overcommitted(false);
+    let mut vol = pool.activate(0, 64 * BS, None).unwrap();
+    for block in 0..8 {
+        write(&mut vol, block * BS, &[1; 512]).unwrap();
+    }
+    submit_write(&mut vol, 20, 20 * BS, &[20; 512]);
+    submit_write(&mut vol, 21, 21 * BS, &[21; 512]);
+    assert!(poll_some(&pool, &mut vol).is_empty(), "the writes wait");
+    drop(vol);
+    pool.resize(16 * BS).unwrap();
+    let mut again = pool.activate(0, 64 * BS, None).unwrap();
+    assert_eq!(
+        read(&mut again, 20 * BS, 1),
+        vec![0; 512],
+        "the waiting write failed"
+    );
+    write(&mut again, 20 * BS, &[2; 512]).unwrap();
+    assert_eq!(read(&mut again, 20 * BS, 1), vec![2; 512]);
+}
+
 fn poll_some(
     pool: &Pool,
     vol: &mut thin_pool::ThinVolume,

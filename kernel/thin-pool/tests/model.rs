@@ -146,6 +146,12 @@ impl Model {
         let copy = self.devs[&origin].clone();
         self.devs.insert(dev, copy);
     }
+
+    /// `origin` takes `snap`'s content, `snap` is gone.
+    fn merge(&mut self, snap: u64, origin: u64) {
+        let merged = self.devs.remove(&snap).unwrap();
+        self.devs.insert(origin, merged);
+    }
 }
 
 /// One generated I/O operation.
@@ -174,7 +180,7 @@ struct Harness {
 
 impl Harness {
     fn new(seed: u64) -> Self {
-        let mut rig = Rig::new(256, 16384);
+        let mut rig = Rig::new(512, 16384);
         rig.seed = seed;
         let origin_data = pattern(seed ^ 0xABCD, (ORIGIN_SECTORS * 512) as usize);
         let origin_disk = MemDisk::new(ORIGIN_SECTORS);
@@ -450,6 +456,36 @@ impl Harness {
         self.model.devs.remove(&dev);
     }
 
+    /// Merges a device into another one with the same external origin (often its
+    /// origin); the target stays active if it was, the merged one is deactivated.
+    fn merge(&mut self) {
+        let devs: Vec<u64> = self.model.devs.keys().copied().collect();
+        if devs.len() < 2 {
+            return;
+        }
+        let snap = devs[self.rng.u64(..devs.len() as u64) as usize];
+        let targets: Vec<u64> = devs
+            .iter()
+            .copied()
+            .filter(|&d| d != snap && self.model.devs[&d].origin == self.model.devs[&snap].origin)
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let origin = targets[self.rng.u64(..targets.len() as u64) as usize];
+        if self.volumes.contains_key(&snap) {
+            let error = self.pool().merge_snapshot(snap, origin).unwrap_err();
+            assert_eq!(error.errno, Errno::Ebusy);
+            self.volumes.remove(&snap);
+        }
+        self.pool()
+            .merge_snapshot(snap, origin)
+            .unwrap_or_else(|e| panic!("merge {snap} into {origin}: {e}"));
+        self.model.merge(snap, origin);
+        self.model.durable();
+        self.count("merges");
+    }
+
     fn toggle(&mut self) {
         let devs: Vec<u64> = self.model.devs.keys().copied().collect();
         if devs.is_empty() {
@@ -687,7 +723,8 @@ impl Harness {
             }
             63..=67 => self.create(),
             68..=74 => self.snapshot(),
-            75..=78 => self.delete(),
+            75..=77 => self.delete(),
+            78 => self.merge(),
             79..=82 => self.toggle(),
             83..=88 => {
                 self.now += 1_200_000_000;

@@ -20,7 +20,7 @@ use super::*;
 /// First of the ids reserved for devices being deleted (the last 256 ids).
 pub const FIRST_DELETING_ID: u64 = MAX_DEV_ID - 255;
 /// The creation time marking a device being deleted.
-const DELETING_MARK: u32 = u32::MAX;
+pub(super) const DELETING_MARK: u32 = u32::MAX;
 
 /// A device whose mappings are being released.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,19 +46,32 @@ impl ThinMetadata {
     /// no longer exists either way.
     pub fn start_delete(&mut self, dev: u64, at_once: u64) -> Result<Option<PendingDelete>> {
         Self::check_dev_id(dev)?;
-        let root = self.bottom_root(dev)?;
         let details = self.device_details(dev)?;
-        let spare = self.free_reserved_id()?;
-        let Some(id) = spare.filter(|_| details.mapped_blocks > at_once) else {
-            self.delete(dev)?;
+        let root = self.detach(dev)?;
+        self.release_tree(dev, root, details, at_once)
+    }
+
+    /// Releases the mapping tree `root`, whose reference the caller owns, that
+    /// device `dev` had with `details`: at once when it has at most `at_once`
+    /// mappings or is shared as a whole, else by parking it at a free reserved id,
+    /// which is returned for [`ThinMetadata::release_mappings`].
+    pub(super) fn release_tree(
+        &mut self,
+        dev: u64,
+        root: u64,
+        details: DeviceDetails,
+        at_once: u64,
+    ) -> Result<Option<PendingDelete>> {
+        let spare = if details.mapped_blocks > at_once && self.tm.count(root)? == 1 {
+            self.free_reserved_id()?
+        } else {
+            None
+        };
+        let Some(id) = spare else {
+            btree::delete_tree(&mut self.tm, root, &mut DataRefs(&mut self.dsm))?;
             return Ok(None);
         };
-        if self.tm.count(root)? > 1 {
-            self.delete(dev)?;
-            return Ok(None);
-        }
-        // The reference the old entry held passes to the new one.
-        let root = self.detach(dev)?;
+        // The reference the caller owns passes to the new entry.
         self.mapping_root = btree::insert(
             &mut self.tm,
             self.mapping_root,
@@ -87,13 +100,13 @@ impl ThinMetadata {
     }
 
     /// The lowest reserved id not in use.
-    fn free_reserved_id(&mut self) -> Result<Option<u64>> {
+    pub(super) fn free_reserved_id(&mut self) -> Result<Option<u64>> {
         let used = self.devices_from(FIRST_DELETING_ID)?;
         Ok((FIRST_DELETING_ID..=MAX_DEV_ID).find(|id| !used.contains(id)))
     }
 
     /// Device ids from `first` on, ascending.
-    fn devices_from(&mut self, first: u64) -> Result<Vec<u64>> {
+    pub(super) fn devices_from(&mut self, first: u64) -> Result<Vec<u64>> {
         let mut out = Vec::new();
         let mut cursor = Cursor::seek(&mut self.tm, self.mapping_root, first, MAPPING_VALUE_SIZE)?;
         while let Some((dev, _)) = cursor.entry() {

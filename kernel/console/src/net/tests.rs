@@ -11,6 +11,8 @@ use crate::{Crash, MemoryStats, Platform};
 struct FakeNetwork {
     status: NetStatus,
     dhcp_requests: usize,
+    /// Whether the fake NIC can offload checksums (else it refuses).
+    can_offload: bool,
 }
 
 struct NetPlatform {
@@ -46,12 +48,25 @@ impl Network for FakeNetwork {
         self.status.ipv4 = None;
         self.dhcp_requests += 1;
     }
+    fn configure_link(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), String> {
+        if checksum_offload && !self.can_offload {
+            return Err("this NIC offers no checksum offload".into());
+        }
+        self.status.link.mtu = mtu;
+        self.status.link.checksum_offload = checksum_offload;
+        Ok(())
+    }
 }
 
 fn leased() -> NetStatus {
     NetStatus {
         mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
         link_up: true,
+        link: LinkSettings {
+            driver: "e1000e",
+            mtu: 1500,
+            checksum_offload: true,
+        },
         mode: AddressMode::Dhcp,
         ipv4: Some(Ipv4Config {
             address: Ipv4Addr::new(10, 0, 2, 15),
@@ -67,6 +82,9 @@ fn leased() -> NetStatus {
                 tx_bytes: 1536,
                 rx_dropped: 2,
                 tx_queue_full: 7,
+                rx_missed: 3,
+                tx_dropped: 0,
+                ring_resets: 1,
             },
             tcp_open: 1,
             tcp_accepted: 5,
@@ -80,6 +98,7 @@ fn console(status: NetStatus) -> Console<NetPlatform> {
             network: Some(FakeNetwork {
                 status,
                 dhcp_requests: 0,
+                can_offload: true,
             }),
         },
         Vec::new(),
@@ -88,6 +107,10 @@ fn console(status: NetStatus) -> Console<NetPlatform> {
 
 fn network(console: &mut Console<NetPlatform>) -> &FakeNetwork {
     console.platform_mut().network.as_ref().unwrap()
+}
+
+fn network_mut(console: &mut Console<NetPlatform>) -> &mut FakeNetwork {
+    console.platform_mut().network.as_mut().unwrap()
 }
 
 #[test]
@@ -103,6 +126,8 @@ fn net_shows_address_link_and_counters() {
             "nbd:     port 10809, 1 connection open, 5 accepted",
             "rx:      1200 packets, 3.00 MiB, 2 dropped",
             "tx:      900 packets, 1.50 KiB, 7 queue-full waits",
+            "link:    e1000e, mtu 1500, checksum offload on",
+            "nic:     3 missed (no buffer), 0 send drops, 1 ring resets",
         ]
     );
 }
@@ -149,7 +174,7 @@ fn bad_net_input_is_one_error_line_and_changes_nothing() {
         (
             "net set 10.0.2.15 10.0.2.2",
             "error: net set: '10.0.2.15' needs a prefix length, e.g. 10.0.2.15/24 \
-             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp)",
+             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp | net mtu BYTES | net offload on|off)",
         ),
         (
             "net set 10.0.2.300/24 10.0.2.2",
@@ -194,22 +219,22 @@ fn bad_net_input_is_one_error_line_and_changes_nothing() {
         (
             "net set 10.0.2.15/24",
             "error: net set needs an address and a gateway \
-             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp)",
+             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp | net mtu BYTES | net offload on|off)",
         ),
         (
             "net set 10.0.2.15/24 10.0.2.2 extra",
             "error: net set needs an address and a gateway \
-             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp)",
+             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp | net mtu BYTES | net offload on|off)",
         ),
         (
             "net up",
             "error: net: unknown subcommand 'up' \
-             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp)",
+             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp | net mtu BYTES | net offload on|off)",
         ),
         (
             "net dhcp now",
             "error: net: unknown subcommand 'dhcp' \
-             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp)",
+             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp | net mtu BYTES | net offload on|off)",
         ),
     ];
     for (line, expected) in cases {
@@ -217,6 +242,61 @@ fn bad_net_input_is_one_error_line_and_changes_nothing() {
     }
     assert_eq!(network(&mut console).status, leased());
     assert_eq!(network(&mut console).dhcp_requests, 0);
+}
+
+#[test]
+fn net_mtu_and_offload_change_the_link_and_net_shows_it() {
+    let mut console = console(leased());
+    let out = run(&mut console, "net mtu 9000");
+    assert_eq!(lines(&out), ["e1000e: mtu 9000, checksum offload on"]);
+    let out = run(&mut console, "net offload off");
+    assert_eq!(lines(&out), ["e1000e: mtu 9000, checksum offload off"]);
+    let shown = run(&mut console, "net");
+    assert_eq!(
+        lines(&shown)[6],
+        "link:    e1000e, mtu 9000, checksum offload off"
+    );
+    let out = run(&mut console, "net mtu 68");
+    assert_eq!(lines(&out), ["e1000e: mtu 68, checksum offload off"]);
+}
+
+#[test]
+fn bad_mtu_or_offload_is_one_error_line_and_changes_nothing() {
+    let mut console = console(leased());
+    network_mut(&mut console).can_offload = false;
+    network_mut(&mut console).status.link.checksum_offload = false;
+    let before = network(&mut console).status.clone();
+    for (line, expected) in [
+        (
+            "net mtu 9001",
+            "error: net mtu: '9001' is not an MTU between 68 and 9000 bytes",
+        ),
+        (
+            "net mtu 67",
+            "error: net mtu: '67' is not an MTU between 68 and 9000 bytes",
+        ),
+        (
+            "net mtu jumbo",
+            "error: net mtu: 'jumbo' is not an MTU between 68 and 9000 bytes",
+        ),
+        (
+            "net offload maybe",
+            "error: net offload: 'maybe' is neither on nor off",
+        ),
+        (
+            "net offload on",
+            "error: net offload: this NIC offers no checksum offload",
+        ),
+        (
+            "net mtu",
+            "error: net: unknown subcommand 'mtu' \
+             (usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp | net mtu BYTES | \
+             net offload on|off)",
+        ),
+    ] {
+        assert_eq!(error(&mut console, line), expected, "{line}");
+    }
+    assert_eq!(network(&mut console).status, before);
 }
 
 #[test]

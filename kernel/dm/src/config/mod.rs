@@ -3,9 +3,11 @@
 //! change, so the appliance comes back after a reboot with the same devices.
 
 mod area;
+mod origins;
 mod snapshot;
 
 pub use area::{AREA_SECTORS, Area, MAX_PAYLOAD, SlotState};
+pub use origins::OriginRecord;
 pub use snapshot::{DeviceRecord, DiskRecord, Snapshot};
 
 use alloc::boxed::Box;
@@ -74,7 +76,11 @@ impl DeviceMapper {
                 table: device.table.to_string(),
             })
             .collect();
-        Snapshot { disks, devices }
+        Snapshot {
+            disks,
+            devices,
+            origins: self.origins.clone(),
+        }
     }
 
     /// Writes the configuration as it stands in memory, if there is a configuration
@@ -232,6 +238,10 @@ impl DeviceMapper {
     fn bring_up(&mut self, snapshot: &Snapshot, notes: &mut Vec<String>) {
         let (renames, missing) = self.match_disks(&snapshot.disks, notes);
         self.missing_disks = missing.clone();
+        self.origins = snapshot.origins.clone();
+        for (from, to) in &renames {
+            self.rename_in_origins(from, to);
+        }
         for record in &snapshot.devices {
             let mut table = match Table::parse(&record.table) {
                 Ok(table) => table,
@@ -271,13 +281,19 @@ impl DeviceMapper {
             if let State::Inactive(why) = &state {
                 notes.push(format!("config: {} stays inactive: {why}", record.name));
             }
+            let active = matches!(state, State::Active(_));
             self.register(Device {
                 name: record.name.clone(),
                 read_only: record.read_only,
-                table,
+                table: table.clone(),
                 inactive: None,
                 state,
             });
+            if active {
+                // Records what a configuration saved before origins were recorded
+                // lacks.
+                self.record_origin(&record.name, &table);
+            }
         }
         let active = self
             .devices()

@@ -6,6 +6,8 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 
+use super::origins::OriginRecord;
+
 /// A disk a configuration refers to, as it was when the configuration was saved.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskRecord {
@@ -27,11 +29,12 @@ pub struct DeviceRecord {
 /// Everything a configuration holds. Encoded as text lines:
 /// `disk NAME SECTORS SERIAL` (serial percent-encoded, `-` when empty) and
 /// `device NAME rw|ro TABLE` (segments separated by `; `), devices in creation order
-/// (each only refers to disks and to devices before it).
+/// (each only refers to disks and to devices before it), then the `origin` records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub disks: Vec<DiskRecord>,
     pub devices: Vec<DeviceRecord>,
+    pub origins: Vec<OriginRecord>,
 }
 
 impl Snapshot {
@@ -49,6 +52,9 @@ impl Snapshot {
         for device in &self.devices {
             let mode = if device.read_only { "ro" } else { "rw" };
             let _ = writeln!(text, "device {} {mode} {}", device.name, device.table);
+        }
+        for origin in &self.origins {
+            let _ = writeln!(text, "{}", origin.encode());
         }
         text
     }
@@ -73,6 +79,9 @@ impl Snapshot {
                         table: table.to_string(),
                     })
                 }
+                (Some("origin"), ..) => snapshot
+                    .origins
+                    .push(OriginRecord::decode(line).ok_or_else(bad)?),
                 _ => return Err(bad()),
             }
         }
@@ -137,6 +146,7 @@ mod tests {
                 read_only: true,
                 table: "0 4096 linear vdb 0".into(),
             }],
+            origins: Vec::new(),
         }
     }
 

@@ -308,7 +308,7 @@ impl LinearIo {
     }
 }
 
-fn in_range(sector: u64, sectors: u64, size: u64) -> Result<(), BackendError> {
+pub(super) fn in_range(sector: u64, sectors: u64, size: u64) -> Result<(), BackendError> {
     match sector.checked_add(sectors) {
         Some(end) if end <= size => Ok(()),
         _ => Err(BackendError::Invalid),

@@ -1,8 +1,9 @@
-//! The targets of a running device: a data device (`linear`, `thin`) that serves I/O,
-//! or a pool (`thin-pool`) that thin devices are activated from — once its metadata
-//! is formatted.
+//! The targets of a running device: a data device (`linear`, `thin`, the snapshot
+//! targets) that serves I/O, or a pool (`thin-pool`) that thin devices are activated
+//! from — once its metadata is formatted.
 
 mod linear;
+mod snapshot;
 mod thin;
 
 use alloc::boxed::Box;
@@ -12,12 +13,14 @@ use thin_pool::Pool;
 use crate::format::Formatting;
 
 pub(crate) use linear::LinearIo;
+pub(crate) use snapshot::{Role, SnapshotIo, SnapshotList};
 pub(crate) use thin::ThinIo;
 
 pub(crate) enum TargetIo {
     Linear(LinearIo),
     Thin(ThinIo),
     Pool(Pool),
+    Snapshot(SnapshotIo),
     /// A pool whose metadata is being formatted (in the background).
     Formatting(Box<Formatting>),
 }
@@ -28,6 +31,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => Some(io.sectors()),
             TargetIo::Thin(io) => Some(io.sectors()),
+            TargetIo::Snapshot(io) => Some(io.sectors()),
             TargetIo::Pool(_) | TargetIo::Formatting(_) => None,
         }
     }
@@ -36,6 +40,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.read_only(),
             TargetIo::Thin(io) => io.read_only(),
+            TargetIo::Snapshot(io) => io.read_only(),
             TargetIo::Pool(pool) => pool.config().features.read_only,
             TargetIo::Formatting(_) => false,
         }
@@ -45,7 +50,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.discard(),
             TargetIo::Thin(io) => io.discard(),
-            TargetIo::Pool(_) | TargetIo::Formatting(_) => false,
+            TargetIo::Snapshot(_) | TargetIo::Pool(_) | TargetIo::Formatting(_) => false,
         }
     }
 
@@ -53,7 +58,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.congested(),
             TargetIo::Thin(io) => io.congested(),
-            TargetIo::Pool(_) | TargetIo::Formatting(_) => false,
+            TargetIo::Snapshot(_) | TargetIo::Pool(_) | TargetIo::Formatting(_) => false,
         }
     }
 
@@ -69,6 +74,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.submit(tag, op),
             TargetIo::Thin(io) => io.submit(tag, op),
+            TargetIo::Snapshot(io) => io.submit(tag, op),
             TargetIo::Pool(_) | TargetIo::Formatting(_) => refused(IoCompletion {
                 tag,
                 result: Err(BackendError::Invalid),
@@ -80,6 +86,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.poll(),
             TargetIo::Thin(io) => io.poll(),
+            TargetIo::Snapshot(io) => io.poll(),
             TargetIo::Pool(pool) => {
                 pool.poll();
                 None
@@ -93,6 +100,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.drain(),
             TargetIo::Thin(io) => io.drain(),
+            TargetIo::Snapshot(io) => io.drain(),
             TargetIo::Pool(pool) => while pool.poll() {},
             TargetIo::Formatting(_) => {}
         }
@@ -104,6 +112,7 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.flush().map_err(|error| alloc::format!("{error}")),
             TargetIo::Thin(io) => io.flush().map_err(|error| alloc::format!("{error}")),
+            TargetIo::Snapshot(io) => io.flush().map_err(|error| alloc::format!("{error}")),
             TargetIo::Pool(pool) => pool.commit().map_err(|error| error.text),
             // Each step is written before the next; the superblock comes last.
             TargetIo::Formatting(_) => Ok(()),

@@ -9,7 +9,7 @@ use super::*;
 
 /// Mappings a delete releases per step (and a device may have to be deleted in one
 /// go): about a millisecond of CPU on a desktop core.
-const DELETE_STEP_MAPPINGS: u64 = 4096;
+pub(super) const DELETE_STEP_MAPPINGS: u64 = 4096;
 /// While requests come in, a step is followed by three times its own time without
 /// steps, so deleting takes at most a quarter of the time from I/O.
 const BUSY_PAUSE_FACTOR: u64 = 3;
@@ -40,7 +40,7 @@ impl Core {
         self.deletes.iter().map(|(_, progress)| progress)
     }
 
-    fn queue_delete(&mut self, pending: PendingDelete) {
+    pub(super) fn queue_delete(&mut self, pending: PendingDelete) {
         let progress = DeleteProgress {
             dev: pending.dev,
             total: pending.remaining,
@@ -169,8 +169,12 @@ impl Core {
         self.md_dirty = true;
         if runs.is_empty() {
             if let Some((_, done)) = self.deletes.pop_front() {
-                self.events
-                    .push_back(PoolEvent::DeleteFinished { dev: done.dev });
+                // A device still there had its old content released by a merge.
+                let event = match self.md.device_exists(done.dev) {
+                    Ok(true) => PoolEvent::MergeReleased { dev: done.dev },
+                    _ => PoolEvent::DeleteFinished { dev: done.dev },
+                };
+                self.events.push_back(event);
             }
             return true;
         }

@@ -70,12 +70,14 @@ impl Core {
         self.forget_volume_if_idle(vol);
     }
 
+    /// Removes a closed volume once nothing of it is in flight (it may be gone
+    /// already: failing its last request in [`Core::close_volume`] forgets it).
     pub(super) fn forget_volume_if_idle(&mut self, vol: VolId) {
-        // Failing a closed volume's last waiting request forgets it already.
-        let Some(volume) = self.volumes.get(vol) else {
-            return;
-        };
-        if !volume.open && volume.requests == 0 {
+        let idle = self
+            .volumes
+            .get(vol)
+            .is_some_and(|volume| !volume.open && volume.requests == 0);
+        if idle {
             self.volumes.remove(vol);
         }
     }

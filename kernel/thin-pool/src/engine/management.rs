@@ -98,6 +98,7 @@ impl Core {
                 | MdError::BadDeviceId(_)
                 | MdError::ReservedDeviceId(_)
                 | MdError::TimeExhausted
+                | MdError::MergeIntoItself(_)
         );
         if !refused {
             self.mappings.clear();

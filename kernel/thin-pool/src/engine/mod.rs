@@ -36,6 +36,7 @@ mod discard;
 mod intake;
 mod main_loop;
 mod management;
+mod merge;
 mod prep;
 mod provision;
 mod reconfigure;
@@ -391,7 +392,8 @@ fn md_error_to_message(error: &MdError, context: &str) -> MessageError {
         | MdError::TransactionIdMismatch { .. }
         | MdError::BadDeviceId(_)
         | MdError::ReservedDeviceId(_)
-        | MdError::TimeExhausted => Errno::Einval,
+        | MdError::TimeExhausted
+        | MdError::MergeIntoItself(_) => Errno::Einval,
         MdError::NoMetadataSpace => Errno::Enospc,
         _ => Errno::Eio,
     };

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 
-use blockdev::{BlockDevice, CrashDisk, IoBuf, IoError, Unflushed};
+use blockdev::{BlockDevice, CrashDisk, IoBuf, IoError, MemDisk, Unflushed};
+use persistent_data::thin::{OpenOptions, ThinMetadata};
 use thin_pool::{Errno, Pool, PoolConfig, PoolMode, ThinOp, ThinOutput, ThinRequest, ThinVolume};
 
 /// A handle on a test disk as the pool sees it: at most 1 MiB per request, 32 in
@@ -162,6 +163,32 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut out = vec![0; len];
     fastrand::Rng::with_seed(seed).fill(&mut out);
     out
+}
+
+/// Metadata and data disks whose pool has device 0 mapping `mappings` blocks (built
+/// through the metadata layer, which is much faster than writing them) and room
+/// for `spare` more blocks.
+pub fn pool_disks(meta_sectors: u64, mappings: u64, spare: u64) -> (MemDisk, MemDisk, PoolConfig) {
+    let blocks = mappings + spare;
+    let meta = MemDisk::new(meta_sectors);
+    let data = MemDisk::new(blocks * BS);
+    let (mut md, _) = ThinMetadata::open(Box::new(meta.handle()), &OpenOptions::new(BS as u32))
+        .expect("formatting");
+    md.resize_data(blocks).unwrap();
+    md.create_thin(0).unwrap();
+    for vblock in 0..mappings {
+        let block = md.alloc_data_block().unwrap();
+        md.insert(0, vblock, block).unwrap();
+    }
+    md.commit().unwrap();
+    (meta, data, PoolConfig::new(blocks * BS, BS as u32))
+}
+
+/// Runs thin_check on what the disk holds now.
+pub fn thin_check_disk(disk: &CrashDisk, name: &str) {
+    let scratch = Scratch::new(name);
+    save(disk, &scratch.path("meta"));
+    thin_check(&scratch.path("meta"));
 }
 
 // ---------------------------------------------------------------------------------

@@ -1,0 +1,665 @@
+//! The workload of the power-cut sweep: its steps, the model of what each device may
+//! hold, and the runner that carries the steps out through the NBD backend.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use blockdev::{CrashDisk, IoBuf, SECTOR_SIZE};
+use dm::{DeviceMapper, Format, NbdBackend};
+use nbd::{Backend, BackendError, ExportHandle, IoCompletion, IoOp, IoOutput, IoRequest};
+use thin_pool::PoolMode;
+
+use crate::{BS, DATA_BLOCKS, FIRST_POOL_BLOCKS, GROWTH_BLOCKS, VOLUME_SECTORS};
+
+/// Steps per workload: at most 3 new blocks each (a request covers at most 2
+/// blocks' worth of sectors), so the data disk always has room for what a queueing
+/// pool waits for.
+const STEPS: usize = 26;
+/// Polls without a completion after which requests count as stuck.
+const STALL_POLLS: u32 = 4_000;
+
+pub type Sector = [u8; SECTOR_SIZE];
+const ZERO: Sector = [0; SECTOR_SIZE];
+
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0; len];
+    fastrand::Rng::with_seed(seed).fill(&mut out);
+    out
+}
+
+/// What an unprovisioned sector of a device reads: the origin's sector, or zeros.
+fn base(origin: &[u8], with_origin: bool, sector: u64) -> Sector {
+    let at = sector as usize * SECTOR_SIZE;
+    match origin.get(at..at + SECTOR_SIZE) {
+        Some(bytes) if with_origin => bytes.try_into().expect("one sector"),
+        _ => ZERO,
+    }
+}
+
+/// What a device's sectors may hold: every version written to each, oldest first
+/// (index 0: what it read before), the first version a power cut may not go back
+/// past, and the newest version a completed request wrote.
+#[derive(Clone, Default)]
+pub struct DeviceModel {
+    pub with_origin: bool,
+    versions: BTreeMap<u64, Vec<Sector>>,
+    pub durable_from: BTreeMap<u64, usize>,
+    completed: BTreeMap<u64, usize>,
+}
+
+impl DeviceModel {
+    fn write(&mut self, origin: &[u8], sector: u64, data: Sector) -> usize {
+        let with_origin = self.with_origin;
+        let versions = self
+            .versions
+            .entry(sector)
+            .or_insert_with(|| vec![base(origin, with_origin, sector)]);
+        versions.push(data);
+        versions.len() - 1
+    }
+
+    fn promise(&mut self, sector: u64, version: usize) {
+        let from = self.durable_from.entry(sector).or_insert(0);
+        *from = (*from).max(version);
+    }
+
+    fn promise_all(&mut self, completed: &BTreeMap<u64, usize>) {
+        for (&sector, &version) in completed {
+            self.promise(sector, version);
+        }
+    }
+
+    /// Whether `found` may be in `sector`: a version from `from` (a version index per
+    /// sector) on.
+    pub fn allows(
+        &self,
+        origin: &[u8],
+        sector: u64,
+        found: &[u8],
+        from: &BTreeMap<u64, usize>,
+    ) -> bool {
+        match self.versions.get(&sector) {
+            Some(versions) => versions[from.get(&sector).copied().unwrap_or(0)..]
+                .iter()
+                .any(|version| version[..] == *found),
+            None => base(origin, self.with_origin, sector)[..] == *found,
+        }
+    }
+}
+
+/// How the pool meets a full data device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Writes that need a block wait until the pool grows.
+    Queue,
+    ErrorIfNoSpace,
+}
+
+pub fn pool_table(policy: Policy, blocks: u64) -> String {
+    let features = match policy {
+        Policy::Queue => "",
+        Policy::ErrorIfNoSpace => " 1 error_if_no_space",
+    };
+    format!("0 {} thin-pool vdb vdc {BS} 0{features}", blocks * BS)
+}
+
+pub fn thin_table(dev: u64, with_origin: bool) -> String {
+    let origin = if with_origin { " vdd" } else { "" };
+    format!("0 {VOLUME_SECTORS} thin pool {dev}{origin}")
+}
+
+/// One step of a workload. Devices are picked by position among the live ones when
+/// the step runs.
+#[derive(Clone, Debug)]
+pub enum Step {
+    Write {
+        pick: usize,
+        sector: u64,
+        sectors: u64,
+        fua: bool,
+        seed: u64,
+    },
+    WriteZeroes {
+        pick: usize,
+        sector: u64,
+        sectors: u64,
+        unmap: bool,
+        fua: bool,
+    },
+    FastZero {
+        pick: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    Trim {
+        pick: usize,
+        sector: u64,
+        sectors: u64,
+        fua: bool,
+    },
+    Flush {
+        pick: usize,
+    },
+    Read {
+        pick: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    Wait,
+    /// The pool's timer runs a second later (periodic commit, background deletes).
+    Tick,
+    Snapshot {
+        pick: usize,
+    },
+    Delete {
+        pick: usize,
+    },
+    ReserveMetadataSnap,
+    ReleaseMetadataSnap,
+    Grow,
+}
+
+pub fn workload(seed: u64) -> Vec<Step> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..STEPS)
+        .map(|_| {
+            let pick = rng.usize(..8);
+            let sector = rng.u64(..VOLUME_SECTORS);
+            let sectors = rng.u64(1..=(2 * BS).min(VOLUME_SECTORS - sector));
+            match rng.u32(..100) {
+                0..34 => Step::Write {
+                    pick,
+                    sector,
+                    sectors,
+                    fua: rng.bool(),
+                    seed: rng.u64(..),
+                },
+                34..41 => Step::WriteZeroes {
+                    pick,
+                    sector,
+                    sectors,
+                    unmap: rng.bool(),
+                    fua: rng.bool(),
+                },
+                41..44 => Step::FastZero {
+                    pick,
+                    sector,
+                    sectors,
+                },
+                44..50 => Step::Trim {
+                    pick,
+                    sector,
+                    sectors,
+                    fua: rng.bool(),
+                },
+                50..58 => Step::Flush { pick },
+                58..63 => Step::Read {
+                    pick,
+                    sector,
+                    sectors,
+                },
+                63..72 => Step::Wait,
+                72..76 => Step::Tick,
+                76..83 => Step::Snapshot { pick },
+                83..87 => Step::Delete { pick },
+                87..90 => Step::ReserveMetadataSnap,
+                90..93 => Step::ReleaseMetadataSnap,
+                _ => Step::Grow,
+            }
+        })
+        .collect()
+}
+
+/// A request in flight and what its success means.
+struct Pending {
+    dev: u64,
+    /// (sector, version) of what it writes.
+    writes: Vec<(u64, usize)>,
+    fua: bool,
+    /// For a flush: what had completed on each device when it was submitted.
+    flush: Option<BTreeMap<u64, BTreeMap<u64, usize>>>,
+    /// For a read: the range it reads and the versions it may find.
+    read: Option<(u64, BTreeMap<u64, usize>)>,
+}
+
+pub struct Runner {
+    dm: Rc<RefCell<DeviceMapper>>,
+    nbd: NbdBackend,
+    policy: Policy,
+    origin: Rc<Vec<u8>>,
+    /// Devices created and not deleted, with their exports and models.
+    exports: BTreeMap<u64, ExportHandle>,
+    models: BTreeMap<u64, DeviceModel>,
+    pending: BTreeMap<u64, Pending>,
+    next_tag: u64,
+    next_dev: u64,
+    pool_blocks: u64,
+    clock: Rc<Cell<u64>>,
+    power: CrashDisk,
+}
+
+impl Runner {
+    /// A runner on a device mapper that has brought back the prepared pool and its
+    /// thin devices 0 (over the external origin) and 1.
+    pub fn new(
+        dm: Rc<RefCell<DeviceMapper>>,
+        policy: Policy,
+        origin: Rc<Vec<u8>>,
+        power: CrashDisk,
+    ) -> Self {
+        let mut nbd = NbdBackend::new(Rc::clone(&dm));
+        let exports = [0, 1]
+            .map(|dev| (dev, nbd.open(&format!("t{dev}")).expect("export").0))
+            .into();
+        let models = [0, 1]
+            .map(|dev| {
+                let model = DeviceModel {
+                    with_origin: dev == 0,
+                    ..DeviceModel::default()
+                };
+                (dev, model)
+            })
+            .into();
+        Runner {
+            dm,
+            nbd,
+            policy,
+            origin,
+            exports,
+            models,
+            pending: BTreeMap::new(),
+            next_tag: 0,
+            next_dev: 2,
+            pool_blocks: FIRST_POOL_BLOCKS,
+            clock: Rc::new(Cell::new(0)),
+            power,
+        }
+    }
+
+    /// Waits for the requests in flight; returns the models of the live devices.
+    pub fn finish(mut self) -> BTreeMap<u64, DeviceModel> {
+        self.wait();
+        std::mem::take(&mut self.models)
+    }
+
+    fn pick(&self, pick: usize) -> u64 {
+        *self
+            .exports
+            .keys()
+            .nth(pick % self.exports.len())
+            .expect("a live device")
+    }
+
+    fn power_on(&self) -> bool {
+        !self.power.power_lost()
+    }
+
+    fn tick(&self, nanoseconds: u64) {
+        self.clock.set(self.clock.get() + nanoseconds);
+        let clock = Rc::clone(&self.clock);
+        self.dm.borrow_mut().tick(&move || clock.get());
+    }
+
+    fn completed_everywhere(&self) -> BTreeMap<u64, BTreeMap<u64, usize>> {
+        self.models
+            .iter()
+            .map(|(&dev, model)| (dev, model.completed.clone()))
+            .collect()
+    }
+
+    /// Everything completed so far is durable (a message or a commit).
+    fn promise_completed(&mut self) {
+        for model in self.models.values_mut() {
+            let completed = model.completed.clone();
+            model.promise_all(&completed);
+        }
+    }
+
+    /// Whether a request in flight on `dev` writes or reads a sector of `range`.
+    fn busy(&self, dev: u64, range: (u64, u64)) -> bool {
+        let touches = |sector: u64| (range.0..range.1).contains(&sector);
+        self.pending.values().any(|p| {
+            p.dev == dev
+                && (p.writes.iter().any(|&(sector, _)| touches(sector))
+                    || p.read
+                        .as_ref()
+                        .is_some_and(|(_, from)| from.keys().any(|&s| touches(s))))
+        })
+    }
+
+    /// Submits `op` on `dev`, which touches the sectors in `range`; `data` gives their
+    /// new contents if it changes them.
+    fn submit(
+        &mut self,
+        dev: u64,
+        op: IoOp,
+        range: (u64, u64),
+        data: Option<&dyn Fn(u64) -> Sector>,
+    ) {
+        if self.busy(dev, range) {
+            self.wait();
+        }
+        let (fua, flush, read) = match &op {
+            IoOp::Write { fua, .. } | IoOp::WriteZeroes { fua, .. } | IoOp::Trim { fua, .. } => {
+                (*fua, None, None)
+            }
+            IoOp::Flush => (false, Some(self.completed_everywhere()), None),
+            IoOp::Read { sector, buf } => {
+                let model = &self.models[&dev];
+                let from = (0..buf.len() as u64 / SECTOR_SIZE as u64)
+                    .map(|n| {
+                        (
+                            sector + n,
+                            model.completed.get(&(sector + n)).copied().unwrap_or(0),
+                        )
+                    })
+                    .collect();
+                (false, None, Some((*sector, from)))
+            }
+            _ => (false, None, None),
+        };
+        let origin = Rc::clone(&self.origin);
+        let model = self.models.get_mut(&dev).expect("a modelled device");
+        let writes = match data {
+            Some(data) => (range.0..range.1)
+                .map(|sector| (sector, model.write(&origin, sector, data(sector))))
+                .collect(),
+            None => Vec::new(),
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.pending.insert(
+            tag,
+            Pending {
+                dev,
+                writes,
+                fua,
+                flush,
+                read,
+            },
+        );
+        let mut request = IoRequest {
+            tag,
+            export: self.exports[&dev],
+            op,
+        };
+        loop {
+            match self.nbd.submit(request) {
+                Ok(()) => return,
+                Err(nbd::QueueFull(back)) => {
+                    request = back;
+                    self.progress();
+                }
+            }
+        }
+    }
+
+    fn wait(&mut self) {
+        while !self.pending.is_empty() {
+            self.progress();
+        }
+    }
+
+    /// Polls until a request completes. Requests stuck waiting for pool space grow
+    /// the pool; stuck otherwise is a failure while the power is on, and after a cut
+    /// they are given up on.
+    fn progress(&mut self) {
+        for polls in 0..STALL_POLLS {
+            let done = self.nbd.poll();
+            if let Some(done) = done {
+                return self.complete(done);
+            }
+            if polls % 64 == 63 {
+                self.tick(1_000_000);
+            }
+        }
+        if self.power_on() {
+            let mode = self.dm.borrow().pool("pool").map(|pool| pool.mode());
+            assert!(
+                self.policy == Policy::Queue && mode == Ok(PoolMode::OutOfDataSpace),
+                "{} requests stuck with the power on, pool mode {mode:?}",
+                self.pending.len()
+            );
+            if self.grow() {
+                return;
+            }
+            assert!(
+                !self.power_on(),
+                "a queueing pool is full and cannot grow further"
+            );
+        }
+        self.pending.clear();
+    }
+
+    fn complete(&mut self, done: IoCompletion) {
+        let Some(request) = self.pending.remove(&done.tag) else {
+            assert!(!self.power_on(), "a completion nobody waits for");
+            return;
+        };
+        let Some(model) = self.models.get_mut(&request.dev) else {
+            return;
+        };
+        match done.result {
+            Ok(output) => {
+                for &(sector, version) in &request.writes {
+                    model.completed.insert(sector, version);
+                    if request.fua {
+                        model.promise(sector, version);
+                    }
+                }
+                if let (Some((at, from)), IoOutput::Read { buf, .. }) = (&request.read, &output) {
+                    for (n, found) in buf.chunks(SECTOR_SIZE).enumerate() {
+                        let sector = at + n as u64;
+                        assert!(
+                            model.allows(&self.origin, sector, found, from),
+                            "device {} sector {sector} reads data it may not hold",
+                            request.dev
+                        );
+                    }
+                }
+                if let Some(flushed) = &request.flush {
+                    for (dev, completed) in flushed {
+                        if let Some(model) = self.models.get_mut(dev) {
+                            model.promise_all(completed);
+                        }
+                    }
+                }
+            }
+            Err(BackendError::NoSpace) if self.policy == Policy::ErrorIfNoSpace => {}
+            Err(BackendError::NotFast) if request.read.is_none() => {}
+            Err(error) => assert!(
+                !self.power_on(),
+                "a request on device {} failed with the power on: {error:?}",
+                request.dev
+            ),
+        }
+    }
+
+    /// Sends a pool message; a success commits.
+    fn message(&mut self, text: &str) -> bool {
+        let result = self.dm.borrow_mut().message("pool", text);
+        match result {
+            Ok(()) => {
+                self.promise_completed();
+                true
+            }
+            Err(error) => {
+                assert!(
+                    !self.power_on() || text.ends_with("metadata_snap"),
+                    "{}",
+                    error.0
+                );
+                false
+            }
+        }
+    }
+
+    /// Reloads the pool with more of the data disk and resumes it; false when it
+    /// has all of it already or the power failed.
+    fn grow(&mut self) -> bool {
+        if self.pool_blocks >= DATA_BLOCKS {
+            return false;
+        }
+        let blocks = (self.pool_blocks + GROWTH_BLOCKS).min(DATA_BLOCKS);
+        let mut dm = self.dm.borrow_mut();
+        let grown = dm
+            .reload("pool", &pool_table(self.policy, blocks))
+            .and_then(|()| dm.resume("pool"));
+        match grown {
+            Ok(_) => {
+                self.pool_blocks = blocks;
+                true
+            }
+            Err(error) => {
+                assert!(self.power.power_lost(), "growing failed: {}", error.0);
+                false
+            }
+        }
+    }
+
+    pub fn run(&mut self, step: &Step) {
+        let origin = Rc::clone(&self.origin);
+        match *step {
+            Step::Write {
+                pick,
+                sector,
+                sectors,
+                fua,
+                seed,
+            } => {
+                let dev = self.pick(pick);
+                let bytes = pattern(seed, sectors as usize * SECTOR_SIZE);
+                let data = |s: u64| {
+                    let at = (s - sector) as usize * SECTOR_SIZE;
+                    bytes[at..at + SECTOR_SIZE].try_into().expect("one sector")
+                };
+                let op = IoOp::Write {
+                    sector,
+                    buf: IoBuf::from_slice(&bytes),
+                    fua,
+                };
+                self.submit(dev, op, (sector, sector + sectors), Some(&data));
+            }
+            Step::WriteZeroes {
+                pick,
+                sector,
+                sectors,
+                unmap,
+                fua,
+            } => {
+                let dev = self.pick(pick);
+                let op = IoOp::WriteZeroes {
+                    sector,
+                    sectors,
+                    fua,
+                    may_unmap: unmap,
+                    fast_only: false,
+                };
+                self.submit(dev, op, (sector, sector + sectors), Some(&|_| ZERO));
+            }
+            Step::FastZero {
+                pick,
+                sector,
+                sectors,
+            } => {
+                let dev = self.pick(pick);
+                let op = IoOp::WriteZeroes {
+                    sector,
+                    sectors,
+                    fua: false,
+                    may_unmap: true,
+                    fast_only: true,
+                };
+                self.submit(dev, op, (sector, sector + sectors), Some(&|_| ZERO));
+            }
+            Step::Trim {
+                pick,
+                sector,
+                sectors,
+                fua,
+            } => {
+                let dev = self.pick(pick);
+                // Only the whole blocks inside the range are unmapped.
+                let (first, last) = (sector.div_ceil(BS) * BS, (sector + sectors) / BS * BS);
+                let op = IoOp::Trim {
+                    sector,
+                    sectors,
+                    fua,
+                };
+                let with_origin = self.models[&dev].with_origin;
+                let data = |s| base(&origin, with_origin, s);
+                self.submit(dev, op, (first, last.max(first)), Some(&data));
+            }
+            Step::Flush { pick } => {
+                let dev = self.pick(pick);
+                self.submit(dev, IoOp::Flush, (0, 0), None);
+            }
+            Step::Read {
+                pick,
+                sector,
+                sectors,
+            } => {
+                let dev = self.pick(pick);
+                let op = IoOp::Read {
+                    sector,
+                    buf: IoBuf::with_sectors(sectors as usize),
+                };
+                self.submit(dev, op, (sector, sector + sectors), None);
+            }
+            Step::Wait => self.wait(),
+            Step::Tick => self.tick(1_100_000_000),
+            Step::Snapshot { pick } => {
+                self.wait();
+                let origin = self.pick(pick);
+                let dev = self.next_dev;
+                self.next_dev += 1;
+                if !self.message(&format!("create_snap {dev} {origin}")) {
+                    return;
+                }
+                let mut model = self.models[&origin].clone();
+                let completed = model.completed.clone();
+                model.promise_all(&completed);
+                let table = thin_table(dev, model.with_origin);
+                let created =
+                    self.dm
+                        .borrow_mut()
+                        .create(&format!("t{dev}"), false, &table, Format::Never);
+                match created {
+                    Ok(_) => {
+                        let (export, _) = self.nbd.open(&format!("t{dev}")).expect("a new export");
+                        self.exports.insert(dev, export);
+                        self.models.insert(dev, model);
+                    }
+                    Err(error) => assert!(!self.power_on(), "{}", error.0),
+                }
+            }
+            Step::Delete { pick } => {
+                if self.exports.len() < 2 {
+                    return;
+                }
+                self.wait();
+                let dev = self.pick(pick);
+                let export = self.exports.remove(&dev).expect("live");
+                self.models.remove(&dev);
+                self.nbd.close(export);
+                // Whether or not the delete got through, the device is not checked.
+                let deleted = self.dm.borrow_mut().thin_delete(&format!("t{dev}"));
+                if let Err(error) = deleted {
+                    assert!(!self.power_on(), "{}", error.0);
+                }
+            }
+            Step::ReserveMetadataSnap => {
+                self.wait();
+                self.message("reserve_metadata_snap");
+            }
+            Step::ReleaseMetadataSnap => {
+                self.wait();
+                self.message("release_metadata_snap");
+            }
+            Step::Grow => {
+                self.grow();
+            }
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The snapshot targets in the device table, driven as LVM drives dm: a snapshot
+//! added under a live origin, origin writes copied out, the merge hand-over
+//! (suspend, load `snapshot-merge`, suspend the snapshot, resume), the merge stepped
+//! by `tick` while an NBD client writes, a merge resumed after a power cut, and the
+//! refusals with dm's messages.
+
+use blockdev::{IoBuf, MemDisk};
+use dm::{DeviceMapper, Disk, Format};
+use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput, IoRequest};
+
+const SECTORS: u64 = 4096;
+
+fn mapper(disks: &[(&str, &MemDisk)]) -> DeviceMapper {
+    DeviceMapper::new(
+        disks
+            .iter()
+            .map(|(name, disk)| Disk {
+                name: name.to_string(),
+                device: Box::new(disk.handle()),
+            })
+            .collect(),
+    )
+}
+
+fn run(dm: &mut DeviceMapper, export: ExportHandle, op: IoOp) -> Result<IoOutput, BackendError> {
+    dm.submit(IoRequest { tag: 7, export, op }).expect("room");
+    loop {
+        if let Some(done) = dm.poll() {
+            return done.result;
+        }
+        dm.tick(&|| 0);
+    }
+}
+
+fn write(dm: &mut DeviceMapper, export: ExportHandle, sector: u64, data: &[u8]) {
+    let op = IoOp::Write {
+        sector,
+        buf: IoBuf::from_slice(data),
+        fua: false,
+    };
+    run(dm, export, op).expect("write");
+}
+
+fn read(dm: &mut DeviceMapper, export: ExportHandle, sector: u64, sectors: usize) -> Vec<u8> {
+    let op = IoOp::Read {
+        sector,
+        buf: IoBuf::with_sectors(sectors),
+    };
+    match run(dm, export, op) {
+        Ok(IoOutput::Read { buf, .. }) => buf.to_vec(),
+        other => panic!("read: {other:?}"),
+    }
+}
+
+fn status(dm: &DeviceMapper, name: &str) -> String {
+    dm.status_lines(dm.device(name).unwrap()).join("\n")
+}
+
+/// Pseudo-random bytes from `seed`.
+fn pattern(seed: u64, sectors: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut out = vec![0u8; sectors as usize * 512];
+    rng.fill(&mut out);
+    out
+}
+
+/// `base` (linear over vda) with data, then LVM's snapshot set-up with COW vdb.
+fn with_snapshot(origin: &MemDisk, cow: &MemDisk) -> (DeviceMapper, ExportHandle) {
+    origin.write_at(0, &pattern(1, SECTORS));
+    let mut dm = mapper(&[("vda", origin), ("vdb", cow)]);
+    dm.create("base", false, "0 4096 linear vda 0", Format::IfBlank)
+        .unwrap();
+    let (client, _) = dm.open("base").unwrap();
+    dm.create("base-real", false, "0 4096 linear vda 0", Format::IfBlank)
+        .unwrap();
+    dm.suspend("base").unwrap();
+    dm.create(
+        "snap",
+        false,
+        "0 4096 snapshot base-real vdb P 8",
+        Format::IfBlank,
+    )
+    .unwrap();
+    dm.reload("base", "0 4096 snapshot-origin /dev/mapper/base-real")
+        .unwrap();
+    dm.resume("base").unwrap();
+    (dm, client)
+}
+
+#[test]
+fn origin_writes_copy_out_and_the_snapshot_keeps_the_old_data() {
+    let (origin, cow) = (MemDisk::new(SECTORS), MemDisk::new(2048));
+    let (mut dm, client) = with_snapshot(&origin, &cow);
+    assert_eq!(status(&dm, "snap"), "0 4096 snapshot 16/2048 16");
+    assert_eq!(status(&dm, "base"), "0 4096 snapshot-origin");
+    assert_eq!(
+        dm.device("base").unwrap().table().to_string(),
+        "0 4096 snapshot-origin base-real"
+    );
+    write(&mut dm, client, 12, &pattern(2, 16));
+    assert_eq!(status(&dm, "snap"), "0 4096 snapshot 40/2048 16");
+    let (snap, _) = dm.open("snap").unwrap();
+    assert_eq!(read(&mut dm, snap, 0, 64), pattern(1, 64));
+    assert_eq!(read(&mut dm, client, 12, 16), pattern(2, 16));
+    write(&mut dm, snap, 96, &pattern(3, 8));
+    assert_eq!(read(&mut dm, snap, 96, 8), pattern(3, 8));
+    assert_eq!(status(&dm, "snap"), "0 4096 snapshot 48/2048 16");
+    let mut on_disk = vec![0u8; 4096];
+    origin.read_at(96 * 512, &mut on_disk);
+    assert_eq!(on_disk, pattern(1, SECTORS)[96 * 512..104 * 512]);
+}
+
+#[test]
+fn merge_hand_over_runs_in_the_background_while_the_client_writes() {
+    let (origin, cow) = (MemDisk::new(SECTORS), MemDisk::new(2048));
+    let (mut dm, client) = with_snapshot(&origin, &cow);
+    let (snap, _) = dm.open("snap").unwrap();
+    let mut view = pattern(1, SECTORS);
+    for k in 0..40u64 {
+        let sector = (k * 56) % SECTORS;
+        write(&mut dm, client, sector, &pattern(10 + k, 8));
+        write(
+            &mut dm,
+            snap,
+            (k * 24 + 1000) % SECTORS,
+            &pattern(100 + k, 8),
+        );
+        let at = ((k * 24 + 1000) % SECTORS) as usize * 512;
+        view[at..at + 4096].copy_from_slice(&pattern(100 + k, 8));
+    }
+    let mut view_now = read(&mut dm, snap, 0, SECTORS as usize);
+    assert_eq!(view_now, view);
+    let before = status(&dm, "snap");
+    let allocated: u64 = before["0 4096 snapshot ".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let exceptions = allocated / 8 - 2;
+    dm.suspend("base").unwrap();
+    dm.reload("base", "0 4096 snapshot-merge base-real vdb P 8")
+        .unwrap();
+    let refused = dm.resume("base").unwrap_err();
+    assert!(
+        refused
+            .0
+            .contains("Unable to perform snapshot handover until source is suspended"),
+        "{refused:?}"
+    );
+    dm.suspend("base").unwrap();
+    dm.suspend("snap").unwrap();
+    dm.resume("base").unwrap();
+    dm.resume("snap").unwrap();
+    assert_eq!(status(&dm, "snap"), "0 4096 snapshot Invalid");
+    let failed = run(
+        &mut dm,
+        snap,
+        IoOp::Read {
+            sector: 0,
+            buf: IoBuf::with_sectors(8),
+        },
+    );
+    assert!(matches!(failed, Err(BackendError::Io(_))), "{failed:?}");
+    let jobs = dm.snapshot_merges();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        (jobs[0].id.as_str(), jobs[0].unit),
+        ("merge/base", "chunks")
+    );
+    assert_eq!((jobs[0].done, jobs[0].total), (0, exceptions));
+    // The client sees the snapshot's content at once and writes during the merge.
+    assert_eq!(read(&mut dm, client, 0, SECTORS as usize), view);
+    let mut events = Vec::new();
+    let mut round = 0u64;
+    while !dm.snapshot_merge_finished("base") {
+        events.extend(dm.tick(&|| 0));
+        let sector = (round * 40 + 7) % (SECTORS - 8);
+        let data = pattern(1000 + round, 8);
+        write(&mut dm, client, sector, &data);
+        view[sector as usize * 512..][..4096].copy_from_slice(&data);
+        view_now = read(&mut dm, client, 0, SECTORS as usize);
+        assert!(
+            view_now == view,
+            "round {round}: the origin shows the snapshot"
+        );
+        round += 1;
+        assert!(round < 10_000, "the merge ends");
+    }
+    events.extend(dm.tick(&|| 0));
+    assert_eq!(events, ["base: merge finished"]);
+    assert_eq!(status(&dm, "base"), "0 4096 snapshot-merge 16/2048 16");
+    // LVM's end of a merge: the origin back on a plain table.
+    dm.remove("snap", true).unwrap();
+    dm.suspend("base").unwrap();
+    dm.reload("base", "0 4096 linear vda 0").unwrap();
+    dm.resume("base").unwrap();
+    dm.remove("base-real", false).unwrap();
+    assert_eq!(read(&mut dm, client, 0, SECTORS as usize), view);
+    let mut on_disk = vec![0u8; SECTORS as usize * 512];
+    origin.read_at(0, &mut on_disk);
+    assert!(on_disk == view);
+}
+
+#[test]
+fn a_merge_cut_by_a_reboot_resumes_at_activation() {
+    let (origin, cow) = (MemDisk::new(SECTORS), MemDisk::new(2048));
+    let (mut dm, _) = with_snapshot(&origin, &cow);
+    let (snap, _) = dm.open("snap").unwrap();
+    for k in 0..200u64 {
+        write(&mut dm, snap, k * 72 % SECTORS, &pattern(k, 8));
+    }
+    let view = read(&mut dm, snap, 0, SECTORS as usize);
+    dm.suspend("base").unwrap();
+    dm.suspend("snap").unwrap();
+    dm.reload("base", "0 4096 snapshot-merge base-real vdb P 8")
+        .unwrap();
+    dm.resume("base").unwrap();
+    dm.tick(&|| 0);
+    let progress = dm.snapshot_merges()[0].clone();
+    assert!(
+        progress.done > 0 && progress.done < progress.total,
+        "{progress:?}"
+    );
+    drop(dm);
+    // After the reboot the origin is loaded directly as snapshot-merge.
+    let mut dm = mapper(&[("vda", &origin), ("vdb", &cow)]);
+    dm.create("base-real", false, "0 4096 linear vda 0", Format::IfBlank)
+        .unwrap();
+    dm.create(
+        "base",
+        false,
+        "0 4096 snapshot-merge base-real vdb P 0",
+        Format::IfBlank,
+    )
+    .unwrap();
+    let (client, _) = dm.open("base").unwrap();
+    assert_eq!(read(&mut dm, client, 0, SECTORS as usize), view);
+    let mut ticks = 0;
+    while !dm.snapshot_merge_finished("base") {
+        dm.tick(&|| 0);
+        ticks += 1;
+        assert!(ticks < 1000);
+    }
+    let mut on_disk = vec![0u8; SECTORS as usize * 512];
+    origin.read_at(0, &mut on_disk);
+    assert!(on_disk == view);
+}
+
+fn create_error(dm: &mut DeviceMapper, name: &str, line: &str) -> String {
+    let error = dm.create(name, false, line, Format::IfBlank).unwrap_err().0;
+    assert!(dm.device(name).is_err(), "{name} was not created");
+    error
+}
+
+#[test]
+fn bad_tables_are_refused_with_dms_reasons() {
+    let (origin, cow, small) = (MemDisk::new(SECTORS), MemDisk::new(2048), MemDisk::new(8));
+    let mut dm = mapper(&[("vda", &origin), ("vdb", &cow), ("vdc", &small)]);
+    let cases = [
+        ("0 4096 snapshot vda vdb P", "requires 4 or more arguments"),
+        (
+            "0 4096 snapshot vda vdb P 24",
+            "Chunk size is not a power of 2",
+        ),
+        (
+            "0 4096 snapshot vda vdb P 4194304",
+            "Chunk size is too high",
+        ),
+        ("0 4096 snapshot vda vdb N 0", "Chunk size not set"),
+        (
+            "0 4096 snapshot vda /dev/vda P 8",
+            "COW device cannot be the same as origin",
+        ),
+        (
+            "0 4096 snapshot-origin vda vdb",
+            "origin: incorrect number of arguments",
+        ),
+        (
+            "0 4096 snapshot-merge vda vdb N 8",
+            "does not support snapshot-merge",
+        ),
+        ("0 4096 snapshot vda vdc P 8", "COW device too small"),
+        (
+            "0 4096 snapshot vda nothing P 8",
+            "no disk or device is called 'nothing'",
+        ),
+        (
+            "0 8192 snapshot vda vdb P 8",
+            "vda is too small for this table",
+        ),
+    ];
+    for (line, reason) in cases {
+        let error = create_error(&mut dm, "s", line);
+        assert!(error.contains(reason), "{line}: {error}");
+    }
+    cow.write_at(0, b"XFSB");
+    let error = create_error(&mut dm, "s", "0 4096 snapshot vda vdb P 8");
+    assert!(error.contains("Invalid or corrupt snapshot"), "{error}");
+}
+
+#[test]
+fn a_second_merge_and_a_merge_of_an_invalid_snapshot_are_refused() {
+    let (origin, cow, cow2) = (
+        MemDisk::new(SECTORS),
+        MemDisk::new(2048),
+        MemDisk::new(2048),
+    );
+    let mut dm = mapper(&[("vda", &origin), ("vdb", &cow), ("vdc", &cow2)]);
+    dm.create("base-real", false, "0 4096 linear vda 0", Format::IfBlank)
+        .unwrap();
+    dm.create(
+        "m1",
+        false,
+        "0 4096 snapshot-merge base-real vdb P 8",
+        Format::IfBlank,
+    )
+    .unwrap();
+    let error = create_error(&mut dm, "m2", "0 4096 snapshot-merge base-real vdc P 8");
+    assert!(error.contains("A snapshot is already merging"), "{error}");
+    dm.remove("m1", false).unwrap();
+    cow2.write_at(0, b"SnAp\0\0\0\0\x01\0\0\0\x08\0\0\0");
+    let error = create_error(&mut dm, "m2", "0 4096 snapshot-merge base-real vdc P 8");
+    assert!(
+        error.contains("Snapshot is invalid: can't merge"),
+        "{error}"
+    );
+}

@@ -1,0 +1,393 @@
+//! One snapshot: its origin and COW devices, its store and the exception table, and
+//! the snapshot device's I/O.
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use blockdev::{BlockDevice, IoError};
+use core::fmt;
+
+use crate::chunk_io::{copy, flush, read_into, write_from};
+use crate::merge::MergeState;
+use crate::persistent::PersistentStore;
+use crate::table::StoreKind;
+use crate::transient::TransientStore;
+
+/// Why a snapshot's request failed: the snapshot is invalid, or overflowed for
+/// writes (dm answers EIO in both cases).
+pub const SNAPSHOT_INVALID: IoError = IoError::Device("snapshot is invalid");
+pub const SNAPSHOT_OVERFLOW: IoError = IoError::Device("snapshot overflowed");
+
+/// A COW device that cannot be loaded (each is dm's "Failed to read snapshot
+/// metadata" with the store's reason).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadError {
+    Io(IoError),
+    /// The magic is neither zero nor `SnAp`.
+    Corrupt,
+    Version(u32),
+    ChunkSize(u32, &'static str),
+    /// A blank COW smaller than the header and the first area.
+    TooSmall {
+        sectors: u64,
+        chunk: u64,
+    },
+    /// The list runs on into an area past the end of the COW.
+    AreaOutside(u64),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Failed to read snapshot metadata: ")?;
+        match self {
+            LoadError::Io(error) => write!(f, "{error}"),
+            LoadError::Corrupt => f.write_str("Invalid or corrupt snapshot"),
+            LoadError::Version(version) => {
+                write!(f, "unable to handle snapshot disk version {version}")
+            }
+            LoadError::ChunkSize(chunk, why) => {
+                write!(f, "invalid on-disk chunk size {chunk}: {why}.")
+            }
+            LoadError::TooSmall { sectors, chunk } => write!(
+                f,
+                "COW device too small: {sectors} sectors cannot hold the header and the first \
+                 metadata area ({} sectors)",
+                2 * chunk
+            ),
+            LoadError::AreaOutside(area) => write!(
+                f,
+                "metadata area {area} lies beyond the end of the COW device"
+            ),
+        }
+    }
+}
+
+/// What the status line reports besides usage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Valid,
+    /// Full without `O`, an I/O error, handed over or marked invalid on disk.
+    Invalid,
+    /// `PO` and a snapshot write found no space: reads work, writes fail.
+    Overflow,
+    /// A merge stopped on an I/O error.
+    MergeFailed,
+}
+
+pub(crate) enum Store {
+    Persistent(PersistentStore),
+    Transient(TransientStore),
+}
+
+impl Store {
+    fn chunk(&self) -> u64 {
+        match self {
+            Store::Persistent(store) => store.chunk(),
+            Store::Transient(store) => store.chunk(),
+        }
+    }
+}
+
+/// A snapshot of an origin.
+pub struct Snapshot {
+    pub(crate) origin: Box<dyn BlockDevice>,
+    pub(crate) cow: Box<dyn BlockDevice>,
+    pub(crate) store: Store,
+    /// Completed exceptions: origin chunk → COW chunk.
+    pub(crate) exceptions: BTreeMap<u64, u64>,
+    /// Sectors of the origin the snapshot covers (origin writes past it copy nothing).
+    length: u64,
+    valid: bool,
+    overflow_allowed: bool,
+    overflowed: bool,
+    pub(crate) merge: Option<MergeState>,
+    pub(crate) events: Vec<String>,
+}
+
+impl Snapshot {
+    /// Loads the snapshot's store from `cow` (formatting a blank persistent one).
+    /// Returns the snapshot and what the kernel would log about it.
+    pub fn open(
+        origin: Box<dyn BlockDevice>,
+        mut cow: Box<dyn BlockDevice>,
+        kind: StoreKind,
+        table_chunk: u32,
+        length: u64,
+    ) -> Result<(Snapshot, Vec<String>), LoadError> {
+        let (store, exceptions, valid, notes) = match kind {
+            StoreKind::Persistent { .. } => {
+                let opened = PersistentStore::open(cow.as_mut(), table_chunk)?;
+                let mut notes = opened.notes;
+                if opened.invalid {
+                    notes.push("Snapshot is marked invalid.".into());
+                }
+                (
+                    Store::Persistent(opened.store),
+                    opened.exceptions,
+                    !opened.invalid,
+                    notes,
+                )
+            }
+            StoreKind::Transient => (
+                Store::Transient(TransientStore::new(u64::from(table_chunk))),
+                Vec::new(),
+                true,
+                Vec::new(),
+            ),
+        };
+        let snapshot = Snapshot {
+            origin,
+            cow,
+            store,
+            exceptions: exceptions.into_iter().collect(),
+            length,
+            valid,
+            overflow_allowed: kind == StoreKind::Persistent { overflow: true },
+            overflowed: false,
+            merge: None,
+            events: Vec::new(),
+        };
+        Ok((snapshot, notes))
+    }
+
+    /// Chunk size in sectors (the header's, for a persistent store).
+    pub fn chunk_sectors(&self) -> u64 {
+        self.store.chunk()
+    }
+
+    /// Exceptions in the table (not yet merged, while merging).
+    pub fn exception_count(&self) -> usize {
+        self.exceptions.len()
+    }
+
+    /// The COW chunk holding origin chunk `chunk`, if it has an exception.
+    pub fn exception(&self, chunk: u64) -> Option<u64> {
+        self.exceptions.get(&chunk).copied()
+    }
+
+    pub fn health(&self) -> Health {
+        if !self.valid {
+            Health::Invalid
+        } else if self.merge.as_ref().is_some_and(|merge| merge.failed) {
+            Health::MergeFailed
+        } else if self.overflowed {
+            Health::Overflow
+        } else {
+            Health::Valid
+        }
+    }
+
+    /// The fields of dm's status line after the target name.
+    pub fn status(&self) -> String {
+        match self.health() {
+            Health::Invalid => "Invalid".into(),
+            Health::MergeFailed => "Merge failed".into(),
+            Health::Overflow => "Overflow".into(),
+            Health::Valid => {
+                let (allocated, metadata) = match &self.store {
+                    Store::Persistent(store) => store.usage(),
+                    Store::Transient(store) => store.usage(),
+                };
+                format!("{allocated}/{} {metadata}", self.cow.info().sectors)
+            }
+        }
+    }
+
+    /// Events since the last call (invalidation, merge finished or failed), for the
+    /// console's `event:` lines.
+    pub fn take_events(&mut self) -> Vec<String> {
+        core::mem::take(&mut self.events)
+    }
+
+    /// Makes the snapshot invalid as Linux does: header rewritten with `valid = 0`
+    /// (persistent stores), an event, and every later request fails.
+    pub(crate) fn invalidate(&mut self, why: &str) {
+        if !self.valid {
+            return;
+        }
+        self.valid = false;
+        let mut event = format!("snapshot invalidated: {why}");
+        if let Store::Persistent(store) = &self.store
+            && store.invalidate(self.cow.as_mut()).is_err()
+        {
+            event.push_str(" (writing the header failed)");
+        }
+        self.events.push(event);
+    }
+
+    /// A handover: another target took this snapshot's store over (a merge), so
+    /// this one fails every request from now on. Nothing is written: the store
+    /// stays valid on disk for its new owner.
+    pub fn hand_over(&mut self) {
+        self.valid = false;
+    }
+
+    /// Reads the snapshot device: chunks with an exception from the COW, the rest
+    /// from the origin.
+    pub fn read(&mut self, sector: u64, out: &mut [u8]) -> Result<(), IoError> {
+        if !self.valid {
+            return Err(SNAPSHOT_INVALID);
+        }
+        self.read_view(sector, out)
+    }
+
+    /// The snapshot's view, valid or not (a merging origin reads through it).
+    pub(crate) fn read_view(&mut self, sector: u64, out: &mut [u8]) -> Result<(), IoError> {
+        let chunk = self.chunk_sectors();
+        for (at, piece) in pieces(sector, (out.len() / 512) as u64, chunk) {
+            let buf = &mut out[((at - sector) * 512) as usize..][..(piece * 512) as usize];
+            match self.exceptions.get(&(at / chunk)) {
+                Some(&new) => read_into(self.cow.as_mut(), new * chunk + at % chunk, buf)?,
+                None => read_into(self.origin.as_mut(), at, buf)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the snapshot device: chunks without an exception get one first (the
+    /// origin's data copied unless the write covers the whole chunk), committed
+    /// before the write is acknowledged; the origin is never written.
+    pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<(), IoError> {
+        if !self.valid {
+            return Err(SNAPSHOT_INVALID);
+        }
+        if self.overflowed {
+            return Err(SNAPSHOT_OVERFLOW);
+        }
+        let chunk = self.chunk_sectors();
+        let mut added = Vec::new();
+        let mut refused = None;
+        for (at, piece) in pieces(sector, (data.len() / 512) as u64, chunk) {
+            let old = at / chunk;
+            if self.exceptions.contains_key(&old) || added.iter().any(|&(o, _)| o == old) {
+                continue;
+            }
+            let Some(new) = self.allocate() else {
+                refused = Some(if self.overflow_allowed {
+                    self.overflowed = true;
+                    SNAPSHOT_OVERFLOW
+                } else {
+                    self.invalidate("Unable to allocate exception.");
+                    SNAPSHOT_INVALID
+                });
+                break;
+            };
+            let filled = if piece == chunk {
+                let bytes = &data[((at - sector) * 512) as usize..][..(chunk * 512) as usize];
+                write_from(self.cow.as_mut(), new * chunk, bytes, false)
+            } else {
+                self.copy_origin_chunk(old, new)
+            };
+            if filled.is_err() {
+                self.invalidate("Error reading/writing.");
+                return Err(SNAPSHOT_INVALID);
+            }
+            added.push((old, new));
+        }
+        self.commit(&added)?;
+        for (at, piece) in pieces(sector, (data.len() / 512) as u64, chunk) {
+            let old = at / chunk;
+            let Some(&new) = self.exceptions.get(&old) else {
+                continue;
+            };
+            let whole_and_new = piece == chunk && added.iter().any(|&(o, _)| o == old);
+            if !whole_and_new {
+                let bytes = &data[((at - sector) * 512) as usize..][..(piece * 512) as usize];
+                write_from(self.cow.as_mut(), new * chunk + at % chunk, bytes, false)?;
+            }
+        }
+        refused.map_or(Ok(()), Err)
+    }
+
+    /// Makes the snapshot's completed writes durable (a flush of the COW).
+    pub fn flush(&mut self) -> Result<(), IoError> {
+        if !self.valid {
+            return Err(SNAPSHOT_INVALID);
+        }
+        flush(self.cow.as_mut())
+    }
+
+    pub(crate) fn allocate(&mut self) -> Option<u64> {
+        let cow_sectors = self.cow.info().sectors;
+        match &mut self.store {
+            Store::Persistent(store) => store.allocate(cow_sectors),
+            Store::Transient(store) => store.allocate(cow_sectors),
+        }
+    }
+
+    /// Copies origin chunk `old` into COW chunk `new`, up to the origin's end.
+    fn copy_origin_chunk(&mut self, old: u64, new: u64) -> Result<(), IoError> {
+        let chunk = self.chunk_sectors();
+        let sectors = chunk.min(self.origin.info().sectors.saturating_sub(old * chunk));
+        copy(
+            self.origin.as_mut(),
+            old * chunk,
+            self.cow.as_mut(),
+            new * chunk,
+            sectors,
+        )
+    }
+
+    /// Commits new exceptions (their data is on the COW) and adds them to the table;
+    /// a failed commit invalidates the snapshot.
+    fn commit(&mut self, added: &[(u64, u64)]) -> Result<(), IoError> {
+        if added.is_empty() {
+            return Ok(());
+        }
+        if let Store::Persistent(store) = &mut self.store
+            && store.commit(self.cow.as_mut(), added).is_err()
+        {
+            self.invalidate("Error reading/writing.");
+            return Err(SNAPSHOT_INVALID);
+        }
+        self.exceptions.extend(added.iter().copied());
+        Ok(())
+    }
+
+    /// Before origin sectors `sector..sector+sectors` change: copies every chunk
+    /// they touch that has no exception yet into the COW and commits. Never fails
+    /// the origin write: a snapshot that cannot keep up is invalidated.
+    pub(crate) fn copy_out_range(&mut self, sector: u64, sectors: u64) {
+        if !self.valid || self.merge.is_some() || sectors == 0 {
+            return;
+        }
+        let chunk = self.chunk_sectors();
+        let end = (sector + sectors).min(self.length);
+        if sector >= end {
+            return;
+        }
+        let mut added = Vec::new();
+        for old in sector / chunk..end.div_ceil(chunk) {
+            if self.exceptions.contains_key(&old) {
+                continue;
+            }
+            let Some(new) = self.allocate() else {
+                self.invalidate("Unable to allocate exception.");
+                return;
+            };
+            if self.copy_origin_chunk(old, new).is_err() {
+                self.invalidate("Error reading/writing.");
+                return;
+            }
+            added.push((old, new));
+        }
+        // A failed commit has invalidated the snapshot, which is all the origin
+        // write needs to know.
+        let _ = self.commit(&added);
+    }
+}
+
+/// Splits `sector..sector+sectors` at chunk boundaries: `(start, sectors)` pieces.
+pub(crate) fn pieces(sector: u64, sectors: u64, chunk: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = sector + sectors;
+    let mut at = sector;
+    core::iter::from_fn(move || {
+        (at < end).then(|| {
+            let piece = (chunk - at % chunk).min(end - at);
+            at += piece;
+            (at - piece, piece)
+        })
+    })
+}
