@@ -282,12 +282,22 @@ fn refused_reloads_and_resumes_change_nothing() {
     ok(&mut console, "clear pool");
     ok(
         &mut console,
-        "reload pool --table \"0 16384 thin-pool vda vdb 128 10 0\"",
+        "reload pool --table \"0 16384 thin-pool vda vdb 256 0 0\"",
     );
     assert_eq!(
         error(&mut console, "resume pool"),
-        "error: resume pool: only a pool's devices and length can change while it runs (keep \
-         its block size, low water mark and features); the live table stays"
+        "error: resume pool: changing the data block size (from 128 to 256) is not supported; \
+         the live table stays"
+    );
+    ok(&mut console, "clear pool");
+    ok(
+        &mut console,
+        "reload pool --table \"0 16384 thin-pool vda vdb 128 0 1 ignore_discard\"",
+    );
+    assert_eq!(
+        error(&mut console, "resume pool"),
+        "error: resume pool: Discard support cannot be disabled once enabled; the live table \
+         stays"
     );
     ok(&mut console, "clear pool");
     ok(&mut console, "create short --table \"0 1024 linear vda 0\"");

@@ -7,11 +7,15 @@
 //! running on the device:
 //! - a linear device may map anything, but while other devices are built on it the
 //!   new table must begin with the sectors it maps now (it may only grow);
-//! - a thin device may only change its length (its pool, device id and origin stay);
-//! - a pool may change its devices and length, never its block size, low water mark
-//!   or features: the new metadata device must begin with the blocks the metadata is
-//!   on and the new data device with the sectors the pool uses; the running pool is
-//!   handed the larger devices and grows onto them (never shrinks, as dm refuses).
+//! - a thin device may only change its length (its pool, device id and origin stay):
+//!   the running volume takes the new length, which needs no data space, so it works
+//!   while the pool is out of space and its writes wait;
+//! - a pool may change its devices, length, low water mark and features, never its
+//!   block size (nor switch discard support, nor leave read-only while its metadata
+//!   needs checking, as dm refuses): the new metadata device must begin with the
+//!   blocks the metadata is on and the new data device with the sectors the pool
+//!   uses; the running pool is handed the larger devices and grows onto them (never
+//!   shrinks, as dm refuses), then takes the new mark and features.
 //!
 //! Everything is checked before anything changes, so a refused swap leaves the live
 //! table serving and the inactive one loaded.
@@ -26,13 +30,16 @@ use crate::device::{DeviceId, PoolWindows, State};
 use crate::mapper::{DeviceMapper, unknown_device};
 use crate::span::Span;
 use crate::table::{Table, Target};
-use crate::targets::{LinearIo, TargetIo, ThinIo};
+use crate::targets::{LinearIo, TargetIo};
 
 /// What a checked swap will put in place.
 enum Swap {
     Linear(Span),
-    Thin(thin_pool::ThinVolume),
-    Pool(PoolWindows),
+    /// A thin device's new length: the running volume is resized in place, so the
+    /// writes it holds (waiting for pool space too) go on.
+    ThinLength(u64),
+    /// A pool's devices, and its new low water mark and features.
+    Pool(PoolWindows, thin_pool::PoolConfig),
     Snapshot(crate::targets::SnapshotIo),
 }
 
@@ -233,32 +240,19 @@ impl DeviceMapper {
                 Ok(Swap::Linear(self.span(&windows, device.read_only)))
             }
             (Target::Thin(thin), _) => {
-                // Suspending waits for the device's writes, and writes waiting for pool
-                // space finish only once the pool has grown.
-                if self.pool(&thin.pool_dev).map_err(String::from)?.mode()
-                    == thin_pool::PoolMode::OutOfDataSpace
-                {
-                    return Err(format!(
-                        "pool {} is out of data space and writes may be waiting for it; grow \
-                         the pool first (pool extend)",
-                        thin.pool_dev
-                    ));
-                }
-                Ok(Swap::Thin(self.thin_volume(thin, table.length())?))
-            }
-            (Target::Pool(new), Target::Pool(now)) => {
-                let same = |mut config: thin_pool::PoolConfig| {
-                    config.length = now.config.length;
-                    config == now.config
+                // The origin is looked at again, as at every activation.
+                let origin_sectors = match &thin.origin_dev {
+                    Some(origin) => Some(self.size_of(origin).map_err(String::from)?),
+                    None => None,
                 };
-                if !same(new.config.clone()) {
-                    return Err(
-                        "only a pool's devices and length can change while it runs (keep its \
-                         block size, low water mark and features)"
-                            .into(),
-                    );
-                }
+                self.check_origin(thin, origin_sectors)?;
+                Ok(Swap::ThinLength(table.length()))
+            }
+            (Target::Pool(new), Target::Pool(_)) => {
                 let engine = self.pool(&device.name).map_err(String::from)?;
+                engine
+                    .check_reconfigure(&new.config)
+                    .map_err(|error| error.text)?;
                 let used = engine.status().data_total;
                 let blocks = table.length() / u64::from(new.config.data_block_size);
                 if blocks < used {
@@ -291,7 +285,7 @@ impl DeviceMapper {
                         new.data_dev
                     ));
                 }
-                Ok(Swap::Pool(windows))
+                Ok(Swap::Pool(windows, new.config.clone()))
             }
             (Target::SnapshotOrigin { .. } | Target::Snapshot(_) | Target::SnapshotMerge(_), _) => {
                 let (io, _) = self.snapshot_target(Some(&device.name), table, device.read_only)?;
@@ -303,9 +297,8 @@ impl DeviceMapper {
 
     /// Puts the prepared target in place on the suspended device.
     fn put_in_place(&mut self, id: DeviceId, swap: Swap) -> Result<Vec<String>, String> {
-        let read_only = self.devices[&id].read_only;
         let spans = match &swap {
-            Swap::Pool(windows) => Some((
+            Swap::Pool(windows, _) => Some((
                 self.span(&windows.metadata, false),
                 self.span(&windows.data, false),
             )),
@@ -317,9 +310,14 @@ impl DeviceMapper {
         let active = device.active_mut()?;
         let io = match swap {
             Swap::Linear(span) => TargetIo::Linear(LinearIo::new(span)),
-            Swap::Thin(volume) => TargetIo::Thin(ThinIo::new(volume, read_only)),
+            Swap::ThinLength(sectors) => {
+                if let TargetIo::Thin(io) = &mut active.io {
+                    io.resize(sectors);
+                }
+                return Ok(Vec::new());
+            }
             Swap::Snapshot(io) => TargetIo::Snapshot(io),
-            Swap::Pool(windows) => {
+            Swap::Pool(windows, config) => {
                 let (metadata, data) = spans.expect("built above");
                 let pool = active.io.pool().expect("a pool device runs a pool");
                 let current = active
@@ -343,6 +341,22 @@ impl DeviceMapper {
                     notes.push(format!(
                         "data space grown from {before} to {} blocks",
                         pool.status().data_total
+                    ));
+                }
+                let before = pool.config();
+                pool.reconfigure(&config).map_err(|error| error.text)?;
+                if (before.low_water_mark, before.features)
+                    != (config.low_water_mark, config.features)
+                {
+                    let words = config.features.words();
+                    notes.push(format!(
+                        "low water mark {} blocks, features: {}",
+                        config.low_water_mark,
+                        if words.is_empty() {
+                            String::from("none")
+                        } else {
+                            words.join(" ")
+                        }
                     ));
                 }
                 active.pool_windows = Some(windows);

@@ -211,6 +211,19 @@ impl Pool {
         Ok(())
     }
 
+    /// Says why the pool cannot take `config`'s block size and features while it
+    /// runs, if it cannot (dm's errors); nothing changes.
+    pub fn check_reconfigure(&self, config: &PoolConfig) -> Result<(), MessageError> {
+        self.core.borrow().check_reconfigure(config)
+    }
+
+    /// Takes `config`'s low water mark and features (a reloaded table): read-only
+    /// and write mode, queueing or failing writes when out of space, zeroing and
+    /// discard passdown. Writes waiting for space fail once they cannot get it.
+    pub fn reconfigure(&self, config: &PoolConfig) -> Result<(), MessageError> {
+        self.core.borrow_mut().reconfigure(config)
+    }
+
     /// Grows the pool to `length` sectors onto `data`, a larger data device that
     /// begins with the current one's sectors (what reloading the pool with an
     /// extended data device does). The current device's I/O in flight finishes
@@ -443,6 +456,13 @@ impl ThinVolume {
     /// The thin device id.
     pub fn dev_id(&self) -> u64 {
         self.dev
+    }
+
+    /// Grows or shrinks the volume to `sectors`: metadata-only, so it needs no data
+    /// space, and the requests it holds — writes waiting for space too — go on.
+    pub fn resize(&mut self, sectors: u64) {
+        self.core.borrow_mut().resize_volume(self.vol, sectors);
+        self.info.sectors = sectors;
     }
 
     /// Whether unprovisioned blocks read from an external origin.

@@ -33,6 +33,11 @@ impl ThinIo {
         self.volume.info().sectors
     }
 
+    /// A new length from a reloaded table (same pool, device and origin).
+    pub(crate) fn resize(&mut self, sectors: u64) {
+        self.volume.resize(sectors);
+    }
+
     pub(crate) fn read_only(&self) -> bool {
         self.read_only
     }

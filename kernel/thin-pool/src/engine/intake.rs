@@ -22,6 +22,11 @@ impl Core {
         })
     }
 
+    /// Gives a volume a new size; requests already taken keep going.
+    pub fn resize_volume(&mut self, vol: VolId, sectors: u64) {
+        self.volumes[vol].sectors = sectors;
+    }
+
     pub fn has_origin(&self, vol: VolId) -> bool {
         self.volumes[vol].origin.is_some()
     }

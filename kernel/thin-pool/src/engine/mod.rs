@@ -40,6 +40,7 @@ mod merge;
 mod origin_merge;
 mod prep;
 mod provision;
+mod reconfigure;
 mod space;
 mod spans;
 mod views;
