@@ -13,6 +13,10 @@ use blockdev::{Command, FileDisk, IoBuf};
 use dm::{DeviceMapper, Disk, Format};
 use nbd::{Backend, ExportHandle, IoOp, IoRequest};
 
+/// The address NBD clients of these tests connect from.
+const CLIENT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
+
 const ORIGIN_MIB: u64 = 256;
 /// Requests in flight for the foreground reads and the disk reference.
 const DEPTH: usize = 16;
@@ -108,7 +112,7 @@ fn stack(dir: &std::path::Path, cow_mib: u64) -> (DeviceMapper, ExportHandle) {
     dm.reload("vol", &format!("0 {sectors} snapshot-origin vol-real"))
         .unwrap();
     dm.resume("vol").unwrap();
-    let (vol, _) = dm.open("vol").unwrap();
+    let (vol, _) = dm.open("vol", CLIENT).unwrap();
     (dm, vol)
 }
 
@@ -211,11 +215,11 @@ fn main() {
         "sequential 1 MiB writes to the snapshot",
         write,
         &|dm, _| {
-            let (snap, _) = dm.open("snap").unwrap();
+            let (snap, _) = dm.open("snap", CLIENT).unwrap();
             for n in 0..mib {
                 run(dm, snap, op_write(n * 2048, 2048, n as u8));
             }
-            dm.close(snap);
+            dm.close(snap, CLIENT);
             mib << 20
         },
     );

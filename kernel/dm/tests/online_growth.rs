@@ -138,9 +138,9 @@ fn writes_waiting_for_space_complete_when_the_data_device_gets_a_second_disk() {
         ["thin: 0 131072 thin pool 0"]
     );
     assert!(dm.device("thin").unwrap().inactive_table().is_none());
-    let (second, info) = dm.open("thin").unwrap();
+    let (second, info) = dm.open("thin", CLIENT).unwrap();
     assert_eq!(info.sectors, 131072);
-    dm.close(second);
+    dm.close(second, CLIENT);
     assert!(
         completions(&mut dm, 1000).is_empty(),
         "the writes still wait"

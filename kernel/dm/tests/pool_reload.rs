@@ -6,6 +6,10 @@ use blockdev::{IoBuf, MemDisk};
 use dm::{DeviceMapper, Disk, Format};
 use nbd::{Backend, BackendError, ExportHandle, IoCompletion, IoOp, IoRequest};
 
+/// The address NBD clients of these tests connect from.
+const CLIENT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
+
 /// Data block size of the pool here (64 KiB): 16 blocks of data.
 const BLOCK: u64 = 128;
 
@@ -25,7 +29,7 @@ fn pool_with_thin(features: &str) -> (DeviceMapper, ExportHandle, MemDisk) {
     dm.message("pool", "create_thin 0").unwrap();
     dm.create("thin", false, "0 65536 thin pool 0", Format::IfBlank)
         .unwrap();
-    let (export, _) = dm.open("thin").unwrap();
+    let (export, _) = dm.open("thin", CLIENT).unwrap();
     (dm, export, meta)
 }
 
