@@ -87,7 +87,7 @@ impl Core {
             }
         }
         self.paced_delete_step(clock);
-        if !self.origin_merges.is_empty() && self.origin_merge_steps(Some(clock())) {
+        if self.origin_merge_steps(Some(now_ns)) {
             self.run_ready();
         }
         self.progress();
