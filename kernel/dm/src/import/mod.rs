@@ -122,17 +122,8 @@ impl DeviceMapper {
         self.check_new_name(name)?;
         self.refuse_second_job(name)?;
         self.pool(pool)?;
-        if self
-            .imports
-            .records
-            .iter()
-            .any(|record| record.name == name)
-        {
-            return Err(format!(
-                "an unfinished import into {name} is saved; thin import --resume {name} continues it"
-            )
-            .into());
-        }
+        // A saved import into a device that no longer exists cannot be resumed.
+        self.imports.records.retain(|record| record.name != name);
         let kind = Kind::Import {
             pool: String::from(bare_name(pool)),
             sectors,
