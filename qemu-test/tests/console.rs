@@ -242,9 +242,10 @@ fn pool_workflow_events_and_persistence_on_the_appliance() {
     appliance.shutdown().unwrap();
 
     let mut appliance = boot(&all);
+    // Six changes, and the external origin snapshot 2 inherits from device 1.
     assert_eq!(
         boot_notes(&appliance),
-        ["config: vdd generation 6", "config: 5 of 5 devices active"]
+        ["config: vdd generation 7", "config: 5 of 5 devices active"]
     );
     assert_eq!(appliance.console_ok("table").unwrap(), tables);
     assert_eq!(status_fields(&mut appliance, "pool")[0], "1");
@@ -256,7 +257,7 @@ fn pool_workflow_events_and_persistence_on_the_appliance() {
     let mut appliance = boot(&all);
     assert_eq!(
         boot_notes(&appliance),
-        ["config: vdd generation 7", "config: 6 of 6 devices active"]
+        ["config: vdd generation 8", "config: 6 of 6 devices active"]
     );
     assert_eq!(
         appliance.console_ok("table later").unwrap(),
