@@ -72,6 +72,25 @@ impl ThinMetadata {
             return Ok(None);
         };
         // The reference the caller owns passes to the new entry.
+        self.park_tree(id, root, dev, &details, DELETING_MARK)?;
+        Ok(Some(PendingDelete {
+            id,
+            dev,
+            remaining: details.mapped_blocks,
+        }))
+    }
+
+    /// Enters mapping tree `root` (a reference the caller owns) at reserved id `id`,
+    /// recording device `dev`'s details with creation time `mark`, which says what
+    /// the hidden entry is for (a delete in progress, a pinned view).
+    pub(super) fn park_tree(
+        &mut self,
+        id: u64,
+        root: u64,
+        dev: u64,
+        details: &DeviceDetails,
+        mark: u32,
+    ) -> Result<()> {
         self.mapping_root = btree::insert(
             &mut self.tm,
             self.mapping_root,
@@ -86,17 +105,13 @@ impl ThinMetadata {
                 details: DeviceDetails {
                     mapped_blocks: details.mapped_blocks,
                     transaction_id: dev,
-                    creation_time: DELETING_MARK,
+                    creation_time: mark,
                     snapshotted_time: details.snapshotted_time,
                 },
                 dirty: true,
             },
         );
-        Ok(Some(PendingDelete {
-            id,
-            dev,
-            remaining: details.mapped_blocks,
-        }))
+        Ok(())
     }
 
     /// The lowest reserved id not in use.

@@ -34,26 +34,7 @@ impl ThinMetadata {
             .free_reserved_id()?
             .ok_or(Error::ReservedDeviceId(MAX_DEV_ID))?;
         self.tm.inc(root)?;
-        self.mapping_root = btree::insert(
-            &mut self.tm,
-            self.mapping_root,
-            id,
-            &root.to_le_bytes(),
-            &mut SubtreeRefs(&mut self.dsm),
-        )?
-        .0;
-        self.details.insert(
-            id,
-            CachedDetails {
-                details: DeviceDetails {
-                    mapped_blocks: details.mapped_blocks,
-                    transaction_id: dev,
-                    creation_time: VIEW_MARK,
-                    snapshotted_time: details.snapshotted_time,
-                },
-                dirty: true,
-            },
-        );
+        self.park_tree(id, root, dev, &details, VIEW_MARK)?;
         Ok(id)
     }
 
