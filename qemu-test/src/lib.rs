@@ -28,6 +28,7 @@ mod appliance;
 mod disk;
 mod error;
 mod host_server;
+mod monitor;
 mod nbd_ready;
 mod network;
 mod options;
@@ -41,6 +42,7 @@ pub use appliance::Appliance;
 pub use disk::{Scratch, create_disk};
 pub use error::{Error, qemu_complaint};
 pub use host_server::HostServer;
+pub use monitor::monitor_command;
 pub use nbd_ready::{read_greeting, wait_for_greeting};
 pub use network::{NetBackend, Nic};
 pub use options::{

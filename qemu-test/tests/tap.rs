@@ -5,14 +5,12 @@
 //! says why it is skipped.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Nic, Options, Scratch, TapNetwork};
+use qemu_test::{Appliance, Nic, Options, Scratch, TapNetwork, monitor_command};
 
 const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
@@ -137,17 +135,8 @@ impl TapAppliance {
 
     /// Sends a command to QEMU's monitor.
     fn monitor(&self, command: &str) {
-        let mut stream = UnixStream::connect(&self.monitor).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut banner = String::new();
-        reader.read_line(&mut banner).unwrap();
-        writeln!(stream, "{command}").unwrap();
-        // The monitor echoes the command after its prompt.
-        let mut echoed = String::new();
-        reader.read_line(&mut echoed).unwrap();
+        let answer = monitor_command(&self.monitor, command).unwrap();
+        assert_eq!(answer, "", "QEMU refused {command}");
     }
 }
 

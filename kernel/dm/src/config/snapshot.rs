@@ -81,7 +81,9 @@ impl Snapshot {
 
     pub fn decode(text: &str) -> Result<Self, String> {
         let mut snapshot = Snapshot::default();
-        for (number, line) in text.lines().enumerate() {
+        // Records end at '\n' only: a '\r' before it belongs to the record, so what
+        // decodes encodes back to the same text.
+        for (number, line) in text.split_terminator('\n').enumerate() {
             let bad = || format!("line {} is malformed: {line}", number + 1);
             let mut words = line.splitn(4, ' ');
             match (words.next(), words.next(), words.next(), words.next()) {
@@ -204,5 +206,13 @@ mod tests {
         assert!(Snapshot::decode("disk vda x -\n").is_err());
         assert!(Snapshot::decode("device a maybe 0 1 linear vda 0\n").is_err());
         assert!(Snapshot::decode("disk vda 1 %4").is_err());
+    }
+
+    #[test]
+    fn a_carriage_return_stays_part_of_its_record() {
+        let text = "device a rw 0 8 linear vdb 0\r\n";
+        let snapshot = Snapshot::decode(text).unwrap();
+        assert_eq!(snapshot.devices[0].table, "0 8 linear vdb 0\r");
+        assert_eq!(snapshot.encode(), text);
     }
 }
