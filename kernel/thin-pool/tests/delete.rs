@@ -141,15 +141,8 @@ fn a_power_cut_at_any_io_of_a_delete_leaves_a_pool_that_finishes_it() {
     for cut in start..=end {
         let (cut_meta, cut_data, _, _, acknowledged) = delete_run(&meta, &data, &config, Some(cut));
         for unflushed in [Unflushed::DropAll, Unflushed::Random(cut)] {
-            let meta = CrashDisk::from_disk(&cut_meta.after_power_loss(unflushed));
-            let data = CrashDisk::from_disk(&cut_data.after_power_loss(unflushed));
-            thin_check_disk(&meta, "delete-cut");
-            let (pool, _) = Pool::open(
-                Box::new(meta.handle()),
-                Box::new(data.handle()),
-                config.clone(),
-            )
-            .unwrap_or_else(|e| panic!("reopening after a cut at I/O {cut}: {e}"));
+            let (meta, _data, pool) =
+                reopen_after_cut(&cut_meta, &cut_data, unflushed, &config, cut, "delete-cut");
             let devices = pool.devices().unwrap();
             if acknowledged {
                 assert_eq!(devices, vec![1], "cut at I/O {cut}: the deleted id is back");

@@ -372,15 +372,8 @@ fn a_power_cut_at_any_io_of_a_merge_leaves_the_old_or_the_merged_state() {
     for cut in 0..=ios {
         let (cut_meta, cut_data, _, _, acknowledged) = merge_run(&meta, &data, &config, Some(cut));
         for unflushed in [Unflushed::DropAll, Unflushed::Random(cut)] {
-            let meta = CrashDisk::from_disk(&cut_meta.after_power_loss(unflushed));
-            let data = CrashDisk::from_disk(&cut_data.after_power_loss(unflushed));
-            thin_check_disk(&meta, "merge-cut");
-            let (pool, _) = Pool::open(
-                Box::new(meta.handle()),
-                Box::new(data.handle()),
-                config.clone(),
-            )
-            .unwrap_or_else(|e| panic!("reopening after a cut at I/O {cut}: {e}"));
+            let (meta, _data, pool) =
+                reopen_after_cut(&cut_meta, &cut_data, unflushed, &config, cut, "merge-cut");
             let devices = pool.devices().unwrap();
             let done = devices == [0, 2];
             assert!(

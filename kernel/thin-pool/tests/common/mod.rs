@@ -211,6 +211,29 @@ impl Scratch {
     }
 }
 
+/// The pool's disks as a power loss at `cut` leaves them (`unflushed` saying which
+/// unflushed writes land), checked with the real `thin_check` (`name` names the saved
+/// image on failure) and the pool opened again over them.
+pub fn reopen_after_cut(
+    meta: &CrashDisk,
+    data: &CrashDisk,
+    unflushed: Unflushed,
+    config: &PoolConfig,
+    cut: u64,
+    name: &str,
+) -> (CrashDisk, CrashDisk, Pool) {
+    let meta = CrashDisk::from_disk(&meta.after_power_loss(unflushed));
+    let data = CrashDisk::from_disk(&data.after_power_loss(unflushed));
+    thin_check_disk(&meta, name);
+    let (pool, _) = Pool::open(
+        Box::new(meta.handle()),
+        Box::new(data.handle()),
+        config.clone(),
+    )
+    .unwrap_or_else(|e| panic!("reopening after a cut at I/O {cut}: {e}"));
+    (meta, data, pool)
+}
+
 pub fn require_tools() {
     host_tools::require_for_test(&[host_tools::Tool::ThinCheck]);
 }
