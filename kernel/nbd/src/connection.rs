@@ -200,8 +200,7 @@ impl Connection {
     }
 
     fn over_limits(&self, limits: &Limits) -> bool {
-        self.in_flight.len() >= limits.max_requests
-            || self.footprint() >= limits.max_buffered_bytes
+        self.in_flight.len() >= limits.max_requests || self.footprint() >= limits.max_buffered_bytes
     }
 
     /// Bytes this connection holds: request buffers and replies not yet sent.

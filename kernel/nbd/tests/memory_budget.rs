@@ -137,7 +137,10 @@ fn a_request_larger_than_the_bound_is_refused_and_the_connection_stays_in_step()
     assert_eq!(server.memory_use().refused, 2);
     let mut all = vec![0; EXPORT_BYTES];
     server.backend().read_at("vol0", 0, &mut all).unwrap();
-    assert!(all == pattern(EXPORT_SEED, EXPORT_BYTES), "the refused write wrote");
+    assert!(
+        all == pattern(EXPORT_SEED, EXPORT_BYTES),
+        "the refused write wrote"
+    );
 }
 
 #[test]
