@@ -8,7 +8,7 @@
 //! Clients reach the appliance through a relay (see [`relay`]): QEMU's port
 //! forward cannot take a burst of connections.
 //!
-//! `PRESSURE_COPY_MIB` sets the size of each of the 20 copies (8 MiB unless set; the
+//! `PRESSURE_COPY_MIB` sets the size of each of the 20 copies (4 MiB unless set; the
 //! 100 clients copy a quarter of that).
 
 use std::fs;
@@ -38,7 +38,7 @@ fn copy_bytes() -> u64 {
     std::env::var("PRESSURE_COPY_MIB")
         .ok()
         .and_then(|mib| mib.parse::<u64>().ok())
-        .unwrap_or(8)
+        .unwrap_or(4)
         * MIB
 }
 
@@ -106,8 +106,7 @@ fn many_clients_at_once(memory_mib: u32) {
             .zip(&uris)
             .map(|(source, uri)| nbdcopy(&source.display().to_string(), uri))
             .collect();
-        let during = appliance.console_ok("net").unwrap();
-        finish_all(writes, &mut appliance, "writing");
+        let busiest = finish_all(writes, &mut appliance, "writing");
 
         let copies: Vec<PathBuf> = volumes
             .iter()
@@ -131,10 +130,10 @@ fn many_clients_at_once(memory_mib: u32) {
         let net = appliance.console_ok("net").unwrap();
         let mem = appliance.console_ok("mem").unwrap();
         println!(
-            "{memory_mib} MiB, {clients} clients of {} MiB:\nwhile copying:\n{during}after:\n{net}{mem}",
+            "{memory_mib} MiB, {clients} clients of {} MiB:\nwhile writing:\n{busiest}\nafter:\n{net}\n{mem}",
             size / MIB
         );
-        let accepted = accepted(&net);
+        let accepted = nbd_figure(&net, " accepted");
         // Every nbdcopy opens at least one connection for its copy in and one for
         // its copy out.
         assert!(
@@ -143,10 +142,81 @@ fn many_clients_at_once(memory_mib: u32) {
             accepted - accepted_before
         );
         accepted_before = accepted;
+        if memory_mib == 64 {
+            // Twenty clients' reads ask for far more than 64 MiB hold at once.
+            assert!(figure(&net, "memory:", " waits") > 0, "{net}");
+        }
         let direct = appliance.nbd_uri(&volumes[0]).unwrap();
         let listed = run_tool("nbdinfo", &["--list", "--json", &direct]);
         assert!(listed.contains(&format!("\"{}\"", volumes[0])), "{listed}");
     }
+    appliance.shutdown().unwrap();
+}
+
+/// More idle clients than the pool has sockets: those beyond it wait in the
+/// backlog (their connection requests held back, not refused) and are greeted as
+/// soon as other clients leave.
+#[test]
+fn clients_beyond_the_socket_pool_wait_and_get_in() {
+    host_tools::require_for_test(&[Tool::Qemu]);
+    let mut appliance = Appliance::boot(Options::bios().memory_mib(64).nbd()).unwrap();
+    if let Err(why) = wait_for_greeting(appliance.nbd_port().unwrap(), READY) {
+        panic!("{why}\n{}", appliance.transcript());
+    }
+    let net = appliance.console_ok("net").unwrap();
+    let most = figure(&net, "sockets:", " (") as usize;
+    let relayed = relay(appliance.nbd_port().unwrap());
+    let (greeted, greetings) = std::sync::mpsc::channel();
+    let clients: Vec<TcpStream> = (0..most + 40)
+        .map(|index| {
+            let client = TcpStream::connect((Ipv4Addr::LOCALHOST, relayed)).unwrap();
+            let mut reader = client.try_clone().unwrap();
+            let greeted = greeted.clone();
+            std::thread::spawn(move || {
+                let mut greeting = [0; 18];
+                if reader.read_exact(&mut greeting).is_ok() && &greeting[..8] == b"NBDMAGIC" {
+                    let _ = greeted.send(index);
+                }
+            });
+            client
+        })
+        .collect();
+    // Greetings arrive until the pool is full.
+    let mut served = Vec::new();
+    while let Ok(index) = greetings.recv_timeout(Duration::from_secs(10)) {
+        served.push(index);
+    }
+    let full = appliance.console_ok("net").unwrap();
+    let open = nbd_figure(&full, " connection") as usize;
+    assert!(
+        open == served.len() && open < clients.len(),
+        "{} of {} clients greeted:\n{full}",
+        served.len(),
+        clients.len()
+    );
+    assert!(
+        figure(&full, "sockets:", " connection attempts") > 0,
+        "{full}"
+    );
+    // The clients beyond the pool get in once the others leave.
+    let waiting = clients.len() - served.len();
+    for &index in &served {
+        clients[index].shutdown(Shutdown::Both).unwrap();
+    }
+    let deadline = Instant::now() + GREETING_WAIT;
+    let mut late = 0;
+    while late < waiting {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match greetings.recv_timeout(left) {
+            Ok(_) => late += 1,
+            Err(_) => panic!(
+                "{late} of {waiting} waiting clients greeted:\n{}",
+                appliance.console_ok("net").unwrap()
+            ),
+        }
+    }
+    println!("{} clients, {open} served at once:\n{full}", clients.len());
+    drop(clients);
     appliance.shutdown().unwrap();
 }
 
@@ -174,13 +244,20 @@ fn nbdcopy(source: &str, target: &str) -> Child {
 }
 
 /// Waits for every client; all must succeed within [`COPY_DEADLINE`] (a wedged
-/// appliance fails the test with what `net` and `mem` show).
-fn finish_all(mut clients: Vec<Child>, appliance: &mut Appliance, what: &str) {
+/// appliance fails the test with what `net` and `mem` show). Returns what `net`
+/// showed with the most connections open meanwhile.
+fn finish_all(mut clients: Vec<Child>, appliance: &mut Appliance, what: &str) -> String {
     let deadline = Instant::now() + COPY_DEADLINE;
+    let mut busiest = (0, String::new());
     while clients
         .iter_mut()
         .any(|client| client.try_wait().unwrap().is_none())
     {
+        let net = appliance.console_ok("net").unwrap();
+        let open = nbd_figure(&net, " connection");
+        if open >= busiest.0 {
+            busiest = (open, net);
+        }
         if Instant::now() > deadline {
             for client in &mut clients {
                 let _ = client.kill();
@@ -189,7 +266,7 @@ fn finish_all(mut clients: Vec<Child>, appliance: &mut Appliance, what: &str) {
             let mem = appliance.console_ok("mem").unwrap();
             panic!("clients still {what} after {COPY_DEADLINE:?}:\n{net}\n{mem}");
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_secs(1));
     }
     let failures: Vec<String> = clients
         .into_iter()
@@ -212,20 +289,28 @@ fn finish_all(mut clients: Vec<Child>, appliance: &mut Appliance, what: &str) {
         failures.join("\n"),
         appliance.transcript()
     );
+    busiest.1
 }
 
-/// The `accepted` figure of `net`'s `nbd:` line.
-fn accepted(net: &str) -> u64 {
-    let line = net
+/// The number before `label` on `net`'s `nbd:` line.
+fn nbd_figure(net: &str, label: &str) -> u64 {
+    figure(net, "nbd:", label)
+}
+
+/// The number just before `label` on the line of `net` that starts with `line`.
+fn figure(net: &str, line: &str, label: &str) -> u64 {
+    let text = net
         .lines()
-        .find(|line| line.starts_with("nbd:"))
-        .unwrap_or_else(|| panic!("no nbd line in:\n{net}"));
-    let before = line
-        .split(" accepted")
+        .find(|text| text.starts_with(line))
+        .unwrap_or_else(|| panic!("no {line} line in:\n{net}"));
+    let before = text
+        .split(label)
         .next()
-        .and_then(|head| head.rsplit(' ').next())
-        .unwrap_or_else(|| panic!("no accepted count in: {line}"));
-    before.parse().unwrap()
+        .and_then(|head| head.rsplit([' ', '(']).next())
+        .unwrap_or_else(|| panic!("no '{label}' figure in: {text}"));
+    before
+        .parse()
+        .unwrap_or_else(|_| panic!("no '{label}' figure in: {text}"))
 }
 
 /// Pseudo-random bytes, different for each seed.

@@ -183,8 +183,41 @@ impl NbdSockets {
             false
         });
         moved |= self.slots.len() != before;
+        let freed = self.retire_small_listener(sockets, heap);
+        let heap = Heap {
+            free: heap.free + freed,
+            ..heap
+        };
         self.arm_listeners(sockets, heap);
         moved
+    }
+
+    /// Removes one idle listener whose buffers are smaller than a new socket would
+    /// get now (it was armed while memory was short), so that [`Self::arm_listeners`]
+    /// replaces it and later clients do not keep small buffers. Returns the bytes
+    /// freed.
+    fn retire_small_listener(&mut self, sockets: &mut SocketSet<'static>, heap: Heap) -> usize {
+        let (largest_rx, largest_tx, _) = BUFFER_TIERS[0];
+        let Some(index) = self.slots.iter().position(|slot| {
+            matches!(slot.role, Role::Listening)
+                && slot.bytes < largest_rx + largest_tx
+                && sockets.get::<tcp::Socket>(slot.handle).state() == tcp::State::Listen
+        }) else {
+            return 0;
+        };
+        let bytes = self.slots[index].bytes;
+        self.buffer_bytes -= bytes;
+        let spare = heap.free.saturating_sub(heap.reserve) + bytes;
+        if self
+            .next_buffers(spare)
+            .is_some_and(|(rx, tx)| rx + tx > bytes)
+        {
+            sockets.remove(self.slots.swap_remove(index).handle);
+            bytes
+        } else {
+            self.buffer_bytes += bytes;
+            0
+        }
     }
 
     /// Tops the listeners up to [`LISTENERS`] while the socket budget and the heap
