@@ -6,6 +6,7 @@ mod support;
 
 use nbd::wire::*;
 use nbd::{CompletionOrder, Limits, MemoryBackend, MemoryExport, Server};
+use proptest::prelude::*;
 use support::{Peer, pattern, request};
 
 const KIB: usize = 1024;
@@ -191,4 +192,93 @@ fn a_parked_write_takes_its_payload_once_memory_is_freed() {
     let mut back = vec![0; 2 * WRITE];
     server.backend().read_at("vol0", 0, &mut back).unwrap();
     assert!(back[..WRITE] == data[..] && back[WRITE..] == data[..]);
+}
+
+/// One request of a client in the property test: a read of the first half of the
+/// export, or a write to the client's own part of the second half.
+#[derive(Clone, Copy, Debug)]
+struct Op {
+    write: bool,
+    sector: u64,
+    sectors: u32,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    (any::<bool>(), 0..4096u64, 1..=1024u32).prop_map(|(write, sector, sectors)| Op {
+        write,
+        sector,
+        sectors,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Several clients pipelining reads and writes under any bound: every request
+    /// is answered (refused with ENOMEM exactly when it is larger than the bound),
+    /// reads return the data, and all memory is given back.
+    #[test]
+    fn every_request_is_answered_under_any_bound(
+        limit in 0..(2usize << 20),
+        seed in any::<u64>(),
+        clients in prop::collection::vec(prop::collection::vec(op(), 1..24), 1..6),
+    ) {
+        let mut server = server(limit);
+        server.backend_mut().set_completion_order(CompletionOrder::Shuffled(seed));
+        let all = pattern(EXPORT_SEED, EXPORT_BYTES);
+        let half = EXPORT_BYTES as u64 / 2;
+        let part = half / clients.len() as u64 / 512 * 512;
+        let mut peers: Vec<Client> = clients
+            .iter()
+            .enumerate()
+            .map(|(index, ops)| {
+                let peer = open_peer(&mut server);
+                let mut unsent = Vec::new();
+                let mut expected = Vec::new();
+                for (cookie, op) in ops.iter().enumerate() {
+                    let len = op.sectors as usize * 512;
+                    let offset = if op.write {
+                        half + index as u64 * part + (op.sector * 512) % (part - len as u64 + 1) / 512 * 512
+                    } else {
+                        op.sector * 512
+                    };
+                    let command = if op.write { CMD_WRITE } else { CMD_READ };
+                    unsent.extend(request(0, command, cookie as u64, offset, len as u32));
+                    if op.write {
+                        unsent.extend(pattern(cookie as u64, len));
+                    }
+                    expected.push((cookie as u64, if op.write { usize::MAX } else { offset as usize }, len));
+                }
+                Client { peer, unsent, expected }
+            })
+            .collect();
+        let mut stalled_rounds = 0;
+        while peers.iter().any(|client| !client.expected.is_empty()) {
+            let mut moved = false;
+            for client in &mut peers {
+                let taken = client.peer.send(&mut server, &client.unsent);
+                client.unsent.drain(..taken);
+                moved |= taken > 0;
+                while client.peer.available() > 0 {
+                    moved = true;
+                    let expected = &client.expected;
+                    let reply = client.peer.reply_for(|cookie| {
+                        let (_, offset, len) = expected.iter().find(|(c, ..)| *c == cookie).unwrap();
+                        if *offset == usize::MAX { 0 } else { *len }
+                    });
+                    let position = expected.iter().position(|(cookie, ..)| *cookie == reply.cookie).unwrap();
+                    let (_, offset, len) = client.expected.remove(position);
+                    let error = if len > limit { ENOMEM } else { 0 };
+                    prop_assert_eq!(reply.error, error, "request of {} bytes under {}", len, limit);
+                    if error == 0 && offset != usize::MAX {
+                        prop_assert!(reply.data == all[offset..offset + len]);
+                    }
+                }
+            }
+            stalled_rounds = if moved { 0 } else { stalled_rounds + 1 };
+            prop_assert!(stalled_rounds < 3, "wedged: {:?}", server.memory_use());
+        }
+        let after = server.memory_use();
+        prop_assert_eq!((after.held, after.waiting), (0, 0));
+    }
 }
