@@ -38,6 +38,7 @@ pub use merge::{MergeProgress, MergeStep};
 pub use origin::{copy_out, write_origin};
 pub use snapshot::{
     Health, LoadError, SNAPSHOT_INVALID, SNAPSHOT_OVERFLOW, Snapshot, Source, StartedWrite,
+    chunk_pieces,
 };
 pub use table::{SnapshotTable, StoreKind, TableError, check_chunk_size};
 

@@ -265,7 +265,7 @@ impl Snapshot {
     /// The snapshot's view, valid or not (a merging origin reads through it).
     pub(crate) fn read_view(&mut self, sector: u64, out: &mut [u8]) -> Result<(), IoError> {
         let chunk = self.chunk_sectors();
-        for (at, piece) in pieces(sector, (out.len() / 512) as u64, chunk) {
+        for (at, piece) in chunk_pieces(sector, (out.len() / 512) as u64, chunk) {
             let buf = &mut out[((at - sector) * 512) as usize..][..(piece * 512) as usize];
             match self.exceptions.get(&(at / chunk)) {
                 Some(&new) => read_into(self.cow.as_mut(), new * chunk + at % chunk, buf)?,
@@ -290,7 +290,7 @@ impl Snapshot {
             return Err(SNAPSHOT_INVALID);
         }
         let chunk = self.chunk_sectors();
-        for (at, piece) in pieces(sector, sectors, chunk) {
+        for (at, piece) in chunk_pieces(sector, sectors, chunk) {
             let old = at / chunk;
             let Some(&new) = self.exceptions.get(&old) else {
                 continue;
@@ -318,7 +318,8 @@ impl Snapshot {
     /// exceptions made first.
     pub fn write_needs_exceptions(&self, sector: u64, sectors: u64) -> bool {
         let chunk = self.chunk_sectors();
-        pieces(sector, sectors, chunk).any(|(at, _)| !self.exceptions.contains_key(&(at / chunk)))
+        chunk_pieces(sector, sectors, chunk)
+            .any(|(at, _)| !self.exceptions.contains_key(&(at / chunk)))
     }
 
     /// Starts the exceptions a snapshot write needs (no batch may be under way):
@@ -331,7 +332,7 @@ impl Snapshot {
         let mut records: Vec<(u64, u64)> = Vec::new();
         let mut copies = Vec::new();
         let mut started = StartedWrite::default();
-        for (at, piece) in pieces(sector, sectors, chunk) {
+        for (at, piece) in chunk_pieces(sector, sectors, chunk) {
             let old = at / chunk;
             if self.exceptions.contains_key(&old) || records.iter().any(|&(o, _)| o == old) {
                 continue;
@@ -512,7 +513,7 @@ impl Snapshot {
 }
 
 /// Splits `sector..sector+sectors` at chunk boundaries: `(start, sectors)` pieces.
-pub(crate) fn pieces(sector: u64, sectors: u64, chunk: u64) -> impl Iterator<Item = (u64, u64)> {
+pub fn chunk_pieces(sector: u64, sectors: u64, chunk: u64) -> impl Iterator<Item = (u64, u64)> {
     let end = sector + sectors;
     let mut at = sector;
     core::iter::from_fn(move || {
