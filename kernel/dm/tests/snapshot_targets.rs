@@ -73,6 +73,11 @@ fn pattern(seed: u64, sectors: u64) -> Vec<u8> {
 
 /// `base` (linear over vda) with data, then LVM's snapshot set-up with COW vdb.
 fn with_snapshot(origin: &MemDisk, cow: &MemDisk) -> (DeviceMapper, ExportHandle) {
+    with_snapshot_args(origin, cow, "P 8")
+}
+
+/// [`with_snapshot`] whose snapshot table ends with `args` (store, chunk, features).
+fn with_snapshot_args(origin: &MemDisk, cow: &MemDisk, args: &str) -> (DeviceMapper, ExportHandle) {
     origin.write_at(0, &pattern(1, SECTORS));
     let mut dm = mapper(&[("vda", origin), ("vdb", cow)]);
     dm.create("base", false, "0 4096 linear vda 0", Format::IfBlank)
@@ -84,7 +89,7 @@ fn with_snapshot(origin: &MemDisk, cow: &MemDisk) -> (DeviceMapper, ExportHandle
     dm.create(
         "snap",
         false,
-        "0 4096 snapshot base-real vdb P 8",
+        &format!("0 4096 snapshot base-real vdb {args}"),
         Format::IfBlank,
     )
     .unwrap();
@@ -666,5 +671,72 @@ fn concurrent_requests_to_origin_and_snapshot_agree_with_a_model() {
         let mut on_origin = vec![0u8; SECTORS as usize * 512];
         origin.read_at(0, &mut on_origin);
         assert!(on_origin == models[0]);
+    }
+}
+
+fn trim(dm: &mut DeviceMapper, export: ExportHandle, sector: u64, sectors: u64) {
+    let op = IoOp::Trim {
+        sector,
+        sectors,
+        fua: false,
+    };
+    run(dm, export, op).expect("trim");
+}
+
+#[test]
+fn discards_do_what_dm_snapshot_does_with_them() {
+    let old = pattern(1, SECTORS);
+    let chunk = |n: usize| &old[n * 4096..(n + 1) * 4096];
+    let zeros = vec![0u8; 4096];
+    for features in [
+        "",
+        " 1 discard_zeroes_cow",
+        " 2 discard_zeroes_cow discard_passdown_origin",
+    ] {
+        let (origin, cow) = (MemDisk::new(SECTORS), MemDisk::new(2048));
+        let (mut dm, base) = with_snapshot_args(&origin, &cow, &format!("P 8{features}"));
+        let (snap, _) = dm.open("snap", CLIENT).unwrap();
+        // Chunk 40 has an exception (an origin write copied it out), 41 too (the
+        // snapshot's own write), 42 has none.
+        write(&mut dm, base, 40 * 8, &pattern(2, 8));
+        write(&mut dm, snap, 41 * 8, &pattern(3, 8));
+        let before = status(&dm, "snap");
+        // The origin has no discard: a trim completes and changes nothing.
+        trim(&mut dm, base, 0, 4096);
+        assert_eq!(read(&mut dm, base, 40 * 8, 8), pattern(2, 8));
+        assert_eq!(read(&mut dm, base, 42 * 8, 8), chunk(42));
+        trim(&mut dm, snap, 40 * 8, 3 * 8);
+        assert_eq!(status(&dm, "snap"), before, "{features}");
+        let (c40, c41, c42) = (
+            read(&mut dm, snap, 40 * 8, 8),
+            read(&mut dm, snap, 41 * 8, 8),
+            read(&mut dm, snap, 42 * 8, 8),
+        );
+        let mut on_origin = vec![0u8; 3 * 4096];
+        origin.read_at(40 * 4096, &mut on_origin);
+        match features {
+            // No discard support: nothing changes.
+            "" => {
+                assert_eq!(
+                    (c40.as_slice(), c41.as_slice()),
+                    (chunk(40), &pattern(3, 8)[..])
+                );
+                assert_eq!(c42, chunk(42));
+                assert_eq!(on_origin[4096..8192], *chunk(41));
+            }
+            // Whole chunks with an exception read zeros; the others read the origin.
+            " 1 discard_zeroes_cow" => {
+                assert_eq!((c40.as_slice(), c41.as_slice()), (&zeros[..], &zeros[..]));
+                assert_eq!(c42, chunk(42));
+                assert_eq!(on_origin[..4096], pattern(2, 8)[..]);
+                assert_eq!(on_origin[8192..], *chunk(42));
+            }
+            // And the origin is discarded too, with no copy-out.
+            _ => {
+                assert_eq!((c40.as_slice(), c41.as_slice()), (&zeros[..], &zeros[..]));
+                assert_eq!(c42, zeros, "chunk 42 reads the discarded origin");
+                assert!(on_origin.iter().all(|&byte| byte == 0));
+            }
+        }
     }
 }
