@@ -398,6 +398,12 @@ fn an_import_cut_off_mid_copy_resumes_from_its_checkpoint() {
         "{transcript}"
     );
 
+    let saved = text(&exec(&disks, &["config show"]));
+    assert!(
+        saved.contains(&format!("import vm1 {} {uri}", 64 << 20)),
+        "{saved}"
+    );
+
     let output = exec(&disks, &["thin import --resume vm1"]);
     let transcript = text(&output);
     assert!(output.status.success(), "{transcript}");
