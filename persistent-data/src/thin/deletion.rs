@@ -155,23 +155,10 @@ impl ThinMetadata {
         if !Self::is_reserved_id(id) || self.device_details(id)?.creation_time != DELETING_MARK {
             return Err(Error::NoSuchDevice(id));
         }
-        let root = self.bottom_root(id)?;
-        let mut cursor = Cursor::seek(&mut self.tm, root, 0, MAPPING_VALUE_SIZE)?;
-        let mut last = None;
-        for _ in 0..budget.max(1) {
-            let Some((key, _)) = cursor.entry() else {
-                break;
-            };
-            last = Some(key);
-            cursor.advance(&mut self.tm)?;
+        let (runs, _) = self.remove_range_bounded(id, 0, u64::MAX, budget)?;
+        if runs.is_empty() {
+            self.delete(id)?;
         }
-        drop(cursor);
-        match last {
-            Some(key) => self.remove_range(id, 0, key + 1),
-            None => {
-                self.delete(id)?;
-                Ok(Vec::new())
-            }
-        }
+        Ok(runs)
     }
 }
