@@ -48,7 +48,8 @@ fn a_million_mappings_are_released_in_steps_while_another_volume_serves_io() {
             dev: 0,
             total: MAPPINGS,
             released: 0,
-            started_ns: 0
+            started_ns: 0,
+            replaced: false
         }]
     );
     let mut now = 0;

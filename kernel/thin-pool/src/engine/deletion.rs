@@ -24,6 +24,9 @@ pub struct DeleteProgress {
     pub released: u64,
     /// When this run of the pool started releasing them (the pool's clock).
     pub started_ns: u64,
+    /// The device still exists: what is released is the content a snapshot merged
+    /// into it replaced, not a deleted device.
+    pub replaced: bool,
 }
 
 impl Core {
@@ -36,7 +39,10 @@ impl Core {
             }
         }
         for pending in self.md.pending_deletes()? {
-            self.queue_delete(pending);
+            // (A tree parked by a merge belongs to a device that is still there.)
+            let replaced =
+                !ThinMetadata::is_reserved_id(pending.dev) && self.md.device_exists(pending.dev)?;
+            self.queue_delete(pending, replaced);
         }
         Ok(())
     }
@@ -46,12 +52,15 @@ impl Core {
         self.deletes.iter().map(|(_, progress)| progress)
     }
 
-    pub(super) fn queue_delete(&mut self, pending: PendingDelete) {
+    /// Queues the release of the tree parked as `pending`, which a snapshot merge
+    /// `replaced` or a delete left.
+    pub(super) fn queue_delete(&mut self, pending: PendingDelete, replaced: bool) {
         let progress = DeleteProgress {
             dev: pending.dev,
             total: pending.remaining,
             released: 0,
             started_ns: self.now_ns,
+            replaced,
         };
         self.deletes.push_back((pending.id, progress));
     }
@@ -106,7 +115,7 @@ impl Core {
             .start_delete(dev, DELETE_STEP_MAPPINGS)
             .map_err(|e| self.message_failed(&e, &context))?;
         if let Some(pending) = started {
-            self.queue_delete(pending);
+            self.queue_delete(pending, false);
             return Ok(());
         }
         mapped.sort_unstable();
@@ -177,11 +186,11 @@ impl Core {
             if let Some((_, done)) = self.deletes.pop_front()
                 && !ThinMetadata::is_reserved_id(done.dev)
             {
-                // (Released views are housekeeping, not an operator's delete; a device
-                // still there had its old content released by a merge.)
-                let event = match self.md.device_exists(done.dev) {
-                    Ok(true) => PoolEvent::MergeReleased { dev: done.dev },
-                    _ => PoolEvent::DeleteFinished { dev: done.dev },
+                // (Released views are housekeeping, not an operator's delete.)
+                let event = if done.replaced {
+                    PoolEvent::MergeReleased { dev: done.dev }
+                } else {
+                    PoolEvent::DeleteFinished { dev: done.dev }
                 };
                 self.events.push_back(event);
             }
