@@ -174,15 +174,15 @@ impl Core {
         if !self.mode.metadata_writable() {
             return false;
         }
-        let runs = match self.md.release_mappings(id, DELETE_STEP_MAPPINGS) {
-            Ok(runs) => runs,
+        let released = match self.md.release_mappings(id, DELETE_STEP_MAPPINGS) {
+            Ok(released) => released,
             Err(error) => {
                 self.metadata_failed(&error);
                 return false;
             }
         };
         self.md_dirty = true;
-        if runs.is_empty() {
+        if released.mappings == 0 {
             if let Some((_, done)) = self.deletes.pop_front()
                 && !ThinMetadata::is_reserved_id(done.dev)
             {
@@ -196,8 +196,8 @@ impl Core {
             }
             return true;
         }
-        for run in runs {
-            self.deletes[0].1.released += run.len;
+        self.deletes[0].1.released += released.mappings;
+        for run in released.runs {
             for block in run.data_begin..run.data_begin + run.len {
                 match self.md.dec_data_block(block) {
                     Ok(0) => self.freed_by_change(block, block + 1),
