@@ -62,7 +62,7 @@ mod delta;
 mod format;
 mod merge;
 mod views;
-pub use deletion::{FIRST_DELETING_ID, PendingDelete};
+pub use deletion::{FIRST_DELETING_ID, PendingDelete, Released, SHARED_LEAF_COST};
 pub use delta::{Delta, DeltaKind, DeltaPiece, DeltaSource};
 pub use format::{MetadataFormat, is_format_marker};
 
@@ -233,6 +233,20 @@ pub struct RemovedRun {
     pub begin: u64,
     pub data_begin: u64,
     pub len: u64,
+}
+
+/// Adds the unmapped entry `key` → `value` (a bottom-level value) to `runs`, which
+/// are in key order.
+fn push_removed(runs: &mut Vec<RemovedRun>, key: u64, value: &[u8]) {
+    let data = unpack_block_time(le64(value, 0)).0;
+    match runs.last_mut() {
+        Some(run) if run.begin + run.len == key && run.data_begin + run.len == data => run.len += 1,
+        _ => runs.push(RemovedRun {
+            begin: key,
+            data_begin: data,
+            len: 1,
+        }),
+    }
 }
 
 /// Leaf values of bottom-level mapping trees refer to data blocks.
@@ -784,20 +798,8 @@ impl ThinMetadata {
                 end - 1,
                 &mut DataRefs(dsm),
                 &mut |key, value| {
-                    let data = unpack_block_time(le64(value, 0)).0;
                     count += 1;
-                    match runs.last_mut() {
-                        Some(run)
-                            if run.begin + run.len == key && run.data_begin + run.len == data =>
-                        {
-                            run.len += 1
-                        }
-                        _ => runs.push(RemovedRun {
-                            begin: key,
-                            data_begin: data,
-                            len: 1,
-                        }),
-                    }
+                    push_removed(&mut runs, key, value);
                     Ok(())
                 },
             )

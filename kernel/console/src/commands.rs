@@ -96,9 +96,9 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "remove a COW snapshot (the origin returns to its own table with the last one)",
     ),
     (
-        "thin merge-origin NAME",
-        "copy the thin device's blocks into its external origin in the background, until \
-         it maps nothing",
+        "thin merge-origin NAME [--background]",
+        "copy the thin device's blocks into its external origin while it serves I/O, until \
+         it maps nothing; followed (Ctrl-C detaches) unless --background",
     ),
     (
         "thin delete NAME [--background]",

@@ -25,6 +25,9 @@ pub struct DeleteProgress {
     pub released: u64,
     /// When this run of the pool started releasing them (the pool's clock).
     pub started_ns: u64,
+    /// The device still exists: what is released is the content a snapshot merged
+    /// into it replaced, not a deleted device.
+    pub replaced: bool,
 }
 
 impl Core {
@@ -37,7 +40,10 @@ impl Core {
             }
         }
         for pending in self.md.pending_deletes()? {
-            self.queue_delete(pending);
+            // (A tree parked by a merge belongs to a device that is still there.)
+            let replaced =
+                !ThinMetadata::is_reserved_id(pending.dev) && self.md.device_exists(pending.dev)?;
+            self.queue_delete(pending, replaced);
         }
         Ok(())
     }
@@ -47,12 +53,15 @@ impl Core {
         self.deletes.iter().map(|(_, progress)| progress)
     }
 
-    pub(super) fn queue_delete(&mut self, pending: PendingDelete) {
+    /// Queues the release of the tree parked as `pending`, which a snapshot merge
+    /// `replaced` or a delete left.
+    pub(super) fn queue_delete(&mut self, pending: PendingDelete, replaced: bool) {
         let progress = DeleteProgress {
             dev: pending.dev,
             total: pending.remaining,
             released: 0,
             started_ns: self.now_ns,
+            replaced,
         };
         self.deletes.push_back((pending.id, progress));
     }
@@ -107,7 +116,7 @@ impl Core {
             .start_delete(dev, DELETE_STEP_MAPPINGS)
             .map_err(|e| self.message_failed(&e, &context))?;
         if let Some(pending) = started {
-            self.queue_delete(pending);
+            self.queue_delete(pending, false);
             return Ok(());
         }
         mapped.sort_unstable();
@@ -168,30 +177,30 @@ impl Core {
         if !self.mode.metadata_writable() {
             return false;
         }
-        let runs = match self.md.release_mappings(id, DELETE_STEP_MAPPINGS) {
-            Ok(runs) => runs,
+        let released = match self.md.release_mappings(id, DELETE_STEP_MAPPINGS) {
+            Ok(released) => released,
             Err(error) => {
                 self.metadata_failed(&error);
                 return false;
             }
         };
         self.md_dirty = true;
-        if runs.is_empty() {
+        if released.mappings == 0 {
             if let Some((_, done)) = self.deletes.pop_front()
                 && !ThinMetadata::is_reserved_id(done.dev)
             {
-                // (Released views are housekeeping, not an operator's delete; a device
-                // still there had its old content released by a merge.)
-                let event = match self.md.device_exists(done.dev) {
-                    Ok(true) => PoolEvent::MergeReleased { dev: done.dev },
-                    _ => PoolEvent::DeleteFinished { dev: done.dev },
+                // (Released views are housekeeping, not an operator's delete.)
+                let event = if done.replaced {
+                    PoolEvent::MergeReleased { dev: done.dev }
+                } else {
+                    PoolEvent::DeleteFinished { dev: done.dev }
                 };
                 self.events.push_back(event);
             }
             return true;
         }
-        for run in runs {
-            self.deletes[0].1.released += run.len;
+        self.deletes[0].1.released += released.mappings;
+        for run in released.runs {
             for block in run.data_begin..run.data_begin + run.len {
                 match self.md.dec_data_block(block) {
                     Ok(0) => self.freed_by_change(block, block + 1),
