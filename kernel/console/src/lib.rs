@@ -41,7 +41,8 @@ mod units;
 
 pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
 pub use net::{
-    AddressMode, Ipv4Config, LinkSettings, NetCounters, NetStatus, Network, NicCounters,
+    AddressMode, Ipv4Config, LinkSettings, NbdPressure, NetCounters, NetStatus, Network,
+    NicCounters,
 };
 pub use tokenize::{TokenizeError, tokenize};
 

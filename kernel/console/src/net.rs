@@ -13,7 +13,9 @@ use core::net::Ipv4Addr;
 use crate::{CommandError, Console, Platform, outln};
 
 mod link;
+mod pressure;
 use dm::human_bytes;
+pub use pressure::NbdPressure;
 
 /// How the interface gets its address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +69,7 @@ pub struct NetCounters {
     pub tcp_open: u64,
     /// TCP connections accepted since start-up.
     pub tcp_accepted: u64,
+    pub nbd: NbdPressure,
 }
 
 /// What `net` shows.
@@ -185,6 +188,7 @@ fn show(status: &NetStatus, out: &mut dyn Write) {
         c.nic.tx_queue_full
     );
     link::show(status, out);
+    pressure::show(&c.nbd, out);
 }
 
 /// Checks `ADDRESS/PREFIX GATEWAY`: a unicast host address inside its subnet and a

@@ -97,6 +97,17 @@ fn leased() -> NetStatus {
             },
             tcp_open: 1,
             tcp_accepted: 5,
+            nbd: NbdPressure {
+                sockets: 9,
+                max_sockets: 212,
+                socket_bytes: 6 << 20,
+                syns_held: 12,
+                request_bytes: 3 << 20,
+                request_limit: 20 << 20,
+                waiting: 2,
+                waits: 1204,
+                refused: 1,
+            },
         },
     }
 }
@@ -138,6 +149,8 @@ fn net_shows_address_link_and_counters() {
             "tx:      900 packets, 1.50 KiB, 7 queue-full waits",
             "link:    e1000e, mtu 1500, checksum offload on",
             "nic:     3 missed (no buffer), 0 send drops, 1 ring resets",
+            "sockets: 9 of 212 (6.00 MiB of buffers), 12 connection attempts held back",
+            "memory:  requests hold 3.00 MiB of 20.00 MiB, 2 waiting (1204 waits, 1 refused)",
         ]
     );
 }
