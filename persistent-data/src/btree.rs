@@ -649,6 +649,85 @@ fn delete_node(tm: &mut Tm, block: u64, refs: &mut dyn ValueRefs, depth: usize) 
     tm.dec(block)
 }
 
+/// What [`remove_first_leaf`] took out of a tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemovedLeaf {
+    /// Entries the leaf held.
+    pub entries: u64,
+    /// The leaf is still part of another tree: only this tree's reference went, and
+    /// its values kept theirs.
+    pub shared: bool,
+}
+
+/// Removes the tree's lowest leaf whole (or empties a root leaf); returns the new
+/// root and what went, nothing when the tree is empty. The entries of a leaf of
+/// this tree alone are passed to `on_removed` in key order (the caller owns their
+/// references); a leaf another tree shares is dropped without reading its values,
+/// so releasing a tree that shares most of its leaves costs a step per leaf, not
+/// per entry. Internal nodes on the way are rebalanced as a removal does, and an
+/// internal root left with one child gives way to it.
+pub fn remove_first_leaf(
+    tm: &mut Tm,
+    root: u64,
+    refs: &mut dyn ValueRefs,
+    on_removed: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<(u64, Option<RemovedLeaf>)> {
+    let expect = node_expect(refs.value_size());
+    let mut root = shadow_node(tm, root, refs)?;
+    let mut block = root;
+    for _ in 0..MAX_DEPTH {
+        let data = tm.read(block, expect)?;
+        let node = Node(&data);
+        let nr = node.nr_entries();
+        if node.is_leaf() {
+            // Only a root is reached as a leaf: the lowest leaf under an internal
+            // node is taken from its parent below.
+            if nr == 0 {
+                return Ok((root, None));
+            }
+            for i in 0..nr {
+                on_removed(node.key(i), node.value(i))?;
+            }
+            drop(data);
+            NodeMut(tm.write(block, expect)?).remove_range(0, nr);
+            let entries = nr as u64;
+            let removed = RemovedLeaf {
+                entries,
+                shared: false,
+            };
+            return Ok((root, Some(removed)));
+        }
+        let first = node.value_u64(0);
+        drop(data);
+        if block == root && nr == 1 {
+            let only = shadow_node(tm, first, refs)?;
+            tm.dec(root)?;
+            root = only;
+            block = only;
+            continue;
+        }
+        let child_data = tm.read(first, expect)?;
+        let child = Node(&child_data);
+        if !child.is_leaf() {
+            drop(child_data);
+            block = rebalance_child(tm, block, 0, 0, refs)?;
+            continue;
+        }
+        let shared = tm.count(first)? > 1;
+        if !shared {
+            for i in 0..child.nr_entries() {
+                on_removed(child.key(i), child.value(i))?;
+            }
+        }
+        let entries = child.nr_entries() as u64;
+        drop(child_data);
+        tm.dec(first)?;
+        NodeMut(tm.write(block, expect)?).remove_range(0, 1);
+        return Ok((root, Some(RemovedLeaf { entries, shared })));
+    }
+    Err(too_deep(root))
+}
+
 /// A position in a tree, for ordered iteration without loading the whole tree.
 /// It holds the nodes of its path; it does not see changes made after it was
 /// created (seek again after modifying the tree).

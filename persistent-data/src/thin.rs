@@ -62,7 +62,7 @@ mod delta;
 mod format;
 mod merge;
 mod views;
-pub use deletion::{FIRST_DELETING_ID, PendingDelete};
+pub use deletion::{FIRST_DELETING_ID, PendingDelete, Released, SHARED_LEAF_COST};
 pub use delta::{Delta, DeltaKind, DeltaPiece, DeltaSource};
 pub use format::{MetadataFormat, is_format_marker};
 
@@ -233,6 +233,20 @@ pub struct RemovedRun {
     pub begin: u64,
     pub data_begin: u64,
     pub len: u64,
+}
+
+/// Adds the unmapped entry `key` → `value` (a bottom-level value) to `runs`, which
+/// are in key order.
+fn push_removed(runs: &mut Vec<RemovedRun>, key: u64, value: &[u8]) {
+    let data = unpack_block_time(le64(value, 0)).0;
+    match runs.last_mut() {
+        Some(run) if run.begin + run.len == key && run.data_begin + run.len == data => run.len += 1,
+        _ => runs.push(RemovedRun {
+            begin: key,
+            data_begin: data,
+            len: 1,
+        }),
+    }
 }
 
 /// Leaf values of bottom-level mapping trees refer to data blocks.
@@ -784,20 +798,8 @@ impl ThinMetadata {
                 end - 1,
                 &mut DataRefs(dsm),
                 &mut |key, value| {
-                    let data = unpack_block_time(le64(value, 0)).0;
                     count += 1;
-                    match runs.last_mut() {
-                        Some(run)
-                            if run.begin + run.len == key && run.data_begin + run.len == data =>
-                        {
-                            run.len += 1
-                        }
-                        _ => runs.push(RemovedRun {
-                            begin: key,
-                            data_begin: data,
-                            len: 1,
-                        }),
-                    }
+                    push_removed(&mut runs, key, value);
                     Ok(())
                 },
             )
@@ -808,6 +810,38 @@ impl ThinMetadata {
             })?;
         }
         Ok(runs)
+    }
+
+    /// Unmaps the lowest `budget` mappings (at least one) in `begin..end`, so that
+    /// a long range is unmapped in bounded pieces. Returns what was unmapped (as
+    /// [`ThinMetadata::remove_range`] does) and the virtual block the rest of the
+    /// range starts at (`end` once nothing is left in it).
+    pub fn remove_range_bounded(
+        &mut self,
+        dev: u64,
+        begin: u64,
+        end: u64,
+        budget: u64,
+    ) -> Result<(Vec<RemovedRun>, u64)> {
+        let root = self.bottom_root(dev)?;
+        let mut cursor = Cursor::seek(&mut self.tm, root, begin, MAPPING_VALUE_SIZE)?;
+        let (mut found, mut rest) = (0, end);
+        while let Some((key, _)) = cursor.entry() {
+            if key >= end {
+                break;
+            }
+            if found == budget.max(1) {
+                rest = key;
+                break;
+            }
+            found += 1;
+            cursor.advance(&mut self.tm)?;
+        }
+        drop(cursor);
+        if found == 0 {
+            return Ok((Vec::new(), end));
+        }
+        Ok((self.remove_range(dev, begin, rest)?, rest))
     }
 
     /// Runs `f` on the device's bottom tree after shadowing the top-level path to it

@@ -191,11 +191,11 @@ fn model_classes(
 /// Releases a device being deleted, dropping the references it hands back.
 fn release(md: &mut ThinMetadata, id: u64) {
     loop {
-        let runs = md.release_mappings(id, 100).unwrap();
-        if runs.is_empty() {
+        let released = md.release_mappings(id, 100).unwrap();
+        if released.mappings == 0 {
             return;
         }
-        for run in runs {
+        for run in released.runs {
             for i in 0..run.len {
                 md.dec_data_block(run.data_begin + i).unwrap();
             }

@@ -81,8 +81,9 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     ),
     (
         "snap create NAME ORIGIN --cow DEV",
-        "snapshot a linear device, copying changed chunks to DEV (dm-snapshot, LVM's \
-         ORIGIN-real stack) [--chunk-size SECTORS] [--force: DEV holds data]",
+        "snapshot a linear device or a disk (which gets DISK-origin over it), copying \
+         changed chunks to DEV (dm-snapshot, LVM's ORIGIN-real stack) [--chunk-size \
+         SECTORS] [--force: DEV holds data]",
     ),
     (
         "snap merge NAME [--into THIN] [--background]",
@@ -95,9 +96,9 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "remove a COW snapshot (the origin returns to its own table with the last one)",
     ),
     (
-        "thin merge-origin NAME",
-        "copy the thin device's blocks into its external origin in the background, until \
-         it maps nothing",
+        "thin merge-origin NAME [--background]",
+        "copy the thin device's blocks into its external origin while it serves I/O, until \
+         it maps nothing; followed (Ctrl-C detaches) unless --background",
     ),
     (
         "thin delete NAME [--background]",

@@ -35,6 +35,7 @@ mod job;
 mod merge_commands;
 mod net;
 mod pool_commands;
+mod snap_create;
 mod tokenize;
 mod units;
 

@@ -8,6 +8,7 @@ use core::fmt::Write;
 
 use dm::{Target, bare_name};
 
+use crate::pool_commands::Options;
 use crate::{CommandError, Console, Platform, outln};
 
 const SNAP_MERGE_USAGE: &str = "usage: snap merge SNAPSHOT [--into THIN_DEVICE]";
@@ -40,20 +41,31 @@ impl<P: Platform> Console<P> {
         self.thin_snap_merge(name, into, out)
     }
 
-    /// `thin merge-origin NAME`.
+    /// `thin merge-origin NAME [--background]`: followed with progress lines until
+    /// NAME maps nothing (Ctrl-C detaches) unless `--background`.
     pub(crate) fn thin_merge_origin(
         &mut self,
         args: &[String],
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
-        let [name] = args else {
-            return Err("usage: thin merge-origin NAME".into());
+        const USAGE: &str = "usage: thin merge-origin NAME [--background]";
+        let options = Options::parse(args, &[], &["--background"], USAGE)?;
+        let [name] = options.positional.as_slice() else {
+            return Err(USAGE.into());
         };
         let name = bare_name(name);
         let origin = self.dm.borrow_mut().thin_merge_origin(name)?;
         outln!(
             out,
-            "{name}: merging its blocks into {origin} in the background (jobs shows merge-origin/{name}); it keeps serving I/O"
+            "{name}: merging its blocks into {origin}; it keeps serving I/O"
+        );
+        self.follow_job(
+            name,
+            &dm::origin_merge_job_id(name),
+            options.flag("--background"),
+            "merging in the background",
+            &alloc::format!("merged into {origin}; it maps nothing now"),
+            out,
         );
         Ok(())
     }
@@ -75,9 +87,10 @@ impl<P: Platform> Console<P> {
         if merged.releasing {
             outln!(
                 out,
-                "{}: releasing the blocks of {}'s old content in the background (see jobs)",
+                "{}: releasing the blocks of {}'s old content in the background (jobs shows it as {})",
                 merged.pool,
-                merged.target
+                merged.target,
+                dm::merge_release_job_id(&merged.pool, merged.target_id)
             );
         }
         if let Some(warning) = merged.warning {

@@ -268,8 +268,9 @@ fn a_thin_device_merges_into_its_external_origin_while_serving_and_across_a_rebo
         model[page as usize] = byte;
     }
     assert_eq!(
-        ok(&mut console, "thin merge-origin vol"),
-        "vol: merging its blocks into image in the background (jobs shows merge-origin/vol); it keeps serving I/O\r\n"
+        ok(&mut console, "thin merge-origin vol --background"),
+        "vol: merging its blocks into image; it keeps serving I/O\r\n\
+         vol: merging in the background (jobs shows it as merge-origin/vol)\r\n"
     );
     // Looked at without polling (which would let the merge go on).
     let jobs = console.dm.borrow().origin_merge_jobs();
@@ -342,5 +343,188 @@ fn a_thin_device_merges_into_its_external_origin_while_serving_and_across_a_rebo
     assert!(
         !config.contains("merged into its external origin"),
         "{config}"
+    );
+}
+
+/// Console, NBD backend and export of a thin volume `vol` over external origin
+/// `image` (vdc), whose pages hold `model`; `writes` random pages are written to
+/// `vol` (and to `model`).
+fn origin_merge_setup(
+    disks: &[(&str, blockdev::MemDisk)],
+    model: &mut [u8],
+    writes: usize,
+) -> (
+    crate::Console<crate::tests::FakePlatform>,
+    dm::NbdBackend,
+    ExportHandle,
+) {
+    let image = disks[2].1.handle();
+    for (page, &byte) in model.iter().enumerate() {
+        image.write_at(page as u64 * 4096, &[byte; 4096]);
+    }
+    let (mut console, _) = boot(disks);
+    ok(&mut console, "pool create pool vda vdb");
+    ok(
+        &mut console,
+        "create image --table \"0 16384 linear vdc 0\"",
+    );
+    ok(&mut console, "thin create vol pool --origin image");
+    let mut backend = nbd_backend(&console);
+    let (vol, _) = backend.open("vol", CLIENT).unwrap();
+    write_random_pages(&mut backend, vol, model, writes, 5);
+    (console, backend, vol)
+}
+
+fn write_random_pages(
+    backend: &mut dyn Backend,
+    vol: ExportHandle,
+    model: &mut [u8],
+    writes: usize,
+    seed: u64,
+) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for _ in 0..writes {
+        let page = rng.u64(..PAGES);
+        let byte = rng.u8(1..);
+        write_page(backend, vol, page, byte);
+        model[page as usize] = byte;
+    }
+}
+
+#[test]
+fn a_followed_merge_into_the_origin_prints_progress_until_done_and_ctrl_c_detaches() {
+    let disks = alloc::vec![
+        ("vda", mem_disk(8, "disk", "meta")),
+        ("vdb", mem_disk(32, "disk", "data")),
+        ("vdc", mem_disk(8, "disk", "image")),
+    ];
+    let image = disks[2].1.handle();
+    let mut model: Vec<u8> = (0..PAGES).map(|page| (page % 97) as u8 + 1).collect();
+    let (mut console, mut backend, vol) = origin_merge_setup(&disks, &mut model, 400);
+
+    let out = ok(&mut console, "thin merge-origin vol");
+    let printed = crate::tests::lines(&out);
+    assert_eq!(
+        printed.first(),
+        Some(&"vol: merging its blocks into image; it keeps serving I/O"),
+        "{out}"
+    );
+    assert_eq!(
+        printed.last(),
+        Some(&"vol: merged into image; it maps nothing now"),
+        "{out}"
+    );
+    let progress: Vec<&&str> = printed
+        .iter()
+        .filter(|line| line.starts_with("vol: merge of vol into its external origin: "))
+        .collect();
+    assert!(!progress.is_empty(), "no progress line: {out}");
+    assert!(
+        progress.iter().all(|line| line.contains(" blocks), ")),
+        "{out}"
+    );
+    assert!(out.contains("event: pool: thin device 0 is merged into its origin ("));
+    assert_eq!(image_pages(&image), model);
+
+    // Followed again, and detached with Ctrl-C: the merge goes on.
+    write_random_pages(&mut backend, vol, &mut model, 400, 6);
+    let mut out = alloc::string::String::new();
+    for byte in b"thin merge-origin vol\r" {
+        console.input(*byte, &mut out);
+    }
+    assert!(console.busy());
+    console.input(0x03, &mut out);
+    while console.poll(&mut out) {}
+    assert!(
+        out.contains(
+            "vol: detached; the merge of vol into its external origin goes on in the \
+             background (jobs shows it as merge-origin/vol)\r\n"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("merged into image"), "{out}");
+    while !ok(&mut console, "jobs").contains("no background jobs") {}
+    assert_eq!(pages(&mut backend, vol), model);
+    assert_eq!(image_pages(&image), model);
+}
+
+/// A merge into a device whose old content is too large to release at once: `jobs`
+/// shows the release for what it is, and it cannot be cancelled.
+#[test]
+fn the_release_of_an_old_content_is_labelled_as_such_in_jobs() {
+    const MAPPINGS: u64 = 20_000;
+    let meta = mem_disk(16, "disk", "meta");
+    let data = mem_disk(MAPPINGS / 16 + 64, "disk", "data");
+    {
+        let options = persistent_data::thin::OpenOptions::new(128);
+        let (mut md, _) = persistent_data::thin::ThinMetadata::open(
+            alloc::boxed::Box::new(meta.handle()),
+            &options,
+        )
+        .unwrap();
+        md.resize_data(MAPPINGS + 1024).unwrap();
+        md.create_thin(0).unwrap();
+        md.create_thin(1).unwrap();
+        for vblock in 0..MAPPINGS {
+            let block = md.alloc_data_block().unwrap();
+            md.insert(0, vblock, block).unwrap();
+        }
+        md.commit().unwrap();
+    }
+    let disks = alloc::vec![("vda", meta), ("vdb", data)];
+    let (mut console, _) = boot(&disks);
+    let sectors = MAPPINGS * 128;
+    ok(
+        &mut console,
+        &alloc::format!(
+            "create pool --table \"0 {} thin-pool vda vdb 128 0\"",
+            (MAPPINGS + 1024) * 128
+        ),
+    );
+    ok(
+        &mut console,
+        &alloc::format!("create vol --table \"0 {sectors} thin pool 0\""),
+    );
+    ok(
+        &mut console,
+        &alloc::format!("create other --table \"0 {sectors} thin pool 1\""),
+    );
+    let merged = ok(&mut console, "snap merge other --into vol");
+    assert!(
+        merged.ends_with(
+            "pool: releasing the blocks of vol's old content in the background (jobs shows it as pool/0-replaced)\r\n"
+        ),
+        "{merged}"
+    );
+    let jobs = ok(&mut console, "jobs");
+    assert!(
+        jobs.starts_with(
+            "pool/0-replaced  pool: release of the old content of vol (thin device 0), replaced by a snapshot merge, "
+        ),
+        "{jobs}"
+    );
+    assert_eq!(
+        error(&mut console, "jobs cancel pool/0-replaced"),
+        "error: pool/0-replaced cannot be cancelled: the merge is done and only the blocks of the old content are left to release; it finishes on its own"
+    );
+    let mut printed = alloc::string::String::new();
+    loop {
+        let jobs = ok(&mut console, "jobs");
+        printed.push_str(&jobs);
+        if jobs.contains("no background jobs") {
+            break;
+        }
+    }
+    assert!(
+        printed.contains(
+            "event: pool: thin device 0 merged: the blocks of its content before the merge are released"
+        ),
+        "{printed}"
+    );
+    let status = ok(&mut console, "status pool");
+    assert_eq!(
+        status.split_whitespace().nth(5),
+        Some("0/21024"),
+        "{status}"
     );
 }

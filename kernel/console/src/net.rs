@@ -95,6 +95,10 @@ pub trait Network {
     fn use_dhcp(&mut self);
     /// Sets the MTU and checksum offload; the error says what the NIC cannot do.
     fn configure_link(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), String>;
+    /// Stops the NIC's transmitter the way a hung ring stops it, for testing the
+    /// driver's stall watchdog; returns the driver's name. NICs without a watchdog
+    /// refuse.
+    fn stall_transmitter(&mut self) -> Result<&'static str, String>;
 }
 
 const USAGE: &str = "usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp | net mtu BYTES | \
@@ -122,6 +126,7 @@ impl<P: Platform> Console<P> {
                 network.use_dhcp();
                 outln!(out, "address: requesting one by DHCP");
             }
+            [stall] if stall == "stall-tx" => link::stall_transmitter(network, out)?,
             [setting, value] if setting == "mtu" || setting == "offload" => {
                 link::configure(network, setting, value, out)?;
             }

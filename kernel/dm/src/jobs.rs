@@ -87,7 +87,8 @@ impl DeviceMapper {
         let mut jobs = Vec::new();
         for device in self.devices() {
             if let State::Active(active) = &device.state {
-                target_jobs(&device.name, &active.io, &mut jobs);
+                let name_of = |dev| self.thin_device_name(&device.name, dev);
+                target_jobs(&device.name, &active.io, &name_of, &mut jobs);
             }
         }
         jobs.extend(self.snapshot_merges());
@@ -145,19 +146,65 @@ pub fn delete_job_id(pool: &str, dev: u64) -> String {
     format!("{pool}/{dev}")
 }
 
-/// The work of the target of device `name`.
-fn target_jobs(name: &str, io: &TargetIo, jobs: &mut Vec<JobStatus>) {
+/// The id `jobs` gives a pool's release of the old content of thin device `dev`,
+/// which a snapshot merged into it replaced.
+pub fn merge_release_job_id(pool: &str, dev: u64) -> String {
+    format!("{pool}/{dev}-replaced")
+}
+
+/// The work of the target of device `name`; `name_of` names the device of a thin
+/// id when it has one.
+fn target_jobs(
+    name: &str,
+    io: &TargetIo,
+    name_of: &dyn Fn(u64) -> Option<String>,
+    jobs: &mut Vec<JobStatus>,
+) {
     match io {
         TargetIo::Pool(pool) => {
             for delete in pool.deletes() {
+                let (id, what) = if delete.replaced {
+                    let device = match name_of(delete.dev) {
+                        Some(device) => format!("{device} (thin device {})", delete.dev),
+                        None => format!("thin device {}", delete.dev),
+                    };
+                    (
+                        merge_release_job_id(name, delete.dev),
+                        format!(
+                            "release of the old content of {device}, replaced by a snapshot merge"
+                        ),
+                    )
+                } else {
+                    (
+                        delete_job_id(name, delete.dev),
+                        format!("delete of thin device {}", delete.dev),
+                    )
+                };
                 jobs.push(JobStatus {
-                    id: delete_job_id(name, delete.dev),
+                    id,
                     device: String::from(name),
-                    what: format!("delete of thin device {}", delete.dev),
+                    what,
                     done: delete.released,
                     total: delete.total,
                     unit: "mappings",
                     started_ns: delete.started_ns,
+                    cancellable: false,
+                });
+            }
+            for discard in pool.discards() {
+                jobs.push(JobStatus {
+                    id: format!("{name}/discard-{}@{}", discard.dev, discard.sector),
+                    device: String::from(name),
+                    what: format!(
+                        "discard of thin device {}, sectors {}..{}",
+                        discard.dev,
+                        discard.sector,
+                        discard.sector + discard.sectors
+                    ),
+                    done: discard.done,
+                    total: discard.sectors,
+                    unit: "sectors",
+                    started_ns: discard.started_ns,
                     cancellable: false,
                 });
             }
@@ -174,6 +221,19 @@ fn target_refusal(status: &JobStatus) -> String {
             "{} cannot be cancelled: a half-formatted pool is of no use; remove {} to stop \
              it (its metadata device is formatted again when the pool is created again)",
             status.id, status.device
+        );
+    }
+    if status.what.starts_with("discard") {
+        return format!(
+            "{} cannot be cancelled: an NBD client waits for this discard; it finishes on its own",
+            status.id
+        );
+    }
+    if status.id.ends_with("-replaced") {
+        return format!(
+            "{} cannot be cancelled: the merge is done and only the blocks of the old content \
+             are left to release; it finishes on its own",
+            status.id
         );
     }
     format!(

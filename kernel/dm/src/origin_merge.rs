@@ -22,6 +22,11 @@ use crate::mapper::DeviceMapper;
 use crate::table::Target;
 use crate::targets::TargetIo;
 
+/// The id `jobs` gives the merge of thin device `name` into its external origin.
+pub fn origin_merge_job_id(name: &str) -> String {
+    format!("merge-origin/{name}")
+}
+
 impl DeviceMapper {
     /// `thin merge-origin NAME`: starts copying NAME's blocks into its external
     /// origin. Returns the origin's name.
@@ -135,7 +140,7 @@ impl DeviceMapper {
                     .thin_device_name(&device.name, progress.dev)
                     .unwrap_or_else(|| format!("{}/{}", device.name, progress.dev));
                 jobs.push(JobStatus {
-                    id: format!("merge-origin/{name}"),
+                    id: origin_merge_job_id(&name),
                     what: format!("merge of {name} into its external origin"),
                     device: name,
                     done: progress.copied,
@@ -150,7 +155,7 @@ impl DeviceMapper {
     }
 
     /// The name of the device that is thin device `dev` of `pool`.
-    fn thin_device_name(&self, pool: &str, dev: u64) -> Option<String> {
+    pub(crate) fn thin_device_name(&self, pool: &str, dev: u64) -> Option<String> {
         self.devices()
             .find(|device| {
                 matches!(device.table.target(), Target::Thin(thin)

@@ -208,7 +208,7 @@ impl DeviceMapper {
         let releasing = pool_engine
             .deletes()
             .iter()
-            .any(|progress| progress.dev == target_id);
+            .any(|progress| progress.dev == target_id && progress.replaced);
         // (3) Done.
         self.thin_links.retain(|link| {
             !(link.kind == LinkKind::Merging && link.pool == pool && link.snap == snap_id)

@@ -369,6 +369,11 @@ impl Network for NetStack {
         }
         Ok(())
     }
+
+    fn stall_transmitter(&mut self) -> Result<&'static str, String> {
+        self.device.stall_transmitter()?;
+        Ok(self.device.driver())
+    }
 }
 
 /// The console's handle on the stack the main loop polls.
@@ -389,5 +394,9 @@ impl Network for NetHandle {
 
     fn configure_link(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), String> {
         self.0.borrow_mut().configure_link(mtu, checksum_offload)
+    }
+
+    fn stall_transmitter(&mut self) -> Result<&'static str, String> {
+        self.0.borrow_mut().stall_transmitter()
     }
 }

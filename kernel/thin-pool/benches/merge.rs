@@ -73,13 +73,18 @@ fn snapshot_merge() {
         let epoch = Instant::now();
         let clock = || epoch.elapsed().as_nanos() as u64;
         let release = Instant::now();
+        let (mut steps, mut longest) = (0, Duration::ZERO);
         while !pool.deletes().is_empty() {
+            let step = Instant::now();
             pool.service(&clock);
+            longest = longest.max(step.elapsed());
+            steps += 1;
         }
         println!(
-            "  {what}: merge {:.1} ms (one commit); the origin's old blocks released in the background in {:.2} s",
+            "  {what}: merge {:.1} ms (one commit); the origin's old blocks released in the background in {:.3} s, {steps} steps, the longest {:.1} ms",
             merged.as_secs_f64() * 1000.0,
-            release.elapsed().as_secs_f64()
+            release.elapsed().as_secs_f64(),
+            longest.as_secs_f64() * 1000.0
         );
     }
 }

@@ -48,21 +48,30 @@ fn a_million_mappings_are_released_in_steps_while_another_volume_serves_io() {
             dev: 0,
             total: MAPPINGS,
             released: 0,
-            started_ns: 0
+            started_ns: 0,
+            replaced: false
         }]
     );
     let mut now = 0;
     let mut steps = 0;
+    let mut released = 0;
     while !pool.deletes().is_empty() {
         now += MILLISECOND;
         pool.service(&|| now);
         steps += 1;
         exercise(&mut vol, &mut model);
         if let Some(progress) = pool.deletes().first() {
-            assert_eq!(progress.released, (steps * 4096).min(MAPPINGS));
+            // Whole leaves (at most 252 mappings) while the next cannot overrun.
+            let step = progress.released - released;
+            assert!(
+                (4096 - 252..=4096).contains(&step) || progress.released == MAPPINGS,
+                "{step} in a step"
+            );
+            released = progress.released;
         }
     }
-    assert_eq!(steps, MAPPINGS.div_ceil(4096) + 1);
+    // Every step released at least 3844 mappings, and one found none left.
+    assert!(steps <= MAPPINGS.div_ceil(4096 - 252) + 1, "{steps} steps");
     let events: Vec<PoolEvent> = std::iter::from_fn(|| pool.next_event()).collect();
     assert!(
         events.contains(&PoolEvent::DeleteFinished { dev: 0 }),
@@ -96,15 +105,7 @@ fn delete_run(
     config: &PoolConfig,
     cut: Option<u64>,
 ) -> (CrashDisk, CrashDisk, u64, u64, bool) {
-    let meta = CrashDisk::from_disk(meta);
-    let data = CrashDisk::from_disk(data);
-    meta.share_power(&data);
-    let (pool, _) = Pool::open(
-        Box::new(device(&meta, 1, false)),
-        Box::new(device(&data, 2, true)),
-        config.clone(),
-    )
-    .expect("opening");
+    let (meta, data, pool) = open_on_crash_disks(meta, data, config);
     let start = meta.operations();
     meta.fail_at(cut);
     let deleted = pool.message("delete 0").is_ok();
@@ -207,5 +208,9 @@ fn delete_steps_give_way_to_requests() {
     for _ in 0..3 {
         pool.service(&clock);
     }
-    assert_eq!(released(&pool), before + 3 * 4096, "idle: a step per call");
+    let idle = released(&pool) - before;
+    assert!(
+        (3 * (4096 - 252)..=3 * 4096).contains(&idle),
+        "idle: a step per call ({idle} released)"
+    );
 }

@@ -4,8 +4,11 @@
 //! (0.15 s per million here, more on slow CPUs), so a large delete would stall
 //! everything else if it ran in one call. Instead [`ThinMetadata::start_delete`]
 //! moves the device's mapping tree and details to a reserved id at once — the
-//! original id is free again — and [`ThinMetadata::release_mappings`] then unmaps a
-//! bounded number of its mappings per call, in as many transactions as it takes.
+//! original id is free again — and [`ThinMetadata::release_mappings`] then takes
+//! its lowest leaves off a bounded number at a time, in as many transactions as it
+//! takes. A leaf the device shares with another (the old content a snapshot merge
+//! replaced shares nearly all of them) only loses a reference, so such a tree goes
+//! in a few steps whatever its number of mappings.
 //! Every commit in between is ordinary dm-thin metadata: the device being deleted is
 //! a thin device like any other, holding exactly the blocks it still maps, so
 //! `thin_check` finds nothing leaked, and a pool opened after a power cut finds it
@@ -21,6 +24,19 @@ use super::*;
 pub const FIRST_DELETING_ID: u64 = MAX_DEV_ID - 255;
 /// The creation time marking a device being deleted.
 pub(super) const DELETING_MARK: u32 = u32::MAX;
+
+/// What releasing a leaf shared with another device costs against a step's budget,
+/// in mappings of the device's own: about the work of its removal from the tree.
+pub const SHARED_LEAF_COST: u64 = 16;
+
+/// What one call of [`ThinMetadata::release_mappings`] released.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Released {
+    /// The device's own mappings that went, as runs.
+    pub runs: Vec<RemovedRun>,
+    /// Every mapping that went, its own and those of leaves it shared.
+    pub mappings: u64,
+}
 
 /// A device whose mappings are being released.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,31 +163,55 @@ impl ThinMetadata {
         Ok(pending)
     }
 
-    /// Unmaps up to `budget` of the lowest mappings of the device being deleted as
-    /// `id` and returns them (the caller owns their references, as with
-    /// [`ThinMetadata::remove_range`]). When it has none left the device itself is
-    /// removed and nothing is returned.
-    pub fn release_mappings(&mut self, id: u64, budget: u64) -> Result<Vec<RemovedRun>> {
+    /// Releases the lowest leaves of the device being deleted as `id` until about
+    /// `budget` is spent (at least one leaf, never more than `budget` after it): a
+    /// mapping of a leaf only this device has costs one and is returned in
+    /// [`Released::runs`] (the caller owns their references, as with
+    /// [`ThinMetadata::remove_range`]); a leaf another device shares costs
+    /// [`SHARED_LEAF_COST`], however many mappings it holds, and only its
+    /// reference is dropped. When the device has no mappings left it is removed
+    /// itself and nothing is released.
+    pub fn release_mappings(&mut self, id: u64, budget: u64) -> Result<Released> {
         if !Self::is_reserved_id(id) || self.device_details(id)?.creation_time != DELETING_MARK {
             return Err(Error::NoSuchDevice(id));
         }
-        let root = self.bottom_root(id)?;
-        let mut cursor = Cursor::seek(&mut self.tm, root, 0, MAPPING_VALUE_SIZE)?;
-        let mut last = None;
-        for _ in 0..budget.max(1) {
-            let Some((key, _)) = cursor.entry() else {
-                break;
-            };
-            last = Some(key);
-            cursor.advance(&mut self.tm)?;
-        }
-        drop(cursor);
-        match last {
-            Some(key) => self.remove_range(id, 0, key + 1),
-            None => {
-                self.delete(id)?;
-                Ok(Vec::new())
+        let mut released = Released::default();
+        let mut spent = 0;
+        let mut emptied = false;
+        self.with_bottom_tree(id, |tm, dsm, mut root| {
+            let mut refs = DataRefs(dsm);
+            let max_leaf = u64::from(btree::max_entries(MAPPING_VALUE_SIZE));
+            loop {
+                let runs = &mut released.runs;
+                let (new_root, leaf) =
+                    btree::remove_first_leaf(tm, root, &mut refs, &mut |key, value| {
+                        push_removed(runs, key, value);
+                        Ok(())
+                    })?;
+                root = new_root;
+                let Some(leaf) = leaf else {
+                    emptied = released.mappings == 0;
+                    return Ok(root);
+                };
+                released.mappings += leaf.entries;
+                spent += if leaf.shared {
+                    SHARED_LEAF_COST
+                } else {
+                    leaf.entries
+                };
+                // The next leaf is taken only while it cannot go past the budget.
+                if spent + max_leaf > budget {
+                    return Ok(root);
+                }
             }
+        })?;
+        if emptied {
+            self.delete(id)?;
+        } else {
+            self.update_details(id, |details| {
+                details.mapped_blocks = details.mapped_blocks.saturating_sub(released.mappings)
+            })?;
         }
+        Ok(released)
     }
 }

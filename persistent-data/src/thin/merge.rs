@@ -147,11 +147,11 @@ mod tests {
         md.commit().unwrap();
         assert_eq!(md.pending_deletes().unwrap(), vec![pending]);
         loop {
-            let runs = md.release_mappings(pending.id, 16).unwrap();
-            if runs.is_empty() {
+            let released = md.release_mappings(pending.id, 16).unwrap();
+            if released.mappings == 0 {
                 break;
             }
-            for run in runs {
+            for run in released.runs {
                 for block in run.data_begin..run.data_begin + run.len {
                     assert_eq!(md.dec_data_block(block).unwrap(), 0);
                 }

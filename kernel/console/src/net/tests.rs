@@ -11,6 +11,8 @@ use crate::{Crash, MemoryStats, Platform};
 struct FakeNetwork {
     status: NetStatus,
     dhcp_requests: usize,
+    /// Times the transmitter was stopped.
+    stalls: usize,
     /// Whether the fake NIC can offload checksums (else it refuses).
     can_offload: bool,
 }
@@ -55,6 +57,13 @@ impl Network for FakeNetwork {
         self.status.link.mtu = mtu;
         self.status.link.checksum_offload = checksum_offload;
         Ok(())
+    }
+    fn stall_transmitter(&mut self) -> Result<&'static str, String> {
+        if self.status.link.driver == "virtio-net" {
+            return Err("virtio-net has no transmit stall watchdog".into());
+        }
+        self.stalls += 1;
+        Ok(self.status.link.driver)
     }
 }
 
@@ -109,6 +118,7 @@ fn console(status: NetStatus) -> Console<NetPlatform> {
             network: Some(FakeNetwork {
                 status,
                 dhcp_requests: 0,
+                stalls: 0,
                 can_offload: true,
             }),
         },
@@ -319,4 +329,21 @@ fn net_without_an_interface_is_an_error() {
         error(&mut console, "net"),
         "error: net: this appliance has no network interface"
     );
+}
+
+#[test]
+fn net_stall_tx_stops_a_transmitter_that_has_a_watchdog() {
+    let mut console = console(leased());
+    let out = run(&mut console, "net stall-tx");
+    assert_eq!(
+        lines(&out),
+        ["e1000e: transmitter stopped; the watchdog resets the rings once frames wait 2 s"]
+    );
+    assert_eq!(network(&mut console).stalls, 1);
+    network_mut(&mut console).status.link.driver = "virtio-net";
+    assert_eq!(
+        error(&mut console, "net stall-tx"),
+        "error: net stall-tx: virtio-net has no transmit stall watchdog"
+    );
+    assert_eq!(network(&mut console).stalls, 1);
 }

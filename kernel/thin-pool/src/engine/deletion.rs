@@ -10,8 +10,9 @@ use super::*;
 /// Mappings a delete releases per step (and a device may have to be deleted in one
 /// go): about a millisecond of CPU on a desktop core.
 pub(super) const DELETE_STEP_MAPPINGS: u64 = 4096;
-/// While requests come in, a step is followed by three times its own time without
-/// steps, so deleting takes at most a quarter of the time from I/O.
+/// While requests come in, a step (of a delete or a discard) is followed by three
+/// times its own time without steps, so that work takes at most a quarter of the
+/// time from I/O.
 const BUSY_PAUSE_FACTOR: u64 = 3;
 
 /// How far a background delete has come.
@@ -24,6 +25,9 @@ pub struct DeleteProgress {
     pub released: u64,
     /// When this run of the pool started releasing them (the pool's clock).
     pub started_ns: u64,
+    /// The device still exists: what is released is the content a snapshot merged
+    /// into it replaced, not a deleted device.
+    pub replaced: bool,
 }
 
 impl Core {
@@ -36,7 +40,10 @@ impl Core {
             }
         }
         for pending in self.md.pending_deletes()? {
-            self.queue_delete(pending);
+            // (A tree parked by a merge belongs to a device that is still there.)
+            let replaced =
+                !ThinMetadata::is_reserved_id(pending.dev) && self.md.device_exists(pending.dev)?;
+            self.queue_delete(pending, replaced);
         }
         Ok(())
     }
@@ -46,12 +53,15 @@ impl Core {
         self.deletes.iter().map(|(_, progress)| progress)
     }
 
-    pub(super) fn queue_delete(&mut self, pending: PendingDelete) {
+    /// Queues the release of the tree parked as `pending`, which a snapshot merge
+    /// `replaced` or a delete left.
+    pub(super) fn queue_delete(&mut self, pending: PendingDelete, replaced: bool) {
         let progress = DeleteProgress {
             dev: pending.dev,
             total: pending.remaining,
             released: 0,
             started_ns: self.now_ns,
+            replaced,
         };
         self.deletes.push_back((pending.id, progress));
     }
@@ -106,7 +116,7 @@ impl Core {
             .start_delete(dev, DELETE_STEP_MAPPINGS)
             .map_err(|e| self.message_failed(&e, &context))?;
         if let Some(pending) = started {
-            self.queue_delete(pending);
+            self.queue_delete(pending, false);
             return Ok(());
         }
         mapped.sort_unstable();
@@ -132,15 +142,17 @@ impl Core {
         Ok(())
     }
 
-    /// Releases one step of the oldest background delete, unless requests came in
-    /// since the last step and it was too recent.
-    pub(super) fn paced_delete_step(&mut self, clock: &dyn Fn() -> u64) {
-        if self.deletes.is_empty() {
+    /// From the timer: one step of the discard that waited longest (a client waits
+    /// for it), else of the oldest background delete, unless requests other than
+    /// the discards came in since the last step and it was too recent.
+    pub(super) fn paced_step(&mut self, clock: &dyn Fn() -> u64) {
+        if self.deletes.is_empty() && self.discards.is_empty() {
             return;
         }
         let start = self.now_ns;
-        let busy = !self.reqs.is_empty() || self.requests_accepted != self.requests_at_last_step;
-        if busy && start < self.next_delete_step_ns {
+        let busy = self.reqs.len() > self.discards.len()
+            || self.requests_accepted != self.requests_at_last_step;
+        if busy && start < self.next_step_ns {
             return;
         }
         self.requests_at_last_step = self.requests_accepted;
@@ -150,9 +162,9 @@ impl Core {
             // Rates count from the first step (a delete resumed at open waited).
             first.started_ns = start;
         }
-        if self.delete_step() {
+        if self.discard_step() || self.delete_step() {
             let end = clock();
-            self.next_delete_step_ns = end + end.saturating_sub(start) * BUSY_PAUSE_FACTOR;
+            self.next_step_ns = end + end.saturating_sub(start) * BUSY_PAUSE_FACTOR;
         }
     }
 
@@ -165,30 +177,30 @@ impl Core {
         if !self.mode.metadata_writable() {
             return false;
         }
-        let runs = match self.md.release_mappings(id, DELETE_STEP_MAPPINGS) {
-            Ok(runs) => runs,
+        let released = match self.md.release_mappings(id, DELETE_STEP_MAPPINGS) {
+            Ok(released) => released,
             Err(error) => {
                 self.metadata_failed(&error);
                 return false;
             }
         };
         self.md_dirty = true;
-        if runs.is_empty() {
+        if released.mappings == 0 {
             if let Some((_, done)) = self.deletes.pop_front()
                 && !ThinMetadata::is_reserved_id(done.dev)
             {
-                // (Released views are housekeeping, not an operator's delete; a device
-                // still there had its old content released by a merge.)
-                let event = match self.md.device_exists(done.dev) {
-                    Ok(true) => PoolEvent::MergeReleased { dev: done.dev },
-                    _ => PoolEvent::DeleteFinished { dev: done.dev },
+                // (Released views are housekeeping, not an operator's delete.)
+                let event = if done.replaced {
+                    PoolEvent::MergeReleased { dev: done.dev }
+                } else {
+                    PoolEvent::DeleteFinished { dev: done.dev }
                 };
                 self.events.push_back(event);
             }
             return true;
         }
-        for run in runs {
-            self.deletes[0].1.released += run.len;
+        self.deletes[0].1.released += released.mappings;
+        for run in released.runs {
             for block in run.data_begin..run.data_begin + run.len {
                 match self.md.dec_data_block(block) {
                     Ok(0) => self.freed_by_change(block, block + 1),

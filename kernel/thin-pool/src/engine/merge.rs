@@ -50,7 +50,7 @@ impl Core {
         // The origin's mappings changed wholesale.
         self.mappings.clear();
         match merged {
-            Ok(Some(pending)) => self.queue_delete(pending),
+            Ok(Some(pending)) => self.queue_delete(pending, true),
             Ok(None) => {}
             Err(error) => return Err(self.message_failed(&error, &context)),
         }

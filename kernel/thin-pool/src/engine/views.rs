@@ -53,7 +53,7 @@ impl Core {
         match self.md.unpin_view(id, DELETE_STEP_MAPPINGS) {
             Ok(pending) => {
                 if let Some(pending) = pending {
-                    self.queue_delete(pending);
+                    self.queue_delete(pending, false);
                 }
                 self.md_dirty = true;
             }

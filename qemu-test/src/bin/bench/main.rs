@@ -13,7 +13,8 @@
 //!
 //! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`; with `--delete`,
 //! reads while a large device is deleted instead ([`delete`]); with `--network`, the
-//! appliance on each NIC over the user network and over tap instead ([`network`]).
+//! appliance on each NIC over the user network and over tap instead ([`network`]);
+//! with `--cow-merge`, a dm-snapshot merge and reads during it ([`cow_merge`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -48,6 +49,7 @@ struct Figures {
     fua_randwrite_iops: f64,
 }
 
+mod cow_merge;
 mod delete;
 mod network;
 
@@ -73,6 +75,7 @@ enum Mode {
     Compare,
     Delete,
     Network,
+    CowMerge,
 }
 
 fn main() {
@@ -80,6 +83,7 @@ fn main() {
         Mode::Compare => bench(seconds),
         Mode::Delete => delete::bench(seconds),
         Mode::Network => network::bench(seconds),
+        Mode::CowMerge => cow_merge::bench(seconds),
     });
     if let Err(why) = result {
         eprintln!("bench: {why}");
@@ -207,10 +211,12 @@ fn parse_args() -> Result<(u32, Mode)> {
         Mode::Delete
     } else if args.iter().any(|arg| arg == "--network") {
         Mode::Network
+    } else if args.iter().any(|arg| arg == "--cow-merge") {
+        Mode::CowMerge
     } else {
         Mode::Compare
     };
-    args.retain(|arg| arg != "--delete" && arg != "--network");
+    args.retain(|arg| !["--delete", "--network", "--cow-merge"].contains(&arg.as_str()));
     let seconds = match args.as_slice() {
         [] => Ok(10),
         [flag, value] if flag == "--seconds" => value
@@ -219,7 +225,8 @@ fn parse_args() -> Result<(u32, Mode)> {
             .filter(|&seconds| seconds > 0)
             .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
         _ => Err(
-            "usage: bench [--delete|--network] [--seconds N] (fio run time per random workload)"
+            "usage: bench [--delete|--network|--cow-merge] [--seconds N] (fio run time per \
+             random workload)"
                 .into(),
         ),
     }?;
