@@ -197,11 +197,14 @@ impl Served {
         for line in commands {
             command.args(["--exec", line]);
         }
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut served = Served::spawn(command.stdin(Stdio::null()));
+        served.wait_for("still serving NBD");
+        served
+    }
+
+    /// Runs `command` and reads its output until it says where it serves NBD.
+    fn spawn(command: &mut Command) -> Served {
+        let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap());
         let mut address = None;
         let mut seen = String::new();
@@ -216,13 +219,11 @@ impl Served {
                 .map(|a| a.trim().to_string());
             seen.push_str(&line);
         }
-        let mut served = Served {
+        Served {
             child,
             lines,
             address: address.unwrap(),
-        };
-        served.wait_for("still serving NBD");
-        served
+        }
     }
 
     fn wait_for(&mut self, text: &str) -> String {
@@ -847,4 +848,30 @@ fn check_access(served: &Served, dir: &Path) -> (Relay, Relay) {
         "{hidden}"
     );
     (first, second)
+}
+
+/// `thin resize` while the server runs, typed on standard input: a new NBD
+/// connection sees the new size (`nbdinfo --size`).
+#[test]
+fn thin_resize_shows_to_new_nbd_connections() {
+    host_tools::require_for_test(&[Tool::NbdInfo]);
+    let (_scratch, disks) = images(&[16, 64]);
+    let mut command = offline(&disks, &["--nbd", "127.0.0.1:0"]);
+    let mut served = Served::spawn(command.stdin(Stdio::piped()));
+    let mut console = served.child.stdin.take().unwrap();
+    let mut run = |served: &mut Served, line: &str, answer: &str| {
+        writeln!(console, "{line}").unwrap();
+        served.wait_for(answer)
+    };
+    run(&mut served, "pool create pool vda vdb", "thin-pool vda vdb");
+    run(
+        &mut served,
+        "thin create t pool --size 1M",
+        "t: thin device 0",
+    );
+    let size = |served: &Served| run_tool("nbdinfo", &["--size", &served.uri("t")]);
+    assert_eq!(size(&served).trim(), "1048576");
+    run(&mut served, "thin resize t 3M", "thinbox> thin resize t 3M");
+    run(&mut served, "table t", "0 6144 thin pool 0");
+    assert_eq!(size(&served).trim(), "3145728");
 }

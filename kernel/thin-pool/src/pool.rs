@@ -309,8 +309,8 @@ impl Pool {
     }
 
     /// Discards whose ranges are still being unmapped in steps (the poll takes one
-    /// while the pool has nothing else to do, the timer one paced like a delete's
-    /// while requests come in), oldest first.
+    /// while the pool has had nothing else to do since the last step, else the
+    /// timer one paced like a delete's), oldest first.
     pub fn discards(&self) -> Vec<DiscardProgress> {
         self.core.borrow().discards()
     }
@@ -503,6 +503,13 @@ impl ThinVolume {
     /// nothing to wait for. Advancing the I/O is up to the caller's polls.
     pub fn writes_settled(&self) -> bool {
         self.core.borrow().writes_settled(self.dev)
+    }
+
+    /// Takes a step of a discard still unmapping even while other requests come in
+    /// (they are otherwise paced): for callers waiting for requests to finish.
+    /// Returns whether there was one.
+    pub fn step_discard(&mut self) -> bool {
+        self.core.borrow_mut().discard_step()
     }
 
     /// Whether every request of this volume still in the engine waits for data

@@ -167,7 +167,10 @@ impl ThinIo {
             if self.volume.only_waiting_for_space() {
                 return;
             }
-            core::hint::spin_loop();
+            // A discard still unmapping is otherwise paced against other requests.
+            if !self.volume.step_discard() {
+                core::hint::spin_loop();
+            }
         }
     }
 

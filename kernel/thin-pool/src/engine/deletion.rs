@@ -152,6 +152,7 @@ impl Core {
         let start = self.now_ns;
         let busy = self.reqs.len() > self.discards.len()
             || self.requests_accepted != self.requests_at_last_step;
+        self.discards_paced = busy && !self.discards.is_empty();
         if busy && start < self.next_step_ns {
             return;
         }

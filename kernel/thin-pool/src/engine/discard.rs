@@ -3,8 +3,10 @@
 //!
 //! A discard unmaps at most [`DISCARD_STEP_MAPPINGS`] mappings per step, as a
 //! delete releases them: the first step when the request is processed, the next
-//! ones from the poll while the pool has nothing else to do, or from the timer,
-//! paced as deletes are, while other requests come in. Each step's unmappings are
+//! ones from the poll while the pool has had nothing else to do since the last
+//! step, else — and once the timer has seen other requests come in, until it sees
+//! none — from the timer, paced as deletes are; whoever waits for a volume's
+//! requests to finish steps them unpaced. Each step's unmappings are
 //! committed like any other change, and the blocks they free are neither reused
 //! (the space map hands out only blocks free at the last commit) nor passed down
 //! before the commit that unmaps them.
@@ -50,6 +52,7 @@ impl Core {
             return Ok(());
         }
         // One bounded piece of the range; the rest waits for a later step.
+        self.requests_at_last_step = self.requests_accepted;
         let (runs, rest) = self
             .md
             .remove_range_bounded(dev, b0, b1, DISCARD_STEP_MAPPINGS)?;
@@ -111,9 +114,9 @@ impl Core {
         Ok(())
     }
 
-    /// Unmaps the next piece of the discard that waited longest; returns whether
-    /// there was one.
-    pub(super) fn discard_step(&mut self) -> bool {
+    /// Unmaps the next piece of the discard that waited longest, paced or not;
+    /// returns whether there was one.
+    pub fn discard_step(&mut self) -> bool {
         let Some(span) = self.discards.pop_front() else {
             return false;
         };
@@ -122,12 +125,13 @@ impl Core {
     }
 
     /// A step of the discards still unmapping, when nothing but them (and writes
-    /// waiting for space) is in the pool and no request came in since the last
-    /// call: a pool busy with other requests unmaps only from the timer, paced.
+    /// waiting for space) is in the pool, no request came in since the last step
+    /// and the timer last found no other request either: a pool busy with other
+    /// requests unmaps only from the timer, paced.
     pub(super) fn quiet_discard_step(&mut self) -> bool {
-        let quiet = self.requests_accepted == self.requests_at_last_poll
+        let quiet = !self.discards_paced
+            && self.requests_accepted == self.requests_at_last_step
             && self.reqs.len() <= self.discards.len() + self.no_space.len();
-        self.requests_at_last_poll = self.requests_accepted;
         quiet && self.discard_step()
     }
 

@@ -384,11 +384,13 @@ pub(crate) struct Core {
     /// While requests come in, no delete or discard step from the timer before
     /// this time.
     next_step_ns: u64,
-    /// Requests accepted so far, and the count at the last timer step's check and
-    /// at the last poll: different means I/O is flowing.
+    /// Requests accepted so far, and the count at the last delete or discard step
+    /// (or timer check): different means I/O is flowing.
     requests_accepted: u64,
     requests_at_last_step: u64,
-    requests_at_last_poll: u64,
+    /// The timer's last check found other requests coming in while discards ran:
+    /// they step from the timer only, paced, until a check finds none.
+    discards_paced: bool,
     /// Virtual blocks whose mapping the last commit does not have.
     uncommitted: Uncommitted,
     /// A rollback threw away changes that writes may have been acknowledged on:
@@ -480,7 +482,7 @@ impl Core {
             next_step_ns: 0,
             requests_accepted: 0,
             requests_at_last_step: 0,
-            requests_at_last_poll: 0,
+            discards_paced: false,
             uncommitted: Uncommitted::default(),
             changes_lost: false,
             frees_since_commit: false,
