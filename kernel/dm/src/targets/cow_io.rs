@@ -152,6 +152,9 @@ impl CowIo {
             return None;
         };
         let (merging, others) = (SharedSnapshot::clone(merging), others.clone());
+        if merging.borrow().merge_finished() {
+            return Some(MergeStep::Finished);
+        }
         self.drain();
         let step = with_snapshots(&others, |others| {
             merging.borrow_mut().merge_step(others, budget)
