@@ -18,7 +18,7 @@ use crate::device::State;
 use crate::jobs::JobStatus;
 use crate::mapper::DeviceMapper;
 use crate::table::{Table, Target, bare_name};
-use crate::targets::{CowIo, LinearIo, Role, Scope, SnapshotIo, SnapshotList, TargetIo};
+use crate::targets::{CowIo, LinearIo, Scope, SnapshotIo, SnapshotList, TargetIo};
 
 /// The target of a `snapshot-origin`, `snapshot` or `snapshot-merge` segment.
 pub(crate) fn parse_target(kind: &str, args: &[&str]) -> Result<Target, String> {
@@ -87,8 +87,8 @@ impl DeviceMapper {
             Target::SnapshotOrigin { origin } => {
                 let span = self.span(&self.fit(origin, 0, length)?, read_only);
                 let scope = Scope::Origin(self.snapshot_list(origin));
-                let role = Role::Cow(Box::new(CowIo::new(scope, LinearIo::new(span))));
-                Ok((SnapshotIo::new(role, length, read_only), Vec::new()))
+                let io = CowIo::new(scope, LinearIo::new(span), None);
+                Ok((SnapshotIo::new(io, length, read_only), Vec::new()))
             }
             Target::Snapshot(args) => {
                 if let Some((user, ..)) = self
@@ -112,12 +112,11 @@ impl DeviceMapper {
                 let cow = self.span(&self.windows(&args.cow)?, read_only);
                 let scope = Scope::Snapshot {
                     snapshot: shared,
-                    cow: Box::new(LinearIo::new(cow)),
                     discard_zeroes_cow: args.discard_zeroes_cow,
                     discard_passdown_origin: passdown,
                 };
-                let role = Role::Cow(Box::new(CowIo::new(scope, LinearIo::new(origin))));
-                Ok((SnapshotIo::new(role, length, read_only), notes))
+                let io = CowIo::new(scope, LinearIo::new(origin), Some(LinearIo::new(cow)));
+                Ok((SnapshotIo::new(io, length, read_only), notes))
             }
             Target::SnapshotMerge(args) => {
                 let (io, notes) = self.merge_target(reloading, args, length, read_only)?;
@@ -181,16 +180,16 @@ impl DeviceMapper {
                 args.origin
             ));
         }
-        let source = self
-            .snapshot_devices()
-            .find_map(|(name, target, io, suspended)| match (target, io.role()) {
-                (Target::Snapshot(other), Role::Cow(cow_io))
-                    if other.cow == args.cow && other.origin == args.origin =>
-                {
-                    Some((name, Rc::clone(cow_io.snapshot()?), suspended))
-                }
-                _ => None,
-            });
+        let source =
+            self.snapshot_devices()
+                .find_map(|(name, target, io, suspended)| match target {
+                    Target::Snapshot(other)
+                        if other.cow == args.cow && other.origin == args.origin =>
+                    {
+                        Some((name, Rc::clone(io.snapshot()?), suspended))
+                    }
+                    _ => None,
+                });
         if let Some((name, _, false)) = &source {
             return Err(format!(
                 "snapshot-merge: Unable to perform snapshot handover until source is \
@@ -204,13 +203,15 @@ impl DeviceMapper {
         if let Some((_, shared, _)) = source {
             shared.borrow_mut().hand_over();
         }
-        let role = Role::Merge {
+        let scope = Scope::Merge {
             merging: Rc::new(RefCell::new(snapshot)),
             others: self.snapshot_list(&args.origin),
-            held: Default::default(),
-            started_ns: None,
         };
-        Ok((SnapshotIo::new(role, length, false), notes))
+        // The device's own handles; the snapshot's carry the merge's copies.
+        let origin = self.span(&self.fit(&args.origin, 0, length)?, false);
+        let cow = self.span(&self.windows(&args.cow)?, false);
+        let io = CowIo::new(scope, LinearIo::new(origin), Some(LinearIo::new(cow)));
+        Ok((SnapshotIo::new(io, length, false), notes))
     }
 
     /// Steps every running merge for a bounded time and collects the snapshots'

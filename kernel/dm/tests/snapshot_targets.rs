@@ -524,18 +524,91 @@ fn a_copy_out_holds_only_the_write_that_needs_it() {
 
 /// A request of a concurrency round: on which device, what, and where.
 struct Planned {
-    snapshot: bool,
+    device: usize,
     write: bool,
     sector: u64,
     sectors: u64,
 }
 
 fn overlaps(a: &Planned, b: &Planned) -> bool {
-    a.snapshot == b.snapshot && a.sector < b.sector + b.sectors && b.sector < a.sector + a.sectors
+    a.device == b.device && a.sector < b.sector + b.sectors && b.sector < a.sector + a.sectors
+}
+
+/// One round of random reads and writes to `devices` (each an export and the model
+/// of its content), all in flight together; overlapping requests of one device in
+/// one round have no defined order, so a round has none that involve a write.
+/// Reads are checked against the models, then the writes applied to them.
+fn concurrent_round(
+    dm: &mut DeviceMapper,
+    rng: &mut fastrand::Rng,
+    round: u64,
+    devices: &[ExportHandle],
+    models: &mut [Vec<u8>],
+) {
+    let mut planned: Vec<Planned> = Vec::new();
+    for _ in 0..rng.usize(1..8) {
+        let sectors = rng.u64(1..40);
+        let candidate = Planned {
+            device: rng.usize(..devices.len()),
+            write: rng.u8(..3) == 0,
+            sector: rng.u64(..SECTORS - sectors),
+            sectors,
+        };
+        let clash = planned
+            .iter()
+            .any(|other| (other.write || candidate.write) && overlaps(other, &candidate));
+        if !clash {
+            planned.push(candidate);
+        }
+    }
+    let data = |tag: usize, request: &Planned| pattern(round * 100 + tag as u64, request.sectors);
+    for (tag, request) in planned.iter().enumerate() {
+        let op = if request.write {
+            IoOp::Write {
+                sector: request.sector,
+                buf: IoBuf::from_slice(&data(tag, request)),
+                fua: rng.bool(),
+            }
+        } else {
+            IoOp::Read {
+                sector: request.sector,
+                buf: IoBuf::with_sectors(request.sectors as usize),
+            }
+        };
+        let export = devices[request.device];
+        dm.submit(IoRequest {
+            tag: tag as u64,
+            export,
+            op,
+        })
+        .expect("room");
+    }
+    let mut kept = Vec::new();
+    for (tag, request) in planned.iter().enumerate() {
+        let result = wait_for(dm, tag as u64, &mut kept, 1000).expect("completes");
+        let bytes =
+            request.sector as usize * 512..(request.sector + request.sectors) as usize * 512;
+        match result {
+            Ok(IoOutput::Read { buf, .. }) => assert!(
+                buf[..] == models[request.device][bytes],
+                "round {round}: read {}..+{} of device {}",
+                request.sector,
+                request.sectors,
+                request.device
+            ),
+            Ok(_) => {}
+            Err(error) => panic!("round {round}: {error:?}"),
+        }
+    }
+    for (tag, request) in planned.iter().enumerate().filter(|(_, r)| r.write) {
+        let bytes =
+            request.sector as usize * 512..(request.sector + request.sectors) as usize * 512;
+        models[request.device][bytes].copy_from_slice(&data(tag, request));
+    }
 }
 
 #[test]
-fn concurrent_requests_to_origin_and_snapshot_agree_with_a_model() {
+fn concurrent_requests_to_origin_snapshot_and_merge_agree_with_a_model() {
     let info = |sectors| DeviceInfo {
         sectors,
         read_only: false,
@@ -568,13 +641,9 @@ fn concurrent_requests_to_origin_and_snapshot_agree_with_a_model() {
         ]);
         dm.create("base-real", false, "0 4096 linear vda 0", Format::IfBlank)
             .unwrap();
-        dm.create(
-            "snap",
-            false,
-            "0 4096 snapshot base-real vdb P 16",
-            Format::IfBlank,
-        )
-        .unwrap();
+        let snapshot_table = "0 4096 snapshot base-real vdb P 16";
+        dm.create("snap", false, snapshot_table, Format::IfBlank)
+            .unwrap();
         dm.create(
             "base",
             false,
@@ -586,91 +655,49 @@ fn concurrent_requests_to_origin_and_snapshot_agree_with_a_model() {
         let (snap, _) = dm.open("snap", CLIENT).unwrap();
         let mut models = [pattern(seed, SECTORS), pattern(seed, SECTORS)];
         let mut rng = fastrand::Rng::with_seed(seed);
-        for round in 0..60u64 {
-            let mut planned: Vec<Planned> = Vec::new();
-            for _ in 0..rng.usize(1..8) {
-                let sectors = rng.u64(1..40);
-                let candidate = Planned {
-                    snapshot: rng.bool(),
-                    write: rng.u8(..3) == 0,
-                    sector: rng.u64(..SECTORS - sectors),
-                    sectors,
-                };
-                // Overlapping requests of one device in one round have no defined order.
-                let clash = planned
-                    .iter()
-                    .any(|other| (other.write || candidate.write) && overlaps(other, &candidate));
-                if !clash {
-                    planned.push(candidate);
-                }
-            }
-            for (tag, request) in planned.iter().enumerate() {
-                let op = if request.write {
-                    IoOp::Write {
-                        sector: request.sector,
-                        buf: IoBuf::from_slice(&pattern(round * 100 + tag as u64, request.sectors)),
-                        fua: rng.bool(),
-                    }
-                } else {
-                    IoOp::Read {
-                        sector: request.sector,
-                        buf: IoBuf::with_sectors(request.sectors as usize),
-                    }
-                };
-                let export = if request.snapshot { snap } else { base };
-                dm.submit(IoRequest {
-                    tag: tag as u64,
-                    export,
-                    op,
-                })
-                .expect("room");
-            }
-            let mut kept = Vec::new();
-            for (tag, request) in planned.iter().enumerate() {
-                let result = wait_for(&mut dm, tag as u64, &mut kept, 1000).expect("completes");
-                let (start, end) = (
-                    request.sector as usize * 512,
-                    (request.sector + request.sectors) as usize * 512,
-                );
-                let model = &models[usize::from(request.snapshot)];
-                match result {
-                    Ok(IoOutput::Read { buf, .. }) => assert!(
-                        buf[..] == model[start..end],
-                        "seed {seed} round {round}: read {}..+{} of {}",
-                        request.sector,
-                        request.sectors,
-                        if request.snapshot { "snap" } else { "base" }
-                    ),
-                    Ok(_) => {}
-                    Err(error) => panic!("seed {seed} round {round}: {error:?}"),
-                }
-            }
-            for (tag, request) in planned.iter().enumerate().filter(|(_, r)| r.write) {
-                let (start, end) = (
-                    request.sector as usize * 512,
-                    (request.sector + request.sectors) as usize * 512,
-                );
-                models[usize::from(request.snapshot)][start..end]
-                    .copy_from_slice(&pattern(round * 100 + tag as u64, request.sectors));
-            }
+        for round in 0..60 {
+            concurrent_round(&mut dm, &mut rng, round, &[base, snap], &mut models);
         }
         assert!(read(&mut dm, base, 0, SECTORS as usize) == models[0]);
         assert!(read(&mut dm, snap, 0, SECTORS as usize) == models[1]);
         // What is on the disks loads again with the same content.
-        drop(dm);
-        let mut dm = mapper(&[("vda", &origin), ("vdb", &cow)]);
-        dm.create(
-            "snap",
-            false,
-            "0 4096 snapshot vda vdb P 16",
-            Format::IfBlank,
-        )
-        .unwrap();
-        let (snap, _) = dm.open("snap", CLIENT).unwrap();
-        assert!(read(&mut dm, snap, 0, SECTORS as usize) == models[1]);
+        let mut reloaded = mapper(&[("vda", &origin), ("vdb", &cow)]);
+        reloaded
+            .create(
+                "again",
+                false,
+                "0 4096 snapshot vda vdb P 16",
+                Format::IfBlank,
+            )
+            .unwrap();
+        let (again, _) = reloaded.open("again", CLIENT).unwrap();
+        assert!(read(&mut reloaded, again, 0, SECTORS as usize) == models[1]);
+        drop(reloaded);
+        // The snapshot merges into base while requests keep coming: base shows the
+        // snapshot's content throughout, and the origin holds it at the end.
+        dm.suspend("base").unwrap();
+        dm.reload("base", "0 4096 snapshot-merge base-real vdb P 16")
+            .unwrap();
+        dm.suspend("snap").unwrap();
+        dm.resume("base").unwrap();
+        dm.remove("snap", true).unwrap();
+        let mut view = [models[1].clone()];
+        for round in 60..100 {
+            concurrent_round(&mut dm, &mut rng, round, &[base], &mut view);
+        }
+        let mut ticks = 0;
+        while !dm.snapshot_merge_finished("base") {
+            dm.tick(&|| 0);
+            ticks += 1;
+            assert!(ticks < 10_000);
+        }
+        assert!(read(&mut dm, base, 0, SECTORS as usize) == view[0]);
         let mut on_origin = vec![0u8; SECTORS as usize * 512];
         origin.read_at(0, &mut on_origin);
-        assert!(on_origin == models[0]);
+        assert!(
+            on_origin == view[0],
+            "seed {seed}: the origin after the merge"
+        );
     }
 }
 

@@ -1,16 +1,20 @@
-//! Requests of a `snapshot-origin` or `snapshot` device, carried out concurrently
-//! in Linux's pending-exception shape: a write that needs exceptions made (a
-//! copy-out into the origin's snapshots, or a chunk of the snapshot's own) waits in
-//! a queue while its snapshot's batch is copied and committed; every other request
-//! goes straight to the origin or the COW device, so a copy-out holds only the
-//! writes to the chunks it copies (and later writes that overlap them).
+//! Requests of a `snapshot-origin`, `snapshot` or `snapshot-merge` device, carried
+//! out concurrently in Linux's pending-exception shape: a write that needs
+//! exceptions made (a copy-out into the origin's snapshots, or a chunk of the
+//! snapshot's own) waits in a queue while its snapshot's batch is copied and
+//! committed, and a write to the run a merge is copying waits until it is
+//! committed; every other request goes straight to the origin or the COW device, so
+//! a copy-out holds only the writes to the chunks it copies (and later writes that
+//! overlap them). A merge step runs after the requests in flight have finished, so
+//! none of them races its copy.
 //!
 //! A snapshot read that goes to the origin is tracked per chunk in the snapshot, so
 //! an origin write to that chunk waits for it (Linux's tracked chunks). Discards
-//! follow dm-snapshot: the origin has none (they complete and change nothing, as
-//! on a device without discard); a snapshot with `discard_zeroes_cow` zeroes each
-//! whole chunk that has an exception and passes a partial one to the COW, and
-//! with `discard_passdown_origin` also discards the origin, with no copy-out.
+//! follow dm-snapshot: the origin and a merging origin have none (they complete and
+//! change nothing, as on a device without discard); a snapshot with
+//! `discard_zeroes_cow` zeroes each whole chunk that has an exception and passes a
+//! partial one to the COW, and with `discard_passdown_origin` also discards the
+//! origin, with no copy-out.
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, VecDeque};
@@ -19,10 +23,13 @@ use alloc::vec;
 use alloc::vec::Vec;
 use blockdev::IoBuf;
 use nbd::{BackendError, IoCompletion, IoOp, IoOutput};
-use snapshot::{Health, SNAPSHOT_INVALID, Snapshot, Source, StartedWrite, chunk_pieces};
+use snapshot::{
+    Health, MergeProgress, MergeStep, SNAPSHOT_INVALID, Snapshot, Source, StartedWrite,
+    chunk_pieces,
+};
 
 use super::linear::LinearIo;
-use super::snapshot::{SharedSnapshot, SnapshotList};
+use super::snapshot::{SharedSnapshot, SnapshotList, with_snapshots};
 
 /// Whose requests these are.
 pub(crate) enum Scope {
@@ -31,10 +38,14 @@ pub(crate) enum Scope {
     /// A `snapshot` device.
     Snapshot {
         snapshot: SharedSnapshot,
-        /// The COW device.
-        cow: Box<LinearIo>,
         discard_zeroes_cow: bool,
         discard_passdown_origin: bool,
+    },
+    /// A `snapshot-merge` device: chunks not merged yet are read and written in
+    /// the COW, the others in the origin after copy-outs into its other snapshots.
+    Merge {
+        merging: SharedSnapshot,
+        others: SnapshotList,
     },
 }
 
@@ -84,9 +95,11 @@ struct Part {
 
 pub(crate) struct CowIo {
     scope: Scope,
-    /// The origin: writable for `snapshot-origin`, read-only for a snapshot (unless
-    /// it passes discards down).
+    /// The origin: writable for `snapshot-origin` and `snapshot-merge`, read-only
+    /// for a snapshot (unless it passes discards down).
     origin: LinearIo,
+    /// The COW device (none for `snapshot-origin`).
+    cow: Option<Box<LinearIo>>,
     held: VecDeque<Held>,
     parts: BTreeMap<u64, Part>,
     requests: BTreeMap<u64, Assembly>,
@@ -95,10 +108,11 @@ pub(crate) struct CowIo {
 }
 
 impl CowIo {
-    pub(crate) fn new(scope: Scope, origin: LinearIo) -> Self {
+    pub(crate) fn new(scope: Scope, origin: LinearIo, cow: Option<LinearIo>) -> Self {
         CowIo {
             scope,
             origin,
+            cow: cow.map(Box::new),
             held: VecDeque::new(),
             parts: BTreeMap::new(),
             requests: BTreeMap::new(),
@@ -107,12 +121,54 @@ impl CowIo {
         }
     }
 
-    /// The snapshot, for a snapshot device.
+    /// The snapshot a snapshot device serves or a merging origin merges.
     pub(crate) fn snapshot(&self) -> Option<&SharedSnapshot> {
         match &self.scope {
-            Scope::Snapshot { snapshot, .. } => Some(snapshot),
+            Scope::Snapshot { snapshot, .. }
+            | Scope::Merge {
+                merging: snapshot, ..
+            } => Some(snapshot),
             Scope::Origin(_) => None,
         }
+    }
+
+    /// The merge's progress, for a merging origin.
+    pub(crate) fn merge_progress(&self) -> Option<MergeProgress> {
+        match &self.scope {
+            Scope::Merge { merging, .. } => merging.borrow().merge_progress(),
+            _ => None,
+        }
+    }
+
+    /// Whether writes wait (for exceptions, or for the run being merged).
+    pub(crate) fn holds_writes(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// One bounded merge step, once the requests in flight have finished; a failed
+    /// merge fails the writes that waited for it. `None` unless this merges.
+    pub(crate) fn merge_step(&mut self, budget: u64) -> Option<MergeStep> {
+        let Scope::Merge { merging, others } = &self.scope else {
+            return None;
+        };
+        let (merging, others) = (SharedSnapshot::clone(merging), others.clone());
+        if merging.borrow().merge_finished() {
+            return Some(MergeStep::Finished);
+        }
+        self.drain();
+        let step = with_snapshots(&others, |others| {
+            merging.borrow_mut().merge_step(others, budget)
+        });
+        if step == MergeStep::Failed {
+            for held in core::mem::take(&mut self.held) {
+                self.done.push_back(IoCompletion {
+                    tag: held.tag,
+                    result: Err(BackendError::Io("snapshot merge failed")),
+                });
+            }
+        }
+        self.advance();
+        Some(step)
     }
 
     /// Whether the device takes discards (a snapshot with `discard_zeroes_cow`).
@@ -129,7 +185,9 @@ impl CowIo {
     /// The live snapshots this device makes exceptions in.
     fn snapshots(&self) -> Vec<SharedSnapshot> {
         match &self.scope {
-            Scope::Origin(list) => list.borrow().iter().filter_map(Weak::upgrade).collect(),
+            Scope::Origin(list) | Scope::Merge { others: list, .. } => {
+                list.borrow().iter().filter_map(Weak::upgrade).collect()
+            }
             Scope::Snapshot { snapshot, .. } => vec![SharedSnapshot::clone(snapshot)],
         }
     }
@@ -150,15 +208,17 @@ impl CowIo {
                 ..
             } => self.hold(tag, sector, sectors, None, fua),
             IoOp::Flush => {
+                // dm's flushes: a snapshot's go to the COW, an origin's to the
+                // origin, a merging origin's to both.
                 self.begin(tag, None);
-                match &mut self.scope {
+                let invalid = self.snapshot().is_some_and(|s| invalid(&s.borrow()));
+                match &self.scope {
+                    _ if invalid => self.fail(tag, SNAPSHOT_INVALID.into()),
                     Scope::Origin(_) => self.part(tag, Lane::Origin, IoOp::Flush, 0, None),
-                    Scope::Snapshot { snapshot, .. } => {
-                        if invalid(&snapshot.borrow()) {
-                            self.fail(tag, SNAPSHOT_INVALID.into());
-                        } else {
-                            self.part(tag, Lane::Cow, IoOp::Flush, 0, None);
-                        }
+                    Scope::Snapshot { .. } => self.part(tag, Lane::Cow, IoOp::Flush, 0, None),
+                    Scope::Merge { .. } => {
+                        self.part(tag, Lane::Origin, IoOp::Flush, 0, None);
+                        self.part(tag, Lane::Cow, IoOp::Flush, 0, None);
                     }
                 }
                 self.seal(tag);
@@ -183,19 +243,31 @@ impl CowIo {
     }
 
     /// Finishes every accepted request (completions stay queued for
-    /// [`CowIo::poll`]).
+    /// [`CowIo::poll`]), except writes that wait for a merge step.
     pub(crate) fn drain(&mut self) {
-        while !self.held.is_empty() || !self.requests.is_empty() {
+        loop {
             self.collect();
+            let batches = self.snapshots().iter().any(|s| !s.borrow().idle());
+            if self.requests.is_empty() && (self.held.is_empty() || !batches && self.merging()) {
+                return;
+            }
             core::hint::spin_loop();
         }
     }
 
+    fn merging(&self) -> bool {
+        matches!(self.scope, Scope::Merge { .. })
+    }
+
     /// Makes completed writes durable; the device must be drained.
     pub(crate) fn flush(&mut self) -> Result<(), blockdev::IoError> {
-        match &mut self.scope {
-            Scope::Origin(_) => self.origin.flush(),
-            Scope::Snapshot { cow, .. } => cow.flush(),
+        match (&self.scope, &mut self.cow) {
+            (Scope::Origin(_), _) | (_, None) => self.origin.flush(),
+            (Scope::Snapshot { .. }, Some(cow)) => cow.flush(),
+            (Scope::Merge { .. }, Some(cow)) => {
+                self.origin.flush()?;
+                cow.flush()
+            }
         }
     }
 
@@ -210,7 +282,7 @@ impl CowIo {
             while let Some(done) = self.origin.poll() {
                 finished.push(done);
             }
-            if let Scope::Snapshot { cow, .. } = &mut self.scope {
+            if let Some(cow) = &mut self.cow {
                 while let Some(done) = cow.poll() {
                     finished.push(done);
                 }
@@ -230,9 +302,12 @@ impl CowIo {
     fn read(&mut self, tag: u64, sector: u64, buf: IoBuf) {
         let sectors = buf.sectors();
         self.begin(tag, Some(buf));
-        let pieces = match &self.scope {
-            Scope::Origin(_) => vec![(Lane::Origin, sector, sectors, 0, None)],
-            Scope::Snapshot { snapshot, .. } => {
+        // A snapshot's reads of the origin are tracked; a merging origin's need not
+        // be (it writes the origin itself).
+        let track = matches!(self.scope, Scope::Snapshot { .. });
+        let pieces = match self.snapshot() {
+            None => vec![(Lane::Origin, sector, sectors, 0, None)],
+            Some(snapshot) => {
                 let mut snapshot = snapshot.borrow_mut();
                 if invalid(&snapshot) {
                     drop(snapshot);
@@ -246,10 +321,11 @@ impl CowIo {
                         let offset = ((at - sector) * 512) as usize;
                         match snapshot.exception(at / chunk) {
                             Some(new) => (Lane::Cow, new * chunk + at % chunk, piece, offset, None),
-                            None => {
+                            None if track => {
                                 snapshot.origin_read_started(at / chunk);
                                 (Lane::Origin, at, piece, offset, Some(at / chunk))
                             }
+                            None => (Lane::Origin, at, piece, offset, None),
                         }
                     })
                     .collect()
@@ -316,6 +392,9 @@ impl CowIo {
         let (sector, sectors) = (self.held[index].sector, self.held[index].sectors);
         let snapshot = match &self.scope {
             Scope::Origin(_) => return self.try_issue_origin(index, sector, sectors),
+            Scope::Merge { merging, .. } => {
+                return self.try_issue_merging(index, SharedSnapshot::clone(merging));
+            }
             Scope::Snapshot { snapshot, .. } => SharedSnapshot::clone(snapshot),
         };
         let mut snapshot = snapshot.borrow_mut();
@@ -343,22 +422,40 @@ impl CowIo {
         }
         let started = held.started.take().unwrap_or_default();
         let tag = held.tag;
-        let writes = cow_writes(&snapshot, &self.held[index], &started.whole);
+        let writes = chunk_writes(&snapshot, &self.held[index], &started.whole, false);
         drop(snapshot);
-        self.begin(tag, None);
-        if let Some(refusal) = started.refused {
-            self.fail(tag, refusal.into());
-        }
-        for op in writes {
-            self.part(tag, Lane::Cow, op, 0, None);
-        }
-        self.seal(tag);
+        self.issue(tag, writes, started.refused.map(BackendError::from));
         Outcome::Issued
     }
 
-    /// An origin write goes once no snapshot copies or reads its chunks and none
-    /// needs a copy-out of them (starting the copy-outs of idle snapshots).
-    fn try_issue_origin(&mut self, index: usize, sector: u64, sectors: u64) -> Outcome {
+    /// A write of a merging origin goes once the run being merged is not in its way
+    /// and the other snapshots have their copy-outs; chunks not merged yet are
+    /// written in the COW.
+    fn try_issue_merging(&mut self, index: usize, merging: SharedSnapshot) -> Outcome {
+        let (sector, sectors) = (self.held[index].sector, self.held[index].sectors);
+        if merging.borrow().merge_blocks(sector, sectors) || self.copy_outs_wait(sector, sectors) {
+            return Outcome::Waiting;
+        }
+        let writes = chunk_writes(&merging.borrow(), &self.held[index], &[], true);
+        self.issue(self.held[index].tag, writes, None);
+        Outcome::Issued
+    }
+
+    /// Issues a held write's parts.
+    fn issue(&mut self, tag: u64, writes: Vec<(Lane, IoOp)>, error: Option<BackendError>) {
+        self.begin(tag, None);
+        if let Some(error) = error {
+            self.fail(tag, error);
+        }
+        for (lane, op) in writes {
+            self.part(tag, lane, op, 0, None);
+        }
+        self.seal(tag);
+    }
+
+    /// Whether an origin write to the range must wait for the snapshots' batches
+    /// (starting the copy-outs it needs in idle ones).
+    fn copy_outs_wait(&self, sector: u64, sectors: u64) -> bool {
         let mut wait = false;
         for snapshot in self.snapshots() {
             let mut snapshot = snapshot.borrow_mut();
@@ -371,15 +468,19 @@ impl CowIo {
                 }
             }
         }
-        if wait {
+        wait
+    }
+
+    /// An origin write goes once no snapshot copies or reads its chunks and none
+    /// needs a copy-out of them (starting the copy-outs of idle snapshots).
+    fn try_issue_origin(&mut self, index: usize, sector: u64, sectors: u64) -> Outcome {
+        if self.copy_outs_wait(sector, sectors) {
             return Outcome::Waiting;
         }
         let held = &mut self.held[index];
         let op = write_op(sector, sectors, held.data.take(), held.fua);
         let tag = held.tag;
-        self.begin(tag, None);
-        self.part(tag, Lane::Origin, op, 0, None);
-        self.seal(tag);
+        self.issue(tag, vec![(Lane::Origin, op)], None);
         Outcome::Issued
     }
 
@@ -474,8 +575,8 @@ impl CowIo {
             .get_mut(&tag)
             .expect("a part of a live request")
             .parts_left += 1;
-        match (lane, &mut self.scope) {
-            (Lane::Cow, Scope::Snapshot { cow, .. }) => cow.submit(part, op),
+        match (lane, &mut self.cow) {
+            (Lane::Cow, Some(cow)) => cow.submit(part, op),
             _ => self.origin.submit(part, op),
         }
     }
@@ -551,21 +652,30 @@ fn write_op(sector: u64, sectors: u64, data: Option<IoBuf>, fua: bool) -> IoOp {
     }
 }
 
-/// The COW writes of a snapshot write whose exceptions exist: each chunk piece at
-/// its exception, except the chunks its batch wrote whole (and chunks the COW had
-/// no room for).
-fn cow_writes(snapshot: &Snapshot, held: &Held, whole: &[u64]) -> Vec<IoOp> {
+/// The writes of a held write, chunk by chunk: a chunk with an exception in the COW
+/// at it, except the chunks a batch wrote whole; a chunk without one in the origin
+/// (a merging origin) or not at all (a snapshot's chunk the COW had no room for).
+fn chunk_writes(
+    snapshot: &Snapshot,
+    held: &Held,
+    whole: &[u64],
+    origin_otherwise: bool,
+) -> Vec<(Lane, IoOp)> {
     let chunk = snapshot.chunk_sectors();
     chunk_pieces(held.sector, held.sectors, chunk)
         .filter_map(|(at, piece)| {
             let old = at / chunk;
-            let new = snapshot.exception(old).filter(|_| !whole.contains(&old))?;
-            let to = new * chunk + at % chunk;
+            let (lane, to) = match snapshot.exception(old) {
+                Some(_) if whole.contains(&old) => return None,
+                Some(new) => (Lane::Cow, new * chunk + at % chunk),
+                None if origin_otherwise => (Lane::Origin, at),
+                None => return None,
+            };
             let data = held.data.as_ref().map(|buf| {
                 let from = ((at - held.sector) * 512) as usize;
                 IoBuf::from_slice(&buf[from..from + piece as usize * 512])
             });
-            Some(write_op(to, piece, data, held.fua))
+            Some((lane, write_op(to, piece, data, held.fua)))
         })
         .collect()
 }

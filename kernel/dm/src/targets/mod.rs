@@ -15,7 +15,7 @@ use crate::format::Formatting;
 
 pub(crate) use cow_io::{CowIo, Scope};
 pub(crate) use linear::LinearIo;
-pub(crate) use snapshot::{Role, SnapshotIo, SnapshotList};
+pub(crate) use snapshot::{SnapshotIo, SnapshotList};
 pub(crate) use thin::ThinIo;
 
 pub(crate) enum TargetIo {
