@@ -7,65 +7,17 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use host_tools::Tool;
 use nbd::wire::*;
-use qemu_test::{HostServer, Scratch, free_port, qemu_img_read, run_tool};
+use qemu_test::{HostServer, Scratch, free_port, run_tool};
 
-const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
-/// Pool data block: 64 KiB.
-const BLOCK: u64 = 64 << 10;
+mod common;
 
-/// Configuration, metadata and data images for one appliance.
-fn appliance(scratch: &Scratch, tag: &str) -> Vec<PathBuf> {
-    [("cfg", 4u64), ("meta", 16), ("data", 512)]
-        .iter()
-        .map(|(name, mib)| {
-            let path = scratch.path().join(format!("{tag}-{name}.img"));
-            fs::File::create(&path).unwrap().set_len(mib << 20).unwrap();
-            path
-        })
-        .collect()
-}
-
-fn exec(disks: &[PathBuf], commands: &[&str]) -> Output {
-    let mut command = Command::new(THINBOX);
-    command.arg("offline");
-    for disk in disks {
-        command.arg("--disk").arg(disk);
-    }
-    for line in commands {
-        command.args(["--exec", line]);
-    }
-    command.output().unwrap()
-}
-
-fn text(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// The `thin ls` row of `name`.
-fn ls_row<'a>(transcript: &'a str, name: &str) -> &'a str {
-    transcript
-        .lines()
-        .find(|line| {
-            let mut words = line.split_whitespace();
-            words.next().is_some_and(|dev| dev.parse::<u64>().is_ok()) && words.next() == Some(name)
-        })
-        .unwrap_or_else(|| panic!("no {name} in {transcript}"))
-}
-
-/// The MAPPED column of a `thin ls` row ("20.00 MiB").
-fn mapped_column(row: &str) -> String {
-    row.split_whitespace()
-        .skip(2)
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+use common::*;
 
 fn error_lines(transcript: &str) -> usize {
     transcript
@@ -73,8 +25,6 @@ fn error_lines(transcript: &str) -> usize {
         .filter(|line| line.starts_with("error:"))
         .count()
 }
-
-const SETUP: [&str; 2] = ["config init vda", "pool create pool vdb vdc"];
 
 /// A qcow2 image of `mib` MiB written by qemu-io as `commands` say.
 fn qcow2(scratch: &Scratch, mib: u64, commands: &[String]) -> PathBuf {
@@ -159,29 +109,6 @@ fn data_blocks(image: &Path) -> u64 {
         blocks.extend(start / BLOCK..(start + length).div_ceil(BLOCK));
     }
     blocks.len() as u64 * BLOCK
-}
-
-/// The thin volume `name` of the appliance on `disks`, read over NBD.
-fn volume_content(scratch: &Scratch, disks: &[PathBuf], name: &str) -> Vec<u8> {
-    let paths: Vec<&Path> = disks.iter().map(PathBuf::as_path).collect();
-    let served = HostServer::offline(Path::new(THINBOX), &paths, &[]).unwrap();
-    qemu_img_read(
-        &served.uri(name),
-        &scratch.path().join(format!("{name}.raw")),
-    )
-}
-
-/// A small deterministic generator, so failures replay.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
 }
 
 #[test]
@@ -471,17 +398,18 @@ fn an_import_cut_off_mid_copy_resumes_from_its_checkpoint() {
         "{transcript}"
     );
 
+    let saved = text(&exec(&disks, &["config show"]));
+    assert!(
+        saved.contains(&format!("import vm1 {} {uri}", 64 << 20)),
+        "{saved}"
+    );
+
     let output = exec(&disks, &["thin import --resume vm1"]);
     let transcript = text(&output);
     assert!(output.status.success(), "{transcript}");
-    // "vm1: imported 192.00 MiB from ... in 0.500 s: 70.00 MiB copied (...)".
-    let copied = transcript
-        .split(" s: ")
-        .nth(1)
-        .and_then(|rest| rest.split(" copied").next())
-        .unwrap_or_else(|| panic!("{transcript}"));
     assert_ne!(
-        copied, "150.00 MiB",
+        copied(&transcript),
+        "150.00 MiB",
         "the resumed import started over: {transcript}"
     );
     assert!(

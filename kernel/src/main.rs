@@ -124,11 +124,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
             console.input(byte, &mut serial);
         }
         let console_busy = console.poll(&mut serial);
-        let net_busy = network.as_ref().is_some_and(|stack| {
-            stack
-                .borrow_mut()
-                .poll(&mut nbd_server, memory::heap_usage().1 >= NBD_HEAP_RESERVE)
-        });
+        let net_busy = network
+            .as_ref()
+            .is_some_and(|stack| stack.borrow_mut().poll(&mut nbd_server));
         if console_busy || net_busy {
             continue;
         }
@@ -141,9 +139,6 @@ const NBD_LIMITS: nbd::Limits = nbd::Limits {
     max_requests: 64,
     max_buffered_bytes: 16 << 20,
 };
-/// Free heap below which no NBD connection takes new requests (one may bring a
-/// 32 MiB buffer), so clients wait instead of exhausting memory.
-const NBD_HEAP_RESERVE: usize = 48 << 20;
 
 /// Waits up to 100 ms for the first timer interrupt; without one the idle loop
 /// must not `hlt`.

@@ -812,6 +812,38 @@ impl ThinMetadata {
         Ok(runs)
     }
 
+    /// Unmaps the lowest `budget` mappings (at least one) in `begin..end`, so that
+    /// a long range is unmapped in bounded pieces. Returns what was unmapped (as
+    /// [`ThinMetadata::remove_range`] does) and the virtual block the rest of the
+    /// range starts at (`end` once nothing is left in it).
+    pub fn remove_range_bounded(
+        &mut self,
+        dev: u64,
+        begin: u64,
+        end: u64,
+        budget: u64,
+    ) -> Result<(Vec<RemovedRun>, u64)> {
+        let root = self.bottom_root(dev)?;
+        let mut cursor = Cursor::seek(&mut self.tm, root, begin, MAPPING_VALUE_SIZE)?;
+        let (mut found, mut rest) = (0, end);
+        while let Some((key, _)) = cursor.entry() {
+            if key >= end {
+                break;
+            }
+            if found == budget.max(1) {
+                rest = key;
+                break;
+            }
+            found += 1;
+            cursor.advance(&mut self.tm)?;
+        }
+        drop(cursor);
+        if found == 0 {
+            return Ok((Vec::new(), end));
+        }
+        Ok((self.remove_range(dev, begin, rest)?, rest))
+    }
+
     /// Runs `f` on the device's bottom tree after shadowing the top-level path to it
     /// (so sharing of the top level is broken first), then stores the new root.
     fn with_bottom_tree(

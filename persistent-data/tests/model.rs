@@ -172,13 +172,25 @@ impl Harness {
                 if let Some(dev) = self.pick_dev() {
                     let begin = self.rng.u64(..self.key_space);
                     let end = begin + self.rng.u64(..self.key_space / 4 + 1);
-                    let runs = self.md.remove_range(dev, begin, end).unwrap();
+                    // Half of the time in bounded pieces: the lowest `budget` mappings.
+                    let budget = self.rng.bool().then(|| 1 + self.rng.u64(..64));
+                    let (runs, rest) = match budget {
+                        Some(budget) => self
+                            .md
+                            .remove_range_bounded(dev, begin, end, budget)
+                            .unwrap(),
+                        None => (self.md.remove_range(dev, begin, end).unwrap(), end),
+                    };
                     let mappings = &mut self.model.devices.get_mut(&dev).unwrap().mappings;
-                    let want: Vec<(u64, u64)> = mappings
+                    let in_range: Vec<(u64, u64)> = mappings
                         .range(begin..end)
                         .map(|(&v, &(b, _))| (v, b))
                         .collect();
-                    for (v, _) in &want {
+                    let taken =
+                        budget.map_or(in_range.len(), |budget| in_range.len().min(budget as usize));
+                    let want = &in_range[..taken];
+                    assert_eq!(rest, in_range.get(taken).map_or(end, |&(v, _)| v));
+                    for (v, _) in want {
                         mappings.remove(v);
                     }
                     let got: Vec<(u64, u64)> = runs

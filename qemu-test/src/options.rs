@@ -154,6 +154,9 @@ pub struct Options {
     /// Disks among `disks` whose writes, flushes and discards QEMU records in a log
     /// file (dm-log-writes format, see [`crate::write_log`]), keyed by the disk's path.
     pub write_logs: HashMap<PathBuf, PathBuf>,
+    /// Disks among `disks` that QEMU's `blkdebug` driver fails as the rules in a
+    /// configuration file say, keyed by the disk's path (see [`Options::faulty_disk`]).
+    pub fault_rules: HashMap<PathBuf, PathBuf>,
     /// NVMe disks, one controller each: `nvme0n1`, `nvme1n1`, ...
     pub nvme: Vec<PathBuf>,
     pub memory_mib: u32,
@@ -175,6 +178,7 @@ impl Default for Options {
             image: None,
             disks: Vec::new(),
             write_logs: HashMap::new(),
+            fault_rules: HashMap::new(),
             nvme: Vec::new(),
             memory_mib: DEFAULT_MEMORY_MIB,
             accel: Accel::Tcg,
@@ -214,6 +218,18 @@ impl Options {
     pub fn logged_disk(mut self, path: impl Into<PathBuf>, log: impl Into<PathBuf>) -> Options {
         let path = path.into();
         self.write_logs.insert(path.clone(), log.into());
+        self.disks.push(path);
+        self
+    }
+
+    /// Adds a virtio-blk disk behind QEMU's `blkdebug` driver, which fails requests as
+    /// the rules in the existing file `rules` say (QEMU's blkdebug configuration
+    /// format: `[inject-error]`, `[set-state]`). The guest sees the same disk, serial
+    /// included, as [`Options::disk`] attaches, and the monitor's `qemu-io vdN ...`
+    /// reaches it through blkdebug (a rule may wait for an event such a command causes).
+    pub fn faulty_disk(mut self, path: impl Into<PathBuf>, rules: impl Into<PathBuf>) -> Options {
+        let path = path.into();
+        self.fault_rules.insert(path.clone(), rules.into());
         self.disks.push(path);
         self
     }
@@ -408,7 +424,16 @@ impl Options {
             let mut device = format!("virtio-blk-pci,drive=vd{index},serial={serial}");
             match self.write_logs.get(disk) {
                 None => {
-                    let drive = format!("file={},{DATA_DRIVE},id=vd{index}", drive_file(disk));
+                    let file = match self.fault_rules.get(disk) {
+                        None => format!("file={}", drive_file(disk)),
+                        Some(rules) => format!(
+                            "file.driver=blkdebug,file.config={},file.image.driver=file,\
+                             file.image.filename={}",
+                            drive_file(rules),
+                            drive_file(disk)
+                        ),
+                    };
+                    let drive = format!("{file},{DATA_DRIVE},id=vd{index}");
                     push(&["-drive", &drive]);
                 }
                 Some(log) => {
@@ -709,6 +734,19 @@ mod tests {
              -device virtio-blk-pci,drive=vd0,serial={} ",
             disk_serial(Path::new("/d/plain.img"))
         )));
+    }
+
+    #[test]
+    fn faulty_disks_go_through_blkdebug_with_their_usual_serial() {
+        let options = Options::bios().faulty_disk("/d/meta.img", "/d/meta.rules");
+        let line = args(&options, ConsoleMode::Pipes, None);
+        let expected = format!(
+            "-drive file.driver=blkdebug,file.config=/d/meta.rules,file.image.driver=file,\
+             file.image.filename=/d/meta.img,{DATA_DRIVE},id=vd0 \
+             -device virtio-blk-pci,drive=vd0,serial={} ",
+            disk_serial(Path::new("/d/meta.img"))
+        );
+        assert!(line.contains(&expected), "{expected:?} missing from {line}");
     }
 
     #[test]

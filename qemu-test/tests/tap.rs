@@ -1,8 +1,8 @@
 //! The appliance on a tap interface, in a network namespace of its own (see
 //! [`TapNetwork`]): a static address with `net set`, the NBD clients run inside the
-//! namespace, on both NICs; checksum offload on and off, jumbo frames, and the link
-//! going down and up during a copy. Needs root (CI runs as root); otherwise each test
-//! says why it is skipped.
+//! namespace, on both NICs; checksum offload on and off, jumbo frames, the link
+//! going down and up during a copy, and a transmit ring that stalls mid-copy. Needs
+//! root (CI runs as root); otherwise each test says why it is skipped.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -299,4 +299,56 @@ fn a_copy_survives_the_link_going_down_and_up() {
         served.read() == data,
         "the volume reads back different data"
     );
+}
+
+/// The e1000e's transmitter stops mid-copy (`net stall-tx` disables it, as a hung
+/// ring would be; QEMU finishes transmit descriptors whatever the link's state, so
+/// nothing outside the machine can stall the ring): the driver's watchdog resets
+/// the rings, `net` counts the reset, and the copy completes, over the same
+/// connection or, should the client have given up, a new one.
+#[test]
+fn a_stalled_transmit_ring_is_reset_and_the_copy_completes() {
+    let Some(mut served) = boot(
+        Nic::E1000e,
+        "a_stalled_transmit_ring_is_reset_and_the_copy_completes",
+    ) else {
+        return;
+    };
+    // `nic:     0 missed (no buffer), 0 send drops, 0 ring resets`
+    let resets = |served: &mut TapAppliance| served.net_figure("nic:", 7);
+    let before = resets(&mut served);
+    let source = served.file("source.img");
+    let data = random_image(&source, VOLUME, 6);
+    let uri = served.network.nbd_uri("vol");
+    let mut copy = served
+        .network
+        .command("nbdcopy")
+        .args(["--flush", &source.display().to_string(), &uri])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        served.appliance.console_ok("net stall-tx").unwrap(),
+        "e1000e: transmitter stopped; the watchdog resets the rings once frames wait 2 s"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while resets(&mut served) == before {
+        assert!(
+            Instant::now() < deadline,
+            "no ring reset after the stall: {}",
+            served.appliance.console_ok("net").unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if !copy.wait().unwrap().success() {
+        served.wait_until_served();
+        served.write(&source);
+    }
+    assert!(
+        served.read() == data,
+        "the volume reads back different data"
+    );
+    assert_eq!(resets(&mut served), before + 1);
 }

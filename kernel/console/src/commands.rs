@@ -81,8 +81,9 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     ),
     (
         "snap create NAME ORIGIN --cow DEV",
-        "snapshot a linear device, copying changed chunks to DEV (dm-snapshot, LVM's \
-         ORIGIN-real stack) [--chunk-size SECTORS] [--force: DEV holds data]",
+        "snapshot a linear device or a disk (which gets DISK-origin over it), copying \
+         changed chunks to DEV (dm-snapshot, LVM's ORIGIN-real stack) [--chunk-size \
+         SECTORS] [--force: DEV holds data]",
     ),
     (
         "snap merge NAME [--into THIN] [--background]",

@@ -4,7 +4,8 @@
 //!
 //! The stack, under LVM's names: `ORIGIN-real` takes the origin's table, `ORIGIN`
 //! becomes `snapshot-origin ORIGIN-real` (same device, so its NBD clients stay
-//! connected), `NAME` is `snapshot ORIGIN-real COW P CHUNK`. Each step is a dm change,
+//! connected), `NAME` is `snapshot ORIGIN-real COW P CHUNK`. A bare disk as ORIGIN
+//! first gets a linear device over all of it, `DISK-origin`, which is stacked so. Each step is a dm change,
 //! saved in the configuration. A merge is handed over as LVM does it (suspend the
 //! origin, load `snapshot-merge`, suspend the snapshot, resume the origin, remove the
 //! snapshot); when it ends, the origin goes back to its own table.
@@ -160,6 +161,8 @@ struct CreatePlan {
     /// The `-real` device, and whether it is made now (the origin is linear).
     real: String,
     new_real: bool,
+    /// The table of the origin device when it is made now (over a disk).
+    new_origin: Option<String>,
 }
 
 fn plan_create(
@@ -169,16 +172,12 @@ fn plan_create(
     cow: &str,
 ) -> Result<CreatePlan, CommandError> {
     dm.check_new_name(name)?;
-    if dm
+    if let Some(disk) = dm
         .disks()
         .iter()
-        .any(|disk| disk.name() == dm::bare_name(origin))
+        .find(|disk| disk.name() == dm::bare_name(origin))
     {
-        return Err(format!(
-            "snap create: {origin} is a disk; create a linear device over it (create vol \
-             --table \"0 SECTORS linear {origin} 0\") and snapshot that"
-        )
-        .into());
+        return plan_disk_origin(dm, disk.name(), disk.sectors(), cow);
     }
     let device = dm.device(origin)?;
     let origin = device.name().to_string();
@@ -221,6 +220,47 @@ fn plan_create(
         length: device.table().length(),
         real,
         new_real,
+        new_origin: None,
+    })
+}
+
+/// A disk as the origin: a linear device over all of it, `DISK-origin`, is made
+/// first and then stacked as any linear origin (`DISK-origin-real` takes its table);
+/// it is the device clients use from then on. The disk must have no other users.
+fn plan_disk_origin(
+    dm: &DeviceMapper,
+    disk: &str,
+    sectors: u64,
+    cow: &str,
+) -> Result<CreatePlan, CommandError> {
+    let origin = format!("{disk}-origin");
+    let real = format!("{origin}-real");
+    let users = dm.users_of(disk);
+    if !users.is_empty() {
+        return Err(format!(
+            "snap create: disk {disk} is in use by {}; snapshot the device that uses it{}",
+            users.join(", "),
+            if users.contains(&real.as_str()) {
+                format!(" ({origin})")
+            } else {
+                String::new()
+            }
+        )
+        .into());
+    }
+    for new in [&origin, &real] {
+        dm.check_new_name(new)
+            .map_err(|why| format!("snap create: {}", why.0))?;
+    }
+    if dm::bare_name(cow) == disk {
+        return Err("snap create: the COW device cannot be the origin".into());
+    }
+    Ok(CreatePlan {
+        length: sectors,
+        new_origin: Some(format!("0 {sectors} linear {disk} 0")),
+        origin,
+        real,
+        new_real: true,
     })
 }
 
@@ -274,16 +314,28 @@ fn build_stack(
         length,
         real,
         new_real,
+        new_origin,
     } = plan;
     let undo_real = |dm: &mut DeviceMapper| {
         if *new_real {
             let _ = dm.remove(real, false);
         }
+        if new_origin.is_some() {
+            let _ = dm.remove(origin, false);
+        }
     };
+    if let Some(table) = new_origin {
+        dm.create(origin, false, table, Format::IfBlank)?;
+    }
     if *new_real {
         let device = dm.device(origin)?;
         let (table, read_only) = (device.table().to_string(), device.read_only());
-        dm.create(real, read_only, &table, Format::IfBlank)?;
+        if let Err(error) = dm.create(real, read_only, &table, Format::IfBlank) {
+            if new_origin.is_some() {
+                let _ = dm.remove(origin, false);
+            }
+            return Err(error.into());
+        }
     }
     if let Err(error) = dm.suspend(origin) {
         let _ = dm.resume(origin);

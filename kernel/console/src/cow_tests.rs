@@ -226,7 +226,7 @@ fn refusals_are_one_error_line_and_change_nothing() {
     let cases = [
         (
             "snap create s vda --cow cow",
-            "vda is a disk; create a linear device over it",
+            "disk vda is in use by vol; snapshot the device that uses it",
         ),
         (
             "snap create s vol --cow cow --chunk-size 24",
@@ -293,4 +293,64 @@ fn refusals_are_one_error_line_and_change_nothing() {
         ),
         "{text}"
     );
+}
+
+#[test]
+fn a_bare_disk_gets_a_linear_origin_device_stacked_as_lvm_would() {
+    let disks = machine();
+    let (mut console, _) = boot(&disks);
+    ok(&mut console, "config init vdc");
+    disks[1].1.write_at(0, &pattern(1, SECTORS));
+    assert_eq!(
+        ok(&mut console, "snap create snap vdb --cow vda"),
+        "snap: snapshot of vdb-origin on vda: 0 8192 snapshot vdb-origin-real vda P 8\r\n"
+    );
+    assert_eq!(
+        lines(&run(&mut console, "table")),
+        [
+            "vdb-origin: 0 8192 snapshot-origin vdb-origin-real",
+            "vdb-origin-real: 0 8192 linear vdb 0",
+            "snap: 0 8192 snapshot vdb-origin-real vda P 8",
+        ]
+    );
+    let text = error(&mut console, "snap create again vdb --cow vda");
+    assert!(
+        text.contains(
+            "disk vdb is in use by vdb-origin-real; snapshot the device that uses it (vdb-origin)"
+        ),
+        "{text}"
+    );
+    let mut backend = nbd_backend(&console);
+    let (origin, _) = backend.open("vdb-origin", CLIENT).unwrap();
+    let mut now = pattern(1, SECTORS);
+    for k in 0..20u64 {
+        let data = pattern(100 + k, 8);
+        let sector = k * 200;
+        write(&mut backend, origin, sector, &data);
+        now[sector as usize * 512..][..data.len()].copy_from_slice(&data);
+    }
+    let (snap, _) = backend.open("snap", CLIENT).unwrap();
+    assert!(read_all(&mut backend, snap) == pattern(1, SECTORS));
+    assert!(read_all(&mut backend, origin) == now);
+    backend.close(snap, CLIENT);
+    // The stack survives a reboot; a merge takes the disk back to the snapshot and
+    // leaves the origin device linear over all of it, under the same name.
+    drop(console);
+    let (mut console, notes) = boot(&disks);
+    assert!(notes.contains("3 of 3 devices active"), "{notes}");
+    let mut backend = nbd_backend(&console);
+    let (origin, _) = backend.open("vdb-origin", CLIENT).unwrap();
+    assert!(read_all(&mut backend, origin) == now);
+    let out = ok(&mut console, "snap merge snap");
+    assert!(
+        out.contains(
+            "event: vdb-origin: merge complete, back on its table: 0 8192 linear vdb 0\r\n"
+        ),
+        "{out}"
+    );
+    assert_eq!(lines(&run(&mut console, "ls")), ["vdb-origin  (linear)"]);
+    assert!(read_all(&mut backend, origin) == pattern(1, SECTORS));
+    let mut on_disk = alloc::vec![0u8; SECTORS as usize * 512];
+    disks[1].1.read_at(0, &mut on_disk);
+    assert!(on_disk == pattern(1, SECTORS));
 }

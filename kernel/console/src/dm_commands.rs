@@ -478,6 +478,9 @@ fn show_config(dm: &DeviceMapper, out: &mut dyn Write) {
     for record in dm.origin_records() {
         outln!(out, "{}", record.encode());
     }
+    for record in dm.saved_imports() {
+        outln!(out, "{}", record.encode());
+    }
 }
 
 /// An identifier for a new configuration area, different for every disk and moment

@@ -35,12 +35,14 @@ mod job;
 mod merge_commands;
 mod net;
 mod pool_commands;
+mod snap_create;
 mod tokenize;
 mod units;
 
 pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
 pub use net::{
-    AddressMode, Ipv4Config, LinkSettings, NetCounters, NetStatus, Network, NicCounters,
+    AddressMode, Ipv4Config, LinkSettings, NbdPressure, NetCounters, NetStatus, Network,
+    NicCounters,
 };
 pub use tokenize::{TokenizeError, tokenize};
 

@@ -13,7 +13,9 @@ use core::net::Ipv4Addr;
 use crate::{CommandError, Console, Platform, outln};
 
 mod link;
+mod pressure;
 use dm::human_bytes;
+pub use pressure::NbdPressure;
 
 /// How the interface gets its address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +69,7 @@ pub struct NetCounters {
     pub tcp_open: u64,
     /// TCP connections accepted since start-up.
     pub tcp_accepted: u64,
+    pub nbd: NbdPressure,
 }
 
 /// What `net` shows.
@@ -92,6 +95,10 @@ pub trait Network {
     fn use_dhcp(&mut self);
     /// Sets the MTU and checksum offload; the error says what the NIC cannot do.
     fn configure_link(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), String>;
+    /// Stops the NIC's transmitter the way a hung ring stops it, for testing the
+    /// driver's stall watchdog; returns the driver's name. NICs without a watchdog
+    /// refuse.
+    fn stall_transmitter(&mut self) -> Result<&'static str, String>;
 }
 
 const USAGE: &str = "usage: net | net set ADDRESS/PREFIX GATEWAY | net dhcp | net mtu BYTES | \
@@ -119,6 +126,7 @@ impl<P: Platform> Console<P> {
                 network.use_dhcp();
                 outln!(out, "address: requesting one by DHCP");
             }
+            [stall] if stall == "stall-tx" => link::stall_transmitter(network, out)?,
             [setting, value] if setting == "mtu" || setting == "offload" => {
                 link::configure(network, setting, value, out)?;
             }
@@ -180,6 +188,7 @@ fn show(status: &NetStatus, out: &mut dyn Write) {
         c.nic.tx_queue_full
     );
     link::show(status, out);
+    pressure::show(&c.nbd, out);
 }
 
 /// Checks `ADDRESS/PREFIX GATEWAY`: a unicast host address inside its subnet and a

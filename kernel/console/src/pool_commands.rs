@@ -3,13 +3,17 @@
 //! pool messages an operator could type, so the configuration and `table` show
 //! nothing new.
 
+use alloc::boxed::Box;
 use alloc::format;
+use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 
 use dm::{DeviceMapper, Format, PoolPart, Target, bare_name, human_bytes};
 
+use crate::job::{Job, Progress};
+use crate::snap_create::SnapCreate;
 use crate::{CommandError, Console, Platform, outln};
 
 /// Sectors per data block unless `--block-size` says otherwise (64 KiB, dm's minimum).
@@ -229,13 +233,31 @@ impl<P: Platform> Console<P> {
         let external = thin.origin_dev.clone();
         let sectors = origin_device.table().length();
         let origin_id = thin.dev_id;
-        let (dev, table) =
-            dm.new_thin(name, &pool, sectors, external.as_deref(), Some(origin_id))?;
-        outln!(
-            out,
-            "{name}: snapshot {dev} of thin device {origin_id} in {pool}: {table}"
-        );
-        Ok(())
+        dm.check_new_name(name)?;
+        dm.pool(&pool)?;
+        let quiesce = dm.start_quiesce(origin)?;
+        drop(dm);
+        let mut job = SnapCreate {
+            dm: Rc::clone(&self.dm),
+            quiesce: Some(quiesce),
+            name: name.clone(),
+            pool,
+            sectors,
+            external,
+            origin_id,
+            cancelled: false,
+        };
+        // Usually the origin is quiet at once; else the job goes on from the poll.
+        let mut context = crate::job::Context {
+            clock: &|| self.platform.now_ns(),
+        };
+        match job.step(&mut context, out) {
+            Progress::Finished(result) => result,
+            Progress::Running => {
+                self.job = Some(Box::new(job));
+                Ok(())
+            }
+        }
     }
 
     pub(crate) fn dump_command(

@@ -191,6 +191,23 @@ fn target_jobs(
                     cancellable: false,
                 });
             }
+            for discard in pool.discards() {
+                jobs.push(JobStatus {
+                    id: format!("{name}/discard-{}@{}", discard.dev, discard.sector),
+                    device: String::from(name),
+                    what: format!(
+                        "discard of thin device {}, sectors {}..{}",
+                        discard.dev,
+                        discard.sector,
+                        discard.sector + discard.sectors
+                    ),
+                    done: discard.done,
+                    total: discard.sectors,
+                    unit: "sectors",
+                    started_ns: discard.started_ns,
+                    cancellable: false,
+                });
+            }
         }
         TargetIo::Formatting(formatting) => jobs.push(formatting.status(name)),
         TargetIo::Linear(_) | TargetIo::Thin(_) | TargetIo::Snapshot(_) => {}
@@ -204,6 +221,12 @@ fn target_refusal(status: &JobStatus) -> String {
             "{} cannot be cancelled: a half-formatted pool is of no use; remove {} to stop \
              it (its metadata device is formatted again when the pool is created again)",
             status.id, status.device
+        );
+    }
+    if status.what.starts_with("discard") {
+        return format!(
+            "{} cannot be cancelled: an NBD client waits for this discard; it finishes on its own",
+            status.id
         );
     }
     if status.id.ends_with("-replaced") {

@@ -18,7 +18,7 @@ use crate::device::State;
 use crate::jobs::JobStatus;
 use crate::mapper::DeviceMapper;
 use crate::table::{Table, Target, bare_name};
-use crate::targets::{Role, SnapshotIo, SnapshotList, TargetIo};
+use crate::targets::{CowIo, LinearIo, Role, Scope, SnapshotIo, SnapshotList, TargetIo};
 
 /// The target of a `snapshot-origin`, `snapshot` or `snapshot-merge` segment.
 pub(crate) fn parse_target(kind: &str, args: &[&str]) -> Result<Target, String> {
@@ -86,10 +86,8 @@ impl DeviceMapper {
         match table.target() {
             Target::SnapshotOrigin { origin } => {
                 let span = self.span(&self.fit(origin, 0, length)?, read_only);
-                let role = Role::Origin {
-                    origin: span,
-                    snapshots: self.snapshot_list(origin),
-                };
+                let scope = Scope::Origin(self.snapshot_list(origin));
+                let role = Role::Cow(Box::new(CowIo::new(scope, LinearIo::new(span))));
                 Ok((SnapshotIo::new(role, length, read_only), Vec::new()))
             }
             Target::Snapshot(args) => {
@@ -107,8 +105,19 @@ impl DeviceMapper {
                 self.snapshot_list(&args.origin)
                     .borrow_mut()
                     .push(Rc::downgrade(&shared));
-                let io = SnapshotIo::new(Role::Snapshot(shared), length, read_only);
-                Ok((io, notes))
+                // The device's own handles (the snapshot's carry its batches); the
+                // origin is written only by discards passed down.
+                let passdown = args.discard_passdown_origin && !read_only;
+                let origin = self.span(&self.fit(&args.origin, 0, length)?, !passdown);
+                let cow = self.span(&self.windows(&args.cow)?, read_only);
+                let scope = Scope::Snapshot {
+                    snapshot: shared,
+                    cow: Box::new(LinearIo::new(cow)),
+                    discard_zeroes_cow: args.discard_zeroes_cow,
+                    discard_passdown_origin: passdown,
+                };
+                let role = Role::Cow(Box::new(CowIo::new(scope, LinearIo::new(origin))));
+                Ok((SnapshotIo::new(role, length, read_only), notes))
             }
             Target::SnapshotMerge(args) => {
                 let (io, notes) = self.merge_target(reloading, args, length, read_only)?;
@@ -175,10 +184,10 @@ impl DeviceMapper {
         let source = self
             .snapshot_devices()
             .find_map(|(name, target, io, suspended)| match (target, io.role()) {
-                (Target::Snapshot(other), Role::Snapshot(shared))
+                (Target::Snapshot(other), Role::Cow(cow_io))
                     if other.cow == args.cow && other.origin == args.origin =>
                 {
-                    Some((name, Rc::clone(shared), suspended))
+                    Some((name, Rc::clone(cow_io.snapshot()?), suspended))
                 }
                 _ => None,
             });

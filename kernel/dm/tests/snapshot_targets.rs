@@ -4,9 +4,12 @@
 //! by `tick` while an NBD client writes, a merge resumed after a power cut, and the
 //! refusals with dm's messages.
 
-use blockdev::{IoBuf, MemDisk};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use blockdev::{BlockDevice, Busy, Command, Completion, DeviceInfo, IoBuf, MemDisk, Request};
 use dm::{DeviceMapper, Disk, Format};
-use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput, IoRequest};
+use nbd::{Backend, BackendError, ExportHandle, IoCompletion, IoOp, IoOutput, IoRequest};
 
 /// The address NBD clients of these tests connect from.
 const CLIENT: std::net::SocketAddr =
@@ -70,6 +73,11 @@ fn pattern(seed: u64, sectors: u64) -> Vec<u8> {
 
 /// `base` (linear over vda) with data, then LVM's snapshot set-up with COW vdb.
 fn with_snapshot(origin: &MemDisk, cow: &MemDisk) -> (DeviceMapper, ExportHandle) {
+    with_snapshot_args(origin, cow, "P 8")
+}
+
+/// [`with_snapshot`] whose snapshot table ends with `args` (store, chunk, features).
+fn with_snapshot_args(origin: &MemDisk, cow: &MemDisk, args: &str) -> (DeviceMapper, ExportHandle) {
     origin.write_at(0, &pattern(1, SECTORS));
     let mut dm = mapper(&[("vda", origin), ("vdb", cow)]);
     dm.create("base", false, "0 4096 linear vda 0", Format::IfBlank)
@@ -81,7 +89,7 @@ fn with_snapshot(origin: &MemDisk, cow: &MemDisk) -> (DeviceMapper, ExportHandle
     dm.create(
         "snap",
         false,
-        "0 4096 snapshot base-real vdb P 8",
+        &format!("0 4096 snapshot base-real vdb {args}"),
         Format::IfBlank,
     )
     .unwrap();
@@ -329,4 +337,406 @@ fn a_second_merge_and_a_merge_of_an_invalid_snapshot_are_refused() {
         error.contains("Snapshot is invalid: can't merge"),
         "{error}"
     );
+}
+
+/// A disk double that holds the writes to a window while its gate is closed: they
+/// stay in flight (not written, not completed) until it opens.
+struct Gated {
+    disk: MemDisk,
+    gate: Rc<RefCell<Gate>>,
+}
+
+#[derive(Default)]
+struct Gate {
+    /// Sectors whose writes are held, while closed.
+    closed: Option<std::ops::Range<u64>>,
+    held: Vec<Request>,
+}
+
+impl BlockDevice for Gated {
+    fn info(&self) -> &DeviceInfo {
+        self.disk.info()
+    }
+
+    fn submit(&mut self, request: Request) -> Result<(), Busy> {
+        let mut gate = self.gate.borrow_mut();
+        if let (Some(window), Command::Write { sector, buf, .. }) = (&gate.closed, &request.command)
+            && *sector < window.end
+            && window.start < sector + buf.sectors()
+        {
+            gate.held.push(request);
+            return Ok(());
+        }
+        if !gate.closed.is_some() {
+            for held in std::mem::take(&mut gate.held) {
+                self.disk.submit(held).expect("room for a held write");
+            }
+        }
+        self.disk.submit(request)
+    }
+
+    fn poll(&mut self) -> Option<Completion> {
+        let mut gate = self.gate.borrow_mut();
+        if gate.closed.is_none() {
+            for held in std::mem::take(&mut gate.held) {
+                self.disk.submit(held).expect("room for a held write");
+            }
+        }
+        self.disk.poll()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.disk.in_flight() + self.gate.borrow().held.len()
+    }
+}
+
+/// Polls until the request tagged `tag` completes (at most `rounds` ticks), keeping
+/// the completions of the others.
+fn wait_for(
+    dm: &mut DeviceMapper,
+    tag: u64,
+    kept: &mut Vec<IoCompletion>,
+    rounds: usize,
+) -> Option<Result<IoOutput, BackendError>> {
+    if let Some(at) = kept.iter().position(|done| done.tag == tag) {
+        return Some(kept.remove(at).result);
+    }
+    for _ in 0..rounds {
+        while let Some(done) = dm.poll() {
+            if done.tag == tag {
+                return Some(done.result);
+            }
+            kept.push(done);
+        }
+        dm.tick(&|| 0);
+    }
+    None
+}
+
+#[test]
+fn a_copy_out_holds_only_the_write_that_needs_it() {
+    let origin = MemDisk::new(SECTORS);
+    origin.write_at(0, &pattern(1, SECTORS));
+    let cow = MemDisk::new(2048);
+    let gate = Rc::new(RefCell::new(Gate::default()));
+    let gated = Gated {
+        disk: cow.handle(),
+        gate: Rc::clone(&gate),
+    };
+    let mut dm = DeviceMapper::new(vec![
+        Disk {
+            name: "vda".into(),
+            device: Box::new(origin.handle()),
+        },
+        Disk {
+            name: "vdb".into(),
+            device: Box::new(gated),
+        },
+    ]);
+    dm.create("base-real", false, "0 4096 linear vda 0", Format::IfBlank)
+        .unwrap();
+    dm.create(
+        "snap",
+        false,
+        "0 4096 snapshot base-real vdb P 8",
+        Format::IfBlank,
+    )
+    .unwrap();
+    dm.create(
+        "base",
+        false,
+        "0 4096 snapshot-origin base-real",
+        Format::IfBlank,
+    )
+    .unwrap();
+    let (base, _) = dm.open("base", CLIENT).unwrap();
+    let (snap, _) = dm.open("snap", CLIENT).unwrap();
+    // A write to chunk 1 of the origin needs a copy-out; the COW holds every write.
+    gate.borrow_mut().closed = Some(0..2048);
+    let submit = |dm: &mut DeviceMapper, tag, export, op| {
+        dm.submit(IoRequest { tag, export, op }).expect("room");
+    };
+    let new_data = pattern(2, 8);
+    let write = |sector, data: &[u8]| IoOp::Write {
+        sector,
+        buf: IoBuf::from_slice(data),
+        fua: false,
+    };
+    let read_op = |sector, sectors| IoOp::Read {
+        sector,
+        buf: IoBuf::with_sectors(sectors),
+    };
+    submit(&mut dm, 1, base, write(8, &new_data));
+    // Reads of other chunks of both devices and of the chunk being copied through
+    // the snapshot complete while the copy waits at the COW; a write to another
+    // chunk that needs a copy-out waits for the snapshot's batch.
+    submit(&mut dm, 2, base, read_op(80, 16));
+    submit(&mut dm, 3, snap, read_op(160, 8));
+    submit(&mut dm, 4, snap, read_op(8, 8));
+    submit(&mut dm, 5, base, write(400, &pattern(3, 8)));
+    let mut kept = Vec::new();
+    let data_of = |result: Option<Result<IoOutput, BackendError>>| match result {
+        Some(Ok(IoOutput::Read { buf, .. })) => buf.to_vec(),
+        other => panic!("read: {other:?}"),
+    };
+    assert_eq!(
+        data_of(wait_for(&mut dm, 2, &mut kept, 50)),
+        pattern(1, SECTORS)[80 * 512..96 * 512]
+    );
+    assert_eq!(
+        data_of(wait_for(&mut dm, 3, &mut kept, 50)),
+        pattern(1, SECTORS)[160 * 512..168 * 512]
+    );
+    assert_eq!(
+        data_of(wait_for(&mut dm, 4, &mut kept, 50)),
+        pattern(1, SECTORS)[8 * 512..16 * 512],
+        "the chunk being copied reads its old data through the snapshot"
+    );
+    assert!(
+        wait_for(&mut dm, 1, &mut kept, 50).is_none() && kept.is_empty(),
+        "the writes wait: {kept:?}"
+    );
+    assert!(
+        !gate.borrow().held.is_empty(),
+        "the copy is held at the COW"
+    );
+    let mut on_origin = vec![0u8; 8 * 512];
+    origin.read_at(8 * 512, &mut on_origin);
+    assert_eq!(on_origin, pattern(1, SECTORS)[8 * 512..16 * 512]);
+    // The first copy-out's chunk is allocated; the second waits for its batch.
+    assert_eq!(status(&dm, "snap"), "0 4096 snapshot 24/2048 16");
+    // Open the gate: both copy-outs commit, then both writes go to the origin.
+    gate.borrow_mut().closed = None;
+    assert!(matches!(wait_for(&mut dm, 1, &mut kept, 200), Some(Ok(_))));
+    assert!(matches!(wait_for(&mut dm, 5, &mut kept, 200), Some(Ok(_))));
+    assert_eq!(status(&dm, "snap"), "0 4096 snapshot 32/2048 16");
+    assert_eq!(read(&mut dm, base, 8, 8), new_data);
+    assert_eq!(read(&mut dm, base, 400, 8), pattern(3, 8));
+    assert_eq!(
+        read(&mut dm, snap, 8, 8),
+        pattern(1, SECTORS)[8 * 512..16 * 512]
+    );
+    assert_eq!(
+        read(&mut dm, snap, 400, 8),
+        pattern(1, SECTORS)[400 * 512..408 * 512]
+    );
+}
+
+/// A request of a concurrency round: on which device, what, and where.
+struct Planned {
+    snapshot: bool,
+    write: bool,
+    sector: u64,
+    sectors: u64,
+}
+
+fn overlaps(a: &Planned, b: &Planned) -> bool {
+    a.snapshot == b.snapshot && a.sector < b.sector + b.sectors && b.sector < a.sector + a.sectors
+}
+
+#[test]
+fn concurrent_requests_to_origin_and_snapshot_agree_with_a_model() {
+    let info = |sectors| DeviceInfo {
+        sectors,
+        read_only: false,
+        discard: true,
+        max_transfer_sectors: 64,
+        queue_depth: 4,
+        model: "m".into(),
+        serial: "s".into(),
+    };
+    for seed in 1..=4u64 {
+        let (origin, cow) = (
+            MemDisk::with_info(info(SECTORS)),
+            MemDisk::with_info(info(8192)),
+        );
+        origin.write_at(0, &pattern(seed, SECTORS));
+        let shuffled = |disk: &MemDisk, salt| {
+            let mut handle = disk.handle();
+            handle.shuffle_completions(seed * 10 + salt);
+            Box::new(handle)
+        };
+        let mut dm = DeviceMapper::new(vec![
+            Disk {
+                name: "vda".into(),
+                device: shuffled(&origin, 1),
+            },
+            Disk {
+                name: "vdb".into(),
+                device: shuffled(&cow, 2),
+            },
+        ]);
+        dm.create("base-real", false, "0 4096 linear vda 0", Format::IfBlank)
+            .unwrap();
+        dm.create(
+            "snap",
+            false,
+            "0 4096 snapshot base-real vdb P 16",
+            Format::IfBlank,
+        )
+        .unwrap();
+        dm.create(
+            "base",
+            false,
+            "0 4096 snapshot-origin base-real",
+            Format::IfBlank,
+        )
+        .unwrap();
+        let (base, _) = dm.open("base", CLIENT).unwrap();
+        let (snap, _) = dm.open("snap", CLIENT).unwrap();
+        let mut models = [pattern(seed, SECTORS), pattern(seed, SECTORS)];
+        let mut rng = fastrand::Rng::with_seed(seed);
+        for round in 0..60u64 {
+            let mut planned: Vec<Planned> = Vec::new();
+            for _ in 0..rng.usize(1..8) {
+                let sectors = rng.u64(1..40);
+                let candidate = Planned {
+                    snapshot: rng.bool(),
+                    write: rng.u8(..3) == 0,
+                    sector: rng.u64(..SECTORS - sectors),
+                    sectors,
+                };
+                // Overlapping requests of one device in one round have no defined order.
+                let clash = planned
+                    .iter()
+                    .any(|other| (other.write || candidate.write) && overlaps(other, &candidate));
+                if !clash {
+                    planned.push(candidate);
+                }
+            }
+            for (tag, request) in planned.iter().enumerate() {
+                let op = if request.write {
+                    IoOp::Write {
+                        sector: request.sector,
+                        buf: IoBuf::from_slice(&pattern(round * 100 + tag as u64, request.sectors)),
+                        fua: rng.bool(),
+                    }
+                } else {
+                    IoOp::Read {
+                        sector: request.sector,
+                        buf: IoBuf::with_sectors(request.sectors as usize),
+                    }
+                };
+                let export = if request.snapshot { snap } else { base };
+                dm.submit(IoRequest {
+                    tag: tag as u64,
+                    export,
+                    op,
+                })
+                .expect("room");
+            }
+            let mut kept = Vec::new();
+            for (tag, request) in planned.iter().enumerate() {
+                let result = wait_for(&mut dm, tag as u64, &mut kept, 1000).expect("completes");
+                let (start, end) = (
+                    request.sector as usize * 512,
+                    (request.sector + request.sectors) as usize * 512,
+                );
+                let model = &models[usize::from(request.snapshot)];
+                match result {
+                    Ok(IoOutput::Read { buf, .. }) => assert!(
+                        buf[..] == model[start..end],
+                        "seed {seed} round {round}: read {}..+{} of {}",
+                        request.sector,
+                        request.sectors,
+                        if request.snapshot { "snap" } else { "base" }
+                    ),
+                    Ok(_) => {}
+                    Err(error) => panic!("seed {seed} round {round}: {error:?}"),
+                }
+            }
+            for (tag, request) in planned.iter().enumerate().filter(|(_, r)| r.write) {
+                let (start, end) = (
+                    request.sector as usize * 512,
+                    (request.sector + request.sectors) as usize * 512,
+                );
+                models[usize::from(request.snapshot)][start..end]
+                    .copy_from_slice(&pattern(round * 100 + tag as u64, request.sectors));
+            }
+        }
+        assert!(read(&mut dm, base, 0, SECTORS as usize) == models[0]);
+        assert!(read(&mut dm, snap, 0, SECTORS as usize) == models[1]);
+        // What is on the disks loads again with the same content.
+        drop(dm);
+        let mut dm = mapper(&[("vda", &origin), ("vdb", &cow)]);
+        dm.create(
+            "snap",
+            false,
+            "0 4096 snapshot vda vdb P 16",
+            Format::IfBlank,
+        )
+        .unwrap();
+        let (snap, _) = dm.open("snap", CLIENT).unwrap();
+        assert!(read(&mut dm, snap, 0, SECTORS as usize) == models[1]);
+        let mut on_origin = vec![0u8; SECTORS as usize * 512];
+        origin.read_at(0, &mut on_origin);
+        assert!(on_origin == models[0]);
+    }
+}
+
+fn trim(dm: &mut DeviceMapper, export: ExportHandle, sector: u64, sectors: u64) {
+    let op = IoOp::Trim {
+        sector,
+        sectors,
+        fua: false,
+    };
+    run(dm, export, op).expect("trim");
+}
+
+#[test]
+fn discards_do_what_dm_snapshot_does_with_them() {
+    let old = pattern(1, SECTORS);
+    let chunk = |n: usize| &old[n * 4096..(n + 1) * 4096];
+    let zeros = vec![0u8; 4096];
+    for features in [
+        "",
+        " 1 discard_zeroes_cow",
+        " 2 discard_zeroes_cow discard_passdown_origin",
+    ] {
+        let (origin, cow) = (MemDisk::new(SECTORS), MemDisk::new(2048));
+        let (mut dm, base) = with_snapshot_args(&origin, &cow, &format!("P 8{features}"));
+        let (snap, _) = dm.open("snap", CLIENT).unwrap();
+        // Chunk 40 has an exception (an origin write copied it out), 41 too (the
+        // snapshot's own write), 42 has none.
+        write(&mut dm, base, 40 * 8, &pattern(2, 8));
+        write(&mut dm, snap, 41 * 8, &pattern(3, 8));
+        let before = status(&dm, "snap");
+        // The origin has no discard: a trim completes and changes nothing.
+        trim(&mut dm, base, 0, 4096);
+        assert_eq!(read(&mut dm, base, 40 * 8, 8), pattern(2, 8));
+        assert_eq!(read(&mut dm, base, 42 * 8, 8), chunk(42));
+        trim(&mut dm, snap, 40 * 8, 3 * 8);
+        assert_eq!(status(&dm, "snap"), before, "{features}");
+        let (c40, c41, c42) = (
+            read(&mut dm, snap, 40 * 8, 8),
+            read(&mut dm, snap, 41 * 8, 8),
+            read(&mut dm, snap, 42 * 8, 8),
+        );
+        let mut on_origin = vec![0u8; 3 * 4096];
+        origin.read_at(40 * 4096, &mut on_origin);
+        match features {
+            // No discard support: nothing changes.
+            "" => {
+                assert_eq!(
+                    (c40.as_slice(), c41.as_slice()),
+                    (chunk(40), &pattern(3, 8)[..])
+                );
+                assert_eq!(c42, chunk(42));
+                assert_eq!(on_origin[4096..8192], *chunk(41));
+            }
+            // Whole chunks with an exception read zeros; the others read the origin.
+            " 1 discard_zeroes_cow" => {
+                assert_eq!((c40.as_slice(), c41.as_slice()), (&zeros[..], &zeros[..]));
+                assert_eq!(c42, chunk(42));
+                assert_eq!(on_origin[..4096], pattern(2, 8)[..]);
+                assert_eq!(on_origin[8192..], *chunk(42));
+            }
+            // And the origin is discarded too, with no copy-out.
+            _ => {
+                assert_eq!((c40.as_slice(), c41.as_slice()), (&zeros[..], &zeros[..]));
+                assert_eq!(c42, zeros, "chunk 42 reads the discarded origin");
+                assert!(on_origin.iter().all(|&byte| byte == 0));
+            }
+        }
+    }
 }

@@ -15,6 +15,7 @@ use blockdev::IoBuf;
 use core::net::SocketAddr;
 
 use crate::backend::{Backend, ExportHandle, ExportInfo, IoRequest};
+use crate::budget::MemoryBudget;
 use crate::contexts::{OpenContexts, Selection};
 use crate::output::OutQueue;
 use crate::wire::*;
@@ -61,6 +62,9 @@ pub(crate) enum Phase {
         remaining: u64,
         rejection: Rejection,
     },
+    /// A read or write whose header (kept in `header`) arrived when its buffer did
+    /// not fit in the server's [`MemoryBudget`]; handled again once memory is freed.
+    AwaitingMemory,
     /// No more input is read.
     Stopped,
 }
@@ -121,6 +125,7 @@ pub(crate) enum Ending {
 pub(crate) struct Shared<'a, B> {
     pub backend: &'a mut B,
     pub next_tag: &'a mut u64,
+    pub memory: &'a mut MemoryBudget,
 }
 
 pub(crate) struct Connection {
@@ -186,7 +191,7 @@ impl Connection {
 
     /// True when the connection would take input now.
     pub fn wants_input(&self, limits: &Limits) -> bool {
-        if self.ending != Ending::No || self.detached {
+        if self.ending != Ending::No || self.detached || self.awaiting_memory() {
             return false;
         }
         let at_boundary = self.header_len == 0
@@ -195,8 +200,25 @@ impl Connection {
     }
 
     fn over_limits(&self, limits: &Limits) -> bool {
-        self.in_flight.len() >= limits.max_requests
-            || self.buffered + self.out.len() >= limits.max_buffered_bytes
+        self.in_flight.len() >= limits.max_requests || self.footprint() >= limits.max_buffered_bytes
+    }
+
+    /// Bytes this connection holds: request buffers and replies not yet sent.
+    pub fn footprint(&self) -> usize {
+        self.buffered + self.out.len()
+    }
+
+    /// Whether a request is parked until memory is freed.
+    pub fn awaiting_memory(&self) -> bool {
+        matches!(self.phase, Phase::AwaitingMemory)
+    }
+
+    /// Tries the parked request again (the budget in `shared` may have room now).
+    pub fn resume<B: Backend>(&mut self, shared: &mut Shared<'_, B>) {
+        if self.awaiting_memory() {
+            self.phase = Phase::RequestHeader;
+            self.on_request_header(shared);
+        }
     }
 
     /// Takes bytes from `data`; returns how many were used (the rest must be offered
@@ -217,7 +239,7 @@ impl Connection {
                 Phase::OptionData { code, len } => self.take_option_data(rest, code, len, shared),
                 Phase::OptionSkip { .. } | Phase::SkipPayload { .. } => self.take_skipped(rest),
                 Phase::WritePayload(_) => self.take_payload(rest, shared),
-                Phase::Stopped => break,
+                Phase::AwaitingMemory | Phase::Stopped => break,
             };
         }
         used

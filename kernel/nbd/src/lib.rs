@@ -30,6 +30,7 @@ extern crate alloc;
 extern crate std;
 
 mod backend;
+mod budget;
 pub mod client;
 mod connection;
 mod contexts;
@@ -48,6 +49,7 @@ pub use backend::{
     IoOutput, IoRequest, OpenError, QueueFull,
 };
 pub use blockdev::{Extent, SectorRun};
+pub use budget::MemoryUse;
 pub use connection::Limits;
 pub use memory::{CompletionOrder, MemoryBackend, MemoryExport, MemoryStats};
 pub use options::{MAX_OPTION_DATA, MAX_PAYLOAD, MIN_BLOCK_SIZE};

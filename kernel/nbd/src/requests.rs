@@ -8,6 +8,7 @@ use alloc::vec::Vec;
 use blockdev::{IoBuf, SECTOR_SIZE};
 
 use crate::backend::{Backend, BackendError, IoOp, IoOutput, IoRequest};
+use crate::budget::Admission;
 use crate::connection::{Connection, InFlight, PendingWrite, Phase, Rejection, ReplyKind, Shared};
 use crate::options::{BASE_ALLOCATION_ID, MAX_PAYLOAD, MIN_BLOCK_SIZE};
 use crate::reply::{chunk_header, data_chunk, error_chunk, hole_chunk, simple_reply};
@@ -53,6 +54,8 @@ enum Plan {
     WriteZeroes,
     Cache,
     BlockStatus,
+    /// A read or write whose buffer must wait for memory.
+    AwaitMemory,
 }
 
 fn command_name(command: u16) -> &'static str {
@@ -87,7 +90,10 @@ impl Connection {
             self.stop(false);
             return;
         }
-        match self.check(&header) {
+        let planned = self
+            .check(&header)
+            .and_then(|plan| self.reserve(&header, plan, shared));
+        match planned {
             Err(rejection) if header.command == CMD_WRITE && header.len > 0 => {
                 // The payload follows anyway: skip it (without storing it) to stay in
                 // step, then answer.
@@ -193,6 +199,33 @@ impl Connection {
         })
     }
 
+    /// Checks a read's or write's buffer against the server's memory budget: it
+    /// waits when other requests hold the memory, and is refused when it could never
+    /// fit.
+    fn reserve<B: Backend>(
+        &self,
+        header: &Header,
+        plan: Plan,
+        shared: &mut Shared<'_, B>,
+    ) -> Result<Plan, Rejection> {
+        if !matches!(plan, Plan::Read | Plan::Write) {
+            return Ok(plan);
+        }
+        match shared.memory.admit(self.footprint(), header.len as usize) {
+            Admission::Take => Ok(plan),
+            Admission::Wait => Ok(Plan::AwaitMemory),
+            Admission::Refuse => Err(Rejection {
+                cookie: header.cookie,
+                error: ENOMEM,
+                message: format!(
+                    "{} of {} bytes does not fit in the server's memory now",
+                    command_name(header.command),
+                    header.len
+                ),
+            }),
+        }
+    }
+
     /// Starts an accepted request: waits for a write's payload, or queues the
     /// operation for the backend.
     fn start<B: Backend>(&mut self, header: &Header, plan: Plan, shared: &mut Shared<'_, B>) {
@@ -211,6 +244,10 @@ impl Connection {
             }
             Plan::Nothing => {
                 simple_reply(&mut self.out, header.cookie, 0);
+                return;
+            }
+            Plan::AwaitMemory => {
+                self.phase = Phase::AwaitingMemory;
                 return;
             }
             Plan::Write => {

@@ -12,6 +12,7 @@ use alloc::vec::Vec;
 use core::net::SocketAddr;
 
 use crate::backend::{Access, Backend, QueueFull};
+use crate::budget::{MemoryBudget, MemoryUse};
 use crate::connection::{Connection, Ending, Limits, Shared};
 
 /// Names one connection of a [`Server`]; never reused.
@@ -32,6 +33,12 @@ pub struct Server<B> {
     shutting_down: bool,
     /// The backend's access generation the open connections were last checked at.
     access_generation: u64,
+    /// Memory all connections may hold; `others` is set whenever it is lent.
+    memory: MemoryBudget,
+    /// Bytes all connections hold (exact after each poll, kept current in between).
+    held: usize,
+    /// The parked connection that gets memory first next time.
+    resume_first: ConnectionId,
 }
 
 impl<B: Backend> Server<B> {
@@ -46,6 +53,33 @@ impl<B: Backend> Server<B> {
             next_tag: 0,
             submit_first: ConnectionId(0),
             shutting_down: false,
+            memory: MemoryBudget::new(),
+            held: 0,
+            resume_first: ConnectionId(0),
+        }
+    }
+
+    /// Bounds the bytes all connections together hold in request buffers and queued
+    /// replies (no bound unless set). A read or write that does not fit waits, its
+    /// connection parked, until completions free memory; one larger than the bound
+    /// with nothing else held is refused with `ENOMEM`. The transport may change
+    /// the bound at any time, e.g. from the free memory it sees.
+    pub fn set_memory_limit(&mut self, bytes: usize) {
+        self.memory.limit = bytes;
+    }
+
+    /// What connections hold now and how often requests waited for memory.
+    pub fn memory_use(&self) -> MemoryUse {
+        MemoryUse {
+            held: self.held,
+            limit: self.memory.limit,
+            waiting: self
+                .connections
+                .values()
+                .filter(|connection| connection.awaiting_memory())
+                .count(),
+            waits: self.memory.waits,
+            refused: self.memory.refused,
         }
     }
 
@@ -73,14 +107,34 @@ impl<B: Backend> Server<B> {
     /// Offers received bytes; returns how many were taken. The rest must be offered
     /// again later (after [`Server::poll`] made room).
     pub fn receive(&mut self, id: ConnectionId, data: &[u8]) -> usize {
-        let Some(connection) = self.connections.get_mut(&id) else {
-            return 0;
-        };
+        let limits = self.limits;
+        self.with_memory(id, |connection, shared| {
+            connection.receive(data, &limits, shared)
+        })
+        .unwrap_or(0)
+    }
+
+    /// Runs `work` on connection `id` with the memory budget lent to it, and
+    /// keeps the held total current; a request it parks counts as a wait.
+    fn with_memory<R>(
+        &mut self,
+        id: ConnectionId,
+        work: impl FnOnce(&mut Connection, &mut Shared<'_, B>) -> R,
+    ) -> Option<R> {
+        let connection = self.connections.get_mut(&id)?;
+        let parked = connection.awaiting_memory();
+        self.memory.others = self.held.saturating_sub(connection.footprint());
         let mut shared = Shared {
             backend: &mut self.backend,
             next_tag: &mut self.next_tag,
+            memory: &mut self.memory,
         };
-        connection.receive(data, &self.limits, &mut shared)
+        let result = work(connection, &mut shared);
+        if !parked && connection.awaiting_memory() {
+            self.memory.waits += 1;
+        }
+        self.held = self.memory.others + connection.footprint();
+        Some(result)
     }
 
     /// Whether the connection takes input now (false while it is back-pressured or
@@ -110,6 +164,7 @@ impl<B: Backend> Server<B> {
     pub fn consume_output(&mut self, id: ConnectionId, count: usize) {
         if let Some(connection) = self.connections.get_mut(&id) {
             connection.out.consume(count);
+            self.held = self.held.saturating_sub(count);
         }
     }
 
@@ -153,6 +208,32 @@ impl<B: Backend> Server<B> {
             }
         }
         self.reap();
+        self.held = self.connections.values().map(Connection::footprint).sum();
+        progress |= self.resume_parked();
+        progress
+    }
+
+    /// Gives freed memory to parked connections, taking turns across polls.
+    fn resume_parked(&mut self) -> bool {
+        let mut ids: Vec<ConnectionId> = self
+            .connections
+            .iter()
+            .filter(|(_, connection)| connection.awaiting_memory())
+            .map(|(id, _)| *id)
+            .collect();
+        let first = ids.iter().position(|id| *id >= self.resume_first);
+        ids.rotate_left(first.unwrap_or(0));
+        let mut progress = false;
+        for id in ids {
+            let resumed = self.with_memory(id, |connection, shared| {
+                connection.resume(shared);
+                !connection.awaiting_memory()
+            });
+            if resumed == Some(true) {
+                progress = true;
+                self.resume_first = ConnectionId(id.0 + 1);
+            }
+        }
         progress
     }
 

@@ -101,6 +101,7 @@ pub const REPLY_TYPE_ERROR_BIT: u16 = 0x8000;
 /// Error values (independent of any host's errno numbering).
 pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
+pub const ENOMEM: u32 = 12;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 pub const ENOTSUP: u32 = 95;

@@ -11,6 +11,11 @@ fn piece_sectors(device: &dyn BlockDevice) -> u64 {
     COPY_PIECE_SECTORS.min(u64::from(device.info().max_transfer_sectors).max(1))
 }
 
+/// Sectors one request may carry on both devices (a piece of a copy between them).
+pub(crate) fn transfer_sectors(source: &dyn BlockDevice, target: &dyn BlockDevice) -> u64 {
+    piece_sectors(source).min(piece_sectors(target))
+}
+
 /// Reads `sectors` sectors from `sector` into `out` (which holds exactly that many).
 pub fn read_into(device: &mut dyn BlockDevice, sector: u64, out: &mut [u8]) -> Result<(), IoError> {
     let piece = piece_sectors(device);
@@ -38,16 +43,13 @@ pub fn write_from(
     data: &[u8],
     fua: bool,
 ) -> Result<(), IoError> {
-    let piece = piece_sectors(device) as usize * 512;
-    let commands = data
-        .chunks(piece)
-        .enumerate()
-        .map(|(n, part)| Command::Write {
-            sector: sector + (n * piece / 512) as u64,
-            buf: IoBuf::from_slice(part),
-            fua,
-        });
-    run_batch(device, commands).map(drop)
+    let whole = Command::Write {
+        sector,
+        buf: IoBuf::from_slice(data),
+        fua,
+    };
+    let requests = pieces_of(device, whole);
+    run_batch(device, requests).map(drop)
 }
 
 /// Copies `sectors` sectors from `source` at `from` to `target` at `to`, a piece at
@@ -75,4 +77,36 @@ pub fn copy(
 /// Makes the device's completed writes durable.
 pub fn flush(device: &mut dyn BlockDevice) -> Result<(), IoError> {
     run_sync(device, Command::Flush).map(drop)
+}
+
+/// Cuts a command into requests the device takes (writes larger than its largest
+/// transfer into pieces); all of them may be in flight together.
+pub(crate) fn pieces_of(device: &dyn BlockDevice, command: Command) -> Vec<Command> {
+    let Command::Write { sector, buf, fua } = command else {
+        return alloc::vec![command];
+    };
+    let piece = piece_sectors(device) as usize * 512;
+    if buf.len() <= piece {
+        return alloc::vec![Command::Write { sector, buf, fua }];
+    }
+    buf.chunks(piece)
+        .enumerate()
+        .map(|(n, part)| Command::Write {
+            sector: sector + (n * piece / 512) as u64,
+            buf: IoBuf::from_slice(part),
+            fua,
+        })
+        .collect()
+}
+
+/// Carries out `commands` one after the other, each finished before the next starts.
+pub(crate) fn run_in_order(
+    device: &mut dyn BlockDevice,
+    commands: impl IntoIterator<Item = Command>,
+) -> Result<(), IoError> {
+    for command in commands {
+        let requests = pieces_of(device, command);
+        run_batch(device, requests)?;
+    }
+    Ok(())
 }

@@ -10,10 +10,13 @@
 //!   origin write needs ([`copy_out`]), and as a merging snapshot the origin device's
 //!   I/O and the merge itself in bounded steps ([`Snapshot::merge_step`]).
 //!
-//! I/O is synchronous per request (each call submits and polls until its own
-//! requests finish); durability follows Linux's order exactly: data, then a flush,
-//! then the record that points at it (written with FUA), then the write that needed
-//! it.
+//! Exceptions are made in batches (Linux's pending exceptions) that advance by
+//! submitting to the snapshot's own device handles and polling
+//! ([`Snapshot::start_copy_out`], [`Snapshot::start_write`], [`Snapshot::pump`]), so
+//! that a device above can go on with requests that do not touch those chunks; the
+//! synchronous calls ([`Snapshot::write`], [`copy_out`], the merge) run a batch to
+//! its end. Durability follows Linux's order exactly: data, then a flush, then the
+//! record that points at it (written with FUA), then the write that needed it.
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -24,6 +27,7 @@ pub mod chunk_io;
 mod format;
 mod merge;
 mod origin;
+mod pending;
 mod persistent;
 mod snapshot;
 mod table;
@@ -32,7 +36,10 @@ mod transient;
 pub use format::{Header, MAGIC, area_chunk, records_per_area};
 pub use merge::{MergeProgress, MergeStep};
 pub use origin::{copy_out, write_origin};
-pub use snapshot::{Health, LoadError, SNAPSHOT_INVALID, SNAPSHOT_OVERFLOW, Snapshot};
+pub use snapshot::{
+    Health, LoadError, SNAPSHOT_INVALID, SNAPSHOT_OVERFLOW, Snapshot, Source, StartedWrite,
+    chunk_pieces,
+};
 pub use table::{SnapshotTable, StoreKind, TableError, check_chunk_size};
 
 /// The largest chunk size Linux accepts, in sectors (`INT_MAX >> 9` rounded down to

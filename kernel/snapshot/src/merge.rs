@@ -15,7 +15,7 @@ use blockdev::{BlockDevice, IoError};
 use crate::Snapshot;
 use crate::chunk_io::{copy, flush, write_from};
 use crate::origin::copy_out;
-use crate::snapshot::{Store, pieces};
+use crate::snapshot::{Store, chunk_pieces};
 
 /// The run being copied: origin chunks `old..old+count` from COW chunks
 /// `new..new+count`.
@@ -119,7 +119,7 @@ impl Snapshot {
         fua: bool,
     ) -> Result<(), IoError> {
         let chunk = self.chunk_sectors();
-        for (at, piece) in pieces(sector, (data.len() / 512) as u64, chunk) {
+        for (at, piece) in chunk_pieces(sector, (data.len() / 512) as u64, chunk) {
             let bytes = &data[((at - sector) * 512) as usize..][..(piece * 512) as usize];
             match self.exceptions.get(&(at / chunk)) {
                 Some(&new) => write_from(self.cow.as_mut(), new * chunk + at % chunk, bytes, fua)?,

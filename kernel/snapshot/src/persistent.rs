@@ -11,9 +11,9 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use blockdev::{BlockDevice, IoError};
+use blockdev::{BlockDevice, Command, IoBuf, IoError};
 
-use crate::chunk_io::{flush, read_into, write_from};
+use crate::chunk_io::{read_into, run_in_order, write_from};
 use crate::format::{
     Header, MAGIC, VERSION, area_chunk, read_record, records_per_area, write_record,
 };
@@ -185,13 +185,12 @@ impl PersistentStore {
         Some(new)
     }
 
-    /// Appends `records` (whose data is written) and commits them: at most one area
-    /// write per area touched, each preceded by a flush and written with FUA.
-    pub fn commit(
-        &mut self,
-        cow: &mut dyn BlockDevice,
-        records: &[(u64, u64)],
-    ) -> Result<(), IoError> {
+    /// Appends `records` (whose data is written) to the in-memory list and returns
+    /// the commit's requests, to be carried out one after the other: at most one
+    /// area write per area touched, each preceded by a flush and written with FUA,
+    /// and before an area is committed full, its successor zeroed.
+    pub fn plan_commit(&mut self, records: &[(u64, u64)]) -> Vec<Command> {
+        let mut commands = Vec::new();
         let mut pending = false;
         for &record in records {
             write_record(&mut self.area, self.committed, record);
@@ -199,9 +198,12 @@ impl PersistentStore {
             pending = true;
             if self.committed == self.per_area {
                 let next = area_chunk(self.chunk, self.current_area + 1) * self.chunk;
-                let zeros = vec![0u8; self.area.len()];
-                write_from(cow, next, &zeros, false)?;
-                self.write_area(cow)?;
+                commands.push(Command::Write {
+                    sector: next,
+                    buf: IoBuf::with_sectors(self.chunk as usize),
+                    fua: false,
+                });
+                commands.extend(self.area_commands());
                 self.committed = 0;
                 self.current_area += 1;
                 self.area.fill(0);
@@ -209,15 +211,22 @@ impl PersistentStore {
             }
         }
         if pending {
-            self.write_area(cow)?;
+            commands.extend(self.area_commands());
         }
-        Ok(())
+        commands
     }
 
-    fn write_area(&self, cow: &mut dyn BlockDevice) -> Result<(), IoError> {
-        flush(cow)?;
+    /// A flush, then the current area with FUA: the data before the records.
+    fn area_commands(&self) -> [Command; 2] {
         let at = area_chunk(self.chunk, self.current_area) * self.chunk;
-        write_from(cow, at, &self.area, true)
+        [
+            Command::Flush,
+            Command::Write {
+                sector: at,
+                buf: IoBuf::from_slice(&self.area),
+                fua: true,
+            },
+        ]
     }
 
     /// Marks the store invalid on disk (a plain write of chunk 0 with `valid = 0`).
@@ -272,7 +281,7 @@ impl PersistentStore {
         for index in self.committed - count..self.committed {
             write_record(&mut self.area, index, (0, 0));
         }
-        self.write_area(cow)?;
+        run_in_order(cow, self.area_commands())?;
         self.committed -= count;
         self.next_free = area_chunk(self.chunk, self.current_area) + self.committed as u64 + 1;
         Ok(())

@@ -6,11 +6,12 @@ use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use blockdev::{BlockDevice, IoError};
+use blockdev::{BlockDevice, IoBuf, IoError};
 use core::fmt;
 
-use crate::chunk_io::{copy, flush, read_into, write_from};
+use crate::chunk_io::{flush, read_into, transfer_sectors, write_from};
 use crate::merge::MergeState;
+use crate::pending::{Fill, Pending, Piece, Progress};
 use crate::persistent::PersistentStore;
 use crate::table::StoreKind;
 use crate::transient::TransientStore;
@@ -104,6 +105,31 @@ pub struct Snapshot {
     overflowed: bool,
     pub(crate) merge: Option<MergeState>,
     pub(crate) events: Vec<String>,
+    /// Exceptions being made (one batch at a time).
+    pending: Option<Pending>,
+    /// Reads of the snapshot device in flight on the origin, per origin chunk: an
+    /// origin write to such a chunk waits for them (Linux's tracked chunks).
+    origin_reads: BTreeMap<u64, u32>,
+}
+
+/// The data of a snapshot write that starts exceptions.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// The write's bytes, from its first sector on.
+    Data(&'a [u8]),
+    /// Zeros (a write-zeroes).
+    Zeros,
+}
+
+/// What [`Snapshot::start_write`] did.
+#[derive(Debug, Default)]
+pub struct StartedWrite {
+    /// Chunks the batch writes whole from the write's own data: the write need not
+    /// write them again.
+    pub whole: Vec<u64>,
+    /// Why the write fails once the batch is done, if it does: the COW filled up at
+    /// one of its chunks (the chunks before it are still written).
+    pub refused: Option<IoError>,
 }
 
 impl Snapshot {
@@ -148,6 +174,8 @@ impl Snapshot {
             overflowed: false,
             merge: None,
             events: Vec::new(),
+            pending: None,
+            origin_reads: BTreeMap::new(),
         };
         Ok((snapshot, notes))
     }
@@ -227,6 +255,7 @@ impl Snapshot {
     /// Reads the snapshot device: chunks with an exception from the COW, the rest
     /// from the origin.
     pub fn read(&mut self, sector: u64, out: &mut [u8]) -> Result<(), IoError> {
+        self.settle();
         if !self.valid {
             return Err(SNAPSHOT_INVALID);
         }
@@ -236,7 +265,7 @@ impl Snapshot {
     /// The snapshot's view, valid or not (a merging origin reads through it).
     pub(crate) fn read_view(&mut self, sector: u64, out: &mut [u8]) -> Result<(), IoError> {
         let chunk = self.chunk_sectors();
-        for (at, piece) in pieces(sector, (out.len() / 512) as u64, chunk) {
+        for (at, piece) in chunk_pieces(sector, (out.len() / 512) as u64, chunk) {
             let buf = &mut out[((at - sector) * 512) as usize..][..(piece * 512) as usize];
             match self.exceptions.get(&(at / chunk)) {
                 Some(&new) => read_into(self.cow.as_mut(), new * chunk + at % chunk, buf)?,
@@ -250,22 +279,66 @@ impl Snapshot {
     /// origin's data copied unless the write covers the whole chunk), committed
     /// before the write is acknowledged; the origin is never written.
     pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<(), IoError> {
+        self.settle();
+        if let Some(refusal) = self.write_refusal() {
+            return Err(refusal);
+        }
+        let sectors = (data.len() / 512) as u64;
+        let started = self.start_write(sector, sectors, Source::Data(data));
+        self.settle();
         if !self.valid {
             return Err(SNAPSHOT_INVALID);
         }
-        if self.overflowed {
-            return Err(SNAPSHOT_OVERFLOW);
-        }
         let chunk = self.chunk_sectors();
-        let mut added = Vec::new();
-        let mut refused = None;
-        for (at, piece) in pieces(sector, (data.len() / 512) as u64, chunk) {
+        for (at, piece) in chunk_pieces(sector, sectors, chunk) {
             let old = at / chunk;
-            if self.exceptions.contains_key(&old) || added.iter().any(|&(o, _)| o == old) {
+            let Some(&new) = self.exceptions.get(&old) else {
+                continue;
+            };
+            if !started.whole.contains(&old) {
+                let bytes = &data[((at - sector) * 512) as usize..][..(piece * 512) as usize];
+                write_from(self.cow.as_mut(), new * chunk + at % chunk, bytes, false)?;
+            }
+        }
+        started.refused.map_or(Ok(()), Err)
+    }
+
+    /// Why a write to the snapshot device fails at once, if it does.
+    pub fn write_refusal(&self) -> Option<IoError> {
+        if !self.valid {
+            Some(SNAPSHOT_INVALID)
+        } else if self.overflowed {
+            Some(SNAPSHOT_OVERFLOW)
+        } else {
+            None
+        }
+    }
+
+    /// Whether a write to the snapshot device at `sector..sector+sectors` needs
+    /// exceptions made first.
+    pub fn write_needs_exceptions(&self, sector: u64, sectors: u64) -> bool {
+        let chunk = self.chunk_sectors();
+        chunk_pieces(sector, sectors, chunk)
+            .any(|(at, _)| !self.exceptions.contains_key(&(at / chunk)))
+    }
+
+    /// Starts the exceptions a snapshot write needs (no batch may be under way):
+    /// whole chunks are written from `source`, partial ones copied from the origin.
+    /// The write's own data goes to the COW once [`Snapshot::pump`] has committed
+    /// them. A COW without room stops the allocation at that chunk.
+    pub fn start_write(&mut self, sector: u64, sectors: u64, source: Source<'_>) -> StartedWrite {
+        debug_assert!(self.pending.is_none(), "one batch at a time");
+        let chunk = self.chunk_sectors();
+        let mut records: Vec<(u64, u64)> = Vec::new();
+        let mut copies = Vec::new();
+        let mut started = StartedWrite::default();
+        for (at, piece) in chunk_pieces(sector, sectors, chunk) {
+            let old = at / chunk;
+            if self.exceptions.contains_key(&old) || records.iter().any(|&(o, _)| o == old) {
                 continue;
             }
             let Some(new) = self.allocate() else {
-                refused = Some(if self.overflow_allowed {
+                started.refused = Some(if self.overflow_allowed {
                     self.overflowed = true;
                     SNAPSHOT_OVERFLOW
                 } else {
@@ -274,35 +347,138 @@ impl Snapshot {
                 });
                 break;
             };
-            let filled = if piece == chunk {
-                let bytes = &data[((at - sector) * 512) as usize..][..(chunk * 512) as usize];
-                write_from(self.cow.as_mut(), new * chunk, bytes, false)
+            if piece == chunk {
+                let buf = match source {
+                    Source::Data(data) => IoBuf::from_slice(
+                        &data[((at - sector) * 512) as usize..][..(chunk * 512) as usize],
+                    ),
+                    Source::Zeros => IoBuf::with_sectors(chunk as usize),
+                };
+                copies.push(Piece {
+                    fill: Fill::Data(buf),
+                    to: new * chunk,
+                    sectors: chunk,
+                });
+                started.whole.push(old);
             } else {
-                self.copy_origin_chunk(old, new)
-            };
-            if filled.is_err() {
-                self.invalidate("Error reading/writing.");
-                return Err(SNAPSHOT_INVALID);
+                copies.extend(self.origin_copy(old, new));
             }
-            added.push((old, new));
+            records.push((old, new));
         }
-        self.commit(&added)?;
-        for (at, piece) in pieces(sector, (data.len() / 512) as u64, chunk) {
-            let old = at / chunk;
-            let Some(&new) = self.exceptions.get(&old) else {
+        if self.valid && !records.is_empty() {
+            self.pending = Some(Pending::new(records, copies));
+        }
+        started
+    }
+
+    /// Whether an origin write to `sector..sector+sectors` needs a copy-out into
+    /// this snapshot.
+    pub fn needs_copy_out(&self, sector: u64, sectors: u64) -> bool {
+        let end = (sector + sectors).min(self.length);
+        if !self.valid || self.merge.is_some() || sector >= end {
+            return false;
+        }
+        let chunk = self.chunk_sectors();
+        (sector / chunk..end.div_ceil(chunk)).any(|old| !self.exceptions.contains_key(&old))
+    }
+
+    /// Starts the copy-out an origin write to `sector..sector+sectors` needs (no
+    /// batch may be under way). A COW without room invalidates the snapshot (the
+    /// origin write goes on).
+    pub fn start_copy_out(&mut self, sector: u64, sectors: u64) {
+        debug_assert!(self.pending.is_none(), "one batch at a time");
+        if !self.needs_copy_out(sector, sectors) {
+            return;
+        }
+        let chunk = self.chunk_sectors();
+        let end = (sector + sectors).min(self.length);
+        let mut records = Vec::new();
+        let mut copies = Vec::new();
+        for old in sector / chunk..end.div_ceil(chunk) {
+            if self.exceptions.contains_key(&old) {
                 continue;
+            }
+            let Some(new) = self.allocate() else {
+                self.invalidate("Unable to allocate exception.");
+                return;
             };
-            let whole_and_new = piece == chunk && added.iter().any(|&(o, _)| o == old);
-            if !whole_and_new {
-                let bytes = &data[((at - sector) * 512) as usize..][..(piece * 512) as usize];
-                write_from(self.cow.as_mut(), new * chunk + at % chunk, bytes, false)?;
+            copies.extend(self.origin_copy(old, new));
+            records.push((old, new));
+        }
+        self.pending = Some(Pending::new(records, copies));
+    }
+
+    /// Whether no batch of exceptions is under way.
+    pub fn idle(&self) -> bool {
+        self.pending.is_none()
+    }
+
+    /// Whether origin writes to `sector..sector+sectors` must wait: a chunk there
+    /// is being copied out, or read through the snapshot device.
+    pub fn busy(&self, sector: u64, sectors: u64) -> bool {
+        let chunk = self.chunk_sectors();
+        let (first, end) = (sector / chunk, (sector + sectors).div_ceil(chunk));
+        self.pending.as_ref().is_some_and(|pending| {
+            pending
+                .records
+                .iter()
+                .any(|&(old, _)| (first..end).contains(&old))
+        }) || self.origin_reads.range(first..end).next().is_some()
+    }
+
+    /// Advances the batch under way without waiting; true while one is.
+    pub fn pump(&mut self) -> bool {
+        let Some(pending) = &mut self.pending else {
+            return false;
+        };
+        match pending.pump(self.origin.as_mut(), self.cow.as_mut()) {
+            Progress::Working => true,
+            Progress::Copied => {
+                let commands = match &mut self.store {
+                    Store::Persistent(store) => store.plan_commit(&pending.records),
+                    Store::Transient(_) => Vec::new(),
+                };
+                pending.start_commit(commands);
+                self.pump()
+            }
+            Progress::Done => {
+                let done = self.pending.take().expect("seen above");
+                self.exceptions.extend(done.records);
+                false
+            }
+            Progress::Failed(_) => {
+                self.pending = None;
+                self.invalidate("Error reading/writing.");
+                false
             }
         }
-        refused.map_or(Ok(()), Err)
+    }
+
+    /// Finishes the batch under way.
+    pub fn settle(&mut self) {
+        while self.pump() {
+            core::hint::spin_loop();
+        }
+    }
+
+    /// A read of the snapshot device went to origin chunk `chunk`: origin writes to
+    /// it wait until [`Snapshot::origin_read_done`].
+    pub fn origin_read_started(&mut self, chunk: u64) {
+        *self.origin_reads.entry(chunk).or_default() += 1;
+    }
+
+    pub fn origin_read_done(&mut self, chunk: u64) {
+        if let Some(count) = self.origin_reads.get_mut(&chunk) {
+            *count -= 1;
+            if *count == 0 {
+                self.origin_reads.remove(&chunk);
+            }
+        }
     }
 
     /// Makes the snapshot's completed writes durable (a flush of the COW).
     pub fn flush(&mut self) -> Result<(), IoError> {
+        self.settle();
         if !self.valid {
             return Err(SNAPSHOT_INVALID);
         }
@@ -317,70 +493,27 @@ impl Snapshot {
         }
     }
 
-    /// Copies origin chunk `old` into COW chunk `new`, up to the origin's end.
-    fn copy_origin_chunk(&mut self, old: u64, new: u64) -> Result<(), IoError> {
+    /// The pieces of a copy of origin chunk `old` into COW chunk `new`, up to the
+    /// origin's end.
+    fn origin_copy(&self, old: u64, new: u64) -> impl Iterator<Item = Piece> + use<> {
         let chunk = self.chunk_sectors();
         let sectors = chunk.min(self.origin.info().sectors.saturating_sub(old * chunk));
-        copy(
-            self.origin.as_mut(),
-            old * chunk,
-            self.cow.as_mut(),
-            new * chunk,
-            sectors,
-        )
-    }
-
-    /// Commits new exceptions (their data is on the COW) and adds them to the table;
-    /// a failed commit invalidates the snapshot.
-    fn commit(&mut self, added: &[(u64, u64)]) -> Result<(), IoError> {
-        if added.is_empty() {
-            return Ok(());
-        }
-        if let Store::Persistent(store) = &mut self.store
-            && store.commit(self.cow.as_mut(), added).is_err()
-        {
-            self.invalidate("Error reading/writing.");
-            return Err(SNAPSHOT_INVALID);
-        }
-        self.exceptions.extend(added.iter().copied());
-        Ok(())
+        let piece = transfer_sectors(self.origin.as_ref(), self.cow.as_ref());
+        Piece::copies(old * chunk, new * chunk, sectors, piece)
     }
 
     /// Before origin sectors `sector..sector+sectors` change: copies every chunk
     /// they touch that has no exception yet into the COW and commits. Never fails
     /// the origin write: a snapshot that cannot keep up is invalidated.
     pub(crate) fn copy_out_range(&mut self, sector: u64, sectors: u64) {
-        if !self.valid || self.merge.is_some() || sectors == 0 {
-            return;
-        }
-        let chunk = self.chunk_sectors();
-        let end = (sector + sectors).min(self.length);
-        if sector >= end {
-            return;
-        }
-        let mut added = Vec::new();
-        for old in sector / chunk..end.div_ceil(chunk) {
-            if self.exceptions.contains_key(&old) {
-                continue;
-            }
-            let Some(new) = self.allocate() else {
-                self.invalidate("Unable to allocate exception.");
-                return;
-            };
-            if self.copy_origin_chunk(old, new).is_err() {
-                self.invalidate("Error reading/writing.");
-                return;
-            }
-            added.push((old, new));
-        }
-        // A failed commit has invalidated the snapshot, which is all the origin
-        // write needs to know.
-        let _ = self.commit(&added);
+        self.settle();
+        self.start_copy_out(sector, sectors);
+        self.settle();
     }
 }
 
 /// Splits `sector..sector+sectors` at chunk boundaries: `(start, sectors)` pieces.
-pub(crate) fn pieces(sector: u64, sectors: u64, chunk: u64) -> impl Iterator<Item = (u64, u64)> {
+pub fn chunk_pieces(sector: u64, sectors: u64, chunk: u64) -> impl Iterator<Item = (u64, u64)> {
     let end = sector + sectors;
     let mut at = sector;
     core::iter::from_fn(move || {

@@ -264,6 +264,13 @@ impl E1000e {
         true
     }
 
+    /// Disables the transmitter: the device stops taking descriptors off the ring,
+    /// as a hung one would, until [`E1000e::recover_stall`] finds the ring stalled
+    /// and resets it. A test aid for that watchdog.
+    pub fn stall_transmitter(&mut self) {
+        self.regs.write_u32(TCTL, 0);
+    }
+
     /// Changes the MTU (68 to [`MAX_MTU`]) and checksum offload; the rings start
     /// over with buffers of the new size.
     pub fn reconfigure(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), &'static str> {

@@ -6,6 +6,10 @@
 //! queue: a flush (and any write with FUA, which virtio-blk lacks) therefore
 //! waits for the requests ahead of it to finish, runs, and holds later
 //! requests back until it is done.
+//!
+//! A device that hands back a descriptor it was never given has lost track of its
+//! queue: it is reset (which stops its DMA), every request it held fails, and the
+//! disk fails every later request rather than trusting the device again.
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -32,7 +36,8 @@ struct Slot {
 }
 
 pub struct VirtioBlk {
-    device: VirtIOBlk<KernelHal, PciTransport>,
+    /// `None` once the device was reset after a fault.
+    device: Option<VirtIOBlk<KernelHal, PciTransport>>,
     info: DeviceInfo,
     /// Requests on the virtqueue, indexed by descriptor token.
     slots: Vec<Option<Slot>>,
@@ -46,6 +51,10 @@ pub struct VirtioBlk {
     /// Requests submitted behind a pending flush.
     held: VecDeque<Request>,
 }
+
+/// What requests to a device that was reset after a fault fail with.
+const DEVICE_RESET: IoError =
+    IoError::Device("virtio-blk returned an unknown descriptor and was reset; the disk is offline");
 
 fn io_error(error: VirtioError) -> IoError {
     match error {
@@ -81,7 +90,7 @@ impl VirtioBlk {
             serial,
         };
         Ok(VirtioBlk {
-            device,
+            device: Some(device),
             info,
             slots: (0..queue_size).map(|_| None).collect(),
             active: 0,
@@ -99,6 +108,10 @@ impl VirtioBlk {
     /// Puts a read or write on the virtqueue, or queues a flush.
     fn dispatch(&mut self, request: Request) -> Result<(), Busy> {
         let Request { tag, mut command } = request;
+        let Some(device) = self.device.as_mut() else {
+            self.finish(tag, Err(DEVICE_RESET), command.into_buf());
+            return Ok(());
+        };
         let mut header = Box::new(BlkReq::default());
         let mut status = Box::new(BlkResp::default());
         let (started, fua) = match &mut command {
@@ -113,18 +126,12 @@ impl VirtioBlk {
             // SAFETY: header, buffer and status live in the slot (boxes and the
             // IoBuf's heap pages do not move) until `complete_read_blocks` below.
             Command::Read { sector, buf } => (
-                unsafe {
-                    self.device
-                        .read_blocks_nb(*sector as usize, &mut header, buf, &mut status)
-                },
+                unsafe { device.read_blocks_nb(*sector as usize, &mut header, buf, &mut status) },
                 false,
             ),
             // SAFETY: as for reads.
             Command::Write { sector, buf, fua } => (
-                unsafe {
-                    self.device
-                        .write_blocks_nb(*sector as usize, &mut header, buf, &mut status)
-                },
+                unsafe { device.write_blocks_nb(*sector as usize, &mut header, buf, &mut status) },
                 *fua,
             ),
             Command::Discard { .. } => {
@@ -158,25 +165,32 @@ impl VirtioBlk {
 
     /// Takes one finished request off the used ring.
     fn reap(&mut self) -> bool {
-        let Some(token) = self.device.peek_used() else {
+        let Some(device) = self.device.as_mut() else {
             return false;
         };
-        let Some(mut slot) = self.slots[usize::from(token)].take() else {
-            panic!("virtio-blk returned unknown descriptor {token}");
+        let Some(token) = device.peek_used() else {
+            return false;
+        };
+        let Some(mut slot) = self
+            .slots
+            .get_mut(usize::from(token))
+            .and_then(Option::take)
+        else {
+            self.reset();
+            return true;
         };
         self.active -= 1;
         let result = match &mut slot.command {
             // SAFETY: the same header, buffer and status that were queued with `token`.
             Command::Read { buf, .. } => unsafe {
-                self.device
-                    .complete_read_blocks(token, &slot.header, buf, &mut slot.status)
+                device.complete_read_blocks(token, &slot.header, buf, &mut slot.status)
             },
             // SAFETY: as for reads.
             Command::Write { buf, .. } => unsafe {
-                self.device
-                    .complete_write_blocks(token, &slot.header, buf, &mut slot.status)
+                device.complete_write_blocks(token, &slot.header, buf, &mut slot.status)
             },
-            Command::Flush | Command::Discard { .. } => unreachable!("never queued"),
+            // Only reads and writes are put on the queue.
+            Command::Flush | Command::Discard { .. } => Err(VirtioError::InvalidParam),
         };
         let completion = Completion {
             tag: slot.tag,
@@ -191,12 +205,25 @@ impl VirtioBlk {
         true
     }
 
+    /// Resets a device that lost track of its queue (dropping the driver resets
+    /// it, so it no longer touches the buffers) and fails every request it held.
+    fn reset(&mut self) {
+        self.device = None;
+        self.active = 0;
+        for slot in core::mem::take(&mut self.slots).into_iter().flatten() {
+            self.finish(slot.tag, Err(DEVICE_RESET), slot.command.into_buf());
+        }
+    }
+
     /// Runs pending flushes once the queue is empty, then releases held requests.
     fn run_barrier(&mut self) {
         if self.active != 0 || (self.flushes.is_empty() && self.unflushed_fua.is_empty()) {
             return;
         }
-        let result = self.device.flush().map_err(io_error);
+        let result = match self.device.as_mut() {
+            Some(device) => device.flush().map_err(io_error),
+            None => Err(DEVICE_RESET),
+        };
         for tag in core::mem::take(&mut self.flushes) {
             self.finish(tag, result, IoBuf::empty());
         }

@@ -13,6 +13,10 @@
 //! checksums, and frames come in checked by the host or partial (see
 //! [`virtio_offload`](super::virtio_offload)). Buffers hold jumbo frames, so the
 //! MTU can be raised to 9000 without touching the queues.
+//!
+//! A frame the device refuses to take is dropped and counted (TCP sends it again).
+//! A device that hands back a descriptor it was never given has lost track of its
+//! queues: the NIC stops (no frame moves any more) instead of trusting it.
 
 use alloc::boxed::Box;
 use alloc::vec;
@@ -70,6 +74,9 @@ pub struct VirtioNet {
     can_offload: bool,
     /// Checksum offload in use.
     offload: bool,
+    /// The device returned a descriptor it was not given; nothing is sent or
+    /// received any more.
+    stopped: bool,
 }
 
 impl VirtioNet {
@@ -105,6 +112,7 @@ impl VirtioNet {
             mtu: STANDARD_MTU,
             can_offload,
             offload: can_offload,
+            stopped: false,
         };
         net.repost_rx_buffers();
         if net.rx_returned.len() == QUEUE_SIZE {
@@ -163,7 +171,7 @@ impl VirtioNet {
 
     /// Whether a received frame waits to be processed.
     pub fn has_input(&self) -> bool {
-        self.raw.poll_receive().is_some()
+        !self.stopped && self.raw.poll_receive().is_some()
     }
 
     /// Puts consumed receive buffers back on the queue.
@@ -184,23 +192,42 @@ impl VirtioNet {
     /// Returns finished transmit buffers to the free list.
     fn reap_tx(&mut self) {
         while let Some(token) = self.raw.poll_transmit() {
-            let Some((buffer, len)) = self.tx_posted[usize::from(token)].take() else {
-                panic!("virtio-net returned unknown transmit descriptor {token}");
+            let Some((buffer, len)) = self
+                .tx_posted
+                .get_mut(usize::from(token))
+                .and_then(Option::take)
+            else {
+                self.stop();
+                return;
             };
             // SAFETY: the same buffer (and length) that was queued with `token`.
-            if let Err(error) = unsafe { self.raw.transmit_complete(token, &buffer[..len]) } {
-                panic!("virtio-net transmit completion failed: {error:?}");
+            if unsafe { self.raw.transmit_complete(token, &buffer[..len]) }.is_err() {
+                // The descriptor is still the device's: so is its buffer.
+                Box::leak(buffer);
+                self.stop();
+                return;
             }
             self.tx_free.push(buffer);
         }
+    }
+
+    /// Stops the NIC after the device broke the queue protocol.
+    fn stop(&mut self) {
+        self.stopped = true;
+        self.counters.ring_resets += 1;
     }
 
     /// The next received frame: its buffer and where the frame lies in it.
     fn next_rx_frame(&mut self) -> Option<(Box<[u8]>, usize, usize)> {
         loop {
             let token = self.raw.poll_receive()?;
-            let Some(mut buffer) = self.rx_posted[usize::from(token)].take() else {
-                panic!("virtio-net returned unknown receive descriptor {token}");
+            let Some(mut buffer) = self
+                .rx_posted
+                .get_mut(usize::from(token))
+                .and_then(Option::take)
+            else {
+                self.stop();
+                return None;
             };
             // SAFETY: the same buffer that was queued with `token`.
             match unsafe { self.raw.receive_complete(token, &mut buffer) } {
@@ -240,6 +267,9 @@ impl VirtioNet {
 
     fn tx_ready(&mut self) -> bool {
         self.reap_tx();
+        if self.stopped {
+            return false;
+        }
         if self.tx_free.is_empty() || !self.raw.can_send() {
             self.counters.tx_queue_full += 1;
             return false;
@@ -350,17 +380,21 @@ pub struct TxToken<'a> {
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buffer = self.tx_free.pop().expect("checked when the token was made");
         let total = self.header_len + len;
-        assert!(
-            total <= buffer.len(),
-            "frame of {len} bytes exceeds the MTU"
-        );
+        let buffer = self.tx_free.pop();
+        let Some(mut buffer) = buffer.filter(|buffer| total <= buffer.len()) else {
+            // No buffer (or a frame beyond the largest MTU): the frame is dropped.
+            self.counters.tx_dropped += 1;
+            return f(&mut vec![0; len]);
+        };
         buffer[..self.header_len].fill(0);
-        if let Err(error) = self.raw.fill_buffer_header(&mut buffer[..self.header_len]) {
-            panic!("virtio-net header: {error:?}");
-        }
+        let header = self.raw.fill_buffer_header(&mut buffer[..self.header_len]);
         let result = f(&mut buffer[self.header_len..total]);
+        if header.is_err() {
+            self.counters.tx_dropped += 1;
+            self.tx_free.push(buffer);
+            return result;
+        }
         if self.offload
             && let Some(checksum) = frame_checksum::prepare_tx(&mut buffer[self.header_len..total])
         {
@@ -378,7 +412,10 @@ impl phy::TxToken for TxToken<'_> {
                 self.counters.tx_bytes += len as u64;
                 self.tx_posted[usize::from(token)] = Some((buffer, total));
             }
-            Err(error) => panic!("virtio-net transmit failed with a free descriptor: {error:?}"),
+            Err(_) => {
+                self.counters.tx_dropped += 1;
+                self.tx_free.push(buffer);
+            }
         }
         result
     }

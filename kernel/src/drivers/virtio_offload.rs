@@ -2,6 +2,15 @@
 //! transport that passes everything through to the PCI transport but adds the
 //! checksum features to what the driver accepts (when the device offers them), and
 //! the header fields that carry a frame's checksum either way.
+//!
+//! The transport also hides `VIRTIO_F_RING_EVENT_IDX` from the driver. With event
+//! indices `virtio-drivers` notifies the device on every buffer it adds past the
+//! device's last announced index (rather than once on crossing it), and QEMU moves
+//! that index only as it takes buffers: while the device is behind, every frame
+//! sent and every receive buffer returned was a register write, each a trap into
+//! QEMU that waits for the device's own thread. Without event indices the device
+//! sets its no-notify flag while it works through a queue, and the driver stays
+//! quiet until it clears it.
 
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
@@ -12,6 +21,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 pub const FEATURE_CSUM: u64 = 1 << 0;
 /// `VIRTIO_NET_F_GUEST_CSUM`: the driver accepts frames with partial checksums.
 pub const FEATURE_GUEST_CSUM: u64 = 1 << 1;
+/// `VIRTIO_F_RING_EVENT_IDX`, which the driver is not shown (see above).
+const FEATURE_RING_EVENT_IDX: u64 = 1 << 29;
 /// Header flag: the checksum from `csum_start` on is still to be computed.
 pub const NEEDS_CSUM: u8 = 1;
 /// Header flag: the device checked the checksum.
@@ -51,7 +62,7 @@ impl Transport for OffloadTransport {
     }
 
     fn read_device_features(&mut self) -> u64 {
-        self.inner.read_device_features()
+        self.inner.read_device_features() & !FEATURE_RING_EVENT_IDX
     }
 
     fn write_driver_features(&mut self, driver_features: u64) {

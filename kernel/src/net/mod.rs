@@ -7,6 +7,7 @@
 //! idle loop, so a request arriving while the CPU sleeps is served at once rather
 //! than at the next timer tick.
 
+mod backlog;
 mod client;
 mod nbd_sockets;
 mod nic;
@@ -27,9 +28,13 @@ use virtio_drivers::transport::pci::virtio_device_type;
 use crate::arch::{clock, interrupts};
 use crate::drivers::e1000e::{self, E1000e};
 use crate::drivers::virtio_net::VirtioNet;
+use crate::memory;
 use crate::pci::{Pci, PciFunction};
-use console::{AddressMode, Ipv4Config, LinkSettings, NetCounters, NetStatus, Network};
-use nbd_sockets::NbdSockets;
+use backlog::Backlog;
+use console::{
+    AddressMode, Ipv4Config, LinkSettings, NbdPressure, NetCounters, NetStatus, Network,
+};
+use nbd_sockets::{Heap, NbdSockets};
 use nic::Nic;
 
 pub use client::connect;
@@ -38,6 +43,19 @@ pub use nbd_sockets::NBD_PORT;
 /// Rounds of stack polling and socket pumping per [`NetStack::poll`] before the
 /// main loop gets a turn (console input must not starve under load).
 const ROUNDS_PER_POLL: usize = 16;
+/// Part of the heap NBD requests and new sockets leave free, at least
+/// [`MIN_HEAP_RESERVE`]: the pool's metadata work and the console allocate too.
+const HEAP_RESERVE_SHARE: usize = 8;
+const MIN_HEAP_RESERVE: usize = 4 << 20;
+
+/// The heap now, with the reserve for a heap of its size.
+fn heap() -> Heap {
+    let (used, free) = memory::heap_usage();
+    Heap {
+        free,
+        reserve: ((used + free) / HEAP_RESERVE_SHARE).max(MIN_HEAP_RESERVE),
+    }
+}
 
 pub struct NetStack {
     device: Nic,
@@ -52,6 +70,10 @@ pub struct NetStack {
     next_local_port: u16,
     /// Sockets of dropped outgoing connections, removed after the next poll.
     closing: alloc::vec::Vec<SocketHandle>,
+    /// Connection requests to the NBD port held back since start-up.
+    syns_held: u64,
+    /// What the NBD server reported at the last poll, for `net`.
+    nbd_memory: nbd::MemoryUse,
 }
 
 /// How the NIC's interrupt arrives.
@@ -130,7 +152,8 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
     );
     let iface = new_interface(&mut device);
     let mut sockets = SocketSet::new(alloc::vec::Vec::new());
-    let nbd = NbdSockets::new(&mut sockets);
+    let (used, free) = memory::heap_usage();
+    let nbd = NbdSockets::new(&mut sockets, used + free, heap());
     let mut stack = NetStack {
         device,
         wakeup,
@@ -141,6 +164,8 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
         nbd,
         next_local_port: 0,
         closing: alloc::vec::Vec::new(),
+        syns_held: 0,
+        nbd_memory: nbd::MemoryUse::default(),
     };
     stack.use_dhcp();
     Some(stack)
@@ -162,10 +187,11 @@ fn now() -> Instant {
 
 impl NetStack {
     /// Moves frames, socket bytes, NBD requests and completions until nothing moves
-    /// (or a round limit is reached). `admit`: new NBD requests may be read (false
-    /// when memory is short: sockets then back-pressure their clients). Returns true
-    /// while there is work the main loop should come back for without sleeping.
-    pub fn poll<B: nbd::Backend>(&mut self, server: &mut nbd::Server<B>, admit: bool) -> bool {
+    /// (or a round limit is reached). NBD requests may hold the heap down to its
+    /// reserve plus what the socket pool may still take: beyond that they wait for
+    /// memory (their clients back-pressured) while other requests finish. Returns true while there is work the main loop
+    /// should come back for without sleeping.
+    pub fn poll<B: nbd::Backend>(&mut self, server: &mut nbd::Server<B>) -> bool {
         match self.wakeup {
             Wakeup::Msi if interrupts::take_msi() => self.device.ack_interrupt(),
             Wakeup::Line(line) if interrupts::take_device_irq(line) => {
@@ -175,19 +201,32 @@ impl NetStack {
             _ => {}
         }
         self.device.recover_stall();
+        let mut busy = true;
         for _ in 0..ROUNDS_PER_POLL {
             let now = now();
-            let changed =
-                self.iface.poll(now, &mut self.device, &mut self.sockets) != PollResult::None;
+            let heap = heap();
+            // Requests leave the reserve and what sockets may still take: a new
+            // client's socket never waits for requests to finish.
+            let kept = heap.reserve + self.nbd.unused_budget();
+            server.set_memory_limit(server.memory_use().held + heap.free.saturating_sub(kept));
+            let mut device = Backlog {
+                listening: self.nbd.listening(&self.sockets),
+                nic: &mut self.device,
+                port: NBD_PORT,
+                held: &mut self.syns_held,
+            };
+            let changed = self.iface.poll(now, &mut device, &mut self.sockets) != PollResult::None;
             self.device.flush();
             self.remove_closed();
             self.dhcp_events();
-            let moved = self.nbd.pump(&mut self.sockets, server, admit, now);
+            let moved = self.nbd.pump(&mut self.sockets, server, heap, now);
             if !changed && !moved {
-                return server.in_flight() > 0 || self.device.has_input();
+                busy = server.in_flight() > 0 || self.device.has_input();
+                break;
             }
         }
-        true
+        self.nbd_memory = server.memory_use();
+        busy
     }
 
     fn dhcp_events(&mut self) {
@@ -220,6 +259,24 @@ impl NetStack {
             routes
                 .add_default_ipv4_route(gateway)
                 .expect("room for the default route");
+        }
+    }
+}
+
+impl NetStack {
+    fn nbd_pressure(&self) -> NbdPressure {
+        let (sockets, max_sockets) = self.nbd.sockets();
+        let memory = &self.nbd_memory;
+        NbdPressure {
+            sockets: sockets as u64,
+            max_sockets: max_sockets as u64,
+            socket_bytes: self.nbd.buffer_bytes() as u64,
+            syns_held: self.syns_held,
+            request_bytes: memory.held as u64,
+            request_limit: memory.limit as u64,
+            waiting: memory.waiting as u64,
+            waits: memory.waits,
+            refused: memory.refused,
         }
     }
 }
@@ -259,6 +316,7 @@ impl Network for NetStack {
                 nic: self.device.counters(),
                 tcp_open: self.nbd.open_connections() as u64,
                 tcp_accepted: self.nbd.accepted(),
+                nbd: self.nbd_pressure(),
             },
         }
     }
@@ -311,6 +369,11 @@ impl Network for NetStack {
         }
         Ok(())
     }
+
+    fn stall_transmitter(&mut self) -> Result<&'static str, String> {
+        self.device.stall_transmitter()?;
+        Ok(self.device.driver())
+    }
 }
 
 /// The console's handle on the stack the main loop polls.
@@ -331,5 +394,9 @@ impl Network for NetHandle {
 
     fn configure_link(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), String> {
         self.0.borrow_mut().configure_link(mtu, checksum_offload)
+    }
+
+    fn stall_transmitter(&mut self) -> Result<&'static str, String> {
+        self.0.borrow_mut().stall_transmitter()
     }
 }

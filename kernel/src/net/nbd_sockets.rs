@@ -2,9 +2,11 @@
 //! connections they accepted, each driven through the [`nbd::Server`].
 //!
 //! smoltcp has no listen backlog (a socket accepts exactly one connection), so a
-//! few sockets listen at all times and a new one is armed whenever one is taken,
-//! up to a bound on all sockets (every socket is scanned for every packet, and each
-//! holds its buffers). When every socket is busy new clients are refused.
+//! few sockets listen at all times and a new one is armed whenever one is taken.
+//! The pool is sized from memory: a quarter of the heap goes to socket buffers,
+//! the first sockets get large buffers and later ones smaller (so hundreds of
+//! connections fit in 256 MiB), and no socket is armed while the heap is short.
+//! Clients beyond the sockets listening wait in a backlog (see `backlog.rs`).
 //!
 //! Bytes move both ways under back-pressure: received bytes stay in the socket
 //! until the server takes them (a full receive buffer closes the TCP window), and
@@ -22,21 +24,37 @@ use smoltcp::time::{Duration, Instant};
 pub const NBD_PORT: u16 = 10809;
 /// Sockets kept listening: clients such as nbdcopy and fio open several
 /// connections at once.
-const LISTENERS: usize = 4;
-/// Listening and connected sockets together.
-const MAX_SOCKETS: usize = 20;
-/// Receive buffer per socket: the largest window a client gets. Kept below what
-/// the NIC's receive queue holds (256 frames of 1460 bytes), so a full window never
-/// overruns it.
-const RX_BUFFER: usize = 256 * 1024;
-/// Send buffer per socket: room for a couple of 256 KiB read replies in flight.
-const TX_BUFFER: usize = 512 * 1024;
+const LISTENERS: usize = 8;
+/// Most sockets, whatever the memory: smoltcp scans every socket for every packet.
+const MAX_SOCKETS: usize = 512;
+/// Buffer sizes (receive, send) of a new socket, largest first, each with the
+/// share of the socket budget the pool may have used when one is armed. The
+/// largest receive buffer stays below what the NIC's receive queue holds (256
+/// frames of 1460 bytes), so a full window never overruns it; its send buffer has
+/// room for a couple of 256 KiB read replies in flight.
+const BUFFER_TIERS: [(usize, usize, Share); 3] = [
+    (256 * 1024, 512 * 1024, Share(1, 2)),
+    (32 * 1024, 64 * 1024, Share(3, 4)),
+    (8 * 1024, 16 * 1024, Share(1, 1)),
+];
+/// Part of the heap socket buffers may use.
+const SOCKET_SHARE: Share = Share(1, 4);
 /// Probe an idle peer this often, and give up on one that stops answering.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a closed connection may wait for the peer to close its side before it
 /// is reset (a peer that never does would hold the socket forever).
 const LINGER: Duration = Duration::from_secs(60);
+
+/// A fraction, numerator over denominator.
+#[derive(Clone, Copy)]
+struct Share(usize, usize);
+
+impl Share {
+    fn of(self, bytes: usize) -> usize {
+        bytes / self.1 * self.0
+    }
+}
 
 /// What one socket is doing.
 enum Role {
@@ -51,21 +69,67 @@ enum Role {
 struct Slot {
     handle: SocketHandle,
     role: Role,
+    /// Bytes of its buffers.
+    bytes: usize,
 }
 
 pub struct NbdSockets {
     slots: Vec<Slot>,
     accepted: u64,
+    /// Bytes socket buffers may take, and take now.
+    budget: usize,
+    buffer_bytes: usize,
+}
+
+/// The heap as the pool sees it when arming sockets.
+#[derive(Clone, Copy)]
+pub struct Heap {
+    pub free: usize,
+    /// Free heap no new socket may take.
+    pub reserve: usize,
 }
 
 impl NbdSockets {
-    pub fn new(sockets: &mut SocketSet<'static>) -> Self {
+    /// A pool for a heap of `heap_bytes`, its first listeners armed.
+    pub fn new(sockets: &mut SocketSet<'static>, heap_bytes: usize, heap: Heap) -> Self {
         let mut pool = NbdSockets {
             slots: Vec::new(),
             accepted: 0,
+            budget: SOCKET_SHARE.of(heap_bytes),
+            buffer_bytes: 0,
         };
-        pool.arm_listeners(sockets);
+        pool.arm_listeners(sockets, heap);
         pool
+    }
+
+    /// Sockets now, and the most there can be (every further one with the
+    /// smallest buffers).
+    pub fn sockets(&self) -> (usize, usize) {
+        let (rx, tx, _) = BUFFER_TIERS[BUFFER_TIERS.len() - 1];
+        let more = self.unused_budget() / (rx + tx);
+        let max = (self.slots.len() + more).min(MAX_SOCKETS);
+        (self.slots.len(), max.max(self.slots.len()))
+    }
+
+    /// Bytes of socket buffers now.
+    pub fn buffer_bytes(&self) -> usize {
+        self.buffer_bytes
+    }
+
+    /// Bytes of the socket budget not taken yet.
+    pub fn unused_budget(&self) -> usize {
+        self.budget.saturating_sub(self.buffer_bytes)
+    }
+
+    /// Sockets listening for a client now (a SYN each may take).
+    pub fn listening(&self, sockets: &SocketSet<'static>) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| {
+                matches!(slot.role, Role::Listening)
+                    && sockets.get::<tcp::Socket>(slot.handle).state() == tcp::State::Listen
+            })
+            .count()
     }
 
     /// Connections being served now.
@@ -87,7 +151,7 @@ impl NbdSockets {
         &mut self,
         sockets: &mut SocketSet<'static>,
         server: &mut Server<B>,
-        admit: bool,
+        heap: Heap,
         now: Instant,
     ) -> bool {
         let mut moved = false;
@@ -95,7 +159,7 @@ impl NbdSockets {
             let socket = sockets.get_mut::<tcp::Socket>(slot.handle);
             moved |= accept(slot, socket, server, &mut self.accepted);
             if let Role::Serving { id, peer_closed } = &mut slot.role {
-                moved |= receive(socket, *id, peer_closed, server, admit);
+                moved |= receive(socket, *id, peer_closed, server);
             }
         }
         moved |= server.poll();
@@ -115,24 +179,31 @@ impl NbdSockets {
             }
             socket.abort();
             sockets.remove(slot.handle);
+            self.buffer_bytes -= slot.bytes;
             false
         });
         moved |= self.slots.len() != before;
-        self.arm_listeners(sockets);
+        self.arm_listeners(sockets, heap);
         moved
     }
 
-    /// Tops the listeners up to [`LISTENERS`] within [`MAX_SOCKETS`].
-    fn arm_listeners(&mut self, sockets: &mut SocketSet<'static>) {
+    /// Tops the listeners up to [`LISTENERS`] while the socket budget and the heap
+    /// have room.
+    fn arm_listeners(&mut self, sockets: &mut SocketSet<'static>, heap: Heap) {
         let mut listening = self
             .slots
             .iter()
             .filter(|slot| matches!(slot.role, Role::Listening))
             .count();
+        let mut free = heap.free;
         while listening < LISTENERS && self.slots.len() < MAX_SOCKETS {
+            let Some((rx, tx)) = self.next_buffers(free.saturating_sub(heap.reserve)) else {
+                return;
+            };
+            free -= rx + tx;
             let mut socket = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; RX_BUFFER]),
-                tcp::SocketBuffer::new(vec![0; TX_BUFFER]),
+                tcp::SocketBuffer::new(vec![0; rx]),
+                tcp::SocketBuffer::new(vec![0; tx]),
             );
             // Replies go out whole and at once; ACKs are not held back (a delayed
             // ACK stalls a client waiting for window space).
@@ -146,9 +217,20 @@ impl NbdSockets {
             self.slots.push(Slot {
                 handle: sockets.add(socket),
                 role: Role::Listening,
+                bytes: rx + tx,
             });
+            self.buffer_bytes += rx + tx;
             listening += 1;
         }
+    }
+
+    /// The buffer sizes of the next socket: the largest tier the budget's share
+    /// and `spare` heap bytes allow.
+    fn next_buffers(&self, spare: usize) -> Option<(usize, usize)> {
+        BUFFER_TIERS.iter().find_map(|&(rx, tx, share)| {
+            let fits = self.buffer_bytes + rx + tx <= share.of(self.budget) && rx + tx <= spare;
+            fits.then_some((rx, tx))
+        })
     }
 }
 
@@ -193,10 +275,9 @@ fn receive<B: Backend>(
     id: ConnectionId,
     peer_closed: &mut bool,
     server: &mut Server<B>,
-    admit: bool,
 ) -> bool {
     let mut moved = false;
-    while admit && socket.can_recv() && server.wants_input(id) {
+    while socket.can_recv() && server.wants_input(id) {
         let taken = socket
             .recv(|data| {
                 let taken = server.receive(id, data);

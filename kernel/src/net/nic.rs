@@ -83,6 +83,18 @@ impl Nic {
         }
     }
 
+    /// Stops the transmitter as a hung ring would (`net stall-tx`): only the e1000e
+    /// driver has a watchdog that resets it.
+    pub fn stall_transmitter(&mut self) -> Result<(), &'static str> {
+        match self {
+            Nic::Virtio(_) => Err("virtio-net has no transmit stall watchdog"),
+            Nic::E1000e(nic) => {
+                nic.stall_transmitter();
+                Ok(())
+            }
+        }
+    }
+
     /// Sets the IP MTU and checksum offload (what the device cannot do is refused).
     pub fn reconfigure(&mut self, mtu: usize, checksum_offload: bool) -> Result<(), &'static str> {
         each!(self, nic => nic.reconfigure(mtu, checksum_offload))

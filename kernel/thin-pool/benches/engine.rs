@@ -1,7 +1,7 @@
 //! Engine throughput against the raw device it runs on, in the same run: in-memory
 //! devices (the engine's own cost) and files. Prints a table; not a timed test.
 //!
-//! `cargo bench -p thin-pool --features std [-- memory|files|depth|fua|delete]`
+//! `cargo bench -p thin-pool --features std [-- memory|files|depth|fua|delete|discard]`
 //! (`THIN_BENCH_RUNS` sets how many runs the best rates are taken from, default 3).
 //!
 //! Each thin workload is compared with the raw-device workload that moves the same
@@ -439,11 +439,20 @@ fn fua() {
     run("plain + FUA write to the same new block", pairs, &mut vol);
 }
 
+/// Work that unmaps a 1,000,000-mapping device in steps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unmap {
+    /// `delete` of the device: its blocks are released in the background.
+    Delete,
+    /// One discard of the whole device through its volume, which a client waits for.
+    Discard,
+}
+
 /// 4 KiB random reads at queue depth 16 on one volume while a 1,000,000-mapping
-/// device of the same pool is deleted in the background, against the same reads
-/// with no delete running. Between polls the loop calls `Pool::service`, as the
-/// appliance's main loop does, which releases one step of the delete.
-fn delete_while_reading() {
+/// device of the same pool is deleted in the background (or discarded whole),
+/// against the same reads with no such work running. Between polls the loop calls
+/// `Pool::service`, as the appliance's main loop does, which takes the paced steps.
+fn unmap_while_reading(work: Unmap) {
     const MAPPINGS: u64 = 1_000_000;
     const READ_DEPTH: usize = 16;
     let meta = MemDisk::new(1 << 18);
@@ -467,10 +476,10 @@ fn delete_while_reading() {
     flushed(&mut vol, random_4k(13, DATA_BLOCKS / 2, true, 1));
     let epoch = Instant::now();
     let clock = || epoch.elapsed().as_nanos() as u64;
-    // Reads for as long as the delete takes (or a fixed amount without one), each
-    // completed read's buffer going straight into the next read.
+    // Reads until `finished` says so, each completed read's buffer going straight
+    // into the next read.
     let mut rng = fastrand::Rng::with_seed(13);
-    let mut read = |vol: &mut thin_pool::ThinVolume, with_delete: bool| {
+    let mut read = |vol: &mut thin_pool::ThinVolume, finished: &mut dyn FnMut(u64) -> bool| {
         let start = Instant::now();
         let mut reads = 0u64;
         let mut buffers: Vec<IoBuf> = (0..READ_DEPTH).map(|_| IoBuf::with_sectors(8)).collect();
@@ -489,12 +498,7 @@ fn delete_while_reading() {
                 reads += 1;
             }
             pool.service(&clock);
-            let finished = if with_delete {
-                pool.deletes().is_empty()
-            } else {
-                reads >= 200_000
-            };
-            if finished {
+            if finished(reads) {
                 break;
             }
         }
@@ -508,13 +512,31 @@ fn delete_while_reading() {
             start.elapsed(),
         )
     };
-    let (idle, _) = read(&mut vol, false);
-    pool.message("delete 0").unwrap();
-    let (busy, took) = read(&mut vol, true);
-    println!("
-4K random reads, queue depth {READ_DEPTH}, while a 1,000,000-mapping device is deleted (in-memory devices)");
+    let (idle, _) = read(&mut vol, &mut |reads| reads >= 200_000);
+    let (busy, took) = match work {
+        Unmap::Delete => {
+            pool.message("delete 0").unwrap();
+            read(&mut vol, &mut |_| pool.deletes().is_empty())
+        }
+        Unmap::Discard => {
+            let mut big = pool.activate(0, MAPPINGS * BS, None).unwrap();
+            let command = Command::Discard {
+                sector: 0,
+                sectors: MAPPINGS * BS,
+            };
+            big.submit(Request { tag: 1, command }).unwrap();
+            read(&mut vol, &mut |_| big.poll().is_some())
+        }
+    };
+    let what = match work {
+        Unmap::Delete => "deleted",
+        Unmap::Discard => "discarded whole",
+    };
     println!(
-        "  no delete: {idle:.0} IOPS; during the delete: {busy:.0} IOPS (ratio {:.2}); the delete took {:.2} s",
+        "\n4K random reads, queue depth {READ_DEPTH}, while a 1,000,000-mapping device is {what} (in-memory devices)"
+    );
+    println!(
+        "  alone: {idle:.0} IOPS; meanwhile: {busy:.0} IOPS (ratio {:.2}); the work took {:.2} s",
         busy / idle,
         took.as_secs_f64()
     );
@@ -561,6 +583,9 @@ fn main() {
         fua();
     }
     if wanted("delete") {
-        delete_while_reading();
+        unmap_while_reading(Unmap::Delete);
+    }
+    if wanted("discard") {
+        unmap_while_reading(Unmap::Discard);
     }
 }

@@ -39,7 +39,7 @@ mod usage;
 pub use blockdev::{Extent, SectorRun};
 pub use config::{Features, PoolConfig, PoolTable, TableError, ThinTable};
 pub use delta::{ChangedView, SnapDelta};
-pub use engine::{DeleteProgress, OriginMergeProgress};
+pub use engine::{DeleteProgress, DiscardProgress, OriginMergeProgress};
 pub use format::PoolFormat;
 pub use io::{NOT_FAST, QueueFull, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 pub use message::{Errno, Message, MessageError};

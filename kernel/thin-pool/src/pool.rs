@@ -13,7 +13,7 @@ use persistent_data::Error as MdError;
 use persistent_data::thin::{FormatPolicy, OpenOptions, ThinMetadata};
 
 use crate::config::{MAX_DATA_BLOCK_SIZE, MIN_DATA_BLOCK_SIZE, PoolConfig, valid_block_size};
-use crate::engine::{Core, DeleteProgress, OriginMergeProgress, VolId};
+use crate::engine::{Core, DeleteProgress, DiscardProgress, OriginMergeProgress, VolId};
 use crate::io::{QueueFull, ThinCompletion, ThinOp, ThinOutput, ThinRequest};
 use crate::message::{Errno, Message, MessageError};
 use crate::status::{PoolEvent, PoolMode, PoolStatus, ThinStatus, ThinUsage};
@@ -308,6 +308,13 @@ impl Pool {
         deletes.copied().collect()
     }
 
+    /// Discards whose ranges are still being unmapped in steps (the poll takes one
+    /// while the pool has nothing else to do, the timer one paced like a delete's
+    /// while requests come in), oldest first.
+    pub fn discards(&self) -> Vec<DiscardProgress> {
+        self.core.borrow().discards()
+    }
+
     /// Thin devices being merged into their external origins (see
     /// [`ThinVolume::start_origin_merge`]).
     pub fn origin_merges(&self) -> Vec<OriginMergeProgress> {
@@ -489,6 +496,13 @@ impl ThinVolume {
         }
         core.submit(self.vol, request);
         Ok(())
+    }
+
+    /// Whether no request of this thin device that changes data is in flight (parts
+    /// of writes waiting for data space excepted): a `create_snap` of it then has
+    /// nothing to wait for. Advancing the I/O is up to the caller's polls.
+    pub fn writes_settled(&self) -> bool {
+        self.core.borrow().writes_settled(self.dev)
     }
 
     /// Whether every request of this volume still in the engine waits for data

@@ -105,15 +105,7 @@ fn delete_run(
     config: &PoolConfig,
     cut: Option<u64>,
 ) -> (CrashDisk, CrashDisk, u64, u64, bool) {
-    let meta = CrashDisk::from_disk(meta);
-    let data = CrashDisk::from_disk(data);
-    meta.share_power(&data);
-    let (pool, _) = Pool::open(
-        Box::new(device(&meta, 1, false)),
-        Box::new(device(&data, 2, true)),
-        config.clone(),
-    )
-    .expect("opening");
+    let (meta, data, pool) = open_on_crash_disks(meta, data, config);
     let start = meta.operations();
     meta.fail_at(cut);
     let deleted = pool.message("delete 0").is_ok();

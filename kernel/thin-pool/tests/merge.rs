@@ -336,15 +336,7 @@ fn merge_run(
     config: &thin_pool::PoolConfig,
     cut: Option<u64>,
 ) -> (CrashDisk, CrashDisk, u64, u64, bool) {
-    let meta = CrashDisk::from_disk(meta);
-    let data = CrashDisk::from_disk(data);
-    meta.share_power(&data);
-    let (pool, _) = Pool::open(
-        Box::new(device(&meta, 1, false)),
-        Box::new(device(&data, 2, true)),
-        config.clone(),
-    )
-    .unwrap();
+    let (meta, data, pool) = open_on_crash_disks(meta, data, config);
     let origin = pool.activate(0, MAPPINGS * BS, None).unwrap();
     let start = meta.operations();
     meta.fail_at(cut.map(|cut| start + cut));

@@ -53,6 +53,22 @@ pub(super) fn configure(
     Ok(())
 }
 
+/// `net stall-tx`: a test aid (not in the usage line) that makes the transmit ring
+/// stop as a hung device's would, so that the watchdog's reset can be watched.
+pub(super) fn stall_transmitter(
+    network: &mut dyn Network,
+    out: &mut dyn Write,
+) -> Result<(), CommandError> {
+    let driver = network
+        .stall_transmitter()
+        .map_err(|why| format!("net stall-tx: {why}"))?;
+    outln!(
+        out,
+        "{driver}: transmitter stopped; the watchdog resets the rings once frames wait 2 s"
+    );
+    Ok(())
+}
+
 fn on_off(on: bool) -> &'static str {
     if on { "on" } else { "off" }
 }

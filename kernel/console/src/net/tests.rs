@@ -11,6 +11,8 @@ use crate::{Crash, MemoryStats, Platform};
 struct FakeNetwork {
     status: NetStatus,
     dhcp_requests: usize,
+    /// Times the transmitter was stopped.
+    stalls: usize,
     /// Whether the fake NIC can offload checksums (else it refuses).
     can_offload: bool,
 }
@@ -56,6 +58,13 @@ impl Network for FakeNetwork {
         self.status.link.checksum_offload = checksum_offload;
         Ok(())
     }
+    fn stall_transmitter(&mut self) -> Result<&'static str, String> {
+        if self.status.link.driver == "virtio-net" {
+            return Err("virtio-net has no transmit stall watchdog".into());
+        }
+        self.stalls += 1;
+        Ok(self.status.link.driver)
+    }
 }
 
 fn leased() -> NetStatus {
@@ -88,6 +97,17 @@ fn leased() -> NetStatus {
             },
             tcp_open: 1,
             tcp_accepted: 5,
+            nbd: NbdPressure {
+                sockets: 9,
+                max_sockets: 212,
+                socket_bytes: 6 << 20,
+                syns_held: 12,
+                request_bytes: 3 << 20,
+                request_limit: 20 << 20,
+                waiting: 2,
+                waits: 1204,
+                refused: 1,
+            },
         },
     }
 }
@@ -98,6 +118,7 @@ fn console(status: NetStatus) -> Console<NetPlatform> {
             network: Some(FakeNetwork {
                 status,
                 dhcp_requests: 0,
+                stalls: 0,
                 can_offload: true,
             }),
         },
@@ -128,6 +149,8 @@ fn net_shows_address_link_and_counters() {
             "tx:      900 packets, 1.50 KiB, 7 queue-full waits",
             "link:    e1000e, mtu 1500, checksum offload on",
             "nic:     3 missed (no buffer), 0 send drops, 1 ring resets",
+            "sockets: 9 of 212 (6.00 MiB of buffers), 12 connection attempts held back",
+            "memory:  requests hold 3.00 MiB of 20.00 MiB, 2 waiting (1204 waits, 1 refused)",
         ]
     );
 }
@@ -306,4 +329,21 @@ fn net_without_an_interface_is_an_error() {
         error(&mut console, "net"),
         "error: net: this appliance has no network interface"
     );
+}
+
+#[test]
+fn net_stall_tx_stops_a_transmitter_that_has_a_watchdog() {
+    let mut console = console(leased());
+    let out = run(&mut console, "net stall-tx");
+    assert_eq!(
+        lines(&out),
+        ["e1000e: transmitter stopped; the watchdog resets the rings once frames wait 2 s"]
+    );
+    assert_eq!(network(&mut console).stalls, 1);
+    network_mut(&mut console).status.link.driver = "virtio-net";
+    assert_eq!(
+        error(&mut console, "net stall-tx"),
+        "error: net stall-tx: virtio-net has no transmit stall watchdog"
+    );
+    assert_eq!(network(&mut console).stalls, 1);
 }

@@ -192,6 +192,11 @@ impl DeviceMapper {
             .map(|(_, outcome)| outcome)
     }
 
+    /// Unfinished imports as the configuration saves them (`config show` lists them).
+    pub fn saved_imports(&self) -> &[ImportRecord] {
+        &self.imports.records
+    }
+
     /// Stops following the job into `name`: its outcome becomes an event line.
     pub fn detach_import(&mut self, name: &str) {
         self.imports.watched.retain(|watched| watched != name);

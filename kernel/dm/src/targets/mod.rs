@@ -2,6 +2,7 @@
 //! targets) that serves I/O, or a pool (`thin-pool`) that thin devices are activated
 //! from — once its metadata is formatted.
 
+mod cow_io;
 mod linear;
 mod snapshot;
 mod thin;
@@ -12,6 +13,7 @@ use thin_pool::Pool;
 
 use crate::format::Formatting;
 
+pub(crate) use cow_io::{CowIo, Scope};
 pub(crate) use linear::LinearIo;
 pub(crate) use snapshot::{Role, SnapshotIo, SnapshotList};
 pub(crate) use thin::ThinIo;
@@ -50,7 +52,8 @@ impl TargetIo {
         match self {
             TargetIo::Linear(io) => io.discard(),
             TargetIo::Thin(io) => io.discard(),
-            TargetIo::Snapshot(_) | TargetIo::Pool(_) | TargetIo::Formatting(_) => false,
+            TargetIo::Snapshot(io) => io.discard(),
+            TargetIo::Pool(_) | TargetIo::Formatting(_) => false,
         }
     }
 

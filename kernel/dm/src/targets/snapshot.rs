@@ -1,11 +1,10 @@
 //! I/O of the snapshot targets: `snapshot-origin` (origin writes copy out into every
-//! snapshot of the origin first), `snapshot` (the snapshot's view) and
-//! `snapshot-merge` (the origin device while a snapshot merges into it; writes to
-//! the run being merged wait until it is committed).
-//!
-//! Requests are carried out when submitted, one at a time: a write that needs
-//! copy-outs returns once they are committed and it is written.
+//! snapshot of the origin first) and `snapshot` (the snapshot's view), both carried
+//! out concurrently by [`CowIo`], and `snapshot-merge` (the origin device while a
+//! snapshot merges into it; writes to the run being merged wait until it is
+//! committed, the others are carried out when submitted, one at a time).
 
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::rc::{Rc, Weak};
 use alloc::vec;
@@ -13,11 +12,10 @@ use alloc::vec::Vec;
 use blockdev::IoError;
 use core::cell::{RefCell, RefMut};
 use nbd::{BackendError, Extent, IoCompletion, IoOp, IoOutput};
-use snapshot::chunk_io::{flush, read_into};
-use snapshot::{MergeProgress, MergeStep, Snapshot, write_origin};
+use snapshot::{MergeProgress, MergeStep, Snapshot};
 
+use super::cow_io::CowIo;
 use super::linear::in_range;
-use crate::span::Span;
 
 /// A snapshot shared by its device and its origin's list.
 pub(crate) type SharedSnapshot = Rc<RefCell<Snapshot>>;
@@ -49,11 +47,8 @@ fn with_snapshots<R>(list: &SnapshotList, f: impl FnOnce(&mut [&mut Snapshot]) -
 }
 
 pub(crate) enum Role {
-    Origin {
-        origin: Span,
-        snapshots: SnapshotList,
-    },
-    Snapshot(SharedSnapshot),
+    /// `snapshot-origin` or `snapshot`.
+    Cow(Box<CowIo>),
     Merge {
         merging: SharedSnapshot,
         /// The origin's other snapshots, which get copy-outs of what changes.
@@ -105,16 +100,29 @@ impl SnapshotIo {
     /// The snapshot this device serves or merges.
     pub(crate) fn snapshot(&self) -> Option<&SharedSnapshot> {
         match &self.role {
-            Role::Snapshot(snapshot)
-            | Role::Merge {
-                merging: snapshot, ..
-            } => Some(snapshot),
-            Role::Origin { .. } => None,
+            Role::Cow(io) => io.snapshot(),
+            Role::Merge { merging, .. } => Some(merging),
         }
+    }
+
+    /// Whether the device takes discards.
+    pub(crate) fn discard(&self) -> bool {
+        matches!(&self.role, Role::Cow(io) if io.discard())
     }
 
     pub(crate) fn submit(&mut self, tag: u64, op: IoOp) {
         self.requests += 1;
+        let op = match self.check(op) {
+            Ok(op) => op,
+            Err(result) => {
+                self.done.push_back(IoCompletion { tag, result });
+                return;
+            }
+        };
+        if let Role::Cow(io) = &mut self.role {
+            io.submit(tag, op);
+            return;
+        }
         if let Role::Merge { merging, held, .. } = &mut self.role {
             let range = match &op {
                 IoOp::Write { sector, buf, .. } => Some((*sector, buf.sectors())),
@@ -135,12 +143,21 @@ impl SnapshotIo {
     }
 
     pub(crate) fn poll(&mut self) -> Option<IoCompletion> {
+        if let Some(done) = self.done.pop_front() {
+            return Some(done);
+        }
+        if let Role::Cow(io) = &mut self.role {
+            return io.poll();
+        }
         self.release_held();
         self.done.pop_front()
     }
 
     /// Finishes held writes (stepping the merge until their run is committed).
     pub(crate) fn drain(&mut self) {
+        if let Role::Cow(io) = &mut self.role {
+            io.drain();
+        }
         while self.holds_writes() {
             if self
                 .merge_step(ZERO_PIECE_SECTORS)
@@ -158,8 +175,7 @@ impl SnapshotIo {
 
     pub(crate) fn flush(&mut self) -> Result<(), IoError> {
         match &mut self.role {
-            Role::Origin { origin, .. } => flush(origin),
-            Role::Snapshot(snapshot) => snapshot.borrow_mut().flush(),
+            Role::Cow(io) => io.flush(),
             Role::Merge { merging, .. } => merging.borrow_mut().merge_flush(),
         }
     }
@@ -263,96 +279,102 @@ impl SnapshotIo {
         }
     }
 
-    fn execute(&mut self, op: IoOp) -> Result<IoOutput, BackendError> {
+    /// Checks a request against the device (range, mode) and answers the ones that
+    /// need no I/O; the others come back to be carried out.
+    fn check(&self, op: IoOp) -> Result<IoOp, Result<IoOutput, BackendError>> {
         let writes = !matches!(
             op,
             IoOp::Read { .. } | IoOp::Flush | IoOp::Cache { .. } | IoOp::BlockStatus { .. }
         );
         if writes && self.read_only {
-            return Err(BackendError::ReadOnly);
+            return Err(Err(BackendError::ReadOnly));
         }
+        let (sector, sectors) = match &op {
+            IoOp::Read { sector, buf } | IoOp::Write { sector, buf, .. } => {
+                (*sector, buf.sectors())
+            }
+            IoOp::Trim {
+                sector, sectors, ..
+            }
+            | IoOp::WriteZeroes {
+                sector, sectors, ..
+            } => (*sector, *sectors),
+            IoOp::Cache { sector, sectors } => {
+                return Err(in_range(*sector, *sectors, self.sectors).map(|()| IoOutput::Done));
+            }
+            IoOp::BlockStatus {
+                sector, sectors, ..
+            } => {
+                let extent = Extent {
+                    sectors: self.sectors.saturating_sub(*sector),
+                    hole: false,
+                    zero: false,
+                };
+                return Err(in_range(*sector, (*sectors).max(1), self.sectors)
+                    .map(|()| IoOutput::Extents(vec![extent])));
+            }
+            IoOp::Flush => return Ok(op),
+        };
+        if let Err(error) = in_range(sector, sectors, self.sectors) {
+            return Err(Err(error));
+        }
+        if let IoOp::WriteZeroes {
+            fast_only: true, ..
+        } = op
+        {
+            return Err(Err(BackendError::NotFast));
+        }
+        Ok(op)
+    }
+
+    /// A request of the merging origin, carried out now.
+    fn execute(&mut self, op: IoOp) -> Result<IoOutput, BackendError> {
+        let Role::Merge {
+            merging, others, ..
+        } = &mut self.role
+        else {
+            return Err(BackendError::Invalid);
+        };
+        let mut merging = merging.borrow_mut();
+        let mut write = |sector: u64, data: &[u8], fua: bool| {
+            with_snapshots(others, |others| {
+                merging.merge_write(others, sector, data, fua)
+            })
+        };
         match op {
             IoOp::Read { sector, mut buf } => {
-                in_range(sector, buf.sectors(), self.sectors)?;
-                self.read(sector, &mut buf)?;
+                drop(write);
+                merging.merge_read(sector, &mut buf)?;
                 Ok(IoOutput::Read {
                     buf,
                     zero_holes: vec![],
                 })
             }
             IoOp::Write { sector, buf, fua } => {
-                in_range(sector, buf.sectors(), self.sectors)?;
-                self.write(sector, &buf, fua)?;
+                write(sector, &buf, fua)?;
                 Ok(IoOutput::Done)
             }
-            IoOp::Flush => {
-                self.flush()?;
-                Ok(IoOutput::Done)
-            }
-            // No discard support: trim is advisory.
-            IoOp::Trim { .. } => Ok(IoOutput::Done),
-            IoOp::WriteZeroes {
-                fast_only: true, ..
-            } => Err(BackendError::NotFast),
             IoOp::WriteZeroes {
                 sector,
                 sectors,
                 fua,
                 ..
             } => {
-                in_range(sector, sectors, self.sectors)?;
                 let mut at = sector;
                 while at < sector + sectors {
                     let piece = ZERO_PIECE_SECTORS.min(sector + sectors - at);
-                    self.write(at, &vec![0u8; piece as usize * 512], fua)?;
+                    write(at, &vec![0u8; piece as usize * 512], fua)?;
                     at += piece;
                 }
                 Ok(IoOutput::Done)
             }
-            IoOp::Cache { sector, sectors } => {
-                in_range(sector, sectors, self.sectors).map(|()| IoOutput::Done)
+            IoOp::Flush => {
+                drop(write);
+                merging.merge_flush()?;
+                Ok(IoOutput::Done)
             }
-            IoOp::BlockStatus {
-                sector, sectors, ..
-            } => in_range(sector, sectors.max(1), self.sectors).map(|()| {
-                IoOutput::Extents(vec![Extent {
-                    sectors: self.sectors - sector,
-                    hole: false,
-                    zero: false,
-                }])
-            }),
-        }
-    }
-
-    fn read(&mut self, sector: u64, out: &mut [u8]) -> Result<(), IoError> {
-        match &mut self.role {
-            Role::Origin { origin, .. } => read_into(origin, sector, out),
-            Role::Snapshot(snapshot) => snapshot.borrow_mut().read(sector, out),
-            Role::Merge { merging, .. } => merging.borrow_mut().merge_read(sector, out),
-        }
-    }
-
-    fn write(&mut self, sector: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
-        match &mut self.role {
-            Role::Origin { origin, snapshots } => with_snapshots(snapshots, |snapshots| {
-                write_origin(origin, snapshots, sector, data, fua)
-            }),
-            Role::Snapshot(snapshot) => {
-                let mut snapshot = snapshot.borrow_mut();
-                snapshot.write(sector, data)?;
-                if fua {
-                    snapshot.flush()?;
-                }
-                Ok(())
-            }
-            Role::Merge {
-                merging, others, ..
-            } => {
-                let mut merging = merging.borrow_mut();
-                with_snapshots(others, |others| {
-                    merging.merge_write(others, sector, data, fua)
-                })
-            }
+            // Discards complete without effect while merging, as dm's do.
+            IoOp::Trim { .. } | IoOp::Cache { .. } | IoOp::BlockStatus { .. } => Ok(IoOutput::Done),
         }
     }
 }

@@ -171,6 +171,18 @@ impl ThinIo {
         }
     }
 
+    /// One bounded step towards a quiet device: requests queued here go to the
+    /// volume, one completion is collected (kept for [`ThinIo::poll`]). Returns
+    /// whether nothing that changes data is in flight any more (parts of writes
+    /// waiting for pool space excepted, as [`ThinIo::drain`] leaves them).
+    pub(crate) fn settle_writes(&mut self) -> bool {
+        self.pump();
+        if let Some(done) = self.volume_completion() {
+            self.done.push_back(done);
+        }
+        self.waiting.is_empty() && self.volume.writes_settled()
+    }
+
     /// Makes completed writes durable (data flushed, metadata committed). Writes
     /// still waiting for pool space may be in flight; their completions, if any come
     /// meanwhile, are kept for [`ThinIo::poll`].

@@ -7,10 +7,12 @@
 //! and without FUA), zeroes (unmapping or not, and fast only), trims, flushes, reads
 //! back and checks, snapshots, deletes (released in the background), reserves and
 //! releases a metadata snapshot, lets the timer commit, runs out of data space and
-//! grows the pool by reload and resume. Each workload runs once to count its device
-//! I/O, then once per I/O index with the power failing there. The disks are rebuilt
-//! four ways: unflushed writes dropped, all kept, a random subset of their sectors
-//! kept, or all kept with the write the power failed at torn.
+//! grows the pool by reload and resume, imports a device into a new one (`thin import
+//! --from DEVICE`) and merges the device over the external origin into that origin
+//! (`thin merge-origin`), each job run to its end. Each workload runs once to count
+//! its device I/O, then once per I/O index with the power failing there. The disks
+//! are rebuilt four ways: unflushed writes dropped, all kept, a random subset of their
+//! sectors kept, or all kept with the write the power failed at torn.
 //!
 //! After each cut the metadata passes the project's checker (every block referenced
 //! exactly as counted: none leaked, none owned twice), and the real `thin_check` on
@@ -18,7 +20,7 @@
 //! devices back from the configuration area, and every device the workload was told
 //! exists reads back, sector by sector, a version it may hold: the one a completed
 //! FLUSH, a FUA write, a commit or the snapshot's creation made durable, or one written
-//! after it.
+//! after it (an imported device: zeros or the copy, until something commits it).
 //!
 //! CI runs at least [`CI_CUTS`] cuts; `SWEEP_CUTS=N` runs at least N and prints the
 //! rate. A new kind of job is one more `Step` and its arm in `Runner::run` (in the
@@ -46,7 +48,7 @@ const BS: u64 = 128;
 const CONFIG_SECTORS: u64 = 4096;
 const META_SECTORS: u64 = 4096;
 /// The data disk; the pool starts on part of it and grows onto the rest.
-const DATA_BLOCKS: u64 = 80;
+const DATA_BLOCKS: u64 = 92;
 const FIRST_POOL_BLOCKS: u64 = 12;
 const GROWTH_BLOCKS: u64 = 20;
 /// The external origin ends inside a block, and before the devices end.
@@ -114,13 +116,15 @@ fn mapper(devices: Vec<Box<dyn BlockDevice>>) -> DeviceMapper {
     )
 }
 
-/// What a run leaves: the disks, the models of the live devices, and its I/O count
-/// after setup and at the end.
+/// What a run leaves: the disks, the models of the live devices, its I/O count
+/// after setup and at the end, and the imports and merges into the origin that ran
+/// to their end.
 struct Outcome {
     disks: Vec<CrashDisk>,
     models: BTreeMap<u64, DeviceModel>,
     start: u64,
     end: u64,
+    jobs: [u64; 3],
 }
 
 fn run_workload(
@@ -162,6 +166,7 @@ fn run_workload(
     for step in steps {
         runner.run(step);
     }
+    let jobs = [runner.imports, runner.merges, runner.job_ios];
     let models = runner.finish();
     let end = disks[0].operations();
     Outcome {
@@ -169,6 +174,7 @@ fn run_workload(
         models,
         start,
         end,
+        jobs,
     }
 }
 
@@ -288,6 +294,11 @@ struct Tally {
     workloads: u64,
     cuts: u64,
     thin_checks: u64,
+    /// Imports and merges into the origin in the workloads (cuts land inside them).
+    imports: u64,
+    merges: u64,
+    /// Cuts at a device I/O of an import or merge step.
+    job_cuts: u64,
 }
 
 /// Runs workloads from seed 0 on, each with a cut at every device I/O, until at least
@@ -305,6 +316,9 @@ fn sweep(cuts: u64) -> Tally {
         let (policy, disks) = &prepared[seed as usize % 2];
         let steps = workload(seed);
         let whole = run_workload(disks, *policy, &steps, seed, None);
+        tally.imports += whole.jobs[0];
+        tally.merges += whole.jobs[1];
+        tally.job_cuts += whole.jobs[2] * 4;
         for cut in whole.start..=whole.end {
             let run = run_workload(disks, *policy, &steps, seed, Some(cut));
             for unflushed in [
@@ -359,10 +373,13 @@ fn the_whole_stack_survives_a_power_cut_at_every_io() {
 impl Tally {
     fn print(&self, seconds: f64) {
         println!(
-            "{} workloads: {} power cuts checked ({} with thin_check) in {seconds:.1} s ({:.0} \
-             per second)",
+            "{} workloads ({} imports, {} merges into the origin): {} power cuts checked ({} \
+             inside those steps, {} with thin_check) in {seconds:.1} s ({:.0} per second)",
             self.workloads,
+            self.imports,
+            self.merges,
             self.cuts,
+            self.job_cuts,
             self.thin_checks,
             self.cuts as f64 / seconds
         );

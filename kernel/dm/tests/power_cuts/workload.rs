@@ -6,22 +6,24 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use blockdev::{CrashDisk, IoBuf, SECTOR_SIZE};
-use dm::{DeviceMapper, Format, NbdBackend};
+use dm::{DeviceMapper, Format, ImportFrom, NbdBackend};
 use nbd::{Backend, BackendError, ExportHandle, IoCompletion, IoOp, IoOutput, IoRequest};
 use thin_pool::PoolMode;
 
-use crate::{BS, DATA_BLOCKS, FIRST_POOL_BLOCKS, GROWTH_BLOCKS, VOLUME_SECTORS};
+use crate::{BS, DATA_BLOCKS, FIRST_POOL_BLOCKS, GROWTH_BLOCKS, ORIGIN_SECTORS, VOLUME_SECTORS};
 
 /// The address NBD clients of these tests connect from.
 const CLIENT: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
 
 /// Steps per workload: at most 3 new blocks each (a request covers at most 2
-/// blocks' worth of sectors), so the data disk always has room for what a queueing
-/// pool waits for.
+/// blocks' worth of sectors) and one import of a whole volume, so the data disk
+/// always has room for what a queueing pool waits for.
 const STEPS: usize = 26;
 /// Polls without a completion after which requests count as stuck.
 const STALL_POLLS: u32 = 4_000;
+/// Timer calls (a millisecond apart) a job may take with the power on.
+const JOB_TICKS: u32 = 200_000;
 
 pub type Sector = [u8; SECTOR_SIZE];
 const ZERO: Sector = [0; SECTOR_SIZE];
@@ -162,10 +164,19 @@ pub enum Step {
     ReserveMetadataSnap,
     ReleaseMetadataSnap,
     Grow,
+    /// `thin import` of a live device into a new one, run to its end.
+    Import {
+        pick: usize,
+    },
+    /// `thin merge-origin` of device 0 into the external origin, run to its end,
+    /// after deleting the other devices that read the origin and trimming device 0's
+    /// blocks past the origin's last whole block (the merge refuses both).
+    MergeOrigin,
 }
 
 pub fn workload(seed: u64) -> Vec<Step> {
     let mut rng = fastrand::Rng::with_seed(seed);
+    let mut imported = false;
     (0..STEPS)
         .map(|_| {
             let pick = rng.usize(..8);
@@ -203,13 +214,19 @@ pub fn workload(seed: u64) -> Vec<Step> {
                     sector,
                     sectors,
                 },
-                63..72 => Step::Wait,
-                72..76 => Step::Tick,
-                76..83 => Step::Snapshot { pick },
-                83..87 => Step::Delete { pick },
-                87..90 => Step::ReserveMetadataSnap,
-                90..93 => Step::ReleaseMetadataSnap,
-                _ => Step::Grow,
+                63..68 => Step::Wait,
+                68..72 => Step::Tick,
+                72..79 => Step::Snapshot { pick },
+                79..83 => Step::Delete { pick },
+                83..86 => Step::ReserveMetadataSnap,
+                86..89 => Step::ReleaseMetadataSnap,
+                89..93 => Step::Grow,
+                93..97 if !imported => {
+                    imported = true;
+                    Step::Import { pick }
+                }
+                93..97 => Step::Wait,
+                _ => Step::MergeOrigin,
             }
         })
         .collect()
@@ -241,6 +258,11 @@ pub struct Runner {
     pool_blocks: u64,
     clock: Rc<Cell<u64>>,
     power: CrashDisk,
+    /// Imports and merges into the origin that ran to their end with the power on.
+    pub imports: u64,
+    pub merges: u64,
+    /// Device I/Os of the import and merge steps: power cuts there land inside them.
+    pub job_ios: u64,
 }
 
 impl Runner {
@@ -278,6 +300,9 @@ impl Runner {
             pool_blocks: FIRST_POOL_BLOCKS,
             clock: Rc::new(Cell::new(0)),
             power,
+            imports: 0,
+            merges: 0,
+            job_ios: 0,
         }
     }
 
@@ -522,6 +547,161 @@ impl Runner {
         }
     }
 
+    /// Calls the timer until `ended` says the job is over, growing a queueing pool
+    /// that runs out of space on the way; false if the power failed first.
+    fn run_job(&mut self, ended: &dyn Fn(&mut DeviceMapper) -> bool) -> bool {
+        for ticks in 0..JOB_TICKS {
+            if !self.power_on() {
+                return false;
+            }
+            if ended(&mut self.dm.borrow_mut()) {
+                return true;
+            }
+            self.tick(1_000_000);
+            let full = self
+                .dm
+                .borrow()
+                .pool("pool")
+                .is_ok_and(|pool| pool.mode() == PoolMode::OutOfDataSpace);
+            if ticks % 1_000 == 999 && full && self.policy == Policy::Queue {
+                self.grow();
+            }
+        }
+        panic!("a job did not end within {JOB_TICKS} timer calls");
+    }
+
+    /// Reads all of `dev`, checked against what completed there.
+    fn read_all(&mut self, dev: u64) {
+        for sector in (0..VOLUME_SECTORS).step_by(2 * BS as usize) {
+            let sectors = (2 * BS).min(VOLUME_SECTORS - sector);
+            let op = IoOp::Read {
+                sector,
+                buf: IoBuf::with_sectors(sectors as usize),
+            };
+            self.submit(dev, op, (sector, sector + sectors), None);
+        }
+        self.wait();
+    }
+
+    /// What `dev` reads at `sector` once its requests have completed.
+    fn content(&self, dev: u64, sector: u64) -> Sector {
+        let model = &self.models[&dev];
+        match model.completed.get(&sector) {
+            Some(&version) => model.versions[&sector][version],
+            None => base(&self.origin, model.with_origin, sector),
+        }
+    }
+
+    /// `thin import` of device `source` into a new device (no origin), which may
+    /// hold zeros or the copy until the next commit.
+    fn import(&mut self, source: u64) {
+        self.wait();
+        // The id the import's new volume takes: one past the highest.
+        let devices = self.dm.borrow().pool("pool").map(|pool| pool.devices());
+        let Ok(Ok(devices)) = devices else {
+            assert!(!self.power_on(), "the pool lists no devices");
+            return;
+        };
+        let dev = devices.into_iter().max().map_or(0, |highest| highest + 1);
+        let name = format!("t{dev}");
+        let from = ImportFrom::Local(format!("t{source}"));
+        let started = self
+            .dm
+            .borrow_mut()
+            .import(&name, "pool", from, None, self.clock.get());
+        if let Err(error) = started {
+            assert!(!self.power_on(), "{}", error.0);
+            return;
+        }
+        self.next_dev = self.next_dev.max(dev + 1);
+        let origin = Rc::clone(&self.origin);
+        let mut model = DeviceModel::default();
+        let mut copied = BTreeMap::new();
+        for sector in 0..VOLUME_SECTORS {
+            let data = self.content(source, sector);
+            if data != ZERO {
+                copied.insert(sector, model.write(&origin, sector, data));
+            }
+        }
+        let (export, _) = self.nbd.open(&name, CLIENT).expect("a new export");
+        self.exports.insert(dev, export);
+        self.models.insert(dev, model);
+        if !self.run_job(&|dm| dm.import_job_id(&name).is_none()) {
+            return;
+        }
+        let outcome = self.dm.borrow_mut().import_outcome(&name);
+        match outcome {
+            Some(Ok(_)) => {
+                self.models.get_mut(&dev).expect("imported").completed = copied;
+                self.imports += 1;
+                self.read_all(dev);
+            }
+            Some(Err(why)) => assert!(
+                !self.power_on() || self.policy == Policy::ErrorIfNoSpace,
+                "{why}"
+            ),
+            None => assert!(!self.power_on(), "the import of {name} has no outcome"),
+        }
+    }
+
+    /// `thin delete` of `dev`.
+    fn delete(&mut self, dev: u64) {
+        self.wait();
+        let export = self.exports.remove(&dev).expect("live");
+        self.models.remove(&dev);
+        self.nbd.close(export, CLIENT);
+        // Whether or not the delete got through, the device is not checked.
+        let deleted = self.dm.borrow_mut().thin_delete(&format!("t{dev}"));
+        if let Err(error) = deleted {
+            assert!(!self.power_on(), "{}", error.0);
+        }
+    }
+
+    /// `thin merge-origin` of device 0: its content does not change, the origin
+    /// takes it.
+    fn merge_origin(&mut self) {
+        if !self.models.contains_key(&0) {
+            return;
+        }
+        let others: Vec<u64> = self
+            .models
+            .iter()
+            .filter(|&(&dev, model)| dev != 0 && model.with_origin)
+            .map(|(&dev, _)| dev)
+            .collect();
+        for dev in others {
+            self.delete(dev);
+        }
+        let first = ORIGIN_SECTORS / BS * BS;
+        self.run(&Step::Trim {
+            pick: self.exports.keys().position(|&dev| dev == 0).expect("live"),
+            sector: first,
+            sectors: VOLUME_SECTORS - first,
+            fua: false,
+        });
+        self.wait();
+        let started = self.dm.borrow_mut().thin_merge_origin("t0");
+        if let Err(error) = started {
+            assert!(!self.power_on(), "{}", error.0);
+            return;
+        }
+        let ended = |dm: &mut DeviceMapper| {
+            dm.pool("pool")
+                .is_ok_and(|pool| pool.origin_merges().is_empty())
+        };
+        if !self.run_job(&ended) {
+            return;
+        }
+        let mut origin = self.origin.to_vec();
+        for sector in 0..ORIGIN_SECTORS {
+            let at = sector as usize * SECTOR_SIZE;
+            origin[at..at + SECTOR_SIZE].copy_from_slice(&self.content(0, sector));
+        }
+        self.origin = Rc::new(origin);
+        self.merges += 1;
+        self.read_all(0);
+    }
+
     pub fn run(&mut self, step: &Step) {
         let origin = Rc::clone(&self.origin);
         match *step {
@@ -642,18 +822,8 @@ impl Runner {
                 }
             }
             Step::Delete { pick } => {
-                if self.exports.len() < 2 {
-                    return;
-                }
-                self.wait();
-                let dev = self.pick(pick);
-                let export = self.exports.remove(&dev).expect("live");
-                self.models.remove(&dev);
-                self.nbd.close(export, CLIENT);
-                // Whether or not the delete got through, the device is not checked.
-                let deleted = self.dm.borrow_mut().thin_delete(&format!("t{dev}"));
-                if let Err(error) = deleted {
-                    assert!(!self.power_on(), "{}", error.0);
+                if self.exports.len() >= 2 {
+                    self.delete(self.pick(pick));
                 }
             }
             Step::ReserveMetadataSnap => {
@@ -666,6 +836,16 @@ impl Runner {
             }
             Step::Grow => {
                 self.grow();
+            }
+            Step::Import { pick } => {
+                let before = self.power.operations();
+                self.import(self.pick(pick));
+                self.job_ios += self.power.operations() - before;
+            }
+            Step::MergeOrigin => {
+                let before = self.power.operations();
+                self.merge_origin();
+                self.job_ios += self.power.operations() - before;
             }
         }
     }

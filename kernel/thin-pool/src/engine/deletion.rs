@@ -10,8 +10,9 @@ use super::*;
 /// Mappings a delete releases per step (and a device may have to be deleted in one
 /// go): about a millisecond of CPU on a desktop core.
 pub(super) const DELETE_STEP_MAPPINGS: u64 = 4096;
-/// While requests come in, a step is followed by three times its own time without
-/// steps, so deleting takes at most a quarter of the time from I/O.
+/// While requests come in, a step (of a delete or a discard) is followed by three
+/// times its own time without steps, so that work takes at most a quarter of the
+/// time from I/O.
 const BUSY_PAUSE_FACTOR: u64 = 3;
 
 /// How far a background delete has come.
@@ -141,15 +142,17 @@ impl Core {
         Ok(())
     }
 
-    /// Releases one step of the oldest background delete, unless requests came in
-    /// since the last step and it was too recent.
-    pub(super) fn paced_delete_step(&mut self, clock: &dyn Fn() -> u64) {
-        if self.deletes.is_empty() {
+    /// From the timer: one step of the discard that waited longest (a client waits
+    /// for it), else of the oldest background delete, unless requests other than
+    /// the discards came in since the last step and it was too recent.
+    pub(super) fn paced_step(&mut self, clock: &dyn Fn() -> u64) {
+        if self.deletes.is_empty() && self.discards.is_empty() {
             return;
         }
         let start = self.now_ns;
-        let busy = !self.reqs.is_empty() || self.requests_accepted != self.requests_at_last_step;
-        if busy && start < self.next_delete_step_ns {
+        let busy = self.reqs.len() > self.discards.len()
+            || self.requests_accepted != self.requests_at_last_step;
+        if busy && start < self.next_step_ns {
             return;
         }
         self.requests_at_last_step = self.requests_accepted;
@@ -159,9 +162,9 @@ impl Core {
             // Rates count from the first step (a delete resumed at open waited).
             first.started_ns = start;
         }
-        if self.delete_step() {
+        if self.discard_step() || self.delete_step() {
             let end = clock();
-            self.next_delete_step_ns = end + end.saturating_sub(start) * BUSY_PAUSE_FACTOR;
+            self.next_step_ns = end + end.saturating_sub(start) * BUSY_PAUSE_FACTOR;
         }
     }
 

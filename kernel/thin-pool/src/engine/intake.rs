@@ -49,6 +49,15 @@ impl Core {
             .all(|(_, r)| r.outstanding == r.parked)
     }
 
+    /// Whether no request of thin device `dev` that changes data is in flight, except
+    /// parts waiting for data space (which only growing the pool or discarding
+    /// releases): what a snapshot of the device waits for.
+    pub fn writes_settled(&self, dev: u64) -> bool {
+        self.reqs.iter().all(|(_, r)| {
+            self.volumes[r.vol].dev != dev || !r.kind.changes_data() || r.outstanding == r.parked
+        })
+    }
+
     pub fn take_completion(&mut self, vol: VolId) -> Option<ThinCompletion> {
         self.volumes[vol].completions.pop_front()
     }
@@ -194,6 +203,7 @@ impl Core {
             error: None,
             holes: Vec::new(),
             needs_commit: false,
+            accepted_ns: self.now_ns,
         });
         let span = |sector, sectors, op| Span {
             req,

@@ -6,11 +6,15 @@ use super::*;
 
 impl Core {
     /// Reaps device completions and runs everything that became ready, then takes
-    /// one step of the merges into external origins. Returns whether anything
-    /// happened.
+    /// one step of the merges into external origins and, when the pool is quiet,
+    /// one of the discards. Returns whether anything happened.
     pub fn progress(&mut self) -> bool {
         let mut any = self.run_ready();
         if self.origin_merge_steps(None) {
+            self.run_ready();
+            any = true;
+        }
+        if self.quiet_discard_step() {
             self.run_ready();
             any = true;
         }
@@ -86,16 +90,18 @@ impl Core {
                     .push_back(PoolEvent::MetadataSnapHeldTooLong { block, seconds });
             }
         }
-        self.paced_delete_step(clock);
+        self.paced_step(clock);
         if self.origin_merge_steps(Some(now_ns)) {
             self.run_ready();
         }
         self.progress();
     }
 
+    /// Runs I/O until `done`; discards go on unpaced meanwhile, since what is
+    /// waited for may be one of them.
     pub(super) fn wait_until(&mut self, mut done: impl FnMut(&Self) -> bool) {
         while !done(self) {
-            if !self.progress() {
+            if !self.progress() && !self.discard_step() {
                 core::hint::spin_loop();
             }
         }

@@ -10,13 +10,7 @@ impl Core {
             // the ones in flight. Parts of writes waiting for space stay queued: they
             // are processed from scratch afterwards, see the blocks shared with the
             // snapshot, and so change the origin only.
-            self.wait_until(|core| {
-                core.reqs.iter().all(|(_, r)| {
-                    core.volumes[r.vol].dev != origin
-                        || !r.kind.changes_data()
-                        || r.outstanding == r.parked
-                })
-            });
+            self.wait_until(|core| core.writes_settled(origin));
         }
         self.drain_preps();
         self.require_writable_metadata()?;

@@ -66,6 +66,7 @@ use crate::status::{DiscardMode, PoolEvent, PoolMode, PoolStatus, ThinStatus};
 use crate::uncommitted::Uncommitted;
 use blockdev::{Extent, SectorRun};
 pub use deletion::DeleteProgress;
+pub use discard::DiscardProgress;
 use origin_merge::OriginMerge;
 pub use origin_merge::OriginMergeProgress;
 
@@ -73,8 +74,6 @@ pub use origin_merge::OriginMergeProgress;
 const SEGMENT_SECTORS: u64 = 2048;
 /// Segments of one prep in flight at once.
 const PREP_WINDOW: u32 = 4;
-/// Virtual blocks unmapped per metadata call while discarding.
-const DISCARD_CHUNK_BLOCKS: u64 = 1 << 16;
 /// Runs fetched per metadata range lookup.
 const LOOKUP_RUNS: usize = 64;
 /// Discards of at most this many blocks update the mapping cache block by block;
@@ -185,6 +184,8 @@ struct Req {
     /// A FUA request that depends on uncommitted metadata: complete it after the
     /// next commit.
     needs_commit: bool,
+    /// The pool's clock when it came in.
+    accepted_ns: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -378,12 +379,16 @@ pub(crate) struct Core {
     deletes: VecDeque<(u64, DeleteProgress)>,
     /// Thin devices being merged into their external origins.
     origin_merges: Vec<OriginMerge>,
-    /// While requests come in, no delete step before this time.
-    next_delete_step_ns: u64,
-    /// Requests accepted so far, and the count at the last delete step's check:
-    /// different means I/O is flowing.
+    /// Discards unmapped in part: the rest of each, unmapped in later steps.
+    discards: VecDeque<Span>,
+    /// While requests come in, no delete or discard step from the timer before
+    /// this time.
+    next_step_ns: u64,
+    /// Requests accepted so far, and the count at the last timer step's check and
+    /// at the last poll: different means I/O is flowing.
     requests_accepted: u64,
     requests_at_last_step: u64,
+    requests_at_last_poll: u64,
     /// Virtual blocks whose mapping the last commit does not have.
     uncommitted: Uncommitted,
     /// A rollback threw away changes that writes may have been acknowledged on:
@@ -471,9 +476,11 @@ impl Core {
             md_dirty: false,
             deletes: VecDeque::new(),
             origin_merges: Vec::new(),
-            next_delete_step_ns: 0,
+            discards: VecDeque::new(),
+            next_step_ns: 0,
             requests_accepted: 0,
             requests_at_last_step: 0,
+            requests_at_last_poll: 0,
             uncommitted: Uncommitted::default(),
             changes_lost: false,
             frees_since_commit: false,

@@ -211,6 +211,25 @@ impl Scratch {
     }
 }
 
+/// A pool opened on crash-disk copies of prepared disks sharing one power supply
+/// (the data disk completing out of order), for sweeps that cut the power.
+pub fn open_on_crash_disks(
+    meta: &MemDisk,
+    data: &MemDisk,
+    config: &PoolConfig,
+) -> (CrashDisk, CrashDisk, Pool) {
+    let meta = CrashDisk::from_disk(meta);
+    let data = CrashDisk::from_disk(data);
+    meta.share_power(&data);
+    let (pool, _) = Pool::open(
+        Box::new(device(&meta, 1, false)),
+        Box::new(device(&data, 2, true)),
+        config.clone(),
+    )
+    .expect("opening");
+    (meta, data, pool)
+}
+
 /// The pool's disks as a power loss at `cut` leaves them (`unflushed` saying which
 /// unflushed writes land), checked with the real `thin_check` (`name` names the saved
 /// image on failure) and the pool opened again over them.

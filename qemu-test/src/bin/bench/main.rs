@@ -14,7 +14,8 @@
 //! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`; with `--delete`,
 //! reads while a large device is deleted instead ([`delete`]); with `--network`, the
 //! appliance on each NIC over the user network and over tap instead ([`network`]);
-//! with `--merge`, the thin merges ([`merge`]).
+//! with `--cow-merge`, a dm-snapshot merge and reads during it ([`cow_merge`]); with
+//! `--thin-merge`, the thin merges ([`thin_merge`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -49,9 +50,10 @@ struct Figures {
     fua_randwrite_iops: f64,
 }
 
+mod cow_merge;
 mod delete;
-mod merge;
 mod network;
+mod thin_merge;
 
 /// Where the NBD clients run: on this host, or inside a tap network's namespace.
 #[derive(Clone, Copy)]
@@ -74,16 +76,18 @@ impl Client<'_> {
 enum Mode {
     Compare,
     Delete,
-    Merge,
     Network,
+    CowMerge,
+    ThinMerge,
 }
 
 fn main() {
     let result = parse_args().and_then(|(seconds, mode)| match mode {
         Mode::Compare => bench(seconds),
         Mode::Delete => delete::bench(seconds),
-        Mode::Merge => merge::bench(seconds),
         Mode::Network => network::bench(seconds),
+        Mode::CowMerge => cow_merge::bench(seconds),
+        Mode::ThinMerge => thin_merge::bench(seconds),
     });
     if let Err(why) = result {
         eprintln!("bench: {why}");
@@ -203,20 +207,24 @@ fn thin_pool_commands() -> [String; 3] {
     ]
 }
 
-/// `[--delete|--network|--merge] [--seconds N]`: which benchmark, and fio's run time per
-/// workload.
+/// `[--delete|--network|--cow-merge|--thin-merge] [--seconds N]`: which benchmark,
+/// and fio's run time per workload.
 fn parse_args() -> Result<(u32, Mode)> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mode = if args.iter().any(|arg| arg == "--delete") {
         Mode::Delete
     } else if args.iter().any(|arg| arg == "--network") {
         Mode::Network
-    } else if args.iter().any(|arg| arg == "--merge") {
-        Mode::Merge
+    } else if args.iter().any(|arg| arg == "--cow-merge") {
+        Mode::CowMerge
+    } else if args.iter().any(|arg| arg == "--thin-merge") {
+        Mode::ThinMerge
     } else {
         Mode::Compare
     };
-    args.retain(|arg| !["--delete", "--network", "--merge"].contains(&arg.as_str()));
+    args.retain(|arg| {
+        !["--delete", "--network", "--cow-merge", "--thin-merge"].contains(&arg.as_str())
+    });
     let seconds = match args.as_slice() {
         [] => Ok(10),
         [flag, value] if flag == "--seconds" => value
@@ -225,7 +233,8 @@ fn parse_args() -> Result<(u32, Mode)> {
             .filter(|&seconds| seconds > 0)
             .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
         _ => Err(
-            "usage: bench [--delete|--network|--merge] [--seconds N] (fio run time per random workload)"
+            "usage: bench [--delete|--network|--cow-merge|--thin-merge] [--seconds N] (fio run \
+             time per random workload)"
                 .into(),
         ),
     }?;

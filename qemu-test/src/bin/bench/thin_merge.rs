@@ -1,4 +1,4 @@
-//! `bench --merge`: the thin merges on the appliance.
+//! `bench --thin-merge`: the thin merges on the appliance.
 //!
 //! * `thin merge-origin` of a 256 MiB volume whose every block is its own: the merge
 //!   alone in MB/s against `disk-test`'s write bandwidth on the image disk (measured
