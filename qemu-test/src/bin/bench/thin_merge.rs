@@ -10,12 +10,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
 use qemu_test::{Appliance, Options, Scratch, wait_for_greeting};
 
+use crate::delete::thin_restore;
 use crate::network::disk_rates;
 use crate::{
     BLOCK_SECTORS, Client, EXPORT_BYTES, MIB, POOL_DATA_BYTES, Result, SECTOR, fio_iops, timed,
@@ -134,19 +134,7 @@ fn snapshot_pool(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     qemu_test::create_disk(&data, blocks * BLOCK_SECTORS * SECTOR)
         .map_err(|e| format!("data: {e}"))?;
     eprintln!("merge: thin_restore of a device and its snapshot, {MAPPINGS} mappings each");
-    let restored = Command::new("thin_restore")
-        .arg("-i")
-        .arg(&xml)
-        .arg("-o")
-        .arg(&metadata)
-        .output()
-        .map_err(|e| format!("thin_restore: {e}"))?;
-    if !restored.status.success() {
-        return Err(format!(
-            "thin_restore failed: {}",
-            String::from_utf8_lossy(&restored.stderr)
-        ));
-    }
+    thin_restore(&xml, &metadata)?;
     Ok((metadata, data))
 }
 
