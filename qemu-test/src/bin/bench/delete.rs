@@ -45,11 +45,17 @@ fn pool_images(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     qemu_test::create_disk(&data, data_blocks() * BLOCK_SECTORS * SECTOR)
         .map_err(|e| format!("data: {e}"))?;
     eprintln!("delete: thin_restore of {MAPPINGS} mappings");
+    thin_restore(&xml, &metadata)?;
+    Ok((metadata, data))
+}
+
+/// Writes the pool that `xml` (`thin_dump`'s format) describes to `metadata`.
+pub fn thin_restore(xml: &Path, metadata: &Path) -> Result<()> {
     let restored = Command::new("thin_restore")
         .arg("-i")
-        .arg(&xml)
+        .arg(xml)
         .arg("-o")
-        .arg(&metadata)
+        .arg(metadata)
         .output()
         .map_err(|e| format!("thin_restore: {e}"))?;
     if !restored.status.success() {
@@ -58,7 +64,7 @@ fn pool_images(dir: &Path) -> Result<(PathBuf, PathBuf)> {
             String::from_utf8_lossy(&restored.stderr)
         ));
     }
-    Ok((metadata, data))
+    Ok(())
 }
 
 /// The pool on `vda`/`vdb`, its big device 0 as `big`, and a thin volume `vol`.

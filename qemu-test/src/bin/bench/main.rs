@@ -14,7 +14,8 @@
 //! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`; with `--delete`,
 //! reads while a large device is deleted instead ([`delete`]); with `--network`, the
 //! appliance on each NIC over the user network and over tap instead ([`network`]);
-//! with `--cow-merge`, a dm-snapshot merge and reads during it ([`cow_merge`]).
+//! with `--cow-merge`, a dm-snapshot merge and reads during it ([`cow_merge`]); with
+//! `--thin-merge`, the thin merges ([`thin_merge`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -52,6 +53,7 @@ struct Figures {
 mod cow_merge;
 mod delete;
 mod network;
+mod thin_merge;
 
 /// Where the NBD clients run: on this host, or inside a tap network's namespace.
 #[derive(Clone, Copy)]
@@ -76,6 +78,7 @@ enum Mode {
     Delete,
     Network,
     CowMerge,
+    ThinMerge,
 }
 
 fn main() {
@@ -84,6 +87,7 @@ fn main() {
         Mode::Delete => delete::bench(seconds),
         Mode::Network => network::bench(seconds),
         Mode::CowMerge => cow_merge::bench(seconds),
+        Mode::ThinMerge => thin_merge::bench(seconds),
     });
     if let Err(why) = result {
         eprintln!("bench: {why}");
@@ -203,8 +207,8 @@ fn thin_pool_commands() -> [String; 3] {
     ]
 }
 
-/// `[--delete|--network] [--seconds N]`: which benchmark, and fio's run time per
-/// workload.
+/// `[--delete|--network|--cow-merge|--thin-merge] [--seconds N]`: which benchmark,
+/// and fio's run time per workload.
 fn parse_args() -> Result<(u32, Mode)> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mode = if args.iter().any(|arg| arg == "--delete") {
@@ -213,10 +217,14 @@ fn parse_args() -> Result<(u32, Mode)> {
         Mode::Network
     } else if args.iter().any(|arg| arg == "--cow-merge") {
         Mode::CowMerge
+    } else if args.iter().any(|arg| arg == "--thin-merge") {
+        Mode::ThinMerge
     } else {
         Mode::Compare
     };
-    args.retain(|arg| !["--delete", "--network", "--cow-merge"].contains(&arg.as_str()));
+    args.retain(|arg| {
+        !["--delete", "--network", "--cow-merge", "--thin-merge"].contains(&arg.as_str())
+    });
     let seconds = match args.as_slice() {
         [] => Ok(10),
         [flag, value] if flag == "--seconds" => value
@@ -225,8 +233,8 @@ fn parse_args() -> Result<(u32, Mode)> {
             .filter(|&seconds| seconds > 0)
             .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
         _ => Err(
-            "usage: bench [--delete|--network|--cow-merge] [--seconds N] (fio run time per \
-             random workload)"
+            "usage: bench [--delete|--network|--cow-merge|--thin-merge] [--seconds N] (fio run \
+             time per random workload)"
                 .into(),
         ),
     }?;

@@ -147,7 +147,7 @@ fn target(
 
 /// The write and read MiB/s of a `disk-test` report (`... flushed in 0.2 s
 /// (289.15 MiB/s), read back in 0.3 s (236.93 MiB/s), ...`).
-fn disk_rates(report: &str) -> Result<(f64, f64)> {
+pub fn disk_rates(report: &str) -> Result<(f64, f64)> {
     let rates: Vec<f64> = report
         .split('(')
         .skip(1)
