@@ -13,7 +13,8 @@
 //!
 //! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`; with `--delete`,
 //! reads while a large device is deleted instead ([`delete`]); with `--network`, the
-//! appliance on each NIC over the user network and over tap instead ([`network`]).
+//! appliance on each NIC over the user network and over tap instead ([`network`]);
+//! with `--replicate`, imports against `nbdcopy` and incremental syncs ([`replicate`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -50,6 +51,7 @@ struct Figures {
 
 mod delete;
 mod network;
+mod replicate;
 
 /// Where the NBD clients run: on this host, or inside a tap network's namespace.
 #[derive(Clone, Copy)]
@@ -73,6 +75,7 @@ enum Mode {
     Compare,
     Delete,
     Network,
+    Replicate,
 }
 
 fn main() {
@@ -80,6 +83,7 @@ fn main() {
         Mode::Compare => bench(seconds),
         Mode::Delete => delete::bench(seconds),
         Mode::Network => network::bench(seconds),
+        Mode::Replicate => replicate::bench(),
     });
     if let Err(why) = result {
         eprintln!("bench: {why}");
@@ -199,7 +203,7 @@ fn thin_pool_commands() -> [String; 3] {
     ]
 }
 
-/// `[--delete|--network] [--seconds N]`: which benchmark, and fio's run time per
+/// `[--delete|--network|--replicate] [--seconds N]`: which benchmark, and fio's run time per
 /// workload.
 fn parse_args() -> Result<(u32, Mode)> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -207,10 +211,12 @@ fn parse_args() -> Result<(u32, Mode)> {
         Mode::Delete
     } else if args.iter().any(|arg| arg == "--network") {
         Mode::Network
+    } else if args.iter().any(|arg| arg == "--replicate") {
+        Mode::Replicate
     } else {
         Mode::Compare
     };
-    args.retain(|arg| arg != "--delete" && arg != "--network");
+    args.retain(|arg| !["--delete", "--network", "--replicate"].contains(&arg.as_str()));
     let seconds = match args.as_slice() {
         [] => Ok(10),
         [flag, value] if flag == "--seconds" => value
@@ -219,7 +225,8 @@ fn parse_args() -> Result<(u32, Mode)> {
             .filter(|&seconds| seconds > 0)
             .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
         _ => Err(
-            "usage: bench [--delete|--network] [--seconds N] (fio run time per random workload)"
+            "usage: bench [--delete|--network|--replicate] [--seconds N] (fio run time per random \
+             workload)"
                 .into(),
         ),
     }?;
