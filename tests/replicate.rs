@@ -6,14 +6,8 @@
 //! blocks a model says changed, and what crossed the wire is those blocks' data plus
 //! the protocol's few bytes.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread;
-
 use host_tools::Tool;
-use qemu_test::{Scratch, qemu_img_read, run_nbdsh};
+use qemu_test::{CountingRelay, Scratch, qemu_img_read, run_nbdsh};
 
 mod common;
 
@@ -115,44 +109,6 @@ impl Model {
     }
 }
 
-/// Forwards every connection on a free port to `port`, counting the bytes the server
-/// sends; returns the port and the count.
-fn counting_proxy(port: u16) -> (u16, Arc<AtomicU64>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let proxy = listener.local_addr().unwrap().port();
-    let count = Arc::new(AtomicU64::new(0));
-    let counted = Arc::clone(&count);
-    thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { return };
-            let mut server = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            let mut upstream = client.try_clone().unwrap();
-            let mut server_reader = server.try_clone().unwrap();
-            thread::spawn(move || {
-                let _ = std::io::copy(&mut upstream, &mut server);
-            });
-            let mut buf = vec![0; 1 << 16];
-            while let Ok(got) = server_reader.read(&mut buf) {
-                if got == 0 || client.write_all(&buf[..got]).is_err() {
-                    break;
-                }
-                counted.fetch_add(got as u64, Ordering::Relaxed);
-            }
-            let _ = client.shutdown(Shutdown::Both);
-            let _ = server_reader.shutdown(Shutdown::Both);
-        }
-    });
-    (proxy, count)
-}
-
-/// The port of a `nbd://127.0.0.1:PORT/` URI.
-fn port_of(uri: &str) -> u16 {
-    uri.trim_start_matches("nbd://127.0.0.1:")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn three_rounds_of_snapshots_replicate_with_only_the_changed_blocks_copied() {
     host_tools::require_for_test(&[Tool::QemuImg, Tool::NbdSh]);
@@ -178,8 +134,8 @@ fn three_rounds_of_snapshots_replicate_with_only_the_changed_blocks_copied() {
         let server = serve(&source, &[format!("snap create {snapshot} vol")]);
         let (changed, data) = model.changed();
         model.snapshot();
-        let (proxy, wire) = counting_proxy(port_of(&server.uri("")));
-        let uri = format!("nbd://127.0.0.1:{proxy}/{snapshot}");
+        let relay = CountingRelay::start(server.port()).unwrap();
+        let uri = format!("nbd://127.0.0.1:{}/{snapshot}", relay.port());
         let copy = if round == 0 {
             format!("thin import replica pool --from {uri}")
         } else {
@@ -209,7 +165,7 @@ fn three_rounds_of_snapshots_replicate_with_only_the_changed_blocks_copied() {
             dm::human_bytes(model.mapped() * BLOCK),
             "round {round}: mapped like the source"
         );
-        let wire = wire.load(Ordering::Relaxed);
+        let wire = relay.from_server();
         let payload = read * BLOCK;
         assert!(
             wire >= payload && wire <= payload + payload / 100 + (4 << 10),

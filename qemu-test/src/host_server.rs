@@ -92,6 +92,11 @@ impl HostServer {
         Ok(server)
     }
 
+    /// The port it listens on (on 127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// `nbd://127.0.0.1:PORT/EXPORT` (the default export for an empty `export`).
     pub fn uri(&self, export: &str) -> String {
         format!("nbd://127.0.0.1:{}/{export}", self.port)

@@ -17,8 +17,11 @@ use nbd::client::{Stream, StreamError};
 
 use super::NetStack;
 
-/// Receive buffer: a few reads of an import in flight.
-const RX_BUFFER: usize = 1024 * 1024;
+/// Receive buffer: the window the server gets. As for the NBD service's sockets, kept
+/// below what the NIC's receive queue holds (256 frames of 1460 bytes): a larger
+/// window lets a burst overrun the queue, and every dropped frame stalls the copy
+/// until it is sent again.
+const RX_BUFFER: usize = 256 * 1024;
 /// Send buffer: requests are small.
 const TX_BUFFER: usize = 64 * 1024;
 /// First local port handed out (the dynamic range).

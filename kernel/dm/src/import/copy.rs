@@ -2,9 +2,10 @@
 //! windows; each window's block status decides what is read and written (data),
 //! left alone (zeroes on a fresh volume, unchanged ranges of a sync) or zeroed
 //! (zeroes and holes a sync finds changed, which unmaps whole blocks); reads stay
-//! several in flight, each written as it arrives. A window ends with a flush of the
-//! destination, so everything below the window's end survives a power cut: that
-//! offset is the checkpoint an import resumes from.
+//! several in flight, each written as it arrives. Once a window's writes are done the
+//! destination is flushed, so everything below the window's end survives a power cut:
+//! that offset is the checkpoint an import resumes from. The next window is copied
+//! while that flush runs (one flush at a time), so the copy does not stall on it.
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
@@ -57,6 +58,9 @@ pub(crate) struct Copier {
     zero_changed: bool,
     /// Durable below this.
     checkpoint: u64,
+    /// The window being copied: everything below its start is written (and durable
+    /// once the flush in progress, if any, finishes).
+    window_start: u64,
     window_end: u64,
     /// Next offset of the window to ask block status for.
     status_at: u64,
@@ -69,7 +73,8 @@ pub(crate) struct Copier {
     /// Destination writes in flight: tag → bytes.
     writes: BTreeMap<u64, u64>,
     next_write: u64,
-    flushing: bool,
+    /// The offset the flush in progress makes durable.
+    flushing: Option<u64>,
     /// Bytes of the current window finished.
     window_done: u64,
     /// Bytes written to the destination (data and zeroes), for rate reports.
@@ -94,6 +99,7 @@ impl Copier {
             contexts,
             zero_changed,
             checkpoint: from,
+            window_start: from,
             window_end: from,
             status_at: from,
             status_tag: None,
@@ -101,11 +107,11 @@ impl Copier {
             reads: BTreeMap::new(),
             writes: BTreeMap::new(),
             next_write: 0,
-            flushing: false,
+            flushing: None,
             window_done: 0,
             written: 0,
         };
-        copier.open_window();
+        copier.open_window(from);
         copier
     }
 
@@ -116,16 +122,17 @@ impl Copier {
 
     /// Bytes of the source finished.
     pub(crate) fn done(&self) -> u64 {
-        self.checkpoint + self.window_done
+        self.window_start + self.window_done
     }
 
-    fn open_window(&mut self) {
-        self.window_end = (self.checkpoint + WINDOW).min(self.size);
-        self.status_at = self.checkpoint;
+    fn open_window(&mut self, start: u64) {
+        self.window_start = start;
+        self.window_end = (start + WINDOW).min(self.size);
+        self.status_at = start;
         self.window_done = 0;
         if self.contexts == 0 {
-            let length = self.window_end - self.checkpoint;
-            self.plan.push_back((self.checkpoint, length, Action::Copy));
+            let length = self.window_end - start;
+            self.plan.push_back((start, length, Action::Copy));
             self.status_at = self.window_end;
         }
     }
@@ -148,12 +155,10 @@ impl Copier {
                     return Err(format!("writing the destination failed: {error}"));
                 }
                 if done.tag == FLUSH_TAG {
-                    self.flushing = false;
-                    self.checkpoint = self.window_end;
+                    self.checkpoint = self.flushing.take().unwrap_or(self.checkpoint);
                     if self.checkpoint >= self.size {
                         return Ok(Step::Finished);
                     }
-                    self.open_window();
                     return Ok(Step::Checkpoint(self.checkpoint));
                 }
                 let bytes = self.writes.remove(&done.tag).unwrap_or(0);
@@ -279,15 +284,16 @@ impl Copier {
                 }
             }
         }
-        if !issued
-            && !self.flushing
-            && self.status_at >= self.window_end
+        let window_written = self.status_at >= self.window_end
             && self.plan.is_empty()
             && self.status_tag.is_none()
-            && self.in_flight() == 0
-        {
-            self.flushing = true;
+            && self.in_flight() == 0;
+        if window_written && self.flushing.is_none() && self.checkpoint < self.window_end {
+            self.flushing = Some(self.window_end);
             self.submit(FLUSH_TAG, ThinOp::Flush)?;
+            if self.window_end < self.size {
+                self.open_window(self.window_end);
+            }
             issued = true;
         }
         Ok(issued)

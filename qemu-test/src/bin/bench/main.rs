@@ -15,7 +15,8 @@
 //! reads while a large device is deleted instead ([`delete`]); with `--network`, the
 //! appliance on each NIC over the user network and over tap instead ([`network`]);
 //! with `--cow-merge`, a dm-snapshot merge and reads during it ([`cow_merge`]); with
-//! `--thin-merge`, the thin merges ([`thin_merge`]).
+//! `--thin-merge`, the thin merges ([`thin_merge`]); with `--replicate`, imports against
+//! `nbdcopy` and incremental syncs ([`replicate`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -53,6 +54,7 @@ struct Figures {
 mod cow_merge;
 mod delete;
 mod network;
+mod replicate;
 mod thin_merge;
 
 /// Where the NBD clients run: on this host, or inside a tap network's namespace.
@@ -79,6 +81,7 @@ enum Mode {
     Network,
     CowMerge,
     ThinMerge,
+    Replicate,
 }
 
 fn main() {
@@ -88,6 +91,7 @@ fn main() {
         Mode::Network => network::bench(seconds),
         Mode::CowMerge => cow_merge::bench(seconds),
         Mode::ThinMerge => thin_merge::bench(seconds),
+        Mode::Replicate => replicate::bench(),
     });
     if let Err(why) = result {
         eprintln!("bench: {why}");
@@ -207,8 +211,8 @@ fn thin_pool_commands() -> [String; 3] {
     ]
 }
 
-/// `[--delete|--network|--cow-merge|--thin-merge] [--seconds N]`: which benchmark,
-/// and fio's run time per workload.
+/// `[--delete|--network|--cow-merge|--thin-merge|--replicate] [--seconds N]`: which
+/// benchmark, and fio's run time per workload.
 fn parse_args() -> Result<(u32, Mode)> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mode = if args.iter().any(|arg| arg == "--delete") {
@@ -219,11 +223,20 @@ fn parse_args() -> Result<(u32, Mode)> {
         Mode::CowMerge
     } else if args.iter().any(|arg| arg == "--thin-merge") {
         Mode::ThinMerge
+    } else if args.iter().any(|arg| arg == "--replicate") {
+        Mode::Replicate
     } else {
         Mode::Compare
     };
     args.retain(|arg| {
-        !["--delete", "--network", "--cow-merge", "--thin-merge"].contains(&arg.as_str())
+        ![
+            "--delete",
+            "--network",
+            "--cow-merge",
+            "--thin-merge",
+            "--replicate",
+        ]
+        .contains(&arg.as_str())
     });
     let seconds = match args.as_slice() {
         [] => Ok(10),
@@ -233,8 +246,8 @@ fn parse_args() -> Result<(u32, Mode)> {
             .filter(|&seconds| seconds > 0)
             .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
         _ => Err(
-            "usage: bench [--delete|--network|--cow-merge|--thin-merge] [--seconds N] (fio run \
-             time per random workload)"
+            "usage: bench [--delete|--network|--cow-merge|--thin-merge|--replicate] [--seconds N] \
+             (fio run time per random workload)"
                 .into(),
         ),
     }?;
