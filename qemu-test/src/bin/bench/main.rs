@@ -13,7 +13,9 @@
 //!
 //! `cargo run --release -p qemu-test --bin bench [-- --seconds N]`; with `--delete`,
 //! reads while a large device is deleted instead ([`delete`]); with `--network`, the
-//! appliance on each NIC over the user network and over tap instead ([`network`]).
+//! appliance on each NIC over the user network and over tap instead ([`network`]);
+//! with `--network --profile`, where the appliance's time goes during copies over
+//! tap ([`profile`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -50,6 +52,7 @@ struct Figures {
 
 mod delete;
 mod network;
+mod profile;
 
 /// Where the NBD clients run: on this host, or inside a tap network's namespace.
 #[derive(Clone, Copy)]
@@ -73,6 +76,8 @@ enum Mode {
     Compare,
     Delete,
     Network,
+    /// `--network --profile`
+    Profile,
 }
 
 fn main() {
@@ -80,6 +85,7 @@ fn main() {
         Mode::Compare => bench(seconds),
         Mode::Delete => delete::bench(seconds),
         Mode::Network => network::bench(seconds),
+        Mode::Profile => profile::bench(),
     });
     if let Err(why) = result {
         eprintln!("bench: {why}");
@@ -199,18 +205,20 @@ fn thin_pool_commands() -> [String; 3] {
     ]
 }
 
-/// `[--delete|--network] [--seconds N]`: which benchmark, and fio's run time per
+/// `[--delete|--network [--profile]] [--seconds N]`: which benchmark, and fio's run time per
 /// workload.
 fn parse_args() -> Result<(u32, Mode)> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mode = if args.iter().any(|arg| arg == "--delete") {
         Mode::Delete
+    } else if args.iter().any(|arg| arg == "--profile") {
+        Mode::Profile
     } else if args.iter().any(|arg| arg == "--network") {
         Mode::Network
     } else {
         Mode::Compare
     };
-    args.retain(|arg| arg != "--delete" && arg != "--network");
+    args.retain(|arg| !["--delete", "--network", "--profile"].contains(&arg.as_str()));
     let seconds = match args.as_slice() {
         [] => Ok(10),
         [flag, value] if flag == "--seconds" => value
@@ -219,7 +227,8 @@ fn parse_args() -> Result<(u32, Mode)> {
             .filter(|&seconds| seconds > 0)
             .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
         _ => Err(
-            "usage: bench [--delete|--network] [--seconds N] (fio run time per random workload)"
+            "usage: bench [--delete|--network [--profile]] [--seconds N] (fio run time per \
+             random workload)"
                 .into(),
         ),
     }?;
