@@ -1,13 +1,16 @@
-//! `--network --profile`: where the appliance's CPU time goes on the network path.
+//! `--network --profile`: where the appliance spends its time on the network path.
 //! For each NIC on a tap interface (root only), one boot with QEMU's monitor on a
 //! socket; while `nbdcopy` copies the volume in and then out, a thread asks the
 //! monitor for the CPU's registers (`info registers`) as often as it answers and
 //! keeps the instruction pointer. The samples are attributed to the kernel's
 //! functions (`nm` on its ELF file) and the busiest are printed per copy.
 //!
-//! Under TCG the instruction pointer stops at the instruction the emulator is busy
-//! with, so a register write that traps into a device model (a NIC's doorbell) is
-//! charged the device's work, which is the cost of that write to the appliance.
+//! Under TCG the instruction pointer QEMU reports is where the CPU last left
+//! translated code: a register write that traps into a device model (a NIC's
+//! doorbell) is charged the device's work, which is what that write costs the
+//! appliance, and such writes are favoured over plain computation, which leaves
+//! translated code less often. The profile shows where the appliance waits on the
+//! emulator, and how that changes, rather than an unbiased split of its cycles.
 
 use std::collections::HashMap;
 use std::path::Path;
