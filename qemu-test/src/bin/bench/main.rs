@@ -16,7 +16,8 @@
 //! appliance on each NIC over the user network and over tap instead ([`network`]);
 //! with `--cow-merge`, a dm-snapshot merge and reads during it ([`cow_merge`]); with
 //! `--thin-merge`, the thin merges ([`thin_merge`]); with `--replicate`, imports against
-//! `nbdcopy` and incremental syncs ([`replicate`]).
+//! `nbdcopy` and incremental syncs ([`replicate`]); with `--network --profile`, where the
+//! appliance's time goes during copies over tap ([`profile`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -54,6 +55,7 @@ struct Figures {
 mod cow_merge;
 mod delete;
 mod network;
+mod profile;
 mod replicate;
 mod thin_merge;
 
@@ -82,6 +84,8 @@ enum Mode {
     CowMerge,
     ThinMerge,
     Replicate,
+    /// `--network --profile`
+    Profile,
 }
 
 fn main() {
@@ -92,6 +96,7 @@ fn main() {
         Mode::CowMerge => cow_merge::bench(seconds),
         Mode::ThinMerge => thin_merge::bench(seconds),
         Mode::Replicate => replicate::bench(),
+        Mode::Profile => profile::bench(),
     });
     if let Err(why) = result {
         eprintln!("bench: {why}");
@@ -211,12 +216,14 @@ fn thin_pool_commands() -> [String; 3] {
     ]
 }
 
-/// `[--delete|--network|--cow-merge|--thin-merge|--replicate] [--seconds N]`: which
-/// benchmark, and fio's run time per workload.
+/// `[--delete|--network [--profile]|--cow-merge|--thin-merge|--replicate] [--seconds N]`:
+/// which benchmark, and fio's run time per workload.
 fn parse_args() -> Result<(u32, Mode)> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mode = if args.iter().any(|arg| arg == "--delete") {
         Mode::Delete
+    } else if args.iter().any(|arg| arg == "--profile") {
+        Mode::Profile
     } else if args.iter().any(|arg| arg == "--network") {
         Mode::Network
     } else if args.iter().any(|arg| arg == "--cow-merge") {
@@ -232,6 +239,7 @@ fn parse_args() -> Result<(u32, Mode)> {
         ![
             "--delete",
             "--network",
+            "--profile",
             "--cow-merge",
             "--thin-merge",
             "--replicate",
@@ -246,8 +254,8 @@ fn parse_args() -> Result<(u32, Mode)> {
             .filter(|&seconds| seconds > 0)
             .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
         _ => Err(
-            "usage: bench [--delete|--network|--cow-merge|--thin-merge|--replicate] [--seconds N] \
-             (fio run time per random workload)"
+            "usage: bench [--delete|--network [--profile]|--cow-merge|--thin-merge|--replicate] \
+             [--seconds N] (fio run time per random workload)"
                 .into(),
         ),
     }?;

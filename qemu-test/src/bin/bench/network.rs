@@ -88,6 +88,33 @@ fn target(
         Some(_) => format!("{nic}, tap"),
         None => format!("{nic}, user network"),
     };
+    let mut appliance = boot(scratch, nic, network.as_ref(), None)?;
+    let test = format!("disk-test vdb {} --force", EXPORT_BYTES / MIB);
+    let tested = appliance
+        .console_with_timeout(&test, Duration::from_secs(600))
+        .map_err(|e| format!("{test}: {e:?}"))?;
+    let (disk_write, disk_read) = disk_rates(&tested)?;
+    let (client, uri) = serve(&mut appliance, network.as_mut())?;
+    let figures = measure(client, &name, &uri, source, seconds)?;
+    appliance
+        .shutdown()
+        .map_err(|e| format!("shutdown: {e:?}"))?;
+    Ok(Row {
+        name,
+        disk_write,
+        disk_read,
+        figures,
+    })
+}
+
+/// Boots on `nic` with fresh pool disks, over `network` if given (else the user
+/// network with the NBD forward), with QEMU's monitor on `monitor` if given.
+pub(crate) fn boot(
+    scratch: &Scratch,
+    nic: Nic,
+    network: Option<&TapNetwork>,
+    monitor: Option<&Path>,
+) -> Result<Appliance> {
     let disk = |file: &str, bytes: u64| {
         let path = scratch.path().join(file);
         let _ = std::fs::remove_file(&path);
@@ -102,17 +129,24 @@ fn target(
         .nic(nic)
         .disk(&metadata)
         .disk(&data);
-    options = match &network {
+    options = match network {
         Some(network) => options.tap(network.interface()),
         None => options.nbd(),
     };
-    let mut appliance = Appliance::boot(options).map_err(|e| format!("boot: {e:?}"))?;
-    let test = format!("disk-test vdb {} --force", EXPORT_BYTES / MIB);
-    let tested = appliance
-        .console_with_timeout(&test, Duration::from_secs(600))
-        .map_err(|e| format!("{test}: {e:?}"))?;
-    let (disk_write, disk_read) = disk_rates(&tested)?;
-    let (client, uri) = match &mut network {
+    if let Some(monitor) = monitor {
+        options = options.monitor(monitor);
+    }
+    Appliance::boot(options).map_err(|e| format!("boot: {e:?}"))
+}
+
+/// Puts the appliance on `network` (moved into its namespace, a static address) or
+/// waits for it on the user network, then creates the pool and its thin volume;
+/// returns where clients run and the volume's URI.
+pub(crate) fn serve<'a>(
+    appliance: &mut Appliance,
+    network: Option<&'a mut TapNetwork>,
+) -> Result<(Client<'a>, String)> {
+    let served = match network {
         Some(network) => {
             network.enter()?;
             let address = format!("{}/{}", TapNetwork::APPLIANCE, TapNetwork::PREFIX);
@@ -120,7 +154,8 @@ fn target(
             appliance
                 .console_ok(&set)
                 .map_err(|e| format!("{set}: {e:?}"))?;
-            (Client::Namespace(network), network.nbd_uri("thin"))
+            let uri = network.nbd_uri("thin");
+            (Client::Namespace(network), uri)
         }
         None => {
             let port = appliance.nbd_port().expect("booted with a forward");
@@ -133,16 +168,7 @@ fn target(
             .console_ok(&command)
             .map_err(|e| format!("{command}: {e:?}"))?;
     }
-    let figures = measure(client, &name, &uri, source, seconds)?;
-    appliance
-        .shutdown()
-        .map_err(|e| format!("shutdown: {e:?}"))?;
-    Ok(Row {
-        name,
-        disk_write,
-        disk_read,
-        figures,
-    })
+    Ok(served)
 }
 
 /// The write and read MiB/s of a `disk-test` report (`... flushed in 0.2 s
