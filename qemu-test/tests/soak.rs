@@ -19,7 +19,9 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Options, Scratch, nbdsh_command, run_nbdsh, wait_for_greeting};
+use qemu_test::{
+    Appliance, Options, Scratch, monitor_command, nbdsh_command, run_nbdsh, wait_for_greeting,
+};
 
 const MIB: u64 = 1 << 20;
 const VOLUMES: u32 = 3;
@@ -214,6 +216,7 @@ impl Client {
     }
 
     fn died(&mut self, line: &str) -> ! {
+        let _ = self.child.kill();
         let mut stderr = String::new();
         if let Some(mut pipe) = self.child.stderr.take() {
             std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
@@ -292,6 +295,31 @@ struct ConsoleCounts {
     sample_checks: u32,
 }
 
+/// Runs a console command that must succeed; if the appliance does not answer, the
+/// panic shows where its CPU was (the instruction pointer from QEMU's monitor,
+/// sampled five times).
+fn console(appliance: &mut Appliance, monitor: &Path, command: &str) -> String {
+    appliance.console_ok(command).unwrap_or_else(|error| {
+        let samples: Vec<String> = (0..5)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(200));
+                match monitor_command(monitor, "info registers") {
+                    Ok(registers) => registers
+                        .lines()
+                        .find(|line| line.starts_with("RIP="))
+                        .unwrap_or("no RIP line")
+                        .to_string(),
+                    Err(error) => error.to_string(),
+                }
+            })
+            .collect();
+        panic!(
+            "{command}: {error:?}\nthe CPU was at:\n{}",
+            samples.join("\n")
+        )
+    })
+}
+
 fn boot(options: &Options) -> Appliance {
     let appliance = Appliance::boot(options.clone()).unwrap();
     wait_for_greeting(appliance.nbd_port().unwrap(), Duration::from_secs(60)).unwrap();
@@ -319,7 +347,8 @@ fn clients_snapshots_and_deletes_for_a_while_then_everything_reads_back_after_a_
         .disk(&data)
         .disk(&config)
         .nbd();
-    let mut appliance = boot(&options);
+    let monitor = scratch.path().join("monitor.sock");
+    let mut appliance = boot(&options.clone().monitor(&monitor));
     appliance.console_ok("config init vdc").unwrap();
     appliance.console_ok("pool create pool vda vdb").unwrap();
     let mut clients: Vec<Client> = (0..VOLUMES)
@@ -346,9 +375,11 @@ fn clients_snapshots_and_deletes_for_a_while_then_everything_reads_back_after_a_
                 let pages = client.pause();
                 let name = format!("s{next_snapshot}");
                 next_snapshot += 1;
-                appliance
-                    .console_ok(&format!("snap create {name} v{}", client.volume))
-                    .unwrap();
+                console(
+                    &mut appliance,
+                    &monitor,
+                    &format!("snap create {name} v{}", client.volume),
+                );
                 client.resume();
                 snapshots.push(Expected {
                     name,
@@ -358,17 +389,21 @@ fn clients_snapshots_and_deletes_for_a_while_then_everything_reads_back_after_a_
                 done.snapshots += 1;
                 if snapshots.len() > MAX_SNAPSHOTS {
                     let oldest = snapshots.remove(0);
-                    appliance
-                        .console_ok(&format!("thin delete {}", oldest.name))
-                        .unwrap();
+                    console(
+                        &mut appliance,
+                        &monitor,
+                        &format!("thin delete {}", oldest.name),
+                    );
                     done.deletes += 1;
                 }
             }
             40..55 if !snapshots.is_empty() => {
                 let gone = snapshots.remove(rng.usize(..snapshots.len()));
-                appliance
-                    .console_ok(&format!("thin delete {}", gone.name))
-                    .unwrap();
+                console(
+                    &mut appliance,
+                    &monitor,
+                    &format!("thin delete {}", gone.name),
+                );
                 done.deletes += 1;
             }
             55..75 if !snapshots.is_empty() => {
@@ -377,22 +412,26 @@ fn clients_snapshots_and_deletes_for_a_while_then_everything_reads_back_after_a_
                 done.sample_checks += 1;
             }
             _ if metadata_snapshot_held => {
-                let dump = appliance.console_ok("dump pool --metadata-snap").unwrap();
+                let dump = console(&mut appliance, &monitor, "dump pool --metadata-snap");
                 assert!(dump.starts_with("<superblock "), "{dump}");
-                appliance
-                    .console_ok("message pool 0 release_metadata_snap")
-                    .unwrap();
+                console(
+                    &mut appliance,
+                    &monitor,
+                    "message pool 0 release_metadata_snap",
+                );
                 metadata_snapshot_held = false;
             }
             _ => {
-                appliance
-                    .console_ok("message pool 0 reserve_metadata_snap")
-                    .unwrap();
+                console(
+                    &mut appliance,
+                    &monitor,
+                    "message pool 0 reserve_metadata_snap",
+                );
                 metadata_snapshot_held = true;
                 done.metadata_snapshots += 1;
             }
         }
-        let status = appliance.console_ok("status pool").unwrap();
+        let status = console(&mut appliance, &monitor, "status pool");
         // `0 LEN thin-pool TRANSACTION META DATA HELD MODE DISCARDS POLICY NEEDS_CHECK ...`
         let fields: Vec<&str> = status.split_whitespace().collect();
         assert!(fields[7] == "rw" && fields[10] == "-", "{status}");
