@@ -109,6 +109,9 @@ impl nbd::Backend for Plane {
     fn access_generation(&self) -> u64 {
         self.backend.access_generation()
     }
+    fn tls(&self) -> nbd::Tls {
+        self.backend.tls()
+    }
     fn open(
         &mut self,
         name: &str,

@@ -35,6 +35,7 @@ mod job;
 mod merge_commands;
 mod net;
 mod pool_commands;
+mod tls_commands;
 mod tokenize;
 mod units;
 
@@ -161,6 +162,8 @@ pub struct Console<P: Platform> {
     typeahead: VecDeque<u8>,
     /// Commands that failed so far (scripted callers check it).
     failures: u64,
+    /// PEM text being pasted for `nbd tls import`, until a line `end`.
+    pasting: Option<String>,
 }
 
 impl<P: Platform> Console<P> {
@@ -173,6 +176,7 @@ impl<P: Platform> Console<P> {
             job: None,
             typeahead: VecDeque::new(),
             failures: 0,
+            pasting: None,
         }
     }
 
@@ -271,6 +275,7 @@ impl<P: Platform> Console<P> {
     /// Runs one command line (without prompt handling).
     pub fn run_line(&mut self, line: &str, out: &mut dyn Write) {
         let result = match tokenize(line) {
+            _ if self.pasting.is_some() => self.paste_line(line, out),
             Ok(words) => self.run_words(&words, out),
             Err(error) => Err(CommandError(alloc::format!("{error}"))),
         };

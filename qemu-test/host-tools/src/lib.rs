@@ -27,6 +27,8 @@ pub enum Tool {
     /// `/usr/bin/python3`).
     NbdSh,
     Fio,
+    /// GnuTLS's `certtool`, to make keys and certificates as operators do.
+    CertTool,
 }
 
 impl Tool {
@@ -43,6 +45,7 @@ impl Tool {
             Tool::NbdCopy => "nbdcopy",
             Tool::NbdSh => "nbdsh",
             Tool::Fio => "fio",
+            Tool::CertTool => "certtool",
         }
     }
 
@@ -56,6 +59,7 @@ impl Tool {
             Tool::NbdInfo | Tool::NbdCopy => "libnbd-bin",
             Tool::NbdSh => "python3-libnbd",
             Tool::Fio => "fio",
+            Tool::CertTool => "gnutls-bin",
         }
     }
 
