@@ -366,7 +366,7 @@ pub fn offline(args: &OfflineArgs) -> Result<ExitCode, Failure> {
         loop {
             match lines.recv_timeout(TICK) {
                 Ok(line) => {
-                    if !typed {
+                    if !typed && !host.with(|plane| plane.console.pasting()) {
                         echo(&line);
                     }
                     let (_, off) = host.command(&line, &mut print_output);

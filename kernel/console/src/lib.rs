@@ -213,12 +213,20 @@ impl<P: Platform> Console<P> {
             }
             return;
         }
-        if let Ok(Edit::Line(line)) = self.editor.feed(byte, out) {
+        // Pasted PEM (a private key among it) is not echoed, and gets no prompts.
+        let mut unseen = String::new();
+        let echo: &mut dyn Write = if self.pasting() { &mut unseen } else { out };
+        if let Ok(Edit::Line(line)) = self.editor.feed(byte, echo) {
             self.run_line(&line, out);
-            if self.job.is_none() {
+            if self.job.is_none() && !self.pasting() {
                 let _ = self.editor.prompt(out);
             }
         }
+    }
+
+    /// True while `nbd tls import` gathers pasted lines: callers must not echo them.
+    pub fn pasting(&self) -> bool {
+        self.pasting.is_some()
     }
 
     /// Advances the running job, if any. Returns true while work is in progress

@@ -29,6 +29,7 @@ pub enum Tool {
     Fio,
     /// GnuTLS's `certtool`, to make keys and certificates as operators do.
     CertTool,
+    Openssl,
 }
 
 impl Tool {
@@ -46,6 +47,7 @@ impl Tool {
             Tool::NbdSh => "nbdsh",
             Tool::Fio => "fio",
             Tool::CertTool => "certtool",
+            Tool::Openssl => "openssl",
         }
     }
 
@@ -60,6 +62,7 @@ impl Tool {
             Tool::NbdSh => "python3-libnbd",
             Tool::Fio => "fio",
             Tool::CertTool => "gnutls-bin",
+            Tool::Openssl => "openssl",
         }
     }
 
