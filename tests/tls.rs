@@ -244,12 +244,13 @@ fn a_certtool_chain_serves_libnbd_and_qemu_and_require_refuses_plaintext_across_
     let served = Served::start(&disks, &lines);
     let fingerprint = openssl_fingerprint(&scratch.path().join("server-cert.pem"));
     assert!(
-        served.transcript.contains(&format!(
-            "imported; the private key is stored and is not shown again\n"
-        )) && served.transcript.contains(&format!(
-            "tls: require\ncertificate SHA-256: {fingerprint}\nchain: 2 certificate(s); \
+        served
+            .transcript
+            .contains("imported; the private key is stored and is not shown again\n")
+            && served.transcript.contains(&format!(
+                "tls: require\ncertificate SHA-256: {fingerprint}\nchain: 2 certificate(s); \
              private key stored"
-        )),
+            )),
         "{}",
         served.transcript
     );
