@@ -109,6 +109,9 @@ impl nbd::Backend for Plane {
     fn access_generation(&self) -> u64 {
         self.backend.access_generation()
     }
+    fn tls(&self) -> nbd::Tls {
+        self.backend.tls()
+    }
     fn open(
         &mut self,
         name: &str,
@@ -363,7 +366,7 @@ pub fn offline(args: &OfflineArgs) -> Result<ExitCode, Failure> {
         loop {
             match lines.recv_timeout(TICK) {
                 Ok(line) => {
-                    if !typed {
+                    if !typed && !host.with(|plane| plane.console.pasting()) {
                         echo(&line);
                     }
                     let (_, off) = host.command(&line, &mut print_output);

@@ -20,6 +20,9 @@ impl<P: Platform> Console<P> {
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
         let words: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let ["tls", rest @ ..] = words.as_slice() {
+            return self.nbd_tls_command(rest, out);
+        }
         let mut dm = self.dm.borrow_mut();
         let result = match words.as_slice() {
             ["allow" | "deny", export, network, rest @ ..] => {

@@ -189,6 +189,19 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "show the default and the rules (those concerning EXPORT)",
     ),
     ("nbd clients", "show the NBD clients of each export"),
+    (
+        "nbd tls [off|on|require]",
+        "show TLS state and certificate fingerprint, or set whether clients may (on) or must \
+         (require) use TLS",
+    ),
+    (
+        "nbd tls generate [NAME...]",
+        "make an Ed25519 key and a self-signed certificate for the DNS names or addresses",
+    ),
+    (
+        "nbd tls import",
+        "paste a PEM certificate chain and its private key, then a line: end",
+    ),
     ("shutdown [--force]", "flush every disk and power off"),
 ];
 

@@ -36,6 +36,7 @@ mod merge_commands;
 mod net;
 mod pool_commands;
 mod snap_create;
+mod tls_commands;
 mod tokenize;
 mod units;
 
@@ -163,6 +164,8 @@ pub struct Console<P: Platform> {
     typeahead: VecDeque<u8>,
     /// Commands that failed so far (scripted callers check it).
     failures: u64,
+    /// PEM text being pasted for `nbd tls import`, until a line `end`.
+    pasting: Option<String>,
 }
 
 impl<P: Platform> Console<P> {
@@ -175,6 +178,7 @@ impl<P: Platform> Console<P> {
             job: None,
             typeahead: VecDeque::new(),
             failures: 0,
+            pasting: None,
         }
     }
 
@@ -211,12 +215,20 @@ impl<P: Platform> Console<P> {
             }
             return;
         }
-        if let Ok(Edit::Line(line)) = self.editor.feed(byte, out) {
+        // Pasted PEM (a private key among it) is not echoed, and gets no prompts.
+        let mut unseen = String::new();
+        let echo: &mut dyn Write = if self.pasting() { &mut unseen } else { out };
+        if let Ok(Edit::Line(line)) = self.editor.feed(byte, echo) {
             self.run_line(&line, out);
-            if self.job.is_none() {
+            if self.job.is_none() && !self.pasting() {
                 let _ = self.editor.prompt(out);
             }
         }
+    }
+
+    /// True while `nbd tls import` gathers pasted lines: callers must not echo them.
+    pub fn pasting(&self) -> bool {
+        self.pasting.is_some()
     }
 
     /// Advances the running job, if any. Returns true while work is in progress
@@ -273,6 +285,7 @@ impl<P: Platform> Console<P> {
     /// Runs one command line (without prompt handling).
     pub fn run_line(&mut self, line: &str, out: &mut dyn Write) {
         let result = match tokenize(line) {
+            _ if self.pasting.is_some() => self.paste_line(line, out),
             Ok(words) => self.run_words(&words, out),
             Err(error) => Err(CommandError(alloc::format!("{error}"))),
         };

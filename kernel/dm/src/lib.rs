@@ -51,6 +51,7 @@ mod span;
 pub mod table;
 mod targets;
 mod thin_merge;
+pub mod tls;
 mod units;
 
 pub use activate::Format;

@@ -57,6 +57,9 @@ pub struct DeviceMapper {
     pub(crate) access: AccessList,
     /// Counts changes of `access`, so the NBD server checks its open connections again.
     pub(crate) access_generation: u64,
+    /// NBD over TLS: the saved policy and identity, and what the server offers.
+    pub(crate) tls: crate::tls::TlsSettings,
+    pub(crate) tls_offer: nbd::Tls,
 }
 
 impl DeviceMapper {
@@ -81,6 +84,8 @@ impl DeviceMapper {
             next_view: 0,
             access: AccessList::default(),
             access_generation: 0,
+            tls: Default::default(),
+            tls_offer: nbd::Tls::Off,
         }
     }
 

@@ -70,6 +70,10 @@ impl Backend for DeviceMapper {
         self.access_generation
     }
 
+    fn tls(&self) -> nbd::Tls {
+        self.tls_offer()
+    }
+
     fn open(
         &mut self,
         name: &str,
@@ -191,6 +195,10 @@ impl Backend for NbdBackend {
 
     fn access_generation(&self) -> u64 {
         self.0.borrow().access_generation()
+    }
+
+    fn tls(&self) -> nbd::Tls {
+        self.0.borrow().tls_offer()
     }
 
     fn open(

@@ -10,9 +10,11 @@
 //! advertises a minimum block size of 512 and rejects unaligned requests itself.
 
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use blockdev::{Extent, IoBuf, IoError, SectorRun};
 use core::net::SocketAddr;
+use rustls::ServerConfig;
 
 /// Description of one export, as listed to clients.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -224,6 +226,19 @@ impl From<IoError> for BackendError {
     }
 }
 
+/// The server's TLS policy, with the configuration it offers.
+#[derive(Clone, Debug, Default)]
+pub enum Tls {
+    /// `NBD_OPT_STARTTLS` is refused by policy.
+    #[default]
+    Off,
+    /// Clients may start TLS.
+    On(Arc<ServerConfig>),
+    /// Clients must start TLS before anything else: every other option is answered
+    /// `NBD_REP_ERR_TLS_REQD` (as qemu-nbd's `--tls-creds` does).
+    Require(Arc<ServerConfig>),
+}
+
 /// Whatever holds the exports: one instance serves every connection.
 pub trait Backend {
     /// Every export on offer now, in listing order.
@@ -255,6 +270,13 @@ pub trait Backend {
     /// Changes whenever the access rules change.
     fn access_generation(&self) -> u64 {
         0
+    }
+
+    /// Whether clients may or must switch to TLS (`NBD_OPT_STARTTLS`), asked at every
+    /// option a client sends before it has: a change applies to connections still
+    /// haggling.
+    fn tls(&self) -> Tls {
+        Tls::Off
     }
 
     /// Opens an export for the client at `peer`. The returned info is what the client

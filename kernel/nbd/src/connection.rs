@@ -10,9 +10,11 @@
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use blockdev::IoBuf;
 use core::net::SocketAddr;
+use rustls::ServerConfig;
 
 use crate::backend::{Backend, ExportHandle, ExportInfo, IoRequest};
 use crate::budget::MemoryBudget;
@@ -144,6 +146,11 @@ pub(crate) struct Connection {
 
     pub fixed_newstyle: bool,
     pub no_zeroes: bool,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the bytes after it are TLS, for the server
+    /// to hand to a session made with this configuration.
+    pub tls_pending: Option<Arc<ServerConfig>>,
+    /// The connection runs inside TLS.
+    pub tls_active: bool,
     pub structured: bool,
     /// What the last `NBD_OPT_SET_META_CONTEXT` selected.
     pub meta: Option<Selection>,
@@ -179,6 +186,8 @@ impl Connection {
             detached: false,
             fixed_newstyle: false,
             no_zeroes: false,
+            tls_pending: None,
+            tls_active: false,
             structured: false,
             meta: None,
             export: None,
@@ -191,7 +200,11 @@ impl Connection {
 
     /// True when the connection would take input now.
     pub fn wants_input(&self, limits: &Limits) -> bool {
-        if self.ending != Ending::No || self.detached || self.awaiting_memory() {
+        if self.ending != Ending::No
+            || self.detached
+            || self.awaiting_memory()
+            || self.tls_pending.is_some()
+        {
             return false;
         }
         let at_boundary = self.header_len == 0

@@ -11,8 +11,9 @@
 //! Spoken: fixed newstyle handshake with `NO_ZEROES`; options `EXPORT_NAME`, `LIST`,
 //! `INFO`, `GO`, `ABORT`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
 //! `SET_META_CONTEXT` (`base:allocation` and whatever contexts the backend offers,
-//! [`Backend::meta_contexts`]); `STARTTLS` is refused by policy and
-//! extended headers are unsupported. Commands `READ`, `WRITE`, `FLUSH`, `TRIM`,
+//! [`Backend::meta_contexts`]); `STARTTLS` as the backend's policy says ([`Tls`]:
+//! off, on, or required before any other option) with rustls' sans-I/O server
+//! session per connection; extended headers are unsupported. Commands `READ`, `WRITE`, `FLUSH`, `TRIM`,
 //! `CACHE`, `WRITE_ZEROES` and `BLOCK_STATUS` with simple or structured replies,
 //! completed out of order; `DISC`. The minimum block size is 512 bytes and the maximum
 //! payload 32 MiB; a write longer than that has its payload skipped and gets `EINVAL`.
@@ -42,11 +43,12 @@ mod requests;
 mod server;
 #[cfg(feature = "std")]
 pub mod tcp;
+mod tls;
 pub mod wire;
 
 pub use backend::{
     Access, Backend, BackendError, ContextHandle, ExportHandle, ExportInfo, IoCompletion, IoOp,
-    IoOutput, IoRequest, OpenError, QueueFull,
+    IoOutput, IoRequest, OpenError, QueueFull, Tls,
 };
 pub use blockdev::{Extent, SectorRun};
 pub use budget::MemoryUse;
@@ -54,4 +56,5 @@ pub use connection::Limits;
 pub use memory::{CompletionOrder, MemoryBackend, MemoryExport, MemoryStats};
 pub use options::{MAX_OPTION_DATA, MAX_PAYLOAD, MIN_BLOCK_SIZE};
 pub use requests::MAX_EXTENTS;
+pub use rustls;
 pub use server::{ConnectionId, Server};

@@ -5,7 +5,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::backend::{Access, Backend, ExportHandle, ExportInfo, OpenError};
+use crate::backend::{Access, Backend, ExportHandle, ExportInfo, OpenError, Tls};
 use crate::connection::{Connection, OpenExport, Phase, Shared};
 use crate::contexts::OpenContexts;
 use crate::reply::{info_reply, option_error, option_reply};
@@ -79,6 +79,21 @@ impl Connection {
         data: &[u8],
         shared: &mut Shared<'_, B>,
     ) {
+        let tls = shared.backend.tls();
+        if !self.tls_active
+            && matches!(tls, Tls::Require(_))
+            && code != OPT_STARTTLS
+            && code != OPT_ABORT
+        {
+            if code == OPT_EXPORT_NAME {
+                // No error reply exists for EXPORT_NAME: the spec says close.
+                self.stop(false);
+            } else {
+                let message = "TLS is required: start it with NBD_OPT_STARTTLS first";
+                option_error(&mut self.out, code, REP_ERR_TLS_REQD, message);
+            }
+            return;
+        }
         match code {
             OPT_EXPORT_NAME => self.export_name(data, shared),
             OPT_ABORT => {
@@ -86,12 +101,7 @@ impl Connection {
                 self.stop(false);
             }
             OPT_LIST => self.list(data, shared),
-            OPT_STARTTLS => option_error(
-                &mut self.out,
-                code,
-                REP_ERR_POLICY,
-                "TLS is not supported by this server",
-            ),
+            OPT_STARTTLS => self.start_tls(data, tls),
             OPT_INFO | OPT_GO => self.info_or_go(code, data, shared),
             OPT_STRUCTURED_REPLY if !data.is_empty() => option_error(
                 &mut self.out,
@@ -115,6 +125,24 @@ impl Connection {
                 option_error(&mut self.out, code, REP_ERR_UNSUP, &message);
             }
         }
+    }
+
+    /// `NBD_OPT_STARTTLS`: acknowledged in plaintext, then the server hands the
+    /// connection's bytes to a TLS session; everything negotiated before is forgotten.
+    fn start_tls(&mut self, data: &[u8], tls: Tls) {
+        let (error, message) = match tls {
+            Tls::Off => (REP_ERR_POLICY, "TLS is not enabled on this server"),
+            _ if !data.is_empty() => (REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data"),
+            _ if self.tls_active => (REP_ERR_INVALID, "TLS is already in use"),
+            Tls::On(config) | Tls::Require(config) => {
+                option_reply(&mut self.out, OPT_STARTTLS, REP_ACK, &[]);
+                self.structured = false;
+                self.meta = None;
+                self.tls_pending = Some(config);
+                return;
+            }
+        };
+        option_error(&mut self.out, OPT_STARTTLS, error, message);
     }
 
     /// `NBD_OPT_EXPORT_NAME`: no way to report an error, so failures close.

@@ -14,6 +14,7 @@ use core::net::SocketAddr;
 use crate::backend::{Access, Backend, QueueFull};
 use crate::budget::{MemoryBudget, MemoryUse};
 use crate::connection::{Connection, Ending, Limits, Shared};
+use crate::tls::TlsSession;
 
 /// Names one connection of a [`Server`]; never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -24,6 +25,8 @@ pub struct Server<B> {
     backend: B,
     limits: Limits,
     connections: BTreeMap<ConnectionId, Connection>,
+    /// The TLS session of every connection that started one.
+    sessions: BTreeMap<ConnectionId, TlsSession>,
     /// Which connection each request in the backend belongs to, by tag.
     routes: BTreeMap<u64, ConnectionId>,
     next_connection: u64,
@@ -48,6 +51,7 @@ impl<B: Backend> Server<B> {
             backend,
             limits,
             connections: BTreeMap::new(),
+            sessions: BTreeMap::new(),
             routes: BTreeMap::new(),
             next_connection: 0,
             next_tag: 0,
@@ -108,10 +112,30 @@ impl<B: Backend> Server<B> {
     /// again later (after [`Server::poll`] made room).
     pub fn receive(&mut self, id: ConnectionId, data: &[u8]) -> usize {
         let limits = self.limits;
-        self.with_memory(id, |connection, shared| {
-            connection.receive(data, &limits, shared)
-        })
-        .unwrap_or(0)
+        let mut session = self.sessions.remove(&id);
+        let used = self
+            .with_memory(id, |connection, shared| {
+                if let Some(session) = session.as_mut() {
+                    return session.receive(data, connection, &limits, shared);
+                }
+                let used = connection.receive(data, &limits, shared);
+                let Some(config) = connection.tls_pending.take() else {
+                    return used;
+                };
+                let Ok(mut started) = TlsSession::new(config, &mut connection.out) else {
+                    connection.stop(true);
+                    return data.len();
+                };
+                connection.tls_active = true;
+                let rest = started.receive(&data[used..], connection, &limits, shared);
+                session = Some(started);
+                used + rest
+            })
+            .unwrap_or(0);
+        if let Some(session) = session {
+            self.sessions.insert(id, session);
+        }
+        used
     }
 
     /// Runs `work` on connection `id` with the memory budget lent to it, and
@@ -140,21 +164,33 @@ impl<B: Backend> Server<B> {
     /// Whether the connection takes input now (false while it is back-pressured or
     /// ending): a transport need not read its socket otherwise.
     pub fn wants_input(&self, id: ConnectionId) -> bool {
-        self.connections
-            .get(&id)
-            .is_some_and(|connection| connection.wants_input(&self.limits))
+        let session_wants = self.sessions.get(&id).is_none_or(TlsSession::wants_input);
+        session_wants
+            && self
+                .connections
+                .get(&id)
+                .is_some_and(|connection| connection.wants_input(&self.limits))
     }
 
-    /// The bytes waiting to be sent, in order, as consecutive slices.
+    /// The bytes waiting to be sent, in order, as consecutive slices (ciphertext once
+    /// the connection has started TLS).
     pub fn output(&self, id: ConnectionId) -> impl Iterator<Item = &[u8]> {
-        self.connections
-            .get(&id)
+        let session = self.sessions.get(&id);
+        let plain = self.connections.get(&id).filter(|_| session.is_none());
+        let encrypted = session
+            .map(TlsSession::output)
+            .filter(|bytes| !bytes.is_empty());
+        plain
             .into_iter()
             .flat_map(|connection| connection.out.chunks())
+            .chain(encrypted)
     }
 
     /// Number of bytes waiting to be sent.
     pub fn output_len(&self, id: ConnectionId) -> usize {
+        if let Some(session) = self.sessions.get(&id) {
+            return session.output().len();
+        }
         self.connections
             .get(&id)
             .map_or(0, |connection| connection.out.len())
@@ -162,7 +198,9 @@ impl<B: Backend> Server<B> {
 
     /// `count` bytes from the front of [`Server::output`] were sent.
     pub fn consume_output(&mut self, id: ConnectionId, count: usize) {
-        if let Some(connection) = self.connections.get_mut(&id) {
+        if let Some(session) = self.sessions.get_mut(&id) {
+            session.consume_output(count);
+        } else if let Some(connection) = self.connections.get_mut(&id) {
             connection.out.consume(count);
             self.held = self.held.saturating_sub(count);
         }
@@ -179,9 +217,14 @@ impl<B: Backend> Server<B> {
     /// The transport should close the socket: the connection has ended and everything
     /// it had to say has been sent.
     pub fn should_close(&self, id: ConnectionId) -> bool {
-        self.connections
+        let Some(connection) = self.connections.get(&id) else {
+            return true;
+        };
+        let unsent = self
+            .sessions
             .get(&id)
-            .is_none_or(|connection| connection.finished())
+            .is_some_and(|session| !session.output().is_empty());
+        connection.finished() && (connection.ending == Ending::Now || !unsent)
     }
 
     /// The transport has closed the socket (normally, or because it failed). Requests
@@ -190,6 +233,7 @@ impl<B: Backend> Server<B> {
         if let Some(connection) = self.connections.get_mut(&id) {
             connection.detach();
         }
+        self.sessions.remove(&id);
         self.reap();
     }
 
@@ -207,6 +251,7 @@ impl<B: Backend> Server<B> {
                 connection.complete(done.tag, done.result);
             }
         }
+        progress |= self.exchange_tls();
         self.reap();
         self.held = self.connections.values().map(Connection::footprint).sum();
         progress |= self.resume_parked();
@@ -233,6 +278,26 @@ impl<B: Backend> Server<B> {
                 progress = true;
                 self.resume_first = ConnectionId(id.0 + 1);
             }
+        }
+        progress
+    }
+
+    /// Encrypts what TLS connections have to say and hands them the plaintext they
+    /// could not take before. Returns whether anything moved.
+    fn exchange_tls(&mut self) -> bool {
+        let limits = self.limits;
+        let ids: Vec<ConnectionId> = self.sessions.keys().copied().collect();
+        let mut progress = false;
+        for id in ids {
+            let Some(mut session) = self.sessions.remove(&id) else {
+                continue;
+            };
+            progress |= self
+                .with_memory(id, |connection, shared| {
+                    session.exchange(connection, &limits, shared)
+                })
+                .unwrap_or(false);
+            self.sessions.insert(id, session);
         }
         progress
     }

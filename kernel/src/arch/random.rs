@@ -4,6 +4,13 @@
 //! the appliance has no source of randomness and says so.
 
 use core::arch::x86_64::{__cpuid, __cpuid_count};
+use core::num::NonZeroU32;
+use spin::Once;
+
+/// The source `probe` found at boot (none if it found none).
+static SOURCE: Once<Option<Source>> = Once::new();
+
+getrandom::register_custom_getrandom!(fill);
 
 /// Which instruction supplies the randomness.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +38,12 @@ const HEALTH_CHECK_VALUES: usize = 64;
 /// The best instruction the CPU offers that passes the health check, or why there
 /// is none.
 pub fn probe() -> Result<Source, &'static str> {
+    let found = find();
+    SOURCE.call_once(|| found.ok());
+    found
+}
+
+fn find() -> Result<Source, &'static str> {
     let rdrand = __cpuid(1).ecx & (1 << 30) != 0;
     let rdseed = __cpuid(0).eax >= 7 && __cpuid_count(7, 0).ebx & (1 << 18) != 0;
     let source = match (rdseed, rdrand) {
@@ -40,6 +53,22 @@ pub fn probe() -> Result<Source, &'static str> {
     };
     health_check(source)?;
     Ok(source)
+}
+
+/// Fills `buffer` for `getrandom` (TLS keys, handshakes); fails when the CPU has no
+/// source or it stops delivering, so no key is ever made from anything weaker.
+fn fill(buffer: &mut [u8]) -> Result<(), getrandom::Error> {
+    /// getrandom's first custom error code: "no hardware randomness".
+    const NO_SOURCE: NonZeroU32 = NonZeroU32::new(getrandom::Error::CUSTOM_START).unwrap();
+    let failed = getrandom::Error::from(NO_SOURCE);
+    let Some(Some(source)) = SOURCE.get() else {
+        return Err(failed);
+    };
+    for chunk in buffer.chunks_mut(8) {
+        let value = draw(*source).ok_or(failed)?;
+        chunk.copy_from_slice(&value.to_le_bytes()[..chunk.len()]);
+    }
+    Ok(())
 }
 
 /// Draws values and refuses a source that fails to deliver or repeats itself

@@ -27,6 +27,9 @@ pub enum Tool {
     /// `/usr/bin/python3`).
     NbdSh,
     Fio,
+    /// GnuTLS's `certtool`, to make keys and certificates as operators do.
+    CertTool,
+    Openssl,
 }
 
 impl Tool {
@@ -43,6 +46,8 @@ impl Tool {
             Tool::NbdCopy => "nbdcopy",
             Tool::NbdSh => "nbdsh",
             Tool::Fio => "fio",
+            Tool::CertTool => "certtool",
+            Tool::Openssl => "openssl",
         }
     }
 
@@ -56,6 +61,8 @@ impl Tool {
             Tool::NbdInfo | Tool::NbdCopy => "libnbd-bin",
             Tool::NbdSh => "python3-libnbd",
             Tool::Fio => "fio",
+            Tool::CertTool => "gnutls-bin",
+            Tool::Openssl => "openssl",
         }
     }
 

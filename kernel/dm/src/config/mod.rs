@@ -7,6 +7,7 @@ mod area;
 mod origins;
 mod snapshot;
 mod thin_links;
+mod tls;
 
 pub use area::{AREA_SECTORS, Area, MAX_PAYLOAD, SlotState};
 pub use origins::OriginRecord;
@@ -86,6 +87,7 @@ impl DeviceMapper {
             origins: self.origins.clone(),
             thin_links: self.thin_links.clone(),
             access: self.access.clone(),
+            tls: self.tls.clone(),
         }
     }
 
@@ -235,6 +237,7 @@ impl DeviceMapper {
         match Snapshot::decode(&text) {
             Ok(snapshot) => {
                 self.access = snapshot.access.clone();
+                self.restore_tls(snapshot.tls.clone(), &mut notes);
                 self.bring_up(&snapshot, &mut notes);
                 self.thin_links = snapshot.thin_links;
                 self.finish_thin_merges(&mut notes);

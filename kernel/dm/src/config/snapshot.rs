@@ -7,11 +7,12 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 
-use super::acl;
 use super::origins::OriginRecord;
 use super::thin_links::ThinLink;
+use super::{acl, tls};
 use crate::access::AccessList;
 use crate::import::ImportRecord;
+use crate::tls::TlsSettings;
 
 /// A disk a configuration refers to, as it was when the configuration was saved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +49,7 @@ pub struct Snapshot {
     pub origins: Vec<OriginRecord>,
     pub thin_links: Vec<ThinLink>,
     pub access: AccessList,
+    pub tls: TlsSettings,
 }
 
 impl Snapshot {
@@ -76,6 +78,7 @@ impl Snapshot {
             let _ = writeln!(text, "{}", link.encode());
         }
         acl::encode(&self.access, &mut text);
+        tls::encode(&self.tls, &mut text);
         text
     }
 
@@ -116,7 +119,9 @@ impl Snapshot {
                     let link = ThinLink::decode(kind, pool, snap, origin).ok_or_else(bad)?;
                     snapshot.thin_links.push(link);
                 }
-                _ => match acl::decode(line, &mut snapshot.access) {
+                _ => match acl::decode(line, &mut snapshot.access)
+                    .or_else(|| tls::decode(line, &mut snapshot.tls))
+                {
                     Some(true) => {}
                     Some(false) | None => return Err(bad()),
                 },
@@ -191,6 +196,7 @@ mod tests {
             origins: Vec::new(),
             thin_links: Vec::new(),
             access: AccessList::default(),
+            tls: TlsSettings::default(),
         }
     }
 

@@ -1,0 +1,337 @@
+//! NBD over TLS: the server's identity (a certificate chain and its private key,
+//! made here by `nbd tls generate` or pasted with `nbd tls import`), the policy
+//! (`off`, `on`, `require`), and the rustls configuration the NBD server offers.
+//!
+//! Crypto is rustls' pure-Rust RustCrypto provider, the same on the appliance and on
+//! the host. Everything is kept in the saved configuration (see `config/tls.rs`); the
+//! private key is never shown again once stored.
+
+pub mod cert;
+pub mod pem;
+
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use nbd::rustls::crypto::CryptoProvider;
+use nbd::rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
+    UnixTime,
+};
+use nbd::rustls::server::NoServerSessionStorage;
+use nbd::rustls::time_provider::TimeProvider;
+use nbd::rustls::{ServerConfig, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+use crate::{DeviceMapper, Error};
+use cert::SubjectName;
+
+/// Whether NBD clients may or must use TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    #[default]
+    Off,
+    On,
+    Require,
+}
+
+impl TlsMode {
+    pub fn parse(word: &str) -> Option<TlsMode> {
+        match word {
+            "off" => Some(TlsMode::Off),
+            "on" => Some(TlsMode::On),
+            "require" => Some(TlsMode::Require),
+            _ => None,
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            TlsMode::Off => "off",
+            TlsMode::On => "on",
+            TlsMode::Require => "require",
+        }
+    }
+}
+
+/// How a private key's DER is wrapped (the PEM label says which).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyFormat {
+    /// `PRIVATE KEY`
+    Pkcs8,
+    /// `EC PRIVATE KEY`
+    Sec1,
+    /// `RSA PRIVATE KEY`
+    Pkcs1,
+}
+
+impl KeyFormat {
+    pub fn word(self) -> &'static str {
+        match self {
+            KeyFormat::Pkcs8 => "pkcs8",
+            KeyFormat::Sec1 => "sec1",
+            KeyFormat::Pkcs1 => "pkcs1",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<KeyFormat> {
+        [KeyFormat::Pkcs8, KeyFormat::Sec1, KeyFormat::Pkcs1]
+            .into_iter()
+            .find(|format| format.word() == word)
+    }
+
+    fn from_label(label: &str) -> Option<KeyFormat> {
+        match label {
+            "PRIVATE KEY" => Some(KeyFormat::Pkcs8),
+            "EC PRIVATE KEY" => Some(KeyFormat::Sec1),
+            "RSA PRIVATE KEY" => Some(KeyFormat::Pkcs1),
+            _ => None,
+        }
+    }
+}
+
+/// The server's certificate chain (its own first) and private key, as DER.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub chain: Vec<Vec<u8>>,
+    pub key_format: KeyFormat,
+    pub key: Vec<u8>,
+}
+
+impl Identity {
+    /// The SHA-256 fingerprint of the server's certificate, as `AA:BB:...`.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.chain[0])
+    }
+
+    fn private_key(&self) -> PrivateKeyDer<'static> {
+        let der = self.key.clone();
+        match self.key_format {
+            KeyFormat::Pkcs8 => PrivatePkcs8KeyDer::from(der).into(),
+            KeyFormat::Sec1 => PrivateSec1KeyDer::from(der).into(),
+            KeyFormat::Pkcs1 => PrivatePkcs1KeyDer::from(der).into(),
+        }
+    }
+}
+
+/// What the configuration keeps about TLS.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub mode: TlsMode,
+    pub identity: Option<Identity>,
+}
+
+/// The SHA-256 fingerprint of a DER certificate, as `AA:BB:...` (what
+/// `openssl x509 -fingerprint -sha256` and `certtool -i` print).
+pub fn fingerprint(der: &[u8]) -> String {
+    let digest = Sha256::digest(der);
+    let hex: Vec<String> = digest
+        .iter()
+        .map(|byte| alloc::format!("{byte:02X}"))
+        .collect();
+    hex.join(":")
+}
+
+/// No wall clock: the server needs none without client certificates and session
+/// resumption.
+#[derive(Debug)]
+struct NoClock;
+
+impl TimeProvider for NoClock {
+    fn current_time(&self) -> Option<UnixTime> {
+        None
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls_rustcrypto::provider())
+}
+
+/// The rustls server configuration for `identity`, after checking that its key
+/// belongs to its certificate: the key signs a message that the certificate's public
+/// key must verify.
+pub fn server_config(identity: &Identity) -> Result<Arc<ServerConfig>, String> {
+    if identity.chain.is_empty() || identity.key.is_empty() {
+        return Err(String::from("the certificate or its key is missing"));
+    }
+    let provider = provider();
+    let key = provider
+        .key_provider
+        .load_private_key(identity.private_key())
+        .map_err(|_| String::from("the private key is not one this server can use"))?;
+    let schemes: Vec<SignatureScheme> = provider
+        .signature_verification_algorithms
+        .mapping
+        .iter()
+        .map(|(scheme, _)| *scheme)
+        .collect();
+    let signer = key
+        .choose_scheme(&schemes)
+        .ok_or_else(|| String::from("the private key signs with no scheme TLS offers"))?;
+    const PROBE: &[u8] = b"thinbox: does this key belong to this certificate?";
+    let signature = signer
+        .sign(PROBE)
+        .map_err(|_| String::from("the private key cannot sign"))?;
+    let certificate = CertificateDer::from(identity.chain[0].as_slice());
+    let parsed = webpki::EndEntityCert::try_from(&certificate)
+        .map_err(|error| alloc::format!("the certificate does not parse: {error:?}"))?;
+    let matches = provider
+        .signature_verification_algorithms
+        .mapping
+        .iter()
+        .filter(|(scheme, _)| *scheme == signer.scheme())
+        .flat_map(|(_, algorithms)| algorithms.iter())
+        .any(|algorithm| {
+            parsed
+                .verify_signature(*algorithm, PROBE, &signature)
+                .is_ok()
+        });
+    if !matches {
+        return Err(String::from(
+            "the private key does not match the certificate",
+        ));
+    }
+    let chain = identity
+        .chain
+        .iter()
+        .map(|der| CertificateDer::from(der.clone()))
+        .collect();
+    let mut config = ServerConfig::builder_with_details(provider, Arc::new(NoClock))
+        .with_protocol_versions(nbd::rustls::ALL_VERSIONS)
+        .map_err(|error| alloc::format!("{error}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, identity.private_key())
+        .map_err(|error| alloc::format!("{error}"))?;
+    // No session resumption: NBD connections are few and long, and tickets and the
+    // session cache would need a wall clock.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    Ok(Arc::new(config))
+}
+
+/// Reads a pasted PEM text: certificates (the server's first, then its issuers) and
+/// one private key.
+pub fn parse_identity(text: &str) -> Result<Identity, String> {
+    let mut chain = Vec::new();
+    let mut key = None;
+    for (label, der) in pem::decode(text)? {
+        if label == "CERTIFICATE" {
+            chain.push(der);
+        } else if let Some(format) = KeyFormat::from_label(&label) {
+            if key.replace((format, der)).is_some() {
+                return Err(String::from("there is more than one private key"));
+            }
+        } else {
+            return Err(alloc::format!("unexpected PEM block {label}"));
+        }
+    }
+    let Some((key_format, key)) = key else {
+        return Err(String::from("there is no private key (PRIVATE KEY block)"));
+    };
+    if chain.is_empty() {
+        return Err(String::from("there is no certificate (CERTIFICATE block)"));
+    }
+    Ok(Identity {
+        chain,
+        key_format,
+        key,
+    })
+}
+
+impl DeviceMapper {
+    /// The TLS policy and identity.
+    pub fn tls(&self) -> &TlsSettings {
+        &self.tls
+    }
+
+    /// What the NBD server offers clients now.
+    pub(crate) fn tls_offer(&self) -> nbd::Tls {
+        self.tls_offer.clone()
+    }
+
+    /// `nbd tls off|on|require`: `on` and `require` need an identity.
+    pub fn set_tls_mode(&mut self, mode: TlsMode) -> Result<(), Error> {
+        if mode != TlsMode::Off && self.tls.identity.is_none() {
+            return Err("no certificate yet (nbd tls generate, or nbd tls import)".into());
+        }
+        let settings = TlsSettings {
+            mode,
+            identity: self.tls.identity.clone(),
+        };
+        self.change_tls(settings)
+    }
+
+    /// `nbd tls generate [NAME...]`: a new Ed25519 key and a self-signed certificate
+    /// for `names` (DNS names or addresses) replace the identity. Returns the
+    /// certificate as PEM.
+    pub fn generate_tls_identity(&mut self, names: &[&str]) -> Result<String, Error> {
+        let mut parsed = Vec::new();
+        for name in names {
+            let name = SubjectName::parse(name)
+                .ok_or_else(|| alloc::format!("'{name}' is neither an address nor a DNS name"))?;
+            parsed.push(name);
+        }
+        let mut seed = [0u8; 32];
+        let mut serial = [0u8; 16];
+        getrandom::getrandom(&mut seed)
+            .and_then(|()| getrandom::getrandom(&mut serial))
+            .map_err(|_| "no hardware randomness: the CPU has neither RDSEED nor RDRAND")?;
+        let generated = cert::self_signed(seed, serial, &parsed);
+        let identity = Identity {
+            chain: alloc::vec![generated.certificate],
+            key_format: KeyFormat::Pkcs8,
+            key: generated.key_pkcs8,
+        };
+        let certificate = pem::encode("CERTIFICATE", &identity.chain[0]);
+        self.change_tls(TlsSettings {
+            mode: self.tls.mode,
+            identity: Some(identity),
+        })?;
+        Ok(certificate)
+    }
+
+    /// `nbd tls import`: a pasted certificate chain and its key replace the identity.
+    pub fn import_tls_identity(&mut self, text: &str) -> Result<(), Error> {
+        let identity = parse_identity(text)?;
+        self.change_tls(TlsSettings {
+            mode: self.tls.mode,
+            identity: Some(identity),
+        })
+    }
+
+    /// Brings in TLS settings read from the configuration at boot; an identity that
+    /// no longer builds leaves TLS off (with a note).
+    pub(crate) fn restore_tls(&mut self, settings: TlsSettings, notes: &mut Vec<String>) {
+        match offer(&settings) {
+            Ok(offer) => {
+                self.tls = settings;
+                self.tls_offer = offer;
+            }
+            Err(why) => notes.push(alloc::format!("config: TLS stays off: {why}")),
+        }
+    }
+
+    /// Saves `settings` and offers them; nothing changes if either fails.
+    fn change_tls(&mut self, settings: TlsSettings) -> Result<(), Error> {
+        let offer = offer(&settings)?;
+        let old = core::mem::replace(&mut self.tls, settings);
+        if let Err(error) = self.save() {
+            self.tls = old;
+            return Err(error);
+        }
+        self.tls_offer = offer;
+        Ok(())
+    }
+}
+
+/// The NBD server's TLS policy for `settings`.
+fn offer(settings: &TlsSettings) -> Result<nbd::Tls, String> {
+    let config = match &settings.identity {
+        Some(identity) => Some(server_config(identity)?),
+        None => None,
+    };
+    Ok(match (settings.mode, config) {
+        (TlsMode::On, Some(config)) => nbd::Tls::On(config),
+        (TlsMode::Require, Some(config)) => nbd::Tls::Require(config),
+        _ => nbd::Tls::Off,
+    })
+}
