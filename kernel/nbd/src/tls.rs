@@ -49,6 +49,8 @@ pub(crate) struct TlsSession {
     /// Bytes of `outgoing` the transport has sent.
     sent: usize,
     peer_closed: bool,
+    /// The session broke (bad record, failed handshake): nothing more moves.
+    failed: bool,
 }
 
 impl TlsSession {
@@ -70,12 +72,16 @@ impl TlsSession {
             outgoing,
             sent: 0,
             peer_closed: false,
+            failed: false,
         })
     }
 
     /// Whether the session takes ciphertext now.
     pub fn wants_input(&self) -> bool {
-        !self.peer_closed && self.plain().is_empty() && self.incoming.len() < MAX_INCOMING
+        !self.peer_closed
+            && !self.failed
+            && self.plain().is_empty()
+            && self.incoming.len() < MAX_INCOMING
     }
 
     /// Takes as much of `data` as there is room for; returns how many bytes.
@@ -203,9 +209,13 @@ impl TlsSession {
     ) -> bool {
         let mut any = false;
         loop {
+            if self.failed {
+                return any;
+            }
             let progress = match self.pump(&mut connection.out) {
                 Ok(progress) => progress,
                 Err(Failed) => {
+                    self.failed = true;
                     connection.stop(true);
                     return true;
                 }
