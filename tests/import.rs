@@ -7,7 +7,6 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -46,22 +45,6 @@ fn qcow2(scratch: &Scratch, mib: u64, commands: &[String]) -> PathBuf {
     }
     run_tool("qemu-io", &args);
     path
-}
-
-/// `qemu-nbd` serving `image` read-only as export `disk`.
-fn serve_qcow2(image: &Path) -> HostServer {
-    let port = free_port().unwrap();
-    let mut command = Command::new("qemu-nbd");
-    command.args([
-        "--read-only",
-        "--persistent",
-        "--format=qcow2",
-        "--bind=127.0.0.1",
-        &format!("--port={port}"),
-        "--export-name=disk",
-        image.to_str().unwrap(),
-    ]);
-    HostServer::start(command, port).unwrap()
 }
 
 /// The image's content as raw bytes.
@@ -128,7 +111,7 @@ fn a_qcow2_image_is_adopted_with_its_content_and_only_its_data_provisioned() {
     }
     let image = qcow2(&scratch, 160, &commands);
     let expected = raw_content(&scratch, &image);
-    let server = serve_qcow2(&image);
+    let server = HostServer::qcow2_read_only(&image).unwrap();
     let disks = appliance(&scratch, "a");
     let import = format!("thin import vm1 pool --from {}", server.uri("disk"));
     let output = exec(&disks, &[SETUP[0], SETUP[1], &import, "thin ls pool"]);
@@ -373,7 +356,7 @@ fn an_import_cut_off_mid_copy_resumes_from_its_checkpoint() {
         .collect();
     let image = qcow2(&scratch, 192, &commands);
     let expected = raw_content(&scratch, &image);
-    let server = serve_qcow2(&image);
+    let server = HostServer::qcow2_read_only(&image).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy = listener.local_addr().unwrap().port();
     cutting_proxy(listener, server.port(), 100 << 20);

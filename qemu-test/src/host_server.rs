@@ -33,6 +33,24 @@ impl HostServer {
         Ok(server)
     }
 
+    /// `qemu-nbd` serving the qcow2 `image` read-only as export `disk` on a free port,
+    /// to one client at a time (as an image is served for adoption).
+    pub fn qcow2_read_only(image: &Path) -> Result<HostServer, String> {
+        let port = crate::free_port().map_err(|e| format!("picking a port: {e}"))?;
+        let mut command = Command::new("qemu-nbd");
+        command
+            .args([
+                "--read-only",
+                "--persistent",
+                "--format=qcow2",
+                "--bind=127.0.0.1",
+                "--export-name=disk",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(image);
+        HostServer::start(command, port)
+    }
+
     /// Runs `thinbox offline` (the runner at `thinbox`) over the image files `disks`
     /// (`vda`, `vdb`, ... in this order): it runs the console `commands` and then
     /// serves every device over NBD on a free port. Fails with the console transcript

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use host_tools::Tool;
 use qemu_test::{
-    Appliance, CountingRelay, HostServer, Options, Scratch, free_port, run_nbdsh, wait_for_greeting,
+    Appliance, CountingRelay, HostServer, Options, Scratch, run_nbdsh, wait_for_greeting,
 };
 
 use crate::{Client, MIB, Result, build_thinbox, output_of, timed, write_random};
@@ -39,7 +39,7 @@ pub fn bench() -> Result<()> {
     let scratch = Scratch::new().map_err(|e| format!("scratch directory: {e}"))?;
     let thinbox = build_thinbox()?;
     let image = qcow2_image(scratch.path())?;
-    let server = serve_qcow2(&image)?;
+    let server = HostServer::qcow2_read_only(&image)?;
     import_offline(&thinbox, scratch.path(), &server)?;
     sync_offline(&thinbox, scratch.path())?;
     import_on_appliance(scratch.path(), &server)
@@ -143,22 +143,6 @@ fn qcow2_image(dir: &Path) -> Result<PathBuf> {
         ],
     )?;
     Ok(output)
-}
-
-/// `qemu-nbd` serving `image` read-only as export `disk` on 127.0.0.1.
-fn serve_qcow2(image: &Path) -> Result<HostServer> {
-    let port = free_port().map_err(|e| format!("picking a port: {e}"))?;
-    let mut command = Command::new("qemu-nbd");
-    command.args([
-        "--read-only",
-        "--persistent",
-        "--format=qcow2",
-        "--bind=127.0.0.1",
-        &format!("--port={port}"),
-        "--export-name=disk",
-        &image.display().to_string(),
-    ]);
-    HostServer::start(command, port)
 }
 
 fn import_offline(thinbox: &Path, dir: &Path, server: &HostServer) -> Result<()> {
