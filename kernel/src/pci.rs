@@ -71,6 +71,9 @@ impl ConfigurationAccess for ConfigAccess {
         }
     }
 
+    // SAFETY: a copy reaches the same configuration space the same way (port I/O,
+    // or an ECAM mapping that is never unmapped), and every access is one whole
+    // register, so two copies in use cannot corrupt each other's accesses.
     unsafe fn unsafe_clone(&self) -> Self {
         match self {
             ConfigAccess::Ecam(mmio) => ConfigAccess::Ecam(mmio.clone()),
