@@ -3,13 +3,14 @@
 
 use std::fs;
 use std::io::{self, Read};
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::thread;
 use std::time::Duration;
 
 use qemu_test::{
-    Appliance, ConsoleMode, EXIT_PANIC, EXIT_SHUTDOWN, Firmware, NbdForward, Options,
+    Appliance, ConsoleMode, EXIT_PANIC, EXIT_SHUTDOWN, Firmware, NbdForward, NbdFront, Options,
     PORT_ATTEMPTS, PROMPT,
 };
 use rustix::termios;
@@ -67,13 +68,48 @@ const DEFAULT_NBD_PORT: u16 = 10809;
 
 pub fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
     let commands = exec_commands(&args.exec)?;
-    let options = options(args)?;
+    let mut options = options(args)?;
     options.validate()?;
     qemu_test::require_host_tools(options.firmware)?;
+    let front = nbd_front(&mut options)?;
     if args.exec.is_empty() {
-        interactive(&options)
+        interactive(&options, front.as_ref())
     } else {
-        exec(options, commands)
+        exec(options, front.as_ref(), commands)
+    }
+}
+
+/// On the user network, the runner listens on the NBD port itself and passes the
+/// connections on to QEMU's forward, now on a free port, through an [`NbdFront`]: the
+/// forward alone listens with a backlog of one, and a burst of clients (one
+/// `nbdcopy` opens four connections) would leave some waiting forever.
+fn nbd_front(options: &mut Options) -> Result<Option<NbdFront>, Failure> {
+    let forward = match options.nbd {
+        Some(forward) if !options.net.is_tap() => forward,
+        _ => return Ok(None),
+    };
+    let bind = |port| TcpListener::bind((Ipv4Addr::LOCALHOST, port));
+    let listener = match forward {
+        NbdForward::Port(port) => bind(port),
+        NbdForward::Preferred(port) => bind(port).or_else(|_| bind(0)),
+        NbdForward::AnyFree => bind(0),
+    }
+    .map_err(|error| Failure::failed(format!("listening for NBD clients on 127.0.0.1: {error}")))?;
+    options.nbd = Some(NbdForward::AnyFree);
+    let front = NbdFront::start(listener)
+        .map_err(|error| Failure::failed(format!("listening for NBD clients: {error}")))?;
+    Ok(Some(front))
+}
+
+/// Points `front` at QEMU's forward `forwarded`; returns the port clients use.
+fn clients_port(front: Option<&NbdFront>, forwarded: Option<u16>) -> Option<u16> {
+    match (front, forwarded) {
+        (Some(front), Some(port)) => {
+            front.forward_to(port);
+            Some(front.port())
+        }
+        (None, port) => port,
+        (Some(_), None) => None,
     }
 }
 
@@ -192,17 +228,18 @@ fn target_dir() -> Result<PathBuf, Failure> {
     })
 }
 
-fn interactive(options: &Options) -> Result<ExitCode, Failure> {
+fn interactive(options: &Options, front: Option<&NbdFront>) -> Result<ExitCode, Failure> {
     let mut attempt = 1;
     loop {
-        let (command, nbd_port) = options.qemu_command(ConsoleMode::Terminal)?;
+        let (command, forwarded) = options.qemu_command(ConsoleMode::Terminal)?;
+        let nbd_port = clients_port(front, forwarded);
         match (attempt, nbd_port) {
             (1, _) => describe(options, nbd_port),
-            (_, Some(port)) => announce_nbd(port),
-            (_, None) => {}
+            (_, Some(port)) if front.is_none() => announce_nbd(port),
+            (_, _) => {}
         }
         let (status, stderr) = on_terminal(command)?;
-        if let Some(port) = nbd_port
+        if let Some(port) = forwarded
             && attempt < PORT_ATTEMPTS
             && options.nbd.is_some_and(|nbd| nbd.lost_its_port(&stderr))
         {
@@ -309,9 +346,13 @@ fn ended(status: ExitStatus, stderr: &str) -> Result<ExitCode, Failure> {
 }
 
 /// Boots, runs `commands`, shuts down, printing the transcript as it goes.
-fn exec(options: Options, commands: &[String]) -> Result<ExitCode, Failure> {
+fn exec(
+    options: Options,
+    front: Option<&NbdFront>,
+    commands: &[String],
+) -> Result<ExitCode, Failure> {
     let mut appliance = Appliance::boot(options).map_err(runtime)?;
-    if let Some(port) = appliance.nbd_port() {
+    if let Some(port) = clients_port(front, appliance.nbd_port()) {
         announce_nbd(port);
     }
     for line in appliance.boot_log() {

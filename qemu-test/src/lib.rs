@@ -52,7 +52,7 @@ pub use options::{
 };
 pub use process::spawn_tied;
 pub use protocol::PROMPT;
-pub use relay::CountingRelay;
+pub use relay::{CountingRelay, NbdFront};
 pub use tap::TapNetwork;
 pub use thinbox_boot::{BIOS_IMAGE, KERNEL_ELF, UEFI_IMAGE};
 pub use tool::{nbdsh_command, qemu_img_read, qemu_img_write, run_nbdsh, run_tool};

@@ -3,7 +3,7 @@
 //! runner binary end to end.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -594,6 +594,27 @@ fn default_disks_keep_what_was_created_across_a_reboot() {
     );
 }
 
+/// Twenty connections opened at once (five `nbdcopy` clients' worth) all get the
+/// server's greeting: the runner's port takes a burst that QEMU's forward alone,
+/// with its backlog of one, would leave some of waiting forever.
+fn every_client_of_a_burst_is_greeted(port: u16) {
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(120)))
+                    .unwrap();
+                let mut greeting = [0; 16];
+                stream.read_exact(&mut greeting).map(|()| greeting)
+            })
+        })
+        .collect();
+    for client in clients {
+        assert_eq!(&client.join().unwrap().unwrap(), b"NBDMAGICIHAVEOPT");
+    }
+}
+
 /// A runner process, killed (with its QEMU) if a test stops before it ends.
 struct Running(Child);
 
@@ -629,6 +650,7 @@ fn an_interactive_run_forwards_nbd_by_default() {
     }
     let port = announced_nbd_port(&told);
     wait_for_greeting(port, Duration::from_secs(120)).unwrap();
+    every_client_of_a_burst_is_greeted(port);
 
     // Power off from the console once it prompts.
     let mut console = runner.0.stdout.take().unwrap();

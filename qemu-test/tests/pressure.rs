@@ -5,21 +5,21 @@
 //! accepted, requests that waited for memory), and a new client must be served
 //! afterwards.
 //!
-//! Clients reach the appliance through a relay (see [`relay`]): QEMU's port
-//! forward cannot take a burst of connections.
+//! Clients reach the appliance through the runner's front for QEMU's port forward
+//! (see [`front`]), which alone cannot take a burst of connections.
 //!
 //! `PRESSURE_COPY_MIB` sets the size of each of the 20 copies (4 MiB unless set; the
 //! 100 clients copy a quarter of that).
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::Read;
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Options, Scratch, run_tool, wait_for_greeting};
+use qemu_test::{Appliance, NbdFront, Options, Scratch, run_tool, wait_for_greeting};
 
 const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
@@ -27,8 +27,7 @@ const SECTOR: u64 = 512;
 const BLOCK: u64 = 64 * 1024;
 /// How long the NBD server may take to answer after boot.
 const READY: Duration = Duration::from_secs(60);
-/// How long a connection through the relay may wait for the appliance's greeting
-/// (a client beyond the sockets free waits in the appliance's backlog).
+/// How long a client beyond the sockets free may wait in the appliance's backlog.
 const GREETING_WAIT: Duration = Duration::from_secs(120);
 /// How long all clients of one round may take to copy in (or out).
 const COPY_DEADLINE: Duration = Duration::from_secs(300);
@@ -76,7 +75,7 @@ fn many_clients_at_once(memory_mib: u32) {
             BLOCK / SECTOR
         ))
         .unwrap();
-    let relayed = relay(appliance.nbd_port().unwrap());
+    let relayed = front(appliance.nbd_port().unwrap());
     let mut next_id = 0;
     let mut accepted_before = 0;
     for (clients, size) in rounds {
@@ -165,7 +164,7 @@ fn clients_beyond_the_socket_pool_wait_and_get_in() {
     }
     let net = appliance.console_ok("net").unwrap();
     let most = figure(&net, "sockets:", " (") as usize;
-    let relayed = relay(appliance.nbd_port().unwrap());
+    let relayed = front(appliance.nbd_port().unwrap());
     let (greeted, greetings) = std::sync::mpsc::channel();
     let clients: Vec<TcpStream> = (0..most + 40)
         .map(|index| {
@@ -320,60 +319,10 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     bytes
 }
 
-/// A port that forwards every connection to the appliance's forwarded port
-/// `target`, one connection set up at a time. QEMU's forward listens with a
-/// backlog of one: when a burst overflows it, Linux leaves some clients believing
-/// they are connected while QEMU never accepted them, and an NBD client then waits
-/// for a greeting forever. The relay connects to the forward only once the
-/// previous connection got its greeting, so the forward's queue is empty each time.
-fn relay(target: u16) -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    // Clients are accepted at once (so the relay's own queue never overflows) and
-    // connected onwards in turn.
-    let (accepted, waiting) = std::sync::mpsc::channel::<TcpStream>();
-    std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
-            if accepted.send(client).is_err() {
-                return;
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        for client in waiting {
-            if let Ok((server, greeting)) = connect_with_greeting(target) {
-                splice(client, server, greeting);
-            }
-        }
-    });
-    port
-}
-
-/// A connection to `port` and the 18-byte greeting read from it.
-fn connect_with_greeting(port: u16) -> io::Result<(TcpStream, [u8; 18])> {
-    let mut server = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
-    server.set_read_timeout(Some(GREETING_WAIT))?;
-    let mut greeting = [0; 18];
-    server.read_exact(&mut greeting)?;
-    server.set_read_timeout(None)?;
-    Ok((server, greeting))
-}
-
-/// Sends `greeting` to `client`, then copies bytes both ways until either side
-/// closes.
-fn splice(mut client: TcpStream, server: TcpStream, greeting: [u8; 18]) {
-    if client.write_all(&greeting).is_err() {
-        return;
-    }
-    let (Ok(client_reader), Ok(server_writer)) = (client.try_clone(), server.try_clone()) else {
-        return;
-    };
-    std::thread::spawn(move || pump(client_reader, server_writer));
-    std::thread::spawn(move || pump(server, client));
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream) {
-    let _ = io::copy(&mut from, &mut to);
-    let _ = to.shutdown(Shutdown::Write);
-    let _ = from.shutdown(Shutdown::Read);
+/// A port in front of the appliance's forwarded port `target`, as the runner puts
+/// one (a burst of clients overflows QEMU's forward on its own).
+fn front(target: u16) -> u16 {
+    let front = NbdFront::start(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap()).unwrap();
+    front.forward_to(target);
+    front.port()
 }
