@@ -40,6 +40,11 @@ impl Mmio {
         self.at::<u32>(offset) as usize
     }
 
+    pub fn read_u16(&self, offset: usize) -> u16 {
+        // SAFETY: `at` checks bounds and alignment; the block is mapped device memory.
+        unsafe { self.at::<u16>(offset).read_volatile() }
+    }
+
     pub fn read_u32(&self, offset: usize) -> u32 {
         // SAFETY: `at` checks bounds and alignment; the block is mapped device memory.
         unsafe { self.at::<u32>(offset).read_volatile() }
@@ -48,6 +53,13 @@ impl Mmio {
     pub fn read_u64(&self, offset: usize) -> u64 {
         // SAFETY: as in `read_u32`.
         unsafe { self.at::<u64>(offset).read_volatile() }
+    }
+
+    /// Writes a 16-bit register, ordered like [`Mmio::write_u32`].
+    pub fn write_u16(&self, offset: usize, value: u16) {
+        fence(Ordering::SeqCst);
+        // SAFETY: as in `read_u16`.
+        unsafe { self.at::<u16>(offset).write_volatile(value) }
     }
 
     /// Writes a register after every earlier memory write (queue entries, data

@@ -131,6 +131,12 @@ impl Pci {
             .collect()
     }
 
+    /// A 32-bit register of `function`'s configuration space (`register` a
+    /// multiple of 4).
+    pub fn config_word(&self, function: DeviceFunction, register: u8) -> u32 {
+        self.config.read_word(function, register)
+    }
+
     /// The physical address and size of memory BAR `index`, with memory decoding
     /// and bus mastering switched on. The firmware assigns the addresses; a BAR it
     /// left unassigned is reported, not guessed.

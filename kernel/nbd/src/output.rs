@@ -3,6 +3,13 @@
 //! Small pieces (headers, option replies) are packed together so that a reply's header
 //! and a short payload leave in one segment; large read data stays in the buffer the
 //! backend filled and is referenced, not copied.
+//!
+//! Once sent, a read buffer is kept for the connection's next read of the same size
+//! (up to [`SPARE_BYTES`], while the connection has requests in flight): a backend
+//! overwrites every byte of a read buffer, zero runs included, so a buffer still
+//! holding the last reply serves as well as a new one, which the allocator would
+//! clear first. Spares belong to one connection: none carries one client's data
+//! to another.
 
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
@@ -13,6 +20,8 @@ use blockdev::IoBuf;
 const COPY_LIMIT: usize = 4096;
 /// A packed buffer grows to at most this size before a new one starts.
 const PACK_LIMIT: usize = 64 * 1024;
+/// Most bytes of sent read buffers a connection keeps for its next reads.
+pub const SPARE_BYTES: usize = 512 * 1024;
 
 enum Segment {
     Packed(Vec<u8>),
@@ -39,6 +48,8 @@ pub struct OutQueue {
     /// Bytes of the front segment already sent.
     sent: usize,
     len: usize,
+    /// Sent read buffers, for the next reads.
+    spare: Vec<IoBuf>,
 }
 
 impl OutQueue {
@@ -69,6 +80,30 @@ impl OutQueue {
             start,
             end,
         });
+    }
+
+    /// A buffer of `len` bytes for a read: a spare one (its contents stale) or a new,
+    /// zeroed one.
+    pub fn read_buffer(&mut self, len: usize) -> IoBuf {
+        match self.spare.iter().position(|buf| buf.len() == len) {
+            Some(index) => self.spare.swap_remove(index),
+            None => IoBuf::zeroed(len),
+        }
+    }
+
+    /// Keeps `buf` for a later read if nothing else refers to it and there is room.
+    pub fn recycle(&mut self, buf: Arc<IoBuf>) {
+        if let Ok(buf) = Arc::try_unwrap(buf) {
+            let kept: usize = self.spare.iter().map(|spare| spare.len()).sum();
+            if kept + buf.len() <= SPARE_BYTES {
+                self.spare.push(buf);
+            }
+        }
+    }
+
+    /// Frees the spare buffers (the connection went idle: it may stay so for long).
+    pub fn release_spares(&mut self) {
+        self.spare = Vec::new();
     }
 
     /// Bytes waiting to be sent.
@@ -104,7 +139,9 @@ impl OutQueue {
             }
             count -= front;
             self.sent = 0;
-            self.segments.pop_front();
+            if let Some(Segment::Shared { buf, .. }) = self.segments.pop_front() {
+                self.recycle(buf);
+            }
         }
     }
 
@@ -147,5 +184,38 @@ mod tests {
         queue.consume(10_000);
         assert!(queue.is_empty());
         assert_eq!(queue.chunks().count(), 0);
+    }
+
+    #[test]
+    fn sent_read_buffers_serve_the_next_reads_of_their_size() {
+        let mut queue = OutQueue::default();
+        let fresh = queue.read_buffer(8192);
+        assert!(fresh.iter().all(|&byte| byte == 0));
+        let mut data = fresh;
+        data.fill(7);
+        let at = data.as_ptr();
+        let data = Arc::new(data);
+        queue.push_shared(&data, 0, 8192);
+        // Still referenced by the queue: not kept.
+        queue.recycle(data);
+        assert_ne!(queue.read_buffer(8192).as_ptr(), at);
+        queue.consume(8192);
+        assert_eq!(queue.read_buffer(4096).len(), 4096);
+        let reused = queue.read_buffer(8192);
+        assert_eq!(reused.as_ptr(), at);
+        assert!(reused.iter().all(|&byte| byte == 7));
+        assert!(queue.read_buffer(8192).iter().all(|&byte| byte == 0));
+    }
+
+    #[test]
+    fn spare_buffers_are_bounded() {
+        let mut queue = OutQueue::default();
+        let size = SPARE_BYTES / 4;
+        for _ in 0..6 {
+            queue.recycle(Arc::new(IoBuf::zeroed(size)));
+        }
+        assert_eq!(queue.spare.len(), 4);
+        queue.recycle(Arc::new(IoBuf::zeroed(512)));
+        assert_eq!(queue.spare.len(), 4);
     }
 }

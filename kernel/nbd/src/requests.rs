@@ -268,7 +268,7 @@ impl Connection {
                     len,
                     df,
                 };
-                let buf = IoBuf::zeroed(len as usize);
+                let buf = self.out.read_buffer(len as usize);
                 (kind, len as usize, IoOp::Read { sector, buf })
             }
             Plan::Flush => (ReplyKind::Plain, 0, IoOp::Flush),
@@ -440,6 +440,7 @@ impl Connection {
         if !self.structured {
             simple_reply(&mut self.out, cookie, 0);
             self.out.push_shared(&buf, 0, buf.len());
+            self.out.recycle(buf);
             return;
         }
         let pieces = read_pieces(buf.len(), zero_holes, df);
@@ -467,6 +468,8 @@ impl Connection {
                 );
             }
         }
+        // Only kept now if every piece was copied (short reads, holes).
+        self.out.recycle(buf);
     }
 }
 

@@ -253,6 +253,11 @@ impl<B: Backend> Server<B> {
         }
         progress |= self.exchange_tls();
         self.reap();
+        for connection in self.connections.values_mut() {
+            if connection.in_flight.is_empty() && connection.out.is_empty() {
+                connection.out.release_spares();
+            }
+        }
         self.held = self.connections.values().map(Connection::footprint).sum();
         progress |= self.resume_parked();
         progress

@@ -4,6 +4,8 @@
 pub mod e1000e;
 pub mod nvme;
 pub mod virtio_blk;
+mod virtio_blk_queue;
+mod virtio_doorbell;
 mod virtio_hal;
 pub mod virtio_net;
 mod virtio_offload;

@@ -1,11 +1,13 @@
-//! virtio-blk disks through `virtio-drivers`' non-blocking request API.
+//! virtio-blk disks, requests queued through [`BlkQueue`](super::virtio_blk_queue).
 //!
 //! Every request's buffers (header, data, status byte) stay owned by its slot
 //! until the device hands the descriptor chain back, so the device never sees
-//! freed memory. The crate offers only a blocking flush, which needs an empty
-//! queue: a flush (and any write with FUA, which virtio-blk lacks) therefore
-//! waits for the requests ahead of it to finish, runs, and holds later
-//! requests back until it is done.
+//! freed memory. Flushes go on the queue like reads and writes, without holding
+//! other requests back: a flush covers the writes completed before it was
+//! submitted, as the block-device interface asks. virtio-blk has no FUA, so a FUA
+//! write completes only after a flush queued once the write finished; the FUA
+//! writes that finish between two polls share one flush. Requests submitted between
+//! two polls share one doorbell, rung at the next poll.
 //!
 //! A device that hands back a descriptor it was never given has lost track of its
 //! queue: it is reset (which stops its DMA), every request it held fails, and the
@@ -17,9 +19,10 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::{BlockDevice, Busy, Command, Completion, DeviceInfo, IoBuf, IoError, Request};
 use virtio_drivers::Error as VirtioError;
-use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
 use virtio_drivers::transport::pci::PciTransport;
 
+use super::virtio_blk_queue::{BlkQueue, Data, Header, QUEUE, QUEUE_SIZE, Status};
+use super::virtio_doorbell::Doorbell;
 use super::virtio_hal::KernelHal;
 use crate::pci::{Pci, PciFunction};
 
@@ -28,28 +31,27 @@ const MAX_TRANSFER_SECTORS: u32 = 2048;
 
 /// A request the device is working on.
 struct Slot {
-    tag: u64,
+    /// The caller's tag; `None` for a flush queued for FUA writes.
+    tag: Option<u64>,
     command: Command,
-    header: Box<BlkReq>,
-    status: Box<BlkResp>,
+    header: Box<Header>,
+    status: Box<Status>,
     fua: bool,
+    /// FUA writes that finished before this flush was queued: they complete with it.
+    fua_writes: Vec<Completion>,
 }
 
 pub struct VirtioBlk {
     /// `None` once the device was reset after a fault.
-    device: Option<VirtIOBlk<KernelHal, PciTransport>>,
+    device: Option<BlkQueue>,
     info: DeviceInfo,
     /// Requests on the virtqueue, indexed by descriptor token.
     slots: Vec<Option<Slot>>,
     active: usize,
     /// Finished, not yet returned by `poll`.
     done: VecDeque<Completion>,
-    /// Flush requests waiting for the queue to drain.
-    flushes: Vec<u64>,
-    /// FUA writes that finished and wait for the flush that makes them durable.
+    /// FUA writes that finished and wait for a flush to be queued for them.
     unflushed_fua: Vec<Completion>,
-    /// Requests submitted behind a pending flush.
-    held: VecDeque<Request>,
 }
 
 /// What requests to a device that was reset after a fault fail with.
@@ -71,75 +73,88 @@ impl VirtioBlk {
         pci.enable(function.address);
         let transport = PciTransport::new::<KernelHal, _>(&mut pci.root, function.address)
             .map_err(|_| "virtio PCI transport setup failed")?;
-        let mut device = VirtIOBlk::<KernelHal, _>::new(transport)
-            .map_err(|_| "virtio-blk initialisation failed")?;
-        device.disable_interrupts();
-        let mut id = [0u8; 20];
-        let serial = match device.device_id(&mut id) {
-            Ok(len) => String::from_utf8_lossy(&id[..len]).trim().into(),
+        let doorbell = Doorbell::find(pci, function.address, QUEUE)?;
+        let mut device =
+            BlkQueue::new(transport, doorbell).map_err(|_| "virtio-blk initialisation failed")?;
+        let serial = match device.device_id() {
+            Ok(id) => {
+                let len = id.iter().position(|&byte| byte == 0).unwrap_or(id.len());
+                String::from_utf8_lossy(&id[..len]).trim().into()
+            }
             Err(_) => String::new(),
         };
-        let queue_size = device.virt_queue_size();
         let info = DeviceInfo {
             sectors: device.capacity(),
-            read_only: device.readonly(),
+            read_only: device.read_only(),
             discard: false,
             max_transfer_sectors: MAX_TRANSFER_SECTORS,
-            queue_depth: queue_size,
+            queue_depth: QUEUE_SIZE,
             model: String::from("virtio-blk"),
             serial,
         };
         Ok(VirtioBlk {
             device: Some(device),
             info,
-            slots: (0..queue_size).map(|_| None).collect(),
+            slots: (0..QUEUE_SIZE).map(|_| None).collect(),
             active: 0,
             done: VecDeque::new(),
-            flushes: Vec::new(),
             unflushed_fua: Vec::new(),
-            held: VecDeque::new(),
         })
     }
 
-    fn barrier_pending(&self) -> bool {
-        !self.flushes.is_empty() || !self.unflushed_fua.is_empty() || !self.held.is_empty()
-    }
-
-    /// Puts a read or write on the virtqueue, or queues a flush.
+    /// Puts a read, write or flush on the virtqueue.
     fn dispatch(&mut self, request: Request) -> Result<(), Busy> {
-        let Request { tag, mut command } = request;
-        let Some(device) = self.device.as_mut() else {
+        let Request { tag, command } = request;
+        let Some(device) = self.device.as_ref() else {
             self.finish(tag, Err(DEVICE_RESET), command.into_buf());
             return Ok(());
         };
-        let mut header = Box::new(BlkReq::default());
-        let mut status = Box::new(BlkResp::default());
-        let (started, fua) = match &mut command {
-            Command::Flush => {
-                self.flushes.push(tag);
-                return Ok(());
-            }
+        let flushes = device.flushes();
+        let fua = match &command {
             Command::Read { buf, .. } | Command::Write { buf, .. } if buf.is_empty() => {
                 self.finish(tag, Ok(()), command.into_buf());
                 return Ok(());
             }
-            // SAFETY: header, buffer and status live in the slot (boxes and the
-            // IoBuf's heap pages do not move) until `complete_read_blocks` below.
-            Command::Read { sector, buf } => (
-                unsafe { device.read_blocks_nb(*sector as usize, &mut header, buf, &mut status) },
-                false,
-            ),
-            // SAFETY: as for reads.
-            Command::Write { sector, buf, fua } => (
-                unsafe { device.write_blocks_nb(*sector as usize, &mut header, buf, &mut status) },
-                *fua,
-            ),
+            // Without the feature, writes are durable when they complete.
+            Command::Flush if !flushes => {
+                self.finish(tag, Ok(()), IoBuf::empty());
+                return Ok(());
+            }
             Command::Discard { .. } => {
                 self.finish(tag, Err(IoError::Unsupported), IoBuf::empty());
                 return Ok(());
             }
+            Command::Write { fua, .. } => *fua,
+            Command::Read { .. } | Command::Flush => false,
         };
-        match started {
+        self.enqueue(Some(tag), command, fua, Vec::new())
+            .map_err(|(command, _)| Busy(Request { tag, command }))
+    }
+
+    /// Adds a request to the virtqueue (the doorbell rings at the next poll); gives
+    /// the command and the FUA writes riding on it back when the queue is full.
+    /// Discards are not queued (the device was not offered the feature).
+    fn enqueue(
+        &mut self,
+        tag: Option<u64>,
+        mut command: Command,
+        fua: bool,
+        fua_writes: Vec<Completion>,
+    ) -> Result<(), (Command, Vec<Completion>)> {
+        let Some(device) = self.device.as_mut() else {
+            self.fail(tag, command, fua_writes, DEVICE_RESET);
+            return Ok(());
+        };
+        let header = Box::new(match &command {
+            Command::Read { sector, .. } => Header::read(*sector),
+            Command::Write { sector, .. } => Header::write(*sector),
+            Command::Flush | Command::Discard { .. } => Header::flush(),
+        });
+        let mut status = Box::new(Status::pending());
+        // SAFETY: header, buffer and status live in the slot (boxes and the IoBuf's
+        // heap pages do not move) until `reap` completes the request with them.
+        let added = unsafe { device.add(&header, data(&mut command), &mut status) };
+        match added {
             Ok(token) => {
                 self.slots[usize::from(token)] = Some(Slot {
                     tag,
@@ -147,13 +162,14 @@ impl VirtioBlk {
                     header,
                     status,
                     fua,
+                    fua_writes,
                 });
                 self.active += 1;
                 Ok(())
             }
-            Err(VirtioError::QueueFull) => Err(Busy(Request { tag, command })),
+            Err(VirtioError::QueueFull) => Err((command, fua_writes)),
             Err(error) => {
-                self.finish(tag, Err(io_error(error)), command.into_buf());
+                self.fail(tag, command, fua_writes, io_error(error));
                 Ok(())
             }
         }
@@ -161,6 +177,24 @@ impl VirtioBlk {
 
     fn finish(&mut self, tag: u64, result: Result<(), IoError>, buf: IoBuf) {
         self.done.push_back(Completion { tag, result, buf });
+    }
+
+    /// Completes a request that never reached the device, and the FUA writes
+    /// waiting for it, with `error`.
+    fn fail(
+        &mut self,
+        tag: Option<u64>,
+        command: Command,
+        fua_writes: Vec<Completion>,
+        error: IoError,
+    ) {
+        if let Some(tag) = tag {
+            self.finish(tag, Err(error), command.into_buf());
+        }
+        for mut completion in fua_writes {
+            completion.result = Err(error);
+            self.done.push_back(completion);
+        }
     }
 
     /// Takes one finished request off the used ring.
@@ -180,24 +214,29 @@ impl VirtioBlk {
             return true;
         };
         self.active -= 1;
-        let result = match &mut slot.command {
-            // SAFETY: the same header, buffer and status that were queued with `token`.
-            Command::Read { buf, .. } => unsafe {
-                device.complete_read_blocks(token, &slot.header, buf, &mut slot.status)
-            },
-            // SAFETY: as for reads.
-            Command::Write { buf, .. } => unsafe {
-                device.complete_write_blocks(token, &slot.header, buf, &mut slot.status)
-            },
-            // Only reads and writes are put on the queue.
-            Command::Flush | Command::Discard { .. } => Err(VirtioError::InvalidParam),
+        // SAFETY: the same header, buffer and status that were queued with `token`.
+        let result = unsafe {
+            device.complete(
+                token,
+                &slot.header,
+                data(&mut slot.command),
+                &mut slot.status,
+            )
+        }
+        .map_err(io_error);
+        for mut completion in slot.fua_writes {
+            completion.result = result;
+            self.done.push_back(completion);
+        }
+        let Some(tag) = slot.tag else {
+            return true;
         };
         let completion = Completion {
-            tag: slot.tag,
-            result: result.map_err(io_error),
+            tag,
+            result,
             buf: slot.command.into_buf(),
         };
-        if slot.fua && completion.result.is_ok() {
+        if slot.fua && completion.result.is_ok() && device.flushes() {
             self.unflushed_fua.push(completion);
         } else {
             self.done.push_back(completion);
@@ -211,35 +250,28 @@ impl VirtioBlk {
         self.device = None;
         self.active = 0;
         for slot in core::mem::take(&mut self.slots).into_iter().flatten() {
-            self.finish(slot.tag, Err(DEVICE_RESET), slot.command.into_buf());
+            self.fail(slot.tag, slot.command, slot.fua_writes, DEVICE_RESET);
         }
     }
 
-    /// Runs pending flushes once the queue is empty, then releases held requests.
-    fn run_barrier(&mut self) {
-        if self.active != 0 || (self.flushes.is_empty() && self.unflushed_fua.is_empty()) {
+    /// Queues one flush for the FUA writes that finished since the last one.
+    fn flush_fua_writes(&mut self) {
+        if self.unflushed_fua.is_empty() {
             return;
         }
-        let result = match self.device.as_mut() {
-            Some(device) => device.flush().map_err(io_error),
-            None => Err(DEVICE_RESET),
-        };
-        for tag in core::mem::take(&mut self.flushes) {
-            self.finish(tag, result, IoBuf::empty());
+        let fua_writes = core::mem::take(&mut self.unflushed_fua);
+        if let Err((_, fua_writes)) = self.enqueue(None, Command::Flush, false, fua_writes) {
+            self.unflushed_fua = fua_writes;
         }
-        for mut completion in core::mem::take(&mut self.unflushed_fua) {
-            completion.result = result;
-            self.done.push_back(completion);
-        }
-        while self.flushes.is_empty() {
-            let Some(request) = self.held.pop_front() else {
-                break;
-            };
-            if let Err(Busy(request)) = self.dispatch(request) {
-                self.held.push_front(request);
-                break;
-            }
-        }
+    }
+}
+
+/// The data buffer a queued command's request carries.
+fn data(command: &mut Command) -> Data<'_> {
+    match command {
+        Command::Read { buf, .. } => Data::Read(buf),
+        Command::Write { buf, .. } => Data::Write(buf),
+        Command::Flush | Command::Discard { .. } => Data::None,
     }
 }
 
@@ -253,29 +285,21 @@ impl BlockDevice for VirtioBlk {
             self.finish(request.tag, Err(error), request.command.into_buf());
             return Ok(());
         }
-        if self.barrier_pending() {
-            if self.held.len() >= usize::from(self.info.queue_depth) {
-                return Err(Busy(request));
-            }
-            self.held.push_back(request);
-            return Ok(());
-        }
         self.dispatch(request)
     }
 
     fn poll(&mut self) -> Option<Completion> {
         if self.done.is_empty() {
             while self.reap() {}
-            self.run_barrier();
+            self.flush_fua_writes();
+        }
+        if let Some(device) = self.device.as_mut() {
+            device.kick();
         }
         self.done.pop_front()
     }
 
     fn in_flight(&self) -> usize {
-        self.active
-            + self.done.len()
-            + self.flushes.len()
-            + self.unflushed_fua.len()
-            + self.held.len()
+        self.active + self.done.len() + self.unflushed_fua.len()
     }
 }

@@ -6,7 +6,9 @@
 //! at the next poll. Up to [`QUEUE_SIZE`] frames are in flight for transmission,
 //! each in a buffer of its own that returns to the free list when the device hands
 //! the descriptor back. The NIC interrupts on used buffers of either queue; the
-//! interrupt only wakes the main loop, which acknowledges it here.
+//! interrupt only wakes the main loop, which acknowledges it here. Frames sent and
+//! receive buffers returned during a poll share one doorbell per queue, rung at
+//! its end ([`VirtioNet::flush`]).
 //!
 //! Where the device offers checksum offload (on a tap network; QEMU's user network
 //! does not) it is negotiated and on by default: frames go out with partial
@@ -28,9 +30,11 @@ use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::Transport;
 use virtio_drivers::transport::pci::PciTransport;
 
+use super::virtio_doorbell::Doorbell;
 use super::virtio_hal::KernelHal;
 use super::virtio_offload::{
-    DATA_VALID, HEADER_CSUM_OFFSET, HEADER_CSUM_START, HEADER_FLAGS, NEEDS_CSUM, OffloadTransport,
+    DATA_VALID, Doorbells, HEADER_CSUM_OFFSET, HEADER_CSUM_START, HEADER_FLAGS, NEEDS_CSUM,
+    OffloadTransport,
 };
 use crate::pci::{Pci, PciFunction};
 
@@ -57,9 +61,13 @@ type PostedTx = Vec<Option<(Box<[u8]>, usize)>>;
 
 pub struct VirtioNet {
     raw: Raw,
-    /// A second view of the device's registers, only for reading its link state
-    /// (the driver keeps its transport to itself).
-    config_view: PciTransport,
+    /// A second view of the device's registers, for reading its link state (the
+    /// driver keeps its transport to itself).
+    registers: PciTransport,
+    /// The doorbells the driver's transport recorded rings, and the receive and
+    /// transmit queues' own.
+    doorbells: Doorbells,
+    bells: [Doorbell; 2],
     reports_link: bool,
     /// Receive buffers on the queue, by descriptor token.
     rx_posted: Vec<Option<Box<[u8]>>>,
@@ -83,12 +91,17 @@ impl VirtioNet {
     /// Sets up the virtio-net device at `function` with every receive buffer posted.
     pub fn probe(pci: &mut Pci, function: &PciFunction) -> Result<VirtioNet, &'static str> {
         pci.enable(function.address);
-        let mut config_view = PciTransport::new::<KernelHal, _>(&mut pci.root, function.address)
+        let mut registers = PciTransport::new::<KernelHal, _>(&mut pci.root, function.address)
             .map_err(|_| "virtio PCI transport setup failed")?;
-        let reports_link = config_view.read_device_features() & FEATURE_STATUS != 0;
+        let reports_link = registers.read_device_features() & FEATURE_STATUS != 0;
         let transport = PciTransport::new::<KernelHal, _>(&mut pci.root, function.address)
             .map_err(|_| "virtio PCI transport setup failed")?;
-        let transport = OffloadTransport::new(transport);
+        let doorbells = Doorbells::default();
+        let bells = [
+            Doorbell::find(pci, function.address, 0)?,
+            Doorbell::find(pci, function.address, 1)?,
+        ];
+        let transport = OffloadTransport::new(transport, doorbells.clone());
         let can_offload = transport.offloads();
         let raw = Raw::new(transport).map_err(|_| "virtio-net initialisation failed")?;
         let mut probe_header = [0u8; 32];
@@ -97,7 +110,9 @@ impl VirtioNet {
             .map_err(|_| "virtio-net header does not fit")?;
         let mut net = VirtioNet {
             raw,
-            config_view,
+            registers,
+            doorbells,
+            bells,
             reports_link,
             rx_posted: (0..QUEUE_SIZE).map(|_| None).collect(),
             rx_returned: (0..QUEUE_SIZE)
@@ -115,6 +130,7 @@ impl VirtioNet {
             stopped: false,
         };
         net.repost_rx_buffers();
+        net.flush();
         if net.rx_returned.len() == QUEUE_SIZE {
             return Err("virtio-net took no receive buffers");
         }
@@ -130,7 +146,7 @@ impl VirtioNet {
     pub fn link_up(&self) -> bool {
         !self.reports_link
             || self
-                .config_view
+                .registers
                 .read_config_space::<u16>(CONFIG_STATUS)
                 .is_ok_and(|status| status & STATUS_LINK_UP != 0)
     }
@@ -162,6 +178,17 @@ impl VirtioNet {
         self.mtu = mtu;
         self.offload = checksum_offload;
         Ok(())
+    }
+
+    /// Rings the doorbell of each queue the driver added buffers to since the last
+    /// call.
+    pub fn flush(&mut self) {
+        for queue in self.doorbells.take() {
+            match self.bells.get(usize::from(queue)) {
+                Some(bell) => bell.ring(),
+                None => self.registers.notify(queue),
+            }
+        }
     }
 
     /// Acknowledges the device's interrupt so it lowers its line.

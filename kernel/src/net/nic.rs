@@ -68,11 +68,10 @@ impl Nic {
         each!(self, nic => nic.has_input())
     }
 
-    /// Hands queued frames to the device (the e1000e batches them).
+    /// Hands the frames and receive buffers queued since the last call to the
+    /// device: one tail write (e1000e) or one doorbell per queue (virtio-net).
     pub fn flush(&mut self) {
-        if let Nic::E1000e(nic) = self {
-            nic.flush();
-        }
+        each!(self, nic => nic.flush())
     }
 
     /// Resets a transmit ring that stopped moving; returns whether it did.
