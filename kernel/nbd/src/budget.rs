@@ -1,5 +1,5 @@
-//! The memory all connections of a server may hold in request buffers and queued
-//! replies, shared between them.
+//! The memory all connections of a server may hold in request buffers, queued
+//! replies and TLS buffers, shared between them.
 //!
 //! The per-connection [`Limits`](crate::Limits) bound one client; this bounds them
 //! all, so that many clients on a small machine wait for memory instead of
@@ -60,7 +60,7 @@ impl MemoryBudget {
 /// Memory figures of a server, for the transport's status display.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryUse {
-    /// Bytes of request buffers and queued replies held now.
+    /// Bytes of request buffers, queued replies and TLS sessions' buffers held now.
     pub held: usize,
     /// The limit in force.
     pub limit: usize,

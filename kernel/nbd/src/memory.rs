@@ -15,7 +15,7 @@ use core::net::SocketAddr;
 
 use crate::backend::{
     Backend, BackendError, ExportHandle, ExportInfo, IoCompletion, IoOp, IoOutput, IoRequest,
-    OpenError, QueueFull,
+    OpenError, QueueFull, Tls,
 };
 
 const SECTOR: u64 = SECTOR_SIZE as u64;
@@ -104,6 +104,7 @@ pub struct MemoryBackend {
     /// Blocks all volumes together may allocate; `None` for no limit.
     capacity_blocks: Option<u64>,
     stats: MemoryStats,
+    tls: Tls,
 }
 
 impl Default for MemoryBackend {
@@ -119,6 +120,7 @@ impl Default for MemoryBackend {
             queue_depth: 256,
             capacity_blocks: None,
             stats: MemoryStats::default(),
+            tls: Tls::Off,
         }
     }
 }
@@ -184,6 +186,11 @@ impl MemoryBackend {
     /// Limits the blocks all exports together may allocate (a pool's data space).
     pub fn set_capacity_blocks(&mut self, blocks: Option<u64>) {
         self.capacity_blocks = blocks;
+    }
+
+    /// What `NBD_OPT_STARTTLS` gets from now on (off unless set).
+    pub fn set_tls(&mut self, tls: Tls) {
+        self.tls = tls;
     }
 
     /// Makes every read and write of an export fail with an I/O error.
@@ -641,6 +648,10 @@ impl Backend for MemoryBackend {
             CompletionOrder::Shuffled(_) | CompletionOrder::Held => None,
         };
         picked.map(|(_, completion)| completion)
+    }
+
+    fn tls(&self) -> Tls {
+        self.tls.clone()
     }
 }
 

@@ -113,8 +113,9 @@ impl<B: Backend> Server<B> {
     pub fn receive(&mut self, id: ConnectionId, data: &[u8]) -> usize {
         let limits = self.limits;
         let mut session = self.sessions.remove(&id);
+        let before = session.as_ref().map_or(0, TlsSession::footprint);
         let used = self
-            .with_memory(id, |connection, shared| {
+            .with_memory(id, before, |connection, shared| {
                 if let Some(session) = session.as_mut() {
                     return session.receive(data, connection, &limits, shared);
                 }
@@ -133,21 +134,28 @@ impl<B: Backend> Server<B> {
             })
             .unwrap_or(0);
         if let Some(session) = session {
+            self.held += session.footprint();
             self.sessions.insert(id, session);
         }
         used
     }
 
-    /// Runs `work` on connection `id` with the memory budget lent to it, and
-    /// keeps the held total current; a request it parks counts as a wait.
+    /// Runs `work` on connection `id` with the memory budget lent to it, and keeps
+    /// the held total current but for the connection's TLS session, whose
+    /// `session_bytes` (before the work) the caller adds back as they are after it;
+    /// a request it parks counts as a wait.
     fn with_memory<R>(
         &mut self,
         id: ConnectionId,
+        session_bytes: usize,
         work: impl FnOnce(&mut Connection, &mut Shared<'_, B>) -> R,
     ) -> Option<R> {
         let connection = self.connections.get_mut(&id)?;
         let parked = connection.awaiting_memory();
-        self.memory.others = self.held.saturating_sub(connection.footprint());
+        self.memory.others = self
+            .held
+            .saturating_sub(connection.footprint())
+            .saturating_sub(session_bytes);
         let mut shared = Shared {
             backend: &mut self.backend,
             next_tag: &mut self.next_tag,
@@ -206,6 +214,14 @@ impl<B: Backend> Server<B> {
         }
     }
 
+    /// Whether the connection is still negotiating: no export chosen yet, TLS
+    /// handshake included, and not ending. A transport bounds how long that may take.
+    pub fn negotiating(&self, id: ConnectionId) -> bool {
+        self.connections.get(&id).is_some_and(|connection| {
+            connection.export.is_none() && connection.ending == Ending::No
+        })
+    }
+
     /// The peer closed its sending side: requests already received are finished and
     /// answered, then the connection ends.
     pub fn peer_closed(&mut self, id: ConnectionId) {
@@ -258,7 +274,9 @@ impl<B: Backend> Server<B> {
                 connection.out.release_spares();
             }
         }
-        self.held = self.connections.values().map(Connection::footprint).sum();
+        let connections: usize = self.connections.values().map(Connection::footprint).sum();
+        let sessions: usize = self.sessions.values().map(TlsSession::footprint).sum();
+        self.held = connections + sessions;
         progress |= self.resume_parked();
         progress
     }
@@ -275,10 +293,12 @@ impl<B: Backend> Server<B> {
         ids.rotate_left(first.unwrap_or(0));
         let mut progress = false;
         for id in ids {
-            let resumed = self.with_memory(id, |connection, shared| {
+            let session_bytes = self.sessions.get(&id).map_or(0, TlsSession::footprint);
+            let resumed = self.with_memory(id, session_bytes, |connection, shared| {
                 connection.resume(shared);
                 !connection.awaiting_memory()
             });
+            self.held += session_bytes;
             if resumed == Some(true) {
                 progress = true;
                 self.resume_first = ConnectionId(id.0 + 1);
@@ -298,10 +318,11 @@ impl<B: Backend> Server<B> {
                 continue;
             };
             progress |= self
-                .with_memory(id, |connection, shared| {
+                .with_memory(id, session.footprint(), |connection, shared| {
                     session.exchange(connection, &limits, shared)
                 })
                 .unwrap_or(false);
+            self.held += session.footprint();
             self.sessions.insert(id, session);
         }
         progress

@@ -7,7 +7,10 @@
 //! for the transport. Every buffer is bounded: ciphertext is taken only while
 //! `incoming` has room and no decrypted bytes wait, and the connection's output is
 //! encrypted only while less than [`MAX_OUTGOING`] bytes wait to be sent, so the
-//! connection's own limits keep applying back-pressure.
+//! connection's own limits keep applying back-pressure. A buffer that empties gives
+//! back all but one record's worth of memory, so an idle session holds little, and
+//! what the buffers hold counts in the server's memory figures
+//! ([`TlsSession::footprint`]).
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -25,6 +28,8 @@ const MAX_INCOMING: usize = 4 * (16 * 1024 + 2048);
 const MAX_OUTGOING: usize = 256 * 1024;
 /// Plaintext put in one TLS record.
 const RECORD_PLAINTEXT: usize = 16 * 1024;
+/// Capacity an emptied buffer keeps: one record and its overhead.
+const KEPT_CAPACITY: usize = RECORD_PLAINTEXT + 512;
 
 /// What the session saw while it worked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,6 +81,11 @@ impl TlsSession {
         })
     }
 
+    /// Bytes of memory the session's buffers hold (rustls' own state aside).
+    pub fn footprint(&self) -> usize {
+        self.incoming.capacity() + self.plain.capacity() + self.outgoing.capacity()
+    }
+
     /// Whether the session takes ciphertext now.
     pub fn wants_input(&self) -> bool {
         !self.peer_closed
@@ -105,6 +115,7 @@ impl TlsSession {
         if self.plain_taken == self.plain.len() {
             self.plain.clear();
             self.plain_taken = 0;
+            release(&mut self.plain);
         }
     }
 
@@ -119,6 +130,7 @@ impl TlsSession {
         if self.sent == self.outgoing.len() {
             self.outgoing.clear();
             self.sent = 0;
+            release(&mut self.outgoing);
         } else if self.sent >= MAX_OUTGOING {
             self.outgoing.drain(..self.sent);
             self.sent = 0;
@@ -189,6 +201,7 @@ impl TlsSession {
             }
             if discard > 0 {
                 self.incoming.drain(..discard);
+                release(&mut self.incoming);
                 progress.moved = true;
             }
             if stop {
@@ -259,6 +272,13 @@ impl TlsSession {
                 return used;
             }
         }
+    }
+}
+
+/// Frees an empty buffer's memory beyond [`KEPT_CAPACITY`].
+fn release(buffer: &mut Vec<u8>) {
+    if buffer.is_empty() && buffer.capacity() > KEPT_CAPACITY {
+        *buffer = Vec::new();
     }
 }
 
