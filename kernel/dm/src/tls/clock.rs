@@ -37,7 +37,7 @@ pub fn unix_seconds(
     minute: u32,
     second: u32,
 ) -> Option<u64> {
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let leap = year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400));
     let month_days = match month {
         2 if leap => 29,
         2 => 28,
