@@ -69,6 +69,14 @@ impl Platform for HostPlatform {
     }
 }
 
+/// The host's clock, which client certificates are checked against.
+fn host_time() -> Option<u64> {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|since| since.as_secs())
+}
+
 /// How long connecting to an NBD server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -100,10 +108,10 @@ impl nbd::Backend for Plane {
     fn exports(&self) -> Vec<nbd::ExportInfo> {
         self.backend.exports()
     }
-    fn access(&self, name: &str, peer: SocketAddr) -> nbd::Access {
+    fn access(&self, name: &str, peer: &nbd::Peer) -> nbd::Access {
         self.backend.access(name, peer)
     }
-    fn open_access(&self, export: nbd::ExportHandle, peer: SocketAddr) -> nbd::Access {
+    fn open_access(&self, export: nbd::ExportHandle, peer: &nbd::Peer) -> nbd::Access {
         self.backend.open_access(export, peer)
     }
     fn access_generation(&self) -> u64 {
@@ -118,6 +126,13 @@ impl nbd::Backend for Plane {
         peer: SocketAddr,
     ) -> Result<(nbd::ExportHandle, nbd::ExportInfo), nbd::OpenError> {
         self.backend.open(name, peer)
+    }
+    fn open_by(
+        &mut self,
+        name: &str,
+        peer: &nbd::Peer,
+    ) -> Result<(nbd::ExportHandle, nbd::ExportInfo), nbd::OpenError> {
+        self.backend.open_by(name, peer)
     }
     fn close(&mut self, export: nbd::ExportHandle, peer: SocketAddr) {
         self.backend.close(export, peer)
@@ -173,7 +188,7 @@ impl Plane {
             started: Instant::now(),
             powered_off: false,
         };
-        let devices = Rc::new(RefCell::new(DeviceMapper::new(
+        let mut mapper = DeviceMapper::new(
             disks
                 .into_iter()
                 .map(|(name, device)| Disk {
@@ -181,7 +196,9 @@ impl Plane {
                     device: Box::new(device),
                 })
                 .collect(),
-        )));
+        );
+        mapper.set_wall_clock(host_time);
+        let devices = Rc::new(RefCell::new(mapper));
         let backend = NbdBackend::new(Rc::clone(&devices));
         Plane {
             console: Console::new(platform, devices),

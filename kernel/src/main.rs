@@ -114,7 +114,21 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         nvme_controllers: storage.nvme_controllers,
         network: network.clone().map(net::NetHandle),
     };
-    let devices = Rc::new(RefCell::new(dm::DeviceMapper::new(disks)));
+    match arch::rtc::init() {
+        Some(now) => {
+            let now = dm::tls::clock::utc_text(now);
+            let _ = write!(serial, "thinbox: wall clock {now} from the RTC\r\n");
+        }
+        None => {
+            let _ = write!(
+                serial,
+                "thinbox: the RTC holds no valid time: client certificates cannot be checked\r\n"
+            );
+        }
+    }
+    let mut mapper = dm::DeviceMapper::new(disks);
+    mapper.set_wall_clock(arch::rtc::unix_time);
+    let devices = Rc::new(RefCell::new(mapper));
     let mut nbd_server = nbd::Server::new(dm::NbdBackend::new(Rc::clone(&devices)), NBD_LIMITS);
     let mut console = Console::new(platform, devices);
     let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));

@@ -5,13 +5,14 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
-use dm::access::{Access, Rule, describe};
+use dm::access::{Access, Rule, describe, describe_peer};
 
 use crate::{CommandError, Console, Platform, outln};
 
-const USAGE: &str = "usage: nbd allow EXPORT NET [ro] | nbd deny EXPORT NET [hide] | nbd forget \
-                     EXPORT NET | nbd default allow [ro]|deny [hide] | nbd acl [EXPORT] | nbd \
-                     clients";
+const USAGE: &str = "usage: nbd allow EXPORT CLIENTS [ro] | nbd deny EXPORT CLIENTS [hide] | nbd \
+                     forget EXPORT CLIENTS | nbd default allow [ro]|deny [hide] | nbd acl \
+                     [EXPORT] | nbd clients (CLIENTS: ADDRESS[/PREFIX], cert:SHA256 or \
+                     subject:DN)";
 
 impl<P: Platform> Console<P> {
     pub(crate) fn nbd_command(
@@ -25,11 +26,11 @@ impl<P: Platform> Console<P> {
         }
         let mut dm = self.dm.borrow_mut();
         let result = match words.as_slice() {
-            ["allow" | "deny", export, network, rest @ ..] => {
+            ["allow" | "deny", export, clients, rest @ ..] => {
                 let access = access(words[0], rest)?;
-                dm.set_access(export, network, access)
+                dm.set_access(export, clients, access)
             }
-            ["forget", export, network] => dm.forget_access(export, network),
+            ["forget", export, clients] => dm.forget_access(export, clients),
             ["default", verb, rest @ ..] => dm.set_default_access(access(verb, rest)?),
             ["acl"] => {
                 show_rules(dm.access_list().default, &dm.access_list().rules, out);
@@ -76,7 +77,7 @@ fn show_rules(default: Access, rules: &[Rule], out: &mut dyn Write) {
     }
     let networks: Vec<String> = rules
         .iter()
-        .map(|rule| format!("{}", rule.network))
+        .map(|rule| format!("{}", rule.clients))
         .collect();
     let export_width = rules
         .iter()
@@ -106,7 +107,7 @@ fn show_rules(default: Access, rules: &[Rule], out: &mut dyn Write) {
     }
 }
 
-fn show_clients(clients: &[(&str, core::net::SocketAddr)], out: &mut dyn Write) {
+fn show_clients(clients: &[(&str, &nbd::Peer)], out: &mut dyn Write) {
     if clients.is_empty() {
         outln!(out, "no NBD clients");
         return;
@@ -119,6 +120,6 @@ fn show_clients(clients: &[(&str, core::net::SocketAddr)], out: &mut dyn Write) 
         .max("EXPORT".len());
     outln!(out, "{:<width$}  CLIENT", "EXPORT");
     for (export, peer) in clients {
-        outln!(out, "{export:<width$}  {peer}");
+        outln!(out, "{export:<width$}  {}", describe_peer(peer));
     }
 }

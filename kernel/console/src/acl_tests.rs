@@ -82,8 +82,9 @@ fn rules_are_set_shown_and_bad_ones_change_nothing() {
         (
             "nbd default maybe",
             "error: nbd default: 'maybe' is neither allow nor deny (usage: nbd allow EXPORT \
-             NET [ro] | nbd deny EXPORT NET [hide] | nbd forget EXPORT NET | nbd default \
-             allow [ro]|deny [hide] | nbd acl [EXPORT] | nbd clients)",
+             CLIENTS [ro] | nbd deny EXPORT CLIENTS [hide] | nbd forget EXPORT CLIENTS | nbd \
+             default allow [ro]|deny [hide] | nbd acl [EXPORT] | nbd clients (CLIENTS: \
+             ADDRESS[/PREFIX], cert:SHA256 or subject:DN))",
         ),
         (
             "nbd forget vol0 10.0.2.9",

@@ -167,18 +167,18 @@ pub(crate) const HELP: &[(&str, &str)] = &[
         "let the NIC compute and check TCP/UDP checksums, where it can",
     ),
     (
-        "nbd allow EXPORT NET [ro]",
-        "let the clients in NET (ADDRESS or ADDRESS/PREFIX) use EXPORT (a device, or * for \
-         all), read-only with ro",
+        "nbd allow EXPORT CLIENTS [ro]",
+        "let CLIENTS (ADDRESS[/PREFIX], or a TLS client certificate: cert:SHA256 or \
+         subject:DN) use EXPORT (a device, or * for all), read-only with ro",
     ),
     (
-        "nbd deny EXPORT NET [hide]",
-        "refuse EXPORT to the clients in NET (hide: tell them it does not exist); their \
-         connections close",
+        "nbd deny EXPORT CLIENTS [hide]",
+        "refuse EXPORT to CLIENTS (hide: tell them it does not exist); their connections \
+         close",
     ),
     (
-        "nbd forget EXPORT NET",
-        "drop the rule for EXPORT and NET: broader rules or the default apply",
+        "nbd forget EXPORT CLIENTS",
+        "drop the rule for EXPORT and CLIENTS: broader rules or the default apply",
     ),
     (
         "nbd default allow [ro]|deny [hide]",
@@ -201,6 +201,11 @@ pub(crate) const HELP: &[(&str, &str)] = &[
     (
         "nbd tls import",
         "paste a PEM certificate chain and its private key, then a line: end",
+    ),
+    (
+        "nbd tls clients [off]",
+        "paste the CA certificates that must issue every TLS client's certificate, then a \
+         line: end (off: ask for none)",
     ),
     ("shutdown [--force]", "flush every disk and power off"),
 ];

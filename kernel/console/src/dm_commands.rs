@@ -396,9 +396,9 @@ fn info(dm: &DeviceMapper, device: &Device, out: &mut dyn Write) {
     match device.state() {
         State::Active(active) if active.carries_data() => {
             let from: Vec<String> = active
-                .client_addresses()
+                .client_peers()
                 .iter()
-                .map(|peer| format!("{peer}"))
+                .map(dm::access::describe_peer)
                 .collect();
             outln!(
                 out,

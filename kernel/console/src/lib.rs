@@ -24,6 +24,7 @@ extern crate alloc;
 
 mod acl_commands;
 mod background;
+mod clientcert_commands;
 mod commands;
 mod cow_commands;
 mod delta_commands;
@@ -164,8 +165,9 @@ pub struct Console<P: Platform> {
     typeahead: VecDeque<u8>,
     /// Commands that failed so far (scripted callers check it).
     failures: u64,
-    /// PEM text being pasted for `nbd tls import`, until a line `end`.
-    pasting: Option<String>,
+    /// PEM text being pasted for `nbd tls import` or `nbd tls clients`, until a line
+    /// `end`.
+    pasting: Option<tls_commands::Paste>,
 }
 
 impl<P: Platform> Console<P> {
@@ -226,7 +228,8 @@ impl<P: Platform> Console<P> {
         }
     }
 
-    /// True while `nbd tls import` gathers pasted lines: callers must not echo them.
+    /// True while `nbd tls import` or `nbd tls clients` gathers pasted lines: callers
+    /// must not echo them.
     pub fn pasting(&self) -> bool {
         self.pasting.is_some()
     }
@@ -298,6 +301,8 @@ impl<P: Platform> Console<P> {
 
 #[cfg(test)]
 mod acl_tests;
+#[cfg(test)]
+mod clientcert_tests;
 #[cfg(test)]
 mod cow_tests;
 #[cfg(test)]

@@ -1,20 +1,47 @@
 //! `nbd tls`: NBD over TLS on the console. The policy (`off`, `on`, `require`), a
 //! key pair and self-signed certificate made here (`generate`), or a certificate
 //! chain and key pasted as PEM (`import`, ended by a line `end`). The certificate is
-//! printed with its SHA-256 fingerprint; the private key is never printed.
+//! printed with its SHA-256 fingerprint; the private key is never printed. Client
+//! certificates (`nbd tls clients`) are in `clientcert_commands.rs`.
 
 use alloc::format;
 use alloc::string::String;
 use core::fmt::Write;
 use dm::tls::{TlsMode, fingerprint};
 
+use crate::clientcert_commands::show_client_certificates;
 use crate::{CommandError, Console, Platform, outln};
 
 const USAGE: &str = "usage: nbd tls [off|on|require] | nbd tls generate [NAME...] | nbd tls \
-                     import (then paste the PEM chain and key, and a line: end)";
+                     import (then paste the PEM chain and key, and a line: end) | nbd tls \
+                     clients [off] (then paste the CA certificates, and a line: end)";
 
 /// The line that ends a paste.
 pub(crate) const PASTE_END: &str = "end";
+
+/// What pasted PEM text is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PasteFor {
+    /// `nbd tls import`: the server's certificate chain and key.
+    Identity,
+    /// `nbd tls clients`: the CA certificates client certificates must chain to.
+    ClientAuthorities,
+}
+
+/// Lines pasted so far.
+pub(crate) struct Paste {
+    pub purpose: PasteFor,
+    pub text: String,
+}
+
+impl Paste {
+    pub fn new(purpose: PasteFor) -> Paste {
+        Paste {
+            purpose,
+            text: String::new(),
+        }
+    }
+}
 
 impl<P: Platform> Console<P> {
     pub(crate) fn nbd_tls_command(
@@ -39,6 +66,7 @@ impl<P: Platform> Console<P> {
                     }
                     None => outln!(out, "no certificate (nbd tls generate, or nbd tls import)"),
                 }
+                show_client_certificates(&dm, out);
                 Ok(())
             }
             [word] if TlsMode::parse(word).is_some() => {
@@ -68,9 +96,13 @@ impl<P: Platform> Console<P> {
                 );
                 Ok(())
             }
+            ["clients", rest @ ..] => {
+                drop(dm);
+                self.nbd_tls_clients_command(rest, out)
+            }
             ["import"] => {
                 drop(dm);
-                self.pasting = Some(String::new());
+                self.pasting = Some(Paste::new(PasteFor::Identity));
                 outln!(
                     out,
                     "paste the certificate (then its issuers) and the private key as PEM; end \
@@ -82,21 +114,26 @@ impl<P: Platform> Console<P> {
         }
     }
 
-    /// A line while a paste is under way: gathered, or (`end`) the paste is imported.
+    /// A line while a paste is under way: gathered, or (`end`) the paste is taken.
     pub(crate) fn paste_line(
         &mut self,
         line: &str,
         out: &mut dyn Write,
     ) -> Result<(), CommandError> {
-        let Some(text) = &mut self.pasting else {
+        let Some(paste) = &mut self.pasting else {
             return Ok(());
         };
         if line.trim() != PASTE_END {
-            text.push_str(line);
-            text.push('\n');
+            paste.text.push_str(line);
+            paste.text.push('\n');
             return Ok(());
         }
-        let text = self.pasting.take().unwrap_or_default();
+        let Some(Paste { purpose, text }) = self.pasting.take() else {
+            return Ok(());
+        };
+        if purpose == PasteFor::ClientAuthorities {
+            return self.take_client_authorities(&text, out);
+        }
         let mut dm = self.dm.borrow_mut();
         dm.import_tls_identity(&text)
             .map_err(|error| format!("nbd tls import: {}", error.0))?;

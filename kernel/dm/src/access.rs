@@ -1,20 +1,27 @@
 //! Which NBD clients may use which exports: the access list (`nbd allow`, `nbd deny`,
 //! `nbd default`), kept with the configuration.
 //!
-//! A rule names an export (a device, or `*` for every export) and a network (an
-//! address with a prefix length) and says what a client in that network gets:
-//! read-write, read-only, refused, or refused with the export hidden. For a client
-//! asking for an export the deciding rule is the most specific one that matches: a
-//! rule naming the export beats a `*` rule, then the longer prefix wins. Without a
-//! matching rule the default applies (read-write unless set otherwise, so
-//! configurations from before access lists serve as they did).
+//! A rule names an export (a device, or `*` for every export) and clients (a network,
+//! i.e. an address with a prefix length, or a client certificate: see `clients.rs`)
+//! and says what those clients get: read-write, read-only, refused, or refused with
+//! the export hidden. For a client asking for an export the deciding rule is the most
+//! specific one that matches: a rule naming the export beats a `*` rule, then a
+//! certificate fingerprint beats a certificate subject, which beats an address, and
+//! the longer prefix wins. Without a matching rule the default applies (read-write
+//! unless set otherwise, so configurations from before access lists serve as they
+//! did).
+
+mod clients;
 
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
-use core::net::{IpAddr, SocketAddr};
+use core::net::IpAddr;
 pub use nbd::Access;
+use nbd::Peer;
+
+pub use clients::{Client, ClientCertificate, Clients, describe_peer};
 
 use crate::Error;
 use crate::device::{DeviceId, State};
@@ -122,15 +129,15 @@ impl fmt::Display for Network {
     }
 }
 
-/// What the clients of `network` get for `export` (a device name or `*`).
+/// What `clients` get for `export` (a device name or `*`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     pub export: String,
-    pub network: Network,
+    pub clients: Clients,
     pub access: Access,
 }
 
-/// The rules and the default. At most one rule per export pattern and network.
+/// The rules and the default. At most one rule per export pattern and clients.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AccessList {
     pub default: Access,
@@ -148,35 +155,35 @@ impl Default for AccessList {
 }
 
 impl AccessList {
-    /// What the client at `peer` gets for `export`.
-    pub fn decide(&self, export: &str, peer: IpAddr) -> Access {
+    /// What `client` gets for `export`.
+    pub fn decide(&self, export: &str, client: &Client) -> Access {
         self.rules
             .iter()
             .filter(|rule| {
                 (rule.export == export || rule.export == EVERY_EXPORT)
-                    && rule.network.contains(peer)
+                    && rule.clients.matches(client)
             })
-            .max_by_key(|rule| (rule.export != EVERY_EXPORT, rule.network.prefix))
+            .max_by_key(|rule| (rule.export != EVERY_EXPORT, rule.clients.precision()))
             .map_or(self.default, |rule| rule.access)
     }
 
-    /// Adds `rule`, replacing the one for the same export pattern and network.
+    /// Adds `rule`, replacing the one for the same export pattern and clients.
     pub fn set(&mut self, rule: Rule) {
         match self
             .rules
             .iter_mut()
-            .find(|old| old.export == rule.export && old.network == rule.network)
+            .find(|old| old.export == rule.export && old.clients == rule.clients)
         {
             Some(old) => old.access = rule.access,
             None => self.rules.push(rule),
         }
     }
 
-    /// Drops the rule for `export` and `network`; returns whether there was one.
-    pub fn forget(&mut self, export: &str, network: Network) -> bool {
+    /// Drops the rule for `export` and `clients`; returns whether there was one.
+    pub fn forget(&mut self, export: &str, clients: &Clients) -> bool {
         let before = self.rules.len();
         self.rules
-            .retain(|rule| rule.export != export || rule.network != network);
+            .retain(|rule| rule.export != export || rule.clients != *clients);
         self.rules.len() != before
     }
 
@@ -214,39 +221,39 @@ impl DeviceMapper {
         &self.access
     }
 
-    /// Sets what the clients of `network` (`ADDRESS[/PREFIX]`) get for `export` (a
-    /// device or `*`), replacing the rule for the same pair. Saved before it takes
-    /// effect; connections that lose what they were opened with are closed by the
-    /// NBD server.
-    pub fn set_access(&mut self, export: &str, network: &str, access: Access) -> Result<(), Error> {
+    /// Sets what `clients` (`ADDRESS[/PREFIX]`, `subject:DN` or `cert:FINGERPRINT`)
+    /// get for `export` (a device or `*`), replacing the rule for the same pair. Saved
+    /// before it takes effect; connections that lose what they were opened with are
+    /// closed by the NBD server.
+    pub fn set_access(&mut self, export: &str, clients: &str, access: Access) -> Result<(), Error> {
         let export = self.export_pattern(export)?;
-        let network = Network::parse(network)?;
+        let clients = Clients::parse(clients)?;
         self.change_access(|list| {
             list.set(Rule {
                 export,
-                network,
+                clients,
                 access,
             })
         })
     }
 
-    /// Drops the rule for `export` and `network`: its clients fall back on broader
-    /// rules or the default.
-    pub fn forget_access(&mut self, export: &str, network: &str) -> Result<(), Error> {
+    /// Drops the rule for `export` and `clients`: they fall back on broader rules or
+    /// the default.
+    pub fn forget_access(&mut self, export: &str, clients: &str) -> Result<(), Error> {
         let pattern = self.export_pattern(export)?;
-        let parsed = Network::parse(network)?;
+        let parsed = Clients::parse(clients)?;
         if !self
             .access
             .rules
             .iter()
-            .any(|rule| rule.export == pattern && rule.network == parsed)
+            .any(|rule| rule.export == pattern && rule.clients == parsed)
         {
             return Err(
                 format!("there is no rule for {pattern} and {parsed} (see nbd acl)").into(),
             );
         }
         self.change_access(|list| {
-            list.forget(&pattern, parsed);
+            list.forget(&pattern, &parsed);
         })
     }
 
@@ -256,20 +263,20 @@ impl DeviceMapper {
     }
 
     /// The NBD clients of each export, by device name, in creation order.
-    pub fn nbd_clients(&self) -> Vec<(&str, SocketAddr)> {
+    pub fn nbd_clients(&self) -> Vec<(&str, &Peer)> {
         self.devices()
             .filter_map(|device| match &device.state {
                 State::Active(active) => Some((device.name.as_str(), &active.clients)),
                 State::Inactive(_) => None,
             })
-            .flat_map(|(name, clients)| clients.iter().map(move |peer| (name, *peer)))
+            .flat_map(|(name, clients)| clients.iter().map(move |peer| (name, peer)))
             .collect()
     }
 
-    /// What the client at `peer` gets for the export of device `id`.
-    pub(crate) fn access_of(&self, id: DeviceId, peer: SocketAddr) -> Access {
+    /// What the client `peer` gets for the export of device `id`.
+    pub(crate) fn access_of(&self, id: DeviceId, peer: &Peer) -> Access {
         match self.devices.get(&id) {
-            Some(device) => self.access.decide(&device.name, peer.ip()),
+            Some(device) => self.access.decide(&device.name, &Client::of(peer)),
             None => Access::Refused,
         }
     }
@@ -322,12 +329,16 @@ mod tests {
         IpAddr::V4(Ipv4Addr::new(10, 1, 2, last))
     }
 
-    fn rule(export: &str, network: &str, access: Access) -> Rule {
+    fn rule(export: &str, clients: &str, access: Access) -> Rule {
         Rule {
             export: export.into(),
-            network: Network::parse(network).unwrap(),
+            clients: Clients::parse(clients).unwrap(),
             access,
         }
+    }
+
+    fn at(address: IpAddr) -> Client {
+        Client::at(address)
     }
 
     #[test]
@@ -380,31 +391,75 @@ mod tests {
     #[test]
     fn the_most_specific_rule_decides_and_the_default_covers_the_rest() {
         let mut list = AccessList::default();
-        assert_eq!(list.decide("vol0", host(1)), Access::ReadWrite);
+        assert_eq!(list.decide("vol0", &at(host(1))), Access::ReadWrite);
         list.default = Access::Refused;
         list.set(rule("*", "10.0.0.0/8", Access::ReadOnly));
         list.set(rule("*", "10.1.2.0/24", Access::Hidden));
         list.set(rule("vol0", "10.0.0.0/8", Access::ReadWrite));
         list.set(rule("vol0", "10.1.2.7", Access::Refused));
         // An export's own rules beat the `*` ones, whatever their prefixes.
-        assert_eq!(list.decide("vol0", host(1)), Access::ReadWrite);
-        assert_eq!(list.decide("vol0", host(7)), Access::Refused);
+        assert_eq!(list.decide("vol0", &at(host(1))), Access::ReadWrite);
+        assert_eq!(list.decide("vol0", &at(host(7))), Access::Refused);
         // Among `*` rules the longer prefix wins.
-        assert_eq!(list.decide("vol1", host(1)), Access::Hidden);
+        assert_eq!(list.decide("vol1", &at(host(1))), Access::Hidden);
         let elsewhere = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9));
-        assert_eq!(list.decide("vol1", elsewhere), Access::ReadOnly);
+        assert_eq!(list.decide("vol1", &at(elsewhere)), Access::ReadOnly);
         let outside = IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1));
-        assert_eq!(list.decide("vol0", outside), Access::Refused);
+        assert_eq!(list.decide("vol0", &at(outside)), Access::Refused);
 
         // Setting the same pair again replaces the rule; forgetting it falls back.
         list.set(rule("vol0", "10.1.2.7", Access::ReadOnly));
         assert_eq!(list.rules.len(), 4);
-        assert_eq!(list.decide("vol0", host(7)), Access::ReadOnly);
-        assert!(list.forget("vol0", Network::parse("10.1.2.7").unwrap()));
-        assert!(!list.forget("vol0", Network::parse("10.1.2.7").unwrap()));
-        assert_eq!(list.decide("vol0", host(7)), Access::ReadWrite);
+        assert_eq!(list.decide("vol0", &at(host(7))), Access::ReadOnly);
+        let one_host = Clients::parse("10.1.2.7").unwrap();
+        assert!(list.forget("vol0", &one_host));
+        assert!(!list.forget("vol0", &one_host));
+        assert_eq!(list.decide("vol0", &at(host(7))), Access::ReadWrite);
         let names: Vec<&str> = list.rules_for("vol1").map(|r| r.export.as_str()).collect();
         assert_eq!(names, ["*", "*"]);
+    }
+
+    #[test]
+    fn certificates_outrank_addresses_within_an_export_pattern() {
+        let fingerprint = [0x5a; 32];
+        let holder = |subject: &str| Client {
+            address: host(9),
+            certificate: Some(ClientCertificate {
+                fingerprint,
+                subject: Some(subject.into()),
+            }),
+        };
+        let digest = alloc::format!("cert:{}", crate::tls::fingerprint_text(&fingerprint));
+        let mut list = AccessList {
+            default: Access::Refused,
+            rules: Vec::new(),
+        };
+        list.set(rule("vol0", "10.1.2.9", Access::ReadWrite));
+        list.set(rule(
+            "vol0",
+            "subject:CN=backup,O=Example",
+            Access::ReadOnly,
+        ));
+        // The subject rule beats the host's own address rule.
+        assert_eq!(
+            list.decide("vol0", &holder("CN=backup,O=Example")),
+            Access::ReadOnly
+        );
+        assert_eq!(list.decide("vol0", &holder("CN=other")), Access::ReadWrite);
+        assert_eq!(list.decide("vol0", &at(host(9))), Access::ReadWrite);
+        // The fingerprint beats the subject.
+        list.set(rule("vol0", &digest, Access::Hidden));
+        assert_eq!(
+            list.decide("vol0", &holder("CN=backup,O=Example")),
+            Access::Hidden
+        );
+        // A `*` certificate rule loses to any rule naming the export.
+        list.set(rule("*", &digest, Access::ReadWrite));
+        assert_eq!(list.decide("vol0", &holder("CN=other")), Access::Hidden);
+        assert_eq!(list.decide("vol1", &holder("CN=other")), Access::ReadWrite);
+        assert_eq!(list.decide("vol1", &at(host(9))), Access::Refused);
+        assert!(list.forget("vol0", &Clients::parse(&digest).unwrap()));
+        assert_eq!(list.decide("vol0", &holder("CN=other")), Access::ReadWrite);
     }
 
     fn mapper(disk: &MemDisk) -> DeviceMapper {
@@ -463,9 +518,10 @@ mod tests {
 
         let dm = mapper(&disk);
         assert_eq!(*dm.access_list(), saved);
-        assert_eq!(dm.access.decide("data", host(3)), Access::ReadOnly);
+        assert_eq!(dm.access.decide("data", &at(host(3))), Access::ReadOnly);
         assert_eq!(
-            dm.access.decide("data", IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            dm.access
+                .decide("data", &at(IpAddr::V4(Ipv4Addr::LOCALHOST))),
             Access::Refused
         );
     }
@@ -477,7 +533,7 @@ mod tests {
         let dm = mapper(&disk);
         assert_eq!(*dm.access_list(), AccessList::default());
         assert_eq!(
-            dm.access.decide("vol0", "192.0.2.1".parse().unwrap()),
+            dm.access.decide("vol0", &at("192.0.2.1".parse().unwrap())),
             Access::ReadWrite
         );
     }

@@ -5,7 +5,6 @@ use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::net::SocketAddr;
 
 use crate::activate::Window;
 use crate::table::Table;
@@ -72,8 +71,8 @@ pub struct Active {
     pub(crate) io: TargetIo,
     /// NBD requests that arrived while suspended.
     pub(crate) held: VecDeque<nbd::IoRequest>,
-    /// The addresses of the NBD connections that have the device open.
-    pub(crate) clients: Vec<SocketAddr>,
+    /// The NBD connections' peers that have the device open.
+    pub(crate) clients: Vec<nbd::Peer>,
     /// A pool's metadata and data windows as the engine has them (a reload that
     /// extends them hands the engine the larger devices).
     pub(crate) pool_windows: Option<PoolWindows>,
@@ -107,8 +106,9 @@ impl Active {
         self.clients.len()
     }
 
-    /// Where the NBD connections that have the device open come from.
-    pub fn client_addresses(&self) -> &[SocketAddr] {
+    /// Who the NBD connections that have the device open are: their addresses and
+    /// any client certificates.
+    pub fn client_peers(&self) -> &[nbd::Peer] {
         &self.clients
     }
 

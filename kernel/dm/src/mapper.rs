@@ -60,6 +60,8 @@ pub struct DeviceMapper {
     /// NBD over TLS: the saved policy and identity, and what the server offers.
     pub(crate) tls: crate::tls::TlsSettings,
     pub(crate) tls_offer: nbd::Tls,
+    /// What client certificates' validity is checked against (see `set_wall_clock`).
+    pub(crate) wall_clock: crate::tls::clock::WallClock,
 }
 
 impl DeviceMapper {
@@ -86,6 +88,7 @@ impl DeviceMapper {
             access_generation: 0,
             tls: Default::default(),
             tls_offer: nbd::Tls::Off,
+            wall_clock: crate::tls::clock::unknown_time,
         }
     }
 

@@ -12,9 +12,10 @@ use core::cell::RefCell;
 use core::net::SocketAddr;
 use nbd::{
     Access, Backend, BackendError, ContextHandle, ExportHandle, ExportInfo, IoCompletion,
-    IoRequest, OpenError, QueueFull,
+    IoRequest, OpenError, Peer, QueueFull,
 };
 
+use crate::access::Client;
 use crate::device::{Device, DeviceId, State};
 use crate::mapper::DeviceMapper;
 use crate::table::Target;
@@ -58,11 +59,11 @@ impl Backend for DeviceMapper {
             .collect()
     }
 
-    fn access(&self, name: &str, peer: SocketAddr) -> Access {
-        self.access.decide(name, peer.ip())
+    fn access(&self, name: &str, peer: &Peer) -> Access {
+        self.access.decide(name, &Client::of(peer))
     }
 
-    fn open_access(&self, export: ExportHandle, peer: SocketAddr) -> Access {
+    fn open_access(&self, export: ExportHandle, peer: &Peer) -> Access {
         self.access_of(DeviceId(export.0), peer)
     }
 
@@ -79,6 +80,14 @@ impl Backend for DeviceMapper {
         name: &str,
         peer: SocketAddr,
     ) -> Result<(ExportHandle, ExportInfo), OpenError> {
+        self.open_by(name, &Peer::at(peer))
+    }
+
+    fn open_by(
+        &mut self,
+        name: &str,
+        peer: &Peer,
+    ) -> Result<(ExportHandle, ExportInfo), OpenError> {
         let id = self
             .devices
             .iter()
@@ -92,14 +101,17 @@ impl Backend for DeviceMapper {
         let State::Active(active) = &mut device.state else {
             return Err(OpenError::NotFound);
         };
-        active.clients.push(peer);
+        active.clients.push(peer.clone());
         Ok((ExportHandle(id.0), info))
     }
 
     fn close(&mut self, export: ExportHandle, peer: SocketAddr) {
         if let Some(device) = self.devices.get_mut(&DeviceId(export.0))
             && let State::Active(active) = &mut device.state
-            && let Some(at) = active.clients.iter().position(|client| *client == peer)
+            && let Some(at) = active
+                .clients
+                .iter()
+                .position(|client| client.address == peer)
         {
             active.clients.remove(at);
         }
@@ -185,11 +197,11 @@ impl Backend for NbdBackend {
         self.0.borrow().exports()
     }
 
-    fn access(&self, name: &str, peer: SocketAddr) -> Access {
+    fn access(&self, name: &str, peer: &Peer) -> Access {
         self.0.borrow().access(name, peer)
     }
 
-    fn open_access(&self, export: ExportHandle, peer: SocketAddr) -> Access {
+    fn open_access(&self, export: ExportHandle, peer: &Peer) -> Access {
         self.0.borrow().open_access(export, peer)
     }
 
@@ -207,6 +219,14 @@ impl Backend for NbdBackend {
         peer: SocketAddr,
     ) -> Result<(ExportHandle, ExportInfo), OpenError> {
         self.0.borrow_mut().open(name, peer)
+    }
+
+    fn open_by(
+        &mut self,
+        name: &str,
+        peer: &Peer,
+    ) -> Result<(ExportHandle, ExportInfo), OpenError> {
+        self.0.borrow_mut().open_by(name, peer)
     }
 
     fn close(&mut self, export: ExportHandle, peer: SocketAddr) {

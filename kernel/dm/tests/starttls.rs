@@ -61,7 +61,7 @@ fn tls_server(policy: fn(Arc<nbd::rustls::ServerConfig>) -> Tls) -> (Server<TlsB
     memory.add_export(MemoryExport::new("vol0", 2048));
     let backend = TlsBackend {
         memory,
-        tls: policy(server_config(&identity).unwrap()),
+        tls: policy(server_config(&identity, None).unwrap()),
     };
     (
         Server::new(backend, Limits::default()),

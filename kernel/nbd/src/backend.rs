@@ -239,6 +239,26 @@ pub enum Tls {
     Require(Arc<ServerConfig>),
 }
 
+/// Who a connection's client is: the address it connects from and, once it has
+/// proven over TLS that it holds one, its certificate (DER, as the TLS
+/// configuration's client verifier accepted it). Without client certificates, or
+/// before TLS, there is only the address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub address: SocketAddr,
+    pub certificate: Option<Arc<[u8]>>,
+}
+
+impl Peer {
+    /// A client known by its address alone.
+    pub fn at(address: SocketAddr) -> Peer {
+        Peer {
+            address,
+            certificate: None,
+        }
+    }
+}
+
 /// Whatever holds the exports: one instance serves every connection.
 pub trait Backend {
     /// Every export on offer now, in listing order.
@@ -252,17 +272,17 @@ pub trait Backend {
             .find(|export| export.name == name)
     }
 
-    /// What the client at `peer` may do with the export called `name` (its canonical
+    /// What the client `peer` may do with the export called `name` (its canonical
     /// name). Everything, unless the backend keeps access rules.
-    fn access(&self, name: &str, peer: SocketAddr) -> Access {
+    fn access(&self, name: &str, peer: &Peer) -> Access {
         let _ = (name, peer);
         Access::ReadWrite
     }
 
-    /// What the client at `peer` may now do with an export it has open: asked again for
+    /// What the client `peer` may now do with an export it has open: asked again for
     /// every open connection whenever [`Backend::access_generation`] changes, and a
     /// connection that lost what it was given is closed.
-    fn open_access(&self, export: ExportHandle, peer: SocketAddr) -> Access {
+    fn open_access(&self, export: ExportHandle, peer: &Peer) -> Access {
         let _ = (export, peer);
         Access::ReadWrite
     }
@@ -286,6 +306,17 @@ pub trait Backend {
         name: &str,
         peer: SocketAddr,
     ) -> Result<(ExportHandle, ExportInfo), OpenError>;
+
+    /// Opens an export for the client `peer`: what the server calls. A backend that
+    /// shows who has its exports open overrides it to keep the client's certificate
+    /// too; by default it is [`Backend::open`] with the peer's address.
+    fn open_by(
+        &mut self,
+        name: &str,
+        peer: &Peer,
+    ) -> Result<(ExportHandle, ExportInfo), OpenError> {
+        self.open(name, peer.address)
+    }
 
     /// The connection from `peer` is gone and none of its requests is in flight any
     /// more.

@@ -16,7 +16,7 @@ use blockdev::IoBuf;
 use core::net::SocketAddr;
 use rustls::ServerConfig;
 
-use crate::backend::{Backend, ExportHandle, ExportInfo, IoRequest};
+use crate::backend::{Backend, ExportHandle, ExportInfo, IoRequest, Peer};
 use crate::budget::MemoryBudget;
 use crate::contexts::{OpenContexts, Selection};
 use crate::output::OutQueue;
@@ -131,8 +131,9 @@ pub(crate) struct Shared<'a, B> {
 }
 
 pub(crate) struct Connection {
-    /// The client's address and port, for the backend's access rules.
-    pub peer: SocketAddr,
+    /// The client's address and port (and certificate, once TLS has verified one), for
+    /// the backend's access rules.
+    pub peer: Peer,
     pub phase: Phase,
     /// Bytes of a fixed-size header (or of option data) gathered so far.
     pub header: [u8; REQUEST_HEADER_LEN],
@@ -176,7 +177,7 @@ impl Connection {
         greeting[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
         out.push(&greeting);
         Connection {
-            peer,
+            peer: Peer::at(peer),
             phase: Phase::ClientFlags,
             header: [0; REQUEST_HEADER_LEN],
             header_len: 0,

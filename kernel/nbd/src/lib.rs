@@ -18,7 +18,8 @@
 //! completed out of order; `DISC`. The minimum block size is 512 bytes and the maximum
 //! payload 32 MiB; a write longer than that has its payload skipped and gets `EINVAL`.
 //!
-//! Every connection knows its peer's address, and the backend decides per export and
+//! Every connection knows its peer's address (and, over TLS with client certificates,
+//! the certificate the client proved it holds), and the backend decides per export and
 //! peer what it may do ([`Access`]): exports a client may not use are left out of its
 //! list and refused (or reported missing) when it asks for them, read-only grants are
 //! served read-only, and when the rules change every open connection is checked again.
@@ -48,7 +49,7 @@ pub mod wire;
 
 pub use backend::{
     Access, Backend, BackendError, ContextHandle, ExportHandle, ExportInfo, IoCompletion, IoOp,
-    IoOutput, IoRequest, OpenError, QueueFull, Tls,
+    IoOutput, IoRequest, OpenError, Peer, QueueFull, Tls,
 };
 pub use blockdev::{Extent, SectorRun};
 pub use budget::MemoryUse;

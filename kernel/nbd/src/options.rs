@@ -155,13 +155,13 @@ impl Connection {
             self.stop(false);
             return;
         };
-        let Ok((handle, mut info)) = shared.backend.open(name, self.peer) else {
+        let Ok((handle, mut info)) = shared.backend.open_by(name, &self.peer) else {
             self.stop(false);
             return;
         };
         info.read_only |= access == Access::ReadOnly;
         let Ok(contexts) = self.open_contexts(handle, &info, shared) else {
-            shared.backend.close(handle, self.peer);
+            shared.backend.close(handle, self.peer.address);
             self.stop(false);
             return;
         };
@@ -199,7 +199,7 @@ impl Connection {
         let exports = shared.backend.exports();
         let visible = exports
             .iter()
-            .filter(|export| shared.backend.access(&export.name, self.peer).admits());
+            .filter(|export| shared.backend.access(&export.name, &self.peer).admits());
         for export in visible {
             let mut entry = Vec::with_capacity(4 + export.name.len() + export.description.len());
             entry.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
@@ -226,7 +226,7 @@ impl Connection {
             }
         };
         let (handle, mut info) = if code == OPT_GO {
-            match shared.backend.open(&name, self.peer) {
+            match shared.backend.open_by(&name, &self.peer) {
                 Ok((handle, info)) => (Some(handle), info),
                 Err(OpenError::NotFound) => {
                     option_error(&mut self.out, code, REP_ERR_UNKNOWN, &not_present(&name));
@@ -245,7 +245,7 @@ impl Connection {
             Some(handle) => match self.open_contexts(handle, &info, shared) {
                 Ok(contexts) => Some((handle, contexts)),
                 Err(why) => {
-                    shared.backend.close(handle, self.peer);
+                    shared.backend.close(handle, self.peer.address);
                     option_error(&mut self.out, code, REP_ERR_POLICY, &why);
                     return;
                 }
@@ -286,14 +286,14 @@ impl Connection {
         let Some(info) = backend.lookup(name) else {
             return Err((REP_ERR_UNKNOWN, not_present(name)));
         };
-        match backend.access(&info.name, self.peer) {
+        match backend.access(&info.name, &self.peer) {
             Access::Hidden => Err((REP_ERR_UNKNOWN, not_present(name))),
             Access::Refused => Err((
                 REP_ERR_POLICY,
                 format!(
                     "access to export '{}' is denied to {}",
                     shorten(name),
-                    self.peer.ip()
+                    self.peer.address.ip()
                 ),
             )),
             access => Ok((info, access)),

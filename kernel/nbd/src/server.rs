@@ -361,7 +361,7 @@ impl<B: Backend> Server<B> {
             let Some(export) = &connection.export else {
                 continue;
             };
-            let keeps = match self.backend.open_access(export.handle, connection.peer) {
+            let keeps = match self.backend.open_access(export.handle, &connection.peer) {
                 Access::ReadWrite => true,
                 Access::ReadOnly => export.info.read_only,
                 Access::Refused | Access::Hidden => false,
@@ -429,7 +429,7 @@ impl<B: Backend> Server<B> {
                 for (_, context) in export.contexts.others {
                     self.backend.close_context(context);
                 }
-                self.backend.close(export.handle, connection.peer);
+                self.backend.close(export.handle, connection.peer.address);
             }
         }
     }

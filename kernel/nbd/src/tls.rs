@@ -233,6 +233,7 @@ impl TlsSession {
                     return true;
                 }
             };
+            self.identify(connection);
             let plain = &self.plain[self.plain_taken..];
             let taken = if plain.is_empty() {
                 0
@@ -248,6 +249,20 @@ impl TlsSession {
             }
             any = true;
         }
+    }
+
+    /// Once the handshake is done, gives the connection the certificate the client
+    /// proved it holds (only a configuration with a client verifier asks for one, and
+    /// the handshake fails unless the verifier accepts it).
+    fn identify(&self, connection: &mut Connection) {
+        if connection.peer.certificate.is_some() || self.session.is_handshaking() {
+            return;
+        }
+        connection.peer.certificate = self
+            .session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|certificate| Arc::from(certificate.as_ref()));
     }
 
     /// Takes ciphertext from `data` and works it through; returns how many bytes were

@@ -56,11 +56,11 @@ impl Backend for Ruled {
     fn exports(&self) -> Vec<ExportInfo> {
         self.memory.exports()
     }
-    fn access(&self, name: &str, peer: SocketAddr) -> Access {
-        let key = (name.to_string(), peer.ip());
+    fn access(&self, name: &str, peer: &nbd::Peer) -> Access {
+        let key = (name.to_string(), peer.address.ip());
         self.rules.get(&key).copied().unwrap_or(self.default)
     }
-    fn open_access(&self, export: ExportHandle, peer: SocketAddr) -> Access {
+    fn open_access(&self, export: ExportHandle, peer: &nbd::Peer) -> Access {
         self.access(&self.opened[&export], peer)
     }
     fn access_generation(&self) -> u64 {

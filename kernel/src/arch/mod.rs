@@ -1,5 +1,5 @@
-//! The x86_64 machine layer: CPU tables, interrupts, clock, serial line, power,
-//! hardware randomness.
+//! The x86_64 machine layer: CPU tables, interrupts, clock, real-time clock, serial
+//! line, power, hardware randomness.
 
 pub mod clock;
 pub mod gdt;
@@ -7,4 +7,5 @@ pub mod interrupts;
 pub mod port;
 pub mod power;
 pub mod random;
+pub mod rtc;
 pub mod serial;

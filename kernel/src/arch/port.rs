@@ -1,6 +1,7 @@
 //! x86 I/O ports. Every port the kernel touches is a fixed PC device (UART, PIC,
-//! PIT, PCI configuration, QEMU's exit device) or an ACPI register the firmware
-//! named, so these wrappers are safe to call; the audit is the list of callers.
+//! PIT, CMOS real-time clock, PCI configuration, QEMU's exit device) or an ACPI
+//! register the firmware named, so these wrappers are safe to call; the audit is the
+//! list of callers.
 
 use x86_64::instructions::port::Port;
 

@@ -1,14 +1,15 @@
 //! The NBD access list's records in the saved configuration:
 //! `nbd-default ACCESS` (only when it is not the `allow` every configuration without
 //! one means) and `nbd-rule EXPORT NETWORK ACCESS`, ACCESS being `allow`, `allow-ro`,
-//! `deny` or `deny-hide`.
+//! `deny` or `deny-hide`. Rules naming client certificates have records of their
+//! own (`clientcert.rs`).
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt::Write;
 use nbd::Access;
 
-use crate::access::{AccessList, Network, Rule};
+use crate::access::{AccessList, Clients, Network, Rule};
 
 const DEFAULT: &str = "nbd-default";
 const RULE: &str = "nbd-rule";
@@ -19,8 +20,10 @@ pub fn encode(list: &AccessList, text: &mut String) {
         let _ = writeln!(text, "{DEFAULT} {}", word(list.default));
     }
     for rule in &list.rules {
-        let access = word(rule.access);
-        let _ = writeln!(text, "{RULE} {} {} {access}", rule.export, rule.network);
+        if let Clients::Network(network) = &rule.clients {
+            let access = word(rule.access);
+            let _ = writeln!(text, "{RULE} {} {network} {access}", rule.export);
+        }
     }
 }
 
@@ -42,7 +45,7 @@ pub fn decode(line: &str, list: &mut AccessList) -> Option<bool> {
             };
             list.set(Rule {
                 export: export.to_string(),
-                network,
+                clients: Clients::Network(network),
                 access,
             });
             Some(true)
@@ -52,7 +55,7 @@ pub fn decode(line: &str, list: &mut AccessList) -> Option<bool> {
     }
 }
 
-fn word(access: Access) -> &'static str {
+pub(super) fn word(access: Access) -> &'static str {
     match access {
         Access::ReadWrite => "allow",
         Access::ReadOnly => "allow-ro",
@@ -61,7 +64,7 @@ fn word(access: Access) -> &'static str {
     }
 }
 
-fn parse(word: &str) -> Option<Access> {
+pub(super) fn parse(word: &str) -> Option<Access> {
     match word {
         "allow" => Some(Access::ReadWrite),
         "allow-ro" => Some(Access::ReadOnly),
@@ -83,17 +86,17 @@ mod tests {
             rules: vec![
                 Rule {
                     export: "*".into(),
-                    network: Network::parse("10.0.0.0/8").unwrap(),
+                    clients: Clients::parse("10.0.0.0/8").unwrap(),
                     access: Access::ReadOnly,
                 },
                 Rule {
                     export: "vol0".into(),
-                    network: Network::parse("10.1.2.3").unwrap(),
+                    clients: Clients::parse("10.1.2.3").unwrap(),
                     access: Access::ReadWrite,
                 },
                 Rule {
                     export: "secret".into(),
-                    network: Network::parse("fd00::/8").unwrap(),
+                    clients: Clients::parse("fd00::/8").unwrap(),
                     access: Access::Refused,
                 },
             ],

@@ -4,6 +4,7 @@
 
 mod acl;
 mod area;
+mod clientcert;
 mod origins;
 mod snapshot;
 mod thin_links;

@@ -9,7 +9,7 @@ use core::fmt::Write;
 
 use super::origins::OriginRecord;
 use super::thin_links::ThinLink;
-use super::{acl, tls};
+use super::{acl, clientcert, tls};
 use crate::access::AccessList;
 use crate::import::ImportRecord;
 use crate::tls::TlsSettings;
@@ -38,7 +38,8 @@ pub struct DeviceRecord {
 /// (each only refers to disks and to devices before it), then one
 /// [`ImportRecord`] line per unfinished import, then the `origin` records, then the
 /// links between thin devices (see [`ThinLink`]), then the access list's records (see
-/// `acl.rs`). A configuration without any of these (written before they existed) loads
+/// `acl.rs`), the TLS records (`tls.rs`) and the client certificate records
+/// (`clientcert.rs`). A configuration without any of these (written before they existed) loads
 /// with none (and allows every client everything).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -79,6 +80,7 @@ impl Snapshot {
         }
         acl::encode(&self.access, &mut text);
         tls::encode(&self.tls, &mut text);
+        clientcert::encode(&self.access, &self.tls, &mut text);
         text
     }
 
@@ -121,6 +123,7 @@ impl Snapshot {
                 }
                 _ => match acl::decode(line, &mut snapshot.access)
                     .or_else(|| tls::decode(line, &mut snapshot.tls))
+                    .or_else(|| clientcert::decode(line, &mut snapshot.access, &mut snapshot.tls))
                 {
                     Some(true) => {}
                     Some(false) | None => return Err(bad()),

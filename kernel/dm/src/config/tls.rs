@@ -88,6 +88,7 @@ mod tests {
                 key_format: KeyFormat::Sec1,
                 key: vec![9; 40],
             }),
+            client_authorities: Vec::new(),
         };
         let mut text = String::new();
         encode(&settings, &mut text);

@@ -1,13 +1,18 @@
 //! NBD over TLS: the server's identity (a certificate chain and its private key,
 //! made here by `nbd tls generate` or pasted with `nbd tls import`), the policy
-//! (`off`, `on`, `require`), and the rustls configuration the NBD server offers.
+//! (`off`, `on`, `require`), the CA certificates client certificates must chain to
+//! (`nbd tls clients`, see `clients.rs`), and the rustls configuration the NBD server
+//! offers.
 //!
 //! Crypto is rustls' pure-Rust RustCrypto provider, the same on the appliance and on
 //! the host. Everything is kept in the saved configuration (see `config/tls.rs`); the
 //! private key is never shown again once stored.
 
 pub mod cert;
+pub mod clients;
+pub mod clock;
 pub mod pem;
+pub mod x509;
 
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -15,15 +20,14 @@ use alloc::vec::Vec;
 use nbd::rustls::crypto::CryptoProvider;
 use nbd::rustls::pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
-    UnixTime,
 };
-use nbd::rustls::server::NoServerSessionStorage;
-use nbd::rustls::time_provider::TimeProvider;
-use nbd::rustls::{ServerConfig, SignatureScheme};
+use nbd::rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use nbd::rustls::{RootCertStore, ServerConfig, SignatureScheme};
 use sha2::{Digest, Sha256};
 
 use crate::{DeviceMapper, Error};
 use cert::SubjectName;
+use clock::{TlsClock, WallClock};
 
 /// Whether NBD clients may or must use TLS.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,12 +122,19 @@ impl Identity {
 pub struct TlsSettings {
     pub mode: TlsMode,
     pub identity: Option<Identity>,
+    /// CA certificates (DER) that every TLS client's certificate must chain to; empty:
+    /// no client certificate is asked for.
+    pub client_authorities: Vec<Vec<u8>>,
 }
 
 /// The SHA-256 fingerprint of a DER certificate, as `AA:BB:...` (what
 /// `openssl x509 -fingerprint -sha256` and `certtool -i` print).
 pub fn fingerprint(der: &[u8]) -> String {
-    let digest = Sha256::digest(der);
+    fingerprint_text(&Sha256::digest(der))
+}
+
+/// A SHA-256 digest as `AA:BB:...`.
+pub fn fingerprint_text(digest: &[u8]) -> String {
     let hex: Vec<String> = digest
         .iter()
         .map(|byte| alloc::format!("{byte:02X}"))
@@ -131,25 +142,27 @@ pub fn fingerprint(der: &[u8]) -> String {
     hex.join(":")
 }
 
-/// No wall clock: the server needs none without client certificates and session
-/// resumption.
-#[derive(Debug)]
-struct NoClock;
-
-impl TimeProvider for NoClock {
-    fn current_time(&self) -> Option<UnixTime> {
-        None
-    }
-}
-
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls_rustcrypto::provider())
 }
 
+/// How TLS clients prove who they are: by a certificate issued by one of
+/// `authorities` (DER), valid at `clock`'s time.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientCheck<'a> {
+    pub authorities: &'a [Vec<u8>],
+    pub clock: WallClock,
+}
+
 /// The rustls server configuration for `identity`, after checking that its key
 /// belongs to its certificate: the key signs a message that the certificate's public
-/// key must verify.
-pub fn server_config(identity: &Identity) -> Result<Arc<ServerConfig>, String> {
+/// key must verify. With `clients`, every client must present a certificate that
+/// chains to one of its authorities and is valid now (the handshake fails otherwise,
+/// and also while the clock does not know the time).
+pub fn server_config(
+    identity: &Identity,
+    clients: Option<ClientCheck<'_>>,
+) -> Result<Arc<ServerConfig>, String> {
     if identity.chain.is_empty() || identity.key.is_empty() {
         return Err(String::from("the certificate or its key is missing"));
     }
@@ -195,14 +208,33 @@ pub fn server_config(identity: &Identity) -> Result<Arc<ServerConfig>, String> {
         .iter()
         .map(|der| CertificateDer::from(der.clone()))
         .collect();
-    let mut config = ServerConfig::builder_with_details(provider, Arc::new(NoClock))
+    let clock: WallClock = match clients {
+        Some(check) => check.clock,
+        None => clock::unknown_time,
+    };
+    let versions = ServerConfig::builder_with_details(provider.clone(), Arc::new(TlsClock(clock)))
         .with_protocol_versions(nbd::rustls::ALL_VERSIONS)
-        .map_err(|error| alloc::format!("{error}"))?
-        .with_no_client_auth()
+        .map_err(|error| alloc::format!("{error}"))?;
+    let builder = match clients {
+        None => versions.with_no_client_auth(),
+        Some(check) => {
+            let mut roots = RootCertStore::empty();
+            for authority in check.authorities {
+                roots
+                    .add(CertificateDer::from(authority.as_slice()))
+                    .map_err(|error| alloc::format!("a CA certificate is unusable: {error}"))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|error| alloc::format!("client certificates: {error}"))?;
+            versions.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_single_cert(chain, identity.private_key())
         .map_err(|error| alloc::format!("{error}"))?;
-    // No session resumption: NBD connections are few and long, and tickets and the
-    // session cache would need a wall clock.
+    // No session resumption: NBD connections are few and long, and a resumed session
+    // would skip the client certificate check.
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});
     Ok(Arc::new(config))
@@ -255,7 +287,7 @@ impl DeviceMapper {
         }
         let settings = TlsSettings {
             mode,
-            identity: self.tls.identity.clone(),
+            ..self.tls.clone()
         };
         self.change_tls(settings)
     }
@@ -283,8 +315,8 @@ impl DeviceMapper {
         };
         let certificate = pem::encode("CERTIFICATE", &identity.chain[0]);
         self.change_tls(TlsSettings {
-            mode: self.tls.mode,
             identity: Some(identity),
+            ..self.tls.clone()
         })?;
         Ok(certificate)
     }
@@ -293,15 +325,21 @@ impl DeviceMapper {
     pub fn import_tls_identity(&mut self, text: &str) -> Result<(), Error> {
         let identity = parse_identity(text)?;
         self.change_tls(TlsSettings {
-            mode: self.tls.mode,
             identity: Some(identity),
+            ..self.tls.clone()
         })
     }
 
     /// Brings in TLS settings read from the configuration at boot; an identity that
     /// no longer builds leaves TLS off (with a note).
     pub(crate) fn restore_tls(&mut self, settings: TlsSettings, notes: &mut Vec<String>) {
-        match offer(&settings) {
+        if !settings.client_authorities.is_empty() && (self.wall_clock)().is_none() {
+            notes.push(String::from(
+                "config: the wall clock is unknown: client certificates cannot be checked, \
+                 so every TLS client is refused",
+            ));
+        }
+        match offer(&settings, self.wall_clock) {
             Ok(offer) => {
                 self.tls = settings;
                 self.tls_offer = offer;
@@ -312,7 +350,7 @@ impl DeviceMapper {
 
     /// Saves `settings` and offers them; nothing changes if either fails.
     fn change_tls(&mut self, settings: TlsSettings) -> Result<(), Error> {
-        let offer = offer(&settings)?;
+        let offer = offer(&settings, self.wall_clock)?;
         let old = core::mem::replace(&mut self.tls, settings);
         if let Err(error) = self.save() {
             self.tls = old;
@@ -323,10 +361,15 @@ impl DeviceMapper {
     }
 }
 
-/// The NBD server's TLS policy for `settings`.
-fn offer(settings: &TlsSettings) -> Result<nbd::Tls, String> {
+/// The NBD server's TLS policy for `settings`, client certificates checked against
+/// `clock`.
+fn offer(settings: &TlsSettings, clock: WallClock) -> Result<nbd::Tls, String> {
+    let clients = (!settings.client_authorities.is_empty()).then_some(ClientCheck {
+        authorities: &settings.client_authorities,
+        clock,
+    });
     let config = match &settings.identity {
-        Some(identity) => Some(server_config(identity)?),
+        Some(identity) => Some(server_config(identity, clients)?),
         None => None,
     };
     Ok(match (settings.mode, config) {
