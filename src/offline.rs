@@ -64,8 +64,11 @@ impl Platform for HostPlatform {
     fn crash(&mut self, how: Crash) {
         panic!("deliberate crash requested on the console: {how:?}")
     }
-    fn connect(&mut self, host: &str, port: u16) -> Result<Box<dyn nbd::client::Stream>, String> {
-        connect_tcp(host, port).map_err(|error| format!("cannot connect to {host}:{port}: {error}"))
+    fn connector(&mut self) -> Box<dm::Connector<'static>> {
+        Box::new(|uri: &nbd::client::NbdUri| {
+            connect_tcp(&uri.host, uri.port)
+                .map_err(|error| format!("cannot connect to {}:{}: {error}", uri.host, uri.port))
+        })
     }
 }
 

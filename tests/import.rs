@@ -1,12 +1,14 @@
 //! `thin import` in offline mode against real and hostile NBD servers: a qcow2
 //! image served by `qemu-nbd` (data, zero clusters, holes) is adopted with its
 //! content and only its data provisioned; broken servers and lost connections give
-//! one `error:` line, and an interrupted import resumes from its checkpoint.
+//! one `error:` line, and an interrupted import resumes from its checkpoint, over one
+//! connection or over the several a server allowing them gets.
 
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -111,7 +113,8 @@ fn a_qcow2_image_is_adopted_with_its_content_and_only_its_data_provisioned() {
     }
     let image = qcow2(&scratch, 160, &commands);
     let expected = raw_content(&scratch, &image);
-    let server = HostServer::qcow2_read_only(&image).unwrap();
+    // Several connections at a time: the import reads over four.
+    let server = HostServer::qcow2_read_only(&image, 4).unwrap();
     let disks = appliance(&scratch, "a");
     let import = format!("thin import vm1 pool --from {}", server.uri("disk"));
     let output = exec(&disks, &[SETUP[0], SETUP[1], &import, "thin ls pool"]);
@@ -327,28 +330,70 @@ fn hostile_servers_give_one_error_line_and_never_a_panic() {
     }
 }
 
-/// Forwards connections on `listener` to `port`; the first one is cut after
-/// `limit` bytes from the server.
-fn cutting_proxy(listener: TcpListener, port: u16, limit: u64) {
+/// Forwards connections on `listener` to `port`; the first `cut` of them are cut
+/// once `limit` bytes from the server went through them together (the network
+/// failing at that byte). Returns the count of connections forwarded.
+fn cutting_proxy(listener: TcpListener, port: u16, cut: usize, limit: u64) -> Arc<AtomicUsize> {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let budget = Arc::new(AtomicU64::new(limit));
     thread::spawn(move || {
         for (index, client) in listener.incoming().enumerate() {
-            let Ok(mut client) = client else { return };
+            let Ok(client) = client else { return };
+            counter.fetch_add(1, Ordering::SeqCst);
             let mut server = TcpStream::connect(("127.0.0.1", port)).unwrap();
             let mut upstream = client.try_clone().unwrap();
-            let mut server_reader = server.try_clone().unwrap();
+            let server_reader = server.try_clone().unwrap();
             thread::spawn(move || {
                 let _ = std::io::copy(&mut upstream, &mut server);
+                let _ = server.shutdown(Shutdown::Write);
             });
-            let cap = if index == 0 { limit } else { u64::MAX };
-            let _ = std::io::copy(&mut (&mut server_reader).take(cap), &mut client);
-            let _ = client.shutdown(Shutdown::Both);
-            let _ = server_reader.shutdown(Shutdown::Both);
+            let budget = (index < cut).then(|| Arc::clone(&budget));
+            thread::spawn(move || relay(server_reader, client, budget));
         }
     });
+    accepted
+}
+
+/// Copies `from` to `to`, while `budget` (if any) lasts.
+fn relay(mut from: TcpStream, mut to: TcpStream, budget: Option<Arc<AtomicU64>>) {
+    let mut buf = vec![0; 64 << 10];
+    loop {
+        let got = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(got) => got,
+        };
+        let allowed = budget.as_ref().map_or(got, |budget| {
+            let left = budget
+                .try_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                    Some(left.saturating_sub(got as u64))
+                })
+                .unwrap();
+            got.min(left as usize)
+        });
+        if to.write_all(&buf[..allowed]).is_err() || allowed < got {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
 }
 
 #[test]
 fn an_import_cut_off_mid_copy_resumes_from_its_checkpoint() {
+    cut_and_resume(1);
+}
+
+/// The same over four connections: the checkpoint is where every connection's
+/// reads below it were written, not where the fastest one got to.
+#[test]
+fn an_import_over_several_connections_cut_off_resumes_from_its_checkpoint() {
+    cut_and_resume(4);
+}
+
+/// Imports a 192 MiB image (150 MiB of data) from a server taking `clients`
+/// connections through a proxy that cuts them after 100 MiB, then resumes it.
+fn cut_and_resume(clients: u32) {
     host_tools::require_for_test(&[Tool::QemuImg, Tool::QemuIo, Tool::QemuNbd]);
     let scratch = Scratch::new().unwrap();
     let commands: Vec<String> = (0..10)
@@ -356,10 +401,10 @@ fn an_import_cut_off_mid_copy_resumes_from_its_checkpoint() {
         .collect();
     let image = qcow2(&scratch, 192, &commands);
     let expected = raw_content(&scratch, &image);
-    let server = HostServer::qcow2_read_only(&image).unwrap();
+    let server = HostServer::qcow2_read_only(&image, clients).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy = listener.local_addr().unwrap().port();
-    cutting_proxy(listener, server.port(), 100 << 20);
+    let accepted = cutting_proxy(listener, server.port(), clients as usize, 100 << 20);
     let disks = appliance(&scratch, "r");
     let uri = format!("nbd://127.0.0.1:{proxy}/disk");
     let output = exec(
@@ -376,12 +421,19 @@ fn an_import_cut_off_mid_copy_resumes_from_its_checkpoint() {
         transcript.contains("thin import --resume vm1 continues it"),
         "{transcript}"
     );
+    assert_eq!(accepted.load(Ordering::SeqCst), clients as usize);
 
+    // The first 64 MiB window is through, the second not; the boot says so.
     let saved = text(&exec(&disks, &["config show"]));
     assert!(
         saved.contains(&format!("import vm1 {} {uri}", 64 << 20)),
         "{saved}"
     );
+    let boot_line = format!(
+        "config: the import into vm1 from {uri} stopped after 64.00 MiB of 192.00 MiB; thin \
+         import --resume vm1 continues it"
+    );
+    assert!(saved.contains(&boot_line), "{saved}");
 
     let output = exec(&disks, &["thin import --resume vm1"]);
     let transcript = text(&output);

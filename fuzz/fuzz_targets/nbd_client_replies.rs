@@ -1,6 +1,7 @@
 //! Arbitrary server bytes into the NBD client, from the greeting on or after a
 //! well-formed handshake with a read and a block status in flight, offered in
-//! varying piece sizes. Any panic fails; so does a reply that does not match its
+//! varying piece sizes, read data either through `receive` or put straight into
+//! the read's buffer. Any panic fails; so does a reply that does not match its
 //! request (a read of the wrong length, extents beyond the request).
 
 #![no_main]
@@ -45,7 +46,19 @@ fuzz_target!(|data: &[u8]| {
         requests.push((client.block_status(0, 65536).expect("status"), 65536));
     }
     for piece in input.chunks(usize::from(*piece) + 1) {
-        if client.receive(piece).is_err() {
+        // Bit 1: read data goes in the way a transport puts it, straight into the
+        // read's buffer.
+        let fed = match client.payload_space().filter(|_| selector & 2 == 2) {
+            Some(space) => {
+                let count = space.len().min(piece.len());
+                space[..count].copy_from_slice(&piece[..count]);
+                client
+                    .payload_filled(count)
+                    .and_then(|()| client.receive(&piece[count..]))
+            }
+            None => client.receive(piece),
+        };
+        if fed.is_err() {
             break;
         }
     }

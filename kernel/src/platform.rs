@@ -62,15 +62,17 @@ impl Platform for KernelPlatform {
             .map(|network| network as &mut dyn Network)
     }
 
-    fn connect(
-        &mut self,
-        host: &str,
-        port: u16,
-    ) -> Result<alloc::boxed::Box<dyn nbd::client::Stream>, alloc::string::String> {
-        let Some(network) = &self.network else {
-            return Err("the appliance has no network interface".into());
-        };
-        crate::net::connect(&network.0, host, port)
+    fn connector(&mut self) -> alloc::boxed::Box<dm::Connector<'static>> {
+        let stack = self
+            .network
+            .as_ref()
+            .map(|network| alloc::rc::Rc::clone(&network.0));
+        alloc::boxed::Box::new(move |uri: &nbd::client::NbdUri| {
+            let Some(stack) = &stack else {
+                return Err("the appliance has no network interface".into());
+            };
+            crate::net::connect(stack, &uri.host, uri.port)
+        })
     }
 }
 

@@ -34,8 +34,9 @@ impl HostServer {
     }
 
     /// `qemu-nbd` serving the qcow2 `image` read-only as export `disk` on a free port,
-    /// to one client at a time (as an image is served for adoption).
-    pub fn qcow2_read_only(image: &Path) -> Result<HostServer, String> {
+    /// to `clients` connections at a time (more than one: it offers
+    /// `NBD_FLAG_CAN_MULTI_CONN`, and clients that use it open several).
+    pub fn qcow2_read_only(image: &Path, clients: u32) -> Result<HostServer, String> {
         let port = crate::free_port().map_err(|e| format!("picking a port: {e}"))?;
         let mut command = Command::new("qemu-nbd");
         command
@@ -46,6 +47,7 @@ impl HostServer {
                 "--bind=127.0.0.1",
                 "--export-name=disk",
             ])
+            .arg(format!("--shared={clients}"))
             .arg(format!("--port={port}"))
             .arg(image);
         HostServer::start(command, port)

@@ -6,7 +6,7 @@
 //! client keeps writing to and verifying the source volume; after each round the
 //! replica's snapshot reads what the source's does, and the sync copied what
 //! `thin delta` says changed. The other cuts the destination's power mid-import and
-//! resumes the import after the reboot.
+//! resumes the import after the reboot, whose boot names it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Stdio};
@@ -289,6 +289,17 @@ fn an_import_cut_by_a_power_loss_resumes_after_the_reboot() {
     replica.kill();
 
     let mut replica = boot(&options);
+    // The boot names the unfinished import and the command that continues it.
+    let unfinished = format!("config: the import into replica from {from} stopped after ");
+    assert!(
+        replica
+            .boot_log()
+            .iter()
+            .any(|line| line.contains(&unfinished)
+                && line.contains("; thin import --resume replica continues it")),
+        "{:?}",
+        replica.boot_log()
+    );
     let resumed = copy(&mut replica, "thin import --resume replica");
     assert!(resumed.contains("imported 160.00 MiB"), "{resumed}");
     assert_ne!(

@@ -62,11 +62,36 @@ impl IoBuf {
         buf
     }
 
+    /// A buffer of `len` bytes (whole sectors) in this one's storage when it holds
+    /// enough pages, else a fresh zeroed one. The bytes it held are kept, not zeroed:
+    /// this is for buffers about to be overwritten whole (a read recycling the
+    /// buffer of a finished write).
+    pub fn reuse(mut self, len: usize) -> Self {
+        if len.div_ceil(PAGE) > self.pages.len() {
+            return Self::zeroed(len);
+        }
+        assert!(
+            len.is_multiple_of(SECTOR_SIZE),
+            "IoBuf length {len} is not whole sectors"
+        );
+        self.len = len;
+        self
+    }
+
     /// Length in sectors.
     pub fn sectors(&self) -> u64 {
         (self.len / SECTOR_SIZE) as u64
     }
 }
+
+/// Buffers are equal when their bytes are (the storage beyond them aside).
+impl PartialEq for IoBuf {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for IoBuf {}
 
 impl Deref for IoBuf {
     type Target = [u8];
@@ -98,6 +123,22 @@ mod tests {
         assert_eq!(buf.as_ptr() as usize % PAGE, 0);
         assert!(buf.iter().all(|&b| b == 0));
         assert_eq!(IoBuf::empty().len(), 0);
+    }
+
+    #[test]
+    fn reuse_keeps_the_storage_and_grows_when_it_must() {
+        let mut buf = IoBuf::with_sectors(8);
+        buf.fill(7);
+        let page = buf.as_ptr();
+        let smaller = buf.reuse(1024);
+        assert_eq!((smaller.len(), smaller.as_ptr()), (1024, page));
+        assert!(smaller.iter().all(|&b| b == 7));
+        let again = smaller.reuse(4096);
+        assert_eq!((again.len(), again.as_ptr()), (4096, page));
+        let bigger = again.reuse(8192);
+        assert_eq!(bigger.len(), 8192);
+        assert!(bigger.iter().all(|&b| b == 0));
+        assert_eq!(IoBuf::empty().reuse(512), IoBuf::with_sectors(1));
     }
 
     #[test]

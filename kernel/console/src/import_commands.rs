@@ -45,11 +45,10 @@ impl<P: Platform> Console<P> {
             if !options.positional.is_empty() || options.value("--from").is_some() {
                 return Err(IMPORT_USAGE.into());
             }
-            let platform = &mut self.platform;
-            let mut connect = |uri: &NbdUri| platform.connect(&uri.host, uri.port);
+            let connect = self.platform.connector();
             self.dm
                 .borrow_mut()
-                .import_resume(name, &mut connect, now)
+                .import_resume(name, connect, now)
                 .map_err(|error| format!("thin import: {}", error.0))?;
             name
         } else {
@@ -97,30 +96,24 @@ impl<P: Platform> Console<P> {
             return Err(SYNC_USAGE.into());
         };
         let uri = NbdUri::parse(from).map_err(|why| format!("thin sync: {why}"))?;
-        let stream = self
-            .platform
-            .connect(&uri.host, uri.port)
-            .map_err(|why| format!("thin sync: {why}"))?;
+        let connect = self.platform.connector();
         let now = self.platform.now_ns();
         self.dm
             .borrow_mut()
-            .sync(bare_name(name), uri, stream, base, now)
+            .sync(bare_name(name), uri, connect, base, now)
             .map_err(|error| format!("thin sync: {}", error.0))?;
         self.follow(bare_name(name), options.flag("--background"), out);
         Ok(())
     }
 
-    /// An `nbd://` address (connected now) or a device name.
+    /// An `nbd://` address or a device name.
     fn source(&mut self, from: &str) -> Result<ImportFrom, CommandError> {
         if !from.contains("://") {
             return Ok(ImportFrom::Local(String::from(bare_name(from))));
         }
         let uri = NbdUri::parse(from).map_err(|why| format!("thin import: {why}"))?;
-        let stream = self
-            .platform
-            .connect(&uri.host, uri.port)
-            .map_err(|why| format!("thin import: {why}"))?;
-        Ok(ImportFrom::Remote { uri, stream })
+        let connect = self.platform.connector();
+        Ok(ImportFrom::Remote { uri, connect })
     }
 
     fn follow(&mut self, name: &str, background: bool, out: &mut dyn Write) {

@@ -244,6 +244,7 @@ impl DeviceMapper {
                 self.finish_thin_merges(&mut notes);
                 self.resume_origin_merges(&mut notes);
                 self.imports.records = snapshot.imports;
+                notes.extend(self.unfinished_imports());
             }
             Err(why) => notes.push(format!("config: cannot read the configuration: {why}")),
         }

@@ -6,10 +6,15 @@
 //! destination is flushed, so everything below the window's end survives a power cut:
 //! that offset is the checkpoint an import resumes from. The next window is copied
 //! while that flush runs (one flush at a time), so the copy does not stall on it.
+//! The checkpoint is thus the lowest offset below which nothing is in flight, however
+//! many connections the reads went over. When the source fails, the flush in
+//! progress still finishes and its checkpoint is saved before the copy stops. A read's buffer is the buffer of its write
+//! (no copy), and the buffers of finished writes take the next reads' data.
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
 use alloc::string::String;
+use alloc::vec::Vec;
 use blockdev::{IoBuf, SECTOR_SIZE};
 use thin_pool::{ThinOp, ThinRequest, ThinVolume};
 
@@ -77,6 +82,11 @@ pub(crate) struct Copier {
     flushing: Option<u64>,
     /// Bytes of the current window finished.
     window_done: u64,
+    /// Buffers of finished writes, for the next reads.
+    spare: Vec<IoBuf>,
+    /// Why the copy cannot go on; it stops once the flush in progress, if any, has
+    /// made its checkpoint.
+    failed: Option<String>,
     /// Bytes written to the destination (data and zeroes), for rate reports.
     pub(crate) written: u64,
 }
@@ -109,6 +119,8 @@ impl Copier {
             next_write: 0,
             flushing: None,
             window_done: 0,
+            spare: Vec::new(),
+            failed: None,
             written: 0,
         };
         copier.open_window(from);
@@ -145,9 +157,16 @@ impl Copier {
         let mut busy = false;
         for _ in 0..ROUNDS {
             let mut moved = false;
-            while let Some(answer) = self.source.poll(self.contexts)? {
-                moved = true;
-                self.answer(answer)?;
+            if self.failed.is_none() {
+                match self.read_source() {
+                    Ok(read) => moved |= read,
+                    Err(why) => self.failed = Some(why),
+                }
+            }
+            if self.flushing.is_none()
+                && let Some(why) = self.failed.take()
+            {
+                return Err(why);
             }
             while let Some(done) = self.dest.poll_op() {
                 moved = true;
@@ -163,14 +182,32 @@ impl Copier {
                 }
                 let bytes = self.writes.remove(&done.tag).unwrap_or(0);
                 self.window_done += bytes;
+                if !done.buf.is_empty() && self.spare.len() < DEPTH {
+                    self.spare.push(done.buf);
+                }
             }
-            moved |= self.issue()?;
+            if self.failed.is_none() {
+                match self.issue() {
+                    Ok(issued) => moved |= issued,
+                    Err(why) => self.failed = Some(why),
+                }
+            }
             busy |= moved;
             if !moved {
                 break;
             }
         }
         Ok(if busy { Step::Busy } else { Step::Idle })
+    }
+
+    /// Takes the source's answers; returns whether there were any.
+    fn read_source(&mut self) -> Result<bool, String> {
+        let mut read = false;
+        while let Some(answer) = self.source.poll(self.contexts)? {
+            read = true;
+            self.answer(answer)?;
+        }
+        Ok(read)
     }
 
     fn answer(&mut self, answer: Answer) -> Result<(), String> {
@@ -184,16 +221,15 @@ impl Copier {
                 self.status_tag = None;
                 self.describe(&runs)
             }
-            Answer::Data { tag, mut data } => {
+            Answer::Data { tag, data } => {
                 let (offset, counted) = self
                     .reads
                     .remove(&tag)
                     .ok_or("the source answered a read not asked for")?;
                 self.written += data.len() as u64;
-                data.resize(data.len().next_multiple_of(SECTOR_SIZE), 0);
                 let op = ThinOp::Write {
                     sector: offset / SECTOR,
-                    buf: IoBuf::from_slice(&data),
+                    buf: data,
                     fua: false,
                 };
                 self.write(op, counted)
@@ -246,6 +282,9 @@ impl Copier {
             issued = true;
         }
         while self.in_flight() < DEPTH {
+            if matches!(self.plan.front(), Some((_, _, Action::Copy))) && !self.source.can_read() {
+                break;
+            }
             let Some((start, length, action)) = self.plan.pop_front() else {
                 break;
             };
@@ -260,7 +299,10 @@ impl Copier {
                     let end = (start + length).min(self.size);
                     let piece_end = ((aligned_start / limit + 1) * limit).min(end);
                     let read_end = piece_end.next_multiple_of(SECTOR).min(self.size);
-                    let tag = self.source.read(aligned_start, read_end - aligned_start)?;
+                    let buf = self.spare.pop().unwrap_or_default();
+                    let tag = self
+                        .source
+                        .read(aligned_start, read_end - aligned_start, buf)?;
                     self.reads.insert(tag, (aligned_start, piece_end - start));
                     if piece_end < end {
                         self.plan

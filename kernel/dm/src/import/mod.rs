@@ -1,6 +1,7 @@
 //! Imports and syncs: thin volumes filled from another NBD server's export or from
 //! a thin device of this appliance, as background [`Job`]s (`import/NAME`,
-//! `sync/NAME`) advanced by [`DeviceMapper::tick`].
+//! `sync/NAME`) advanced by [`DeviceMapper::tick`]. A server that allows several
+//! connections is read over several (see [`remote`]).
 //!
 //! `thin import` creates the volume once the source's size is known and copies only
 //! what the source reports as data (`base:allocation`), so the copy stays thin. The
@@ -12,6 +13,7 @@
 
 mod copy;
 mod record;
+mod remote;
 mod source;
 
 use alloc::boxed::Box;
@@ -19,7 +21,7 @@ use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use nbd::client::{Client, Connection, NbdUri, Stream};
+use nbd::client::{NbdUri, Stream};
 
 pub use record::ImportRecord;
 
@@ -30,6 +32,7 @@ use crate::mapper::DeviceMapper;
 use crate::table::{Target, bare_name};
 use crate::units::human_bytes;
 use copy::{Copier, Step};
+use remote::Remote;
 use source::Source;
 
 /// How long a server may take to finish the handshake.
@@ -40,15 +43,17 @@ const STALL_NS: u64 = 30_000_000_000;
 /// The `base:allocation` context every copy reads.
 const ALLOCATION: &str = nbd::wire::BASE_ALLOCATION;
 
-/// Opens a stream to an NBD server (the platform's TCP); the error is one line.
+/// Opens a stream to an NBD server (the platform's TCP; the stream may still be
+/// connecting when returned); the error is one line.
 pub type Connector<'a> = dyn FnMut(&NbdUri) -> Result<Box<dyn Stream>, String> + 'a;
 
 /// Where to copy from.
 pub enum ImportFrom {
-    /// An export of an NBD server, over a stream already connecting to it.
+    /// An export of an NBD server, reached through `connect` (the first connection
+    /// is opened when the copy starts; more if the server allows several).
     Remote {
         uri: NbdUri,
-        stream: Box<dyn Stream>,
+        connect: Box<Connector<'static>>,
     },
     /// A thin device of this appliance.
     Local(String),
@@ -132,11 +137,11 @@ impl DeviceMapper {
     }
 
     /// `thin import --resume NAME`: continues a saved import from its checkpoint;
-    /// `connect` opens a stream to the saved server (not called for local sources).
+    /// `connect` opens streams to the saved server (not called for local sources).
     pub fn import_resume(
         &mut self,
         name: &str,
-        connect: &mut Connector<'_>,
+        connect: Box<Connector<'static>>,
         now_ns: u64,
     ) -> Result<(), Error> {
         self.refuse_second_job(name)?;
@@ -148,10 +153,7 @@ impl DeviceMapper {
             .cloned()
             .ok_or_else(|| format!("no unfinished import into {name} is saved"))?;
         let from = match NbdUri::parse(&record.source) {
-            Ok(uri) => {
-                let stream = connect(&uri)?;
-                ImportFrom::Remote { uri, stream }
-            }
+            Ok(uri) => ImportFrom::Remote { uri, connect },
             Err(_) => ImportFrom::Local(record.source.clone()),
         };
         let kind = Kind::Resume {
@@ -166,7 +168,7 @@ impl DeviceMapper {
         &mut self,
         name: &str,
         uri: NbdUri,
-        stream: Box<dyn Stream>,
+        connect: Box<Connector<'static>>,
         base: &str,
         now_ns: u64,
     ) -> Result<(), Error> {
@@ -175,7 +177,7 @@ impl DeviceMapper {
         let kind = Kind::Sync {
             base: String::from(base),
         };
-        self.start_copy(name, ImportFrom::Remote { uri, stream }, kind, now_ns)
+        self.start_copy(name, ImportFrom::Remote { uri, connect }, kind, now_ns)
     }
 
     /// The outcome of the watched job into `name`, once it has finished: a summary
@@ -195,6 +197,30 @@ impl DeviceMapper {
     /// Unfinished imports as the configuration saves them (`config show` lists them).
     pub fn saved_imports(&self) -> &[ImportRecord] {
         &self.imports.records
+    }
+
+    /// One line per unfinished import in the configuration, for the boot. Imports
+    /// are not resumed by themselves: at activation the network has no address yet,
+    /// and the server may serve another image by now (resuming would then mix two
+    /// images into one volume), so the operator says when.
+    pub(crate) fn unfinished_imports(&self) -> Vec<String> {
+        self.imports
+            .records
+            .iter()
+            .map(|record| {
+                let size = self.find(&record.name).map_or(String::new(), |device| {
+                    format!(" of {}", human_bytes(device.table.length() * 512))
+                });
+                format!(
+                    "config: the import into {} from {} stopped after {}{size}; \
+                     thin import --resume {} continues it",
+                    record.name,
+                    record.source,
+                    human_bytes(record.checkpoint),
+                    record.name
+                )
+            })
+            .collect()
     }
 
     /// Stops following the job into `name`: its outcome becomes an event line.
@@ -229,13 +255,12 @@ impl DeviceMapper {
     ) -> Result<(), Error> {
         let source_text = from.describe();
         let source = match from {
-            ImportFrom::Remote { uri, stream } => {
+            ImportFrom::Remote { uri, connect } => {
                 let contexts: &[&str] = match &kind {
                     Kind::Sync { base } => &[ALLOCATION, &format!("thinbox:changed:{base}")],
                     _ => &[ALLOCATION],
                 };
-                let client = Client::new(&uri.export, contexts);
-                Source::Remote(Box::new(Connection::new(client, stream)))
+                Source::Remote(Box::new(Remote::new(uri, contexts, connect)?))
             }
             ImportFrom::Local(device) => self.local_source(&device, name)?,
         };
@@ -346,12 +371,12 @@ impl DeviceMapper {
 
     /// The source's size is known: checks it against the destination (creating the
     /// volume of an import) and starts copying.
-    fn begin_copy(&mut self, job: &mut ImportJob, source: Source) -> Result<Copier, String> {
+    fn begin_copy(&mut self, job: &mut ImportJob, mut source: Source) -> Result<Copier, String> {
         let size = source.size().unwrap_or(0);
         let sectors = size.div_ceil(blockdev::SECTOR_SIZE as u64);
         let contexts = match &source {
-            Source::Remote(connection) => {
-                let export = connection.export().expect("connected");
+            Source::Remote(remote) => {
+                let export = remote.export().expect("connected");
                 match (&job.kind, export.contexts.as_slice()) {
                     (Kind::Sync { base }, [_, false]) | (Kind::Sync { base }, [false, _]) => {
                         return Err(format!(
@@ -407,6 +432,9 @@ impl DeviceMapper {
                 (dest, 0, true)
             }
         };
+        if let Source::Remote(remote) = &mut source {
+            remote.widen();
+        }
         Ok(Copier::new(
             source,
             dest,

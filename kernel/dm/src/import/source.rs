@@ -1,5 +1,6 @@
-//! Where an import or sync reads from: an NBD server's export, or a thin device of
-//! this appliance. Both answer block-status and read requests asynchronously.
+//! Where an import or sync reads from: an NBD server's export (over one connection
+//! or several, see [`Remote`]), or a thin device of this appliance. Both answer
+//! block-status and read requests asynchronously.
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -7,9 +8,9 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::{IoBuf, SECTOR_SIZE};
-use nbd::client::{Connection, Reply, Stream};
-use nbd::wire::STATE_ZERO;
 use thin_pool::{ThinOp, ThinOutput, ThinRequest, ThinVolume};
+
+use super::remote::Remote;
 
 /// Extents asked for in one block status of a local thin device.
 const LOCAL_EXTENTS: u32 = 4096;
@@ -26,18 +27,13 @@ pub(crate) struct Run {
 /// An answer from the source.
 pub(crate) enum Answer {
     /// Consecutive runs from the offset asked for, covering at least one byte.
-    Status {
-        tag: u64,
-        runs: Vec<Run>,
-    },
-    Data {
-        tag: u64,
-        data: Vec<u8>,
-    },
+    Status { tag: u64, runs: Vec<Run> },
+    /// The bytes read, then zeroes up to a whole sector.
+    Data { tag: u64, data: IoBuf },
 }
 
 pub(crate) enum Source {
-    Remote(Box<Connection<Box<dyn Stream>>>),
+    Remote(Box<Remote>),
     Local {
         volume: ThinVolume,
         answers: VecDeque<Answer>,
@@ -49,7 +45,7 @@ impl Source {
     /// Size in bytes (remote: once connected).
     pub(crate) fn size(&self) -> Option<u64> {
         match self {
-            Source::Remote(connection) => connection.export().map(|export| export.size),
+            Source::Remote(remote) => remote.export().map(|export| export.size),
             Source::Local { volume, .. } => Some(blockdev::BlockDevice::info(volume).bytes()),
         }
     }
@@ -57,7 +53,7 @@ impl Source {
     /// Largest read worth asking for at once, and the alignment reads keep.
     pub(crate) fn max_read(&self) -> u64 {
         match self {
-            Source::Remote(connection) => connection
+            Source::Remote(remote) => remote
                 .export()
                 .map_or(0, |export| u64::from(export.max_payload)),
             Source::Local { volume, .. } => {
@@ -67,13 +63,19 @@ impl Source {
         }
     }
 
+    /// Whether a read can be asked for now (a remote source spreads them over its
+    /// connections and waits while each has its share in flight).
+    pub(crate) fn can_read(&self) -> bool {
+        match self {
+            Source::Remote(remote) => remote.reader().is_some(),
+            Source::Local { .. } => true,
+        }
+    }
+
     /// Asks for the runs from `offset` on (at most `length` bytes' worth).
     pub(crate) fn status(&mut self, offset: u64, length: u64) -> Result<u64, String> {
         match self {
-            Source::Remote(connection) => connection
-                .client()
-                .block_status(offset, length as u32)
-                .map_err(|error| format!("{error}")),
+            Source::Remote(remote) => remote.status(offset, length as u32),
             Source::Local {
                 volume, next_tag, ..
             } => {
@@ -88,13 +90,11 @@ impl Source {
         }
     }
 
-    /// Asks for `length` bytes at `offset`.
-    pub(crate) fn read(&mut self, offset: u64, length: u64) -> Result<u64, String> {
+    /// Asks for `length` bytes at `offset`; a remote read is received into `buf`'s
+    /// storage (a buffer whose write finished), a local one into a fresh buffer.
+    pub(crate) fn read(&mut self, offset: u64, length: u64, buf: IoBuf) -> Result<u64, String> {
         match self {
-            Source::Remote(connection) => connection
-                .client()
-                .read(offset, length as u32)
-                .map_err(|error| format!("{error}")),
+            Source::Remote(remote) => remote.read(offset, length as u32, buf),
             Source::Local {
                 volume, next_tag, ..
             } => {
@@ -112,31 +112,7 @@ impl Source {
     /// copy: the source is expected to answer everything asked.
     pub(crate) fn poll(&mut self, contexts: usize) -> Result<Option<Answer>, String> {
         match self {
-            Source::Remote(connection) => {
-                connection.pump().map_err(|error| format!("{error}"))?;
-                match connection.next_reply() {
-                    None => Ok(None),
-                    Some(Reply::Read { cookie, data, .. }) => {
-                        Ok(Some(Answer::Data { tag: cookie, data }))
-                    }
-                    Some(Reply::Status {
-                        cookie,
-                        contexts: found,
-                        ..
-                    }) => Ok(Some(Answer::Status {
-                        tag: cookie,
-                        runs: merge_contexts(&found, contexts),
-                    })),
-                    Some(Reply::Failed { error, message, .. }) => Err(format!(
-                        "the server failed a request with error {error}{}",
-                        if message.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {message}")
-                        }
-                    )),
-                }
-            }
+            Source::Remote(remote) => remote.poll(contexts),
             Source::Local {
                 volume, answers, ..
             } => {
@@ -155,7 +131,7 @@ impl Source {
                         },
                         Ok(_) => Answer::Data {
                             tag: done.tag,
-                            data: done.buf.to_vec(),
+                            data: done.buf,
                         },
                         Err(error) => return Err(format!("reading the source failed: {error}")),
                     };
@@ -163,17 +139,6 @@ impl Source {
                 }
                 Ok(answers.pop_front())
             }
-        }
-    }
-}
-
-/// Says goodbye to a server (`NBD_CMD_DISC`), so it does not wait for a client that
-/// is gone; what cannot be sent now is dropped with the connection.
-impl Drop for Source {
-    fn drop(&mut self) {
-        if let Source::Remote(connection) = self {
-            connection.client().disconnect();
-            let _ = connection.pump();
         }
     }
 }
@@ -189,43 +154,4 @@ fn submit(volume: &mut ThinVolume, tag: u64, op: ThinOp) -> Result<u64, String> 
         .submit_op(ThinRequest { tag, op })
         .map(|()| tag)
         .map_err(|_| String::from("the source device's queue is full"))
-}
-
-/// Runs from the contexts of one block-status reply: context 0 is
-/// `base:allocation` (zero or not); context 1, when asked for, marks changed
-/// ranges. The runs cover as far as every context does.
-fn merge_contexts(found: &[Vec<nbd::client::StatusExtent>], contexts: usize) -> Vec<Run> {
-    let allocation = found.first().map_or(&[][..], Vec::as_slice);
-    let changed = found.get(1).filter(|_| contexts > 1);
-    let mut runs = Vec::new();
-    let (mut a, mut c) = (0, 0);
-    let (mut a_left, mut c_left) = (
-        allocation.first().map_or(0, |extent| extent.length),
-        changed
-            .and_then(|extents| extents.first())
-            .map_or(u64::MAX, |extent| extent.length),
-    );
-    while a < allocation.len() && changed.is_none_or(|extents| c < extents.len()) {
-        let length = a_left.min(c_left);
-        let zero = allocation[a].flags & STATE_ZERO != 0;
-        let is_changed = changed.is_none_or(|extents| extents[c].flags & 1 != 0);
-        runs.push(Run {
-            length,
-            zero,
-            changed: is_changed,
-        });
-        a_left -= length;
-        c_left -= length;
-        if a_left == 0 {
-            a += 1;
-            a_left = allocation.get(a).map_or(0, |extent| extent.length);
-        }
-        if c_left == 0
-            && let Some(extents) = changed
-        {
-            c += 1;
-            c_left = extents.get(c).map_or(0, |extent| extent.length);
-        }
-    }
-    runs
 }

@@ -10,6 +10,11 @@
 //! request, falling back to `EXPORT_NAME` for servers without it. Then `READ` and
 //! `BLOCK_STATUS`, several in flight, replies in any order, chunks interleaved.
 //!
+//! Read data is not staged: once a data chunk's header is checked, its payload goes
+//! straight into the read's [`IoBuf`] (the caller's, e.g. the buffer of a write that
+//! finished, reused without zeroing; [`Client::payload_space`] lets a transport
+//! receive into it), so the bytes are copied once on their way to the caller.
+//!
 //! The server is not trusted: every reply is checked against the request it answers
 //! (cookie, offsets inside the request, no overlap, full coverage, lengths within
 //! limits fixed before any payload is awaited), so a broken or hostile server gives a
@@ -24,6 +29,7 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use blockdev::{IoBuf, SECTOR_SIZE};
 
 pub use stream::{Connection, Stream, StreamError};
 pub use uri::{DEFAULT_PORT, NbdUri};
@@ -101,11 +107,12 @@ pub struct StatusExtent {
 /// A finished request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reply {
-    /// The bytes of a read, hole chunks filled with zeroes.
+    /// The bytes of a read, hole chunks filled with zeroes, then zeroes up to a
+    /// whole number of sectors.
     Read {
         cookie: u64,
         offset: u64,
-        data: Vec<u8>,
+        data: IoBuf,
     },
     /// Block status: for each context the caller asked for (in its order), the
     /// extents from the request's offset on, clipped to the request (empty for a
@@ -158,7 +165,8 @@ struct Pending {
 
 enum PendingKind {
     Read {
-        data: Vec<u8>,
+        /// The request's length rounded up to whole sectors.
+        data: IoBuf,
         /// Byte ranges (relative to the request) already covered, sorted, merged.
         covered: Vec<(u32, u32)>,
         chunks: usize,
@@ -166,6 +174,17 @@ enum PendingKind {
     Status {
         contexts: Vec<Option<Vec<StatusExtent>>>,
     },
+}
+
+/// A read's data chunk whose payload is arriving.
+#[derive(Clone, Copy)]
+struct Payload {
+    cookie: u64,
+    /// Where the next byte goes in the read's buffer.
+    at: usize,
+    remaining: usize,
+    /// The chunk ends the reply.
+    last: bool,
 }
 
 /// The client's side of one NBD connection.
@@ -187,6 +206,8 @@ pub struct Client {
     pending: BTreeMap<u64, Pending>,
     next_cookie: u64,
     replies: VecDeque<Reply>,
+    /// The data chunk being received, if any.
+    payload: Option<Payload>,
     failed: Option<ClientError>,
 }
 
@@ -210,6 +231,7 @@ impl Client {
             pending: BTreeMap::new(),
             next_cookie: 1,
             replies: VecDeque::new(),
+            payload: None,
             failed: None,
         }
     }
@@ -223,17 +245,69 @@ impl Client {
         if self.phase == Phase::Done {
             return Ok(());
         }
-        self.input.extend_from_slice(bytes);
-        let result = self.parse();
+        let result = self.take(bytes);
         if self.consumed > 0 {
             self.input.drain(..self.consumed);
             self.consumed = 0;
         }
+        self.check(result)
+    }
+
+    /// Where the payload being received goes: a transport may receive into it and
+    /// then report the bytes with [`Client::payload_filled`]. `None` when the next
+    /// bytes are a header (or the client is finished).
+    pub fn payload_space(&mut self) -> Option<&mut [u8]> {
+        let payload = self.payload.filter(|_| self.phase == Phase::Transmission)?;
+        match &mut self.pending.get_mut(&payload.cookie)?.kind {
+            PendingKind::Read { data, .. } => {
+                Some(&mut data[payload.at..payload.at + payload.remaining])
+            }
+            PendingKind::Status { .. } => None,
+        }
+    }
+
+    /// `count` bytes were put at the start of [`Client::payload_space`].
+    pub fn payload_filled(&mut self, count: usize) -> Result<(), ClientError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        let result = self.advance_payload(count);
+        self.check(result)
+    }
+
+    /// Makes an error final: the client parses nothing more.
+    fn check(&mut self, result: Result<(), ClientError>) -> Result<(), ClientError> {
         if let Err(error) = &result {
             self.phase = Phase::Done;
+            self.payload = None;
             self.failed = Some(error.clone());
         }
         result
+    }
+
+    /// Parses `bytes`: payloads go straight into their reads' buffers; in the
+    /// transmission phase only what the next header needs is staged in the input.
+    fn take(&mut self, mut bytes: &[u8]) -> Result<(), ClientError> {
+        while !bytes.is_empty() {
+            if let Some(space) = self.payload_space() {
+                let count = space.len().min(bytes.len());
+                space[..count].copy_from_slice(&bytes[..count]);
+                bytes = &bytes[count..];
+                self.advance_payload(count)?;
+                continue;
+            }
+            let count = match self.phase {
+                Phase::Transmission => self
+                    .header_len()
+                    .saturating_sub(self.unparsed().len())
+                    .clamp(1, bytes.len()),
+                _ => bytes.len(),
+            };
+            self.input.extend_from_slice(&bytes[..count]);
+            bytes = &bytes[count..];
+            self.parse()?;
+        }
+        Ok(())
     }
 
     /// The connection ended (end of stream, reset): fails whatever is in flight.
@@ -281,6 +355,13 @@ impl Client {
 
     /// Asks for `length` bytes at `offset`; returns the request's cookie.
     pub fn read(&mut self, offset: u64, length: u32) -> Result<u64, ClientError> {
+        self.read_into(offset, length, IoBuf::empty())
+    }
+
+    /// Asks for `length` bytes at `offset`, to be received into `buf`'s storage
+    /// (whatever it holds is overwritten; see [`IoBuf::reuse`]); returns the
+    /// request's cookie.
+    pub fn read_into(&mut self, offset: u64, length: u32, buf: IoBuf) -> Result<u64, ClientError> {
         let export = self.check_request(offset, length)?;
         if length > export.max_payload {
             return Err(protocol(format!(
@@ -288,8 +369,10 @@ impl Client {
                 export.max_payload
             )));
         }
+        let mut data = buf.reuse((length as usize).next_multiple_of(SECTOR_SIZE));
+        data[length as usize..].fill(0);
         let kind = PendingKind::Read {
-            data: alloc::vec![0; length as usize],
+            data,
             covered: Vec::new(),
             chunks: 0,
         };
@@ -393,6 +476,7 @@ impl Client {
                 Phase::Greeting => self.parse_greeting()?,
                 Phase::Option(option) => self.parse_option_reply(option)?,
                 Phase::ExportName => self.parse_export_name()?,
+                Phase::Transmission if self.payload.is_some() => self.staged_payload()?,
                 Phase::Transmission => self.parse_reply()?,
                 Phase::Done => false,
             };

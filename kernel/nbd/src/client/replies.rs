@@ -1,12 +1,13 @@
 //! The client's transmission phase: simple replies and structured chunks, each
-//! checked against the request it answers before its payload is awaited.
+//! checked against the request it answers before its payload is awaited. Read data
+//! is not staged: its header names the place in the read's buffer it goes to.
 
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::{
-    Client, ClientError, MAX_DESCRIPTORS, MAX_READ_CHUNKS, Pending, PendingKind, Reply,
+    Client, ClientError, MAX_DESCRIPTORS, MAX_READ_CHUNKS, Payload, Pending, PendingKind, Reply,
     StatusExtent, protocol, text,
 };
 use crate::wire::*;
@@ -25,6 +26,67 @@ impl Client {
             STRUCTURED_REPLY_MAGIC => self.chunk(),
             magic => Err(protocol(format!("bad reply magic {magic:#010x}"))),
         }
+    }
+
+    /// How many unparsed bytes the next message needs before it can be parsed: a
+    /// header, with the payload of anything but read data.
+    pub(super) fn header_len(&self) -> usize {
+        let bytes = self.unparsed();
+        if bytes.len() < 4 {
+            return 4;
+        }
+        match be_u32(bytes) {
+            SIMPLE_REPLY_MAGIC => SIMPLE_REPLY_LEN,
+            STRUCTURED_REPLY_MAGIC if bytes.len() >= CHUNK_HEADER_LEN => {
+                match be_u16(&bytes[6..]) {
+                    REPLY_TYPE_OFFSET_DATA => CHUNK_HEADER_LEN + 8,
+                    _ => CHUNK_HEADER_LEN + be_u32(&bytes[16..]) as usize,
+                }
+            }
+            _ => CHUNK_HEADER_LEN,
+        }
+    }
+
+    /// Moves payload bytes that were staged in the input (they came with the
+    /// handshake's last bytes) into their read's buffer.
+    pub(super) fn staged_payload(&mut self) -> Result<bool, ClientError> {
+        let (Some(payload), staged) = (self.payload, self.unparsed().len()) else {
+            return Ok(false);
+        };
+        if staged == 0 {
+            return Ok(false);
+        }
+        let count = payload.remaining.min(staged);
+        let from = &self.input[self.consumed..self.consumed + count];
+        if let Some(PendingKind::Read { data, .. }) = self
+            .pending
+            .get_mut(&payload.cookie)
+            .map(|pending| &mut pending.kind)
+        {
+            data[payload.at..payload.at + count].copy_from_slice(from);
+        }
+        self.consumed += count;
+        self.advance_payload(count)?;
+        Ok(true)
+    }
+
+    /// `count` more bytes of the payload being received are in place; the reply is
+    /// finished with the last byte of its last chunk.
+    pub(super) fn advance_payload(&mut self, count: usize) -> Result<(), ClientError> {
+        let Some(payload) = &mut self.payload else {
+            return Ok(());
+        };
+        let count = count.min(payload.remaining);
+        payload.at += count;
+        payload.remaining -= count;
+        if payload.remaining == 0 {
+            let Payload { cookie, last, .. } = *payload;
+            self.payload = None;
+            if last {
+                self.finish(cookie)?;
+            }
+        }
+        Ok(())
     }
 
     fn pending_mut(&mut self, cookie: u64) -> Result<&mut Pending, ClientError> {
@@ -54,7 +116,6 @@ impl Client {
             });
             return Ok(true);
         }
-        let length = pending.length as usize;
         let PendingKind::Read { .. } = pending.kind else {
             return Err(protocol("block status answered with a simple reply"));
         };
@@ -63,17 +124,14 @@ impl Client {
                 "a read answered with a simple reply although structured replies were agreed",
             ));
         }
-        if self.unparsed().len() < SIMPLE_REPLY_LEN + length {
-            return Ok(false);
-        }
-        let start = self.consumed + SIMPLE_REPLY_LEN;
-        let data = self.input[start..start + length].to_vec();
-        self.consumed += SIMPLE_REPLY_LEN + length;
-        let pending = self.pending.remove(&cookie).expect("checked above");
-        self.replies.push_back(Reply::Read {
+        let (offset, length) = (pending.offset, pending.length);
+        place(pending, offset, u64::from(length))?;
+        self.consumed += SIMPLE_REPLY_LEN;
+        self.payload = Some(Payload {
             cookie,
-            offset: pending.offset,
-            data,
+            at: 0,
+            remaining: length as usize,
+            last: true,
         });
         Ok(true)
     }
@@ -98,6 +156,9 @@ impl Client {
                 "a chunk of type {chunk_type:#x} with {len} bytes of payload is too long"
             )));
         }
+        if chunk_type == REPLY_TYPE_OFFSET_DATA {
+            return self.data_chunk(cookie, flags, len);
+        }
         if self.unparsed().len() < CHUNK_HEADER_LEN + len as usize {
             return Ok(false);
         }
@@ -108,6 +169,27 @@ impl Client {
         if flags & REPLY_FLAG_DONE != 0 {
             self.finish(cookie)?;
         }
+        Ok(true)
+    }
+
+    /// A data chunk's header and offset: its payload is then received into the
+    /// read's buffer where the offset says.
+    fn data_chunk(&mut self, cookie: u64, flags: u16, len: u32) -> Result<bool, ClientError> {
+        if len < 9 {
+            return Err(protocol("a data chunk without data"));
+        }
+        let Some(at) = self.unparsed().get(CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + 8) else {
+            return Ok(false);
+        };
+        let at = be_u64(at);
+        let (start, end) = place(self.pending_mut(cookie)?, at, u64::from(len - 8))?;
+        self.consumed += CHUNK_HEADER_LEN + 8;
+        self.payload = Some(Payload {
+            cookie,
+            at: start as usize,
+            remaining: (end - start) as usize,
+            last: flags & REPLY_FLAG_DONE != 0,
+        });
         Ok(true)
     }
 
@@ -126,18 +208,6 @@ impl Client {
                 }
                 Ok(())
             }
-            REPLY_TYPE_OFFSET_DATA => {
-                if payload.len() < 9 {
-                    return Err(protocol("a data chunk without data"));
-                }
-                let at = be_u64(payload);
-                let data = &payload[8..];
-                let (start, end) = place(pending, at, data.len() as u64)?;
-                if let PendingKind::Read { data: buf, .. } = &mut pending.kind {
-                    buf[start as usize..end as usize].copy_from_slice(data);
-                }
-                Ok(())
-            }
             REPLY_TYPE_OFFSET_HOLE => {
                 if payload.len() != 12 {
                     return Err(protocol("a hole chunk is not 12 bytes"));
@@ -146,8 +216,11 @@ impl Client {
                 if size == 0 {
                     return Err(protocol("a hole chunk of 0 bytes"));
                 }
-                // The buffer starts zeroed, so a hole needs no copying.
-                place(pending, be_u64(payload), u64::from(size)).map(drop)
+                let (start, end) = place(pending, be_u64(payload), u64::from(size))?;
+                if let PendingKind::Read { data, .. } = &mut pending.kind {
+                    data[start as usize..end as usize].fill(0);
+                }
+                Ok(())
             }
             REPLY_TYPE_BLOCK_STATUS => status_chunk(pending, &ids, payload),
             REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {

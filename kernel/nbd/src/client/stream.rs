@@ -74,6 +74,11 @@ impl<S: Stream> Connection<S> {
         self.client.export()
     }
 
+    /// Requests whose replies have not come back yet.
+    pub fn in_flight(&self) -> usize {
+        self.client.in_flight()
+    }
+
     /// Sends what the client has to say and feeds it what arrived, without
     /// blocking; returns whether any byte moved.
     pub fn pump(&mut self) -> Result<bool, ClientError> {
@@ -97,6 +102,18 @@ impl<S: Stream> Connection<S> {
             moved = true;
         }
         for _ in 0..RECEIVE_ROUNDS {
+            // Read data is received straight into its read's buffer; headers (and
+            // whatever follows them) through `buf`.
+            if let Some(space) = self.client.payload_space() {
+                let got = self.stream.receive(space);
+                let got = got.map_err(|error| self.lost(error))?;
+                if got == 0 {
+                    break;
+                }
+                moved = true;
+                self.client.payload_filled(got)?;
+                continue;
+            }
             let got = self
                 .stream
                 .receive(&mut self.buf)

@@ -171,7 +171,7 @@ fn replies_in_pieces_and_out_of_order_come_back_whole() {
         Some(Reply::Read {
             cookie: first,
             offset: 4096,
-            data
+            data: IoBuf::from_slice(&data)
         })
     );
     assert_eq!(client.in_flight(), 0);
@@ -360,14 +360,62 @@ fn old_servers_get_export_name_and_simple_replies() {
     reply.extend_from_slice(&cookie.to_be_bytes());
     reply.extend_from_slice(b"abcd");
     client.receive(&reply).unwrap();
+    let mut data = b"abcd".to_vec();
+    data.resize(512, 0);
     assert_eq!(
         client.next_reply(),
         Some(Reply::Read {
             cookie,
             offset: 512,
-            data: b"abcd".to_vec()
+            data: IoBuf::from_slice(&data)
         })
     );
+}
+
+/// A read into a reused buffer full of old bytes, its chunks out of order, the
+/// payloads received through [`Client::payload_space`] in uneven pieces: the data
+/// lands where the chunks say, holes and the tail past the length read as zeroes.
+#[test]
+fn reads_land_in_a_reused_buffer_whole() {
+    let mut client = ready_client();
+    let mut old = IoBuf::with_sectors(8);
+    old.fill(0xee);
+    let cookie = client.read_into(1024, 2560 + 3 * 512, old).unwrap();
+    let second: Vec<u8> = (0..1536u32).map(|i| (i % 251) as u8).collect();
+    let mut server = data_chunk(false, cookie, 1024 + 2560, &second);
+    server.extend(hole_chunk(false, cookie, 1024 + 512, 2048));
+    server.extend(data_chunk(true, cookie, 1024, &[0x5a; 512]));
+    let mut rest = &server[..];
+    let mut piece = 1;
+    while !rest.is_empty() {
+        let count = piece.min(rest.len());
+        match client.payload_space() {
+            Some(space) => {
+                let count = count.min(space.len());
+                space[..count].copy_from_slice(&rest[..count]);
+                client.payload_filled(count).unwrap();
+                rest = &rest[count..];
+            }
+            None => {
+                client.receive(&rest[..count]).unwrap();
+                rest = &rest[count..];
+            }
+        }
+        piece = piece % 97 + 13;
+    }
+    let mut expected = alloc::vec![0x5a; 512];
+    expected.resize(2560, 0);
+    expected.extend_from_slice(&second);
+    expected.resize(4096, 0);
+    assert_eq!(
+        client.next_reply(),
+        Some(Reply::Read {
+            cookie,
+            offset: 1024,
+            data: IoBuf::from_slice(&expected)
+        })
+    );
+    assert!(client.payload_space().is_none());
 }
 
 #[test]
