@@ -66,6 +66,16 @@ impl Accel {
             Accel::Kvm => "kvm",
         }
     }
+
+    /// The CPU model QEMU emulates: under TCG `max`, whose RDRAND gives the kernel
+    /// its randomness (QEMU's default model has neither RDRAND nor RDSEED, and TLS
+    /// needs one); under KVM the host's own CPU with whatever it offers.
+    pub fn cpu(self) -> &'static str {
+        match self {
+            Accel::Tcg => "max",
+            Accel::Kvm => "host",
+        }
+    }
 }
 
 impl FromStr for Accel {
@@ -376,6 +386,8 @@ impl Options {
             "q35",
             "-accel",
             self.accel.name(),
+            "-cpu",
+            self.accel.cpu(),
         ]);
         push(&[
             "-m",
@@ -683,7 +695,7 @@ mod tests {
         let line = args(&options, ConsoleMode::Pipes, Some(4321));
         let image = crate::BIOS_IMAGE;
         for expected in [
-            "-nodefaults -machine q35 -accel tcg -m 512 -display none",
+            "-nodefaults -machine q35 -accel tcg -cpu max -m 512 -display none",
             "-no-reboot -device isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-serial stdio -monitor none",
             &format!(
@@ -781,7 +793,7 @@ mod tests {
         let line = args(&options, ConsoleMode::Terminal, None);
         assert!(line.contains(&format!("-bios {OVMF_CODE}")));
         assert!(line.contains(crate::UEFI_IMAGE));
-        assert!(line.contains("-accel kvm"));
+        assert!(line.contains("-accel kvm -cpu host"));
         assert!(line.contains(
             "-chardev stdio,id=console,mux=on,signal=off -serial chardev:console \
              -mon chardev=console"

@@ -326,6 +326,15 @@ fn boot_and_shut_down(options: Options, what: &str) {
     );
     let banner = appliance.banner().expect("a banner").to_string();
     assert!(banner.starts_with("thinbox "), "{banner}");
+    // The runner's CPU model (`-cpu max` under TCG) has RDRAND, which TLS draws on.
+    assert!(
+        appliance
+            .boot_log()
+            .iter()
+            .any(|line| line == "thinbox: randomness from RDRAND, health check passed"),
+        "{:?}",
+        appliance.boot_log()
+    );
     let port = appliance.nbd_port().expect("an NBD port");
     assert!(
         TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err(),

@@ -45,6 +45,11 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a closed connection may wait for the peer to close its side before it
 /// is reset (a peer that never does would hold the socket forever).
 const LINGER: Duration = Duration::from_secs(60);
+/// How long a client may take from connecting to choosing an export (TLS handshake
+/// included) before it is cut off, as qemu-nbd's handshake limit does (its 10 s is
+/// tight for an emulated appliance on a loaded host): keep-alive drops peers that
+/// vanish, this drops live ones that stall.
+const NEGOTIATION_LIMIT: Duration = Duration::from_secs(60);
 
 /// A fraction, numerator over denominator.
 #[derive(Clone, Copy)]
@@ -60,8 +65,12 @@ impl Share {
 enum Role {
     /// Waiting for a client (also during the TCP handshake).
     Listening,
-    /// Serving a client as connection `id` of the NBD server.
-    Serving { id: ConnectionId, peer_closed: bool },
+    /// Serving a client as connection `id` of the NBD server, accepted at `since`.
+    Serving {
+        id: ConnectionId,
+        peer_closed: bool,
+        since: Instant,
+    },
     /// Released from the server at `since`; waiting for TCP to finish closing.
     Closing { since: Instant },
 }
@@ -157,8 +166,11 @@ impl NbdSockets {
         let mut moved = false;
         for slot in &mut self.slots {
             let socket = sockets.get_mut::<tcp::Socket>(slot.handle);
-            moved |= accept(slot, socket, server, &mut self.accepted);
-            if let Role::Serving { id, peer_closed } = &mut slot.role {
+            moved |= accept(slot, socket, server, &mut self.accepted, now);
+            if let Role::Serving {
+                id, peer_closed, ..
+            } = &mut slot.role
+            {
                 moved |= receive(socket, *id, peer_closed, server);
             }
         }
@@ -273,6 +285,7 @@ fn accept<B: Backend>(
     socket: &mut tcp::Socket<'static>,
     server: &mut Server<B>,
     accepted: &mut u64,
+    now: Instant,
 ) -> bool {
     if !matches!(slot.role, Role::Listening) {
         return false;
@@ -286,6 +299,7 @@ fn accept<B: Backend>(
             slot.role = Role::Serving {
                 id: server.connect(SocketAddr::new(peer.addr.into(), peer.port)),
                 peer_closed: false,
+                since: now,
             };
             *accepted += 1;
             true
@@ -338,9 +352,17 @@ fn send_and_close<B: Backend>(
     server: &mut Server<B>,
     now: Instant,
 ) -> bool {
-    let Role::Serving { id, .. } = slot.role else {
+    let Role::Serving { id, since, .. } = slot.role else {
         return false;
     };
+    if server.negotiating(id) && now - since >= NEGOTIATION_LIMIT {
+        // A FIN rather than a reset: the socket leaves the set before a reset would
+        // be sent, and the peer must learn that the connection is over.
+        socket.close();
+        server.release(id);
+        slot.role = Role::Closing { since: now };
+        return true;
+    }
     let mut moved = false;
     while socket.can_send() && server.output_len(id) > 0 {
         let sent = socket
