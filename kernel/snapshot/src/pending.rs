@@ -148,6 +148,12 @@ impl Pending {
             }
             if self.error.is_none() {
                 moved |= self.submit(origin, cow);
+            } else {
+                // What was never sent is dropped: the batch fails once the
+                // requests the devices hold have come back.
+                self.pieces.clear();
+                self.read_retry = None;
+                self.to_write.clear();
             }
             if !self.in_flight() {
                 if let Some(error) = self.error {

@@ -373,3 +373,41 @@ fn writes_during_a_merge_land_in_the_merged_origin() {
     let progress = merging.merge_progress().unwrap();
     assert_eq!((progress.merged, progress.total), (80, 80));
 }
+
+/// A copy that fails while the batch's other requests still wait for room on the
+/// COW device ends the batch (the snapshot turns invalid) rather than waiting for
+/// requests that were never sent: the power fails at the second copy, with room
+/// for one request at a time on the COW device. (Run on a thread, so that a batch
+/// that never ends fails the test instead of hanging it.)
+#[test]
+fn a_failed_copy_with_requests_still_queued_ends_the_batch() {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let origin = MemDisk::new(256);
+        origin.write_at(0, &data(3, 256));
+        let disks = boot(&[&origin, &MemDisk::new(512)]);
+        let mut cow_info = disks[1].info().clone();
+        cow_info.queue_depth = 1;
+        let (mut snapshot, _) = Snapshot::open(
+            handle(&disks[0]),
+            Box::new(disks[1].handle_with_info(cow_info)),
+            PERSISTENT,
+            8,
+            256,
+        )
+        .unwrap();
+        disks[0].fail_at(Some(disks[0].operations() + 1));
+        let written = write_origin(
+            handle(&disks[0]).as_mut(),
+            &mut [&mut snapshot],
+            0,
+            &data(4, 64),
+            false,
+        );
+        sender.send((written.is_err(), snapshot.health())).unwrap();
+    });
+    let outcome = receiver
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the failed batch ends");
+    assert_eq!(outcome, (true, snapshot::Health::Invalid));
+}

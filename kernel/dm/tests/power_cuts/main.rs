@@ -26,6 +26,8 @@
 //! rate. A new kind of job is one more `Step` and its arm in `Runner::run` (in the
 //! workload module).
 
+#[path = "../cut_model/mod.rs"]
+mod cut_model;
 mod workload;
 
 use std::cell::RefCell;
@@ -33,11 +35,12 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Instant;
 
-use blockdev::{BlockDevice, CrashDisk, IoBuf, MemDisk, SECTOR_SIZE, Unflushed};
+use blockdev::{BlockDevice, CrashDisk, IoBuf, MemDisk, SECTOR_SIZE};
+use cut_model::{DeviceModel, pattern, rebuild, rebuild_modes, run_request};
 use dm::{DeviceMapper, Disk, Format, State};
-use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput, IoRequest};
+use nbd::{Backend, IoOp, IoOutput};
 use persistent_data::thin::{FormatPolicy, OpenOptions, ThinMetadata};
-use workload::{DeviceModel, Policy, Runner, Step, pattern, pool_table, thin_table, workload};
+use workload::{Policy, Runner, Step, pool_table, thin_table, workload};
 
 /// The address NBD clients of these tests connect from.
 const CLIENT: std::net::SocketAddr =
@@ -178,28 +181,6 @@ fn run_workload(
     }
 }
 
-/// Runs one request through a backend to its completion.
-fn run_request(
-    backend: &mut dyn Backend,
-    export: ExportHandle,
-    op: IoOp,
-) -> Result<IoOutput, BackendError> {
-    const TAG: u64 = 1 << 40;
-    backend
-        .submit(IoRequest {
-            tag: TAG,
-            export,
-            op,
-        })
-        .expect("an idle device takes a request");
-    loop {
-        if let Some(done) = backend.poll() {
-            assert_eq!(done.tag, TAG);
-            return done.result;
-        }
-    }
-}
-
 /// Checks disks rebuilt after a cut (bringing the devices back may write to them);
 /// `Err` says what is wrong.
 fn check_cut(
@@ -274,20 +255,6 @@ fn thin_check(metadata: &MemDisk) -> Result<(), String> {
     ))
 }
 
-/// The disks a reboot finds after the cut (each disk keeps its own random subset).
-fn rebuild(disks: &[CrashDisk], unflushed: Unflushed) -> Vec<MemDisk> {
-    disks
-        .iter()
-        .enumerate()
-        .map(|(n, disk)| {
-            disk.after_power_loss(match unflushed {
-                Unflushed::Random(bits) => Unflushed::Random(bits.rotate_left(n as u32 * 16)),
-                other => other,
-            })
-        })
-        .collect()
-}
-
 /// What a sweep did.
 #[derive(Default)]
 struct Tally {
@@ -321,12 +288,7 @@ fn sweep(cuts: u64) -> Tally {
         tally.job_cuts += whole.jobs[2] * 4;
         for cut in whole.start..=whole.end {
             let run = run_workload(disks, *policy, &steps, seed, Some(cut));
-            for unflushed in [
-                Unflushed::DropAll,
-                Unflushed::KeepAll,
-                Unflushed::Random(seed ^ cut),
-                Unflushed::Torn(cut),
-            ] {
+            for unflushed in rebuild_modes(seed, cut) {
                 let sampled = tally.cuts % THIN_CHECK_EVERY == 0;
                 let rebuilt = rebuild(&run.disks, unflushed);
                 let tool = sampled.then(|| thin_check(&rebuilt[1]));

@@ -6,10 +6,12 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use blockdev::{CrashDisk, IoBuf, SECTOR_SIZE};
+
 use dm::{DeviceMapper, Format, ImportFrom, NbdBackend};
 use nbd::{Backend, BackendError, ExportHandle, IoCompletion, IoOp, IoOutput, IoRequest};
 use thin_pool::PoolMode;
 
+use crate::cut_model::{DeviceModel, Sector, ZERO, base, pattern};
 use crate::{BS, DATA_BLOCKS, FIRST_POOL_BLOCKS, GROWTH_BLOCKS, ORIGIN_SECTORS, VOLUME_SECTORS};
 
 /// The address NBD clients of these tests connect from.
@@ -24,75 +26,6 @@ const STEPS: usize = 26;
 const STALL_POLLS: u32 = 4_000;
 /// Timer calls (a millisecond apart) a job may take with the power on.
 const JOB_TICKS: u32 = 200_000;
-
-pub type Sector = [u8; SECTOR_SIZE];
-const ZERO: Sector = [0; SECTOR_SIZE];
-
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0; len];
-    fastrand::Rng::with_seed(seed).fill(&mut out);
-    out
-}
-
-/// What an unprovisioned sector of a device reads: the origin's sector, or zeros.
-fn base(origin: &[u8], with_origin: bool, sector: u64) -> Sector {
-    let at = sector as usize * SECTOR_SIZE;
-    match origin.get(at..at + SECTOR_SIZE) {
-        Some(bytes) if with_origin => bytes.try_into().expect("one sector"),
-        _ => ZERO,
-    }
-}
-
-/// What a device's sectors may hold: every version written to each, oldest first
-/// (index 0: what it read before), the first version a power cut may not go back
-/// past, and the newest version a completed request wrote.
-#[derive(Clone, Default)]
-pub struct DeviceModel {
-    pub with_origin: bool,
-    versions: BTreeMap<u64, Vec<Sector>>,
-    pub durable_from: BTreeMap<u64, usize>,
-    completed: BTreeMap<u64, usize>,
-}
-
-impl DeviceModel {
-    fn write(&mut self, origin: &[u8], sector: u64, data: Sector) -> usize {
-        let with_origin = self.with_origin;
-        let versions = self
-            .versions
-            .entry(sector)
-            .or_insert_with(|| vec![base(origin, with_origin, sector)]);
-        versions.push(data);
-        versions.len() - 1
-    }
-
-    fn promise(&mut self, sector: u64, version: usize) {
-        let from = self.durable_from.entry(sector).or_insert(0);
-        *from = (*from).max(version);
-    }
-
-    fn promise_all(&mut self, completed: &BTreeMap<u64, usize>) {
-        for (&sector, &version) in completed {
-            self.promise(sector, version);
-        }
-    }
-
-    /// Whether `found` may be in `sector`: a version from `from` (a version index per
-    /// sector) on.
-    pub fn allows(
-        &self,
-        origin: &[u8],
-        sector: u64,
-        found: &[u8],
-        from: &BTreeMap<u64, usize>,
-    ) -> bool {
-        match self.versions.get(&sector) {
-            Some(versions) => versions[from.get(&sector).copied().unwrap_or(0)..]
-                .iter()
-                .any(|version| version[..] == *found),
-            None => base(origin, self.with_origin, sector)[..] == *found,
-        }
-    }
-}
 
 /// How the pool meets a full data device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -585,11 +518,7 @@ impl Runner {
 
     /// What `dev` reads at `sector` once its requests have completed.
     fn content(&self, dev: u64, sector: u64) -> Sector {
-        let model = &self.models[&dev];
-        match model.completed.get(&sector) {
-            Some(&version) => model.versions[&sector][version],
-            None => base(&self.origin, model.with_origin, sector),
-        }
+        self.models[&dev].content(&self.origin, sector)
     }
 
     /// `thin import` of device `source` into a new device (no origin), which may

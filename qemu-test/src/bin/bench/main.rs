@@ -15,7 +15,7 @@
 //! reads while a large device is deleted instead ([`delete`]); with `--network`, the
 //! appliance on each NIC over the user network and over tap instead ([`network`]);
 //! with `--cow-merge`, a dm-snapshot merge and reads during it ([`cow_merge`]); with
-//! `--thin-merge`, the thin merges ([`thin_merge`]); with `--replicate`, imports against
+//! `--thin-merge [--profile]`, the thin merges ([`thin_merge`]); with `--replicate`, imports against
 //! `nbdcopy` and incremental syncs ([`replicate`]); with `--network --profile`, where the
 //! appliance's time goes during copies over tap ([`profile`]).
 
@@ -82,7 +82,10 @@ enum Mode {
     Delete,
     Network,
     CowMerge,
-    ThinMerge,
+    /// `--thin-merge`, with `--profile` sampling the guest during the reads.
+    ThinMerge {
+        profile: bool,
+    },
     Replicate,
     /// `--network --profile`
     Profile,
@@ -94,7 +97,7 @@ fn main() {
         Mode::Delete => delete::bench(seconds),
         Mode::Network => network::bench(seconds),
         Mode::CowMerge => cow_merge::bench(seconds),
-        Mode::ThinMerge => thin_merge::bench(seconds),
+        Mode::ThinMerge { profile } => thin_merge::bench(seconds, profile),
         Mode::Replicate => replicate::bench(),
         Mode::Profile => profile::bench(),
     });
@@ -216,20 +219,22 @@ fn thin_pool_commands() -> [String; 3] {
     ]
 }
 
-/// `[--delete|--network [--profile]|--cow-merge|--thin-merge|--replicate] [--seconds N]`:
+/// `[--delete|--network [--profile]|--cow-merge|--thin-merge [--profile]|--replicate] [--seconds N]`:
 /// which benchmark, and fio's run time per workload.
 fn parse_args() -> Result<(u32, Mode)> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mode = if args.iter().any(|arg| arg == "--delete") {
         Mode::Delete
+    } else if args.iter().any(|arg| arg == "--thin-merge") {
+        Mode::ThinMerge {
+            profile: args.iter().any(|arg| arg == "--profile"),
+        }
     } else if args.iter().any(|arg| arg == "--profile") {
         Mode::Profile
     } else if args.iter().any(|arg| arg == "--network") {
         Mode::Network
     } else if args.iter().any(|arg| arg == "--cow-merge") {
         Mode::CowMerge
-    } else if args.iter().any(|arg| arg == "--thin-merge") {
-        Mode::ThinMerge
     } else if args.iter().any(|arg| arg == "--replicate") {
         Mode::Replicate
     } else {
@@ -254,7 +259,8 @@ fn parse_args() -> Result<(u32, Mode)> {
             .filter(|&seconds| seconds > 0)
             .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
         _ => Err(
-            "usage: bench [--delete|--network [--profile]|--cow-merge|--thin-merge|--replicate] \
+            "usage: bench [--delete|--network [--profile]|--cow-merge|--thin-merge [--profile]|\
+             --replicate] \
              [--seconds N] (fio run time per random workload)"
                 .into(),
         ),

@@ -55,9 +55,7 @@ pub fn bench() -> Result<()> {
                 EXPORT_BYTES / MIB,
                 samples.len()
             );
-            for (share, function) in symbols.top(&samples, TOP) {
-                println!("  {:5.1} %  {function}", share * 100.0);
-            }
+            symbols.print_top(&samples);
         }
         appliance
             .shutdown()
@@ -68,7 +66,7 @@ pub fn bench() -> Result<()> {
 
 /// Runs `work` while sampling the guest's instruction pointer through the monitor
 /// on `socket`; returns how long `work` took in seconds and the samples.
-fn sampled(
+pub fn sampled(
     socket: &Path,
     work: impl FnOnce() -> Result<std::time::Duration>,
 ) -> Result<(f64, Vec<u64>)> {
@@ -98,14 +96,14 @@ fn instruction_pointer(registers: &str) -> Option<u64> {
 }
 
 /// The kernel's functions by address (offsets into its image).
-struct Symbols {
+pub struct Symbols {
     starts: Vec<u64>,
     names: Vec<String>,
 }
 
 impl Symbols {
     /// Reads the function symbols of the ELF file at `elf` with `nm`.
-    fn read(elf: &Path) -> Result<Symbols> {
+    pub fn read(elf: &Path) -> Result<Symbols> {
         let listed = Command::new("nm")
             .args(["--numeric-sort", "--demangle", "--defined-only"])
             .arg(elf)
@@ -140,6 +138,13 @@ impl Symbols {
         let offset = address.checked_sub(KERNEL_BASE)?;
         let index = self.starts.partition_point(|&start| start <= offset);
         (index > 0).then(|| self.names[index - 1].as_str())
+    }
+
+    /// Prints the [`TOP`] functions with the most samples and their shares.
+    pub fn print_top(&self, samples: &[u64]) {
+        for (share, function) in self.top(samples, TOP) {
+            println!("  {:5.1} %  {function}", share * 100.0);
+        }
     }
 
     /// The `count` functions with the most samples, with their share of all.

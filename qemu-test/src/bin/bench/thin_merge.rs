@@ -3,7 +3,9 @@
 //! * `thin merge-origin` of a 256 MiB volume whose every block is its own: the merge
 //!   alone in MB/s against `disk-test`'s write bandwidth on the image disk (measured
 //!   first, on the same disk), and 4 KiB random reads at queue depth 16 on the
-//!   volume during a merge against the same reads without one.
+//!   volume during a merge against the same reads without one. With `--profile`,
+//!   the guest's instruction pointer is sampled during both runs of reads (as
+//!   `--network --profile` does) and the busiest functions of each are printed.
 //! * `snap merge` of a thin snapshot at 1,000,000 mappings (metadata made by
 //!   `thin_restore`, a sparse data disk): the command's round trip on the console,
 //!   and the background release of the origin's old content.
@@ -13,10 +15,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Options, Scratch, wait_for_greeting};
+use qemu_test::{Appliance, KERNEL_ELF, Options, Scratch, wait_for_greeting};
 
 use crate::delete::thin_restore;
 use crate::network::disk_rates;
+use crate::profile::{Symbols, sampled};
 use crate::{
     BLOCK_SECTORS, Client, EXPORT_BYTES, MIB, POOL_DATA_BYTES, Result, SECTOR, fio_iops, timed,
     write_random,
@@ -48,22 +51,55 @@ struct OriginFigures {
     merge_mib_s: f64,
     idle_iops: f64,
     merging_iops: f64,
-    /// `jobs` right after the reads during the merge: the merge was still running.
+    /// `jobs` right before and after the reads during the merge: how far the merge
+    /// got meanwhile (it was still running).
+    jobs_before: String,
     jobs_after: String,
 }
 
-fn origin_merge(scratch: &Scratch, source: &Path, seconds: u32) -> Result<OriginFigures> {
+/// Runs fio's random reads for `seconds` on `uri`; with a monitor socket, samples the
+/// guest meanwhile and prints where it was, under `label`.
+fn reads(uri: &str, seconds: u32, profile: Option<(&Path, &Symbols)>, label: &str) -> Result<f64> {
+    let Some((monitor, symbols)) = profile else {
+        return fio_iops(Client::Host, uri, "randread", seconds);
+    };
+    let mut iops = 0.0;
+    let (_, samples) = sampled(monitor, || {
+        let started = Instant::now();
+        iops = fio_iops(Client::Host, uri, "randread", seconds)?;
+        Ok(started.elapsed())
+    })?;
+    println!("{label}: {iops:.0} IOPS, {} samples", samples.len());
+    symbols.print_top(&samples);
+    Ok(iops)
+}
+
+fn origin_merge(
+    scratch: &Scratch,
+    source: &Path,
+    seconds: u32,
+    profile: bool,
+) -> Result<OriginFigures> {
     let disk = |name: &str, bytes: u64| {
         scratch
             .disk(name, bytes)
             .map_err(|e| format!("creating {name}: {e}"))
     };
-    let options = Options::bios()
+    let mut options = Options::bios()
         .memory_mib(1024)
         .disk(disk("merge-meta.img", 64 * MIB)?)
         .disk(disk("merge-data.img", POOL_DATA_BYTES)?)
         .disk(disk("merge-image.img", EXPORT_BYTES)?)
         .nbd();
+    let monitor = scratch.path().join("merge-monitor.sock");
+    let symbols = match profile {
+        true => {
+            options = options.monitor(&monitor);
+            Some(Symbols::read(Path::new(KERNEL_ELF))?)
+        }
+        false => None,
+    };
+    let profile = symbols.as_ref().map(|symbols| (monitor.as_path(), symbols));
     let mut appliance = boot(options)?;
     let tested = console(
         &mut appliance,
@@ -86,15 +122,28 @@ fn origin_merge(scratch: &Scratch, source: &Path, seconds: u32) -> Result<Origin
     };
     fill()?;
     eprintln!("merge: merge-origin alone");
-    let started = Instant::now();
-    console(&mut appliance, "thin merge-origin vol")?;
-    let merge_mib_s = (EXPORT_BYTES / MIB) as f64 / started.elapsed().as_secs_f64();
+    let mut merge = || {
+        let started = Instant::now();
+        console(&mut appliance, "thin merge-origin vol")?;
+        Ok(started.elapsed())
+    };
+    let took = match profile {
+        Some((monitor, symbols)) => {
+            let (took, samples) = sampled(monitor, merge)?;
+            println!("merge alone: {took:.2} s, {} samples", samples.len());
+            symbols.print_top(&samples);
+            took
+        }
+        None => merge()?.as_secs_f64(),
+    };
+    let merge_mib_s = (EXPORT_BYTES / MIB) as f64 / took;
     fill()?;
     eprintln!("merge: reads alone, {seconds} s");
-    let idle_iops = fio_iops(Client::Host, &uri, "randread", seconds)?;
+    let idle_iops = reads(&uri, seconds, profile, "reads alone")?;
     console(&mut appliance, "thin merge-origin vol --background")?;
+    let jobs_before = console(&mut appliance, "jobs")?;
     eprintln!("merge: reads during merge-origin, {seconds} s");
-    let merging_iops = fio_iops(Client::Host, &uri, "randread", seconds)?;
+    let merging_iops = reads(&uri, seconds, profile, "reads during the merge")?;
     let jobs_after = console(&mut appliance, "jobs")?;
     appliance.kill();
     Ok(OriginFigures {
@@ -102,6 +151,7 @@ fn origin_merge(scratch: &Scratch, source: &Path, seconds: u32) -> Result<Origin
         merge_mib_s,
         idle_iops,
         merging_iops,
+        jobs_before,
         jobs_after,
     })
 }
@@ -176,13 +226,13 @@ fn snapshot_merge(scratch: &Scratch) -> Result<(Duration, Duration)> {
     Ok((merge, release))
 }
 
-pub fn bench(seconds: u32) -> Result<()> {
+pub fn bench(seconds: u32, profile: bool) -> Result<()> {
     host_tools::require(&[Tool::Qemu, Tool::NbdCopy, Tool::Fio, Tool::ThinCheck])
         .map_err(|missing| format!("missing tools: {}", missing.install_command()))?;
     let scratch = Scratch::new().map_err(|e| format!("scratch directory: {e}"))?;
     let source = scratch.path().join("random.img");
     write_random(&source, EXPORT_BYTES)?;
-    let origin = origin_merge(&scratch, &source, seconds)?;
+    let origin = origin_merge(&scratch, &source, seconds, profile)?;
     let (merge, release) = snapshot_merge(&scratch)?;
     println!();
     println!(
@@ -204,6 +254,7 @@ pub fn bench(seconds: u32) -> Result<()> {
         origin.merging_iops,
         origin.merging_iops / origin.idle_iops
     );
+    println!("  jobs before the reads: {}", origin.jobs_before.trim());
     println!("  jobs after the reads: {}", origin.jobs_after.trim());
     println!("snap merge of a thin snapshot at {MAPPINGS} mappings on the appliance");
     println!(

@@ -1,0 +1,133 @@
+//! What the power-cut sweeps share: the model of what each sector of a device may
+//! hold after a cut, and the disks a reboot finds.
+
+use std::collections::BTreeMap;
+
+use blockdev::{CrashDisk, MemDisk, SECTOR_SIZE, Unflushed};
+use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput, IoRequest};
+
+pub type Sector = [u8; SECTOR_SIZE];
+pub const ZERO: Sector = [0; SECTOR_SIZE];
+
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0; len];
+    fastrand::Rng::with_seed(seed).fill(&mut out);
+    out
+}
+
+/// What a sector nothing wrote reads: the origin's sector, or zeros.
+pub fn base(origin: &[u8], with_origin: bool, sector: u64) -> Sector {
+    let at = sector as usize * SECTOR_SIZE;
+    match origin.get(at..at + SECTOR_SIZE) {
+        Some(bytes) if with_origin => bytes.try_into().expect("one sector"),
+        _ => ZERO,
+    }
+}
+
+/// What a device's sectors may hold: every version written to each, oldest first
+/// (index 0: what it read before), the first version a power cut may not go back
+/// past, and the newest version a completed request wrote.
+#[derive(Clone, Default)]
+pub struct DeviceModel {
+    pub with_origin: bool,
+    pub versions: BTreeMap<u64, Vec<Sector>>,
+    pub durable_from: BTreeMap<u64, usize>,
+    pub completed: BTreeMap<u64, usize>,
+}
+
+impl DeviceModel {
+    /// Records a new version of `sector`; returns its index.
+    pub fn write(&mut self, origin: &[u8], sector: u64, data: Sector) -> usize {
+        let with_origin = self.with_origin;
+        let versions = self
+            .versions
+            .entry(sector)
+            .or_insert_with(|| vec![base(origin, with_origin, sector)]);
+        versions.push(data);
+        versions.len() - 1
+    }
+
+    /// A cut may not take `sector` back past `version`.
+    pub fn promise(&mut self, sector: u64, version: usize) {
+        let from = self.durable_from.entry(sector).or_insert(0);
+        *from = (*from).max(version);
+    }
+
+    pub fn promise_all(&mut self, completed: &BTreeMap<u64, usize>) {
+        for (&sector, &version) in completed {
+            self.promise(sector, version);
+        }
+    }
+
+    /// Whether `found` may be in `sector`: a version from `from` (a version index per
+    /// sector) on.
+    pub fn allows(
+        &self,
+        origin: &[u8],
+        sector: u64,
+        found: &[u8],
+        from: &BTreeMap<u64, usize>,
+    ) -> bool {
+        match self.versions.get(&sector) {
+            Some(versions) => versions[from.get(&sector).copied().unwrap_or(0)..]
+                .iter()
+                .any(|version| version[..] == *found),
+            None => base(origin, self.with_origin, sector)[..] == *found,
+        }
+    }
+
+    /// What `sector` reads once the requests in flight have completed.
+    pub fn content(&self, origin: &[u8], sector: u64) -> Sector {
+        match self.completed.get(&sector) {
+            Some(&version) => self.versions[&sector][version],
+            None => base(origin, self.with_origin, sector),
+        }
+    }
+}
+
+/// The disks a reboot finds after the cut (each disk keeps its own random subset).
+pub fn rebuild(disks: &[CrashDisk], unflushed: Unflushed) -> Vec<MemDisk> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(n, disk)| {
+            disk.after_power_loss(match unflushed {
+                Unflushed::Random(bits) => Unflushed::Random(bits.rotate_left(n as u32 * 16)),
+                other => other,
+            })
+        })
+        .collect()
+}
+
+/// The four ways a sweep rebuilds the disks after the cut at I/O `cut` of
+/// workload `seed`.
+pub fn rebuild_modes(seed: u64, cut: u64) -> [Unflushed; 4] {
+    [
+        Unflushed::DropAll,
+        Unflushed::KeepAll,
+        Unflushed::Random(seed ^ cut),
+        Unflushed::Torn(cut),
+    ]
+}
+
+/// Runs one request through a backend to its completion.
+pub fn run_request(
+    backend: &mut dyn Backend,
+    export: ExportHandle,
+    op: IoOp,
+) -> Result<IoOutput, BackendError> {
+    const TAG: u64 = 1 << 40;
+    backend
+        .submit(IoRequest {
+            tag: TAG,
+            export,
+            op,
+        })
+        .expect("an idle device takes a request");
+    loop {
+        if let Some(done) = backend.poll() {
+            assert_eq!(done.tag, TAG);
+            return done.result;
+        }
+    }
+}
