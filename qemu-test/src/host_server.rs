@@ -15,6 +15,8 @@ pub struct HostServer {
     port: u16,
     /// Kept open so that the server never writes to a closed pipe.
     _stdout: Option<BufReader<ChildStdout>>,
+    /// What `thinbox offline` printed while it ran its commands (empty for others).
+    transcript: String,
 }
 
 impl HostServer {
@@ -28,6 +30,7 @@ impl HostServer {
             child,
             port,
             _stdout: None,
+            transcript: String::new(),
         };
         crate::wait_for_greeting(port, READY)?;
         Ok(server)
@@ -107,9 +110,16 @@ impl HostServer {
             child,
             port,
             _stdout: Some(stdout),
+            transcript,
         };
         crate::wait_for_greeting(port, READY)?;
         Ok(server)
+    }
+
+    /// What `thinbox offline` printed up to serving (its commands' output), e.g. the
+    /// certificate `nbd tls generate` made.
+    pub fn transcript(&self) -> &str {
+        &self.transcript
     }
 
     /// The port it listens on (on 127.0.0.1).

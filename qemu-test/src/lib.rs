@@ -55,7 +55,7 @@ pub use protocol::PROMPT;
 pub use relay::{CountingRelay, NbdFront};
 pub use tap::TapNetwork;
 pub use thinbox_boot::{BIOS_IMAGE, KERNEL_ELF, UEFI_IMAGE};
-pub use tool::{nbdsh_command, qemu_img_read, qemu_img_write, run_nbdsh, run_tool};
+pub use tool::{nbdsh_command, nbdsh_script, qemu_img_read, qemu_img_write, run_nbdsh, run_tool};
 
 /// QEMU's exit status after the kernel's clean `shutdown` (isa-debug-exit value 0x10).
 pub const EXIT_SHUTDOWN: i32 = 33;

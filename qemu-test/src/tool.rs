@@ -22,11 +22,25 @@ pub fn run_nbdsh(uri: &str, script: &str) -> String {
 /// is `h`), with the system's python3 first on `PATH`: Debian installs libnbd's
 /// module for that one only.
 pub fn nbdsh_command(uri: &str, script: &str) -> Command {
+    let mut command = nbdsh();
+    command.args(["-u", uri, "-c", script]);
+    command
+}
+
+/// The command that runs a Python `script` in `nbdsh` with an unconnected handle
+/// `h`, e.g. for a script that allows a URI to name local files (an `nbds://` URI's
+/// `tls-certificates`) before it connects.
+pub fn nbdsh_script(script: &str) -> Command {
+    let mut command = nbdsh();
+    command.args(["-c", script]);
+    command
+}
+
+/// `nbdsh` with the system's python3 first on `PATH`.
+fn nbdsh() -> Command {
     let path = std::env::var("PATH").unwrap_or_default();
     let mut command = Command::new("nbdsh");
-    command
-        .args(["-u", uri, "-c", script])
-        .env("PATH", format!("/usr/bin:{path}"));
+    command.env("PATH", format!("/usr/bin:{path}"));
     command
 }
 

@@ -17,7 +17,8 @@
 //! with `--cow-merge`, a dm-snapshot merge and reads during it ([`cow_merge`]); with
 //! `--thin-merge [--profile]`, the thin merges ([`thin_merge`]); with `--replicate`, imports against
 //! `nbdcopy` and incremental syncs ([`replicate`]); with `--network --profile`, where the
-//! appliance's time goes during copies over tap ([`profile`]).
+//! appliance's time goes during copies over tap ([`profile`]); with `--tls`, NBD over TLS
+//! against plaintext, offline and on the appliance ([`tls`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -58,6 +59,7 @@ mod network;
 mod profile;
 mod replicate;
 mod thin_merge;
+mod tls;
 
 /// Where the NBD clients run: on this host, or inside a tap network's namespace.
 #[derive(Clone, Copy)]
@@ -89,6 +91,7 @@ enum Mode {
     Replicate,
     /// `--network --profile`
     Profile,
+    Tls,
 }
 
 fn main() {
@@ -100,6 +103,7 @@ fn main() {
         Mode::ThinMerge { profile } => thin_merge::bench(seconds, profile),
         Mode::Replicate => replicate::bench(),
         Mode::Profile => profile::bench(),
+        Mode::Tls => tls::bench(seconds),
     });
     if let Err(why) = result {
         eprintln!("bench: {why}");
@@ -153,7 +157,7 @@ fn bench(seconds: u32) -> Result<()> {
         .shutdown()
         .map_err(|e| format!("shutdown: {e:?}"))?;
 
-    let offline = start_offline(scratch.path())?;
+    let offline = start_offline(scratch.path(), &[])?;
     let host_thin = on_host("offline thin", &offline.uri("thin"))?;
     drop(offline);
 
@@ -219,7 +223,7 @@ fn thin_pool_commands() -> [String; 3] {
     ]
 }
 
-/// `[--delete|--network [--profile]|--cow-merge|--thin-merge [--profile]|--replicate] [--seconds N]`:
+/// `[--delete|--network [--profile]|--cow-merge|--thin-merge [--profile]|--replicate|--tls] [--seconds N]`:
 /// which benchmark, and fio's run time per workload.
 fn parse_args() -> Result<(u32, Mode)> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -237,6 +241,8 @@ fn parse_args() -> Result<(u32, Mode)> {
         Mode::CowMerge
     } else if args.iter().any(|arg| arg == "--replicate") {
         Mode::Replicate
+    } else if args.iter().any(|arg| arg == "--tls") {
+        Mode::Tls
     } else {
         Mode::Compare
     };
@@ -248,6 +254,7 @@ fn parse_args() -> Result<(u32, Mode)> {
             "--cow-merge",
             "--thin-merge",
             "--replicate",
+            "--tls",
         ]
         .contains(&arg.as_str())
     });
@@ -260,8 +267,7 @@ fn parse_args() -> Result<(u32, Mode)> {
             .ok_or_else(|| format!("--seconds takes a whole number above 0, not '{value}'")),
         _ => Err(
             "usage: bench [--delete|--network [--profile]|--cow-merge|--thin-merge [--profile]|\
-             --replicate] \
-             [--seconds N] (fio run time per random workload)"
+             --replicate|--tls] [--seconds N] (fio run time per random workload)"
                 .into(),
         ),
     }?;
@@ -295,7 +301,7 @@ fn measure(client: Client, name: &str, uri: &str, source: &Path, seconds: u32) -
     let randread_iops = fio_iops(client, uri, "randread", seconds)?;
     let randwrite_iops = fio_iops(client, uri, "randwrite", seconds)?;
     eprintln!("{name}: 4 KiB random FUA writes, queue depth 16, {seconds} s");
-    let fua_randwrite_iops = fua_write_iops(client, uri, seconds)?;
+    let fua_randwrite_iops = libnbd_iops(client, uri, seconds, LibnbdLoad::FuaWrites)?;
     let mb = EXPORT_BYTES as f64 / 1e6;
     Ok(Figures {
         write_mb_s: mb / write.as_secs_f64(),
@@ -306,12 +312,35 @@ fn measure(client: Client, name: &str, uri: &str, source: &Path, seconds: u32) -
     })
 }
 
-/// IOPS of 4 KiB writes with FUA at random 4 KiB-aligned offsets of the copied range,
-/// 16 in flight, sent by libnbd in `nbdsh` for `seconds`.
-fn fua_write_iops(client: Client, uri: &str, seconds: u32) -> Result<f64> {
+/// What a libnbd client sends in [`libnbd_iops`].
+#[derive(Clone, Copy)]
+enum LibnbdLoad {
+    Reads,
+    Writes,
+    FuaWrites,
+}
+
+impl LibnbdLoad {
+    /// The Python call that submits one 4 KiB request at `offset`.
+    fn submit(self) -> &'static str {
+        match self {
+            LibnbdLoad::Reads => "h.aio_pread(buffer, offset, completion=finished)",
+            LibnbdLoad::Writes => "h.aio_pwrite(buffer, offset, completion=finished)",
+            LibnbdLoad::FuaWrites => {
+                "h.aio_pwrite(buffer, offset, completion=finished, flags=nbd.CMD_FLAG_FUA)"
+            }
+        }
+    }
+}
+
+/// IOPS of 4 KiB requests (`load`) at random 4 KiB-aligned offsets of the copied
+/// range, 16 in flight, sent by libnbd in `nbdsh` for `seconds`.
+fn libnbd_iops(client: Client, uri: &str, seconds: u32, load: LibnbdLoad) -> Result<f64> {
     let script = format!(
         r#"
 import os, random, time
+h.set_uri_allow_local_file(True)
+h.connect_uri({uri:?})
 buffer = nbd.Buffer.from_bytearray(bytearray(os.urandom(4096)))
 offsets = random.Random(1)
 done = 0
@@ -326,19 +355,20 @@ start = time.monotonic()
 while time.monotonic() < start + {seconds}:
     while h.aio_in_flight() < 16:
         offset = offsets.randrange({pages}) * 4096
-        h.aio_pwrite(buffer, offset, completion=finished, flags=nbd.CMD_FLAG_FUA)
+        {submit}
     h.poll(-1)
 while h.aio_in_flight():
     h.poll(-1)
 if errors:
-    raise Exception(f'{{len(errors)}} FUA writes failed, the first with errno {{errors[0]}}')
+    raise Exception(f'{{len(errors)}} requests failed, the first with errno {{errors[0]}}')
 print(done / (time.monotonic() - start))
 "#,
-        pages = EXPORT_BYTES / 4096
+        pages = EXPORT_BYTES / 4096,
+        submit = load.submit()
     );
     let text = output_of(
-        client.run(qemu_test::nbdsh_command(uri, &script)),
-        "FUA writes",
+        client.run(qemu_test::nbdsh_script(&script)),
+        "libnbd requests",
     )?;
     text.trim()
         .parse()
@@ -404,8 +434,9 @@ fn fio_iops(client: Client, uri: &str, pattern: &str, seconds: u32) -> Result<f6
         .ok_or_else(|| format!("unexpected fio output: {text}"))
 }
 
-/// `thinbox offline` serving the thin pool from image files on a free local port.
-fn start_offline(dir: &Path) -> Result<HostServer> {
+/// `thinbox offline` serving the thin pool from image files on a free local port,
+/// after running the console commands `after` too.
+fn start_offline(dir: &Path, after: &[&str]) -> Result<HostServer> {
     let mut disks = Vec::new();
     for (name, bytes) in [
         ("host-metadata.img", METADATA_BYTES),
@@ -416,7 +447,9 @@ fn start_offline(dir: &Path) -> Result<HostServer> {
         disks.push(path);
     }
     let disks: Vec<&Path> = disks.iter().map(PathBuf::as_path).collect();
-    HostServer::offline(&build_thinbox()?, &disks, &thin_pool_commands())
+    let mut commands = thin_pool_commands().to_vec();
+    commands.extend(after.iter().map(|command| command.to_string()));
+    HostServer::offline(&build_thinbox()?, &disks, &commands)
 }
 
 /// Builds the host runner (this binary's crate does not depend on it) and returns its
