@@ -219,6 +219,15 @@ impl Pci {
         }
     }
 
+    /// A root of its own for a driver that sets its device up again later (after
+    /// resetting it). It reaches the same configuration space the same way.
+    pub fn driver_root(&self) -> PciRoot<ConfigAccess> {
+        // SAFETY: see `unsafe_clone` above: the copies are used one at a time (the
+        // kernel is single-threaded and no interrupt handler touches PCI), each
+        // access a whole register.
+        PciRoot::new(unsafe { self.config.unsafe_clone() })
+    }
+
     /// Switches on memory decoding and bus mastering (DMA).
     pub fn enable(&mut self, function: DeviceFunction) {
         let (_, command) = self.root.get_status_command(function);

@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,9 @@ pub struct Appliance {
     stdin: ChildStdin,
     /// Serial output in the order it arrived; closed when QEMU's stdout ends.
     output: Receiver<Vec<u8>>,
+    /// Taken by [`Appliance::hold_output`]; the thread reading QEMU's stdout waits
+    /// for it before each read.
+    output_gate: Arc<Mutex<()>>,
     output_ended: bool,
     stderr: Option<JoinHandle<String>>,
     stderr_text: String,
@@ -82,7 +86,9 @@ impl Appliance {
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut stderr = child.stderr.take().expect("stderr is piped");
         let (sender, output) = mpsc::channel();
-        thread::spawn(move || forward_output(stdout, sender));
+        let output_gate = Arc::new(Mutex::new(()));
+        let gate = Arc::clone(&output_gate);
+        thread::spawn(move || forward_output(stdout, sender, &gate));
         let stderr = thread::spawn(move || {
             let mut text = Vec::new();
             let _ = stderr.read_to_end(&mut text);
@@ -92,6 +98,7 @@ impl Appliance {
             child,
             stdin,
             output,
+            output_gate,
             output_ended: false,
             stderr: Some(stderr),
             stderr_text: String::new(),
@@ -172,6 +179,21 @@ impl Appliance {
                 Some((end, String::from_utf8_lossy(&pending[..end]).into_owned()))
             },
         )
+    }
+
+    /// Stops reading QEMU's serial output for `duration`, as a host that is slow to
+    /// read does: once the pipe is full the appliance's console waits for it. Runs
+    /// `meanwhile` during the hold and returns its result.
+    pub fn hold_output<T>(&mut self, duration: Duration, meanwhile: impl FnOnce() -> T) -> T {
+        let held = self
+            .output_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let started = Instant::now();
+        let result = meanwhile();
+        thread::sleep(duration.saturating_sub(started.elapsed()));
+        drop(held);
+        result
     }
 
     /// `event: ` lines seen during console commands since the last call.
@@ -385,9 +407,10 @@ impl Drop for Appliance {
     }
 }
 
-fn forward_output(mut stdout: impl Read, sender: mpsc::Sender<Vec<u8>>) {
+fn forward_output(mut stdout: impl Read, sender: mpsc::Sender<Vec<u8>>, gate: &Mutex<()>) {
     let mut buffer = [0u8; 4096];
     loop {
+        drop(gate.lock().unwrap_or_else(PoisonError::into_inner));
         match stdout.read(&mut buffer) {
             Ok(0) | Err(_) => return,
             Ok(count) => {

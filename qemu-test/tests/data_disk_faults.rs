@@ -1,7 +1,7 @@
 //! A data disk that fails every read (QEMU's `blkdebug` under it, EIO on each read):
 //! a client reading a mapped block gets EIO for that request only. Writes, flushes
 //! and reads of unmapped blocks go on, the appliance keeps answering its console,
-//! and a new client is served.
+//! a new client is served, and `disks` counts each failed read as it happens.
 
 use std::fs;
 use std::time::Duration;
@@ -38,6 +38,25 @@ attempt('write-again', lambda: h.pwrite(b'\xa5' * 65536, 2 << 20))
 attempt('read-mapped-again', lambda: h.pread(4096, 2 << 20))
 "#;
 
+/// The `errors:` line `disks` prints under `disk`, if it prints one.
+fn disk_errors(appliance: &mut Appliance, disk: &str) -> Option<String> {
+    let listing = appliance.console_ok("disks").unwrap();
+    let mut lines = listing
+        .lines()
+        .skip_while(|line| line.split_whitespace().next() != Some(disk));
+    lines
+        .next()
+        .unwrap_or_else(|| panic!("no {disk} in {listing}"));
+    let next = lines.next()?.trim();
+    next.starts_with("errors: ").then(|| next.to_string())
+}
+
+/// What `disks` says when only reads failed.
+fn failed_reads(reads: u64) -> String {
+    let plural = if reads == 1 { "" } else { "s" };
+    format!("errors: {reads} read{plural}, 0 writes, 0 flushes, 0 discards failed; 0 resets")
+}
+
 #[test]
 fn a_failing_data_read_fails_its_request_and_the_appliance_stays_up() {
     host_tools::require_for_test(&[Tool::Qemu, Tool::NbdSh, Tool::NbdInfo]);
@@ -69,6 +88,15 @@ fn a_failing_data_read_fails_its_request_and_the_appliance_stays_up() {
             4 * MIB / SECTOR
         ))
         .unwrap();
+    assert_eq!(disk_errors(&mut appliance, "vda"), None);
+    // The search for a configuration area read the disk at boot, and failed.
+    let at_boot = disk_errors(&mut appliance, "vdb").expect("an errors line for vdb");
+    let reads_at_boot: u64 = at_boot
+        .strip_prefix("errors: ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("{at_boot}"));
+    assert_eq!(at_boot, failed_reads(reads_at_boot));
     let uri = appliance.nbd_uri("vol").unwrap();
     let printed = run_nbdsh(&uri, CLIENT);
     assert_eq!(
@@ -84,6 +112,12 @@ fn a_failing_data_read_fails_its_request_and_the_appliance_stays_up() {
         "{}",
         appliance.transcript()
     );
+    assert_eq!(
+        disk_errors(&mut appliance, "vdb"),
+        Some(failed_reads(reads_at_boot + 2)),
+        "the two reads of mapped blocks failed on the disk"
+    );
+    assert_eq!(disk_errors(&mut appliance, "vda"), None);
     let status = appliance.console_ok("status pool").unwrap();
     assert!(status.contains(" rw "), "{status}");
     let listed = run_tool("nbdinfo", &["--list", &uri]);

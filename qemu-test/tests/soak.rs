@@ -7,8 +7,10 @@
 //! passes the real `thin_check`, and after a reboot every volume and every snapshot
 //! reads back, page by page, as the model says.
 //!
-//! 60 seconds of workload by default; `SOAK_SECS=1800` runs the 30-minute soak, and
-//! `SOAK_SEED=N` picks another random sequence. The test prints what it did.
+//! 60 seconds of workload by default; `SOAK_SECS=1800` runs the 30-minute soak,
+//! `SOAK_SEED=N` picks another random sequence, and `SOAK_DUMP_EACH=1` also dumps the
+//! held metadata snapshot after every action (long console replies, many of them).
+//! The test prints what it did.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use host_tools::Tool;
 use qemu_test::{
-    Appliance, Options, Scratch, monitor_command, nbdsh_command, run_nbdsh, wait_for_greeting,
+    Appliance, Options, PROMPT, Scratch, monitor_command, nbdsh_command, run_nbdsh,
+    wait_for_greeting,
 };
 
 const MIB: u64 = 1 << 20;
@@ -292,12 +295,14 @@ struct ConsoleCounts {
     snapshots: u32,
     deletes: u32,
     metadata_snapshots: u32,
+    /// Bytes of the longest `dump --metadata-snap` reply.
+    largest_dump: usize,
     sample_checks: u32,
 }
 
 /// Runs a console command that must succeed; if the appliance does not answer, the
 /// panic shows where its CPU was (the instruction pointer from QEMU's monitor,
-/// sampled five times).
+/// sampled five times) and what the console prints when Enter is pressed then.
 fn console(appliance: &mut Appliance, monitor: &Path, command: &str) -> String {
     appliance.console_ok(command).unwrap_or_else(|error| {
         let samples: Vec<String> = (0..5)
@@ -313,8 +318,11 @@ fn console(appliance: &mut Appliance, monitor: &Path, command: &str) -> String {
                 }
             })
             .collect();
+        let after_enter = appliance
+            .type_partial("\r")
+            .and_then(|()| appliance.read_until(PROMPT, Duration::from_secs(20)));
         panic!(
-            "{command}: {error:?}\nthe CPU was at:\n{}",
+            "{command}: {error:?}\nthe CPU was at:\n{}\nafter Enter: {after_enter:?}",
             samples.join("\n")
         )
     })
@@ -338,6 +346,7 @@ fn clients_snapshots_and_deletes_for_a_while_then_everything_reads_back_after_a_
     host_tools::require_for_test(&[Tool::Qemu, Tool::ThinCheck, Tool::NbdSh]);
     let seconds = env_number("SOAK_SECS", 60);
     let seed = env_number("SOAK_SEED", 14);
+    let dump_each = env_number("SOAK_DUMP_EACH", 0) != 0;
     let scratch = Scratch::new().unwrap();
     let metadata = scratch.disk("metadata.img", 32 * MIB).unwrap();
     let data = scratch.disk("data.img", 512 * MIB).unwrap();
@@ -414,6 +423,7 @@ fn clients_snapshots_and_deletes_for_a_while_then_everything_reads_back_after_a_
             _ if metadata_snapshot_held => {
                 let dump = console(&mut appliance, &monitor, "dump pool --metadata-snap");
                 assert!(dump.starts_with("<superblock "), "{dump}");
+                done.largest_dump = done.largest_dump.max(dump.len());
                 console(
                     &mut appliance,
                     &monitor,
@@ -430,6 +440,10 @@ fn clients_snapshots_and_deletes_for_a_while_then_everything_reads_back_after_a_
                 metadata_snapshot_held = true;
                 done.metadata_snapshots += 1;
             }
+        }
+        if dump_each && metadata_snapshot_held {
+            let dump = console(&mut appliance, &monitor, "dump pool --metadata-snap");
+            done.largest_dump = done.largest_dump.max(dump.len());
         }
         let status = console(&mut appliance, &monitor, "status pool");
         // `0 LEN thin-pool TRANSACTION META DATA HELD MODE DISCARDS POLICY NEEDS_CHECK ...`
@@ -460,12 +474,13 @@ fn clients_snapshots_and_deletes_for_a_while_then_everything_reads_back_after_a_
         .collect();
     println!(
         "soak of {seconds} s (seed {seed}): {VOLUMES} clients made {}; the console made \
-         {} snapshots, {} deletes, {} metadata snapshots, {} sample checks of snapshots; \
-         pool at the end: {}",
+         {} snapshots, {} deletes, {} metadata snapshots (dumps of up to {} KiB), {} sample \
+         checks of snapshots; pool at the end: {}",
         totals.join(", "),
         done.snapshots,
         done.deletes,
         done.metadata_snapshots,
+        done.largest_dump >> 10,
         done.sample_checks,
         usage.trim()
     );

@@ -12,7 +12,7 @@ use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
-use crate::{BlockDevice, Busy, Command, Completion, DeviceInfo, IoError, Request};
+use crate::{BlockDevice, Busy, Command, Completion, DeviceInfo, ErrorCounts, IoError, Request};
 
 /// The error an injected fault completes with.
 pub const INJECTED: IoError = IoError::Device("injected fault");
@@ -102,6 +102,8 @@ pub struct FaultyDisk<D> {
     inner: D,
     faults: Rc<RefCell<Faults>>,
     failed: VecDeque<Completion>,
+    /// The requests it failed, as a driver counts what its device failed.
+    errors: ErrorCounts,
 }
 
 impl<D: BlockDevice> FaultyDisk<D> {
@@ -112,6 +114,7 @@ impl<D: BlockDevice> FaultyDisk<D> {
             inner,
             faults: Rc::clone(&faults),
             failed: VecDeque::new(),
+            errors: ErrorCounts::default(),
         };
         (disk, faults)
     }
@@ -124,6 +127,7 @@ impl<D: BlockDevice> BlockDevice for FaultyDisk<D> {
 
     fn submit(&mut self, request: Request) -> Result<(), Busy> {
         if self.faults.borrow_mut().decide(&request.command) {
+            self.errors.count(&request.command, &Err(INJECTED));
             self.failed.push_back(Completion {
                 tag: request.tag,
                 result: Err(INJECTED),
@@ -140,6 +144,10 @@ impl<D: BlockDevice> BlockDevice for FaultyDisk<D> {
 
     fn in_flight(&self) -> usize {
         self.failed.len() + self.inner.in_flight()
+    }
+
+    fn errors(&self) -> ErrorCounts {
+        self.inner.errors() + self.errors
     }
 }
 
@@ -186,5 +194,13 @@ mod tests {
             assert_eq!(run_sync(&mut disk, Command::Flush).unwrap_err(), INJECTED);
         }
         assert_eq!(faults.borrow().injected, 4);
+        assert_eq!(
+            disk.errors(),
+            ErrorCounts {
+                writes: 1,
+                flushes: 3,
+                ..ErrorCounts::default()
+            }
+        );
     }
 }

@@ -9,6 +9,8 @@
 //!
 //! Callers that need one answer at a time (the metadata layer) use [`run_sync`] and
 //! [`run_batch`], which submit and then poll until their own requests finish.
+//!
+//! Devices count the requests they failed and their resets ([`ErrorCounts`]).
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -19,6 +21,7 @@ extern crate std;
 
 mod buf;
 mod crash;
+mod errors;
 mod faulty;
 #[cfg(feature = "std")]
 mod file;
@@ -26,6 +29,7 @@ mod memory;
 
 pub use buf::IoBuf;
 pub use crash::{CrashDisk, CrashStats, Unflushed};
+pub use errors::ErrorCounts;
 pub use faulty::{FaultOp, FaultRule, Faults, FaultyDisk, INJECTED};
 #[cfg(feature = "std")]
 pub use file::FileDisk;
@@ -212,6 +216,12 @@ pub trait BlockDevice {
 
     /// Requests submitted and not yet returned by [`BlockDevice::poll`].
     fn in_flight(&self) -> usize;
+
+    /// Requests the device failed and resets it went through since it started
+    /// (drivers and fault-injecting disks count them; others never fail that way).
+    fn errors(&self) -> ErrorCounts {
+        ErrorCounts::default()
+    }
 }
 
 impl<D: BlockDevice + ?Sized> BlockDevice for alloc::boxed::Box<D> {
@@ -226,6 +236,9 @@ impl<D: BlockDevice + ?Sized> BlockDevice for alloc::boxed::Box<D> {
     }
     fn in_flight(&self) -> usize {
         (**self).in_flight()
+    }
+    fn errors(&self) -> ErrorCounts {
+        (**self).errors()
     }
 }
 

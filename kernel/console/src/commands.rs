@@ -15,7 +15,10 @@ use crate::{CommandError, Console, Crash, Platform, outln};
 /// `help` lines: usage and what the command is for.
 pub(crate) const HELP: &[(&str, &str)] = &[
     ("help", "list the commands"),
-    ("disks", "list the disks: name, size, model, serial"),
+    (
+        "disks",
+        "list the disks: name, size, model, serial, and what each failed (if anything)",
+    ),
     ("mem", "show heap and DMA memory use"),
     ("uptime", "show time since boot"),
     (
@@ -278,6 +281,10 @@ impl<P: Platform> Console<P> {
                 or_dash(&info.model),
                 or_dash(&info.serial)
             );
+            let errors = entry.errors();
+            if errors.any() {
+                outln!(out, "{:<8} errors: {errors}", "");
+            }
         }
     }
 

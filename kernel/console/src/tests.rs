@@ -6,7 +6,8 @@ use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use blockdev::{
-    BlockDevice, Busy, Command, Completion, DeviceInfo, IoError, MemDisk, Request, SECTOR_SIZE,
+    BlockDevice, Busy, Command, Completion, DeviceInfo, FaultOp, FaultRule, IoError, MemDisk,
+    Request, SECTOR_SIZE,
 };
 use core::cell::{Cell, RefCell};
 use dm::{DeviceMapper, Disk, NbdBackend};
@@ -337,6 +338,31 @@ fn disks_lists_name_size_model_serial() {
     );
     let mut empty = console_over(FakePlatform::default(), Vec::new());
     assert_eq!(run(&mut empty, "disks"), "no disks found\r\n");
+}
+
+#[test]
+fn disks_shows_the_requests_a_disk_failed() {
+    let (device, faults) = blockdev::FaultyDisk::new(mem_disk(64, "m", "s"));
+    let mut console = console_over(FakePlatform::default(), alloc::vec![disk("vdc", device)]);
+    let row = "vdc            131072 sectors   64.00 MiB  m  s";
+    assert_eq!(lines(&run(&mut console, "disks")), [row]);
+    blockdev::Faults::fail(&faults, FaultRule::every(FaultOp::Write));
+    let line = error(&mut console, "disk-test vdc 8 --force");
+    assert!(
+        line.ends_with(&alloc::format!("failed: {}", blockdev::INJECTED)),
+        "{line}"
+    );
+    blockdev::Faults::fail(&faults, FaultRule::every(FaultOp::Flush));
+    blockdev::Faults::fail(&faults, FaultRule::every(FaultOp::Read));
+    assert!(error(&mut console, "disk-test vdc 8 --force").contains("failed"));
+    assert!(error(&mut console, "disk-test vdc 8 --force").contains("failed"));
+    assert_eq!(
+        lines(&run(&mut console, "disks")),
+        [
+            row,
+            "         errors: 1 read, 1 write, 1 flush, 0 discards failed; 0 resets"
+        ]
+    );
 }
 
 #[test]

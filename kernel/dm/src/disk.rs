@@ -3,7 +3,7 @@
 
 use alloc::boxed::Box;
 use alloc::string::String;
-use blockdev::{BlockDevice, DeviceInfo};
+use blockdev::{BlockDevice, DeviceInfo, ErrorCounts};
 
 use crate::config::DiskRecord;
 use crate::region::{Region, SharedDisk};
@@ -38,6 +38,11 @@ impl DiskEntry {
     /// The whole disk's description (model, serial, size before any reservation).
     pub fn info(&self) -> &DeviceInfo {
         self.disk.info()
+    }
+
+    /// The requests the disk failed and its resets so far.
+    pub fn errors(&self) -> ErrorCounts {
+        self.disk.errors()
     }
 
     /// Sectors offered to devices and commands.

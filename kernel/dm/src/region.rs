@@ -11,7 +11,7 @@
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::rc::Rc;
-use blockdev::{BlockDevice, Busy, Command, Completion, DeviceInfo, IoBuf, Request};
+use blockdev::{BlockDevice, Busy, Command, Completion, DeviceInfo, ErrorCounts, IoBuf, Request};
 use core::cell::RefCell;
 
 /// Which region a request on the disk belongs to, and the tag it had there.
@@ -56,6 +56,11 @@ impl SharedDisk {
     /// The whole disk's description.
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// The requests the disk failed and its resets, as its driver counts them.
+    pub fn errors(&self) -> ErrorCounts {
+        self.shared.borrow().device.errors()
     }
 
     /// A handle on `sectors` sectors from `offset` on; `read_only` makes writes and

@@ -15,7 +15,9 @@ use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use blockdev::{BlockDevice, Busy, Command, Completion, DeviceInfo, IoBuf, IoError, Request};
+use blockdev::{
+    BlockDevice, Busy, Command, Completion, DeviceInfo, ErrorCounts, IoBuf, IoError, Request,
+};
 
 use crate::arch::clock;
 use crate::dma::DmaBuffer;
@@ -346,6 +348,7 @@ pub fn probe(pci: &mut Pci, function: &PciFunction) -> Result<Probed, &'static s
                 free: (0..slots as u16).rev().collect(),
                 prp_pages,
                 done: VecDeque::new(),
+                errors: ErrorCounts::default(),
             };
             (nsid, namespace)
         })
@@ -408,6 +411,8 @@ pub struct NvmeNamespace {
     /// One PRP-list (or DSM range-list) page per slot.
     prp_pages: Vec<DmaBuffer>,
     done: VecDeque<Completion>,
+    /// What the controller failed (requests it completed with an error status).
+    errors: ErrorCounts,
 }
 
 impl NvmeNamespace {
@@ -531,6 +536,7 @@ impl BlockDevice for NvmeNamespace {
                 };
                 self.free.push(id);
                 let result = status_result(entry.status);
+                self.errors.count(&slot.command, &result);
                 self.finish(slot.tag, result, slot.command.into_buf());
             }
             if reaped {
@@ -542,5 +548,9 @@ impl BlockDevice for NvmeNamespace {
 
     fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len() + self.done.len()
+    }
+
+    fn errors(&self) -> ErrorCounts {
+        self.errors
     }
 }

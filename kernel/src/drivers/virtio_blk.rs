@@ -10,21 +10,26 @@
 //! two polls share one doorbell, rung at the next poll.
 //!
 //! A device that hands back a descriptor it was never given has lost track of its
-//! queue: it is reset (which stops its DMA), every request it held fails, and the
-//! disk fails every later request rather than trusting the device again.
+//! queue: it is reset (which stops its DMA), every request it held fails, and it is
+//! set up again so later requests work. After [`MAX_RESETS`] resets, or when it
+//! does not come back as the same disk, the disk is offline and every request
+//! fails. Failed requests and resets are counted ([`ErrorCounts`]).
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
-use blockdev::{BlockDevice, Busy, Command, Completion, DeviceInfo, IoBuf, IoError, Request};
+use blockdev::{
+    BlockDevice, Busy, Command, Completion, DeviceInfo, ErrorCounts, IoBuf, IoError, Request,
+};
 use virtio_drivers::Error as VirtioError;
 use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::transport::pci::bus::{DeviceFunction, PciRoot};
 
 use super::virtio_blk_queue::{BlkQueue, Data, Header, QUEUE, QUEUE_SIZE, Status};
 use super::virtio_doorbell::Doorbell;
 use super::virtio_hal::KernelHal;
-use crate::pci::{Pci, PciFunction};
+use crate::pci::{ConfigAccess, Pci, PciFunction};
 
 /// Largest read or write per request (one descriptor; the heap is contiguous).
 const MAX_TRANSFER_SECTORS: u32 = 2048;
@@ -42,8 +47,11 @@ struct Slot {
 }
 
 pub struct VirtioBlk {
-    /// `None` once the device was reset after a fault.
+    /// `None` once the device was given up after a fault.
     device: Option<BlkQueue>,
+    /// Where the device sits, to set it up again after a reset.
+    root: PciRoot<ConfigAccess>,
+    address: DeviceFunction,
     info: DeviceInfo,
     /// Requests on the virtqueue, indexed by descriptor token.
     slots: Vec<Option<Slot>>,
@@ -52,11 +60,20 @@ pub struct VirtioBlk {
     done: VecDeque<Completion>,
     /// FUA writes that finished and wait for a flush to be queued for them.
     unflushed_fua: Vec<Completion>,
+    errors: ErrorCounts,
 }
 
-/// What requests to a device that was reset after a fault fail with.
-const DEVICE_RESET: IoError =
-    IoError::Device("virtio-blk returned an unknown descriptor and was reset; the disk is offline");
+/// Resets after which a device that keeps losing track of its queue is given up.
+const MAX_RESETS: u64 = 8;
+
+/// What the requests a device held when it was reset fail with.
+const LOST_IN_RESET: IoError = IoError::Device(
+    "virtio-blk returned a descriptor it was never given and was reset; this request was lost",
+);
+
+/// What requests to a disk whose device was given up fail with.
+const OFFLINE: IoError =
+    IoError::Device("virtio-blk did not come back after resets; the disk is offline");
 
 fn io_error(error: VirtioError) -> IoError {
     match error {
@@ -94,11 +111,14 @@ impl VirtioBlk {
         };
         Ok(VirtioBlk {
             device: Some(device),
+            root: pci.driver_root(),
+            address: function.address,
             info,
-            slots: (0..QUEUE_SIZE).map(|_| None).collect(),
+            slots: empty_slots(),
             active: 0,
             done: VecDeque::new(),
             unflushed_fua: Vec::new(),
+            errors: ErrorCounts::default(),
         })
     }
 
@@ -106,7 +126,7 @@ impl VirtioBlk {
     fn dispatch(&mut self, request: Request) -> Result<(), Busy> {
         let Request { tag, command } = request;
         let Some(device) = self.device.as_ref() else {
-            self.finish(tag, Err(DEVICE_RESET), command.into_buf());
+            self.fail(Some(tag), command, Vec::new(), OFFLINE);
             return Ok(());
         };
         let flushes = device.flushes();
@@ -142,7 +162,7 @@ impl VirtioBlk {
         fua_writes: Vec<Completion>,
     ) -> Result<(), (Command, Vec<Completion>)> {
         let Some(device) = self.device.as_mut() else {
-            self.fail(tag, command, fua_writes, DEVICE_RESET);
+            self.fail(tag, command, fua_writes, OFFLINE);
             return Ok(());
         };
         let header = Box::new(match &command {
@@ -188,6 +208,7 @@ impl VirtioBlk {
         fua_writes: Vec<Completion>,
         error: IoError,
     ) {
+        self.errors.count(&command, &Err(error));
         if let Some(tag) = tag {
             self.finish(tag, Err(error), command.into_buf());
         }
@@ -224,6 +245,7 @@ impl VirtioBlk {
             )
         }
         .map_err(io_error);
+        self.errors.count(&slot.command, &result);
         for mut completion in slot.fua_writes {
             completion.result = result;
             self.done.push_back(completion);
@@ -244,13 +266,27 @@ impl VirtioBlk {
         true
     }
 
-    /// Resets a device that lost track of its queue (dropping the driver resets
-    /// it, so it no longer touches the buffers) and fails every request it held.
+    /// Resets a device that lost track of its queue (it then no longer touches the
+    /// buffers), fails every request it held, and sets it up again unless it was
+    /// reset too often or comes back as another disk.
     fn reset(&mut self) {
-        self.device = None;
+        let Some(device) = self.device.take() else {
+            return;
+        };
+        let doorbell = device.stop();
+        self.errors.resets += 1;
         self.active = 0;
-        for slot in core::mem::take(&mut self.slots).into_iter().flatten() {
-            self.fail(slot.tag, slot.command, slot.fua_writes, DEVICE_RESET);
+        for slot in core::mem::replace(&mut self.slots, empty_slots())
+            .into_iter()
+            .flatten()
+        {
+            self.fail(slot.tag, slot.command, slot.fua_writes, LOST_IN_RESET);
+        }
+        if self.errors.resets <= MAX_RESETS {
+            self.device = PciTransport::new::<KernelHal, _>(&mut self.root, self.address)
+                .ok()
+                .and_then(|transport| BlkQueue::new(transport, doorbell).ok())
+                .filter(|device| device.capacity() == self.info.sectors);
         }
     }
 
@@ -264,6 +300,10 @@ impl VirtioBlk {
             self.unflushed_fua = fua_writes;
         }
     }
+}
+
+fn empty_slots() -> Vec<Option<Slot>> {
+    (0..QUEUE_SIZE).map(|_| None).collect()
 }
 
 /// The data buffer a queued command's request carries.
@@ -301,5 +341,9 @@ impl BlockDevice for VirtioBlk {
 
     fn in_flight(&self) -> usize {
         self.active + self.done.len() + self.unflushed_fua.len()
+    }
+
+    fn errors(&self) -> ErrorCounts {
+        self.errors
     }
 }

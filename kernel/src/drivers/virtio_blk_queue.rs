@@ -151,6 +151,20 @@ impl BlkQueue {
         })
     }
 
+    /// Resets the device (its DMA stops) before the queue's memory is freed, and
+    /// gives back the doorbell for the device's next start.
+    pub fn stop(self) -> Doorbell {
+        let BlkQueue {
+            transport,
+            queue,
+            doorbell,
+            ..
+        } = self;
+        drop(transport);
+        drop(queue);
+        doorbell
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.capacity

@@ -14,13 +14,18 @@ pub struct KernelHal;
 // `mmio_phys_to_virt` maps the BAR it is given; `share` hands out the device
 // address of the very memory (or of a bounce copy that `unshare` writes back).
 unsafe impl Hal for KernelHal {
+    /// Address 0 tells `virtio-drivers` that nothing was allocated (it fails the
+    /// setup with a DMA error).
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
-        match memory::alloc_frames(pages) {
-            Some(phys) => (
-                phys,
-                NonNull::new(memory::phys_to_virt(phys)).expect("mapped frame"),
-            ),
-            None => (0, NonNull::dangling()),
+        let Some(phys) = memory::alloc_frames(pages) else {
+            return (0, NonNull::dangling());
+        };
+        match NonNull::new(memory::phys_to_virt(phys)) {
+            Some(virt) => (phys, virt),
+            None => {
+                memory::free_frames(phys, pages);
+                (0, NonNull::dangling())
+            }
         }
     }
 
