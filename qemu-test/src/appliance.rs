@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -294,10 +294,17 @@ impl Appliance {
         mut parse: impl FnMut(&[u8]) -> Option<(usize, T)>,
     ) -> Result<T, Error> {
         let deadline = Instant::now() + timeout;
+        // Where the lines not yet checked for a panic start.
+        let mut unchecked = 0;
         loop {
-            if protocol::panic_line(&self.pending).is_some() {
+            if protocol::panic_line(&self.pending[unchecked..]).is_some() {
                 return Err(self.panicked());
             }
+            unchecked = self
+                .pending
+                .iter()
+                .rposition(|&byte| byte == b'\n')
+                .map_or(0, |at| at + 1);
             if let Some((consumed, found)) = parse(&self.pending) {
                 self.pending.drain(..consumed);
                 return Ok(found);
@@ -317,15 +324,30 @@ impl Appliance {
         }
     }
 
-    /// Takes in the output that arrives within `timeout`.
+    /// Takes in the output that arrives within `timeout`, and everything else already
+    /// read. QEMU writes the serial output a byte at a time, so the reader thread
+    /// often forwards tiny chunks; parsing after each of them made a long reply cost
+    /// time in the square of its length (a 140 KiB dump on a loaded host took longer
+    /// than the command timeout), so chunks are taken in together.
     fn receive(&mut self, timeout: Duration) {
-        match self.output.recv_timeout(timeout) {
-            Ok(chunk) => {
-                self.transcript.extend_from_slice(&chunk);
-                self.pending.extend_from_slice(&chunk);
+        let mut next = self.output.recv_timeout(timeout);
+        loop {
+            match next {
+                Ok(chunk) => {
+                    self.transcript.extend_from_slice(&chunk);
+                    self.pending.extend_from_slice(&chunk);
+                }
+                Err(RecvTimeoutError::Timeout) => return,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.output_ended = true;
+                    return;
+                }
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => self.output_ended = true,
+            next = match self.output.try_recv() {
+                Ok(chunk) => Ok(chunk),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+            };
         }
     }
 

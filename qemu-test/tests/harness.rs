@@ -71,6 +71,19 @@ fn console_commands_and_their_output() {
 }
 
 #[test]
+fn a_long_reply_written_a_byte_at_a_time_arrives_whole() {
+    // 40,000 lines, 500 KiB, each byte its own write: the reply must not cost the
+    // harness time in the square of its length (that ran past the command timeout;
+    // half of this took 82 s then, 0.3 s now).
+    let mut appliance = fake("console").unwrap();
+    let reply = appliance.console("lines 40000").unwrap();
+    let lines: Vec<&str> = reply.lines().collect();
+    assert_eq!(lines.len(), 40_000);
+    assert_eq!((lines[0], lines[39_999]), ("line 0", "line 39999"));
+    assert_eq!(appliance.console("echo after").unwrap(), "after");
+}
+
+#[test]
 fn a_command_that_never_answers_times_out() {
     let mut appliance = fake("console").unwrap();
     let started = Instant::now();

@@ -4,8 +4,8 @@
 //!
 //! `fake-appliance [console|silent|boot-panic|fail-early]`; in `console` mode it knows
 //! `help`, `echo TEXT`, `fail`, `hang`, `panic`, `event MILLISECONDS` (an event at the
-//! prompt that much later), `busy-event` (an event while it runs), `exit STATUS` and
-//! `shutdown`. Events look like the kernel's: plain lines while a command runs; at the
+//! prompt that much later), `busy-event` (an event while it runs), `lines N` (N lines,
+//! written a byte at a time), `exit STATUS` and `shutdown`. Events look like the kernel's: plain lines while a command runs; at the
 //! prompt, the prompt line is erased and redrawn after the event.
 
 use std::io::{self, Read, Write};
@@ -119,6 +119,14 @@ fn run(command: &str) -> Option<Duration> {
         "panic" => panic_exit("KERNEL PANIC: panicked at console.rs:1:1: as asked"),
         "event" => return argument.parse().ok().map(Duration::from_millis),
         "busy-event" => say("working\r\nevent: pool 0 low water mark\r\ndone\r\n"),
+        "lines" => {
+            // As QEMU passes on serial output: one write per byte.
+            for n in 0..argument.parse().unwrap_or(0) {
+                for byte in format!("line {n}\r\n").bytes() {
+                    say(&char::from(byte).to_string());
+                }
+            }
+        }
         "exit" => std::process::exit(argument.parse().unwrap_or(0)),
         "shutdown" => {
             say("flushing disks\r\npowering off\r\n");
