@@ -421,7 +421,7 @@ impl Runner {
         match step {
             Step::Round(requests) => {
                 for (device, op) in requests {
-                    self.submit(*device, op);
+                    self.submit(device, op);
                 }
                 self.wait();
             }
