@@ -28,7 +28,7 @@ pub const VOLUME_SECTORS: u64 = 2048;
 /// The rustls configuration for [`SERVER_PEM`], as `nbd tls import` makes it.
 pub fn tls_config() -> Arc<ServerConfig> {
     let identity = dm::tls::parse_identity(SERVER_PEM).expect("the test identity parses");
-    dm::tls::server_config(&identity).expect("the test key matches its certificate")
+    dm::tls::server_config(&identity, None).expect("the test key matches its certificate")
 }
 
 /// A server with export `vol0` that requires TLS with `config`.
