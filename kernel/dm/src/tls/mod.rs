@@ -111,10 +111,47 @@ impl Identity {
         let der = self.key.clone();
         match self.key_format {
             KeyFormat::Pkcs8 => PrivatePkcs8KeyDer::from(der).into(),
-            KeyFormat::Sec1 => PrivateSec1KeyDer::from(der).into(),
+            KeyFormat::Sec1 => PrivateSec1KeyDer::from(unpadded_sec1(der)).into(),
             KeyFormat::Pkcs1 => PrivatePkcs1KeyDer::from(der).into(),
         }
     }
+}
+
+/// A SEC1 EC private key with its scalar in the octet string's exact length. GnuTLS
+/// (`certtool --generate-privkey --key-type=ecdsa`) writes the scalar as a signed
+/// integer, so about half its P-256 keys carry 33 bytes with a leading zero, which
+/// RFC 5915 does not allow and RustCrypto refuses; the zero is dropped here. Any
+/// other encoding is returned as it came.
+fn unpadded_sec1(der: Vec<u8>) -> Vec<u8> {
+    // SEQUENCE { INTEGER 1, OCTET STRING scalar, ... }, the length short or 0x81 form.
+    let (length_bytes, length) = match der.get(..2) {
+        Some([0x30, short]) if *short < 0x80 => (1, usize::from(*short)),
+        Some([0x30, 0x81]) => match der.get(2) {
+            Some(&long) => (2, usize::from(long)),
+            None => return der,
+        },
+        _ => return der,
+    };
+    let body = 1 + length_bytes;
+    let padded = matches!(
+        der.get(body..body + 6),
+        Some([0x02, 0x01, 0x01, 0x04, scalar, 0x00]) if *scalar == 33 || *scalar == 49 || *scalar == 67
+    );
+    if !padded || der.len() != body + length {
+        return der;
+    }
+    let scalar = der[body + 4] - 1;
+    let inner_length = length - 1;
+    let mut fixed = Vec::with_capacity(der.len());
+    fixed.push(0x30);
+    if inner_length < 0x80 {
+        fixed.push(inner_length as u8);
+    } else {
+        fixed.extend([0x81, inner_length as u8]);
+    }
+    fixed.extend([0x02, 0x01, 0x01, 0x04, scalar]);
+    fixed.extend_from_slice(&der[body + 6..]);
+    fixed
 }
 
 /// What the configuration keeps about TLS.
