@@ -415,3 +415,44 @@ fn offer(settings: &TlsSettings, clock: WallClock) -> Result<nbd::Tls, String> {
         _ => nbd::Tls::Off,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(hex: &str) -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|at| u8::from_str_radix(&hex[at..at + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// A P-256 key as `certtool` wrote it (scalar 33 bytes, a leading zero), and as
+    /// `openssl ec -outform DER` writes the same key.
+    const PADDED: &str = "3078020101042100c27a73fe35732f8622ec2df536e25f9677e7886a03b000ce73fa1046d547aba6a00a06082a8648ce3d030107a14403420004bcd5bb86cd75cf5a4a9a1547957e8efc890ce2a9365efe188b72cf1c3a241d6e8c4d1b30e4ea8cccbda72be49335ee23e33ad47fbf188a2aae78d90339afce7a";
+    const EXACT: &str = "30770201010420c27a73fe35732f8622ec2df536e25f9677e7886a03b000ce73fa1046d547aba6a00a06082a8648ce3d030107a14403420004bcd5bb86cd75cf5a4a9a1547957e8efc890ce2a9365efe188b72cf1c3a241d6e8c4d1b30e4ea8cccbda72be49335ee23e33ad47fbf188a2aae78d90339afce7a";
+
+    #[test]
+    fn a_gnutls_padded_ec_key_becomes_the_exact_encoding_and_loads() {
+        assert_eq!(unpadded_sec1(bytes(PADDED)), bytes(EXACT));
+        assert_eq!(unpadded_sec1(bytes(EXACT)), bytes(EXACT));
+        let load = |der: Vec<u8>| {
+            provider()
+                .key_provider
+                .load_private_key(PrivateSec1KeyDer::from(der).into())
+                .is_ok()
+        };
+        assert!(!load(bytes(PADDED)), "the padded form is refused as it is");
+        let identity = Identity {
+            chain: Vec::new(),
+            key_format: KeyFormat::Sec1,
+            key: bytes(PADDED),
+        };
+        assert!(
+            provider()
+                .key_provider
+                .load_private_key(identity.private_key())
+                .is_ok()
+        );
+    }
+}
