@@ -61,10 +61,10 @@ pub(crate) struct Pending {
     /// `(old, new)` in allocation order.
     pub records: Vec<(u64, u64)>,
     pieces: VecDeque<Piece>,
-    /// Origin reads in flight: tag → COW sector of their piece.
+    /// Origin reads the origin holds: tag → COW sector of their piece.
     reading: BTreeMap<u64, u64>,
-    /// A read the origin refused as busy.
-    read_retry: Option<Request>,
+    /// A read the origin refused as busy, with the COW sector of its piece.
+    read_retry: Option<(Request, u64)>,
     /// COW writes (copies, then the current commit step) not yet accepted.
     to_write: VecDeque<Request>,
     writes_in_flight: usize,
@@ -193,8 +193,8 @@ impl Pending {
                     }
                 }
             }
-            let request = match self.read_retry.take() {
-                Some(request) => request,
+            let (request, to) = match self.read_retry.take() {
+                Some(waiting) => waiting,
                 None => {
                     if self.reading.len() + self.writes_in_flight >= PIECES_IN_FLIGHT {
                         return moved;
@@ -214,21 +214,24 @@ impl Pending {
                         }
                         Fill::Origin(sector) => sector,
                     };
-                    let tag = self.tag();
-                    self.reading.insert(tag, piece.to);
-                    Request {
-                        tag,
+                    let request = Request {
+                        tag: self.tag(),
                         command: Command::Read {
                             sector,
                             buf: IoBuf::with_sectors(piece.sectors as usize),
                         },
-                    }
+                    };
+                    (request, piece.to)
                 }
             };
+            let tag = request.tag;
             match origin.submit(request) {
-                Ok(()) => moved = true,
+                Ok(()) => {
+                    self.reading.insert(tag, to);
+                    moved = true;
+                }
                 Err(Busy(request)) => {
-                    self.read_retry = Some(request);
+                    self.read_retry = Some((request, to));
                     return moved;
                 }
             }

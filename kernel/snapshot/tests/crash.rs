@@ -374,29 +374,39 @@ fn writes_during_a_merge_land_in_the_merged_origin() {
     assert_eq!((progress.merged, progress.total), (80, 80));
 }
 
-/// A copy that fails while the batch's other requests still wait for room on the
-/// COW device ends the batch (the snapshot turns invalid) rather than waiting for
-/// requests that were never sent: the power fails at the second copy, with room
-/// for one request at a time on the COW device. (Run on a thread, so that a batch
-/// that never ends fails the test instead of hanging it.)
-#[test]
-fn a_failed_copy_with_requests_still_queued_ends_the_batch() {
+/// Queue room for one copy-out batch's requests on each device, and the write, flush
+/// or discard (from now on) the power fails at.
+struct Squeeze {
+    origin_depth: u16,
+    origin_transfer: u32,
+    cow_depth: u16,
+    fail_after: u64,
+}
+
+/// Writes the origin's first chunk (a batch copying it out of the snapshot's way)
+/// with the power failing as `squeeze` says: the write must fail and the snapshot
+/// turn invalid. (Run on a thread, so that a batch that never ends fails the test
+/// instead of hanging it.)
+fn assert_copy_out_fails_with_the_power(squeeze: Squeeze) {
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let origin = MemDisk::new(256);
         origin.write_at(0, &data(3, 256));
         let disks = boot(&[&origin, &MemDisk::new(512)]);
+        let mut origin_info = disks[0].info().clone();
+        origin_info.queue_depth = squeeze.origin_depth;
+        origin_info.max_transfer_sectors = squeeze.origin_transfer;
         let mut cow_info = disks[1].info().clone();
-        cow_info.queue_depth = 1;
+        cow_info.queue_depth = squeeze.cow_depth;
         let (mut snapshot, _) = Snapshot::open(
-            handle(&disks[0]),
+            Box::new(disks[0].handle_with_info(origin_info)),
             Box::new(disks[1].handle_with_info(cow_info)),
             PERSISTENT,
             8,
             256,
         )
         .unwrap();
-        disks[0].fail_at(Some(disks[0].operations() + 1));
+        disks[0].fail_at(Some(disks[0].operations() + squeeze.fail_after));
         let written = write_origin(
             handle(&disks[0]).as_mut(),
             &mut [&mut snapshot],
@@ -410,4 +420,33 @@ fn a_failed_copy_with_requests_still_queued_ends_the_batch() {
         .recv_timeout(std::time::Duration::from_secs(20))
         .expect("the failed batch ends");
     assert_eq!(outcome, (true, snapshot::Health::Invalid));
+}
+
+/// A copy that fails while the batch's other requests still wait for room on the
+/// COW device ends the batch (the snapshot turns invalid) rather than waiting for
+/// requests that were never sent: the power fails at the second copy, with room
+/// for one request at a time on the COW device.
+#[test]
+fn a_failed_copy_with_requests_still_queued_ends_the_batch() {
+    let squeeze = Squeeze {
+        origin_depth: 32,
+        origin_transfer: 64,
+        cow_depth: 1,
+        fail_after: 1,
+    };
+    assert_copy_out_fails_with_the_power(squeeze);
+}
+
+/// The same with an origin read waiting for room on the origin when the copy
+/// fails: the chunk is read in four pieces, two at a time, and the first copy
+/// fails. The waiting read is dropped with its place among the reads in flight.
+#[test]
+fn a_failed_copy_with_an_origin_read_still_waiting_ends_the_batch() {
+    let squeeze = Squeeze {
+        origin_depth: 2,
+        origin_transfer: 2,
+        cow_depth: 1,
+        fail_after: 0,
+    };
+    assert_copy_out_fails_with_the_power(squeeze);
 }

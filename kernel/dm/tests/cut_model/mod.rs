@@ -1,10 +1,60 @@
 //! What the power-cut sweeps share: the model of what each sector of a device may
-//! hold after a cut, and the disks a reboot finds.
+//! hold after a cut, the disks on one power supply, and the disks a reboot finds.
 
 use std::collections::BTreeMap;
 
-use blockdev::{CrashDisk, MemDisk, SECTOR_SIZE, Unflushed};
+use blockdev::{BlockDevice, CrashDisk, MemDisk, SECTOR_SIZE, Unflushed};
+use dm::{DeviceMapper, Disk};
 use nbd::{Backend, BackendError, ExportHandle, IoOp, IoOutput, IoRequest};
+
+/// The address NBD clients of these tests connect from.
+pub const CLIENT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
+
+/// Disk names, the configuration area's disk first.
+pub const NAMES: [&str; 4] = ["vda", "vdb", "vdc", "vdd"];
+
+/// A device mapper over `devices`, named [`NAMES`] in order.
+pub fn mapper(devices: Vec<Box<dyn BlockDevice>>) -> DeviceMapper {
+    DeviceMapper::new(
+        NAMES
+            .iter()
+            .zip(devices)
+            .map(|(name, device)| Disk {
+                name: name.to_string(),
+                device,
+            })
+            .collect(),
+    )
+}
+
+/// Brings back the devices saved in the configuration area (all three of them).
+pub fn restore(dm: &mut DeviceMapper) {
+    let notes = dm.restore();
+    assert!(
+        notes
+            .iter()
+            .any(|note| note == "config: 3 of 3 devices active"),
+        "{notes:?}"
+    );
+}
+
+/// Crash disks with `prepared`'s contents, all on the first one's power supply.
+pub fn crash_disks(prepared: &[MemDisk]) -> Vec<CrashDisk> {
+    let disks: Vec<CrashDisk> = prepared.iter().map(CrashDisk::from_disk).collect();
+    for disk in &disks[1..] {
+        disks[0].share_power(disk);
+    }
+    disks
+}
+
+/// The cuts a sweep runs at least: `variable`'s value, else `default`.
+pub fn cuts_wanted(variable: &str, default: u64) -> u64 {
+    std::env::var(variable)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
 
 pub type Sector = [u8; SECTOR_SIZE];
 pub const ZERO: Sector = [0; SECTOR_SIZE];

@@ -36,15 +36,14 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use blockdev::{BlockDevice, CrashDisk, IoBuf, MemDisk, SECTOR_SIZE};
-use cut_model::{DeviceModel, pattern, rebuild, rebuild_modes, run_request};
-use dm::{DeviceMapper, Disk, Format, State};
+use cut_model::{
+    CLIENT, DeviceModel, crash_disks, cuts_wanted, mapper, pattern, rebuild, rebuild_modes,
+    restore, run_request,
+};
+use dm::{Format, State};
 use nbd::{Backend, IoOp, IoOutput};
 use persistent_data::thin::{FormatPolicy, OpenOptions, ThinMetadata};
 use workload::{Policy, Runner, Step, pool_table, thin_table, workload};
-
-/// The address NBD clients of these tests connect from.
-const CLIENT: std::net::SocketAddr =
-    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
 
 /// Data block size (64 KiB).
 const BS: u64 = 128;
@@ -57,8 +56,6 @@ const GROWTH_BLOCKS: u64 = 20;
 /// The external origin ends inside a block, and before the devices end.
 const ORIGIN_SECTORS: u64 = 6 * BS + 37;
 const VOLUME_SECTORS: u64 = 12 * BS;
-/// Disk names: configuration, metadata, data, external origin.
-const NAMES: [&str; 4] = ["vda", "vdb", "vdc", "vdd"];
 const CI_CUTS: u64 = 5_000;
 const THIN_CHECK_EVERY: u64 = 64;
 
@@ -106,19 +103,6 @@ fn origin_image() -> Vec<u8> {
     pattern(0x0816, ORIGIN_SECTORS as usize * SECTOR_SIZE)
 }
 
-fn mapper(devices: Vec<Box<dyn BlockDevice>>) -> DeviceMapper {
-    DeviceMapper::new(
-        NAMES
-            .iter()
-            .zip(devices)
-            .map(|(name, device)| Disk {
-                name: name.to_string(),
-                device,
-            })
-            .collect(),
-    )
-}
-
 /// What a run leaves: the disks, the models of the live devices, its I/O count
 /// after setup and at the end, and the imports and merges into the origin that ran
 /// to their end.
@@ -137,10 +121,7 @@ fn run_workload(
     seed: u64,
     cut: Option<u64>,
 ) -> Outcome {
-    let disks: Vec<CrashDisk> = prepared.iter().map(CrashDisk::from_disk).collect();
-    for disk in &disks[1..] {
-        disks[0].share_power(disk);
-    }
+    let disks = crash_disks(prepared);
     let devices = disks
         .iter()
         .enumerate()
@@ -156,13 +137,7 @@ fn run_workload(
         })
         .collect();
     let dm = Rc::new(RefCell::new(mapper(devices)));
-    let notes = dm.borrow_mut().restore();
-    assert!(
-        notes
-            .iter()
-            .any(|note| note == "config: 3 of 3 devices active"),
-        "{notes:?}"
-    );
+    restore(&mut dm.borrow_mut());
     let start = disks[0].operations();
     disks[0].fail_at(cut);
     let mut runner = Runner::new(dm, policy, Rc::new(origin_image()), disks[0].handle());
@@ -322,10 +297,7 @@ fn sweep(cuts: u64) -> Tally {
 
 #[test]
 fn the_whole_stack_survives_a_power_cut_at_every_io() {
-    let cuts = std::env::var("SWEEP_CUTS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(CI_CUTS);
+    let cuts = cuts_wanted("SWEEP_CUTS", CI_CUTS);
     let started = Instant::now();
     let tally = sweep(cuts);
     tally.print(started.elapsed().as_secs_f64());

@@ -11,12 +11,8 @@ use dm::{DeviceMapper, Format, ImportFrom, NbdBackend};
 use nbd::{Backend, BackendError, ExportHandle, IoCompletion, IoOp, IoOutput, IoRequest};
 use thin_pool::PoolMode;
 
-use crate::cut_model::{DeviceModel, Sector, ZERO, base, pattern};
+use crate::cut_model::{CLIENT, DeviceModel, Sector, ZERO, base, pattern};
 use crate::{BS, DATA_BLOCKS, FIRST_POOL_BLOCKS, GROWTH_BLOCKS, ORIGIN_SECTORS, VOLUME_SECTORS};
-
-/// The address NBD clients of these tests connect from.
-const CLIENT: std::net::SocketAddr =
-    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
 
 /// Steps per workload: at most 3 new blocks each (a request covers at most 2
 /// blocks' worth of sectors) and one import of a whole volume, so the data disk
