@@ -344,6 +344,13 @@ impl CrashDisk {
                         state.unflushed.push(entry);
                     }
                 }
+                // FUA writes that completed after the flush was submitted are newer
+                // than everything it made durable: they stay on top.
+                for entry in state.unflushed.iter().filter(|entry| entry.durable) {
+                    state
+                        .durable
+                        .write_at(entry.sector * SECTOR_SIZE as u64, &entry.data);
+                }
             }
         }
         Ok(())
@@ -572,6 +579,22 @@ mod tests {
             assert!(matches!(byte_at(&after, 0), 2 | 3), "seed {seed}");
         }
         assert_eq!(byte_at(&disk.after_power_loss(Unflushed::DropAll), 0), 2);
+    }
+
+    /// A flush that makes an older write durable after a newer FUA write of the same
+    /// sector completed leaves the FUA write's data there.
+    #[test]
+    fn a_flush_never_takes_a_sector_back_past_a_fua_write() {
+        let mut disk = CrashDisk::new(64);
+        write(&mut disk, 0, 1).unwrap();
+        // The FUA write completes between the flush's submission and its execution.
+        submit(&mut disk, 2, write_command(0, 2, true));
+        submit(&mut disk, 3, Command::Flush);
+        while disk.poll().is_some() {}
+        for unflushed in [Unflushed::DropAll, Unflushed::KeepAll, Unflushed::Random(7)] {
+            let after = disk.after_power_loss(unflushed);
+            assert_eq!(byte_at(&after, 0), 2, "{unflushed:?}");
+        }
     }
 
     #[test]

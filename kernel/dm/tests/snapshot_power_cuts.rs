@@ -599,7 +599,8 @@ fn check_content(
 ) -> Result<(), String> {
     for (sector, found) in found.chunks(SECTOR_SIZE).enumerate() {
         if !model.allows(origin, sector as u64, found, &model.durable_from) {
-            return Err(format!("{name} sector {sector} holds data it may not hold"));
+            let why = model.refusal(origin, sector as u64, found);
+            return Err(format!("{name} sector {sector} {why}"));
         }
     }
     Ok(())

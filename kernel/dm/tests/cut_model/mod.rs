@@ -126,6 +126,25 @@ impl DeviceModel {
         }
     }
 
+    /// Why `found` may not be in `sector` after a cut: which version it is, if any,
+    /// against the first one the cut may leave.
+    pub fn refusal(&self, origin: &[u8], sector: u64, found: &[u8]) -> String {
+        let from = self.durable_from.get(&sector).copied().unwrap_or(0);
+        let versions = self.versions.get(&sector);
+        let which = versions.and_then(|all| all.iter().position(|version| version[..] == *found));
+        match (versions, which) {
+            (Some(all), Some(index)) => format!(
+                "holds version {index} of {}, older than version {from}, which was made durable",
+                all.len()
+            ),
+            (Some(all), None) => format!("holds none of its {} versions", all.len()),
+            (None, _) if base(origin, self.with_origin, sector)[..] == *found => {
+                "holds what it held before".into()
+            }
+            (None, _) => "holds data nothing wrote there".into(),
+        }
+    }
+
     /// What `sector` reads once the requests in flight have completed.
     pub fn content(&self, origin: &[u8], sector: u64) -> Sector {
         match self.completed.get(&sector) {

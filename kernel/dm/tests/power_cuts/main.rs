@@ -202,7 +202,8 @@ fn check_cut(
             for (n, found) in buf.chunks(SECTOR_SIZE).enumerate() {
                 let sector = at + n as u64;
                 if !model.allows(origin, sector, found, &model.durable_from) {
-                    return Err(format!("{name} sector {sector} holds data it may not hold"));
+                    let why = model.refusal(origin, sector, found);
+                    return Err(format!("{name} sector {sector} {why}"));
                 }
             }
         }
