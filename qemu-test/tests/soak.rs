@@ -302,10 +302,12 @@ struct ConsoleCounts {
 
 /// Runs a console command that must succeed; if the appliance does not answer, the
 /// panic shows where its CPU was (the instruction pointer from QEMU's monitor,
-/// sampled five times) and what the console prints when Enter is pressed then.
+/// sampled twenty times over four seconds), whether the reply comes within another
+/// minute without any input, and what the console prints when Enter is pressed
+/// after that: a reply that needs the Enter was never read by the appliance.
 fn console(appliance: &mut Appliance, monitor: &Path, command: &str) -> String {
     appliance.console_ok(command).unwrap_or_else(|error| {
-        let samples: Vec<String> = (0..5)
+        let samples: Vec<String> = (0..20)
             .map(|_| {
                 std::thread::sleep(Duration::from_millis(200));
                 match monitor_command(monitor, "info registers") {
@@ -318,11 +320,16 @@ fn console(appliance: &mut Appliance, monitor: &Path, command: &str) -> String {
                 }
             })
             .collect();
-        let after_enter = appliance
-            .type_partial("\r")
-            .and_then(|()| appliance.read_until(PROMPT, Duration::from_secs(20)));
+        let unprompted = appliance.read_until(PROMPT, Duration::from_secs(60));
+        let after_enter = match &unprompted {
+            Ok(_) => Ok(String::from("(not pressed)")),
+            Err(_) => appliance
+                .type_partial("\r")
+                .and_then(|()| appliance.read_until(PROMPT, Duration::from_secs(20))),
+        };
         panic!(
-            "{command}: {error:?}\nthe CPU was at:\n{}\nafter Enter: {after_enter:?}",
+            "{command}: {error:?}\nthe CPU was at:\n{}\na minute later, without input: \
+             {unprompted:?}\nafter Enter: {after_enter:?}",
             samples.join("\n")
         )
     })
