@@ -33,8 +33,8 @@ use std::time::Instant;
 
 use blockdev::{BlockDevice, CrashDisk, IoBuf, MemDisk, SECTOR_SIZE};
 use cut_model::{
-    CLIENT, DeviceModel, Sector, crash_disks, cuts_wanted, mapper, pattern, rebuild, rebuild_modes,
-    restore, run_request,
+    CLIENT, DeviceModel, Sector, crash_disks, cuts_wanted, handles, mapper, pattern, rebuild,
+    rebuild_modes, restore, run_request,
 };
 use dm::{DeviceMapper, Format, State};
 use nbd::{Backend, ExportHandle, IoCompletion, IoOp, IoOutput, IoRequest};
@@ -478,20 +478,7 @@ struct Outcome {
 
 fn run_workload(prepared: &[MemDisk], steps: &[Step], seed: u64, cut: Option<u64>) -> Outcome {
     let disks = crash_disks(prepared);
-    let devices = disks
-        .iter()
-        .enumerate()
-        .map(|(n, disk)| {
-            let mut info = disk.info().clone();
-            info.max_transfer_sectors = 64;
-            info.queue_depth = 8;
-            let mut handle = disk.handle_with_info(info);
-            if n > 0 {
-                handle.shuffle_completions(seed * 4 + n as u64);
-            }
-            Box::new(handle) as _
-        })
-        .collect();
+    let devices = handles(&disks, 64, 8, |n| (n > 0).then_some(seed * 4 + n as u64));
     let mut dm = mapper(devices);
     restore(&mut dm);
     let start = disks[0].operations();

@@ -170,6 +170,24 @@ pub fn require_for_test(tools: &[Tool]) {
     }
 }
 
+/// Runs the real `thin_check` on a metadata image (installing it first if it is
+/// missing); `Err` carries what it printed.
+pub fn thin_check(image: &Path) -> Result<(), String> {
+    require_for_test(&[Tool::ThinCheck]);
+    let out = Command::new("thin_check")
+        .arg(image)
+        .output()
+        .map_err(|error| format!("thin_check: {error}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "thin_check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")

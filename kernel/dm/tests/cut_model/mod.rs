@@ -48,6 +48,31 @@ pub fn crash_disks(prepared: &[MemDisk]) -> Vec<CrashDisk> {
     disks
 }
 
+/// Handles on `disks` that take at most `max_transfer_sectors` per request and
+/// `queue_depth` requests; disk `n` completes in a random order seeded by
+/// `shuffle(n)` where that gives a seed.
+pub fn handles(
+    disks: &[CrashDisk],
+    max_transfer_sectors: u32,
+    queue_depth: u16,
+    shuffle: impl Fn(usize) -> Option<u64>,
+) -> Vec<Box<dyn BlockDevice>> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(n, disk)| {
+            let mut info = disk.info().clone();
+            info.max_transfer_sectors = max_transfer_sectors;
+            info.queue_depth = queue_depth;
+            let mut handle = disk.handle_with_info(info);
+            if let Some(seed) = shuffle(n) {
+                handle.shuffle_completions(seed);
+            }
+            Box::new(handle) as _
+        })
+        .collect()
+}
+
 /// The cuts a sweep runs at least: `variable`'s value, else `default`.
 pub fn cuts_wanted(variable: &str, default: u64) -> u64 {
     std::env::var(variable)

@@ -35,10 +35,10 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Instant;
 
-use blockdev::{BlockDevice, CrashDisk, IoBuf, MemDisk, SECTOR_SIZE};
+use blockdev::{CrashDisk, IoBuf, MemDisk, SECTOR_SIZE};
 use cut_model::{
-    CLIENT, DeviceModel, crash_disks, cuts_wanted, mapper, pattern, rebuild, rebuild_modes,
-    restore, run_request,
+    CLIENT, DeviceModel, crash_disks, cuts_wanted, handles, mapper, pattern, rebuild,
+    rebuild_modes, restore, run_request,
 };
 use dm::{Format, State};
 use nbd::{Backend, IoOp, IoOutput};
@@ -122,20 +122,7 @@ fn run_workload(
     cut: Option<u64>,
 ) -> Outcome {
     let disks = crash_disks(prepared);
-    let devices = disks
-        .iter()
-        .enumerate()
-        .map(|(n, disk)| {
-            let mut info = disk.info().clone();
-            info.max_transfer_sectors = 2048;
-            info.queue_depth = 32;
-            let mut handle = disk.handle_with_info(info);
-            if n == 2 {
-                handle.shuffle_completions(seed);
-            }
-            Box::new(handle) as _
-        })
-        .collect();
+    let devices = handles(&disks, 2048, 32, |n| (n == 2).then_some(seed));
     let dm = Rc::new(RefCell::new(mapper(devices)));
     restore(&mut dm.borrow_mut());
     let start = disks[0].operations();
@@ -217,18 +204,7 @@ fn thin_check(metadata: &MemDisk) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meta");
     std::fs::write(&path, &image).unwrap();
-    let out = std::process::Command::new("thin_check")
-        .arg(&path)
-        .output()
-        .unwrap();
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(format!(
-        "thin_check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ))
+    host_tools::thin_check(&path)
 }
 
 /// What a sweep did.
