@@ -201,6 +201,9 @@ impl Plane {
                 .collect(),
         );
         mapper.set_wall_clock(host_time);
+        mapper.set_record_ciphers(dm::tls::suites::ordered(
+            rustls::crypto::ring::ALL_CIPHER_SUITES,
+        ));
         let devices = Rc::new(RefCell::new(mapper));
         let backend = NbdBackend::new(Rc::clone(&devices));
         Plane {

@@ -3,30 +3,19 @@
 //! `tls-creds-x509` object), with certificates made by `certtool`, by `openssl` and
 //! by `nbd tls generate`; plaintext clients refused under `require`.
 
+#[path = "common/served.rs"]
+mod served;
+
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 
 use host_tools::Tool;
 use qemu_test::{Scratch, run_tool};
+use served::{Served, disks, paste};
 
-const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
 /// Size of the served volume.
 const VOLUME_BYTES: usize = 8 << 20;
-
-/// Two sparse disks (configuration, data) in a fresh scratch directory.
-fn disks() -> (Scratch, Vec<PathBuf>) {
-    let scratch = Scratch::new().unwrap();
-    let paths = (0..2)
-        .map(|index| {
-            let path = scratch.path().join(format!("disk{index}.img"));
-            fs::File::create(&path).unwrap().set_len(32 << 20).unwrap();
-            path
-        })
-        .collect();
-    (scratch, paths)
-}
 
 /// The console lines that make the configuration disk and the volume `vol`.
 const SETUP: [&str; 2] = [
@@ -34,96 +23,27 @@ const SETUP: [&str; 2] = [
     "create vol --table \"0 16384 linear vdb 0\"",
 ];
 
-/// A running `offline --nbd` fed `lines` on standard input, killed when dropped.
-struct Served {
-    child: Child,
-    address: String,
-    /// What it printed up to "still serving NBD".
-    transcript: String,
+/// The volume's `nbds://` URI on `served`, trusting the CA in `pki`.
+fn tls_uri(served: &Served, pki: &Path) -> String {
+    format!(
+        "nbds://{}/vol?tls-certificates={}",
+        served.address,
+        pki.display()
+    )
 }
 
-impl Served {
-    fn start(disks: &[PathBuf], lines: &[&str]) -> Served {
-        let mut command = Command::new(THINBOX);
-        command.args(["offline", "--nbd", "127.0.0.1:0"]);
-        for disk in disks {
-            command.arg("--disk").arg(disk);
-        }
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        for line in lines {
-            writeln!(stdin, "{line}").unwrap();
-        }
-        drop(stdin);
-        let mut output = BufReader::new(child.stdout.take().unwrap());
-        let transcript = read_until(&mut output, "still serving NBD");
-        let address = transcript
-            .lines()
-            .find_map(|line| line.strip_prefix("serving NBD on "))
-            .unwrap()
-            .to_string();
-        Served {
-            child,
-            address,
-            transcript,
-        }
-    }
-
-    fn tls_uri(&self, pki: &Path) -> String {
+/// `qemu-img`'s options for the volume on `served` over TLS with the CA in `pki`.
+fn qemu_image_opts(served: &Served, pki: &Path) -> [String; 4] {
+    let port = served.port();
+    [
+        "--object".into(),
         format!(
-            "nbds://{}/vol?tls-certificates={}",
-            self.address,
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
             pki.display()
-        )
-    }
-
-    /// `qemu-img`'s options for the volume over TLS with the CA in `pki`.
-    fn qemu_image_opts(&self, pki: &Path) -> [String; 4] {
-        let port = self.address.rsplit(':').next().unwrap();
-        [
-            "--object".into(),
-            format!(
-                "tls-creds-x509,id=tls0,dir={},endpoint=client",
-                pki.display()
-            ),
-            "--image-opts".into(),
-            format!("driver=nbd,host=127.0.0.1,port={port},export=vol,tls-creds=tls0"),
-        ]
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read_until(output: &mut BufReader<ChildStdout>, text: &str) -> String {
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            output.read_line(&mut line).unwrap() > 0,
-            "no '{text}' in {seen}"
-        );
-        seen.push_str(&line);
-        if line.contains(text) {
-            return seen;
-        }
-    }
-}
-
-/// The console lines that import `pem` (certificates and key) with `nbd tls import`.
-fn import_lines(pem: &str) -> Vec<String> {
-    let mut lines = vec![String::from("nbd tls import")];
-    lines.extend(pem.lines().map(String::from));
-    lines.push(String::from("end"));
-    lines
+        ),
+        "--image-opts".into(),
+        format!("driver=nbd,host=127.0.0.1,port={port},export=vol,tls-creds=tls0"),
+    ]
 }
 
 /// A directory holding `ca` as `ca-cert.pem`, where libnbd and qemu look for it.
@@ -234,13 +154,16 @@ fn a_certtool_chain_serves_libnbd_and_qemu_and_require_refuses_plaintext_across_
         Tool::NbdCopy,
         Tool::QemuImg,
     ]);
-    let (scratch, disks) = disks();
+    let scratch = Scratch::new().unwrap();
+    let disks = disks(&scratch);
     let (ca, server_cert, server_key) = certtool_chain(scratch.path());
     let pki = pki_dir(&scratch, "pki", &ca);
     let mut lines: Vec<String> = SETUP.iter().map(|line| line.to_string()).collect();
-    lines.extend(import_lines(&format!("{server_cert}{ca}{server_key}")));
+    lines.extend(paste(
+        "nbd tls import",
+        &format!("{server_cert}{ca}{server_key}"),
+    ));
     lines.extend(["nbd tls require".into(), "nbd tls".into()]);
-    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
     let served = Served::start(&disks, &lines);
     let fingerprint = openssl_fingerprint(&scratch.path().join("server-cert.pem"));
     assert!(
@@ -257,7 +180,7 @@ fn a_certtool_chain_serves_libnbd_and_qemu_and_require_refuses_plaintext_across_
     let key_line = server_key.lines().find(|line| line.len() == 64).unwrap();
     assert!(!served.transcript.contains(key_line), "the key was echoed");
 
-    let info = run_tool("nbdinfo", &[&served.tls_uri(&pki)]);
+    let info = run_tool("nbdinfo", &[&tls_uri(&served, &pki)]);
     assert!(info.contains("newstyle-fixed with TLS"), "{info}");
     assert!(info.contains("export-size: 8388608"), "{info}");
 
@@ -271,11 +194,11 @@ fn a_certtool_chain_serves_libnbd_and_qemu_and_require_refuses_plaintext_across_
     fs::write(&source, &data).unwrap();
     run_tool(
         "nbdcopy",
-        &[source.to_str().unwrap(), &served.tls_uri(&pki)],
+        &[source.to_str().unwrap(), &tls_uri(&served, &pki)],
     );
     let copy = scratch.path().join("copy.raw");
     let mut args: Vec<String> = vec!["convert".into(), "-O".into(), "raw".into()];
-    args.extend(served.qemu_image_opts(&pki));
+    args.extend(qemu_image_opts(&served, &pki));
     args.push(copy.to_str().unwrap().into());
     run_tool(
         "qemu-img",
@@ -290,7 +213,7 @@ fn a_certtool_chain_serves_libnbd_and_qemu_and_require_refuses_plaintext_across_
     drop(served);
     let served = Served::start(&disks, &[]);
     let mut args: Vec<String> = vec!["info".into()];
-    args.extend(served.qemu_image_opts(&pki));
+    args.extend(qemu_image_opts(&served, &pki));
     let info = run_tool(
         "qemu-img",
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -306,12 +229,13 @@ fn a_certtool_chain_serves_libnbd_and_qemu_and_require_refuses_plaintext_across_
 #[test]
 fn a_generated_certificate_is_trusted_as_printed_and_on_lets_plaintext_in() {
     host_tools::require_for_test(&[Tool::Openssl, Tool::NbdInfo, Tool::QemuImg]);
-    let (scratch, disks) = disks();
-    let mut lines = SETUP.to_vec();
+    let scratch = Scratch::new().unwrap();
+    let disks = disks(&scratch);
+    let mut lines: Vec<String> = SETUP.iter().map(|line| line.to_string()).collect();
     lines.extend([
-        "nbd tls on",
-        "nbd tls generate 127.0.0.1 localhost",
-        "nbd tls on",
+        "nbd tls on".into(),
+        "nbd tls generate 127.0.0.1 localhost".into(),
+        "nbd tls on".into(),
     ]);
     let served = Served::start(&disks, &lines);
     assert!(
@@ -339,10 +263,10 @@ fn a_generated_certificate_is_trusted_as_printed_and_on_lets_plaintext_in() {
     assert_eq!(printed, openssl_fingerprint(&pki.join("ca-cert.pem")));
     assert!(!served.transcript.contains("PRIVATE KEY"));
 
-    let info = run_tool("nbdinfo", &[&served.tls_uri(&pki)]);
+    let info = run_tool("nbdinfo", &[&tls_uri(&served, &pki)]);
     assert!(info.contains("newstyle-fixed with TLS"), "{info}");
     let mut args: Vec<String> = vec!["info".into()];
-    args.extend(served.qemu_image_opts(&pki));
+    args.extend(qemu_image_opts(&served, &pki));
     let info = run_tool(
         "qemu-img",
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -358,7 +282,8 @@ fn a_generated_certificate_is_trusted_as_printed_and_on_lets_plaintext_in() {
 #[test]
 fn an_openssl_ec_key_imports_and_a_foreign_key_or_bad_pem_changes_nothing() {
     host_tools::require_for_test(&[Tool::Openssl, Tool::NbdInfo]);
-    let (scratch, disks) = disks();
+    let scratch = Scratch::new().unwrap();
+    let disks = disks(&scratch);
     let dir = scratch.path();
     let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
     for key in ["key.pem", "other-key.pem"] {
@@ -396,23 +321,21 @@ fn an_openssl_ec_key_imports_and_a_foreign_key_or_bad_pem_changes_nothing() {
     let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap();
     assert!(read("key.pem").contains("-----BEGIN EC PRIVATE KEY-----"));
     let mut lines: Vec<String> = SETUP.iter().map(|line| line.to_string()).collect();
-    lines.extend(import_lines(&format!(
-        "{}{}",
-        read("cert.pem"),
-        read("key.pem")
-    )));
+    lines.extend(paste(
+        "nbd tls import",
+        &format!("{}{}", read("cert.pem"), read("key.pem")),
+    ));
     lines.push("nbd tls require".into());
-    lines.extend(import_lines(&format!(
-        "{}{}",
-        read("cert.pem"),
-        read("other-key.pem")
-    )));
-    lines.extend(import_lines(
+    lines.extend(paste(
+        "nbd tls import",
+        &format!("{}{}", read("cert.pem"), read("other-key.pem")),
+    ));
+    lines.extend(paste(
+        "nbd tls import",
         "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----",
     ));
-    lines.extend(import_lines(&read("cert.pem")));
+    lines.extend(paste("nbd tls import", &read("cert.pem")));
     lines.push("nbd tls".into());
-    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
     let served = Served::start(&disks, &lines);
     let transcript = &served.transcript;
     let errors: Vec<&str> = transcript
@@ -438,6 +361,6 @@ fn an_openssl_ec_key_imports_and_a_foreign_key_or_bad_pem_changes_nothing() {
         "{transcript}"
     );
     let pki = pki_dir(&scratch, "pki", &read("cert.pem"));
-    let info = run_tool("nbdinfo", &[&served.tls_uri(&pki)]);
+    let info = run_tool("nbdinfo", &[&tls_uri(&served, &pki)]);
     assert!(info.contains("newstyle-fixed with TLS"), "{info}");
 }

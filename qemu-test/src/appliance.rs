@@ -148,13 +148,33 @@ impl Appliance {
     /// [`Error::Command`].
     pub fn console_ok(&mut self, command: &str) -> Result<String, Error> {
         let output = self.console(command)?;
-        match output.lines().find(|line| line.starts_with("error: ")) {
-            Some(line) => Err(Error::Command {
-                command: command.to_string(),
-                line: line.to_string(),
-            }),
-            None => Ok(output),
+        succeeded(command, output)
+    }
+
+    /// Runs a console command that reads pasted text (`nbd tls import`, `nbd tls
+    /// clients`): `command`, the lines of `text`, then a line `end`. Pasted lines are
+    /// not echoed; returns what the command printed up to the prompt, as
+    /// [`Appliance::console_ok`] does.
+    pub fn console_paste(&mut self, command: &str, text: &str) -> Result<String, Error> {
+        if command.contains(['\r', '\n']) {
+            return Err(Error::Config(format!(
+                "console command {command:?} spans several lines"
+            )));
         }
+        let mut typed = format!("{command}\r");
+        for line in text.lines() {
+            typed.push_str(line);
+            typed.push('\r');
+        }
+        typed.push_str("end\r");
+        self.send(&typed)?;
+        let Reply { output, events } = self.wait_for(
+            &format!("the reply to `{command}` and its pasted text"),
+            self.timeouts.command,
+            |pending| protocol::find_reply(pending, command),
+        )?;
+        self.events.extend(events);
+        succeeded(command, output.join("\n"))
     }
 
     /// Types `text` without pressing Enter (control characters such as Ctrl-C `\x03`
@@ -441,5 +461,17 @@ fn forward_output(mut stdout: impl Read, sender: mpsc::Sender<Vec<u8>>, gate: &M
                 }
             }
         }
+    }
+}
+
+/// `output` of `command` if it has no `error: ` line, else that line as an
+/// [`Error::Command`].
+fn succeeded(command: &str, output: String) -> Result<String, Error> {
+    match output.lines().find(|line| line.starts_with("error: ")) {
+        Some(line) => Err(Error::Command {
+            command: command.to_string(),
+            line: line.to_string(),
+        }),
+        None => Ok(output),
     }
 }

@@ -32,6 +32,7 @@ mod monitor;
 mod nbd_ready;
 mod network;
 mod options;
+mod pki;
 mod process;
 mod protocol;
 mod relay;
@@ -50,6 +51,7 @@ pub use options::{
     Accel, ConsoleMode, Firmware, NBD_GUEST_PORT, NbdForward, Options, PORT_ATTEMPTS, Timeouts,
     disk_serial, free_port, require_host_tools,
 };
+pub use pki::{Pki, client_template};
 pub use process::spawn_tied;
 pub use protocol::PROMPT;
 pub use relay::{CountingRelay, NbdFront};

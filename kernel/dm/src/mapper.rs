@@ -62,6 +62,8 @@ pub struct DeviceMapper {
     pub(crate) tls_offer: nbd::Tls,
     /// What client certificates' validity is checked against (see `set_wall_clock`).
     pub(crate) wall_clock: crate::tls::clock::WallClock,
+    /// The record ciphers TLS offers (see `set_record_ciphers`).
+    pub(crate) record_ciphers: Vec<nbd::rustls::SupportedCipherSuite>,
 }
 
 impl DeviceMapper {
@@ -89,6 +91,7 @@ impl DeviceMapper {
             tls: Default::default(),
             tls_offer: nbd::Tls::Off,
             wall_clock: crate::tls::clock::unknown_time,
+            record_ciphers: crate::tls::suites::rustcrypto(),
         }
     }
 

@@ -7,10 +7,12 @@
 //! for the transport. Every buffer is bounded: ciphertext is taken only while
 //! `incoming` has room and no decrypted bytes wait, and the connection's output is
 //! encrypted only while less than [`MAX_OUTGOING`] bytes wait to be sent, so the
-//! connection's own limits keep applying back-pressure. A buffer that empties gives
-//! back all but one record's worth of memory, so an idle session holds little, and
-//! what the buffers hold counts in the server's memory figures
-//! ([`TlsSession::footprint`]).
+//! connection's own limits keep applying back-pressure. Record data is encrypted
+//! straight from the connection's output into `outgoing`, several records a call. The
+//! buffers keep their memory while the connection has requests or replies under way;
+//! once it is idle, emptied buffers give back all but one record's worth, so an idle
+//! session holds little, and what the buffers hold counts in the server's memory
+//! figures ([`TlsSession::footprint`]).
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -28,7 +30,13 @@ const MAX_INCOMING: usize = 4 * (16 * 1024 + 2048);
 const MAX_OUTGOING: usize = 256 * 1024;
 /// Plaintext put in one TLS record.
 const RECORD_PLAINTEXT: usize = 16 * 1024;
-/// Capacity an emptied buffer keeps: one record and its overhead.
+/// Most plaintext encrypted in one call (rustls cuts it into records): a read reply's
+/// data goes out four records at a time, straight from the buffer the backend filled.
+const ENCRYPT_BATCH: usize = 4 * RECORD_PLAINTEXT;
+/// Room allowed per record for its header, content type, tag and explicit nonce.
+const RECORD_OVERHEAD: usize = 64;
+/// Capacity an emptied buffer keeps once the connection is idle: one record and its
+/// overhead.
 const KEPT_CAPACITY: usize = RECORD_PLAINTEXT + 512;
 
 /// What the session saw while it worked.
@@ -44,15 +52,86 @@ pub(crate) struct Progress {
 #[derive(Debug)]
 pub(crate) struct Failed;
 
+/// Encrypted bytes for the transport, `bytes[start..end]`. The storage stays written
+/// (and allocated) while the connection is busy, so records are encrypted straight
+/// into it without clearing or growing it each time.
+#[derive(Default)]
+struct Outgoing {
+    bytes: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Outgoing {
+    fn pending(&self) -> &[u8] {
+        &self.bytes[self.start..self.end]
+    }
+
+    fn consume(&mut self, count: usize) {
+        self.start = (self.start + count).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Makes at least `room` bytes writable after the pending ones, moving those to the
+    /// front first if that frees enough.
+    fn make_room(&mut self, room: usize) {
+        if self.bytes.len() - self.end >= room {
+            return;
+        }
+        if self.start > 0 {
+            self.bytes.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.bytes.len() - self.end < room {
+            self.bytes.resize(self.end + room, 0);
+        }
+    }
+
+    /// Appends what `write` puts after the pending bytes, making room for `room` bytes
+    /// first and then for what `write` says it needs if that was too little.
+    fn append(
+        &mut self,
+        mut room: usize,
+        mut write: impl FnMut(&mut [u8]) -> Result<usize, Option<InsufficientSizeError>>,
+    ) -> Result<(), Failed> {
+        loop {
+            self.make_room(room);
+            match write(&mut self.bytes[self.end..]) {
+                Ok(written) => {
+                    self.end += written;
+                    return Ok(());
+                }
+                Err(Some(size)) if size.required_size > self.bytes.len() - self.end => {
+                    room = size.required_size;
+                }
+                Err(_) => return Err(Failed),
+            }
+        }
+    }
+
+    /// Frees the storage beyond [`KEPT_CAPACITY`] if nothing is pending.
+    fn release(&mut self) {
+        if self.start == self.end && self.bytes.capacity() > KEPT_CAPACITY {
+            *self = Outgoing::default();
+        }
+    }
+}
+
 pub(crate) struct TlsSession {
     session: UnbufferedServerConnection,
+    /// Received ciphertext; `incoming[..incoming_done]` has been worked through.
     incoming: Vec<u8>,
+    incoming_done: usize,
     plain: Vec<u8>,
     /// Bytes of `plain` the connection has taken.
     plain_taken: usize,
-    outgoing: Vec<u8>,
-    /// Bytes of `outgoing` the transport has sent.
-    sent: usize,
+    outgoing: Outgoing,
+    /// Short pieces of the connection's output gathered into one record.
+    gathered: Vec<u8>,
     peer_closed: bool,
     /// The session broke (bad record, failed handshake): nothing more moves.
     failed: bool,
@@ -64,18 +143,20 @@ impl TlsSession {
     /// out before any TLS record.
     pub fn new(config: Arc<ServerConfig>, first_bytes: &mut OutQueue) -> Result<Self, Failed> {
         let session = UnbufferedServerConnection::new(config).map_err(|_| Failed)?;
-        let mut outgoing = Vec::with_capacity(first_bytes.len());
+        let mut outgoing = Outgoing::default();
         for chunk in first_bytes.chunks() {
-            outgoing.extend_from_slice(chunk);
+            outgoing.bytes.extend_from_slice(chunk);
         }
+        outgoing.end = outgoing.bytes.len();
         first_bytes.clear();
         Ok(TlsSession {
             session,
             incoming: Vec::new(),
+            incoming_done: 0,
             plain: Vec::new(),
             plain_taken: 0,
             outgoing,
-            sent: 0,
+            gathered: Vec::new(),
             peer_closed: false,
             failed: false,
         })
@@ -83,7 +164,10 @@ impl TlsSession {
 
     /// Bytes of memory the session's buffers hold (rustls' own state aside).
     pub fn footprint(&self) -> usize {
-        self.incoming.capacity() + self.plain.capacity() + self.outgoing.capacity()
+        self.incoming.capacity()
+            + self.plain.capacity()
+            + self.outgoing.bytes.capacity()
+            + self.gathered.capacity()
     }
 
     /// Whether the session takes ciphertext now.
@@ -91,7 +175,7 @@ impl TlsSession {
         !self.peer_closed
             && !self.failed
             && self.plain().is_empty()
-            && self.incoming.len() < MAX_INCOMING
+            && self.incoming.len() - self.incoming_done < MAX_INCOMING
     }
 
     /// Takes as much of `data` as there is room for; returns how many bytes.
@@ -99,6 +183,8 @@ impl TlsSession {
         if !self.wants_input() {
             return 0;
         }
+        self.incoming.drain(..self.incoming_done);
+        self.incoming_done = 0;
         let take = (MAX_INCOMING - self.incoming.len()).min(data.len());
         self.incoming.extend_from_slice(&data[..take]);
         take
@@ -115,26 +201,30 @@ impl TlsSession {
         if self.plain_taken == self.plain.len() {
             self.plain.clear();
             self.plain_taken = 0;
-            release(&mut self.plain);
         }
     }
 
     /// Encrypted bytes for the transport.
     pub fn output(&self) -> &[u8] {
-        &self.outgoing[self.sent..]
+        self.outgoing.pending()
     }
 
     /// The transport sent `count` bytes of [`TlsSession::output`].
     pub fn consume_output(&mut self, count: usize) {
-        self.sent = (self.sent + count).min(self.outgoing.len());
-        if self.sent == self.outgoing.len() {
-            self.outgoing.clear();
-            self.sent = 0;
-            release(&mut self.outgoing);
-        } else if self.sent >= MAX_OUTGOING {
-            self.outgoing.drain(..self.sent);
-            self.sent = 0;
+        self.outgoing.consume(count);
+    }
+
+    /// Gives back the memory of emptied buffers but for one record each (the
+    /// connection went idle: it may stay so for long).
+    fn release_buffers(&mut self) {
+        if self.incoming_done == self.incoming.len() {
+            self.incoming.clear();
+            self.incoming_done = 0;
+            release(&mut self.incoming);
         }
+        release(&mut self.plain);
+        self.outgoing.release();
+        self.gathered = Vec::new();
     }
 
     /// Runs the TLS state machine as far as the input allows: handshake records are
@@ -145,7 +235,11 @@ impl TlsSession {
         let mut progress = Progress::default();
         loop {
             let reading = self.plain_taken == self.plain.len();
-            let input: &mut [u8] = if reading { &mut self.incoming } else { &mut [] };
+            let input: &mut [u8] = if reading {
+                &mut self.incoming[self.incoming_done..]
+            } else {
+                &mut []
+            };
             let status = self.session.process_tls_records(input);
             let discard = status.discard;
             let mut stop = false;
@@ -162,11 +256,12 @@ impl TlsSession {
                     while early.next_record().is_some() {}
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    append(&mut self.outgoing, |buffer| match encode.encode(buffer) {
-                        Ok(written) => Ok(written),
-                        Err(EncodeError::InsufficientSize(size)) => Err(Some(size)),
-                        Err(_) => Err(None),
-                    })?;
+                    self.outgoing
+                        .append(KEPT_CAPACITY, |buffer| match encode.encode(buffer) {
+                            Ok(written) => Ok(written),
+                            Err(EncodeError::InsufficientSize(size)) => Err(Some(size)),
+                            Err(_) => Err(None),
+                        })?;
                     progress.moved = true;
                 }
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
@@ -175,23 +270,21 @@ impl TlsSession {
                     progress.peer_closed = true;
                 }
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    while !out.is_empty() && self.outgoing.len() - self.sent < MAX_OUTGOING {
-                        let mut record = Vec::with_capacity(RECORD_PLAINTEXT);
-                        for chunk in out.chunks() {
-                            let room = RECORD_PLAINTEXT - record.len();
-                            record.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                            if record.len() == RECORD_PLAINTEXT {
-                                break;
-                            }
-                        }
-                        append(&mut self.outgoing, |buffer| {
-                            match traffic.encrypt(&record, buffer) {
+                    while !out.is_empty() && self.outgoing.pending().len() < MAX_OUTGOING {
+                        let limit = (MAX_OUTGOING - self.outgoing.pending().len())
+                            .clamp(RECORD_PLAINTEXT, ENCRYPT_BATCH);
+                        let plaintext = next_plaintext(out, limit, &mut self.gathered);
+                        let room = plaintext.len()
+                            + plaintext.len().div_ceil(RECORD_PLAINTEXT) * RECORD_OVERHEAD;
+                        self.outgoing.append(room, |buffer| {
+                            match traffic.encrypt(plaintext, buffer) {
                                 Ok(written) => Ok(written),
                                 Err(EncryptError::InsufficientSize(size)) => Err(Some(size)),
                                 Err(_) => Err(None),
                             }
                         })?;
-                        out.consume(record.len());
+                        let sent = plaintext.len();
+                        out.consume(sent);
                         progress.moved = true;
                     }
                     stop = true;
@@ -200,8 +293,7 @@ impl TlsSession {
                 _ => stop = true,
             }
             if discard > 0 {
-                self.incoming.drain(..discard);
-                release(&mut self.incoming);
+                self.incoming_done += discard;
                 progress.moved = true;
             }
             if stop {
@@ -245,6 +337,9 @@ impl TlsSession {
                 connection.stop(false);
             }
             if !progress.moved && taken == 0 {
+                if connection.in_flight.is_empty() && connection.out.is_empty() {
+                    self.release_buffers();
+                }
                 return any;
             }
             any = true;
@@ -297,26 +392,22 @@ fn release(buffer: &mut Vec<u8>) {
     }
 }
 
-/// Appends what `write` puts into a buffer to `outgoing`, growing the buffer to the
-/// size `write` asks for when the first one was too small.
-fn append(
-    outgoing: &mut Vec<u8>,
-    mut write: impl FnMut(&mut [u8]) -> Result<usize, Option<InsufficientSizeError>>,
-) -> Result<(), Failed> {
-    let start = outgoing.len();
-    let mut room = RECORD_PLAINTEXT + 512;
-    loop {
-        outgoing.resize(start + room, 0);
-        match write(&mut outgoing[start..]) {
-            Ok(written) => {
-                outgoing.truncate(start + written);
-                return Ok(());
-            }
-            Err(Some(size)) if size.required_size > room => room = size.required_size,
-            Err(_) => {
-                outgoing.truncate(start);
-                return Err(Failed);
-            }
+/// The next plaintext to encrypt from `out`, at most `limit` bytes: whole records
+/// straight from the front piece when it holds at least one, else the front pieces
+/// gathered into one record in `gathered`.
+fn next_plaintext<'a>(out: &'a OutQueue, limit: usize, gathered: &'a mut Vec<u8>) -> &'a [u8] {
+    let front = out.chunks().next().unwrap_or_default();
+    if front.len() >= RECORD_PLAINTEXT {
+        let whole = front.len().min(limit) / RECORD_PLAINTEXT * RECORD_PLAINTEXT;
+        return &front[..whole];
+    }
+    gathered.clear();
+    for chunk in out.chunks() {
+        let room = RECORD_PLAINTEXT - gathered.len();
+        gathered.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if gathered.len() == RECORD_PLAINTEXT {
+            break;
         }
     }
+    gathered
 }

@@ -5,13 +5,14 @@
 //! offers.
 //!
 //! Crypto is rustls' pure-Rust RustCrypto provider, the same on the appliance and on
-//! the host. Everything is kept in the saved configuration (see `config/tls.rs`); the
+//! the host, but for the record ciphers (`suites.rs`). Everything is kept in the saved configuration (see `config/tls.rs`); the
 //! private key is never shown again once stored.
 
 pub mod cert;
 pub mod clients;
 pub mod clock;
 pub mod pem;
+pub mod suites;
 pub mod x509;
 
 use alloc::string::String;
@@ -22,7 +23,7 @@ use nbd::rustls::pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
 };
 use nbd::rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
-use nbd::rustls::{RootCertStore, ServerConfig, SignatureScheme};
+use nbd::rustls::{RootCertStore, ServerConfig, SignatureScheme, SupportedCipherSuite};
 use sha2::{Digest, Sha256};
 
 use crate::{DeviceMapper, Error};
@@ -200,6 +201,16 @@ pub fn server_config(
     identity: &Identity,
     clients: Option<ClientCheck<'_>>,
 ) -> Result<Arc<ServerConfig>, String> {
+    server_config_with(identity, clients, suites::rustcrypto())
+}
+
+/// [`server_config`] with the record ciphers `suites` (see `suites.rs`), offered in
+/// their order whatever the client prefers.
+pub fn server_config_with(
+    identity: &Identity,
+    clients: Option<ClientCheck<'_>>,
+    suites: Vec<SupportedCipherSuite>,
+) -> Result<Arc<ServerConfig>, String> {
     if identity.chain.is_empty() || identity.key.is_empty() {
         return Err(String::from("the certificate or its key is missing"));
     }
@@ -249,7 +260,11 @@ pub fn server_config(
         Some(check) => check.clock,
         None => clock::unknown_time,
     };
-    let versions = ServerConfig::builder_with_details(provider.clone(), Arc::new(TlsClock(clock)))
+    let offered = Arc::new(CryptoProvider {
+        cipher_suites: suites,
+        ..(*provider).clone()
+    });
+    let versions = ServerConfig::builder_with_details(offered, Arc::new(TlsClock(clock)))
         .with_protocol_versions(nbd::rustls::ALL_VERSIONS)
         .map_err(|error| alloc::format!("{error}"))?;
     let builder = match clients {
@@ -274,6 +289,7 @@ pub fn server_config(
     // would skip the client certificate check.
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
 
@@ -376,7 +392,7 @@ impl DeviceMapper {
                  so every TLS client is refused",
             ));
         }
-        match offer(&settings, self.wall_clock) {
+        match offer(&settings, self.wall_clock, &self.record_ciphers) {
             Ok(offer) => {
                 self.tls = settings;
                 self.tls_offer = offer;
@@ -387,7 +403,7 @@ impl DeviceMapper {
 
     /// Saves `settings` and offers them; nothing changes if either fails.
     fn change_tls(&mut self, settings: TlsSettings) -> Result<(), Error> {
-        let offer = offer(&settings, self.wall_clock)?;
+        let offer = offer(&settings, self.wall_clock, &self.record_ciphers)?;
         let old = core::mem::replace(&mut self.tls, settings);
         if let Err(error) = self.save() {
             self.tls = old;
@@ -399,14 +415,18 @@ impl DeviceMapper {
 }
 
 /// The NBD server's TLS policy for `settings`, client certificates checked against
-/// `clock`.
-fn offer(settings: &TlsSettings, clock: WallClock) -> Result<nbd::Tls, String> {
+/// `clock`, records sealed with `suites`.
+fn offer(
+    settings: &TlsSettings,
+    clock: WallClock,
+    suites: &[SupportedCipherSuite],
+) -> Result<nbd::Tls, String> {
     let clients = (!settings.client_authorities.is_empty()).then_some(ClientCheck {
         authorities: &settings.client_authorities,
         clock,
     });
     let config = match &settings.identity {
-        Some(identity) => Some(server_config(identity, clients)?),
+        Some(identity) => Some(server_config_with(identity, clients, suites.to_vec())?),
         None => None,
     };
     Ok(match (settings.mode, config) {
