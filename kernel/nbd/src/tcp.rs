@@ -71,6 +71,12 @@ impl<B: 'static> Controller<B> {
         result.recv().ok()
     }
 
+    /// Makes the server's thread look at its backend now instead of after its poll
+    /// interval (e.g. a disk finished a request on another thread).
+    pub fn wake(&self) {
+        let _ = self.waker.wake();
+    }
+
     /// Makes [`TcpServer::run`] return, closing every connection.
     pub fn stop(&self) {
         let _ = self.jobs.send(Control::Stop);
