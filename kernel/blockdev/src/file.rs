@@ -26,7 +26,8 @@ pub type SyncWake = Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>;
 
 /// Syncs of one disk that may run at once. With one, requests arriving while a sync
 /// runs wait for it to end and then for their own, about two syncs' time; with two,
-/// about one (served FUA writes kept 16 in flight went about 1.7 times faster).
+/// about one (served FUA writes kept 16 in flight, the server polling every
+/// millisecond: 7,811–8,658 IOPS against 6,982–7,412 in the same minutes).
 const SYNCS: usize = 2;
 
 /// A file used as a disk. Reads, writes and discards run when submitted and their
