@@ -22,7 +22,7 @@ use std::rc::Rc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use blockdev::FileDisk;
+use blockdev::{FileDisk, SyncWake};
 use clap::Args;
 use console::{Console, Crash, MemoryStats, Platform};
 use dm::{DeviceMapper, Disk, NbdBackend};
@@ -347,10 +347,13 @@ pub fn offline(args: &OfflineArgs) -> Result<ExitCode, Failure> {
         }
         seen.push(canonical);
     }
+    // Served, the disks' syncs end on their own threads and wake the server's.
+    let wake = SyncWake::default();
     let mut disks = Vec::new();
     for (index, path) in args.disks.iter().enumerate() {
-        let disk = FileDisk::open(path, false)
+        let mut disk = FileDisk::open(path, false)
             .map_err(|error| Failure::usage(format!("opening {}: {error}", path.display())))?;
+        disk.wake_with(std::sync::Arc::clone(&wake));
         disks.push((format!("vd{}", console::disk_letters(index)), disk));
     }
     let mut host = match args.nbd {
@@ -362,6 +365,8 @@ pub fn offline(args: &OfflineArgs) -> Result<ExitCode, Failure> {
                         Failure::failed(format!("serving NBD on {address}: {error}"))
                     })?;
             println!("serving NBD on {bound}");
+            let server = controller.clone();
+            let _ = wake.set(Box::new(move || server.wake()));
             Host::Served {
                 controller,
                 thread: Some(thread),

@@ -2,15 +2,18 @@
 //! image served by `qemu-nbd` (data, zero clusters, holes) is adopted with its
 //! content and only its data provisioned; broken servers and lost connections give
 //! one `error:` line, and an interrupted import resumes from its checkpoint, over one
-//! connection or over the several a server allowing them gets.
+//! connection or over the several a server allowing them gets (also when that server
+//! breaks only one of them).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use host_tools::Tool;
 use nbd::wire::*;
@@ -182,14 +185,22 @@ fn a_qcow2_image_is_adopted_with_its_content_and_only_its_data_provisioned() {
 /// What a hostile server does on a connection.
 type Script = fn(&mut TcpStream);
 
-/// Answers every connection on `listener` with `script`'s bytes after the
-/// greeting's reply, then closes.
-fn hostile_server(listener: TcpListener, script: Script) {
+/// Answers every connection on `listener` (each in a thread of its own) with what
+/// `script` does, given the stream and the connection's index among those accepted
+/// (from 0), then closes it.
+fn hostile_server(
+    listener: TcpListener,
+    script: impl Fn(&mut TcpStream, usize) + Send + Sync + 'static,
+) {
+    let script = Arc::new(script);
     thread::spawn(move || {
-        for stream in listener.incoming() {
+        for (index, stream) in listener.incoming().enumerate() {
             let Ok(mut stream) = stream else { return };
-            script(&mut stream);
-            let _ = stream.shutdown(Shutdown::Both);
+            let script = Arc::clone(&script);
+            thread::spawn(move || {
+                script(&mut stream, index);
+                let _ = stream.shutdown(Shutdown::Both);
+            });
         }
     });
 }
@@ -214,9 +225,16 @@ fn read_option(stream: &mut TcpStream) -> u32 {
     be_u32(&header[8..])
 }
 
-/// A fixed-newstyle handshake offering structured replies, `base:allocation` and a
-/// 16 MiB export.
-fn handshake(stream: &mut TcpStream) {
+/// The export a handshake offers, size and transmission flags; `None` refuses it
+/// (`NBD_REP_ERR_UNKNOWN` to `NBD_OPT_GO`).
+type Offer = Option<(u64, u16)>;
+
+/// A 16 MiB export of a server allowing one connection.
+const ONE_CONNECTION: Offer = Some((16 << 20, TFLAG_HAS_FLAGS));
+
+/// A fixed-newstyle handshake offering structured replies, `base:allocation` and
+/// the export `offer` says.
+fn handshake(stream: &mut TcpStream, offer: Offer) {
     let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
     greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
     greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
@@ -233,9 +251,13 @@ fn handshake(stream: &mut TcpStream) {
                 option_reply(stream, OPT_SET_META_CONTEXT, REP_ACK, &[]);
             }
             OPT_GO => {
+                let Some((size, flags)) = offer else {
+                    option_reply(stream, OPT_GO, REP_ERR_UNKNOWN, &[]);
+                    return;
+                };
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
-                info.extend_from_slice(&(16u64 << 20).to_be_bytes());
-                info.extend_from_slice(&TFLAG_HAS_FLAGS.to_be_bytes());
+                info.extend_from_slice(&size.to_be_bytes());
+                info.extend_from_slice(&flags.to_be_bytes());
                 option_reply(stream, OPT_GO, REP_INFO, &info);
                 option_reply(stream, OPT_GO, REP_ACK, &[]);
                 return;
@@ -245,11 +267,25 @@ fn handshake(stream: &mut TcpStream) {
     }
 }
 
-/// Reads one request header; returns its cookie.
-fn read_request(stream: &mut TcpStream) -> u64 {
+/// A request header from the client.
+#[derive(Clone, Copy)]
+struct Request {
+    command: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+}
+
+/// Reads one request header; `None` once the connection has ended.
+fn read_request(stream: &mut TcpStream) -> Option<Request> {
     let mut header = [0; REQUEST_HEADER_LEN];
-    let _ = stream.read_exact(&mut header);
-    be_u64(&header[8..])
+    stream.read_exact(&mut header).ok()?;
+    Some(Request {
+        command: be_u16(&header[6..]),
+        cookie: be_u64(&header[8..]),
+        offset: be_u64(&header[16..]),
+        length: be_u32(&header[24..]),
+    })
 }
 
 fn chunk(stream: &mut TcpStream, chunk_type: u16, cookie: u64, payload: &[u8], len: u32) {
@@ -273,8 +309,10 @@ fn hostile_servers_give_one_error_line_and_never_a_panic() {
         ),
         (
             |stream| {
-                handshake(stream);
-                let cookie = read_request(stream);
+                handshake(stream, ONE_CONNECTION);
+                let Some(Request { cookie, .. }) = read_request(stream) else {
+                    return;
+                };
                 // Block status for a context never selected.
                 let mut payload = 9u32.to_be_bytes().to_vec();
                 payload.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
@@ -284,23 +322,27 @@ fn hostile_servers_give_one_error_line_and_never_a_panic() {
         ),
         (
             |stream| {
-                handshake(stream);
-                let cookie = read_request(stream);
+                handshake(stream, ONE_CONNECTION);
+                let Some(Request { cookie, .. }) = read_request(stream) else {
+                    return;
+                };
                 chunk(stream, REPLY_TYPE_BLOCK_STATUS, cookie, &[], u32::MAX);
             },
             "is too long",
         ),
         (
             |stream| {
-                handshake(stream);
-                let cookie = read_request(stream);
+                handshake(stream, ONE_CONNECTION);
+                let Some(Request { cookie, .. }) = read_request(stream) else {
+                    return;
+                };
                 chunk(stream, REPLY_TYPE_NONE, cookie + 1000, &[], 0);
             },
             "which is not in flight",
         ),
         (
             |stream| {
-                handshake(stream);
+                handshake(stream, ONE_CONNECTION);
                 read_request(stream);
             },
             "closed the connection while requests were in flight",
@@ -318,7 +360,7 @@ fn hostile_servers_give_one_error_line_and_never_a_panic() {
     for (index, (script, error)) in scripts.into_iter().enumerate() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        hostile_server(listener, script);
+        hostile_server(listener, move |stream, _| script(stream));
         let command = format!("thin import bad{index} pool --from nbd://127.0.0.1:{port}/x");
         let output = exec(&disks, &[&command]);
         let transcript = text(&output);
@@ -328,6 +370,258 @@ fn hostile_servers_give_one_error_line_and_never_a_panic() {
         assert_eq!(error_lines(&transcript), 1, "{transcript}");
         assert!(transcript.contains(error), "{error}: {transcript}");
     }
+}
+
+/// Bytes of the export of a server allowing several connections: two import
+/// windows, every byte of them data.
+const TWO_WINDOWS: u64 = 128 << 20;
+/// Where the import's second window begins (its first checkpoint).
+const SECOND_WINDOW: u64 = TWO_WINDOWS / 2;
+/// Connections an import opens to a server that allows several.
+const IMPORT_CONNECTIONS: usize = 4;
+/// Flags of an export that allows several connections.
+const MULTI_CONN: u16 = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN;
+
+/// The export's byte at `offset`: neighbouring sectors differ, so a read written at
+/// another offset shows.
+fn pattern(offset: u64) -> u8 {
+    (offset / 512 % 251) as u8
+}
+
+/// How a server offering `NBD_FLAG_CAN_MULTI_CONN` misbehaves on one connection
+/// after the first. An import opens four; those of a resumed import come later and
+/// are served well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Betrayal {
+    /// The second connection's `NBD_OPT_GO` is refused.
+    RefusesExport,
+    /// The third connection finishes its handshake only once the second window is
+    /// asked for (reads of it wait until then), reporting an export 1 MiB larger.
+    OtherSize,
+    /// The fourth connection closes halfway through its first reply of the second
+    /// window.
+    ClosesMidReply,
+    /// The second connection answers its reads of the second window with a reply
+    /// (cookie, offset, data) to a read the first connection carried.
+    ForeignCookie,
+}
+
+/// What the connections of a betraying server share.
+#[derive(Default)]
+struct Betrayed {
+    connections: AtomicUsize,
+    /// A read of the second window was asked for.
+    second_window: AtomicBool,
+    /// The late handshake of [`Betrayal::OtherSize`] is over.
+    late_handshake: AtomicBool,
+    /// The last read each connection answered, by connection index.
+    last_read: Mutex<BTreeMap<usize, Request>>,
+}
+
+/// Waits (a minute at most, so a broken test fails rather than hangs) for `flag`.
+fn wait_for(flag: &AtomicBool) {
+    let start = Instant::now();
+    while !flag.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(60) {
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Serves the [`TWO_WINDOWS`] export on `listener`'s connections, betraying as
+/// `betrayal` says; returns what the connections share.
+fn betraying_server(listener: TcpListener, betrayal: Betrayal) -> Arc<Betrayed> {
+    let shared = Arc::new(Betrayed::default());
+    let state = Arc::clone(&shared);
+    hostile_server(listener, move |stream, index| {
+        serve_betraying(stream, index, betrayal, &state);
+    });
+    shared
+}
+
+fn serve_betraying(stream: &mut TcpStream, index: usize, betrayal: Betrayal, shared: &Betrayed) {
+    shared.connections.fetch_add(1, Ordering::SeqCst);
+    let offer = match (betrayal, index) {
+        (Betrayal::RefusesExport, 1) => None,
+        (Betrayal::OtherSize, 2) => {
+            wait_for(&shared.second_window);
+            Some((TWO_WINDOWS + (1 << 20), MULTI_CONN))
+        }
+        _ => Some((TWO_WINDOWS, MULTI_CONN)),
+    };
+    handshake(stream, offer);
+    if (betrayal, index) == (Betrayal::OtherSize, 2) {
+        shared.late_handshake.store(true, Ordering::SeqCst);
+    }
+    while let Some(request) = read_request(stream) {
+        match request.command {
+            CMD_BLOCK_STATUS => {
+                // Context 1 (base:allocation): all of it data.
+                let mut payload = 1u32.to_be_bytes().to_vec();
+                payload.extend_from_slice(&request.length.to_be_bytes());
+                payload.extend_from_slice(&0u32.to_be_bytes());
+                chunk(
+                    stream,
+                    REPLY_TYPE_BLOCK_STATUS,
+                    request.cookie,
+                    &payload,
+                    12,
+                );
+            }
+            CMD_READ => {
+                let second = request.offset >= SECOND_WINDOW;
+                let first_attempt = index < IMPORT_CONNECTIONS;
+                if second {
+                    shared.second_window.store(true, Ordering::SeqCst);
+                    if betrayal == Betrayal::OtherSize && first_attempt {
+                        wait_for(&shared.late_handshake);
+                    }
+                }
+                let mut last_read = shared.last_read.lock().unwrap();
+                let answered = match (betrayal, index) {
+                    (Betrayal::ClosesMidReply, 3) if second => {
+                        let payload = read_payload(&request);
+                        let half = &payload[..payload.len() / 2];
+                        let len = payload.len() as u32;
+                        chunk(stream, REPLY_TYPE_OFFSET_DATA, request.cookie, half, len);
+                        return;
+                    }
+                    (Betrayal::ForeignCookie, 1) if second => {
+                        last_read.get(&0).copied().unwrap_or(request)
+                    }
+                    _ => request,
+                };
+                last_read.insert(index, request);
+                drop(last_read);
+                let payload = read_payload(&answered);
+                let len = payload.len() as u32;
+                chunk(
+                    stream,
+                    REPLY_TYPE_OFFSET_DATA,
+                    answered.cookie,
+                    &payload,
+                    len,
+                );
+            }
+            _ => return,
+        }
+    }
+}
+
+/// The payload of a data chunk answering `request`: its offset, then the bytes.
+fn read_payload(request: &Request) -> Vec<u8> {
+    let mut payload = request.offset.to_be_bytes().to_vec();
+    payload.extend((request.offset..request.offset + u64::from(request.length)).map(pattern));
+    payload
+}
+
+/// A server allowing several connections that turns hostile on a later one: the
+/// import stops with one error line at its checkpoint (the first window, whose
+/// content is checked) and resumes over well-behaved connections. A refused extra
+/// connection is done without.
+#[test]
+fn a_server_hostile_on_a_later_connection_stops_the_import_at_its_checkpoint() {
+    host_tools::require_for_test(&[Tool::QemuImg]);
+    let expected: Vec<u8> = (0..TWO_WINDOWS).map(pattern).collect();
+    let scratch = Scratch::new().unwrap();
+    let disks = appliance(&scratch, "m");
+    assert!(exec(&disks, &SETUP).status.success());
+    let protocol = "NBD protocol error: ";
+    let cases: [(Betrayal, Vec<String>); 3] = [
+        (
+            Betrayal::OtherSize,
+            vec![format!(
+                "the server's connections disagree on the export's size ({TWO_WINDOWS} and {} \
+                 bytes)",
+                TWO_WINDOWS + (1 << 20)
+            )],
+        ),
+        (
+            Betrayal::ClosesMidReply,
+            // Reading the end, or failing to send the next request.
+            vec![
+                "the server closed the connection while requests were in flight".into(),
+                "connection lost: ".into(),
+            ],
+        ),
+        (
+            // The cookie may be in flight on the second connection too (each
+            // connection counts its own), for a read elsewhere.
+            Betrayal::ForeignCookie,
+            vec![
+                format!("{protocol}a read chunk lies outside the requested range"),
+                format!("{protocol}a reply for cookie "),
+            ],
+        ),
+    ];
+    for (betrayal, errors) in cases {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!(
+            "nbd://127.0.0.1:{}/x",
+            listener.local_addr().unwrap().port()
+        );
+        let shared = betraying_server(listener, betrayal);
+        let output = exec(&disks, &[&format!("thin import vm pool --from {uri}")]);
+        let transcript = text(&output);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{betrayal:?}: {transcript}");
+        assert!(!stderr.contains("panicked"), "{betrayal:?}: {stderr}");
+        assert_eq!(error_lines(&transcript), 1, "{betrayal:?}: {transcript}");
+        assert!(
+            errors.iter().any(|error| transcript.contains(error)),
+            "{betrayal:?}: {errors:?} expected in {transcript}"
+        );
+        assert!(
+            transcript.contains("thin import --resume vm continues it"),
+            "{betrayal:?}: {transcript}"
+        );
+        assert_eq!(
+            shared.connections.load(Ordering::SeqCst),
+            IMPORT_CONNECTIONS,
+            "{betrayal:?}"
+        );
+
+        // The checkpoint is the first window, and the volume holds it.
+        let saved = text(&exec(&disks, &["config show"]));
+        assert!(
+            saved.contains(&format!("import vm {SECOND_WINDOW} {uri}")),
+            "{betrayal:?}: {saved}"
+        );
+        let window = SECOND_WINDOW as usize;
+        assert!(
+            volume_content(&scratch, &disks, "vm")[..window] == expected[..window],
+            "{betrayal:?}: the checkpointed window differs"
+        );
+
+        // Resumed over later connections, served well: the second window is copied.
+        let output = exec(&disks, &["thin import --resume vm"]);
+        let transcript = text(&output);
+        assert!(output.status.success(), "{betrayal:?}: {transcript}");
+        assert_eq!(
+            copied(&transcript),
+            "64.00 MiB",
+            "{betrayal:?}: {transcript}"
+        );
+        assert!(
+            volume_content(&scratch, &disks, "vm") == expected,
+            "{betrayal:?}: content differs"
+        );
+        assert!(exec(&disks, &["thin delete vm"]).status.success());
+    }
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!(
+        "nbd://127.0.0.1:{}/x",
+        listener.local_addr().unwrap().port()
+    );
+    let shared = betraying_server(listener, Betrayal::RefusesExport);
+    let output = exec(&disks, &[&format!("thin import vm pool --from {uri}")]);
+    let transcript = text(&output);
+    assert!(output.status.success(), "{transcript}");
+    assert_eq!(copied(&transcript), "128.00 MiB", "{transcript}");
+    assert_eq!(
+        shared.connections.load(Ordering::SeqCst),
+        IMPORT_CONNECTIONS
+    );
+    assert!(volume_content(&scratch, &disks, "vm") == expected);
 }
 
 /// Forwards connections on `listener` to `port`; the first `cut` of them are cut
@@ -534,14 +828,16 @@ fn serve_model(mut stream: TcpStream, model: &Mutex<Model>) {
         }
     }
     loop {
-        let mut header = [0; REQUEST_HEADER_LEN];
-        if stream.read_exact(&mut header).is_err() {
+        let Some(Request {
+            command,
+            cookie,
+            offset,
+            length,
+        }) = read_request(&mut stream)
+        else {
             return;
-        }
-        let command = be_u16(&header[6..]);
-        let cookie = be_u64(&header[8..]);
-        let offset = be_u64(&header[16..]);
-        let length = u64::from(be_u32(&header[24..]));
+        };
+        let length = u64::from(length);
         let model = model.lock().unwrap();
         match command {
             CMD_READ => {

@@ -32,7 +32,7 @@ pub use crash::{CrashDisk, CrashStats, Unflushed};
 pub use errors::ErrorCounts;
 pub use faulty::{FaultOp, FaultRule, Faults, FaultyDisk, INJECTED};
 #[cfg(feature = "std")]
-pub use file::FileDisk;
+pub use file::{FileDisk, SyncWake};
 pub use memory::MemDisk;
 
 use alloc::string::String;

@@ -3,7 +3,8 @@
 //! One thread runs everything: non-blocking sockets are watched with `mio`, bytes move
 //! between sockets and the server until nothing moves, then the thread sleeps until a
 //! socket becomes ready (or, while the backend holds requests, for at most a
-//! millisecond, since backends have no way to wake it). Sockets use `TCP_NODELAY`.
+//! millisecond, unless [`Controller::wake`] wakes it sooner, e.g. from a disk's
+//! thread). Sockets use `TCP_NODELAY`.
 //! Other threads act on the server through a [`Controller`].
 
 use std::boxed::Box;
@@ -69,6 +70,12 @@ impl<B: 'static> Controller<B> {
         self.jobs.send(Control::Run(job)).ok()?;
         self.waker.wake().ok()?;
         result.recv().ok()
+    }
+
+    /// Makes the server's thread look at its backend now instead of after its poll
+    /// interval (e.g. a disk finished a request on another thread).
+    pub fn wake(&self) {
+        let _ = self.waker.wake();
     }
 
     /// Makes [`TcpServer::run`] return, closing every connection.
