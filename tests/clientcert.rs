@@ -161,10 +161,7 @@ fn certificate_rules_outrank_address_rules_and_bad_input_changes_nothing() {
     lines.push(String::from("nbd acl"));
     let appliance = Served::start(&disks, &lines);
     let transcript = &appliance.transcript;
-    let errors: Vec<&str> = transcript
-        .lines()
-        .filter(|line| line.starts_with("error:"))
-        .collect();
+    let errors = appliance.errors();
     assert_eq!(
         errors,
         [

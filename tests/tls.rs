@@ -338,10 +338,7 @@ fn an_openssl_ec_key_imports_and_a_foreign_key_or_bad_pem_changes_nothing() {
     lines.push("nbd tls".into());
     let served = Served::start(&disks, &lines);
     let transcript = &served.transcript;
-    let errors: Vec<&str> = transcript
-        .lines()
-        .filter(|line| line.starts_with("error:"))
-        .collect();
+    let errors = served.errors();
     assert_eq!(
         errors,
         [

@@ -19,6 +19,14 @@ pub struct Served {
 }
 
 impl Served {
+    /// The `error:` lines of the transcript.
+    pub fn errors(&self) -> Vec<&str> {
+        self.transcript
+            .lines()
+            .filter(|line| line.starts_with("error:"))
+            .collect()
+    }
+
     pub fn start(disks: &[PathBuf], lines: &[String]) -> Served {
         let mut command = Command::new(env!("CARGO_BIN_EXE_thinbox"));
         command.args(["offline", "--nbd", "127.0.0.1:0"]);
