@@ -831,10 +831,9 @@ mod tests {
         let mut unique = ports.clone();
         unique.sort_unstable();
         unique.dedup();
+        // Whether each is still free is not asserted: tests running beside this one, and any
+        // other program, may take a released port at any time.
         assert_eq!(unique.len(), ports.len());
-        for port in ports {
-            TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap();
-        }
     }
 
     #[test]
