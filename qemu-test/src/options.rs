@@ -397,6 +397,9 @@ impl Options {
             "-device",
             "VGA",
         ]);
+        // Threads named by role ("CPU 0/TCG", "worker"), so host tools can tell the
+        // emulated CPU from QEMU's I/O.
+        push(&["-name", "thinbox,debug-threads=on"]);
         push(&[
             "-no-reboot",
             "-device",

@@ -17,18 +17,21 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use host_tools::Tool;
 use qemu_test::{KERNEL_ELF, Nic, Scratch, TapNetwork, monitor_command};
 
 use crate::network::{boot, serve};
-use crate::{EXPORT_BYTES, MIB, Result, timed, write_random};
+use crate::{Client, EXPORT_BYTES, MIB, Result, fio_iops, timed, write_random};
 
 /// Where the bootloader puts the kernel's image (position independent, loaded at
 /// the first free address from 1 TiB on).
 const KERNEL_BASE: u64 = 1 << 40;
 /// Functions printed per copy.
 const TOP: usize = 12;
+/// Length of each 4 KiB random I/O run.
+const RANDOM_SECONDS: u32 = 10;
 
 pub fn bench() -> Result<()> {
     host_tools::require(&[Tool::Qemu, Tool::NbdCopy])
@@ -47,15 +50,23 @@ pub fn bench() -> Result<()> {
             ("in", vec!["nbdcopy", "--flush", &source, &uri]),
             ("out", vec!["nbdcopy", &uri, "null:"]),
         ];
+        let profiler = Profiler {
+            monitor: &monitor,
+            qemu: appliance.pid(),
+            symbols: &symbols,
+        };
         for (direction, command) in copies {
-            let (seconds, samples) = sampled(&monitor, || timed(client, &command))?;
+            let (seconds, samples, cpu) = profiler.sample(|| timed(client, &command))?;
             let mb_s = EXPORT_BYTES as f64 / 1e6 / seconds;
-            println!(
-                "{nic}, tap: copying {} MiB {direction} ({mb_s:.1} MB/s), {} samples",
-                EXPORT_BYTES / MIB,
-                samples.len()
+            let heading = format!(
+                "{nic}, tap: copying {} MiB {direction} ({mb_s:.1} MB/s)",
+                EXPORT_BYTES / MIB
             );
-            symbols.print_top(&samples);
+            profiler.report(&heading, &samples, &cpu);
+        }
+        for pattern in ["randread", "randwrite"] {
+            let label = format!("{nic}, tap: 4k {pattern} QD16");
+            profiler.fio(client, &uri, pattern, RANDOM_SECONDS, &label)?;
         }
         appliance
             .shutdown()
@@ -64,28 +75,73 @@ pub fn bench() -> Result<()> {
     Ok(())
 }
 
-/// Runs `work` while sampling the guest's instruction pointer through the monitor
-/// on `socket`; returns how long `work` took in seconds and the samples.
-pub fn sampled(
-    socket: &Path,
-    work: impl FnOnce() -> Result<std::time::Duration>,
-) -> Result<(f64, Vec<u64>)> {
-    let done = AtomicBool::new(false);
-    thread::scope(|scope| {
-        let sampler = scope.spawn(|| {
-            let mut samples = Vec::new();
-            while !done.load(Ordering::Relaxed) {
-                let registers = monitor_command(socket, "info registers")
-                    .map_err(|e| format!("QEMU's monitor: {e}"))?;
-                samples.extend(instruction_pointer(&registers));
-            }
-            Ok::<_, String>(samples)
-        });
-        let took = work();
-        done.store(true, Ordering::Relaxed);
-        let samples = sampler.join().expect("the sampler does not panic")?;
-        Ok((took?.as_secs_f64(), samples))
-    })
+/// A booted appliance to sample: QEMU's monitor socket and process, and the
+/// kernel's functions.
+pub struct Profiler<'a> {
+    pub monitor: &'a Path,
+    pub qemu: u32,
+    pub symbols: &'a Symbols,
+}
+
+impl Profiler<'_> {
+    /// Runs `work` while sampling the guest's instruction pointer through the
+    /// monitor; returns how long `work` took in seconds, the samples, and the host
+    /// CPU that QEMU and everything else used meanwhile.
+    pub fn sample(
+        &self,
+        work: impl FnOnce() -> Result<Duration>,
+    ) -> Result<(f64, Vec<u64>, CpuUse)> {
+        let done = AtomicBool::new(false);
+        let threads_before = ThreadTimes::read(self.qemu)?;
+        let host_before = HostTimes::read()?;
+        let (seconds, samples) = thread::scope(|scope| {
+            let sampler = scope.spawn(|| {
+                let mut samples = Vec::new();
+                while !done.load(Ordering::Relaxed) {
+                    let registers = monitor_command(self.monitor, "info registers")
+                        .map_err(|e| format!("QEMU's monitor: {e}"))?;
+                    samples.extend(instruction_pointer(&registers));
+                }
+                Ok::<_, String>(samples)
+            });
+            let took = work();
+            done.store(true, Ordering::Relaxed);
+            let samples = sampler.join().expect("the sampler does not panic")?;
+            Ok::<_, String>((took?.as_secs_f64(), samples))
+        })?;
+        let cpu = CpuUse {
+            threads: ThreadTimes::read(self.qemu)?.since(&threads_before),
+            host: HostTimes::read()?.since(&host_before),
+        };
+        Ok((seconds, samples, cpu))
+    }
+
+    /// Prints `heading` with the sample count, the busiest functions and the CPU use.
+    pub fn report(&self, heading: &str, samples: &[u64], cpu: &CpuUse) {
+        println!("{heading}, {} samples", samples.len());
+        self.symbols.print_top(samples);
+        cpu.print();
+    }
+
+    /// Runs fio's 4 KiB `pattern` at QD16 on `uri` for `seconds` while sampling,
+    /// reports it under `label` and returns its IOPS.
+    pub fn fio(
+        &self,
+        client: Client,
+        uri: &str,
+        pattern: &str,
+        seconds: u32,
+        label: &str,
+    ) -> Result<f64> {
+        let mut iops = 0.0;
+        let (_, samples, cpu) = self.sample(|| {
+            let started = Instant::now();
+            iops = fio_iops(client, uri, pattern, seconds)?;
+            Ok(started.elapsed())
+        })?;
+        self.report(&format!("{label}: {iops:.0} IOPS"), &samples, &cpu);
+        Ok(iops)
+    }
 }
 
 /// `RIP=...` from `info registers`.
@@ -141,7 +197,7 @@ impl Symbols {
     }
 
     /// Prints the [`TOP`] functions with the most samples and their shares.
-    pub fn print_top(&self, samples: &[u64]) {
+    fn print_top(&self, samples: &[u64]) {
         for (share, function) in self.top(samples, TOP) {
             println!("  {:5.1} %  {function}", share * 100.0);
         }
@@ -164,5 +220,120 @@ impl Symbols {
                 (hits as f64 / samples.len() as f64, name)
             })
             .collect()
+    }
+}
+
+/// Clock ticks of CPU time per thread of a process, by thread id, with its name.
+struct ThreadTimes(HashMap<u32, (String, u64)>);
+
+impl ThreadTimes {
+    /// utime + stime of every thread of `pid` (`/proc/PID/task/TID/stat`).
+    fn read(pid: u32) -> Result<ThreadTimes> {
+        let tasks = format!("/proc/{pid}/task");
+        let mut times = HashMap::new();
+        for entry in std::fs::read_dir(&tasks).map_err(|e| format!("{tasks}: {e}"))? {
+            let path = entry.map_err(|e| format!("{tasks}: {e}"))?.path();
+            let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+                continue; // the thread ended
+            };
+            if let Some((tid, name, ticks)) = thread_ticks(&stat) {
+                times.insert(tid, (name, ticks));
+            }
+        }
+        Ok(ThreadTimes(times))
+    }
+
+    /// Ticks used since `before`, summed by thread name.
+    fn since(&self, before: &ThreadTimes) -> Vec<(String, u64)> {
+        let mut by_name: HashMap<&str, u64> = HashMap::new();
+        for (tid, (name, ticks)) in &self.0 {
+            let earlier = before.0.get(tid).map_or(0, |(_, ticks)| *ticks);
+            *by_name.entry(name).or_default() += ticks - earlier;
+        }
+        let mut used: Vec<(String, u64)> = by_name
+            .into_iter()
+            .filter(|(_, ticks)| *ticks > 0)
+            .map(|(name, ticks)| (name.to_string(), ticks))
+            .collect();
+        used.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        used
+    }
+}
+
+/// Thread id, name and utime + stime from a `/proc/.../stat` line; the name is in
+/// parentheses and may hold spaces.
+fn thread_ticks(stat: &str) -> Option<(u32, String, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let tid = stat[..open].trim().parse().ok()?;
+    let name = stat[open + 1..close].to_string();
+    // After the name: state is field 3; utime and stime are fields 14 and 15.
+    let mut fields = stat[close + 1..].split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((tid, name, utime + stime))
+}
+
+/// The host's busy and total clock ticks over all cores (`/proc/stat`).
+struct HostTimes {
+    busy: u64,
+    total: u64,
+}
+
+impl HostTimes {
+    fn read() -> Result<HostTimes> {
+        let stat = std::fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("cpu "))
+            .ok_or("/proc/stat has no cpu line")?
+            .split_whitespace()
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+        let total: u64 = ticks.iter().sum();
+        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        Ok(HostTimes {
+            busy: total - idle,
+            total,
+        })
+    }
+
+    fn since(&self, before: &HostTimes) -> HostTimes {
+        HostTimes {
+            busy: self.busy - before.busy,
+            total: self.total - before.total,
+        }
+    }
+}
+
+/// What the host's CPUs did during a measurement.
+pub struct CpuUse {
+    /// Ticks per QEMU thread name, busiest first.
+    threads: Vec<(String, u64)>,
+    host: HostTimes,
+}
+
+impl CpuUse {
+    /// Prints each QEMU thread's CPU use as a share of one core over the
+    /// measurement, and how many of the host's cores were busy.
+    fn print(&self) {
+        let (threads, host) = (&self.threads, &self.host);
+        let cores = thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        // The copy's length in ticks of one core.
+        let span = host.total.max(1) as f64 / cores;
+        let qemu: u64 = threads.iter().map(|(_, ticks)| ticks).sum();
+        let shares: Vec<String> = threads
+            .iter()
+            .map(|(name, ticks)| format!("{name} {:.0} %", *ticks as f64 / span * 100.0))
+            .collect();
+        println!("  host CPU: {}", shares.join(", "));
+        println!(
+            "  host cores busy: {:.2} of {cores:.0} (QEMU {:.2}, the client and the rest {:.2})",
+            host.busy as f64 / span,
+            qemu as f64 / span,
+            host.busy.saturating_sub(qemu) as f64 / span
+        );
     }
 }

@@ -19,7 +19,7 @@ use qemu_test::{Appliance, KERNEL_ELF, Options, Scratch, wait_for_greeting};
 
 use crate::delete::thin_restore;
 use crate::network::disk_rates;
-use crate::profile::{Symbols, sampled};
+use crate::profile::{Profiler, Symbols};
 use crate::{
     BLOCK_SECTORS, Client, EXPORT_BYTES, MIB, POOL_DATA_BYTES, Result, SECTOR, fio_iops, timed,
     write_random,
@@ -57,21 +57,13 @@ struct OriginFigures {
     jobs_after: String,
 }
 
-/// Runs fio's random reads for `seconds` on `uri`; with a monitor socket, samples the
+/// Runs fio's random reads for `seconds` on `uri`; with a profiler, samples the
 /// guest meanwhile and prints where it was, under `label`.
-fn reads(uri: &str, seconds: u32, profile: Option<(&Path, &Symbols)>, label: &str) -> Result<f64> {
-    let Some((monitor, symbols)) = profile else {
-        return fio_iops(Client::Host, uri, "randread", seconds);
-    };
-    let mut iops = 0.0;
-    let (_, samples) = sampled(monitor, || {
-        let started = Instant::now();
-        iops = fio_iops(Client::Host, uri, "randread", seconds)?;
-        Ok(started.elapsed())
-    })?;
-    println!("{label}: {iops:.0} IOPS, {} samples", samples.len());
-    symbols.print_top(&samples);
-    Ok(iops)
+fn reads(uri: &str, seconds: u32, profile: Option<&Profiler>, label: &str) -> Result<f64> {
+    match profile {
+        Some(profiler) => profiler.fio(Client::Host, uri, "randread", seconds, label),
+        None => fio_iops(Client::Host, uri, "randread", seconds),
+    }
 }
 
 fn origin_merge(
@@ -99,8 +91,13 @@ fn origin_merge(
         }
         false => None,
     };
-    let profile = symbols.as_ref().map(|symbols| (monitor.as_path(), symbols));
     let mut appliance = boot(options)?;
+    let profiler = symbols.as_ref().map(|symbols| Profiler {
+        monitor: &monitor,
+        qemu: appliance.pid(),
+        symbols,
+    });
+    let profile = profiler.as_ref();
     let tested = console(
         &mut appliance,
         &format!("disk-test vdc {} --force", EXPORT_BYTES / MIB),
@@ -128,10 +125,9 @@ fn origin_merge(
         Ok(started.elapsed())
     };
     let took = match profile {
-        Some((monitor, symbols)) => {
-            let (took, samples) = sampled(monitor, merge)?;
-            println!("merge alone: {took:.2} s, {} samples", samples.len());
-            symbols.print_top(&samples);
+        Some(profiler) => {
+            let (took, samples, cpu) = profiler.sample(merge)?;
+            profiler.report(&format!("merge alone: {took:.2} s"), &samples, &cpu);
             took
         }
         None => merge()?.as_secs_f64(),
