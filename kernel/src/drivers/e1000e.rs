@@ -235,6 +235,18 @@ impl E1000e {
         }
     }
 
+    /// Unmasks the driver's interrupt causes, or masks them. Causes that occur
+    /// while masked stay latched and interrupt as soon as they are unmasked.
+    pub fn set_interrupts(&mut self, on: bool) {
+        self.regs.write_u32(if on { IMS } else { IMC }, INTERRUPTS);
+    }
+
+    /// Whether a frame came back since the last poll (finished transmits need no
+    /// check: their cause stays latched while masked).
+    pub fn has_completions(&mut self) -> bool {
+        self.has_input()
+    }
+
     /// Whether a received frame waits to be processed.
     pub fn has_input(&self) -> bool {
         self.rx

@@ -196,6 +196,25 @@ impl VirtioNet {
         self.raw.ack_interrupt();
     }
 
+    /// Asks the device for used-buffer interrupts, or tells it to skip them.
+    pub fn set_interrupts(&mut self, on: bool) {
+        if on {
+            self.raw.enable_interrupts();
+        } else {
+            self.raw.disable_interrupts();
+        }
+    }
+
+    /// Whether a frame came back, or transmit buffers were freed, since the last
+    /// poll: the device may have returned them while its interrupts were off.
+    pub fn has_completions(&mut self) -> bool {
+        if self.stopped {
+            return false;
+        }
+        let freed = self.reap_tx();
+        freed || self.has_input()
+    }
+
     /// Whether a received frame waits to be processed.
     pub fn has_input(&self) -> bool {
         !self.stopped && self.raw.poll_receive().is_some()
@@ -216,8 +235,10 @@ impl VirtioNet {
         }
     }
 
-    /// Returns finished transmit buffers to the free list.
-    fn reap_tx(&mut self) {
+    /// Returns finished transmit buffers to the free list; returns whether there
+    /// were any.
+    fn reap_tx(&mut self) -> bool {
+        let mut freed = false;
         while let Some(token) = self.raw.poll_transmit() {
             let Some((buffer, len)) = self
                 .tx_posted
@@ -225,17 +246,19 @@ impl VirtioNet {
                 .and_then(Option::take)
             else {
                 self.stop();
-                return;
+                return freed;
             };
             // SAFETY: the same buffer (and length) that was queued with `token`.
             if unsafe { self.raw.transmit_complete(token, &buffer[..len]) }.is_err() {
                 // The descriptor is still the device's: so is its buffer.
                 Box::leak(buffer);
                 self.stop();
-                return;
+                return freed;
             }
             self.tx_free.push(buffer);
+            freed = true;
         }
+        freed
     }
 
     /// Stops the NIC after the device broke the queue protocol.

@@ -18,6 +18,7 @@ use alloc::rc::Rc;
 use alloc::string::String;
 use core::cell::RefCell;
 use core::fmt::Write;
+use core::sync::atomic::{Ordering, fence};
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::dhcpv4;
 use smoltcp::time::Instant;
@@ -74,6 +75,8 @@ pub struct NetStack {
     syns_held: u64,
     /// What the NBD server reported at the last poll, for `net`.
     nbd_memory: nbd::MemoryUse,
+    /// Whether the NIC's interrupts are on: only while the main loop sleeps.
+    interrupts_on: bool,
 }
 
 /// How the NIC's interrupt arrives.
@@ -166,6 +169,7 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
         closing: alloc::vec::Vec::new(),
         syns_held: 0,
         nbd_memory: nbd::MemoryUse::default(),
+        interrupts_on: true,
     };
     stack.use_dhcp();
     Some(stack)
@@ -200,6 +204,10 @@ impl NetStack {
             }
             _ => {}
         }
+        if self.interrupts_on {
+            self.device.set_interrupts(false);
+            self.interrupts_on = false;
+        }
         self.device.recover_stall();
         let mut busy = true;
         for _ in 0..ROUNDS_PER_POLL {
@@ -227,6 +235,19 @@ impl NetStack {
         }
         self.nbd_memory = server.memory_use();
         busy
+    }
+
+    /// Turns the NIC's interrupts on before the main loop sleeps; returns false if
+    /// the device returned something meanwhile, which the loop must poll first.
+    pub fn ready_to_sleep(&mut self) -> bool {
+        if !self.interrupts_on {
+            self.device.set_interrupts(true);
+            self.interrupts_on = true;
+        }
+        // The device reads the flag after publishing a buffer: the check below must
+        // not be ordered before the flag is written.
+        fence(Ordering::SeqCst);
+        !self.device.has_completions()
     }
 
     fn dhcp_events(&mut self) {

@@ -68,6 +68,17 @@ impl Nic {
         each!(self, nic => nic.has_input())
     }
 
+    /// Turns the NIC's interrupts on (before the main loop sleeps) or off (while
+    /// it polls anyway: each interrupt costs its delivery and acknowledgement).
+    pub fn set_interrupts(&mut self, on: bool) {
+        each!(self, nic => nic.set_interrupts(on))
+    }
+
+    /// Whether the device handed something back that the stack has not seen.
+    pub fn has_completions(&mut self) -> bool {
+        each!(self, nic => nic.has_completions())
+    }
+
     /// Hands the frames and receive buffers queued since the last call to the
     /// device: one tail write (e1000e) or one doorbell per queue (virtio-net).
     pub fn flush(&mut self) {
