@@ -133,9 +133,18 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let mut console = Console::new(platform, devices);
     let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));
     console.start(&mut serial);
+    let mut serial_read_at = arch::interrupts::ticks();
     loop {
-        while let Some(byte) = serial.try_read() {
-            console.input(byte, &mut serial);
+        // The UART is read when it interrupted, and once per tick in case an
+        // interrupt was missed, not on every turn: each read of its line status traps
+        // into the emulator and takes the lock its I/O thread needs for the disks and
+        // the NIC.
+        let tick = arch::interrupts::ticks();
+        if arch::interrupts::take_serial_input() || tick != serial_read_at || !timer_ticks {
+            serial_read_at = tick;
+            while let Some(byte) = serial.try_read() {
+                console.input(byte, &mut serial);
+            }
         }
         let console_busy = console.poll(&mut serial);
         let net_busy = network
@@ -144,7 +153,12 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         if console_busy || net_busy {
             continue;
         }
-        idle(&mut serial, timer_ticks);
+        let net_quiet = network
+            .as_ref()
+            .is_none_or(|stack| stack.borrow_mut().ready_to_sleep());
+        if net_quiet {
+            idle(&mut serial, timer_ticks);
+        }
     }
 }
 

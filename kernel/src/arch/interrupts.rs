@@ -47,6 +47,8 @@ static PIC_MASK: AtomicU16 = AtomicU16::new(0xffff);
 pub const MSI_VECTOR: u8 = IRQ_BASE + 16;
 /// The MSI fired and awaits its driver.
 static MSI_FIRED: AtomicBool = AtomicBool::new(false);
+/// COM1 raised its receive interrupt since the main loop last looked.
+static SERIAL_FIRED: AtomicBool = AtomicBool::new(false);
 /// Virtual address of the local APIC's end-of-interrupt register (0: no MSI).
 static LAPIC_EOI: AtomicUsize = AtomicUsize::new(0);
 /// The `IA32_APIC_BASE` model-specific register and its bits.
@@ -64,6 +66,11 @@ const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
 /// Timer interrupts since [`init`].
 pub fn ticks() -> u64 {
     TICKS.load(Ordering::Relaxed)
+}
+
+/// Whether COM1 interrupted since the last call: received bytes wait.
+pub fn take_serial_input() -> bool {
+    SERIAL_FIRED.swap(false, Ordering::Relaxed)
 }
 
 /// Reports a fatal CPU exception and stops the machine.
@@ -153,8 +160,8 @@ extern "x86-interrupt" fn irq<const LINE: u8>(_frame: InterruptStackFrame) {
         IRQ_TIMER => {
             TICKS.fetch_add(1, Ordering::Relaxed);
         }
-        // The main loop reads the byte; this interrupt only ends a `hlt`.
-        IRQ_COM1 => {}
+        // The main loop reads the bytes; this interrupt ends a `hlt` and tells it to.
+        IRQ_COM1 => SERIAL_FIRED.store(true, Ordering::Relaxed),
         line if DEVICE_LINES.load(Ordering::Relaxed) & (1 << line) != 0 => {
             FIRED.fetch_or(1 << line, Ordering::Relaxed);
             write_pic_mask(PIC_MASK.fetch_or(1 << line, Ordering::Relaxed) | (1 << line));
