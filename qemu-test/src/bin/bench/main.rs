@@ -166,45 +166,89 @@ fn bench(seconds: u32) -> Result<()> {
     drop(qemu_nbd);
 
     println!();
-    println!(
-        "{:<28} {:>11} {:>11} {:>16} {:>17} {:>21}",
-        "target",
-        "write MB/s",
-        "read MB/s",
-        "4k randread IOPS",
-        "4k randwrite IOPS",
-        "4k FUA randwrite IOPS"
+    Table::io_and("4k FUA randwrite IOPS", 0).print(
+        &[
+            ("appliance thin", thin.columns()),
+            ("appliance linear", linear.columns()),
+            ("offline thin (host)", host_thin.columns()),
+            ("qemu-nbd qcow2 overlay", qcow2.columns()),
+        ],
+        &[
+            ("thin / linear", thin.columns(), linear.columns()),
+            ("thin / qemu-nbd", thin.columns(), qcow2.columns()),
+            (
+                "offline thin / qemu-nbd",
+                host_thin.columns(),
+                qcow2.columns(),
+            ),
+        ],
     );
-    for (name, figures) in [
-        ("appliance thin", &thin),
-        ("appliance linear", &linear),
-        ("offline thin (host)", &host_thin),
-        ("qemu-nbd qcow2 overlay", &qcow2),
-    ] {
-        println!(
-            "{name:<28} {:>11.1} {:>11.1} {:>16.0} {:>17.0} {:>21.0}",
-            figures.write_mb_s,
-            figures.read_mb_s,
-            figures.randread_iops,
-            figures.randwrite_iops,
-            figures.fua_randwrite_iops
-        );
-    }
-    for (name, ours, base) in [
-        ("thin / linear", &thin, &linear),
-        ("thin / qemu-nbd", &thin, &qcow2),
-        ("offline thin / qemu-nbd", &host_thin, &qcow2),
-    ] {
-        println!(
-            "{name:<28} {:>11.2} {:>11.2} {:>16.2} {:>17.2} {:>21.2}",
-            ours.write_mb_s / base.write_mb_s,
-            ours.read_mb_s / base.read_mb_s,
-            ours.randread_iops / base.randread_iops,
-            ours.randwrite_iops / base.randwrite_iops,
-            ours.fua_randwrite_iops / base.fua_randwrite_iops
-        );
-    }
     Ok(())
+}
+
+/// A printed table: a name column, then five right-aligned columns of figures.
+struct Table {
+    titles: [&'static str; 5],
+    /// Decimal places of each column's figures (ratios get two).
+    decimals: [usize; 5],
+}
+
+impl Table {
+    /// Bulk write and read MB/s, 4 KiB random read and write IOPS, and `last`
+    /// with `decimals` places.
+    fn io_and(last: &'static str, decimals: usize) -> Table {
+        Table {
+            titles: [
+                "write MB/s",
+                "read MB/s",
+                "4k randread IOPS",
+                "4k randwrite IOPS",
+                last,
+            ],
+            decimals: [1, 1, 0, 0, decimals],
+        }
+    }
+
+    fn width(title: &str) -> usize {
+        title.len().max(11)
+    }
+
+    /// Prints the header, a row per target, and a row per ratio: each column of
+    /// the first figures over the same column of the second.
+    fn print(&self, rows: &[(&str, [f64; 5])], ratios: &[(&str, [f64; 5], [f64; 5])]) {
+        print!("{:<28}", "target");
+        for title in self.titles {
+            print!(" {title:>width$}", width = Table::width(title));
+        }
+        println!();
+        for (name, figures) in rows {
+            self.print_figures(name, *figures, self.decimals);
+        }
+        for (name, ours, base) in ratios {
+            let ratios = std::array::from_fn(|column| ours[column] / base[column]);
+            self.print_figures(name, ratios, [2; 5]);
+        }
+    }
+
+    fn print_figures(&self, name: &str, figures: [f64; 5], decimals: [usize; 5]) {
+        print!("{name:<28}");
+        for ((figure, title), places) in figures.iter().zip(self.titles).zip(decimals) {
+            print!(" {figure:>width$.places$}", width = Table::width(title));
+        }
+        println!();
+    }
+}
+
+impl Figures {
+    fn columns(&self) -> [f64; 5] {
+        [
+            self.write_mb_s,
+            self.read_mb_s,
+            self.randread_iops,
+            self.randwrite_iops,
+            self.fua_randwrite_iops,
+        ]
+    }
 }
 
 /// A pool on `vda` (metadata) and `vdb` (data) with thin volume `thin` (device 0) of

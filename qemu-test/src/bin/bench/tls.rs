@@ -14,8 +14,8 @@ use host_tools::Tool;
 use qemu_test::{Nic, Scratch};
 
 use crate::{
-    Client, EXPORT_BYTES, LibnbdLoad, MIB, Result, libnbd_iops, network, output_of, start_offline,
-    timed, write_random,
+    Client, EXPORT_BYTES, LibnbdLoad, MIB, Result, Table, libnbd_iops, network, output_of,
+    start_offline, timed, write_random,
 };
 
 /// Connections timed for the handshake figure.
@@ -31,6 +31,18 @@ struct Figures {
     randread_iops: f64,
     randwrite_iops: f64,
     handshake_ms: f64,
+}
+
+impl Figures {
+    fn columns(&self) -> [f64; 5] {
+        [
+            self.write_mb_s,
+            self.read_mb_s,
+            self.randread_iops,
+            self.randwrite_iops,
+            self.handshake_ms,
+        ]
+    }
 }
 
 pub fn bench(seconds: u32) -> Result<()> {
@@ -69,47 +81,26 @@ pub fn bench(seconds: u32) -> Result<()> {
 
     println!();
     println!("load average before: {before}, after: {after}");
-    println!(
-        "{:<28} {:>11} {:>11} {:>16} {:>17} {:>13}",
-        "target",
-        "write MB/s",
-        "read MB/s",
-        "4k randread IOPS",
-        "4k randwrite IOPS",
-        "handshake ms"
+    Table::io_and("handshake ms", 1).print(
+        &[
+            ("offline plaintext", offline_plain.columns()),
+            ("offline TLS", offline_tls.columns()),
+            ("appliance plaintext", appliance_plain.columns()),
+            ("appliance TLS", appliance_tls.columns()),
+        ],
+        &[
+            (
+                "offline TLS / plaintext",
+                offline_tls.columns(),
+                offline_plain.columns(),
+            ),
+            (
+                "appliance TLS / plaintext",
+                appliance_tls.columns(),
+                appliance_plain.columns(),
+            ),
+        ],
     );
-    for (name, figures) in [
-        ("offline plaintext", &offline_plain),
-        ("offline TLS", &offline_tls),
-        ("appliance plaintext", &appliance_plain),
-        ("appliance TLS", &appliance_tls),
-    ] {
-        println!(
-            "{name:<28} {:>11.1} {:>11.1} {:>16.0} {:>17.0} {:>13.1}",
-            figures.write_mb_s,
-            figures.read_mb_s,
-            figures.randread_iops,
-            figures.randwrite_iops,
-            figures.handshake_ms
-        );
-    }
-    for (name, tls, plain) in [
-        ("offline TLS / plaintext", &offline_tls, &offline_plain),
-        (
-            "appliance TLS / plaintext",
-            &appliance_tls,
-            &appliance_plain,
-        ),
-    ] {
-        println!(
-            "{name:<28} {:>11.2} {:>11.2} {:>16.2} {:>17.2} {:>13.2}",
-            tls.write_mb_s / plain.write_mb_s,
-            tls.read_mb_s / plain.read_mb_s,
-            tls.randread_iops / plain.randread_iops,
-            tls.randwrite_iops / plain.randwrite_iops,
-            tls.handshake_ms / plain.handshake_ms
-        );
-    }
     Ok(())
 }
 
