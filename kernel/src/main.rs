@@ -194,7 +194,7 @@ fn idle(serial: &mut Serial, timer_ticks: bool) {
     if serial.has_input() || arch::interrupts::device_irq_pending() {
         interrupts::enable();
     } else {
-        interrupts::enable_and_hlt();
+        clock::halted(interrupts::enable_and_hlt);
     }
 }
 

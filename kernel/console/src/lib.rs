@@ -43,7 +43,7 @@ mod units;
 
 pub use editor::{Edit, LineEditor, MAX_LINE, PROMPT};
 pub use net::{
-    AddressMode, Ipv4Config, LinkSettings, NbdPressure, NetCounters, NetStatus, Network,
+    AddressMode, CpuCycles, Ipv4Config, LinkSettings, NbdPressure, NetCounters, NetStatus, Network,
     NicCounters,
 };
 pub use tokenize::{TokenizeError, tokenize};

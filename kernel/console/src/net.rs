@@ -70,6 +70,18 @@ pub struct NetCounters {
     /// TCP connections accepted since start-up.
     pub tcp_accepted: u64,
     pub nbd: NbdPressure,
+    /// NBD requests taken for the devices since start-up.
+    pub nbd_requests: u64,
+    /// The CPU's time since start-up, in TSC cycles.
+    pub cpu: CpuCycles,
+}
+
+/// TSC cycles since start-up and those the CPU spent halted: what the rest cost,
+/// per NBD request, is the appliance's CPU cost of a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuCycles {
+    pub total: u64,
+    pub halted: u64,
 }
 
 /// What `net` shows.
@@ -189,6 +201,15 @@ fn show(status: &NetStatus, out: &mut dyn Write) {
     );
     link::show(status, out);
     pressure::show(&c.nbd, out);
+    let busy = c.cpu.total.saturating_sub(c.cpu.halted);
+    outln!(
+        out,
+        "cpu:     {} % busy since start-up ({} M of {} M cycles), {} NBD requests",
+        busy * 100 / c.cpu.total.max(1),
+        busy / 1_000_000,
+        c.cpu.total / 1_000_000,
+        c.nbd_requests
+    );
 }
 
 /// Checks `ADDRESS/PREFIX GATEWAY`: a unicast host address inside its subnet and a

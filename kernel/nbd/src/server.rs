@@ -342,6 +342,11 @@ impl<B: Backend> Server<B> {
         self.connections.len()
     }
 
+    /// Requests handed to the backend since start-up (each took the next tag).
+    pub fn requests_taken(&self) -> u64 {
+        self.next_tag
+    }
+
     /// Requests handed to the backend and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.routes.len()

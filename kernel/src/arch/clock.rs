@@ -6,6 +6,8 @@ use super::{interrupts::PIT_HZ, port};
 
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
 static TSC_AT_BOOT: AtomicU64 = AtomicU64::new(0);
+/// TSC ticks the CPU spent halted, waiting for an interrupt.
+static HALTED: AtomicU64 = AtomicU64::new(0);
 
 /// PIT ticks per calibration run (about 25 ms, well before the count runs out).
 const CALIBRATION_PIT_TICKS: u16 = 30_000;
@@ -133,6 +135,20 @@ pub fn init() -> Calibration {
 /// TSC ticks per second.
 pub fn tsc_hz() -> u64 {
     TSC_HZ.load(Ordering::Relaxed)
+}
+
+/// Runs `halt` (which waits for an interrupt) and counts the time it took as
+/// halted.
+pub fn halted(halt: impl FnOnce()) {
+    let start = rdtsc();
+    halt();
+    HALTED.fetch_add(rdtsc().saturating_sub(start), Ordering::Relaxed);
+}
+
+/// TSC ticks since [`init`], and how many of them the CPU spent halted.
+pub fn cycles() -> (u64, u64) {
+    let total = rdtsc().saturating_sub(TSC_AT_BOOT.load(Ordering::Relaxed));
+    (total, HALTED.load(Ordering::Relaxed))
 }
 
 /// Nanoseconds since [`init`].

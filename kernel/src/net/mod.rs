@@ -33,7 +33,7 @@ use crate::memory;
 use crate::pci::{Pci, PciFunction};
 use backlog::Backlog;
 use console::{
-    AddressMode, Ipv4Config, LinkSettings, NbdPressure, NetCounters, NetStatus, Network,
+    AddressMode, CpuCycles, Ipv4Config, LinkSettings, NbdPressure, NetCounters, NetStatus, Network,
 };
 use nbd_sockets::{Heap, NbdSockets};
 use nic::Nic;
@@ -75,6 +75,7 @@ pub struct NetStack {
     syns_held: u64,
     /// What the NBD server reported at the last poll, for `net`.
     nbd_memory: nbd::MemoryUse,
+    nbd_requests: u64,
     /// Whether the NIC's interrupts are on: only while the main loop sleeps.
     interrupts_on: bool,
 }
@@ -169,6 +170,7 @@ pub fn start(pci: &mut Pci, log: &mut dyn Write) -> Option<NetStack> {
         closing: alloc::vec::Vec::new(),
         syns_held: 0,
         nbd_memory: nbd::MemoryUse::default(),
+        nbd_requests: 0,
         interrupts_on: true,
     };
     stack.use_dhcp();
@@ -234,6 +236,7 @@ impl NetStack {
             }
         }
         self.nbd_memory = server.memory_use();
+        self.nbd_requests = server.requests_taken();
         busy
     }
 
@@ -338,6 +341,11 @@ impl Network for NetStack {
                 tcp_open: self.nbd.open_connections() as u64,
                 tcp_accepted: self.nbd.accepted(),
                 nbd: self.nbd_pressure(),
+                nbd_requests: self.nbd_requests,
+                cpu: {
+                    let (total, halted) = clock::cycles();
+                    CpuCycles { total, halted }
+                },
             },
         }
     }

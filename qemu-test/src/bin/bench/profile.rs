@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{KERNEL_ELF, Nic, Scratch, TapNetwork, monitor_command};
+use qemu_test::{Appliance, KERNEL_ELF, Nic, Scratch, TapNetwork, monitor_command};
 
 use crate::network::{boot, serve};
 use crate::{Client, EXPORT_BYTES, MIB, Result, fio_iops, timed, write_random};
@@ -56,6 +56,7 @@ pub fn bench() -> Result<()> {
             symbols: &symbols,
         };
         for (direction, command) in copies {
+            let before = ApplianceCpu::read(&mut appliance)?;
             let (seconds, samples, cpu) = profiler.sample(|| timed(client, &command))?;
             let mb_s = EXPORT_BYTES as f64 / 1e6 / seconds;
             let heading = format!(
@@ -63,16 +64,63 @@ pub fn bench() -> Result<()> {
                 EXPORT_BYTES / MIB
             );
             profiler.report(&heading, &samples, &cpu);
+            ApplianceCpu::read(&mut appliance)?.print_since(&before);
         }
         for pattern in ["randread", "randwrite"] {
+            let before = ApplianceCpu::read(&mut appliance)?;
             let label = format!("{nic}, tap: 4k {pattern} QD16");
             profiler.fio(client, &uri, pattern, RANDOM_SECONDS, &label)?;
+            ApplianceCpu::read(&mut appliance)?.print_since(&before);
         }
         appliance
             .shutdown()
             .map_err(|e| format!("shutdown: {e:?}"))?;
     }
     Ok(())
+}
+
+/// The appliance's own CPU figures from `net`'s `cpu:` line (`32 % busy since
+/// start-up (4210 M of 12800 M cycles), 48211 NBD requests`).
+struct ApplianceCpu {
+    busy_mcycles: u64,
+    total_mcycles: u64,
+    requests: u64,
+}
+
+impl ApplianceCpu {
+    fn read(appliance: &mut Appliance) -> Result<ApplianceCpu> {
+        let shown = appliance
+            .console_ok("net")
+            .map_err(|e| format!("net: {e:?}"))?;
+        let figures = shown
+            .lines()
+            .find_map(|line| line.strip_prefix("cpu:"))
+            .and_then(|line| {
+                let (_, cycles) = line.split_once('(')?;
+                let (busy, rest) = cycles.split_once(" M of ")?;
+                let (total, rest) = rest.split_once(" M cycles), ")?;
+                let requests = rest.strip_suffix(" NBD requests")?;
+                Some(ApplianceCpu {
+                    busy_mcycles: busy.parse().ok()?,
+                    total_mcycles: total.parse().ok()?,
+                    requests: requests.parse().ok()?,
+                })
+            });
+        figures.ok_or_else(|| format!("no cpu: figures in `net`: {shown}"))
+    }
+
+    /// Prints how busy the appliance's CPU was since `before`, and its busy cycles
+    /// per NBD request.
+    fn print_since(&self, before: &ApplianceCpu) {
+        let busy = self.busy_mcycles - before.busy_mcycles;
+        let total = (self.total_mcycles - before.total_mcycles).max(1);
+        let requests = (self.requests - before.requests).max(1);
+        println!(
+            "  appliance: {:.0} % busy, {:.1} k cycles per NBD request ({requests} requests)",
+            busy as f64 * 100.0 / total as f64,
+            busy as f64 * 1000.0 / requests as f64
+        );
+    }
 }
 
 /// A booted appliance to sample: QEMU's monitor socket and process, and the
