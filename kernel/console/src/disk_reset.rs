@@ -29,14 +29,19 @@ impl<P: Platform> Console<P> {
             .borrow_mut()
             .reset_disk(name, &mut || platform.now_ns() < deadline)
             .map_err(|why| format!("disk-reset: {why}"))?;
+        let requests = |count: usize| {
+            let plural = if count == 1 { "" } else { "s" };
+            format!("{count} request{plural}")
+        };
         let before = match (reset.failed, reset.flush) {
-            (0, Some(Ok(()))) => {
-                String::from("requests in flight finished and the disk was flushed first")
-            }
+            (0, Some(Ok(()))) => format!(
+                "{} in flight finished and the disk was flushed first",
+                requests(reset.in_flight)
+            ),
             (0, Some(Err(error))) => format!("the flush before it failed ({error})"),
             (failed, _) => format!(
-                "{failed} request{} did not finish within {} and failed",
-                if failed == 1 { "" } else { "s" },
+                "{} did not finish within {} and failed",
+                requests(failed),
                 seconds(DRAIN_NS)
             ),
         };

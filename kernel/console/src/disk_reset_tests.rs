@@ -71,7 +71,9 @@ fn resets_under_a_pool_lose_no_write_in_flight() {
     );
     assert_eq!(
         lines(&ok(&mut console, "disk-reset vdb")),
-        ["vdb: reset (requests in flight finished and the disk was flushed first); 1 reset so far"]
+        [
+            "vdb: reset (4 requests in flight finished and the disk was flushed first); 1 reset so far"
+        ]
     );
     let log = data_log.borrow().clone();
     assert_eq!(

@@ -21,6 +21,8 @@ use crate::mapper::DeviceMapper;
 pub struct DiskReset {
     /// The disk's name.
     pub name: String,
+    /// Requests on the disk when the reset was asked for.
+    pub in_flight: usize,
     /// Requests that had not finished when the wait ended; the reset failed them.
     pub failed: usize,
     /// The flush before the reset: `None` when requests were still in flight (it was
@@ -48,6 +50,7 @@ impl DeviceMapper {
                 "disk {name} cannot be reset (its driver has no reset)"
             ));
         }
+        let in_flight = entry.disk.in_flight();
         let mut failed = entry.disk.settle(waiting);
         let mut flush = None;
         if failed == 0 {
@@ -67,6 +70,7 @@ impl DeviceMapper {
         Ok(DiskReset {
             resets: entry.errors().resets,
             name,
+            in_flight,
             failed,
             flush,
         })
@@ -143,6 +147,7 @@ mod tests {
             report,
             DiskReset {
                 name: "vda".into(),
+                in_flight: 3,
                 failed: 0,
                 flush: Some(Ok(())),
                 resets: 1,
@@ -181,7 +186,10 @@ mod tests {
             polls_left > 0
         };
         let report = dm.reset_disk("vda", &mut waiting).unwrap();
-        assert_eq!((report.failed, report.flush, report.resets), (2, None, 1));
+        assert_eq!(
+            (report.in_flight, report.failed, report.flush, report.resets),
+            (2, 2, None, 1)
+        );
         assert_eq!(polls_left, 0, "the reset waited as long as it was allowed");
         assert_eq!(*log.borrow(), ["write", "write", "reset"]);
         assert_eq!(

@@ -85,6 +85,11 @@ impl SharedDisk {
         self.shared.borrow().device.can_reset()
     }
 
+    /// Requests submitted to the disk and not yet polled off it.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.shared.borrow().device.in_flight()
+    }
+
     /// Polls the disk, handing completions to their regions, until nothing is in
     /// flight on it or `waiting` says to stop; returns the requests still in flight.
     pub(crate) fn settle(&self, waiting: &mut dyn FnMut() -> bool) -> usize {
