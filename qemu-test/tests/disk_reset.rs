@@ -1,8 +1,8 @@
-//! `disk-reset` on the booted appliance: the data disk and then the metadata disk of
-//! a pool are reset while a libnbd writer (16 writes in flight, a FLUSH every 4 MiB)
-//! fills a thin volume of it. Every write and flush succeeds, the volume reads back
-//! byte for byte, `disks` counts one reset on each disk, and the metadata passes the
-//! real `thin_check` after shutdown.
+//! `disk-reset` on the booted appliance: the data disk (virtio-blk, or NVMe) and then
+//! the metadata disk of a pool are reset while a libnbd writer (16 writes in flight,
+//! a FLUSH every 4 MiB) fills a thin volume of it. Every write and flush succeeds,
+//! the volume reads back byte for byte, `disks` counts one reset on each disk, and
+//! the metadata passes the real `thin_check` after shutdown.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
@@ -77,16 +77,36 @@ fn finished_before_reset(printed: &str, disk: &str) -> u64 {
 }
 
 #[test]
-fn the_disks_of_a_pool_are_reset_in_the_middle_of_a_copy_and_lose_nothing() {
+fn the_virtio_disks_of_a_pool_are_reset_under_a_writer_and_lose_nothing() {
+    reset_under_a_writer(false);
+}
+
+#[test]
+fn an_nvme_data_disk_is_reset_under_a_writer_and_loses_nothing() {
+    reset_under_a_writer(true);
+}
+
+/// A pool with its metadata on virtio-blk disk vda and its data on virtio-blk disk
+/// vdb, or NVMe disk nvme0n1 with `nvme`; the data disk, then the metadata disk, is
+/// reset while the writer runs.
+fn reset_under_a_writer(nvme: bool) {
     host_tools::require_for_test(&[Tool::Qemu, Tool::NbdSh, Tool::QemuImg, Tool::ThinCheck]);
     let scratch = Scratch::new().unwrap();
     let metadata = scratch.disk("metadata.img", 16 << 20).unwrap();
     let data = scratch.disk("data.img", 96 << 20).unwrap();
-    let mut appliance = Appliance::boot(Options::bios().disk(&metadata).disk(&data).nbd()).unwrap();
+    let options = Options::bios().disk(&metadata).nbd();
+    let (options, data_disk) = if nvme {
+        (options.nvme(&data), "nvme0n1")
+    } else {
+        (options.disk(&data), "vdb")
+    };
+    let mut appliance = Appliance::boot(options).unwrap();
     if let Err(why) = wait_for_greeting(appliance.nbd_port().unwrap(), Duration::from_secs(60)) {
         panic!("{why}\n{}", appliance.transcript());
     }
-    appliance.console_ok("pool create pool vda vdb").unwrap();
+    appliance
+        .console_ok(&format!("pool create pool vda {data_disk}"))
+        .unwrap();
     appliance
         .console_ok(&format!("thin create vol pool --size {VOLUME_MIB}M"))
         .unwrap();
@@ -113,7 +133,7 @@ fn the_disks_of_a_pool_are_reset_in_the_middle_of_a_copy_and_lose_nothing() {
         .unwrap();
     assert_eq!(said.trim(), "started", "{}", appliance.transcript());
     let mut finished = 0;
-    for disk in ["vdb", "vda"] {
+    for disk in [data_disk, "vda"] {
         let printed = appliance.console_ok(&format!("disk-reset {disk}")).unwrap();
         let count = finished_before_reset(&printed, disk);
         eprintln!("disk-reset {disk}: {count} requests in flight finished first");
@@ -145,7 +165,7 @@ fn the_disks_of_a_pool_are_reset_in_the_middle_of_a_copy_and_lose_nothing() {
         panic!("the volume differs from what was copied at byte {at}");
     }
     let one_reset = "errors: 0 reads, 0 writes, 0 flushes, 0 discards failed; 1 reset";
-    for disk in ["vda", "vdb"] {
+    for disk in ["vda", data_disk] {
         assert_eq!(
             disk_errors(&mut appliance, disk).as_deref(),
             Some(one_reset)
