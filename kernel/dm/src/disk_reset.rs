@@ -4,10 +4,10 @@
 //! Nothing new reaches the disk while this runs: the reset is one step of the
 //! appliance's single loop, so NBD requests, pools and jobs wait until it returns.
 //! The requests already on the disk are let finish (for as long as the caller's
-//! `waiting` allows), then the disk is flushed, so no write a client was told is
-//! done, durable or not, is in the device when it resets. Only requests that do not
-//! finish in time (a wedged device) are failed by the reset, as the driver's fault
-//! path fails them. Their completions, and every other, go back to the regions that
+//! `waiting` allows), then the disk is flushed, so every write that completed is on
+//! stable storage, not in a write cache, when the device resets. Only requests that
+//! do not finish in time (a wedged device) are failed by the reset, as the driver's
+//! fault path fails them. Their completions, and every other, go back to the regions that
 //! submitted them, so the pools and devices on the disk carry on afterwards.
 
 use alloc::format;
