@@ -26,6 +26,7 @@
 
 mod appliance;
 mod disk;
+mod disk_errors;
 mod error;
 mod host_server;
 mod monitor;
@@ -42,6 +43,7 @@ pub mod write_log;
 
 pub use appliance::Appliance;
 pub use disk::{Scratch, create_disk};
+pub use disk_errors::disk_errors;
 pub use error::{Error, qemu_complaint};
 pub use host_server::HostServer;
 pub use monitor::monitor_command;

@@ -7,7 +7,7 @@ use std::fs;
 use std::time::Duration;
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Options, Scratch, run_nbdsh, run_tool, wait_for_greeting};
+use qemu_test::{Appliance, Options, Scratch, disk_errors, run_nbdsh, run_tool, wait_for_greeting};
 
 const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
@@ -37,19 +37,6 @@ attempt('read-unmapped', lambda: h.pread(65536, 1 << 20))
 attempt('write-again', lambda: h.pwrite(b'\xa5' * 65536, 2 << 20))
 attempt('read-mapped-again', lambda: h.pread(4096, 2 << 20))
 "#;
-
-/// The `errors:` line `disks` prints under `disk`, if it prints one.
-fn disk_errors(appliance: &mut Appliance, disk: &str) -> Option<String> {
-    let listing = appliance.console_ok("disks").unwrap();
-    let mut lines = listing
-        .lines()
-        .skip_while(|line| line.split_whitespace().next() != Some(disk));
-    lines
-        .next()
-        .unwrap_or_else(|| panic!("no {disk} in {listing}"));
-    let next = lines.next()?.trim();
-    next.starts_with("errors: ").then(|| next.to_string())
-}
 
 /// What `disks` says when only reads failed.
 fn failed_reads(reads: u64) -> String {

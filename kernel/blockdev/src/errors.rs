@@ -14,7 +14,8 @@ pub struct ErrorCounts {
     /// Discards count here too: a failed discard, like a failed write, changed
     /// what the disk holds in a way nobody asked for.
     pub discards: u64,
-    /// Times the device was reset after it broke its queue protocol.
+    /// Times the device was reset: after it broke its queue protocol, or because
+    /// the operator asked (`disk-reset`).
     pub resets: u64,
 }
 

@@ -26,6 +26,7 @@ mod faulty;
 #[cfg(feature = "std")]
 mod file;
 mod memory;
+mod resettable;
 
 pub use buf::IoBuf;
 pub use crash::{CrashDisk, CrashStats, Unflushed};
@@ -34,6 +35,7 @@ pub use faulty::{FaultOp, FaultRule, Faults, FaultyDisk, INJECTED};
 #[cfg(feature = "std")]
 pub use file::{FileDisk, SyncWake};
 pub use memory::MemDisk;
+pub use resettable::{LOST_IN_RESET, ResetLog, ResettableDisk};
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -222,6 +224,21 @@ pub trait BlockDevice {
     fn errors(&self) -> ErrorCounts {
         ErrorCounts::default()
     }
+
+    /// Whether [`BlockDevice::reset`] can reset the device (drivers whose hardware
+    /// has a reset say so; stand-ins and higher layers have nothing to reset).
+    fn can_reset(&self) -> bool {
+        false
+    }
+
+    /// Resets the device and sets it up again, like the driver does when the
+    /// device breaks its queue protocol; counted in [`ErrorCounts::resets`]. Every
+    /// request still in flight fails, so callers let them finish first. Fails with
+    /// [`IoError::Unsupported`] unless [`BlockDevice::can_reset`], or with the
+    /// driver's error when the device did not come back.
+    fn reset(&mut self) -> Result<(), IoError> {
+        Err(IoError::Unsupported)
+    }
 }
 
 impl<D: BlockDevice + ?Sized> BlockDevice for alloc::boxed::Box<D> {
@@ -239,6 +256,12 @@ impl<D: BlockDevice + ?Sized> BlockDevice for alloc::boxed::Box<D> {
     }
     fn errors(&self) -> ErrorCounts {
         (**self).errors()
+    }
+    fn can_reset(&self) -> bool {
+        (**self).can_reset()
+    }
+    fn reset(&mut self) -> Result<(), IoError> {
+        (**self).reset()
     }
 }
 

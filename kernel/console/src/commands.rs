@@ -27,6 +27,11 @@ pub(crate) const HELP: &[(&str, &str)] = &[
          device; destroys data",
     ),
     (
+        "disk-reset DISK",
+        "reset a disk's device while its devices keep serving: requests in flight finish \
+         (up to 5 s), the disk is flushed, reset and set up again",
+    ),
+    (
         "create NAME [--readonly] [--background] --table T",
         "create a device from a table \"START LENGTH TARGET ARGS\" (segments end to end, \
          separated by ;): linear DEV OFFSET, thin-pool META DATA BLOCK_SECTORS LOW_WATER \
@@ -250,6 +255,7 @@ impl<P: Platform> Console<P> {
             "mem" => no_args(command, args).and_then(|()| self.mem(out)),
             "uptime" => no_args(command, args).map(|()| self.uptime(out)),
             "disk-test" => self.disk_test(args),
+            "disk-reset" => self.disk_reset(args, out),
             "net" => self.net(args, out),
             "nbd" => self.nbd_command(args, out),
             "shutdown" => self.shutdown(args, out),

@@ -28,6 +28,7 @@ mod clientcert_commands;
 mod commands;
 mod cow_commands;
 mod delta_commands;
+mod disk_reset;
 mod disk_test;
 mod dm_commands;
 mod editor;
@@ -308,6 +309,8 @@ mod cow_tests;
 mod delete_tests;
 #[cfg(test)]
 mod delta_tests;
+#[cfg(test)]
+mod disk_reset_tests;
 #[cfg(test)]
 mod dm_tests;
 #[cfg(test)]

@@ -31,6 +31,23 @@ struct Shared {
     done: BTreeMap<u64, VecDeque<Completion>>,
 }
 
+impl Shared {
+    /// Takes every finished request off the disk and queues it for its region.
+    fn collect(&mut self) {
+        while let Some(mut done) = self.device.poll() {
+            let Some(route) = self.routes.remove(&done.tag) else {
+                continue;
+            };
+            done.tag = route.tag;
+            // A region dropped with requests in flight has no queue: its completions
+            // are discarded.
+            if let Some(queue) = self.done.get_mut(&route.region) {
+                queue.push_back(done);
+            }
+        }
+    }
+}
+
 /// A disk that hands out [`Region`]s.
 #[derive(Clone)]
 pub struct SharedDisk {
@@ -61,6 +78,40 @@ impl SharedDisk {
     /// The requests the disk failed and its resets, as its driver counts them.
     pub fn errors(&self) -> ErrorCounts {
         self.shared.borrow().device.errors()
+    }
+
+    /// Whether the disk's driver can reset it.
+    pub fn can_reset(&self) -> bool {
+        self.shared.borrow().device.can_reset()
+    }
+
+    /// Requests submitted to the disk and not yet polled off it.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.shared.borrow().device.in_flight()
+    }
+
+    /// Polls the disk, handing completions to their regions, until nothing is in
+    /// flight on it or `waiting` says to stop; returns the requests still in flight.
+    pub(crate) fn settle(&self, waiting: &mut dyn FnMut() -> bool) -> usize {
+        loop {
+            let mut shared = self.shared.borrow_mut();
+            shared.collect();
+            let left = shared.device.in_flight();
+            if left == 0 || !waiting() {
+                return left;
+            }
+            drop(shared);
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Resets the disk (see [`BlockDevice::reset`]) and hands the requests it failed
+    /// to their regions.
+    pub(crate) fn reset(&self) -> Result<(), blockdev::IoError> {
+        let mut shared = self.shared.borrow_mut();
+        let reset = shared.device.reset();
+        shared.collect();
+        reset
     }
 
     /// A handle on `sectors` sectors from `offset` on; `read_only` makes writes and
@@ -144,17 +195,7 @@ impl BlockDevice for Region {
             return Some(done);
         }
         let mut shared = self.shared.borrow_mut();
-        while let Some(mut done) = shared.device.poll() {
-            let Some(route) = shared.routes.remove(&done.tag) else {
-                continue;
-            };
-            done.tag = route.tag;
-            // A region dropped with requests in flight has no queue: its completions
-            // are discarded.
-            if let Some(queue) = shared.done.get_mut(&route.region) {
-                queue.push_back(done);
-            }
-        }
+        shared.collect();
         let done = shared.done.get_mut(&self.id)?.pop_front()?;
         self.in_flight -= 1;
         Some(done)

@@ -7,6 +7,10 @@
 //! every slot owns a PRP-list page for transfers longer than two pages (and for
 //! discard range lists), and its request's buffer until the completion.
 //!
+//! A controller with a single namespace can be reset (`disk-reset`): disabled, its
+//! requests failed, enabled with its queues set up again from the start. One that
+//! serves several namespaces is not, since the reset drops every namespace's queue.
+//!
 //! Namespaces formatted with 4 KiB blocks are driven too; reads and writes there
 //! must cover whole blocks (others fail with a device error), discards are
 //! shrunk to whole blocks.
@@ -18,6 +22,7 @@ use alloc::vec::Vec;
 use blockdev::{
     BlockDevice, Busy, Command, Completion, DeviceInfo, ErrorCounts, IoBuf, IoError, Request,
 };
+use core::cell::RefCell;
 
 use crate::arch::clock;
 use crate::dma::DmaBuffer;
@@ -128,6 +133,18 @@ impl QueuePair {
         Some(entry)
     }
 
+    /// Starts the queue over empty, for a controller that was reset (which forgets
+    /// its queues): old completion entries are cleared so their phase bits do not
+    /// pass for new ones.
+    fn rewind(&mut self) {
+        for offset in (0..self.cq.len()).step_by(8) {
+            self.cq.write_u64(offset, 0);
+        }
+        self.sq_tail = 0;
+        self.cq_head = 0;
+        self.phase = true;
+    }
+
     /// Tells the device which completion entries it may reuse.
     fn release_completions(&self) {
         let doorbell = DOORBELLS + (2 * usize::from(self.id) + 1) * self.doorbell_stride;
@@ -166,14 +183,57 @@ fn status_result(status: u16) -> Result<(), IoError> {
 struct Controller {
     regs: Mmio,
     admin: QueuePair,
+    /// How long the controller may take to change its ready state (`CAP.TO`).
+    ready_timeout_ns: u64,
 }
 
 impl Controller {
+    /// Clears `CC.EN` and waits until the controller is no longer ready: it has
+    /// dropped every queue and no longer touches their memory.
+    fn disable(&mut self) -> Result<(), &'static str> {
+        self.regs
+            .write_u32(REG_CC, self.regs.read_u32(REG_CC) & !CC_ENABLE);
+        self.wait_ready(false, self.ready_timeout_ns)
+    }
+
+    /// Gives a disabled controller its admin queue, from the start, and enables it.
+    fn enable(&mut self) -> Result<(), &'static str> {
+        self.admin.rewind();
+        let last = u32::from(self.admin.entries - 1);
+        self.regs.write_u32(REG_AQA, last << 16 | last);
+        self.regs.write_u64(REG_ASQ, self.admin.sq.phys());
+        self.regs.write_u64(REG_ACQ, self.admin.cq.phys());
+        self.regs.write_u32(REG_CC, CC_CONFIG | CC_ENABLE);
+        self.wait_ready(true, self.ready_timeout_ns)
+    }
+
+    /// Creates I/O queue pair `queue` (completion queue first), polled, without
+    /// interrupts.
+    fn create_io_queue(&mut self, queue: &QueuePair) -> Result<(), &'static str> {
+        let size_field = u32::from(queue.entries - 1) << 16 | u32::from(queue.id);
+        let cq_flags = 1; // physically contiguous, no interrupts
+        let sq_flags = u32::from(queue.id) << 16 | 1; // completes on its CQ, contiguous
+        self.admin(
+            ADMIN_CREATE_CQ,
+            0,
+            queue.cq.phys(),
+            [size_field, cq_flags, 0, 0, 0, 0],
+        )?;
+        self.admin(
+            ADMIN_CREATE_SQ,
+            0,
+            queue.sq.phys(),
+            [size_field, sq_flags, 0, 0, 0, 0],
+        )
+        .map(drop)
+    }
+
     fn wait_ready(&self, ready: bool, timeout_ns: u64) -> Result<(), &'static str> {
         let deadline = clock::now_ns() + timeout_ns;
         loop {
             let status = self.regs.read_u32(REG_CSTS);
-            if status & CSTS_FATAL != 0 {
+            // A controller with a fatal status is recovered by disabling it.
+            if ready && status & CSTS_FATAL != 0 {
                 return Err("NVMe controller reported a fatal status");
             }
             if (status & CSTS_READY != 0) == ready {
@@ -244,15 +304,10 @@ pub fn probe(pci: &mut Pci, function: &PciFunction) -> Result<Probed, &'static s
     let mut controller = Controller {
         regs: regs.clone(),
         admin,
+        ready_timeout_ns,
     };
-    regs.write_u32(REG_CC, regs.read_u32(REG_CC) & !CC_ENABLE);
-    controller.wait_ready(false, ready_timeout_ns)?;
-    let last = u32::from(max_entries - 1);
-    regs.write_u32(REG_AQA, last << 16 | last);
-    regs.write_u64(REG_ASQ, controller.admin.sq.phys());
-    regs.write_u64(REG_ACQ, controller.admin.cq.phys());
-    regs.write_u32(REG_CC, CC_CONFIG | CC_ENABLE);
-    controller.wait_ready(true, ready_timeout_ns)?;
+    controller.disable()?;
+    controller.enable()?;
 
     let page = DmaBuffer::new(1).ok_or("DMA pool exhausted")?;
     controller.identify(1, 0, &page)?;
@@ -301,21 +356,7 @@ pub fn probe(pci: &mut Pci, function: &PciFunction) -> Result<Probed, &'static s
         let qid = index as u16 + 1;
         let queue =
             QueuePair::new(&regs, doorbell_stride, qid, max_entries).ok_or("DMA pool exhausted")?;
-        let size_field = u32::from(max_entries - 1) << 16 | u32::from(qid);
-        let cq_flags = 1; // physically contiguous, no interrupts
-        let sq_flags = u32::from(qid) << 16 | 1; // completes on its CQ, contiguous
-        controller.admin(
-            ADMIN_CREATE_CQ,
-            0,
-            queue.cq.phys(),
-            [size_field, cq_flags, 0, 0, 0, 0],
-        )?;
-        controller.admin(
-            ADMIN_CREATE_SQ,
-            0,
-            queue.sq.phys(),
-            [size_field, sq_flags, 0, 0, 0, 0],
-        )?;
+        controller.create_io_queue(&queue)?;
         let slots = usize::from(max_entries - 1);
         let prp_pages = (0..slots)
             .map(|_| DmaBuffer::new(1))
@@ -333,13 +374,13 @@ pub fn probe(pci: &mut Pci, function: &PciFunction) -> Result<Probed, &'static s
         };
         prepared.push((nsid, queue, sectors_per_block, info, prp_pages));
     }
-    let controller = Rc::new(controller);
+    let controller = Rc::new(RefCell::new(controller));
     let namespaces = prepared
         .into_iter()
         .map(|(nsid, queue, sectors_per_block, info, prp_pages)| {
             let slots = prp_pages.len();
             let namespace = NvmeNamespace {
-                _controller: Rc::clone(&controller),
+                controller: Rc::clone(&controller),
                 queue,
                 nsid,
                 sectors_per_block,
@@ -349,6 +390,7 @@ pub fn probe(pci: &mut Pci, function: &PciFunction) -> Result<Probed, &'static s
                 prp_pages,
                 done: VecDeque::new(),
                 errors: ErrorCounts::default(),
+                offline: false,
             };
             (nsid, namespace)
         })
@@ -399,8 +441,9 @@ struct Slot {
 
 /// One namespace of a controller, as a block device.
 pub struct NvmeNamespace {
-    /// Keeps the controller's admin queue (which it still references) alive.
-    _controller: Rc<Controller>,
+    /// The controller, shared by its namespaces; it still references the admin
+    /// queue, which this keeps alive.
+    controller: Rc<RefCell<Controller>>,
     queue: QueuePair,
     nsid: u32,
     sectors_per_block: u64,
@@ -413,7 +456,27 @@ pub struct NvmeNamespace {
     done: VecDeque<Completion>,
     /// What the controller failed (requests it completed with an error status).
     errors: ErrorCounts,
+    /// The controller did not come back from a reset: every request fails.
+    offline: bool,
 }
+
+/// What the requests a controller held when the operator reset it fail with.
+const LOST_IN_RESET: IoError =
+    IoError::Device("the NVMe controller was reset before this request finished");
+
+/// What requests to a namespace whose controller did not come back from a reset
+/// fail with.
+const OFFLINE: IoError =
+    IoError::Device("the NVMe controller did not come back from a reset; the disk is offline");
+
+/// Why a namespace cannot be reset on its own.
+const SHARED_CONTROLLER: IoError = IoError::Device(
+    "the NVMe controller serves other namespaces too, whose queues a reset would drop",
+);
+
+/// Why a controller could not be reset.
+const NOT_STOPPED: IoError =
+    IoError::Device("the NVMe controller did not stop; its requests are left in flight");
 
 impl NvmeNamespace {
     fn finish(&mut self, tag: u64, result: Result<(), IoError>, buf: IoBuf) {
@@ -507,6 +570,10 @@ impl BlockDevice for NvmeNamespace {
             self.finish(request.tag, Err(error), request.command.into_buf());
             return Ok(());
         }
+        if self.offline {
+            self.finish(request.tag, Err(OFFLINE), request.command.into_buf());
+            return Ok(());
+        }
         let Some(&id) = self.free.last() else {
             return Err(Busy(request));
         };
@@ -552,5 +619,41 @@ impl BlockDevice for NvmeNamespace {
 
     fn errors(&self) -> ErrorCounts {
         self.errors
+    }
+
+    fn can_reset(&self) -> bool {
+        true
+    }
+
+    /// A controller reset: disabled (its DMA stops), the requests it held fail,
+    /// enabled again with the admin queue and this namespace's I/O queue set up
+    /// from the start. Only a controller with this one namespace is reset.
+    fn reset(&mut self) -> Result<(), IoError> {
+        if self.offline {
+            return Err(OFFLINE);
+        }
+        if Rc::strong_count(&self.controller) > 1 {
+            return Err(SHARED_CONTROLLER);
+        }
+        let mut controller = self.controller.borrow_mut();
+        controller.disable().map_err(|_| NOT_STOPPED)?;
+        self.errors.resets += 1;
+        for id in 0..self.slots.len() {
+            if let Some(slot) = self.slots[id].take() {
+                self.free.push(id as u16);
+                self.errors.count(&slot.command, &Err(LOST_IN_RESET));
+                self.done.push_back(Completion {
+                    tag: slot.tag,
+                    result: Err(LOST_IN_RESET),
+                    buf: slot.command.into_buf(),
+                });
+            }
+        }
+        self.queue.rewind();
+        let restarted = controller
+            .enable()
+            .and_then(|()| controller.create_io_queue(&self.queue));
+        self.offline = restarted.is_err();
+        restarted.map_err(|_| OFFLINE)
     }
 }

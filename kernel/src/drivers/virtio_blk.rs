@@ -11,9 +11,11 @@
 //!
 //! A device that hands back a descriptor it was never given has lost track of its
 //! queue: it is reset (which stops its DMA), every request it held fails, and it is
-//! set up again so later requests work. After [`MAX_RESETS`] resets, or when it
-//! does not come back as the same disk, the disk is offline and every request
-//! fails. Failed requests and resets are counted ([`ErrorCounts`]).
+//! set up again so later requests work. After [`MAX_RESETS`] such resets, or when
+//! it does not come back as the same disk, the disk is offline and every request
+//! fails. The operator's reset (`disk-reset`, through [`BlockDevice::reset`]) takes
+//! the same path; it does not count towards giving up. Failed requests and resets
+//! are counted ([`ErrorCounts`]).
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -61,6 +63,8 @@ pub struct VirtioBlk {
     /// FUA writes that finished and wait for a flush to be queued for them.
     unflushed_fua: Vec<Completion>,
     errors: ErrorCounts,
+    /// Resets after the device lost track of its queue (operator resets excluded).
+    fault_resets: u64,
 }
 
 /// Resets after which a device that keeps losing track of its queue is given up.
@@ -70,6 +74,11 @@ const MAX_RESETS: u64 = 8;
 const LOST_IN_RESET: IoError = IoError::Device(
     "virtio-blk returned a descriptor it was never given and was reset; this request was lost",
 );
+
+/// What the requests a device held when the operator reset it fail with (only
+/// those that did not finish in the time the reset waits for them).
+const LOST_IN_OPERATOR_RESET: IoError =
+    IoError::Device("virtio-blk was reset by the operator before this request finished");
 
 /// What requests to a disk whose device was given up fail with.
 const OFFLINE: IoError =
@@ -119,6 +128,7 @@ impl VirtioBlk {
             done: VecDeque::new(),
             unflushed_fua: Vec::new(),
             errors: ErrorCounts::default(),
+            fault_resets: 0,
         })
     }
 
@@ -231,7 +241,8 @@ impl VirtioBlk {
             .get_mut(usize::from(token))
             .and_then(Option::take)
         else {
-            self.reset();
+            self.fault_resets += 1;
+            self.restart(LOST_IN_RESET);
             return true;
         };
         self.active -= 1;
@@ -266,10 +277,10 @@ impl VirtioBlk {
         true
     }
 
-    /// Resets a device that lost track of its queue (it then no longer touches the
-    /// buffers), fails every request it held, and sets it up again unless it was
-    /// reset too often or comes back as another disk.
-    fn reset(&mut self) {
+    /// Resets the device (it then no longer touches the buffers), fails every
+    /// request it held with `lost`, and sets it up again unless it lost track of its
+    /// queue too often or comes back as another disk.
+    fn restart(&mut self, lost: IoError) {
         let Some(device) = self.device.take() else {
             return;
         };
@@ -280,9 +291,9 @@ impl VirtioBlk {
             .into_iter()
             .flatten()
         {
-            self.fail(slot.tag, slot.command, slot.fua_writes, LOST_IN_RESET);
+            self.fail(slot.tag, slot.command, slot.fua_writes, lost);
         }
-        if self.errors.resets <= MAX_RESETS {
+        if self.fault_resets <= MAX_RESETS {
             self.device = PciTransport::new::<KernelHal, _>(&mut self.root, self.address)
                 .ok()
                 .and_then(|transport| BlkQueue::new(transport, doorbell).ok())
@@ -345,5 +356,20 @@ impl BlockDevice for VirtioBlk {
 
     fn errors(&self) -> ErrorCounts {
         self.errors
+    }
+
+    fn can_reset(&self) -> bool {
+        true
+    }
+
+    fn reset(&mut self) -> Result<(), IoError> {
+        if self.device.is_none() {
+            return Err(OFFLINE);
+        }
+        self.restart(LOST_IN_OPERATOR_RESET);
+        match self.device {
+            Some(_) => Ok(()),
+            None => Err(OFFLINE),
+        }
     }
 }
