@@ -11,6 +11,7 @@
 pub mod cert;
 pub mod clients;
 pub mod clock;
+pub mod failures;
 pub mod pem;
 pub mod suites;
 pub mod x509;
