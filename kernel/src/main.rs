@@ -137,6 +137,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         while let Some(byte) = serial.try_read() {
             console.input(byte, &mut serial);
         }
+        arch::rtc::watch_second_edge();
         let console_busy = console.poll(&mut serial);
         let net_busy = network
             .as_ref()
