@@ -377,7 +377,7 @@ impl DeviceMapper {
         }
         self.step_snapshot_targets(clock, &mut events);
         events.extend(self.background_steps(clock));
-        events.extend(self.tls_failures.take_event(clock()));
+        events.extend(self.tls_failures.take_event(clock));
         events
     }
 

@@ -166,6 +166,11 @@ impl TlsSession {
         })
     }
 
+    /// Whether the handshake is still under way (and has not failed).
+    pub fn handshaking(&self) -> bool {
+        !self.failed && self.session.is_handshaking()
+    }
+
     /// Bytes of memory the session's buffers hold (rustls' own state aside).
     pub fn footprint(&self) -> usize {
         self.incoming.capacity()

@@ -66,10 +66,12 @@ impl TlsFailures {
         self.latest.as_ref()
     }
 
-    /// The event line due at `now_ns` (monotonic), if a failure is unreported and the
-    /// last line is at least [`EVENT_INTERVAL_NS`] old.
-    pub fn take_event(&mut self, now_ns: u64) -> Option<String> {
+    /// The event line due now, if a failure is unreported and the last line is at
+    /// least [`EVENT_INTERVAL_NS`] old by `clock` (monotonic nanoseconds, read only
+    /// when a failure is unreported).
+    pub fn take_event(&mut self, clock: &dyn Fn() -> u64) -> Option<String> {
         let latest = self.latest.as_ref().filter(|_| self.unreported > 0)?;
+        let now_ns = clock();
         if self
             .last_event_ns
             .is_some_and(|last| now_ns.saturating_sub(last) < EVENT_INTERVAL_NS)
@@ -137,29 +139,30 @@ mod tests {
     #[test]
     fn event_lines_are_at_most_one_a_minute_and_count_the_failures_between() {
         let mut failures = TlsFailures::default();
-        assert_eq!(failures.take_event(0), None);
+        let never = || -> u64 { panic!("the clock was read with nothing to report") };
+        assert_eq!(failures.take_event(&never), None);
         assert_eq!(summary(&failures), None);
         failures.record(failed(1000, "invalid peer certificate: UnknownIssuer"));
         assert_eq!(
-            failures.take_event(5),
+            failures.take_event(&|| 5),
             Some(String::from(
                 "nbd: TLS handshake with 10.0.2.2:1000 failed: invalid peer certificate: \
                  UnknownIssuer"
             ))
         );
-        assert_eq!(failures.take_event(6), None);
+        assert_eq!(failures.take_event(&|| 6), None);
         for port in 1001..1004 {
             failures.record(failed(port, "peer sent no certificates"));
         }
-        assert_eq!(failures.take_event(5 + EVENT_INTERVAL_NS - 1), None);
+        assert_eq!(failures.take_event(&|| 5 + EVENT_INTERVAL_NS - 1), None);
         assert_eq!(
-            failures.take_event(5 + EVENT_INTERVAL_NS),
+            failures.take_event(&|| 5 + EVENT_INTERVAL_NS),
             Some(String::from(
                 "nbd: TLS handshake with 10.0.2.2:1003 failed: peer sent no certificates \
                  (3 failed TLS sessions since the last report; nbd tls counts them)"
             ))
         );
-        assert_eq!(failures.take_event(10 * EVENT_INTERVAL_NS), None);
+        assert_eq!(failures.take_event(&never), None);
         assert_eq!(
             summary(&failures),
             Some(String::from(
