@@ -123,6 +123,9 @@ impl nbd::Backend for Plane {
     fn tls(&self) -> nbd::Tls {
         self.backend.tls()
     }
+    fn tls_failed(&mut self, peer: SocketAddr, failure: &nbd::TlsFailure) {
+        self.backend.tls_failed(peer, failure)
+    }
     fn open(
         &mut self,
         name: &str,

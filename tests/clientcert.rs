@@ -4,16 +4,19 @@
 //! client-key.pem) and `qemu-img` (`--object tls-creds-x509`) get in with a good
 //! certificate and are refused without one, with one from another CA, or with an
 //! expired one; `cert:` and `subject:` access rules; the settings across a restart;
-//! bad input refused with one error line.
+//! bad input refused with one error line; a certificate valid from a minute ahead
+//! accepted (clock skew), one valid from an hour ahead refused with an `event:` line
+//! giving the reason.
 
 #[path = "common/served.rs"]
 mod served;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use host_tools::Tool;
-use qemu_test::{Pki, Scratch, client_template};
+use qemu_test::{Pki, Scratch, client_template, run_tool};
 use served::{Served, disks, paste};
 
 /// `nbdinfo`'s output for the volume on `served` over TLS with the credentials in
@@ -213,4 +216,55 @@ fn certificate_rules_outrank_address_rules_and_bad_input_changes_nothing() {
         appliance.transcript
     );
     check(&appliance);
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC, as a `certtool` template takes it) `offset` seconds
+/// from now, and those Unix seconds.
+fn from_now(offset: u64) -> (String, u64) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let seconds = now.as_secs() + offset;
+    let printed = run_tool(
+        "date",
+        &["-u", "-d", &format!("@{seconds}"), "+%Y-%m-%d %H:%M:%S"],
+    );
+    (printed.trim().to_string(), seconds)
+}
+
+#[test]
+fn a_certificate_valid_from_moments_ahead_gets_in_and_one_valid_from_next_hour_is_refused_with_the_reason()
+ {
+    needs_tools();
+    let scratch = Scratch::new().unwrap();
+    let pki = Pki::new(&scratch);
+    // Issued by a machine whose clock is a minute ahead (within the allowed skew), and
+    // by one an hour ahead.
+    let (soon, _) = from_now(60);
+    let (later, later_seconds) = from_now(3600);
+    for (name, activation) in [("soon", soon), ("later", later)] {
+        let template = client_template(name) + &format!("activation_date = \"{activation}\"\n");
+        pki.issue(name, "ca", &template);
+    }
+    let disks = disks(&scratch);
+    let mut lines = setup(&pki);
+    lines.extend(paste("nbd tls clients", &pki.read("ca-cert.pem")));
+    let appliance = Served::start(&disks, &lines);
+    let info = nbdinfo(&appliance, &pki.client_dir(Some("soon"))).unwrap();
+    assert!(info.contains("newstyle-fixed with TLS"), "{info}");
+    assert!(nbdinfo(&appliance, &pki.client_dir(Some("later"))).is_err());
+    let event = appliance
+        .printed_later("event: nbd: TLS handshake with", Duration::from_secs(10))
+        .expect("no event line about the refused handshake");
+    let reason = format!(
+        "failed: invalid peer certificate: certificate not valid yet: verification time \
+         {} (UNIX), but certificate is not valid before {later_seconds} (",
+        event
+            .split("verification time ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("{event}"))
+    );
+    assert!(
+        event.starts_with("event: nbd: TLS handshake with 127.0.0.1:") && event.contains(&reason),
+        "{event}"
+    );
 }

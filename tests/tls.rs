@@ -1,7 +1,8 @@
 //! NBD over TLS in offline mode with real clients: libnbd's `nbdinfo` and `nbdcopy`
 //! (`nbds://` URIs with a `tls-certificates` directory) and `qemu-img` (a
 //! `tls-creds-x509` object), with certificates made by `certtool`, by `openssl` and
-//! by `nbd tls generate`; plaintext clients refused under `require`.
+//! by `nbd tls generate`; plaintext clients refused under `require`; a client that
+//! does not trust the server's certificate reported in an `event:` line.
 
 #[path = "common/served.rs"]
 mod served;
@@ -9,6 +10,7 @@ mod served;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use host_tools::Tool;
 use qemu_test::{Scratch, run_tool};
@@ -183,6 +185,24 @@ fn a_certtool_chain_serves_libnbd_and_qemu_and_require_refuses_plaintext_across_
     let info = run_tool("nbdinfo", &[&tls_uri(&served, &pki)]);
     assert!(info.contains("newstyle-fixed with TLS"), "{info}");
     assert!(info.contains("export-size: 8388608"), "{info}");
+
+    // A client that trusts another CA leaves in the handshake; an event line says so.
+    let other = scratch.path().join("other");
+    fs::create_dir_all(&other).unwrap();
+    let (other_ca, _, _) = certtool_chain(&other);
+    let refused = nbdinfo_refused(&tls_uri(&served, &pki_dir(&scratch, "other", &other_ca)));
+    assert!(refused.contains("certificate verification"), "{refused}");
+    let event = served
+        .printed_later("event: ", Duration::from_secs(10))
+        .expect("no event line about the abandoned handshake");
+    assert!(
+        event.starts_with("event: nbd: TLS handshake with 127.0.0.1:")
+            && event.ends_with(
+                " failed: the client closed the connection (a client that does not trust the \
+                 server's certificate may do that)"
+            ),
+        "{event}"
+    );
 
     // Plaintext: every option but STARTTLS gets NBD_REP_ERR_TLS_REQD.
     let refused = nbdinfo_refused(&format!("nbd://{}/vol", served.address));

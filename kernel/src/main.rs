@@ -146,6 +146,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
                 console.input(byte, &mut serial);
             }
         }
+        arch::rtc::watch_second_edge();
         let console_busy = console.poll(&mut serial);
         let net_busy = network
             .as_ref()

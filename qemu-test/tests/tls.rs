@@ -1,19 +1,22 @@
 //! NBD over TLS on the booted appliance (QEMU's `max` CPU model gives it RDRAND):
-//! `nbd tls generate` and `nbd tls require` with access-list rules, real `nbdcopy`
-//! and `nbdinfo` over `nbds://` trusting the certificate the console printed, a
-//! plaintext client refused with `NBD_REP_ERR_TLS_REQD`, clients that stall before
-//! or inside the TLS handshake cut off after the negotiation limit, and after a
-//! reboot the same certificate, policy and rules in force and the data still there.
+//! `nbd tls generate` and `nbd tls require` with access-list rules, client
+//! certificates required (`nbd tls clients` pasted with a CA made by `certtool`) and
+//! named by `cert:` and `subject:` rules, real `nbdcopy` and `nbdinfo` over
+//! `nbds://` trusting the certificate the console printed, a client without a
+//! certificate or with one from another CA refused, a plaintext client refused with
+//! `NBD_REP_ERR_TLS_REQD`, clients that stall before or inside the TLS handshake cut
+//! off after the negotiation limit, and after a reboot the same certificate, policy,
+//! CA and rules in force and the data still there.
 
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Options, Scratch, run_tool, wait_for_greeting};
+use qemu_test::{Appliance, Options, Pki, Scratch, client_template, run_tool, wait_for_greeting};
 
 const MIB: u64 = 1 << 20;
 /// Size of the served volume, `vol`.
@@ -136,37 +139,140 @@ fn copy_out(appliance: &Appliance, pki: &Path, file: &PathBuf) -> Vec<u8> {
     fs::read(file).unwrap()
 }
 
-/// What holds before and after the reboot: the policy and the certificate, the rules,
-/// plaintext refused, `other` refused by the default, `vol` served.
-fn check_in_force(appliance: &mut Appliance, fingerprint: &str, pki: &Path, acl: &str) {
+/// The directories clients read: the appliance's certificate as the CA they trust,
+/// and a client certificate from `clients` (or none).
+struct Trust {
+    /// `client1`: named by a `cert:` rule that lets it read `other`.
+    good: PathBuf,
+    /// `client2`, from the same CA: a `subject:` rule denies it `vol`.
+    denied: PathBuf,
+    /// `stranger`, from another CA.
+    foreign: PathBuf,
+    none: PathBuf,
+}
+
+impl Trust {
+    fn new(clients: &Pki, certificate: &str) -> Trust {
+        let dir = |name: Option<&str>| {
+            let dir = clients.client_dir(name);
+            fs::write(dir.join("ca-cert.pem"), certificate).unwrap();
+            dir
+        };
+        Trust {
+            good: dir(Some("client1")),
+            denied: dir(Some("client2")),
+            foreign: dir(Some("stranger")),
+            none: dir(None),
+        }
+    }
+}
+
+/// The lines of `nbd acl` with their columns' padding squeezed to one space.
+fn acl_rows(acl: &str) -> Vec<String> {
+    acl.lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// The account of the latest failed TLS session that `nbd tls` gives, after its time.
+fn latest_tls_failure(appliance: &mut Appliance) -> String {
     let tls = appliance.console_ok("nbd tls").unwrap();
-    assert_eq!(
-        tls,
-        format!(
-            "tls: require\ncertificate SHA-256: {fingerprint}\n\
-             chain: 1 certificate(s); private key stored (pkcs8, not shown)"
-        )
+    let line = tls
+        .lines()
+        .find(|line| line.starts_with("failed TLS sessions: "))
+        .unwrap_or_else(|| panic!("no failed TLS session in {tls}"));
+    line.split_once(" UTC: ").unwrap().1.to_string()
+}
+
+/// The host's time, in seconds since the Unix epoch.
+fn unix_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Asserts that the client with the credentials in `dir` gets through the TLS
+/// handshake and is then refused `export` by the access rules; if the handshake
+/// failed instead, shows the appliance's reason and clock and the host's time.
+fn assert_denied(appliance: &mut Appliance, export: &str, dir: &Path) {
+    let refused = nbdinfo_refused(&tls_uri(appliance, export, dir));
+    if !refused.contains(&format!(
+        "access to export '{export}' is denied to 10.0.2.2"
+    )) {
+        panic!(
+            "{refused}\nthe appliance's nbd tls:\n{}\nthe host's time: {} s",
+            appliance.console_ok("nbd tls").unwrap(),
+            unix_seconds()
+        );
+    }
+}
+
+/// What holds before and after the reboot: the policy, the certificate and the
+/// clients' CA, the rules, plaintext refused, clients without a certificate from the
+/// CA refused, `other` served to the client its `cert:` rule names and refused by the
+/// default to the others, `vol` served but to the client its `subject:` rule denies.
+fn check_in_force(appliance: &mut Appliance, fingerprint: &str, trust: &Trust, acl: &[String]) {
+    let before = unix_seconds();
+    let tls = appliance.console_ok("nbd tls").unwrap();
+    let after = unix_seconds();
+    let expected = format!(
+        "tls: require\ncertificate SHA-256: {fingerprint}\n\
+         chain: 1 certificate(s); private key stored (pkcs8, not shown)\n\
+         client certificates: required, issued by:\n  CN=thinbox test clients CA (SHA-256 "
     );
-    assert_eq!(appliance.console_ok("nbd acl").unwrap(), acl);
+    assert!(tls.starts_with(&expected), "{tls}");
+    // The appliance's clock (whole seconds) is the host's, but for QEMU's RTC starting
+    // up to a second behind it.
+    let clock = tls
+        .lines()
+        .find_map(|line| line.strip_prefix("validity checked against the clock: "))
+        .unwrap_or_else(|| panic!("{tls}"));
+    let clock = run_tool("date", &["-u", "-d", clock, "+%s"]);
+    let clock: f64 = clock.trim().parse().unwrap();
+    assert!(
+        clock >= before.floor() - 1.0 && clock <= after,
+        "the appliance's clock {clock} s, the host's {before}..{after} s"
+    );
+    assert_eq!(acl_rows(&appliance.console_ok("nbd acl").unwrap()), acl);
     let port = appliance.nbd_port().unwrap();
     let refused = nbdinfo_refused(&format!("nbd://127.0.0.1:{port}/vol"));
     assert!(refused.contains("TLS is required"), "{refused}");
-    let refused = nbdinfo_refused(&tls_uri(appliance, "other", pki));
-    assert!(
-        refused.contains("access to export 'other' is denied to 10.0.2.2"),
-        "{refused}"
-    );
-    let info = run_tool("nbdinfo", &[&tls_uri(appliance, "vol", pki)]);
-    assert!(info.contains("newstyle-fixed with TLS"), "{info}");
-    assert!(
-        info.contains(&format!("export-size: {VOLUME_BYTES}")),
-        "{info}"
-    );
+    for (dir, reason) in [
+        (&trust.none, "peer sent no certificates"),
+        // The other CA has the pasted one's name: its signature fails the pasted key.
+        (&trust.foreign, "invalid peer certificate: BadSignature"),
+    ] {
+        let refused = nbdinfo_refused(&tls_uri(appliance, "vol", dir));
+        assert!(refused.contains("gnutls"), "{refused}");
+        let latest = latest_tls_failure(appliance);
+        assert!(
+            latest.starts_with("TLS handshake with 10.0.2.2:") && latest.ends_with(reason),
+            "{latest}"
+        );
+    }
+    for export in ["other", "vol"] {
+        assert_denied(appliance, export, &trust.denied);
+    }
+    for export in ["vol", "other"] {
+        let info = run_tool("nbdinfo", &[&tls_uri(appliance, export, &trust.good)]);
+        assert!(info.contains("newstyle-fixed with TLS"), "{info}");
+        assert!(
+            info.contains(&format!("export-size: {VOLUME_BYTES}")),
+            "{info}"
+        );
+    }
 }
 
 #[test]
 fn a_generated_certificate_require_and_access_rules_serve_real_clients_across_a_reboot() {
-    host_tools::require_for_test(&[Tool::Qemu, Tool::NbdInfo, Tool::NbdCopy, Tool::Openssl]);
+    host_tools::require_for_test(&[
+        Tool::Qemu,
+        Tool::NbdInfo,
+        Tool::NbdCopy,
+        Tool::Openssl,
+        Tool::CertTool,
+    ]);
     let scratch = Scratch::new().unwrap();
     let config = scratch.disk("config.img", 16 * MIB).unwrap();
     let data = scratch.disk("data.img", 32 * MIB).unwrap();
@@ -192,17 +298,50 @@ fn a_generated_certificate_require_and_access_rules_serve_real_clients_across_a_
         .unwrap();
     let (certificate, fingerprint) = generated(&printed);
     assert!(!printed.contains("PRIVATE KEY"), "{printed}");
-    let pki = scratch.path().join("pki");
-    fs::create_dir_all(&pki).unwrap();
-    fs::write(pki.join("ca-cert.pem"), &certificate).unwrap();
-    assert_eq!(fingerprint, openssl_fingerprint(&pki.join("ca-cert.pem")));
+    let clients = Pki::new(&scratch);
+    for (name, ca) in [
+        ("client1", "ca"),
+        ("client2", "ca"),
+        ("stranger", "other-ca"),
+    ] {
+        clients.issue(name, ca, &client_template(name));
+    }
+    let trust = Trust::new(&clients, &certificate);
+    assert_eq!(
+        fingerprint,
+        openssl_fingerprint(&trust.good.join("ca-cert.pem"))
+    );
     assert_eq!(
         appliance.console_ok("nbd tls require").unwrap(),
         "tls: require"
     );
+    let pasted = appliance
+        .console_paste("nbd tls clients", &clients.read("ca-cert.pem"))
+        .unwrap();
+    let ca_line = format!(
+        "  CN=thinbox test clients CA (SHA-256 {})",
+        clients.fingerprint("ca")
+    );
+    assert!(pasted.lines().any(|line| line == ca_line), "{pasted}");
+    let good = clients.fingerprint("client1");
+    let denied = clients.subject("client2");
+    appliance
+        .console_ok(&format!("nbd allow other cert:{good}"))
+        .unwrap();
+    appliance
+        .console_ok(&format!("nbd deny vol subject:{denied}"))
+        .unwrap();
+    let acl = acl_rows(&appliance.console_ok("nbd acl").unwrap());
+    let mut expected = acl_rows("default: deny\nEXPORT  CLIENTS   ACCESS\nvol     10.0.2.2  allow");
+    expected.push(format!("vol subject:{denied} deny"));
+    expected.push(format!("other cert:{good} allow"));
+    let mut sorted = acl.clone();
+    sorted[2..].sort();
+    expected[2..].sort();
+    assert_eq!(sorted, expected);
     let silent = Stalled::connect(&appliance, &[]);
     let half_handshake = Stalled::connect(&appliance, &stalled_handshake());
-    check_in_force(&mut appliance, &fingerprint, &pki, &acl);
+    check_in_force(&mut appliance, &fingerprint, &trust, &acl);
 
     // nbdcopy writes over TLS and reads back.
     let bytes: Vec<u8> = (0..VOLUME_BYTES)
@@ -210,11 +349,11 @@ fn a_generated_certificate_require_and_access_rules_serve_real_clients_across_a_
         .collect();
     let source = scratch.path().join("source.raw");
     fs::write(&source, &bytes).unwrap();
-    let uri = tls_uri(&appliance, "vol", &pki);
+    let uri = tls_uri(&appliance, "vol", &trust.good);
     run_tool("nbdcopy", &["--flush", source.to_str().unwrap(), &uri]);
     let copy = scratch.path().join("copy.raw");
     assert!(
-        copy_out(&appliance, &pki, &copy) == bytes,
+        copy_out(&appliance, &trust.good, &copy) == bytes,
         "read other bytes over TLS"
     );
     for stalled in [silent, half_handshake] {
@@ -224,9 +363,9 @@ fn a_generated_certificate_require_and_access_rules_serve_real_clients_across_a_
     appliance.shutdown().unwrap();
 
     let mut appliance = boot(&config, &data);
-    check_in_force(&mut appliance, &fingerprint, &pki, &acl);
+    check_in_force(&mut appliance, &fingerprint, &trust, &acl);
     assert!(
-        copy_out(&appliance, &pki, &copy) == bytes,
+        copy_out(&appliance, &trust.good, &copy) == bytes,
         "read other bytes over TLS after the reboot"
     );
     appliance.shutdown().unwrap();

@@ -5,6 +5,8 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
 
 use qemu_test::Scratch;
 
@@ -16,6 +18,8 @@ pub struct Served {
     pub address: String,
     /// What it printed up to "still serving NBD".
     pub transcript: String,
+    /// The lines it prints after that (events), as they come.
+    later: Receiver<String>,
 }
 
 impl Served {
@@ -51,6 +55,14 @@ impl Served {
                 "no 'still serving NBD' in {transcript}"
             );
         }
+        let (sender, later) = channel();
+        std::thread::spawn(move || {
+            for line in output.lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         let address = transcript
             .lines()
             .find_map(|line| line.strip_prefix("serving NBD on "))
@@ -60,6 +72,21 @@ impl Served {
             child,
             address,
             transcript,
+            later,
+        }
+    }
+
+    /// The next line printed after the transcript that holds `text`, from there on
+    /// (an event line comes after the codes that clear the prompt's line), waiting up
+    /// to `timeout` for it; lines before it are dropped.
+    pub fn printed_later(&self, text: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.later.recv_timeout(left).ok()?;
+            if let Some(at) = line.find(text) {
+                return Some(line[at..].to_string());
+            }
         }
     }
 

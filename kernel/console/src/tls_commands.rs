@@ -67,6 +67,9 @@ impl<P: Platform> Console<P> {
                     None => outln!(out, "no certificate (nbd tls generate, or nbd tls import)"),
                 }
                 show_client_certificates(&dm, out);
+                if let Some(line) = dm::tls::failures::summary(dm.tls_failures()) {
+                    outln!(out, "{line}");
+                }
                 Ok(())
             }
             [word] if TlsMode::parse(word).is_some() => {

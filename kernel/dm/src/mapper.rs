@@ -64,6 +64,8 @@ pub struct DeviceMapper {
     pub(crate) wall_clock: crate::tls::clock::WallClock,
     /// The record ciphers TLS offers (see `set_record_ciphers`).
     pub(crate) record_ciphers: Vec<nbd::rustls::SupportedCipherSuite>,
+    /// Failed TLS sessions, reported to the operator.
+    pub(crate) tls_failures: crate::tls::failures::TlsFailures,
 }
 
 impl DeviceMapper {
@@ -92,6 +94,7 @@ impl DeviceMapper {
             tls_offer: nbd::Tls::Off,
             wall_clock: crate::tls::clock::unknown_time,
             record_ciphers: crate::tls::suites::rustcrypto(),
+            tls_failures: Default::default(),
         }
     }
 
@@ -374,6 +377,7 @@ impl DeviceMapper {
         }
         self.step_snapshot_targets(clock, &mut events);
         events.extend(self.background_steps(clock));
+        events.extend(self.tls_failures.take_event(clock));
         events
     }
 

@@ -75,6 +75,10 @@ impl Backend for DeviceMapper {
         self.tls_offer()
     }
 
+    fn tls_failed(&mut self, peer: SocketAddr, failure: &nbd::TlsFailure) {
+        self.record_tls_failure(peer, failure);
+    }
+
     fn open(
         &mut self,
         name: &str,
@@ -211,6 +215,10 @@ impl Backend for NbdBackend {
 
     fn tls(&self) -> nbd::Tls {
         self.0.borrow().tls_offer()
+    }
+
+    fn tls_failed(&mut self, peer: SocketAddr, failure: &nbd::TlsFailure) {
+        self.0.borrow_mut().record_tls_failure(peer, failure);
     }
 
     fn open(

@@ -259,6 +259,15 @@ impl Peer {
     }
 }
 
+/// Why a TLS session failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFailure {
+    /// The handshake was not done yet (so the client got no further than TLS).
+    pub handshaking: bool,
+    /// rustls' account of the error, e.g. "invalid peer certificate: UnknownIssuer".
+    pub reason: String,
+}
+
 /// Whatever holds the exports: one instance serves every connection.
 pub trait Backend {
     /// Every export on offer now, in listing order.
@@ -297,6 +306,13 @@ pub trait Backend {
     /// haggling.
     fn tls(&self) -> Tls {
         Tls::Off
+    }
+
+    /// The TLS session with the client at `peer` failed and the connection is being
+    /// closed: `failure` says why (rustls' words: a refused client certificate, a
+    /// protocol error, an alert the client sent). For the operator; ignored by default.
+    fn tls_failed(&mut self, peer: SocketAddr, failure: &TlsFailure) {
+        let _ = (peer, failure);
     }
 
     /// Opens an export for the client at `peer`. The returned info is what the client

@@ -49,7 +49,7 @@ pub mod wire;
 
 pub use backend::{
     Access, Backend, BackendError, ContextHandle, ExportHandle, ExportInfo, IoCompletion, IoOp,
-    IoOutput, IoRequest, OpenError, Peer, QueueFull, Tls,
+    IoOutput, IoRequest, OpenError, Peer, QueueFull, Tls, TlsFailure,
 };
 pub use blockdev::{Extent, SectorRun};
 pub use budget::MemoryUse;

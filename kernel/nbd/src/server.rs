@@ -8,10 +8,11 @@
 //! backend and completions back. Nothing here blocks.
 
 use alloc::collections::BTreeMap;
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::net::SocketAddr;
 
-use crate::backend::{Access, Backend, QueueFull};
+use crate::backend::{Access, Backend, QueueFull, TlsFailure};
 use crate::budget::{MemoryBudget, MemoryUse};
 use crate::connection::{Connection, Ending, Limits, Shared};
 use crate::tls::TlsSession;
@@ -223,11 +224,25 @@ impl<B: Backend> Server<B> {
     }
 
     /// The peer closed its sending side: requests already received are finished and
-    /// answered, then the connection ends.
+    /// answered, then the connection ends. A client that leaves in the middle of its
+    /// TLS handshake is reported as a failed session: GnuTLS clients that do not trust
+    /// the server's certificate just close the connection.
     pub fn peer_closed(&mut self, id: ConnectionId) {
-        if let Some(connection) = self.connections.get_mut(&id) {
-            connection.stop(false);
+        let Some(connection) = self.connections.get_mut(&id) else {
+            return;
+        };
+        let handshaking = self.sessions.get(&id).is_some_and(TlsSession::handshaking);
+        if handshaking && connection.ending == Ending::No {
+            let failure = TlsFailure {
+                handshaking: true,
+                reason: String::from(
+                    "the client closed the connection (a client that does not trust the \
+                     server's certificate may do that)",
+                ),
+            };
+            self.backend.tls_failed(connection.peer.address, &failure);
         }
+        connection.stop(false);
     }
 
     /// The transport should close the socket: the connection has ended and everything

@@ -14,13 +14,14 @@
 //! session holds little, and what the buffers hold counts in the server's memory
 //! figures ([`TlsSession::footprint`]).
 
+use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use rustls::ServerConfig;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, TlsFailure};
 use crate::connection::{Connection, Limits, Shared};
 use crate::output::OutQueue;
 
@@ -135,6 +136,8 @@ pub(crate) struct TlsSession {
     peer_closed: bool,
     /// The session broke (bad record, failed handshake): nothing more moves.
     failed: bool,
+    /// What rustls said when the session broke, for the backend's report.
+    error: Option<rustls::Error>,
 }
 
 impl TlsSession {
@@ -159,7 +162,13 @@ impl TlsSession {
             gathered: Vec::new(),
             peer_closed: false,
             failed: false,
+            error: None,
         })
+    }
+
+    /// Whether the handshake is still under way (and has not failed).
+    pub fn handshaking(&self) -> bool {
+        !self.failed && self.session.is_handshaking()
     }
 
     /// Bytes of memory the session's buffers hold (rustls' own state aside).
@@ -243,10 +252,10 @@ impl TlsSession {
             let status = self.session.process_tls_records(input);
             let discard = status.discard;
             let mut stop = false;
-            match status.state.map_err(|_| Failed)? {
+            match status.state.map_err(failing(&mut self.error))? {
                 ConnectionState::ReadTraffic(mut traffic) => {
                     while let Some(record) = traffic.next_record() {
-                        let record = record.map_err(|_| Failed)?;
+                        let record = record.map_err(failing(&mut self.error))?;
                         self.plain.extend_from_slice(record.payload);
                         progress.moved = true;
                     }
@@ -321,6 +330,14 @@ impl TlsSession {
                 Ok(progress) => progress,
                 Err(Failed) => {
                     self.failed = true;
+                    let failure = TlsFailure {
+                        handshaking: self.session.is_handshaking(),
+                        reason: self.error.take().map_or_else(
+                            || String::from("TLS records could not be encoded"),
+                            |error| alloc::format!("{error}"),
+                        ),
+                    };
+                    shared.backend.tls_failed(connection.peer.address, &failure);
                     connection.stop(true);
                     return true;
                 }
@@ -382,6 +399,14 @@ impl TlsSession {
                 return used;
             }
         }
+    }
+}
+
+/// Keeps rustls' error in `slot` (for the report) and fails the session.
+fn failing(slot: &mut Option<rustls::Error>) -> impl FnOnce(rustls::Error) -> Failed + '_ {
+    move |error| {
+        *slot = Some(error);
+        Failed
     }
 }
 

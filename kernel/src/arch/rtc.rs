@@ -3,8 +3,13 @@
 //! every TLS handshake. The RTC is taken to hold UTC (QEMU's default). A reading
 //! that is no date, or one before 2025 (an RTC that was never set, or lost its
 //! battery), counts as no time at all.
+//!
+//! The RTC counts whole seconds, so the boot reading is up to a second behind. The
+//! main loop then watches the seconds register ([`watch_second_edge`]) and, at the
+//! first change it sees moments after the previous look, takes that instant as the
+//! start of the new second: from then on the clock is as right as the RTC itself.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use super::{clock, port};
 
@@ -36,9 +41,19 @@ const MAX_UPDATE_POLLS: usize = 100_000;
 /// The earliest plausible time: 2025-01-01 00:00:00 UTC.
 const EARLIEST: u64 = 1_735_689_600;
 
-/// Unix seconds at boot (0: unknown) and the monotonic clock then.
+/// Longest gap between two looks at the seconds register for a change between them
+/// to date the start of a second (the idle loop wakes at every 10 ms timer tick).
+const EDGE_PRECISION_NS: u64 = 20_000_000;
+
+/// Unix seconds at boot (0: unknown) and the monotonic clock then; moved to the
+/// start of a second once one is seen.
 static BOOT_SECONDS: AtomicU64 = AtomicU64::new(0);
 static BOOT_NS: AtomicU64 = AtomicU64::new(0);
+/// The seconds register at the last look and the monotonic clock then.
+static LAST_SECOND: AtomicU8 = AtomicU8::new(0);
+static LAST_LOOK_NS: AtomicU64 = AtomicU64::new(0);
+/// The start of a second has been seen: the clock needs no more watching.
+static ON_EDGE: AtomicBool = AtomicBool::new(false);
 
 fn register(index: u8) -> u8 {
     port::write_u8(INDEX_PORT, index);
@@ -66,6 +81,42 @@ fn stable_registers() -> Option<[u8; 6]> {
 
 /// Reads the RTC and remembers the time; returns it (Unix seconds) if it is one.
 pub fn init() -> Option<u64> {
+    let (seconds, raw_second) = read()?;
+    let now = clock::now_ns();
+    BOOT_NS.store(now, Ordering::Relaxed);
+    BOOT_SECONDS.store(seconds, Ordering::Relaxed);
+    LAST_SECOND.store(raw_second, Ordering::Relaxed);
+    LAST_LOOK_NS.store(now, Ordering::Relaxed);
+    Some(seconds)
+}
+
+/// Called from the main loop: looks at the seconds register until a second is seen
+/// to start, then sets the clock to that instant. A change seen long after the
+/// previous look (the CPU was busy or away) dates nothing, and the next is awaited.
+pub fn watch_second_edge() {
+    if ON_EDGE.load(Ordering::Relaxed)
+        || BOOT_SECONDS.load(Ordering::Relaxed) == 0
+        || register(STATUS_A) & UPDATE_IN_PROGRESS != 0
+    {
+        return;
+    }
+    let second = register(SECONDS);
+    let now = clock::now_ns();
+    let last_look = LAST_LOOK_NS.swap(now, Ordering::Relaxed);
+    if LAST_SECOND.swap(second, Ordering::Relaxed) == second
+        || now.saturating_sub(last_look) > EDGE_PRECISION_NS
+    {
+        return;
+    }
+    if let Some((seconds, _)) = read() {
+        BOOT_NS.store(now, Ordering::Relaxed);
+        BOOT_SECONDS.store(seconds, Ordering::Relaxed);
+        ON_EDGE.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The RTC's time (Unix seconds), if it is one, and its raw seconds register.
+fn read() -> Option<(u64, u8)> {
     let [second, minute, hour, day, month, year] = stable_registers()?;
     let status = register(STATUS_B);
     let value = |raw: u8| {
@@ -90,9 +141,7 @@ pub fn init() -> Option<u64> {
         value(second),
     )
     .filter(|seconds| *seconds >= EARLIEST)?;
-    BOOT_NS.store(clock::now_ns(), Ordering::Relaxed);
-    BOOT_SECONDS.store(seconds, Ordering::Relaxed);
-    Some(seconds)
+    Some((seconds, second))
 }
 
 /// The wall clock now (Unix seconds), if the RTC gave a time at boot.

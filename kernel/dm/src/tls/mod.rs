@@ -11,7 +11,9 @@
 pub mod cert;
 pub mod clients;
 pub mod clock;
+pub mod failures;
 pub mod pem;
+pub mod skew;
 pub mod suites;
 pub mod x509;
 
@@ -279,7 +281,7 @@ pub fn server_config_with(
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|error| alloc::format!("client certificates: {error}"))?;
-            versions.with_client_cert_verifier(verifier)
+            versions.with_client_cert_verifier(Arc::new(skew::SkewTolerant(verifier)))
         }
     };
     let mut config = builder
