@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
@@ -113,6 +113,19 @@ impl TapAppliance {
         let uri = self.network.nbd_uri("vol");
         self.network
             .run("nbdcopy", &["--flush", &source.display().to_string(), &uri]);
+    }
+
+    /// Starts copying `source` into the volume with nbdcopy, from inside the
+    /// namespace, without waiting for it.
+    fn start_write(&self, source: &Path) -> Child {
+        let uri = self.network.nbd_uri("vol");
+        self.network
+            .command("nbdcopy")
+            .args(["--flush", &source.display().to_string(), &uri])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
     }
 
     /// The volume's bytes, copied out with nbdcopy from inside the namespace.
@@ -274,15 +287,7 @@ fn a_copy_survives_the_link_going_down_and_up() {
     };
     let source = served.file("source.img");
     let data = random_image(&source, VOLUME, 5);
-    let uri = served.network.nbd_uri("vol");
-    let mut copy = served
-        .network
-        .command("nbdcopy")
-        .args(["--flush", &source.display().to_string(), &uri])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut copy = served.start_write(&source);
     std::thread::sleep(Duration::from_millis(500));
     served.monitor("set_link n0 off");
     std::thread::sleep(Duration::from_secs(1));
@@ -330,18 +335,7 @@ fn a_stalled_transmit_ring_is_reset_and_the_copy_completes() {
     let before = resets(&mut served);
     let source = served.file("source.img");
     let data = random_image(&source, VOLUME, 6);
-    let uri = served.network.nbd_uri("vol");
-    let start_copy = |served: &TapAppliance| {
-        served
-            .network
-            .command("nbdcopy")
-            .args(["--flush", &source.display().to_string(), &uri])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut copy = start_copy(&served);
+    let mut copy = served.start_write(&source);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         served.appliance.console_ok("net stall-tx").unwrap(),
@@ -357,7 +351,7 @@ fn a_stalled_transmit_ring_is_reset_and_the_copy_completes() {
         // A copy that ended before the transmitter stopped left no frame waiting:
         // the next one queues frames on the stopped ring.
         if copy.try_wait().unwrap().is_some() {
-            copy = start_copy(&served);
+            copy = served.start_write(&source);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
