@@ -133,20 +133,22 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let mut console = Console::new(platform, devices);
     let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));
     console.start(&mut serial);
-    let mut serial_read_at = arch::interrupts::ticks();
+    let mut last_tick = arch::interrupts::ticks();
     loop {
-        // The UART is read when it interrupted, and once per tick in case an
-        // interrupt was missed, not on every turn: each read of its line status traps
-        // into the emulator and takes the lock its I/O thread needs for the disks and
-        // the NIC.
+        // The UART is read when it interrupted, and it and the RTC once per tick, not
+        // on every turn: each read of a port traps into the emulator and takes the
+        // lock its I/O thread needs for the disks and the NIC.
         let tick = arch::interrupts::ticks();
-        if arch::interrupts::take_serial_input() || tick != serial_read_at || !timer_ticks {
-            serial_read_at = tick;
+        let new_tick = tick != last_tick || !timer_ticks;
+        last_tick = tick;
+        if new_tick {
+            arch::rtc::watch_second_edge();
+        }
+        if arch::interrupts::take_serial_input() || new_tick {
             while let Some(byte) = serial.try_read() {
                 console.input(byte, &mut serial);
             }
         }
-        arch::rtc::watch_second_edge();
         let console_busy = console.poll(&mut serial);
         let net_busy = network
             .as_ref()

@@ -42,7 +42,7 @@ const MAX_UPDATE_POLLS: usize = 100_000;
 const EARLIEST: u64 = 1_735_689_600;
 
 /// Longest gap between two looks at the seconds register for a change between them
-/// to date the start of a second (the idle loop wakes at every 10 ms timer tick).
+/// to date the start of a second (the main loop looks at every 10 ms timer tick).
 const EDGE_PRECISION_NS: u64 = 20_000_000;
 
 /// Unix seconds at boot (0: unknown) and the monotonic clock then; moved to the

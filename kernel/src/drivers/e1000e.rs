@@ -243,7 +243,7 @@ impl E1000e {
 
     /// Whether a frame came back since the last poll (finished transmits need no
     /// check: their cause stays latched while masked).
-    pub fn has_completions(&mut self) -> bool {
+    pub fn has_completions(&self) -> bool {
         self.has_input()
     }
 

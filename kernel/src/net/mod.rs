@@ -75,6 +75,7 @@ pub struct NetStack {
     syns_held: u64,
     /// What the NBD server reported at the last poll, for `net`.
     nbd_memory: nbd::MemoryUse,
+    /// NBD requests handed to the devices since start-up, at the last poll.
     nbd_requests: u64,
     /// Whether the NIC's interrupts are on: only while the main loop sleeps.
     interrupts_on: bool,
