@@ -54,7 +54,7 @@ pub use options::{
     disk_serial, free_port, require_host_tools,
 };
 pub use pki::{Pki, client_template};
-pub use process::spawn_tied;
+pub use process::{spawn_tied, stat_cpu_ticks};
 pub use protocol::PROMPT;
 pub use relay::{CountingRelay, NbdFront};
 pub use tap::TapNetwork;

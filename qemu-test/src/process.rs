@@ -59,10 +59,35 @@ fn spawner() -> &'static Mutex<Sender<Request>> {
     })
 }
 
+/// Thread (or process) id, name, and the clock ticks of CPU time it used (utime +
+/// stime), from its `/proc/PID/stat` or `/proc/PID/task/TID/stat` line. The name is
+/// in parentheses and may hold spaces and parentheses.
+pub fn stat_cpu_ticks(stat: &str) -> Option<(u32, String, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let id = stat[..open].trim().parse().ok()?;
+    let name = stat[open + 1..close].to_string();
+    // After the name: state is field 3; utime and stime are fields 14 and 15.
+    let mut fields = stat[close + 1..].split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((id, name, utime + stime))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::process::Stdio;
+
+    #[test]
+    fn cpu_ticks_come_from_the_fields_after_a_name_with_spaces_and_parentheses() {
+        let stat = "4242 (CPU 0/TCG (x)) S 1 4242 4242 0 -1 4194368 100 0 0 0 731 52 0 0 20 0";
+        assert_eq!(
+            stat_cpu_ticks(stat),
+            Some((4242, "CPU 0/TCG (x)".to_string(), 783))
+        );
+        assert_eq!(stat_cpu_ticks("4242 (qemu) S 1"), None);
+    }
 
     #[test]
     fn children_outlive_the_thread_that_asked_for_them() {

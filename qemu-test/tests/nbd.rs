@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Nic, Options, Scratch, read_greeting, run_tool, wait_for_greeting};
+use qemu_test::{
+    Appliance, Nic, Options, Scratch, read_greeting, run_tool, stat_cpu_ticks, wait_for_greeting,
+};
 
 const MIB: u64 = 1 << 20;
 /// How long the NBD server may take to answer after boot.
@@ -155,9 +157,7 @@ fn net_shows_the_lease_and_switches(nic: Nic, driver: &str) {
 /// CPU time (user + system) QEMU has used, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The command name may contain spaces; the fields after it are space-separated.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    stat_cpu_ticks(&stat).unwrap().2
 }
 
 #[test]

@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, KERNEL_ELF, Nic, Scratch, TapNetwork, monitor_command};
+use qemu_test::{Appliance, KERNEL_ELF, Nic, Scratch, TapNetwork, monitor_command, stat_cpu_ticks};
 
 use crate::network::{boot, serve};
 use crate::{Client, EXPORT_BYTES, MIB, Result, fio_iops, timed, write_random};
@@ -284,7 +284,7 @@ impl ThreadTimes {
             let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
                 continue; // the thread ended
             };
-            if let Some((tid, name, ticks)) = thread_ticks(&stat) {
+            if let Some((tid, name, ticks)) = stat_cpu_ticks(&stat) {
                 times.insert(tid, (name, ticks));
             }
         }
@@ -306,20 +306,6 @@ impl ThreadTimes {
         used.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         used
     }
-}
-
-/// Thread id, name and utime + stime from a `/proc/.../stat` line; the name is in
-/// parentheses and may hold spaces.
-fn thread_ticks(stat: &str) -> Option<(u32, String, u64)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let tid = stat[..open].trim().parse().ok()?;
-    let name = stat[open + 1..close].to_string();
-    // After the name: state is field 3; utime and stime are fields 14 and 15.
-    let mut fields = stat[close + 1..].split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((tid, name, utime + stime))
 }
 
 /// The host's busy and total clock ticks over all cores (`/proc/stat`).
