@@ -1,8 +1,9 @@
 //! `--network`: what the appliance's network path does, next to its disks' own
 //! speed. For each NIC (virtio-net, e1000e) on QEMU's user network and on a tap
 //! interface in a private namespace (root only; otherwise those rows are skipped
-//! with the reason), one boot: `disk-test` on the data disk first, then the thin
-//! volume measured with the main bench's clients (run inside the namespace on tap).
+//! with the reason) with the standard MTU and with jumbo frames, one boot each:
+//! `disk-test` on the data disk first, then the thin volume measured with the main
+//! bench's clients (run inside the namespace on tap).
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,6 +15,10 @@ use crate::{
     Client, EXPORT_BYTES, Figures, METADATA_BYTES, MIB, POOL_DATA_BYTES, Result, measure,
     thin_pool_commands, write_random,
 };
+
+/// The tap rows' MTUs: Ethernet's own, and jumbo frames.
+const STANDARD_MTU: usize = 1500;
+const JUMBO_MTU: usize = 9000;
 
 /// One target's figures and its data disk's `disk-test` bandwidth (MiB/s).
 struct Row {
@@ -31,19 +36,19 @@ pub fn bench(seconds: u32) -> Result<()> {
     write_random(&source, EXPORT_BYTES)?;
     let mut rows = Vec::new();
     for nic in [Nic::Virtio, Nic::E1000e] {
-        for tap in [false, true] {
-            let network = if tap {
-                match TapNetwork::create() {
+        for mtu in [None, Some(STANDARD_MTU), Some(JUMBO_MTU)] {
+            let network = match mtu {
+                None => None,
+                Some(_) => match TapNetwork::create() {
                     Ok(network) => Some(network),
                     Err(why) => {
                         eprintln!("bench: {nic} over tap skipped: {why}");
                         continue;
                     }
-                }
-            } else {
-                None
+                },
             };
-            rows.push(target(&scratch, &source, nic, network, seconds)?);
+            let tap = network.zip(mtu);
+            rows.push(target(&scratch, &source, nic, tap, seconds)?);
         }
     }
     println!();
@@ -75,19 +80,21 @@ pub fn bench(seconds: u32) -> Result<()> {
     Ok(())
 }
 
-/// Boots on `nic` (over `network` if given, else the user network), runs
-/// `disk-test` on the data disk and measures the thin volume.
+/// Boots on `nic` (over the tap network with its MTU if given, else the user
+/// network), runs `disk-test` on the data disk and measures the thin volume.
 fn target(
     scratch: &Scratch,
     source: &Path,
     nic: Nic,
-    mut network: Option<TapNetwork>,
+    tap: Option<(TapNetwork, usize)>,
     seconds: u32,
 ) -> Result<Row> {
-    let name = match network {
-        Some(_) => format!("{nic}, tap"),
+    let name = match tap {
+        Some((_, STANDARD_MTU)) => format!("{nic}, tap"),
+        Some((_, mtu)) => format!("{nic}, tap, MTU {mtu}"),
         None => format!("{nic}, user network"),
     };
+    let (mut network, mtu) = tap.unzip();
     let mut appliance = boot(scratch, nic, network.as_ref(), None)?;
     let test = format!("disk-test vdb {} --force", EXPORT_BYTES / MIB);
     let tested = appliance
@@ -95,6 +102,13 @@ fn target(
         .map_err(|e| format!("{test}: {e:?}"))?;
     let (disk_write, disk_read) = disk_rates(&tested)?;
     let (client, uri) = serve(&mut appliance, network.as_mut())?;
+    if let (Client::Namespace(network), Some(mtu @ JUMBO_MTU)) = (client, mtu) {
+        network.set_mtu(mtu)?;
+        let set = format!("net mtu {mtu}");
+        appliance
+            .console_ok(&set)
+            .map_err(|e| format!("{set}: {e:?}"))?;
+    }
     let figures = measure(client, &name, &uri, source, seconds)?;
     appliance
         .shutdown()
