@@ -80,11 +80,12 @@ pub fn bench() -> Result<()> {
 }
 
 /// The appliance's own CPU figures from `net`'s `cpu:` line (`32 % busy since
-/// start-up (4210 M of 12800 M cycles), 48211 NBD requests`).
+/// start-up (4210 M of 12800 M cycles), 48211 NBD requests, 30112 disk interrupts`).
 struct ApplianceCpu {
     busy_mcycles: u64,
     total_mcycles: u64,
     requests: u64,
+    disk_interrupts: u64,
 }
 
 impl ApplianceCpu {
@@ -99,26 +100,31 @@ impl ApplianceCpu {
                 let (_, cycles) = line.split_once('(')?;
                 let (busy, rest) = cycles.split_once(" M of ")?;
                 let (total, rest) = rest.split_once(" M cycles), ")?;
-                let requests = rest.strip_suffix(" NBD requests")?;
+                let (requests, rest) = rest.split_once(" NBD requests, ")?;
+                let disk_interrupts = rest.strip_suffix(" disk interrupts")?;
                 Some(ApplianceCpu {
                     busy_mcycles: busy.parse().ok()?,
                     total_mcycles: total.parse().ok()?,
                     requests: requests.parse().ok()?,
+                    disk_interrupts: disk_interrupts.parse().ok()?,
                 })
             });
         figures.ok_or_else(|| format!("no cpu: figures in `net`: {shown}"))
     }
 
-    /// Prints how busy the appliance's CPU was since `before`, and its busy cycles
-    /// per NBD request.
+    /// Prints how busy the appliance's CPU was since `before`, its busy cycles per
+    /// NBD request, and how many disk interrupts woke it.
     fn print_since(&self, before: &ApplianceCpu) {
         let busy = self.busy_mcycles - before.busy_mcycles;
         let total = (self.total_mcycles - before.total_mcycles).max(1);
         let requests = (self.requests - before.requests).max(1);
+        let disk_interrupts = self.disk_interrupts - before.disk_interrupts;
         println!(
-            "  appliance: {:.0} % busy, {:.1} k cycles per NBD request ({requests} requests)",
+            "  appliance: {:.0} % busy, {:.1} k cycles per NBD request ({requests} requests), \
+             {:.2} disk interrupts per request",
             busy as f64 * 100.0 / total as f64,
-            busy as f64 * 1000.0 / requests as f64
+            busy as f64 * 1000.0 / requests as f64,
+            disk_interrupts as f64 / requests as f64
         );
     }
 }
@@ -308,9 +314,12 @@ impl ThreadTimes {
     }
 }
 
-/// The host's busy and total clock ticks over all cores (`/proc/stat`).
+/// The host's busy, stolen and total clock ticks over all cores (`/proc/stat`).
+/// Stolen ticks are those the hypervisor under this machine gave to others: a
+/// measurement they are large in measured a busy neighbour too.
 struct HostTimes {
     busy: u64,
+    stolen: u64,
     total: u64,
 }
 
@@ -325,11 +334,14 @@ impl HostTimes {
             .split_whitespace()
             .filter_map(|field| field.parse().ok())
             .collect();
-        // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+        // user nice system idle iowait irq softirq steal ...: idle and iowait are not
+        // busy, and steal is time this machine did not get.
+        let field = |index: usize| ticks.get(index).copied().unwrap_or(0);
         let total: u64 = ticks.iter().sum();
-        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        let stolen = field(7);
         Ok(HostTimes {
-            busy: total - idle,
+            busy: total - field(3) - field(4) - stolen,
+            stolen,
             total,
         })
     }
@@ -337,6 +349,7 @@ impl HostTimes {
     fn since(&self, before: &HostTimes) -> HostTimes {
         HostTimes {
             busy: self.busy - before.busy,
+            stolen: self.stolen - before.stolen,
             total: self.total - before.total,
         }
     }
@@ -364,10 +377,12 @@ impl CpuUse {
             .collect();
         println!("  host CPU: {}", shares.join(", "));
         println!(
-            "  host cores busy: {:.2} of {cores:.0} (QEMU {:.2}, the client and the rest {:.2})",
+            "  host cores busy: {:.2} of {cores:.0} (QEMU {:.2}, the client and the rest {:.2}), \
+             {:.2} stolen by the hypervisor",
             host.busy as f64 / span,
             qemu as f64 / span,
-            host.busy.saturating_sub(qemu) as f64 / span
+            host.busy.saturating_sub(qemu) as f64 / span,
+            host.stolen as f64 / span
         );
     }
 }
