@@ -27,6 +27,7 @@ use x86_64::instructions::interrupts;
 use arch::serial::Serial;
 use arch::{clock, gdt, power};
 use console::Console;
+use net::NetPoll;
 
 /// Physical memory mapped at an offset the bootloader chooses (all RAM and at least
 /// the first 4 GiB, so MMIO below 4 GiB is reachable); a big stack for deep
@@ -130,10 +131,13 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     mapper.set_wall_clock(arch::rtc::unix_time);
     let devices = Rc::new(RefCell::new(mapper));
     let mut nbd_server = nbd::Server::new(dm::NbdBackend::new(Rc::clone(&devices)), NBD_LIMITS);
-    let mut console = Console::new(platform, devices);
+    let mut console = Console::new(platform, Rc::clone(&devices));
     let _ = write!(serial, "thinbox {} ready\r\n", env!("CARGO_PKG_VERSION"));
     console.start(&mut serial);
     let mut last_tick = arch::interrupts::ticks();
+    // When the loop last found NBD requests waiting for their disks and nothing else
+    // to do, and has found so on every turn since.
+    let mut waiting_since = None;
     loop {
         // The UART is read when it interrupted, and it and the RTC once per tick, not
         // on every turn: each read of a port traps into the emulator and takes the
@@ -149,12 +153,26 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
                 console.input(byte, &mut serial);
             }
         }
+        arch::interrupts::clear_disk_irq();
         let console_busy = console.poll(&mut serial);
-        let net_busy = network
-            .as_ref()
-            .is_some_and(|stack| stack.borrow_mut().poll(&mut nbd_server));
-        if console_busy || net_busy {
+        let net = network.as_ref().map_or(NetPoll::Idle, |stack| {
+            stack.borrow_mut().poll(&mut nbd_server)
+        });
+        if net != NetPoll::Waiting || console_busy {
+            waiting_since = None;
+        }
+        if console_busy || net == NetPoll::Busy {
             continue;
+        }
+        // Requests wait for disks: keep polling for a short while (most finish
+        // sooner than a halted CPU is woken and rescheduled), then halt if those
+        // disks will interrupt.
+        if net == NetPoll::Waiting {
+            let now = clock::now_ns();
+            let since = *waiting_since.get_or_insert(now);
+            if now - since < POLL_BEFORE_HALT_NS || !devices.borrow_mut().arm_disk_wakeups() {
+                continue;
+            }
         }
         let net_quiet = network
             .as_ref()
@@ -164,6 +182,10 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         }
     }
 }
+
+/// How long the loop polls disks that hold NBD requests before it halts until one
+/// interrupts.
+const POLL_BEFORE_HALT_NS: u64 = 100_000;
 
 /// Per-connection NBD limits: nbdcopy's 64 requests of 256 KiB fit.
 const NBD_LIMITS: nbd::Limits = nbd::Limits {

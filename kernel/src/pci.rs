@@ -31,6 +31,12 @@ const CAPABILITY_MSI: u8 = 0x05;
 const MSI_64_BIT: u16 = 1 << 7;
 const MSI_ENABLE: u16 = 1;
 const MSI_MULTIPLE: u16 = 0x7 << 4;
+/// Capability ID of MSI-X, and its message control's enable and function-mask bits.
+const CAPABILITY_MSIX: u8 = 0x11;
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+/// Bytes of one MSI-X table entry: address (low, high), data, vector control.
+const MSIX_ENTRY_BYTES: usize = 16;
 const CONFIG_DATA: u16 = 0xcfc;
 
 impl ConfigAccess {
@@ -177,14 +183,9 @@ impl Pci {
     /// Points the function's MSI capability at `address` with `data` (one vector)
     /// and switches MSI on and INTx off; false when the function has no MSI.
     pub fn enable_msi(&mut self, function: DeviceFunction, address: u64, data: u32) -> bool {
-        let Some(msi) = self
-            .root
-            .capabilities(function)
-            .find(|capability| capability.id == CAPABILITY_MSI)
-        else {
+        let Some((at, control)) = self.capability(function, CAPABILITY_MSI) else {
             return false;
         };
-        let (at, control) = (msi.offset, msi.private_header);
         self.config.write_word(function, at + 4, address as u32);
         if control & MSI_64_BIT != 0 {
             self.config
@@ -193,13 +194,55 @@ impl Pci {
         } else {
             self.config.write_word(function, at + 8, data);
         }
-        let control = (control & !MSI_MULTIPLE) | MSI_ENABLE;
+        self.switch_to_messages(function, at, (control & !MSI_MULTIPLE) | MSI_ENABLE);
+        true
+    }
+
+    /// The offset and message control of the function's capability `id`.
+    fn capability(&self, function: DeviceFunction, id: u8) -> Option<(u8, u16)> {
+        self.root
+            .capabilities(function)
+            .find(|capability| capability.id == id)
+            .map(|capability| (capability.offset, capability.private_header))
+    }
+
+    /// Writes the message control of the MSI or MSI-X capability at `at` and
+    /// switches INTx off.
+    fn switch_to_messages(&mut self, function: DeviceFunction, at: u8, control: u16) {
         let header = self.config.read_word(function, at) & 0xffff;
         self.config
             .write_word(function, at, header | u32::from(control) << 16);
         let (_, command) = self.root.get_status_command(function);
         self.root
             .set_command(function, command | Command::INTERRUPT_DISABLE);
+    }
+
+    /// Points entry 0 of the function's MSI-X table at `address` with `data`,
+    /// unmasked, and switches MSI-X on and INTx off; false when the function has no
+    /// MSI-X or its table cannot be mapped. The device then sends entry 0 for the
+    /// sources its driver routes there.
+    pub fn enable_msix(&mut self, function: DeviceFunction, address: u64, data: u32) -> bool {
+        let Some((at, control)) = self.capability(function, CAPABILITY_MSIX) else {
+            return false;
+        };
+        let table = self.config.read_word(function, at + 4);
+        let (bar, offset) = ((table & 0x7) as u8, u64::from(table & !0x7));
+        let Ok((base, size)) = self.memory_bar(function, bar) else {
+            return false;
+        };
+        if offset + MSIX_ENTRY_BYTES as u64 > size {
+            return false;
+        }
+        // SAFETY: the first entry of the table lies inside a memory BAR of the
+        // device, where its MSI-X capability says the table is.
+        let Some(entry) = (unsafe { Mmio::map(base + offset, MSIX_ENTRY_BYTES) }) else {
+            return false;
+        };
+        entry.write_u32(0, address as u32);
+        entry.write_u32(4, (address >> 32) as u32);
+        entry.write_u32(8, data);
+        entry.write_u32(12, 0);
+        self.switch_to_messages(function, at, (control & !MSIX_FUNCTION_MASK) | MSIX_ENABLE);
         true
     }
 

@@ -16,9 +16,11 @@ const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
 /// Size of the thin volume every test copies into.
 const VOLUME: u64 = 64 * MIB;
-/// Where `net`'s `cpu:` line has its count of NBD requests (`32 % busy since
-/// start-up (4210 M of 12800 M cycles), 48211 NBD requests`).
+/// Where `net`'s `cpu:` line has its counts of NBD requests and disk interrupts
+/// (`32 % busy since start-up (4210 M of 12800 M cycles), 48211 NBD requests,
+/// 30112 disk interrupts`).
 const NBD_REQUESTS_WORD: usize = 11;
+const DISK_INTERRUPTS_WORD: usize = 14;
 
 /// A booted appliance with a pool and thin volume `vol`, served on a tap network.
 struct TapAppliance {
@@ -184,6 +186,7 @@ fn nbd_over_tap(nic: Nic, driver: &str, test: &str) {
         .run("nbdinfo", &["--list", &served.network.nbd_uri("")]);
     assert!(listed.contains("export=\"vol\""), "{listed}");
     let requests_before = served.net_figure("cpu:", NBD_REQUESTS_WORD);
+    let interrupts_before = served.net_figure("cpu:", DISK_INTERRUPTS_WORD);
     copy_in_and_out(&mut served, 1);
     // NBD requests carry at most 32 MiB each: the copy in and out took at least
     // this many, and the appliance counted them.
@@ -192,6 +195,10 @@ fn nbd_over_tap(nic: Nic, driver: &str, test: &str) {
         requests >= 2 * VOLUME / (32 * MIB),
         "{requests} NBD requests"
     );
+    // While requests waited for the virtio-blk disks the CPU halted, and the disks
+    // woke it when they finished: the data above came through that path.
+    let interrupts = served.net_figure("cpu:", DISK_INTERRUPTS_WORD) - interrupts_before;
+    assert!(interrupts > 0, "no disk interrupts during the copies");
     let shown = served.appliance.console_ok("net").unwrap();
     assert!(
         shown.contains(&format!(

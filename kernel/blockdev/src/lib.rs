@@ -239,6 +239,16 @@ pub trait BlockDevice {
     fn reset(&mut self) -> Result<(), IoError> {
         Err(IoError::Unsupported)
     }
+
+    /// Has the device interrupt the CPU when a request it holds finishes, so that
+    /// the caller may halt instead of polling; true when it will. False when it
+    /// cannot interrupt (stand-ins and polled drivers) or a finished request is
+    /// already waiting: poll instead. Requests submitted since the last poll are
+    /// handed to the device first. The next [`BlockDevice::poll`] turns the
+    /// interrupts off again.
+    fn arm_wakeup(&mut self) -> bool {
+        false
+    }
 }
 
 impl<D: BlockDevice + ?Sized> BlockDevice for alloc::boxed::Box<D> {
@@ -262,6 +272,9 @@ impl<D: BlockDevice + ?Sized> BlockDevice for alloc::boxed::Box<D> {
     }
     fn reset(&mut self) -> Result<(), IoError> {
         (**self).reset()
+    }
+    fn arm_wakeup(&mut self) -> bool {
+        (**self).arm_wakeup()
     }
 }
 

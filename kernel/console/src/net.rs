@@ -82,6 +82,8 @@ pub struct NetCounters {
 pub struct CpuCycles {
     pub total: u64,
     pub halted: u64,
+    /// Interrupts of disks that finished a request while the CPU waited halted.
+    pub disk_interrupts: u64,
 }
 
 /// What `net` shows.
@@ -204,11 +206,13 @@ fn show(status: &NetStatus, out: &mut dyn Write) {
     let busy = c.cpu.total.saturating_sub(c.cpu.halted);
     outln!(
         out,
-        "cpu:     {} % busy since start-up ({} M of {} M cycles), {} NBD requests",
+        "cpu:     {} % busy since start-up ({} M of {} M cycles), {} NBD requests, \
+         {} disk interrupts",
         busy * 100 / c.cpu.total.max(1),
         busy / 1_000_000,
         c.cpu.total / 1_000_000,
-        c.nbd_requests
+        c.nbd_requests,
+        c.cpu.disk_interrupts
     );
 }
 

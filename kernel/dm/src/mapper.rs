@@ -98,6 +98,14 @@ impl DeviceMapper {
         }
     }
 
+    /// Arms every disk with requests in flight to interrupt when one finishes
+    /// (see [`blockdev::BlockDevice::arm_wakeup`]); true when the CPU may halt until
+    /// an interrupt: no disk has a finished request waiting or a request it cannot
+    /// announce.
+    pub fn arm_disk_wakeups(&mut self) -> bool {
+        self.disks.iter().all(|entry| entry.disk.arm_wakeup())
+    }
+
     /// The disks, in the order they were given.
     pub fn disks(&self) -> &[DiskEntry] {
         &self.disks

@@ -90,6 +90,17 @@ impl SharedDisk {
         self.shared.borrow().device.in_flight()
     }
 
+    /// Arms the disk to interrupt when a request it holds finishes (see
+    /// [`BlockDevice::arm_wakeup`]); true when nothing is in flight on it either.
+    /// False while completions wait for their regions to poll them.
+    pub(crate) fn arm_wakeup(&self) -> bool {
+        let mut shared = self.shared.borrow_mut();
+        if shared.done.values().any(|queue| !queue.is_empty()) {
+            return false;
+        }
+        shared.device.in_flight() == 0 || shared.device.arm_wakeup()
+    }
+
     /// Polls the disk, handing completions to their regions, until nothing is in
     /// flight on it or `waiting` says to stop; returns the requests still in flight.
     pub(crate) fn settle(&self, waiting: &mut dyn FnMut() -> bool) -> usize {
@@ -305,15 +316,7 @@ mod tests {
         let mut b = shared.region(32, 32, false);
         for tag in 0..8 {
             for region in [&mut a, &mut b] {
-                region
-                    .submit(Request {
-                        tag,
-                        command: Command::Read {
-                            sector: tag,
-                            buf: IoBuf::with_sectors(1),
-                        },
-                    })
-                    .unwrap();
+                read(region, tag);
             }
         }
         assert_eq!((a.in_flight(), b.in_flight()), (8, 8));
@@ -344,5 +347,74 @@ mod tests {
         drop(gone);
         write(&mut keep, 3, 9).unwrap();
         assert_eq!(keep.in_flight(), 0);
+    }
+
+    /// A memory disk that can, or cannot, interrupt when a request finishes, and
+    /// counts the times it was armed to.
+    struct InterruptingDisk {
+        inner: MemDisk,
+        interrupts: bool,
+        armed: alloc::rc::Rc<core::cell::Cell<u32>>,
+    }
+
+    impl BlockDevice for InterruptingDisk {
+        fn info(&self) -> &DeviceInfo {
+            self.inner.info()
+        }
+        fn submit(&mut self, request: Request) -> Result<(), Busy> {
+            self.inner.submit(request)
+        }
+        fn poll(&mut self) -> Option<Completion> {
+            self.inner.poll()
+        }
+        fn in_flight(&self) -> usize {
+            self.inner.in_flight()
+        }
+        fn arm_wakeup(&mut self) -> bool {
+            self.armed.set(self.armed.get() + 1);
+            self.interrupts
+        }
+    }
+
+    fn read(region: &mut Region, tag: u64) {
+        region
+            .submit(Request {
+                tag,
+                command: Command::Read {
+                    sector: tag,
+                    buf: IoBuf::with_sectors(1),
+                },
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn the_cpu_may_halt_only_for_requests_a_disk_will_announce() {
+        for interrupts in [false, true] {
+            let armed = alloc::rc::Rc::default();
+            let shared = SharedDisk::new(Box::new(InterruptingDisk {
+                inner: MemDisk::new(64),
+                interrupts,
+                armed: alloc::rc::Rc::clone(&armed),
+            }));
+            let mut first = shared.region(0, 32, false);
+            let mut second = shared.region(32, 32, false);
+            // Nothing in flight: nothing to wait for, and the disk is left alone.
+            assert!(shared.arm_wakeup());
+            assert_eq!(armed.get(), 0);
+            // A request on the disk: halting is up to the disk.
+            read(&mut first, 1);
+            assert_eq!(shared.arm_wakeup(), interrupts);
+            assert_eq!(armed.get(), 1);
+            // The second region's poll takes the first region's completion off the
+            // disk: it waits for the first region, which must poll, not halt.
+            read(&mut second, 2);
+            assert!(second.poll().is_some());
+            assert_eq!(first.in_flight(), 1);
+            assert!(!shared.arm_wakeup());
+            assert_eq!(armed.get(), 1);
+            assert!(first.poll().is_some());
+            assert!(shared.arm_wakeup());
+        }
     }
 }

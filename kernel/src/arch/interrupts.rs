@@ -8,6 +8,9 @@
 //! device and unmasks the line with [`rearm_device_irq`]. A NIC that can send a
 //! message-signalled interrupt (MSI) instead gets [`MSI_VECTOR`] through the local
 //! APIC ([`enable_msi`]): edge-triggered, nothing to mask, only marked fired.
+//! Disks that finish a request while the loop waits for them send
+//! [`DISK_VECTOR`] ([`enable_disk_msi`]), which only wakes it: the loop polls every
+//! disk on every turn anyway.
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
@@ -47,6 +50,12 @@ static PIC_MASK: AtomicU16 = AtomicU16::new(0xffff);
 pub const MSI_VECTOR: u8 = IRQ_BASE + 16;
 /// The MSI fired and awaits its driver.
 static MSI_FIRED: AtomicBool = AtomicBool::new(false);
+/// The disks' message-signalled interrupt's vector.
+pub const DISK_VECTOR: u8 = MSI_VECTOR + 1;
+/// A disk interrupted since the main loop last armed the disks' wake-ups.
+static DISK_FIRED: AtomicBool = AtomicBool::new(false);
+/// Disk interrupts since start-up.
+static DISK_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 /// COM1 raised its receive interrupt since the main loop last looked.
 static SERIAL_FIRED: AtomicBool = AtomicBool::new(false);
 /// Virtual address of the local APIC's end-of-interrupt register (0: no MSI).
@@ -178,10 +187,21 @@ extern "x86-interrupt" fn irq<const LINE: u8>(_frame: InterruptStackFrame) {
 /// The MSI: marks it fired (it wakes the idle loop) and ends it at the local APIC.
 extern "x86-interrupt" fn msi(_frame: InterruptStackFrame) {
     MSI_FIRED.store(true, Ordering::Relaxed);
+    end_lapic_interrupt();
+}
+
+/// A disk's MSI: marks it fired (it wakes the idle loop) and ends it.
+extern "x86-interrupt" fn disk_msi(_frame: InterruptStackFrame) {
+    DISK_FIRED.store(true, Ordering::Relaxed);
+    DISK_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    end_lapic_interrupt();
+}
+
+fn end_lapic_interrupt() {
     let eoi = LAPIC_EOI.load(Ordering::Relaxed);
     if eoi != 0 {
         // SAFETY: the address is the mapped local APIC's EOI register (set once by
-        // `enable_msi` before any device was told to send this vector).
+        // `lapic_message` before any device was told to send a vector through it).
         unsafe { (eoi as *mut u32).write_volatile(0) };
     }
 }
@@ -190,6 +210,28 @@ extern "x86-interrupt" fn msi(_frame: InterruptStackFrame) {
 /// address and data a device must write to raise it; `None` without a local APIC
 /// in memory-mapped (xAPIC) mode.
 pub fn enable_msi() -> Option<(u64, u32)> {
+    lapic_message(MSI_VECTOR)
+}
+
+/// As [`enable_msi`], for [`DISK_VECTOR`].
+pub fn enable_disk_msi() -> Option<(u64, u32)> {
+    lapic_message(DISK_VECTOR)
+}
+
+/// Disk interrupts since start-up: each ended, or came just before, a halt while
+/// requests waited for a disk.
+pub fn disk_interrupts() -> u64 {
+    DISK_INTERRUPTS.load(Ordering::Relaxed)
+}
+
+/// Forgets disk interrupts seen so far; the main loop calls this at the start of
+/// each turn, before it polls the disks and arms them for the next halt.
+pub fn clear_disk_irq() {
+    DISK_FIRED.store(false, Ordering::Relaxed);
+}
+
+/// Readies the local APIC and returns the MSI message that raises `vector`.
+fn lapic_message(vector: u8) -> Option<(u64, u32)> {
     // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; reading it has no effect.
     let base = unsafe { x86_64::registers::model_specific::Msr::new(APIC_BASE_MSR).read() };
     if base & APIC_GLOBAL_ENABLE == 0 || base & APIC_X2APIC_MODE != 0 {
@@ -201,7 +243,7 @@ pub fn enable_msi() -> Option<(u64, u32)> {
     lapic.write_u32(LAPIC_SPURIOUS, spurious | LAPIC_SOFTWARE_ENABLE);
     let id = u64::from(lapic.read_u32(LAPIC_ID) >> 24);
     LAPIC_EOI.store(lapic.address(LAPIC_EOI_REGISTER), Ordering::Relaxed);
-    Some((MSI_ADDRESS_BASE | id << 12, u32::from(MSI_VECTOR)))
+    Some((MSI_ADDRESS_BASE | id << 12, u32::from(vector)))
 }
 
 /// Whether the MSI fired since the last call.
@@ -253,7 +295,9 @@ pub fn rearm_device_irq(line: u8) {
 /// Whether any device line fired and awaits its driver. The idle loop checks
 /// this with interrupts off before `hlt`.
 pub fn device_irq_pending() -> bool {
-    FIRED.load(Ordering::Relaxed) != 0 || MSI_FIRED.load(Ordering::Relaxed)
+    FIRED.load(Ordering::Relaxed) != 0
+        || MSI_FIRED.load(Ordering::Relaxed)
+        || DISK_FIRED.load(Ordering::Relaxed)
 }
 
 static IDT: Lazy<InterruptDescriptorTable> = Lazy::new(|| {
@@ -295,6 +339,7 @@ static IDT: Lazy<InterruptDescriptorTable> = Lazy::new(|| {
         idt[IRQ_BASE + line].set_handler_fn(handler);
     }
     idt[MSI_VECTOR].set_handler_fn(msi);
+    idt[DISK_VECTOR].set_handler_fn(disk_msi);
     idt
 });
 

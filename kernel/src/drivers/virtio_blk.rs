@@ -9,6 +9,10 @@
 //! writes that finish between two polls share one flush. Requests submitted between
 //! two polls share one doorbell, rung at the next poll.
 //!
+//! The CPU halts while requests are on the device only if it can interrupt: its
+//! queue's interrupts go through MSI-X to the disks' vector, and are on from
+//! [`BlockDevice::arm_wakeup`] to the next poll, so a busy loop is not interrupted.
+//!
 //! A device that hands back a descriptor it was never given has lost track of its
 //! queue: it is reset (which stops its DMA), every request it held fails, and it is
 //! set up again so later requests work. After [`MAX_RESETS`] such resets, or when
@@ -31,6 +35,7 @@ use virtio_drivers::transport::pci::bus::{DeviceFunction, PciRoot};
 use super::virtio_blk_queue::{BlkQueue, Data, Header, QUEUE, QUEUE_SIZE, Status};
 use super::virtio_doorbell::Doorbell;
 use super::virtio_hal::KernelHal;
+use crate::arch::interrupts;
 use crate::pci::{ConfigAccess, Pci, PciFunction};
 
 /// Largest read or write per request (one descriptor; the heap is contiguous).
@@ -65,6 +70,10 @@ pub struct VirtioBlk {
     errors: ErrorCounts,
     /// Resets after the device lost track of its queue (operator resets excluded).
     fault_resets: u64,
+    /// The device's MSI-X sends the disks' vector: it can wake a halted CPU.
+    interrupts: bool,
+    /// Interrupts are on until the next poll.
+    armed: bool,
 }
 
 /// Resets after which a device that keeps losing track of its queue is given up.
@@ -102,6 +111,9 @@ impl VirtioBlk {
         let doorbell = Doorbell::find(pci, function.address, QUEUE)?;
         let mut device =
             BlkQueue::new(transport, doorbell).map_err(|_| "virtio-blk initialisation failed")?;
+        let interrupts = interrupts::enable_disk_msi()
+            .is_some_and(|(address, data)| pci.enable_msix(function.address, address, data))
+            && device.route_interrupts();
         let serial = match device.device_id() {
             Ok(id) => {
                 let len = id.iter().position(|&byte| byte == 0).unwrap_or(id.len());
@@ -129,6 +141,8 @@ impl VirtioBlk {
             unflushed_fua: Vec::new(),
             errors: ErrorCounts::default(),
             fault_resets: 0,
+            interrupts,
+            armed: false,
         })
     }
 
@@ -287,6 +301,7 @@ impl VirtioBlk {
         let doorbell = device.stop();
         self.errors.resets += 1;
         self.active = 0;
+        self.armed = false;
         for slot in core::mem::replace(&mut self.slots, empty_slots())
             .into_iter()
             .flatten()
@@ -298,6 +313,7 @@ impl VirtioBlk {
                 .ok()
                 .and_then(|transport| BlkQueue::new(transport, doorbell).ok())
                 .filter(|device| device.capacity() == self.info.sectors);
+            self.interrupts &= self.device.as_ref().is_some_and(BlkQueue::route_interrupts);
         }
     }
 
@@ -340,6 +356,12 @@ impl BlockDevice for VirtioBlk {
     }
 
     fn poll(&mut self) -> Option<Completion> {
+        if self.armed {
+            self.armed = false;
+            if let Some(device) = self.device.as_mut() {
+                device.set_interrupts(false);
+            }
+        }
         if self.done.is_empty() {
             while self.reap() {}
             self.flush_fua_writes();
@@ -360,6 +382,18 @@ impl BlockDevice for VirtioBlk {
 
     fn can_reset(&self) -> bool {
         true
+    }
+
+    fn arm_wakeup(&mut self) -> bool {
+        let Some(device) = self.device.as_mut() else {
+            return false;
+        };
+        if !self.interrupts || !self.done.is_empty() {
+            return false;
+        }
+        device.kick();
+        self.armed = true;
+        device.set_interrupts(true)
     }
 
     fn reset(&mut self) -> Result<(), IoError> {

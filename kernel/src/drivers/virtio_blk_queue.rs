@@ -116,7 +116,8 @@ pub struct BlkQueue {
 
 impl BlkQueue {
     /// Negotiates features, sets up the queue and starts the device, with used-buffer
-    /// interrupts off (the driver polls); `doorbell` is the queue's.
+    /// interrupts off (the driver polls, and turns them on only before the CPU
+    /// halts: [`BlkQueue::set_interrupts`]); `doorbell` is the queue's.
     pub fn new(mut transport: PciTransport, doorbell: Doorbell) -> Result<BlkQueue, Error> {
         transport.set_status(DeviceStatus::empty());
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
@@ -223,6 +224,26 @@ impl BlkQueue {
                 self.doorbell.ring();
             }
         }
+    }
+
+    /// Has the queue's used-buffer interrupts sent as MSI-X entry 0 (see
+    /// [`Doorbell::route_interrupts`]); false when the device refuses.
+    pub fn route_interrupts(&self) -> bool {
+        self.doorbell.route_interrupts()
+    }
+
+    /// Turns used-buffer interrupts on or off. Turning them on returns whether
+    /// the device will interrupt for the next finished request: false when one
+    /// finished before they were on (it was not announced; poll it).
+    pub fn set_interrupts(&mut self, on: bool) -> bool {
+        self.queue.set_dev_notify(on);
+        if !on {
+            return false;
+        }
+        // The flag's store must reach memory before the used ring is read: a
+        // request the device finishes after this sees interrupts on.
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        self.queue.peek_used().is_none()
     }
 
     /// The token of the next request the device finished, if any.

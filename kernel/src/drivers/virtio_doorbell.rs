@@ -4,6 +4,7 @@
 //! offset every time it notifies: three register accesses, each a trap into QEMU
 //! under TCG that waits for QEMU's global lock. The offset does not change once the
 //! device is set up, so it is read once here and a doorbell is a single write.
+//! The queue's MSI-X vector, which `virtio-drivers` does not set, is set here too.
 
 use virtio_drivers::transport::pci::bus::DeviceFunction;
 
@@ -23,7 +24,10 @@ const CAP_LENGTH: u8 = 12;
 const CAP_NOTIFY_MULTIPLIER: u8 = 16;
 /// Registers of the common configuration structure.
 const QUEUE_SELECT: usize = 0x16;
+const QUEUE_MSIX_VECTOR: usize = 0x1a;
 const QUEUE_NOTIFY_OFF: usize = 0x1e;
+/// The vector value meaning "no interrupt".
+const NO_VECTOR: u16 = 0xffff;
 
 /// Where a virtio structure lies: its BAR, and offset and length in it.
 struct Structure {
@@ -54,9 +58,10 @@ impl Structure {
     }
 }
 
-/// One queue's doorbell.
+/// One queue's doorbell, and its interrupt vector.
 pub struct Doorbell {
     registers: Mmio,
+    common: Mmio,
     offset: usize,
     queue: u16,
 }
@@ -96,9 +101,19 @@ impl Doorbell {
         }
         Ok(Doorbell {
             registers: notify.map(pci, function)?,
+            common,
             offset,
             queue,
         })
+    }
+
+    /// Has the queue's used-buffer interrupts sent as MSI-X table entry 0 (set up
+    /// with [`Pci::enable_msix`]); false when the device refuses. A device reset
+    /// forgets the vector, so this follows every start of the device.
+    pub fn route_interrupts(&self) -> bool {
+        self.common.write_u16(QUEUE_SELECT, self.queue);
+        self.common.write_u16(QUEUE_MSIX_VECTOR, 0);
+        self.common.read_u16(QUEUE_MSIX_VECTOR) != NO_VECTOR
     }
 
     /// Tells the device that its queue has new buffers.

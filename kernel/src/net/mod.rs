@@ -192,13 +192,25 @@ fn now() -> Instant {
     Instant::from_micros((clock::now_ns() / 1000) as i64)
 }
 
+/// What [`NetStack::poll`] left behind.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NetPoll {
+    /// Something moved or frames wait: poll again at once.
+    Busy,
+    /// Nothing moved, and NBD requests wait for their devices: the loop may halt
+    /// only if every disk holding them will interrupt when one finishes.
+    Waiting,
+    /// Nothing moved and nothing waits.
+    Idle,
+}
+
 impl NetStack {
     /// Moves frames, socket bytes, NBD requests and completions until nothing moves
     /// (or a round limit is reached). NBD requests may hold the heap down to its
     /// reserve plus what the socket pool may still take: beyond that they wait for
-    /// memory (their clients back-pressured) while other requests finish. Returns true while there is work the main loop
-    /// should come back for without sleeping.
-    pub fn poll<B: nbd::Backend>(&mut self, server: &mut nbd::Server<B>) -> bool {
+    /// memory (their clients back-pressured) while other requests finish. Returns
+    /// whether the main loop should come back at once, or may halt.
+    pub fn poll<B: nbd::Backend>(&mut self, server: &mut nbd::Server<B>) -> NetPoll {
         match self.wakeup {
             Wakeup::Msi if interrupts::take_msi() => self.device.ack_interrupt(),
             Wakeup::Line(line) if interrupts::take_device_irq(line) => {
@@ -212,7 +224,7 @@ impl NetStack {
             self.interrupts_on = false;
         }
         self.device.recover_stall();
-        let mut busy = true;
+        let mut outcome = NetPoll::Busy;
         for _ in 0..ROUNDS_PER_POLL {
             let now = now();
             let heap = heap();
@@ -232,13 +244,19 @@ impl NetStack {
             self.dhcp_events();
             let moved = self.nbd.pump(&mut self.sockets, server, heap, now);
             if !changed && !moved {
-                busy = server.in_flight() > 0 || self.device.has_input();
+                outcome = if self.device.has_input() {
+                    NetPoll::Busy
+                } else if server.in_flight() > 0 {
+                    NetPoll::Waiting
+                } else {
+                    NetPoll::Idle
+                };
                 break;
             }
         }
         self.nbd_memory = server.memory_use();
         self.nbd_requests = server.requests_taken();
-        busy
+        outcome
     }
 
     /// Turns the NIC's interrupts on before the main loop sleeps; returns false if
@@ -345,7 +363,11 @@ impl Network for NetStack {
                 nbd_requests: self.nbd_requests,
                 cpu: {
                     let (total, halted) = clock::cycles();
-                    CpuCycles { total, halted }
+                    CpuCycles {
+                        total,
+                        halted,
+                        disk_interrupts: interrupts::disk_interrupts(),
+                    }
                 },
             },
         }

@@ -112,6 +112,7 @@ fn leased() -> NetStatus {
             cpu: CpuCycles {
                 total: 12_800_400_000,
                 halted: 8_590_000_000,
+                disk_interrupts: 30_112,
             },
         },
     }
@@ -156,7 +157,8 @@ fn net_shows_address_link_and_counters() {
             "nic:     3 missed (no buffer), 0 send drops, 1 ring resets",
             "sockets: 9 of 212 (6.00 MiB of buffers), 12 connection attempts held back",
             "memory:  requests hold 3.00 MiB of 20.00 MiB, 2 waiting (1204 waits, 1 refused)",
-            "cpu:     32 % busy since start-up (4210 M of 12800 M cycles), 48211 NBD requests",
+            "cpu:     32 % busy since start-up (4210 M of 12800 M cycles), 48211 NBD requests, \
+             30112 disk interrupts",
         ]
     );
 }
