@@ -164,9 +164,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         if console_busy || net == NetPoll::Busy {
             continue;
         }
-        // Requests wait for disks: keep polling for a short while (most finish
-        // sooner than a halted CPU is woken and rescheduled), then halt if those
-        // disks will interrupt.
+        // Requests wait for disks: keep polling for a short while (a request that
+        // finishes meanwhile costs no wake-up of a halted CPU, which the host must
+        // schedule again), then halt if those disks will interrupt.
         if net == NetPoll::Waiting {
             let now = clock::now_ns();
             let since = *waiting_since.get_or_insert(now);
