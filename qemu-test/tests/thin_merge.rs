@@ -2,7 +2,9 @@
 //!
 //! * `snap merge` of a thin snapshot while a client writes and reads its origin: the
 //!   client stays connected throughout and reads the snapshot's content from the
-//!   moment the merge returns, plus its own writes;
+//!   moment the merge returns, plus its own writes; a power cut follows at once, and
+//!   after it the origin holds what the client flushed and the old content's release
+//!   ends;
 //! * `thin merge-origin` while a client writes and reads the volume, cut by a power
 //!   loss (the image disk slowed so the cut lands mid-merge), resumed at boot and
 //!   completed: the image holds the volume's content and the volume maps nothing.
@@ -97,9 +99,25 @@ for _ in range(200):
     written.add(p)
     check(rng.randrange(PAGES - 16), 16)
 h.flush()
+final = bytearray()
 for block in range(PAGES // 16):
     check(block * 16, 16)
+    data = h.pread(65536, block * 65536)
+    final += bytes(data[i * 4096] for i in range(16))
+open('@FINAL@', 'wb').write(final)
 print(f'verified, {during} writes during the merge')
+"#;
+
+/// Reads the origin after the power cut: every page holds what the client last
+/// read from it, flushed before the cut.
+const READ_AFTER_CUT: &str = r#"
+final = open('@FINAL@', 'rb').read()
+for block in range(PAGES // 16):
+    data = h.pread(65536, block * 65536)
+    for i in range(16):
+        p = block * 16 + i
+        assert data[i * 4096:(i + 1) * 4096] == bytes([final[p]]) * 4096, f'page {p} after the cut'
+print('survived')
 "#;
 
 fn boot(options: &Options) -> Appliance {
@@ -163,9 +181,11 @@ fn a_thin_snapshot_merges_under_a_client_of_its_origin_that_stays_connected() {
     assert!(run_nbdsh(&snap, &script(CHANGE_SNAPSHOT)).contains("changed"));
 
     let (ready, merged) = (scratch.path().join("ready"), scratch.path().join("merged"));
+    let last_read = scratch.path().join("final");
     let client = script(ORIGIN_CLIENT)
         .replace("@READY@", &ready.display().to_string())
-        .replace("@MERGED@", &merged.display().to_string());
+        .replace("@MERGED@", &merged.display().to_string())
+        .replace("@FINAL@", &last_read.display().to_string());
     let client = nbdsh_command(&vol, &client)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -188,11 +208,18 @@ fn a_thin_snapshot_merges_under_a_client_of_its_origin_that_stays_connected() {
         .and_then(|count| count.parse().ok())
         .unwrap_or_else(|| panic!("the client said: {verified}"));
     assert!(during > 0, "the client wrote nothing during the merge");
+    appliance.kill();
+
+    let mut appliance = boot(&Options::bios().disk(&meta).disk(&data).disk(&config).nbd());
+    let vol = appliance.nbd_uri("vol").unwrap();
+    let check = script(READ_AFTER_CUT).replace("@FINAL@", &last_read.display().to_string());
+    assert!(run_nbdsh(&vol, &check).contains("survived"));
     let listing = appliance.console_ok("thin ls pool").unwrap();
     assert!(
         listing.contains(" vol ") && !listing.contains("snap"),
         "{listing}"
     );
+    wait_for_no_jobs(&mut appliance, Duration::from_secs(120));
     appliance.shutdown().unwrap();
     run_tool("thin_check", &[&meta.display().to_string()]);
 }
