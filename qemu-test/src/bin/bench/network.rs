@@ -17,8 +17,8 @@ use crate::{
 };
 
 /// The tap rows' MTUs: Ethernet's own, and jumbo frames.
-const STANDARD_MTU: usize = 1500;
-const JUMBO_MTU: usize = 9000;
+pub(crate) const STANDARD_MTU: usize = 1500;
+pub(crate) const JUMBO_MTU: usize = 9000;
 
 /// One target's figures and its data disk's `disk-test` bandwidth (MiB/s).
 struct Row {
@@ -103,11 +103,7 @@ fn target(
     let (disk_write, disk_read) = disk_rates(&tested)?;
     let (client, uri) = serve(&mut appliance, network.as_mut())?;
     if let (Client::Namespace(network), Some(mtu @ JUMBO_MTU)) = (client, mtu) {
-        network.set_mtu(mtu)?;
-        let set = format!("net mtu {mtu}");
-        appliance
-            .console_ok(&set)
-            .map_err(|e| format!("{set}: {e:?}"))?;
+        set_mtu(&mut appliance, network, mtu)?;
     }
     let figures = measure(client, &name, &uri, source, seconds)?;
     appliance
@@ -183,6 +179,16 @@ pub(crate) fn serve<'a>(
             .map_err(|e| format!("{command}: {e:?}"))?;
     }
     Ok(served)
+}
+
+/// Sets both ends of the tap link, the host's and the appliance's, to `mtu`.
+pub(crate) fn set_mtu(appliance: &mut Appliance, network: &TapNetwork, mtu: usize) -> Result<()> {
+    network.set_mtu(mtu)?;
+    let set = format!("net mtu {mtu}");
+    appliance
+        .console_ok(&set)
+        .map(drop)
+        .map_err(|e| format!("{set}: {e:?}"))
 }
 
 /// The write and read MiB/s of a `disk-test` report (`... flushed in 0.2 s

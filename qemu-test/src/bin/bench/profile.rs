@@ -1,6 +1,6 @@
 //! `--network --profile`: where the appliance spends its time on the network path.
-//! For each NIC on a tap interface (root only), one boot with QEMU's monitor on a
-//! socket; while `nbdcopy` copies the volume in and then out, a thread asks the
+//! For each NIC on a tap interface (root only), with the standard MTU and with jumbo
+//! frames, one boot with QEMU's monitor on a socket; while `nbdcopy` copies the volume in and then out, a thread asks the
 //! monitor for the CPU's registers (`info registers`) as often as it answers and
 //! keeps the instruction pointer. The samples are attributed to the kernel's
 //! functions (`nm` on its ELF file) and the busiest are printed per copy.
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use host_tools::Tool;
 use qemu_test::{Appliance, KERNEL_ELF, Nic, Scratch, TapNetwork, monitor_command, stat_cpu_ticks};
 
-use crate::network::{boot, serve};
+use crate::network::{JUMBO_MTU, STANDARD_MTU, boot, serve, set_mtu};
 use crate::{Client, EXPORT_BYTES, MIB, Result, fio_iops, timed, write_random};
 
 /// Where the bootloader puts the kernel's image (position independent, loaded at
@@ -40,11 +40,21 @@ pub fn bench() -> Result<()> {
     let scratch = Scratch::new().map_err(|e| format!("scratch directory: {e}"))?;
     let source = scratch.path().join("random.img");
     write_random(&source, EXPORT_BYTES)?;
-    for nic in [Nic::Virtio, Nic::E1000e] {
+    for (nic, mtu) in [Nic::Virtio, Nic::E1000e]
+        .into_iter()
+        .flat_map(|nic| [(nic, STANDARD_MTU), (nic, JUMBO_MTU)])
+    {
+        let link = match mtu {
+            STANDARD_MTU => format!("{nic}, tap"),
+            _ => format!("{nic}, tap, MTU {mtu}"),
+        };
         let mut network = TapNetwork::create().map_err(|why| format!("{nic}: {why}"))?;
         let monitor = scratch.path().join("monitor.sock");
         let mut appliance = boot(&scratch, nic, Some(&network), Some(&monitor))?;
         let (client, uri) = serve(&mut appliance, Some(&mut network))?;
+        if let (Client::Namespace(network), JUMBO_MTU) = (client, mtu) {
+            set_mtu(&mut appliance, network, mtu)?;
+        }
         let source = source.display().to_string();
         let copies = [
             ("in", vec!["nbdcopy", "--flush", &source, &uri]),
@@ -60,7 +70,7 @@ pub fn bench() -> Result<()> {
             let (seconds, samples, cpu) = profiler.sample(|| timed(client, &command))?;
             let mb_s = EXPORT_BYTES as f64 / 1e6 / seconds;
             let heading = format!(
-                "{nic}, tap: copying {} MiB {direction} ({mb_s:.1} MB/s)",
+                "{link}: copying {} MiB {direction} ({mb_s:.1} MB/s)",
                 EXPORT_BYTES / MIB
             );
             profiler.report(&heading, &samples, &cpu);
@@ -68,7 +78,7 @@ pub fn bench() -> Result<()> {
         }
         for pattern in ["randread", "randwrite"] {
             let before = ApplianceCpu::read(&mut appliance)?;
-            let label = format!("{nic}, tap: 4k {pattern} QD16");
+            let label = format!("{link}: 4k {pattern} QD16");
             profiler.fio(client, &uri, pattern, RANDOM_SECONDS, &label)?;
             ApplianceCpu::read(&mut appliance)?.print_since(&before);
         }
