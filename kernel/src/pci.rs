@@ -37,6 +37,8 @@ const MSIX_ENABLE: u16 = 1 << 15;
 const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 /// Bytes of one MSI-X table entry: address (low, high), data, vector control.
 const MSIX_ENTRY_BYTES: usize = 16;
+/// An MSI-X entry's vector control word, whose bit 0 masks the entry.
+const MSIX_VECTOR_CONTROL: usize = 12;
 const CONFIG_DATA: u16 = 0xcfc;
 
 impl ConfigAccess {
@@ -218,32 +220,31 @@ impl Pci {
     }
 
     /// Points entry 0 of the function's MSI-X table at `address` with `data`,
-    /// unmasked, and switches MSI-X on and INTx off; false when the function has no
-    /// MSI-X or its table cannot be mapped. The device then sends entry 0 for the
-    /// sources its driver routes there.
-    pub fn enable_msix(&mut self, function: DeviceFunction, address: u64, data: u32) -> bool {
-        let Some((at, control)) = self.capability(function, CAPABILITY_MSIX) else {
-            return false;
-        };
+    /// unmasked, and switches MSI-X on and INTx off; `None` when the function has
+    /// no MSI-X or its table cannot be mapped. The device then sends entry 0 for the
+    /// sources its driver routes there; the entry returned masks it.
+    pub fn enable_msix(
+        &mut self,
+        function: DeviceFunction,
+        address: u64,
+        data: u32,
+    ) -> Option<MsixEntry> {
+        let (at, control) = self.capability(function, CAPABILITY_MSIX)?;
         let table = self.config.read_word(function, at + 4);
         let (bar, offset) = ((table & 0x7) as u8, u64::from(table & !0x7));
-        let Ok((base, size)) = self.memory_bar(function, bar) else {
-            return false;
-        };
+        let (base, size) = self.memory_bar(function, bar).ok()?;
         if offset + MSIX_ENTRY_BYTES as u64 > size {
-            return false;
+            return None;
         }
         // SAFETY: the first entry of the table lies inside a memory BAR of the
         // device, where its MSI-X capability says the table is.
-        let Some(entry) = (unsafe { Mmio::map(base + offset, MSIX_ENTRY_BYTES) }) else {
-            return false;
-        };
+        let entry = unsafe { Mmio::map(base + offset, MSIX_ENTRY_BYTES) }?;
         entry.write_u32(0, address as u32);
         entry.write_u32(4, (address >> 32) as u32);
         entry.write_u32(8, data);
-        entry.write_u32(12, 0);
+        entry.write_u32(MSIX_VECTOR_CONTROL, 0);
         self.switch_to_messages(function, at, (control & !MSIX_FUNCTION_MASK) | MSIX_ENABLE);
-        true
+        Some(MsixEntry(entry))
     }
 
     /// Stops every function but `except` that the firmware routed to `line` from
@@ -278,5 +279,16 @@ impl Pci {
             function,
             command | Command::MEMORY_SPACE | Command::BUS_MASTER,
         );
+    }
+}
+
+/// Entry 0 of a function's MSI-X table. While it is masked the function holds a
+/// message it would send (its pending bit) and sends it once unmasked, so masking
+/// defers interrupts without losing one.
+pub struct MsixEntry(Mmio);
+
+impl MsixEntry {
+    pub fn set_masked(&self, masked: bool) {
+        self.0.write_u32(MSIX_VECTOR_CONTROL, u32::from(masked));
     }
 }

@@ -31,6 +31,7 @@ mod error;
 mod host_server;
 mod monitor;
 mod nbd_ready;
+mod net_figures;
 mod network;
 mod options;
 mod pki;
@@ -48,6 +49,7 @@ pub use error::{Error, qemu_complaint};
 pub use host_server::HostServer;
 pub use monitor::monitor_command;
 pub use nbd_ready::{read_greeting, wait_for_greeting};
+pub use net_figures::{DISK_INTERRUPTS_WORD, NBD_REQUESTS_WORD, net_figure};
 pub use network::{NetBackend, Nic};
 pub use options::{
     Accel, ConsoleMode, Firmware, NBD_GUEST_PORT, NbdForward, Options, PORT_ATTEMPTS, Timeouts,

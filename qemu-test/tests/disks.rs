@@ -1,12 +1,18 @@
 //! Disks under the real kernel: virtio-blk and NVMe found in PCI order with their
 //! sizes and identities, `disk-test` passing on each with several requests in
-//! flight, the data reaching the image files, and refusals that protect data.
+//! flight, the data reaching the image files, and refusals that protect data; a
+//! pool on NVMe disks whose controllers wake the halted CPU.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::Duration;
 
-use qemu_test::{Appliance, Options, Scratch};
+use host_tools::Tool;
+use qemu_test::{
+    Appliance, DISK_INTERRUPTS_WORD, Options, Scratch, net_figure, qemu_img_read, run_tool,
+    wait_for_greeting,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -168,4 +174,45 @@ fn uefi_drives_both_kinds_of_disk() {
     assert!(disk_test(&mut appliance, "nvme0n1", 8) > 1);
     assert_eq!(appliance.shutdown().unwrap(), "powering off");
     assert!(written(&vda, 0..8 * MIB));
+}
+
+/// A pool on two NVMe disks, served over NBD: while requests wait for the disks the
+/// CPU halts, and the controllers wake it through MSI-X, before and after the data
+/// disk's controller is reset (which creates its queues again). Each copy reads
+/// back byte for byte.
+#[test]
+fn nvme_disks_wake_the_halted_cpu_before_and_after_a_reset() {
+    host_tools::require_for_test(&[Tool::Qemu, Tool::NbdCopy, Tool::QemuImg]);
+    let scratch = Scratch::new().unwrap();
+    let metadata = scratch.disk("nvme0.img", 16 * MIB).unwrap();
+    let data = scratch.disk("nvme1.img", 96 * MIB).unwrap();
+    let options = Options::bios().nvme(&metadata).nvme(&data).nbd();
+    let mut appliance = Appliance::boot(options).unwrap();
+    wait_for_greeting(appliance.nbd_port().unwrap(), Duration::from_secs(60)).unwrap();
+    appliance
+        .console_ok("pool create pool nvme0n1 nvme1n1")
+        .unwrap();
+    appliance
+        .console_ok("thin create vol pool --size 64M")
+        .unwrap();
+    let uri = appliance.nbd_uri("vol").unwrap();
+    let source = scratch.path().join("source.img");
+    for round in 0..2u64 {
+        if round == 1 {
+            appliance.console_ok("disk-reset nvme1n1").unwrap();
+        }
+        let mut content = vec![0u8; 64 * MIB as usize];
+        fastrand::Rng::with_seed(round).fill(&mut content);
+        std::fs::write(&source, &content).unwrap();
+        let before = net_figure(&mut appliance, "cpu:", DISK_INTERRUPTS_WORD);
+        run_tool("nbdcopy", &["--flush", &source.display().to_string(), &uri]);
+        let interrupts = net_figure(&mut appliance, "cpu:", DISK_INTERRUPTS_WORD) - before;
+        assert!(
+            interrupts > 0,
+            "round {round}: no disk interrupts during the copy"
+        );
+        let read_back = qemu_img_read(&uri, &scratch.path().join("vol.img"));
+        assert!(read_back == content, "round {round}: the volume differs");
+    }
+    assert_eq!(appliance.shutdown().unwrap(), "powering off");
 }

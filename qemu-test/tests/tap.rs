@@ -10,17 +10,15 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use host_tools::Tool;
-use qemu_test::{Appliance, Nic, Options, Scratch, TapNetwork, monitor_command};
+use qemu_test::{
+    Appliance, DISK_INTERRUPTS_WORD, NBD_REQUESTS_WORD, Nic, Options, Scratch, TapNetwork,
+    monitor_command, net_figure,
+};
 
 const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
 /// Size of the thin volume every test copies into.
 const VOLUME: u64 = 64 * MIB;
-/// Where `net`'s `cpu:` line has its counts of NBD requests and disk interrupts
-/// (`32 % busy since start-up (4210 M of 12800 M cycles), 48211 NBD requests,
-/// 30112 disk interrupts`).
-const NBD_REQUESTS_WORD: usize = 11;
-const DISK_INTERRUPTS_WORD: usize = 14;
 
 /// A booted appliance with a pool and thin volume `vol`, served on a tap network.
 struct TapAppliance {
@@ -140,15 +138,8 @@ impl TapAppliance {
         fs::read(&file).unwrap()
     }
 
-    /// A number from the `net` line starting with `label`, `index`th word after it.
     fn net_figure(&mut self, label: &str, index: usize) -> u64 {
-        let shown = self.appliance.console_ok("net").unwrap();
-        let line = shown
-            .lines()
-            .find_map(|line| line.strip_prefix(label))
-            .unwrap_or_else(|| panic!("no {label} line in {shown}"));
-        let word = line.split_whitespace().nth(index).unwrap();
-        word.trim_end_matches(',').parse().unwrap()
+        net_figure(&mut self.appliance, label, index)
     }
 
     /// Sends a command to QEMU's monitor.

@@ -7,6 +7,12 @@
 //! every slot owns a PRP-list page for transfers longer than two pages (and for
 //! discard range lists), and its request's buffer until the completion.
 //!
+//! The CPU may halt while requests are on a namespace: the I/O completion queues
+//! interrupt through MSI-X entry 0 to the disks' vector, and the entry is unmasked
+//! only from [`BlockDevice::arm_wakeup`] to the next poll, so a busy loop is not
+//! interrupted. A completion posted while the entry was masked is held by the
+//! controller and sent at the unmask, so none is missed.
+//!
 //! A controller with a single namespace can be reset (`disk-reset`): disabled, its
 //! requests failed, enabled with its queues set up again from the start. One that
 //! serves several namespaces is not, since the reset drops every namespace's queue.
@@ -24,11 +30,11 @@ use blockdev::{
 };
 use core::cell::RefCell;
 
-use crate::arch::clock;
+use crate::arch::{clock, interrupts};
 use crate::dma::DmaBuffer;
 use crate::memory::{self, FRAME_SIZE};
 use crate::mmio::Mmio;
-use crate::pci::{Pci, PciFunction};
+use crate::pci::{MsixEntry, Pci, PciFunction};
 
 const REG_CAP: usize = 0x00;
 const REG_CC: usize = 0x14;
@@ -58,6 +64,10 @@ const IO_DATASET_MANAGEMENT: u32 = 0x09;
 const QUEUE_ENTRIES: u16 = 64;
 const SQ_ENTRY: usize = 64;
 const CQ_ENTRY: usize = 16;
+/// Create I/O Completion Queue flags: physically contiguous, and interrupts on
+/// (vector 0, in the upper half of the dword).
+const CQ_CONTIGUOUS: u32 = 1;
+const CQ_INTERRUPTS: u32 = 2;
 /// Longest transfer one PRP-list page can describe (first page + 511 entries).
 const MAX_PRP_BYTES: usize = 512 * FRAME_SIZE;
 /// Ranges in one Dataset Management command.
@@ -113,13 +123,19 @@ impl QueuePair {
         self.regs.write_u32(doorbell, u32::from(self.sq_tail));
     }
 
+    /// Whether the device has posted a completion not yet taken.
+    fn has_completion(&self) -> bool {
+        let status = self.cq.read_u16(usize::from(self.cq_head) * CQ_ENTRY + 14);
+        (status & 1 != 0) == self.phase
+    }
+
     /// The next completion, if the device has posted one.
     fn next_completion(&mut self) -> Option<CqEntry> {
-        let base = usize::from(self.cq_head) * CQ_ENTRY;
-        let status = self.cq.read_u16(base + 14);
-        if (status & 1 != 0) != self.phase {
+        if !self.has_completion() {
             return None;
         }
+        let base = usize::from(self.cq_head) * CQ_ENTRY;
+        let status = self.cq.read_u16(base + 14);
         let entry = CqEntry {
             command_id: self.cq.read_u16(base + 12),
             status: status >> 1,
@@ -185,6 +201,11 @@ struct Controller {
     admin: QueuePair,
     /// How long the controller may take to change its ready state (`CAP.TO`).
     ready_timeout_ns: u64,
+    /// MSI-X entry 0, which the I/O completion queues interrupt through; `None`
+    /// when the controller has no MSI-X (its queues are then only polled).
+    wakeup: Option<MsixEntry>,
+    /// The entry is unmasked: a namespace armed it for a halt.
+    armed: bool,
 }
 
 impl Controller {
@@ -207,11 +228,14 @@ impl Controller {
         self.wait_ready(true, self.ready_timeout_ns)
     }
 
-    /// Creates I/O queue pair `queue` (completion queue first), polled, without
-    /// interrupts.
+    /// Creates I/O queue pair `queue` (completion queue first), interrupting
+    /// through MSI-X entry 0 if the controller has one.
     fn create_io_queue(&mut self, queue: &QueuePair) -> Result<(), &'static str> {
         let size_field = u32::from(queue.entries - 1) << 16 | u32::from(queue.id);
-        let cq_flags = 1; // physically contiguous, no interrupts
+        let cq_flags = match self.wakeup {
+            Some(_) => CQ_CONTIGUOUS | CQ_INTERRUPTS,
+            None => CQ_CONTIGUOUS,
+        };
         let sq_flags = u32::from(queue.id) << 16 | 1; // completes on its CQ, contiguous
         self.admin(
             ADMIN_CREATE_CQ,
@@ -272,6 +296,16 @@ impl Controller {
         }
     }
 
+    /// Masks the interrupt entry again after a halt.
+    fn disarm(&mut self) {
+        if self.armed {
+            self.armed = false;
+            if let Some(entry) = &self.wakeup {
+                entry.set_masked(true);
+            }
+        }
+    }
+
     fn identify(&mut self, cns: u32, nsid: u32, page: &DmaBuffer) -> Result<(), &'static str> {
         self.admin(ADMIN_IDENTIFY, nsid, page.phys(), [cns, 0, 0, 0, 0, 0])
             .map(drop)
@@ -301,10 +335,17 @@ pub fn probe(pci: &mut Pci, function: &PciFunction) -> Result<Probed, &'static s
 
     let admin =
         QueuePair::new(&regs, doorbell_stride, 0, max_entries).ok_or("DMA pool exhausted")?;
+    let wakeup = interrupts::enable_disk_msi()
+        .and_then(|(address, data)| pci.enable_msix(function.address, address, data));
+    if let Some(entry) = &wakeup {
+        entry.set_masked(true);
+    }
     let mut controller = Controller {
         regs: regs.clone(),
         admin,
         ready_timeout_ns,
+        wakeup,
+        armed: false,
     };
     controller.disable()?;
     controller.enable()?;
@@ -591,6 +632,7 @@ impl BlockDevice for NvmeNamespace {
     }
 
     fn poll(&mut self) -> Option<Completion> {
+        self.controller.borrow_mut().disarm();
         if self.done.is_empty() {
             let mut reaped = false;
             while let Some(entry) = self.queue.next_completion() {
@@ -622,6 +664,19 @@ impl BlockDevice for NvmeNamespace {
     }
 
     fn can_reset(&self) -> bool {
+        true
+    }
+
+    fn arm_wakeup(&mut self) -> bool {
+        if self.offline || !self.done.is_empty() || self.queue.has_completion() {
+            return false;
+        }
+        let mut controller = self.controller.borrow_mut();
+        let Some(entry) = &controller.wakeup else {
+            return false;
+        };
+        entry.set_masked(false);
+        controller.armed = true;
         true
     }
 

@@ -112,7 +112,8 @@ impl VirtioBlk {
         let mut device =
             BlkQueue::new(transport, doorbell).map_err(|_| "virtio-blk initialisation failed")?;
         let interrupts = interrupts::enable_disk_msi()
-            .is_some_and(|(address, data)| pci.enable_msix(function.address, address, data))
+            .and_then(|(address, data)| pci.enable_msix(function.address, address, data))
+            .is_some()
             && device.route_interrupts();
         let serial = match device.device_id() {
             Ok(id) => {
