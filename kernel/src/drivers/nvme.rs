@@ -123,19 +123,22 @@ impl QueuePair {
         self.regs.write_u32(doorbell, u32::from(self.sq_tail));
     }
 
+    /// The status field of the completion at the head, if the device has posted
+    /// one there (its phase bit is the current phase).
+    fn posted_status(&self) -> Option<u16> {
+        let status = self.cq.read_u16(usize::from(self.cq_head) * CQ_ENTRY + 14);
+        ((status & 1 != 0) == self.phase).then_some(status)
+    }
+
     /// Whether the device has posted a completion not yet taken.
     fn has_completion(&self) -> bool {
-        let status = self.cq.read_u16(usize::from(self.cq_head) * CQ_ENTRY + 14);
-        (status & 1 != 0) == self.phase
+        self.posted_status().is_some()
     }
 
     /// The next completion, if the device has posted one.
     fn next_completion(&mut self) -> Option<CqEntry> {
-        if !self.has_completion() {
-            return None;
-        }
+        let status = self.posted_status()?;
         let base = usize::from(self.cq_head) * CQ_ENTRY;
-        let status = self.cq.read_u16(base + 14);
         let entry = CqEntry {
             command_id: self.cq.read_u16(base + 12),
             status: status >> 1,
